@@ -1,0 +1,1 @@
+"""Parallel mechanics: the mesh, USP attention, sequence sharding, local rank spawning."""

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from conftest import rel_error
+from parity_targets import attention_inputs
+from usp_video.distributed.parallel.mesh import resolve_degrees, valid_factorizations
+from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.parallel.usp_attention import attention, attention_with_lse
+
+HEADS = 12
+
+
+def test_lse_kernels_agree_with_math_reference():
+    q, k, v = attention_inputs(37, 4)
+    ref_out, ref_lse = attention_with_lse(q, k, v, "math")
+    out, lse = attention_with_lse(q, k, v, "sdpa")
+    assert rel_error(out, ref_out) < 1e-5
+    assert rel_error(lse, ref_lse) < 1e-5
+    assert rel_error(attention(q, k, v, "sdpa"), ref_out) < 1e-5
+
+
+CASES = [(n, u, r) for n in (2, 3, 4) for u, r in valid_factorizations(n, HEADS)]
+
+
+@pytest.mark.parametrize("seq_len", [24, 37])  # 37 divides none of 2, 3, 4
+@pytest.mark.parametrize("world_size,ulysses,ring", CASES)
+def test_usp_attention_matches_one_process(tests_dir, world_size, ulysses, ring, seq_len):
+    q, k, v = attention_inputs(seq_len, HEADS)
+    expected = attention(q, k, v, "sdpa")
+    results = run_ranks(f"{tests_dir}/parity_targets.py:usp_attention_rank", world_size,
+                        dict(ulysses=ulysses, ring=ring, seq_len=seq_len, heads=HEADS), timeout=120)
+    for rank, result in enumerate(results):
+        assert result["out"].shape == expected.shape
+        err = rel_error(result["out"], expected)
+        assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} (ulysses={ulysses} ring={ring})"
+
+
+def test_resolve_degrees_auto_prefers_ulysses():
+    assert resolve_degrees(4, 12) == (4, 1)
+    assert resolve_degrees(8, 12) == (4, 2)
+    assert resolve_degrees(6, 40) == (2, 3)
+    assert resolve_degrees(4, 12, ulysses=2) == (2, 2)
+    assert resolve_degrees(4, 12, ring=4) == (1, 4)
+
+
+@pytest.mark.parametrize("ulysses,ring,needle", [
+    (8, 1, "does not divide the model's 12 attention heads"),
+    (2, 3, "ulysses x ring = 2 x 3 = 6, but the group has 4 ranks"),
+])
+def test_resolve_degrees_names_the_problem(ulysses, ring, needle):
+    with pytest.raises(ValueError, match="Valid choices") as info:
+        resolve_degrees(4 if ulysses != 8 else 8, HEADS, ulysses, ring)
+    assert needle in str(info.value)
