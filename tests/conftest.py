@@ -15,3 +15,12 @@ def rel_error(a, b) -> float:
 @pytest.fixture(scope="session")
 def tests_dir() -> Path:
     return TESTS
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    """The tiny Wan model set in ComfyUI's layout, made once per test session."""
+    from usp_video.distributed.models.tiny import make_tiny_models
+
+    root = tmp_path_factory.mktemp("models")
+    return {k: str(v) for k, v in make_tiny_models(root).items()}

@@ -17,3 +17,44 @@ def usp_attention_rank(rank, world_size, ulysses, ring, seq_len, heads, backend=
     q, k, v = (shard_sequence(t, 1, sp) for t in attention_inputs(seq_len, heads))
     out = usp_attention(q, k, v, sp, seq_len, backend)
     return {"out": gather_sequence(out, 1, sp, seq_len)}
+
+
+def dit_inputs(shape, text_len=20, text_dim=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, *shape, generator=g)
+    context = torch.randn(2, text_len, text_dim, generator=g)
+    t = torch.tensor([900.0, 250.0])
+    return x, t, context
+
+
+def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto"):
+    from usp_video.distributed.engine import Engine
+
+    return Engine(world_size=world_size, rank=rank, ulysses=ulysses, ring=ring)
+
+
+def dit_forward(engine, dit_path, shape):
+    x, t, context = dit_inputs(shape)
+    with torch.no_grad():
+        return engine.dit(dit_path)(x, t, context, return_dict=False)[0]
+
+
+def dit_forward_rank(rank, world_size, ulysses, ring, dit_path, shape):
+    engine = make_engine(rank, world_size, ulysses, ring)
+    out = dit_forward(engine, dit_path, shape)
+    assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
+    return {"out": out}
+
+
+def sample_request(dit_path, shape, steps=4, sampler="unipc", seed=7, cfg=5.0):
+    from usp_video.distributed.engine import SampleRequest
+
+    g = torch.Generator().manual_seed(3)
+    return SampleRequest(dit=dit_path, positive=torch.randn(1, 24, 32, generator=g),
+                         negative=torch.randn(1, 24, 32, generator=g), latent=torch.zeros(1, 16, *shape),
+                         seed=seed, steps=steps, cfg=cfg, shift=5.0, sampler=sampler)
+
+
+def sample_rank(rank, world_size, ulysses, ring, dit_path, shape, sampler):
+    engine = make_engine(rank, world_size, ulysses, ring)
+    return {"latent": engine.sample(sample_request(dit_path, shape, sampler=sampler))}

@@ -1,0 +1,179 @@
+"""The engine: loaded models and the requests they serve, in one process or on one rank.
+
+Every rank of the group holds an Engine. `sample` runs on all ranks (the DiT is sequence
+parallel); `encode` and `decode` run on rank 0 only. With world size 1 and no process group
+the same code serves the CLI and the tests.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .models import umt5, wan, wan_vae
+from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
+from .sampling.samplers import get_sampler
+from .sampling.schedules import sampling_sigmas, timestep
+
+LATENT_CHANNELS = 16
+
+
+class SamplingInterrupted(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+
+
+@dataclass(kw_only=True)
+class SampleRequest:
+    """One sampler call. Conditioning is [B or 1, L, D]; latent is raw VAE space [B, 16, T, H, W]."""
+
+    dit: str
+    positive: torch.Tensor
+    negative: torch.Tensor | None
+    latent: torch.Tensor
+    seed: int
+    steps: int
+    cfg: float
+    shift: float
+    sampler: str = "unipc"
+    denoise: float = 1.0
+
+
+def _file_key(path: str) -> tuple:
+    p = Path(path).resolve()
+    stat = p.stat()
+    return str(p), stat.st_mtime_ns, stat.st_size
+
+
+def make_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Noise exactly as ComfyUI's comfy.sample.prepare_noise makes it: one CPU generator."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, dtype=torch.float32, generator=generator, device="cpu")
+
+
+def wan_process_in(latent: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latent -> the normalised space the DiT works in (ComfyUI latent_format.Wan21)."""
+    mean = torch.tensor(wan.LATENTS_MEAN).view(1, -1, 1, 1, 1)
+    std = torch.tensor(wan.LATENTS_STD).view(1, -1, 1, 1, 1)
+    return (latent - mean) / std
+
+
+def wan_process_out(latent: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(wan.LATENTS_MEAN).view(1, -1, 1, 1, 1)
+    std = torch.tensor(wan.LATENTS_STD).view(1, -1, 1, 1, 1)
+    return latent * std + mean
+
+
+class Engine:
+    def __init__(self, *, world_size: int = 1, rank: int = 0, ulysses: int | str = "auto",
+                 ring: int | str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 backend: str = "sdpa"):
+        self.world_size, self.rank = world_size, rank
+        self.requested_degrees = (ulysses, ring)
+        self.device, self.dtype, self.backend = torch.device(device), dtype, backend
+        self.load_counts: Counter[str] = Counter()
+        self._dit = self._dit_key = None
+        self._text_encoder = self._text_encoder_key = None
+        self._vae = self._vae_key = None
+        self._meshes: dict[tuple[int, int], SequenceParallel] = {}
+        self.sp = SequenceParallel()
+
+    def _mesh(self, num_heads: int) -> SequenceParallel:
+        degrees = resolve_degrees(self.world_size, num_heads, *self.requested_degrees)
+        if degrees not in self._meshes:
+            self._meshes[degrees] = (build_sequence_parallel(*degrees) if self.world_size > 1
+                                     else SequenceParallel())
+        return self._meshes[degrees]
+
+    def dit(self, path: str):
+        key = _file_key(path)
+        if self._dit_key != key:
+            self._dit = None  # free the old model before loading the new one
+            model = wan.load_wan_transformer(path, self.dtype, self.device)
+            self.sp = self._mesh(model.config.num_attention_heads)
+            self._dit = wan.parallelize_wan(model, self.sp, self.backend)
+            self._dit_key = key
+            self.load_counts["dit"] += 1
+        return self._dit
+
+    def dit_info(self, path: str) -> dict:
+        model = self.dit(path)
+        return {"heads": model.config.num_attention_heads, "layers": model.config.num_layers,
+                "hidden": model.config.num_attention_heads * model.config.attention_head_dim,
+                "text_dim": model.config.text_dim, "ulysses": self.sp.ulysses_degree, "ring": self.sp.ring_degree,
+                "parameters": sum(p.numel() for p in model.parameters())}
+
+    def text_encoder(self, path: str) -> umt5.Umt5TextEncoder:
+        key = _file_key(path)
+        if self._text_encoder_key != key:
+            self._text_encoder = None
+            self._text_encoder = umt5.load_umt5(path, self.dtype, self.device)
+            self._text_encoder_key = key
+            self.load_counts["text_encoder"] += 1
+        return self._text_encoder
+
+    def vae(self, path: str):
+        key = _file_key(path)
+        if self._vae_key != key:
+            self._vae = None
+            self._vae = wan_vae.load_wan_vae(path, self.dtype, self.device)
+            self._vae_key = key
+            self.load_counts["vae"] += 1
+        return self._vae
+
+    def encode(self, path: str, prompt: str) -> torch.Tensor:
+        return self.text_encoder(path).encode(prompt)
+
+    def decode(self, path: str, latent: torch.Tensor) -> torch.Tensor:
+        return wan_vae.decode_wan(self.vae(path), latent)
+
+    @torch.no_grad()
+    def sample(self, req: SampleRequest, on_step: Callable[[int, int], bool] | None = None) -> torch.Tensor:
+        """Run the sampler; returns the raw-space latent (float32, CPU).
+
+        on_step(i, total) runs after each step on every rank and returns True to stop; it must
+        return the same value on every rank (the worker makes it collective).
+        """
+        model = self.dit(req.dit)
+        if req.latent.shape[1] != LATENT_CHANNELS:
+            raise ValueError(f"latent has {req.latent.shape[1]} channels; Wan 2.1 needs {LATENT_CHANNELS}")
+        sigmas = sampling_sigmas(req.steps, req.shift, req.denoise)
+        noise = make_noise(tuple(req.latent.shape), req.seed)
+        latent_in = wan_process_in(req.latent.float())
+        x = sigmas[0] * noise + (1.0 - sigmas[0]) * latent_in
+        batch = x.shape[0]
+
+        def context(cond: torch.Tensor) -> torch.Tensor:
+            cond = cond.to(self.device, self.dtype)
+            return cond.expand(batch, -1, -1) if cond.shape[0] == 1 else cond
+
+        positive = context(req.positive)
+        negative = context(req.negative) if req.negative is not None and req.cfg != 1.0 else None
+
+        def velocity(x_in: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            t = torch.full((x_in.shape[0],), float(timestep(sigma)), device=self.device)
+            out = model(x_in.to(self.device, self.dtype), t, cond, return_dict=False)[0]
+            return out.float().cpu()
+
+        def denoise(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if negative is None:
+                v = velocity(x_t, sigma, positive)
+            elif positive.shape == negative.shape:  # one batched forward for both passes
+                v_pos, v_neg = velocity(torch.cat([x_t, x_t]), sigma, torch.cat([positive, negative])).chunk(2)
+                v = v_neg + req.cfg * (v_pos - v_neg)
+            else:
+                v_pos, v_neg = velocity(x_t, sigma, positive), velocity(x_t, sigma, negative)
+                v = v_neg + req.cfg * (v_pos - v_neg)
+            return x_t - sigma * v
+
+        def callback(i: int, x_t: torch.Tensor, denoised: torch.Tensor) -> None:
+            if on_step is not None and on_step(i, req.steps):
+                raise SamplingInterrupted(i)
+
+        x = get_sampler(req.sampler)(denoise, x, sigmas, callback)
+        return wan_process_out(x)

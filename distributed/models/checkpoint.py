@@ -1,0 +1,72 @@
+"""Reading checkpoint files offline, with errors that name the file and say what would be valid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used: wrong type, truncated, or another model family."""
+
+
+def read_header(path: str | Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    """Shapes and dtypes of every tensor in a .safetensors file, and its metadata, without
+    reading the tensors. Raises CheckpointError for anything that is not a whole safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        raise CheckpointError(f"{path.name}: pickle checkpoints ({path.suffix}) are not loaded; "
+                              "use the .safetensors file of the same model (ComfyUI's repackaged files are)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own types for truncated or foreign files
+        raise CheckpointError(f"{path.name} is not a readable .safetensors file ({exc}); "
+                              "it may be truncated (re-download it) or of another format") from exc
+    return shapes, metadata
+
+
+def load_state_dict(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{Path(path).name}: could not read tensors ({exc}); the file may be truncated") from exc
+    return state if keys is None else {k: state[k] for k in keys}
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Drop a container prefix such as ComfyUI's 'model.diffusion_model.'."""
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return state
+
+
+def dequantize(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Cast every floating tensor to dtype; fp8 weights with ComfyUI 'scaled fp8' per-tensor
+    scales (<name>.scale_weight) are multiplied by their scale."""
+    out = {}
+    for key, value in state.items():
+        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
+            continue
+        if value.dtype in FP8_DTYPES:
+            scale = state.get(key[: -len("weight")] + "scale_weight") if key.endswith("weight") else None
+            value = value.float() * scale.float() if scale is not None else value.float()
+        out[key] = value.to(dtype) if value.is_floating_point() else value
+    return out
+
+
+def config_from_metadata(metadata: dict[str, str], key: str) -> dict | None:
+    """Our tiny models carry their diffusers config in the safetensors metadata."""
+    return json.loads(metadata[key]) if key in metadata else None

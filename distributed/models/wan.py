@@ -1,0 +1,182 @@
+"""Wan 2.1 text-to-video DiT: loading (ComfyUI single files, diffusers folders) and USP.
+
+The model definition is diffusers' WanTransformer3DModel, unchanged. `parallelize_wan` applies
+sequence parallelism from outside, torchtitan-style:
+  - the RoPE tables and the patch tokens entering block 0 are padded and sliced per rank,
+  - self-attention (attn1) runs USP attention over the shards; text cross-attention (attn2)
+    stays local, every rank holding the whole text,
+  - the output of proj_out is all-gathered and unpadded before unpatchify.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..parallel.mesh import SequenceParallel
+from ..parallel.sharding import gather_sequence, shard_sequence
+from ..parallel.usp_attention import attention, usp_attention
+from .checkpoint import CheckpointError, config_from_metadata, dequantize, load_state_dict, read_header, strip_prefix
+
+CONFIG_METADATA_KEY = "usp_video.wan_config"
+
+_COMMON = dict(patch_size=[1, 2, 2], attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+               freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+               added_kv_proj_dim=None, rope_max_seq_len=1024)
+
+# The configs of the released checkpoints, carried so that nothing is fetched at run time.
+WAN_VARIANTS = {
+    "wan2.1-t2v-1.3b": dict(_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "wan2.1-t2v-14b": dict(_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+}
+
+# Wan 2.1 latent normalisation (ComfyUI latent_format.Wan21, diffusers AutoencoderKLWan config).
+LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916]
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def _strip(key: str) -> str:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
+    """The diffusers config of a Wan single file: from our metadata, else matched by shapes."""
+    shapes = {_strip(k): v for k, v in shapes.items()}
+    keys = set(shapes)
+    if "head.modulation" not in keys or "patch_embedding.weight" not in keys:
+        family = guess_family(keys)
+        raise CheckpointError(f"{path.name} is not a Wan 2.1 diffusion model ({family}); "
+                              "pick a Wan 2.1 T2V file such as wan2.1_t2v_1.3B_fp16.safetensors")
+    if any(".k_img." in k for k in keys) or "img_emb.proj.0.weight" in keys:
+        raise CheckpointError(f"{path.name} is a Wan image-to-video model; only text-to-video (T2V) is supported")
+    if any(k.startswith("vace_") for k in keys):
+        raise CheckpointError(f"{path.name} is a Wan VACE model; only text-to-video (T2V) is supported")
+    config = config_from_metadata(metadata, CONFIG_METADATA_KEY)
+    if config is not None:
+        return config
+    hidden = shapes["patch_embedding.weight"][0][0]
+    layers = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
+    for variant in WAN_VARIANTS.values():
+        if variant["num_attention_heads"] * 128 == hidden and variant["num_layers"] == layers:
+            return dict(variant)
+    raise CheckpointError(f"{path.name}: a Wan DiT with hidden size {hidden} and {layers} layers matches no known "
+                          f"variant ({', '.join(WAN_VARIANTS)})")
+
+
+def guess_family(keys: set[str]) -> str:
+    """A short description of what a checkpoint looks like, for error messages."""
+    if any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys) and any("txt_in" in k for k in keys):
+        return "looks like a HunyuanVideo DiT"
+    if "decoder.middle.0.residual.0.gamma" in keys or any(k.startswith(("decoder.", "encoder.conv")) for k in keys):
+        return "looks like a VAE"
+    if any(k.startswith(("encoder.block.", "shared.")) for k in keys):
+        return "looks like a T5/UMT5 text encoder"
+    if any("input_blocks." in k or "joint_blocks." in k for k in keys):
+        return "looks like an image model (SD/SDXL/SD3)"
+    return "unrecognised tensor names"
+
+
+def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str = "cpu"):
+    """Load a Wan 2.1 T2V DiT from a ComfyUI/original single .safetensors file or a diffusers folder."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers "
+                                  "WanTransformer3DModel folder (the 'transformer' subfolder of a Wan pipeline)")
+        model = WanTransformer3DModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        return model.to(device).eval()
+
+    shapes, metadata = read_header(path)
+    config = infer_wan_config(path, shapes, metadata)
+    state = strip_prefix(load_state_dict(path), _PREFIXES)
+    state = convert_wan_transformer_to_diffusers(dequantize(state, dtype))
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    unexpected = [k for k in unexpected if "norm_added_q" not in k]
+    if missing or unexpected:
+        raise CheckpointError(f"{path.name} does not fit the Wan 2.1 architecture: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    # The RoPE tables are non-persistent buffers, still on the meta device: build them for real.
+    model.rope = type(model.rope)(model.config.attention_head_dim, model.config.patch_size,
+                                  model.config.rope_max_seq_len)
+    return model.to(device=device).eval()
+
+
+def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    # Same arithmetic as diffusers' WanAttnProcessor (interleaved real/imaginary pairs).
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class _ShardState:
+    """What the attention processors need to know about the current forward."""
+
+    valid_len: int = 0
+
+
+class UspWanAttnProcessor:
+    """WanAttention processor: USP attention for self-attention, local attention for text."""
+
+    def __init__(self, sp: SequenceParallel, backend: str, state: _ShardState):
+        self.sp, self.backend, self.state = sp, backend, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        if attn.add_k_proj is not None:
+            raise NotImplementedError("Wan image-to-video attention is not supported")
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        # (B, S, H*D) -> (B, S, H, D)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _apply_rotary_emb(query, *rotary_emb), _apply_rotary_emb(key, *rotary_emb)
+        if encoder_hidden_states is None:
+            out = usp_attention(query, key, value, self.sp, self.state.valid_len, self.backend)
+        else:
+            out = attention(query, key, value, self.backend)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa"):
+    """Apply sequence parallelism to a WanTransformer3DModel in place (see module docstring)."""
+    state = _ShardState()
+    processor = UspWanAttnProcessor(sp, backend, state)
+    for block in model.blocks:
+        block.attn1.set_processor(processor)
+        block.attn2.set_processor(processor)
+
+    def shard_rope(module, args, output):
+        return tuple(shard_sequence(t, 1, sp) for t in output)  # (1, S, 1, D) -> (1, S/N, 1, D)
+
+    def shard_tokens(module, args):
+        hidden_states, *rest = args  # (B, S, C) patch tokens
+        state.valid_len = hidden_states.shape[1]
+        return (shard_sequence(hidden_states, 1, sp), *rest)
+
+    def gather_tokens(module, args, output):
+        return gather_sequence(output, 1, sp, state.valid_len)  # (B, S/N, C') -> (B, S, C')
+
+    model.rope.register_forward_hook(shard_rope)
+    model.blocks[0].register_forward_pre_hook(shard_tokens)
+    model.proj_out.register_forward_hook(gather_tokens)
+    model._usp = sp
+    return model

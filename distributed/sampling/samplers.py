@@ -1,0 +1,64 @@
+"""Samplers in k-diffusion's shape: `sampler(model, x, sigmas, callback)` where
+`model(x, sigma) -> denoised x0` and `callback(i, x, denoised)` runs after step i.
+
+euler: ComfyUI's "euler" (k-diffusion sample_euler without churn).
+unipc: UniPC multistep (diffusers' UniPCMultistepScheduler, flow prediction, order 2, bh2 as
+       in Wan's reference code; unipc_bh1 uses the bh1 variant), walked on the same sigmas.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+
+
+def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None) -> torch.Tensor:
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+def _sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback,
+                  variant: str) -> torch.Tensor:
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+                                        solver_order=2, solver_type=variant, lower_order_final=True,
+                                        final_sigmas_type="zero")
+    if float(sigmas[-1]) != 0.0:
+        raise ValueError("unipc needs a schedule that ends at sigma 0")
+    scheduler.set_timesteps(sigmas=sigmas[:-1].double().numpy())
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = scheduler.sigmas[i]
+        denoised = model(x, sigma)
+        velocity = (x - denoised) / sigma
+        x = scheduler.step(velocity, t, x, return_dict=False)[0]
+        if callback is not None:
+            callback(i, x, denoised)
+    return x
+
+
+def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None) -> torch.Tensor:
+    return _sample_unipc(model, x, sigmas, callback, "bh2")
+
+
+def sample_unipc_bh1(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None) -> torch.Tensor:
+    return _sample_unipc(model, x, sigmas, callback, "bh1")
+
+
+SAMPLERS = {"unipc": sample_unipc, "unipc_bh1": sample_unipc_bh1, "euler": sample_euler}
+
+
+def get_sampler(name: str):
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}") from None
