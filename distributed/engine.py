@@ -93,7 +93,7 @@ class Engine:
     def dit(self, path: str):
         key = _file_key(path)
         if self._dit_key != key:
-            self._dit = None  # free the old model before loading the new one
+            self._dit = self._dit_key = None  # free the old model before loading the new one
             model = wan.load_wan_transformer(path, self.dtype, self.device)
             self.sp = self._mesh(model.config.num_attention_heads)
             self._dit = wan.parallelize_wan(model, self.sp, self.backend)
@@ -111,7 +111,7 @@ class Engine:
     def text_encoder(self, path: str) -> umt5.Umt5TextEncoder:
         key = _file_key(path)
         if self._text_encoder_key != key:
-            self._text_encoder = None
+            self._text_encoder = self._text_encoder_key = None
             self._text_encoder = umt5.load_umt5(path, self.dtype, self.device)
             self._text_encoder_key = key
             self.load_counts["text_encoder"] += 1
@@ -120,7 +120,7 @@ class Engine:
     def vae(self, path: str):
         key = _file_key(path)
         if self._vae_key != key:
-            self._vae = None
+            self._vae = self._vae_key = None
             self._vae = wan_vae.load_wan_vae(path, self.dtype, self.device)
             self._vae_key = key
             self.load_counts["vae"] += 1

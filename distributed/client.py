@@ -1,0 +1,344 @@
+"""The ComfyUI side of the sidecar group: launch, supervise, talk, cancel, tear down.
+
+    group = get_group(GroupConfig(ranks=2))          # launched once, reused across prompts
+    info = group.request({"type": "load_dit", "path": ...})
+
+The group is `python -m torch.distributed.run --standalone --nproc-per-node N worker_entry.py`
+in its own process session, so that it can be killed as a whole. Rank 0 writes the port of its
+loopback control socket into a private run directory; the client connects and answers the
+HMAC challenge with the group's random secret (passed in the environment, never on a command
+line). A dead rank, a dead torchrun or a closed socket becomes a GroupError naming the rank.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import protocol
+
+log = logging.getLogger("usp_video")
+
+WORKER_ENTRY = Path(__file__).with_name("worker_entry.py")
+
+
+class GroupError(RuntimeError):
+    """The group failed: a rank raised, died or hung. The message names the rank."""
+
+
+class RequestError(ValueError):
+    """The group rejected a request (bad input); the group is still up."""
+
+
+class Interrupted(Exception):
+    """A request was cancelled; every rank stopped after the same step."""
+
+    def __init__(self, step: int):
+        super().__init__(f"cancelled after step {step}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """What defines a group; a different config means a different group (relaunch)."""
+
+    ranks: int = 1
+    device: str = "cpu"  # "cpu" (gloo ranks) or "cuda" (one rank per listed GPU, NCCL)
+    gpus: tuple[int, ...] = ()
+    ulysses: int | str = "auto"
+    ring: int | str = "auto"
+    dtype: str = "fp32"
+    attention: str = "sdpa"
+    timeout: float = 600.0
+    threads_per_rank: int = 0
+
+    def __post_init__(self):
+        from .parallel.usp_attention import BACKENDS
+        from .worker import DTYPES
+
+        problems = []
+        if self.device not in ("cpu", "cuda"):
+            problems.append(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if not isinstance(self.ranks, int) or self.ranks < 1:
+            problems.append(f"ranks must be an integer >= 1, got {self.ranks!r}")
+        if self.device == "cuda" and len(self.gpus) != self.ranks:
+            problems.append(f"{len(self.gpus)} GPUs listed for {self.ranks} ranks")
+        for name in ("ulysses", "ring"):
+            value = getattr(self, name)
+            if value != "auto" and not (isinstance(value, int) and value >= 1):
+                problems.append(f"{name} must be 'auto' or an integer >= 1, got {value!r}")
+        if isinstance(self.ulysses, int) and isinstance(self.ring, int) and self.ulysses * self.ring != self.ranks:
+            problems.append(f"ulysses x ring = {self.ulysses} x {self.ring} = {self.ulysses * self.ring}, "
+                            f"but the group has {self.ranks} ranks")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention not in BACKENDS:
+            problems.append(f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
+        if not self.timeout > 0:
+            problems.append(f"timeout must be > 0 seconds, got {self.timeout}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def describe(self) -> str:
+        where = f"GPUs {','.join(map(str, self.gpus))}" if self.device == "cuda" else f"{self.ranks} CPU ranks"
+        return f"{where}, ulysses={self.ulysses}, ring={self.ring}, {self.dtype}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class UspGroup:
+    """One running sidecar group. Not thread-safe: one request at a time."""
+
+    def __init__(self, config: GroupConfig, start_timeout: float = 300.0):
+        self.config = config
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.run_dir: Path | None = None
+        self.secret = protocol.new_secret()
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> "UspGroup":
+        cfg = self.config
+        self.run_dir = Path(tempfile.mkdtemp(prefix="usp-video-group-"))
+        env = dict(os.environ)
+        env["USP_VIDEO_SECRET"] = self.secret
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        env["PYTHONUNBUFFERED"] = "1"
+        if cfg.device == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cfg.gpus))
+        if cfg.threads_per_rank:
+            env["OMP_NUM_THREADS"] = str(cfg.threads_per_rank)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.ranks}",
+               "--max-restarts=0", "--monitor-interval=0.2", str(WORKER_ENTRY),
+               f"--run-dir={self.run_dir}", f"--device={cfg.device}", f"--ulysses={cfg.ulysses}",
+               f"--ring={cfg.ring}", f"--dtype={cfg.dtype}", f"--attention={cfg.attention}",
+               f"--timeout={cfg.timeout}", f"--threads={cfg.threads_per_rank}"]
+        log.info("usp-video: starting group (%s), log %s", cfg.describe(), self.log_path)
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self._connect()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "group.log"
+
+    def _connect(self) -> None:
+        port_file = self.run_dir / "control.port"
+        deadline = time.monotonic() + self.start_timeout
+        while not port_file.exists():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise GroupError(f"the group did not start within {self.start_timeout:.0f} s; see {self.log_path}")
+            time.sleep(0.05)
+        self.sock = socket.create_connection(("127.0.0.1", int(port_file.read_text())), timeout=30)
+        protocol.answer_challenge(self.sock, self.secret)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.sock is not None
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise self._failure()
+
+    def _failure(self) -> GroupError:
+        """Explain why the group died: the earliest rank error report, else torchrun's summary."""
+        self._wait_exit(10.0)
+        reports = []
+        for path in self.run_dir.glob("rank*.error.json"):
+            try:
+                reports.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                pass
+        tail = self.log_tail()
+        if reports:
+            first = min(reports, key=lambda r: r["time"])
+            msg = (f"rank {first['rank']} of {self.config.ranks} failed: {first['error_type']}: {first['message']}"
+                   f"\n(full traceback in {self.log_path})")
+        else:
+            rank = re.findall(r"rank\s*:\s*(\d+)", tail)
+            code = re.findall(r"exitcode\s*:\s*(-?\d+)", tail)
+            who = f"rank {rank[0]}" if rank else "a rank"
+            how = ""
+            if code:
+                c = int(code[0])
+                how = f" (killed by {signal.Signals(-c).name})" if c < 0 and -c in signal.valid_signals() \
+                    else f" (exit code {c})"
+            msg = f"{who} of {self.config.ranks} died{how}; the group was stopped.\n(log: {self.log_path})"
+        self._teardown()
+        return GroupError(msg)
+
+    def _wait_exit(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the group: ask politely, then terminate the whole process session."""
+        if self.proc is None:
+            return
+        if self.sock is not None and self.proc.poll() is None:
+            try:
+                protocol.send_frame(self.sock, {"type": "shutdown"})
+            except OSError:
+                pass
+            self._wait_exit(timeout)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline and self._session_alive():
+                    time.sleep(0.05)
+                if not self._session_alive():
+                    break
+            self.proc.poll()
+        _LIVE.discard(self)
+
+    def _session_alive(self) -> bool:
+        """Is any process of the group's session still running (torchrun or a rank)?"""
+        if self.proc.poll() is None:
+            return True
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def cleanup_files(self) -> None:
+        if self.run_dir is not None and not self.alive():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def request(self, header: dict, tensors: dict[str, torch.Tensor] | None = None, *,
+                on_progress: Callable[[dict], None] | None = None,
+                should_cancel: Callable[[], bool] | None = None,
+                timeout: float | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Send one request and wait for its reply, forwarding progress and cancel."""
+        with self._lock:
+            if not self.alive():
+                raise GroupError("the group is not running")
+            try:
+                protocol.send_frame(self.sock, header, tensors)
+            except OSError:
+                raise self._failure() from None
+            cancel_sent = False
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if self.proc.poll() is not None:
+                    raise self._failure()
+                if should_cancel is not None and not cancel_sent and should_cancel():
+                    protocol.send_frame(self.sock, {"type": "cancel"})
+                    cancel_sent = True
+                if deadline is not None and time.monotonic() > deadline:
+                    self._teardown()
+                    raise GroupError(f"no reply to {header['type']!r} within {timeout:.0f} s; the group was stopped")
+                if not select.select([self.sock], [], [], 0.1)[0]:
+                    continue
+                try:
+                    reply, out = protocol.recv_frame(self.sock)
+                except protocol.ProtocolError:
+                    raise self._failure() from None
+                kind = reply["type"]
+                if kind == "progress":
+                    if on_progress is not None:
+                        on_progress(reply)
+                elif kind == "ok":
+                    return reply, out
+                elif kind == "interrupted":
+                    raise Interrupted(reply["step"])
+                elif kind == "error":
+                    raise RequestError(f"{reply['message']} (rank {reply['rank']}, {reply['error_type']})")
+                else:
+                    raise GroupError(f"unexpected reply {kind!r} from rank 0")
+
+
+_LIVE: set[UspGroup] = set()
+_CURRENT: dict[str, UspGroup] = {}
+
+
+def get_group(config: GroupConfig) -> UspGroup:
+    """The running group for config: reused while alive, relaunched after a failure, replaced
+    (the old one stopped first) when the config changes."""
+    current = _CURRENT.get("group")
+    if current is not None and current.config == config and current.alive():
+        return current
+    if current is not None:
+        current.close()
+        current.cleanup_files()
+    group = UspGroup(config)
+    _CURRENT["group"] = group
+    _LIVE.add(group)
+    return group.start()
+
+
+def free_group() -> bool:
+    """Stop the current group, if any (frees its GPU memory). Returns whether one ran."""
+    group = _CURRENT.pop("group", None)
+    if group is None:
+        return False
+    group.close()
+    group.cleanup_files()
+    return True
+
+
+@atexit.register
+def _stop_all() -> None:
+    for group in list(_LIVE):
+        group.close(timeout=5.0)
+        group.cleanup_files()
+
+
+__all__ = ["GroupConfig", "UspGroup", "GroupError", "RequestError", "Interrupted", "get_group", "free_group",
+           "asdict"]

@@ -1,0 +1,273 @@
+"""The rank loop of the sidecar group, started by torch.distributed.run (see client.py).
+
+Rank 0 listens on loopback for the ComfyUI process (authenticated, see protocol.py), reads one
+request at a time and broadcasts it to every rank over a gloo control group; all ranks run it;
+rank 0 replies. While sampling, rank 0 sends a progress frame per step and looks for a cancel
+frame; the stop decision is broadcast so that every rank stops after the same step.
+
+Failure policy:
+  - ValueError (bad input, wrong checkpoint) raised on any rank is a request error: the ranks
+    agree on it, rank 0 replies with the message, and the group stays up with its models.
+  - Anything else (a crash, a collective timeout) is fatal: the rank writes rank<N>.error.json
+    into the run directory and exits; torchrun then stops every rank and the client reports
+    the earliest error, naming its rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import protocol
+from .engine import Engine, SampleRequest, SamplingInterrupted
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SECRET_ENV = "USP_VIDEO_SECRET"
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this rank when its parent (torchrun's agent) dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+class Worker:
+    def __init__(self, engine: Engine, control_group, run_dir: Path, allow_faults: bool):
+        self.engine, self.control_group, self.run_dir = engine, control_group, run_dir
+        self.rank, self.world_size = engine.rank, engine.world_size
+        self.allow_faults = allow_faults
+        self.conn: socket.socket | None = None
+        self.listener: socket.socket | None = None
+        self.client_gone = False
+
+    # -- control channel (rank 0) ------------------------------------------------------------
+
+    def listen(self) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        port_file = self.run_dir / "control.port"
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(self.listener.getsockname()[1]))
+        tmp.replace(port_file)
+
+    def accept(self, secret: str) -> None:
+        while True:
+            conn, _ = self.listener.accept()
+            if protocol.challenge(conn, secret):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.conn = conn
+                return
+            conn.close()  # wrong or no secret: nothing of its was parsed
+
+    def next_request(self) -> bytes:
+        """Rank 0: the next frame from the client (a shutdown frame once it has gone)."""
+        while True:
+            try:
+                return protocol.recv_frame_bytes(self.conn)
+            except protocol.ConnectionClosed:
+                self.client_gone = True
+                return protocol.encode_frame({"type": "shutdown"})
+            except (protocol.ProtocolError, OSError) as exc:
+                self.reply({"type": "error", "error_type": "ProtocolError", "message": str(exc), "rank": 0})
+                self.conn.close()  # the stream is out of step: wait for the client to reconnect
+                self.accept(os.environ[SECRET_ENV])
+
+    def reply(self, header: dict, tensors: dict | None = None) -> None:
+        if self.rank != 0 or self.client_gone:
+            return
+        try:
+            protocol.send_frame(self.conn, header, tensors)
+        except OSError:
+            self.client_gone = True
+
+    def cancel_requested(self) -> bool:
+        """Rank 0, between steps: has a cancel frame arrived?"""
+        cancel = False
+        while not self.client_gone and select.select([self.conn], [], [], 0)[0]:
+            try:
+                header, _ = protocol.recv_frame(self.conn)
+            except protocol.ProtocolError:
+                self.client_gone = True
+                return True
+            cancel = cancel or header.get("type") == "cancel"
+        return cancel or self.client_gone
+
+    # -- collectives on the control group ----------------------------------------------------
+
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
+        if self.world_size == 1:
+            return data
+        size = torch.tensor([len(data) if self.rank == src else 0], dtype=torch.int64)
+        dist.broadcast(size, src, group=self.control_group)
+        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == src
+               else torch.empty(int(size), dtype=torch.uint8))
+        dist.broadcast(buf, src, group=self.control_group)
+        return buf.numpy().tobytes()
+
+    def agree(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.broadcast(t, 0, group=self.control_group)
+        return bool(t)
+
+    def first_error(self, error: dict | None) -> dict | None:
+        """Every rank learns the lowest-ranked request error, if any rank had one."""
+        if self.world_size == 1:
+            return error
+        flags = torch.zeros(self.world_size, dtype=torch.int64)
+        flags[self.rank] = int(error is not None)
+        dist.all_reduce(flags, group=self.control_group)
+        if not flags.any():
+            return None
+        src = int(flags.nonzero()[0])
+        data = json.dumps(error).encode() if self.rank == src else None
+        return json.loads(self.broadcast_bytes(data, src))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        if self.rank == 0:
+            self.listen()
+            self.accept(os.environ[SECRET_ENV])
+        while True:
+            frame = self.broadcast_bytes(self.next_request() if self.rank == 0 else None)
+            header, tensors = protocol.decode_frame(frame)
+            if header["type"] == "shutdown":
+                self.reply({"type": "ok"})
+                return
+            error = None
+            try:
+                self.dispatch(header, tensors)
+            except ValueError as exc:
+                error = {"type": "error", "error_type": type(exc).__name__, "message": str(exc), "rank": self.rank}
+            error = self.first_error(error)
+            if error is not None:
+                self.reply(error)
+
+    def dispatch(self, header: dict, tensors: dict) -> None:
+        kind, engine = header["type"], self.engine
+        if kind == "ping":
+            self.reply({"type": "ok", "world_size": self.world_size, "load_counts": dict(engine.load_counts),
+                        "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch.")})
+        elif kind == "load_dit":
+            self.reply({"type": "ok", **engine.dit_info(header["path"])})
+        elif kind == "encode":
+            if self.rank == 0:
+                self.reply({"type": "ok"}, {"cond": engine.encode(header["path"], header["prompt"])})
+        elif kind == "decode":
+            if self.rank == 0:
+                self.reply({"type": "ok"}, {"frames": engine.decode(header["path"], tensors["latent"])})
+        elif kind == "sample":
+            self.sample(header, tensors)
+        elif kind == "cancel":
+            pass  # a cancel that arrived after its request had finished
+        else:
+            raise ValueError(f"unknown request type {kind!r}")
+
+    def sample(self, header: dict, tensors: dict) -> None:
+        fault = header.get("fault") if self.allow_faults else None
+        try:
+            request = SampleRequest(
+                dit=str(header["dit"]), positive=tensors["positive"], negative=tensors.get("negative"),
+                latent=tensors["latent"], seed=int(header["seed"]), steps=int(header["steps"]),
+                cfg=float(header["cfg"]), shift=float(header["shift"]), sampler=str(header["sampler"]),
+                denoise=float(header.get("denoise", 1.0)))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed sample request: missing or wrong field {exc}") from None
+        start = time.monotonic()
+
+        def on_step(i: int, total: int) -> bool:
+            if fault and fault.get("rank") == self.rank and fault.get("step") == i:
+                inject(fault["kind"])
+            if self.rank == 0:
+                self.reply({"type": "progress", "step": i + 1, "total": total,
+                            "elapsed": time.monotonic() - start})
+            return self.agree(self.rank == 0 and self.cancel_requested())
+
+        try:
+            latent = self.engine.sample(request, on_step)
+        except SamplingInterrupted as stop:
+            self.reply({"type": "interrupted", "step": stop.step + 1})
+            return
+        self.reply({"type": "ok", "seconds": time.monotonic() - start,
+                    "ulysses": self.engine.sp.ulysses_degree, "ring": self.engine.sp.ring_degree},
+                   {"latent": latent})
+
+
+def inject(kind: str) -> None:
+    """Test-only faults, honoured only when the group was started with faults allowed."""
+    if kind == "raise":
+        raise RuntimeError("injected fault")
+    if kind == "exit":
+        os._exit(3)
+    if kind == "hang":
+        while True:
+            time.sleep(1)
+
+
+def write_error(run_dir: Path, rank: int, exc: BaseException) -> None:
+    report = {"rank": rank, "time": time.time(), "error_type": type(exc).__name__, "message": str(exc),
+              "traceback": traceback.format_exc()}
+    path = run_dir / f"rank{rank}.error.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report))
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="usp-video rank (started by torch.distributed.run)")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--ulysses", default="auto")
+    parser.add_argument("--ring", default="auto")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: torch's default)")
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.device == "cuda":
+            torch.cuda.set_device(local_rank)
+        backend = "nccl" if args.device == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
+        # Requests wait on the control group while idle, for as long as the user leaves ComfyUI open.
+        control_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+        degree = lambda v: v if v == "auto" else int(v)  # noqa: E731
+        engine = Engine(world_size=world_size, rank=rank, ulysses=degree(args.ulysses), ring=degree(args.ring),
+                        device=f"cuda:{local_rank}" if args.device == "cuda" else "cpu",
+                        dtype=DTYPES[args.dtype], backend=args.attention)
+        worker = Worker(engine, control_group, args.run_dir, os.environ.get("USP_VIDEO_ALLOW_FAULTS") == "1")
+        worker.serve()
+    except BaseException as exc:
+        write_error(args.run_dir, rank, exc)
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # do not wait on collectives that will never finish
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
