@@ -37,6 +37,7 @@ from . import protocol
 log = logging.getLogger("usp_video")
 
 WORKER_ENTRY = Path(__file__).with_name("worker_entry.py")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 class GroupError(RuntimeError):
@@ -71,7 +72,6 @@ class GroupConfig:
 
     def __post_init__(self):
         from .parallel.usp_attention import BACKENDS
-        from .worker import DTYPES
 
         problems = []
         if self.device not in ("cpu", "cuda"):
@@ -87,8 +87,8 @@ class GroupConfig:
         if isinstance(self.ulysses, int) and isinstance(self.ring, int) and self.ulysses * self.ring != self.ranks:
             problems.append(f"ulysses x ring = {self.ulysses} x {self.ring} = {self.ulysses * self.ring}, "
                             f"but the group has {self.ranks} ranks")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            problems.append(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.attention not in BACKENDS:
             problems.append(f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
         if not self.timeout > 0:

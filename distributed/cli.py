@@ -1,0 +1,179 @@
+"""`usp-video`: the command line. It drives the same group client and checks as the ComfyUI nodes.
+
+    usp-video demo                       tiny random Wan model set, text -> video on 2 CPU ranks
+    usp-video make-tiny-models DIR       write the tiny model set in ComfyUI's models/ layout
+    usp-video generate --dit F --text-encoder F --vae F --prompt "..." [--ranks N --ulysses U --ring R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+WAN_NEGATIVE = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的"
+
+
+def _degree(value: str):
+    return value if value == "auto" else int(value)
+
+
+def check_video_size(width: int, height: int, frames: int) -> None:
+    problems = []
+    if width < 16 or width % 16:
+        problems.append(f"--width {width} must be a positive multiple of 16 (e.g. 832)")
+    if height < 16 or height % 16:
+        problems.append(f"--height {height} must be a positive multiple of 16 (e.g. 480)")
+    if frames < 1 or (frames - 1) % 4:
+        problems.append(f"--frames {frames} must be 4k+1 (1, 5, 9, ..., 81)")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def write_video(frames, path: Path, fps: float) -> Path:
+    """IMAGE frames [T, H, W, 3] in 0..1 -> animated WebP or GIF."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix.lower() not in (".webp", ".gif"):
+        raise ValueError(f"--out {path.name}: supported video formats are .webp and .gif")
+    images = [Image.fromarray((f.clamp(0, 1) * 255).round().byte().numpy()) for f in frames]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"lossless": False, "quality": 90} if path.suffix.lower() == ".webp" else {}
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0, **extra)
+    return path
+
+
+def save_latent(latent, path: Path) -> None:
+    """The format of ComfyUI's SaveLatent / LoadLatent nodes."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latent_tensor": latent.contiguous(), "latent_format_version_0": torch.tensor([])}, str(path))
+
+
+def generate(args: argparse.Namespace) -> Path | None:
+    import torch
+
+    from . import api
+    from .client import GroupConfig, free_group
+
+    check_video_size(args.width, args.height, args.frames)
+    if args.device == "cuda":
+        gpus = tuple(int(g) for g in args.gpus.split(",")) if args.gpus else tuple(range(torch.cuda.device_count()))
+        ranks = len(gpus)
+    else:
+        gpus, ranks = (), args.ranks
+    group = GroupConfig(ranks=ranks, device=args.device, gpus=gpus, ulysses=_degree(args.ulysses),
+                        ring=_degree(args.ring), dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
+                        attention=args.attention, threads_per_rank=args.threads_per_rank)
+    started = time.monotonic()
+    try:
+        info = api.load_dit(group, args.dit)
+        print(f"model: {info['layers']} layers, {info['heads']} heads; {ranks} rank(s): "
+              f"ulysses={info['ulysses']} x ring={info['ring']}", flush=True)
+        positive = api.encode_text(group, args.text_encoder, args.prompt)
+        negative = api.encode_text(group, args.text_encoder, args.negative) if args.cfg != 1.0 else None
+        latent = torch.zeros(1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+
+        def progress(event: dict) -> None:
+            per_step = event["elapsed"] / event["step"]
+            print(f"step {event['step']}/{event['total']}  {per_step:.2f} s/step  "
+                  f"ETA {per_step * (event['total'] - event['step']):.0f} s", flush=True)
+
+        samples, _ = api.sample(group, args.dit, positive=positive, negative=negative, latent=latent,
+                                seed=args.seed, steps=args.steps, cfg=args.cfg, shift=args.shift,
+                                sampler=args.sampler, text_dim=info["text_dim"], on_progress=progress)
+        if args.save_latent:
+            save_latent(samples, Path(args.save_latent))
+            print(f"latent: {args.save_latent}")
+        out = None
+        if args.out:
+            out = write_video(api.decode(group, args.vae, samples), Path(args.out), args.fps)
+            print(f"video: {out.resolve()}")
+        print(f"done in {time.monotonic() - started:.1f} s")
+        return out
+    finally:
+        free_group()
+
+
+def default_tiny_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "usp-video" / "tiny-models"
+
+
+def demo(args: argparse.Namespace) -> None:
+    from .models.tiny import make_tiny_models
+
+    paths = make_tiny_models(args.models_dir)
+    print(f"tiny Wan 2.1 model set: {args.models_dir}")
+    gen = argparse.Namespace(
+        dit=str(paths["dit"]), text_encoder=str(paths["text_encoder"]), vae=str(paths["vae"]),
+        prompt="a cat walks on the beach at sunset", negative=WAN_NEGATIVE, width=64, height=48, frames=9,
+        steps=4, cfg=5.0, shift=5.0, seed=42, sampler="unipc", device="cpu", gpus="", ranks=args.ranks,
+        ulysses="auto", ring="auto", dtype="fp32", attention="sdpa", threads_per_rank=1, fps=8.0,
+        save_latent=None, out=args.out)
+    generate(gen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="usp-video", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run text -> video on the built-in tiny model (2 CPU ranks)")
+    p.add_argument("--models-dir", type=Path, default=default_tiny_dir())
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("usp-video-demo.webp"))
+    p.set_defaults(func=demo)
+
+    p = sub.add_parser("make-tiny-models", help="write the tiny model set in ComfyUI's models/ layout")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=lambda a: [print(v) for v in __import__(
+        "usp_video.distributed.models.tiny", fromlist=["make_tiny_models"]).make_tiny_models(a.dir).values()])
+
+    p = sub.add_parser("generate", help="text -> video with given model files")
+    p.add_argument("--dit", required=True, help="Wan 2.1 T2V .safetensors file or diffusers folder")
+    p.add_argument("--text-encoder", required=True, help="umt5_xxl .safetensors file or diffusers folder")
+    p.add_argument("--vae", help="wan_2.1_vae .safetensors file or diffusers folder (needed for --out)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default=WAN_NEGATIVE)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="unipc", choices=["unipc", "unipc_bh1", "euler"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--gpus", default="", help="GPU indices, e.g. 0,1,2,3 (default: all)")
+    p.add_argument("--ranks", type=int, default=1, help="number of CPU ranks (device cpu)")
+    p.add_argument("--ulysses", default="auto")
+    p.add_argument("--ring", default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--attention", default="sdpa", choices=["auto", "sdpa", "flash_attn", "math"])
+    p.add_argument("--threads-per-rank", type=int, default=0)
+    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--out", help="video file to write (.webp or .gif)")
+    p.add_argument("--save-latent", help="write the sampled latent (ComfyUI SaveLatent format)")
+    p.set_defaults(func=generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"usp-video: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

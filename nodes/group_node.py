@@ -1,0 +1,104 @@
+"""The USP Group node: which devices, how many ranks, which degrees."""
+
+from __future__ import annotations
+
+from ..distributed.client import GroupConfig, free_group, get_group
+from ..distributed.parallel.usp_attention import BACKENDS
+from . import services
+
+CATEGORY = "USP video"
+DEGREES = ["auto", "1", "2", "3", "4", "5", "6", "8"]
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parse_gpus(gpus: str, available: int) -> tuple[int, ...]:
+    """'all' or '0,1,2,3' -> GPU indices, checked against the GPUs present."""
+    text = gpus.strip().lower()
+    if available == 0:
+        raise ValueError("device 'cuda' was chosen but no CUDA/ROCm GPU is visible; choose device 'cpu'")
+    if text in ("", "all"):
+        return tuple(range(available))
+    try:
+        indices = tuple(int(part) for part in text.replace(" ", "").split(","))
+    except ValueError:
+        raise ValueError(f"gpus must be 'all' or a comma-separated list like '0,1', got {gpus!r}") from None
+    bad = [i for i in indices if not 0 <= i < available]
+    if bad:
+        raise ValueError(f"gpus lists {bad}, but this machine has {available} GPU(s): "
+                         f"{', '.join(map(str, range(available)))}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"gpus lists a GPU twice: {gpus!r}")
+    return indices
+
+
+class UspGroupNode:
+    DESCRIPTION = ("Starts (once) the sidecar process group that runs the model with Unified Sequence "
+                   "Parallelism: one process per GPU, or N CPU processes. ulysses x ring must equal the number "
+                   "of ranks; 'auto' picks Ulysses as large as the model's heads allow.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "device": (["auto", "cuda", "cpu"], {"tooltip": "auto: GPUs when present, else CPU ranks."}),
+            "gpus": ("STRING", {"default": "all", "tooltip": "GPU indices to use, e.g. '0,1,2,3', or 'all'."}),
+            "cpu_ranks": ("INT", {"default": 2, "min": 1, "max": 64,
+                                  "tooltip": "Number of ranks when running on CPU."}),
+            "ulysses": (DEGREES, {"tooltip": "Ulysses (all-to-all) degree; must divide the attention heads "
+                                             "(12 for Wan 1.3B, 40 for 14B). Best within one node."}),
+            "ring": (DEGREES, {"tooltip": "Ring attention degree; works for any head count."}),
+            "attention": (list(BACKENDS), {"tooltip": "Attention kernel: sdpa (torch), flash_attn, math."}),
+            "dtype": (["auto", "bf16", "fp16", "fp32"], {"tooltip": "Compute precision; auto: bf16 on GPU, "
+                                                                    "fp32 on CPU."}),
+            "timeout_s": ("INT", {"default": 600, "min": 10, "max": 86400,
+                                  "tooltip": "A collective stuck this long fails instead of hanging."}),
+        }}
+
+    RETURN_TYPES = ("USP_GROUP", "STRING")
+    RETURN_NAMES = ("group", "info")
+    FUNCTION = "start"
+    CATEGORY = CATEGORY
+
+    def start(self, device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s):
+        config = make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s)
+        if config.device == "cuda":
+            services.free_comfy_models()
+        get_group(config)
+        return (config, f"USP group: {config.describe()}")
+
+
+def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s) -> GroupConfig:
+    if device == "auto":
+        device = "cuda" if _cuda_count() else "cpu"
+    gpu_list = parse_gpus(gpus, _cuda_count()) if device == "cuda" else ()
+    ranks = len(gpu_list) if device == "cuda" else cpu_ranks
+    if dtype == "auto":
+        dtype = "bf16" if device == "cuda" else "fp32"
+    degree = lambda v: v if v == "auto" else int(v)  # noqa: E731
+    return GroupConfig(ranks=ranks, device=device, gpus=gpu_list, ulysses=degree(ulysses), ring=degree(ring),
+                       dtype=dtype, attention=attention, timeout=float(timeout_s))
+
+
+class UspFreeGroup:
+    DESCRIPTION = "Stops the USP group and frees its memory; the next USP node starts it again."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "free"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def IS_CHANGED(cls):
+        return float("nan")  # always run when queued
+
+    def free(self):
+        free_group()
+        return ()

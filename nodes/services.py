@@ -1,0 +1,73 @@
+"""ComfyUI's services (model folders, progress bar, Cancel), with stand-ins where ComfyUI is absent
+so that the nodes import and run in tests and tools.
+
+Outside ComfyUI, model files are looked up under $USP_VIDEO_MODELS_DIR/<folder>/ (the same
+layout as ComfyUI's models/ folder).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+try:  # inside ComfyUI
+    import comfy.model_management as _mm
+    import comfy.utils as _comfy_utils
+    import folder_paths as _folder_paths
+except ImportError:
+    _mm = _comfy_utils = _folder_paths = None
+
+IN_COMFYUI = _folder_paths is not None
+
+
+def _models_dir() -> Path:
+    return Path(os.environ.get("USP_VIDEO_MODELS_DIR", "models"))
+
+
+def list_models(folder: str) -> list[str]:
+    if IN_COMFYUI:
+        return _folder_paths.get_filename_list(folder)
+    root = _models_dir() / folder
+    if not root.is_dir():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors"))
+
+
+def model_path(folder: str, name: str) -> str:
+    if IN_COMFYUI:
+        return _folder_paths.get_full_path_or_raise(folder, name)
+    path = _models_dir() / folder / name
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}/{name} not found under {_models_dir()} (set USP_VIDEO_MODELS_DIR)")
+    return str(path)
+
+
+class Progress:
+    """The node's progress bar in the page (ComfyUI) or nothing."""
+
+    def __init__(self, total: int, node_id: str | None = None):
+        self.bar = _comfy_utils.ProgressBar(total, node_id=node_id) if IN_COMFYUI else None
+        self.total = total
+        self.value = 0
+
+    def update(self, value: int, total: int | None = None) -> None:
+        self.value = value
+        if self.bar is not None:
+            self.bar.update_absolute(value, total or self.total)
+
+
+def interrupt_requested() -> bool:
+    return bool(IN_COMFYUI and _mm.processing_interrupted())
+
+
+def throw_if_interrupted() -> None:
+    """Raise ComfyUI's own interrupt exception (the page then shows 'interrupted', not an error)."""
+    if IN_COMFYUI:
+        _mm.throw_exception_if_processing_interrupted()
+
+
+def free_comfy_models() -> None:
+    """Unload ComfyUI's own models, so that a group on the same GPU finds the memory free."""
+    if IN_COMFYUI:
+        _mm.unload_all_models()
+        _mm.soft_empty_cache()

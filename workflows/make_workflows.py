@@ -1,0 +1,113 @@
+"""Writes the shipped workflows from one definition, in both formats:
+
+    wan21_t2v_usp.json       UI format (drag into the ComfyUI page / template browser)
+    wan21_t2v_usp_api.json   API format (POST /prompt, `usp-video queue`)
+
+Run `python -m usp_video.workflows.make_workflows` after changing a node's inputs; a test checks
+that the UI file's widget values convert to exactly the API file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+            "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+            "杂乱的背景，三条腿，背景人很多，倒着走")
+
+# id: (class_type, title, widget values in widget order, {input: (src_id, slot)}, outputs [(name, type)], pos)
+WAN_T2V = {
+    1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600], {},
+        [("group", "USP_GROUP"), ("info", "STRING")], (40, 60)),
+    2: ("UspWanModelLoader", None, ["wan2.1_t2v_1.3B_fp16.safetensors"], {"group": (1, 0)},
+        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (420, 60)),
+    3: ("UspTextEncoderLoader", None, ["umt5_xxl_fp16.safetensors"], {"group": (1, 0)},
+        [("text_encoder", "USP_TEXT_ENCODER")], (420, 220)),
+    4: ("UspTextEncode", "Positive prompt",
+        ["A red fox trots through fresh snow in a birch forest at sunrise, cinematic, soft light"],
+        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (780, 60)),
+    5: ("UspTextEncode", "Negative prompt", [NEGATIVE], {"text_encoder": (3, 0)},
+        [("CONDITIONING", "CONDITIONING")], (780, 300)),
+    6: ("EmptyHunyuanLatentVideo", None, [832, 480, 33, 1], {}, [("LATENT", "LATENT")], (780, 540)),
+    7: ("UspWanSampler", None, [42, "fixed", 30, 5.0, 8.0, "unipc", 1.0],
+        {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+        [("LATENT", "LATENT")], (1200, 60)),
+    8: ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1200, 420)),
+    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1560, 60)),
+    10: ("SaveAnimatedWEBP", None, ["usp_video/wan21", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
+         (1560, 200)),
+}
+
+# Socket inputs in slot order, for the UI format (widget inputs are not listed there).
+SOCKETS = {
+    "UspWanModelLoader": [("group", "USP_GROUP")], "UspTextEncoderLoader": [("group", "USP_GROUP")],
+    "UspTextEncode": [("text_encoder", "USP_TEXT_ENCODER")],
+    "UspWanSampler": [("model", "USP_WAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                      ("latent_image", "LATENT")],
+    "UspVaeLoader": [("group", "USP_GROUP")], "UspVaeDecode": [("vae", "USP_VAE"), ("samples", "LATENT")],
+    "SaveAnimatedWEBP": [("images", "IMAGE")],
+}
+
+# Widget names in order, for converting to API format (ours are checked against INPUT_TYPES in a test).
+WIDGETS = {
+    "UspGroup": ["device", "gpus", "cpu_ranks", "ulysses", "ring", "attention", "dtype", "timeout_s"],
+    "UspWanModelLoader": ["model_name"], "UspTextEncoderLoader": ["text_encoder_name"], "UspTextEncode": ["text"],
+    "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],
+    "UspWanSampler": ["seed", "control_after_generate", "steps", "cfg", "shift", "sampler_name", "denoise"],
+    "UspVaeLoader": ["vae_name"], "UspVaeDecode": [],
+    "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
+}
+
+
+def to_api(graph: dict) -> dict:
+    prompt = {}
+    for node_id, (class_type, title, widgets, links, _, _) in graph.items():
+        names = [n for n in WIDGETS[class_type]]
+        inputs = {name: value for name, value in zip(names, widgets) if name != "control_after_generate"}
+        inputs.update({name: [str(src), slot] for name, (src, slot) in links.items()})
+        entry = {"class_type": class_type, "inputs": inputs}
+        if title:
+            entry["_meta"] = {"title": title}
+        prompt[str(node_id)] = entry
+    return prompt
+
+
+def to_ui(graph: dict) -> dict:
+    links, nodes, link_id = [], [], 0
+    out_links: dict[tuple[int, int], list[int]] = {}
+    in_links: dict[tuple[int, str], int] = {}
+    for node_id, (class_type, _, _, node_links, outputs, _) in graph.items():
+        for name, (src, slot) in node_links.items():
+            link_id += 1
+            to_slot = [n for n, _ in SOCKETS[class_type]].index(name)
+            link_type = graph[src][4][slot][1]
+            links.append([link_id, src, slot, node_id, to_slot, link_type])
+            out_links.setdefault((src, slot), []).append(link_id)
+            in_links[(node_id, name)] = link_id
+    for order, (node_id, (class_type, title, widgets, _, outputs, pos)) in enumerate(graph.items()):
+        node = {
+            "id": node_id, "type": class_type, "pos": list(pos), "size": [340, 120], "flags": {}, "order": order,
+            "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, n))} for n, t in SOCKETS.get(class_type, [])],
+            "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
+                        for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": class_type},
+            "widgets_values": widgets,
+        }
+        if title:
+            node["title"] = title
+        nodes.append(node)
+    return {"last_node_id": max(graph), "last_link_id": link_id, "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {}, "version": 0.4}
+
+
+def main() -> None:
+    (HERE / "wan21_t2v_usp.json").write_text(json.dumps(to_ui(WAN_T2V), indent=2, ensure_ascii=False) + "\n")
+    (HERE / "wan21_t2v_usp_api.json").write_text(json.dumps(to_api(WAN_T2V), indent=2, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
