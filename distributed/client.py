@@ -232,22 +232,38 @@ class UspGroup:
             self.sock.close()
             self.sock = None
         if self.proc is not None:
+            # torchrun forwards SIGTERM to the ranks; whatever is left after that is killed.
             for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
+                for pid in [self.proc.pid] + self._rank_pids():
+                    try:
+                        os.killpg(pid, sig) if pid == self.proc.pid else os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
                 deadline = time.monotonic() + wait
-                while time.monotonic() < deadline and self._session_alive():
+                while time.monotonic() < deadline and self.processes_alive():
                     time.sleep(0.05)
-                if not self._session_alive():
+                if not self.processes_alive():
                     break
             self.proc.poll()
         _LIVE.discard(self)
 
-    def _session_alive(self) -> bool:
-        """Is any process of the group's session still running (torchrun or a rank)?"""
-        if self.proc.poll() is None:
+    def _rank_pids(self) -> list[int]:
+        """Pids of the ranks still running (each rank writes rank<N>.pid; the command line is
+        checked so that a reused pid is never touched)."""
+        pids = []
+        for path in self.run_dir.glob("rank*.pid"):
+            try:
+                pid = int(path.read_text())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, ValueError):
+                continue
+            if str(self.run_dir).encode() in cmdline:
+                pids.append(pid)
+        return pids
+
+    def processes_alive(self) -> bool:
+        """Is any process of the group (torchrun, its session, or a rank) still running?"""
+        if self.proc.poll() is None or self._rank_pids():
             return True
         try:
             os.killpg(self.proc.pid, 0)

@@ -48,8 +48,9 @@ def _die_with_parent() -> None:
 
 
 class Worker:
-    def __init__(self, engine: Engine, control_group, run_dir: Path, allow_faults: bool):
+    def __init__(self, engine: Engine, control_group, run_dir: Path, allow_faults: bool, heartbeat_s: float):
         self.engine, self.control_group, self.run_dir = engine, control_group, run_dir
+        self.heartbeat_s = heartbeat_s
         self.rank, self.world_size = engine.rank, engine.world_size
         self.allow_faults = allow_faults
         self.conn: socket.socket | None = None
@@ -77,11 +78,15 @@ class Worker:
             conn.close()  # wrong or no secret: nothing of its was parsed
 
     def next_request(self) -> bytes:
-        """Rank 0: the next frame from the client (a shutdown frame once it has gone)."""
+        """Rank 0: the next frame from the client; a heartbeat frame when the client is quiet for
+        heartbeat_s (so that idle ranks never sit in a collective past its timeout); a shutdown
+        frame once the client has gone."""
         while True:
+            if not select.select([self.conn], [], [], self.heartbeat_s)[0]:
+                return protocol.encode_frame({"type": "heartbeat"})
             try:
                 return protocol.recv_frame_bytes(self.conn)
-            except protocol.ConnectionClosed:
+            except (protocol.ConnectionClosed, ConnectionError):
                 self.client_gone = True
                 return protocol.encode_frame({"type": "shutdown"})
             except (protocol.ProtocolError, OSError) as exc:
@@ -153,6 +158,8 @@ class Worker:
             if header["type"] == "shutdown":
                 self.reply({"type": "ok"})
                 return
+            if header["type"] == "heartbeat":
+                continue
             error = None
             try:
                 self.dispatch(header, tensors)
@@ -245,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _die_with_parent()
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    (args.run_dir / f"rank{rank}.pid").write_text(str(os.getpid()))  # torchrun gives ranks their own sessions
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,13 +261,14 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_device(local_rank)
         backend = "nccl" if args.device == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
-        # Requests wait on the control group while idle, for as long as the user leaves ComfyUI open.
-        control_group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+        # Requests, stop flags and errors travel on a CPU group, whatever the compute backend.
+        control_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.timeout))
         degree = lambda v: v if v == "auto" else int(v)  # noqa: E731
         engine = Engine(world_size=world_size, rank=rank, ulysses=degree(args.ulysses), ring=degree(args.ring),
                         device=f"cuda:{local_rank}" if args.device == "cuda" else "cpu",
                         dtype=DTYPES[args.dtype], backend=args.attention)
-        worker = Worker(engine, control_group, args.run_dir, os.environ.get("USP_VIDEO_ALLOW_FAULTS") == "1")
+        worker = Worker(engine, control_group, args.run_dir, os.environ.get("USP_VIDEO_ALLOW_FAULTS") == "1",
+                        heartbeat_s=min(30.0, args.timeout / 4))
         worker.serve()
     except BaseException as exc:
         write_error(args.run_dir, rank, exc)

@@ -1,0 +1,111 @@
+"""The sidecar group as the nodes see it: progress, cancel, errors, dead ranks, reuse."""
+
+import time
+
+import pytest
+
+from group_helpers import group_gone, group_processes, kill, text, zeros_latent
+from usp_video.distributed import api
+from usp_video.distributed.client import GroupConfig, GroupError, Interrupted, RequestError, free_group, get_group
+
+
+@pytest.fixture
+def faults_allowed(monkeypatch):
+    monkeypatch.setenv("USP_VIDEO_ALLOW_FAULTS", "1")
+    yield
+    free_group()
+
+
+def run_sample(group, dit, steps=6, latent=None, **kw):
+    return api.sample(group, dit, positive=text(), negative=text(seed=1), latent=latent if latent is not None else zeros_latent(),
+                      seed=1, steps=steps, cfg=4.0, shift=5.0, sampler="euler", **kw)
+
+
+def test_progress_events_reach_the_hook(tiny_models, faults_allowed):
+    group = GroupConfig(ranks=2)
+    events = []
+    latent, info = run_sample(group, tiny_models["dit"], steps=5, on_progress=events.append)
+    assert [e["step"] for e in events] == [1, 2, 3, 4, 5]
+    assert all(e["total"] == 5 for e in events)
+    assert latent.shape == zeros_latent().shape and info["ulysses"] * info["ring"] == 2
+
+
+def test_cancel_stops_every_rank_at_the_same_step_and_keeps_models(tiny_models, faults_allowed):
+    group = GroupConfig(ranks=3, ring=3, ulysses=1)
+    big = zeros_latent(frames=6, height=24, width=24)  # 864 tokens: steps long enough to cancel between
+    run_sample(group, tiny_models["dit"], steps=1, latent=big)
+    pid = get_group(group).proc.pid
+    cancel_at = 2
+    seen = []
+    with pytest.raises(Interrupted) as info:
+        run_sample(group, tiny_models["dit"], steps=20, latent=big, on_progress=lambda e: seen.append(e["step"]),
+                   should_cancel=lambda: bool(seen) and seen[-1] >= cancel_at)
+    assert info.value.step in (cancel_at, cancel_at + 1), f"stopped after step {info.value.step}"
+    latent, _ = run_sample(group, tiny_models["dit"], steps=2)  # the group is still usable
+    assert latent.isfinite().all()
+    g = get_group(group)
+    assert g.proc.pid == pid
+    status, _ = g.request({"type": "ping"})
+    assert status["load_counts"]["dit"] == 1
+
+
+def test_exception_on_rank_2_of_3_names_the_rank(tiny_models, faults_allowed):
+    group = GroupConfig(ranks=3)
+    with pytest.raises(GroupError, match="rank 2 of 3 failed: RuntimeError: injected fault"):
+        run_sample(group, tiny_models["dit"], fault={"rank": 2, "step": 1, "kind": "raise"})
+    latent, _ = run_sample(group, tiny_models["dit"], steps=2)  # relaunched by itself
+    assert latent.isfinite().all()
+
+
+def test_kill_9_of_a_rank_becomes_an_error_within_10_s(tiny_models, faults_allowed):
+    group = GroupConfig(ranks=3)
+    run_sample(group, tiny_models["dit"], steps=1)
+    g = get_group(group)
+    ranks = group_processes(g)
+    assert sorted(ranks) == [0, 1, 2]
+    killed_at = []
+
+    def on_progress(event):
+        if event["step"] == 2 and not killed_at:
+            kill(ranks[1])
+            killed_at.append(time.monotonic())
+
+    big = zeros_latent(frames=6, height=24, width=24)
+    with pytest.raises(GroupError) as info:
+        run_sample(group, tiny_models["dit"], steps=50, latent=big, on_progress=on_progress)
+    elapsed = time.monotonic() - killed_at[0]
+    assert elapsed < 10, f"the error took {elapsed:.1f} s"
+    assert "rank" in str(info.value)
+    deadline = time.monotonic() + 5
+    while not group_gone(g) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert group_gone(g), "a process of the dead group is still running"
+    latent, _ = run_sample(group, tiny_models["dit"], steps=2)  # next prompt relaunches
+    assert latent.isfinite().all()
+
+
+def test_request_error_keeps_the_group(tiny_models, faults_allowed):
+    group = GroupConfig(ranks=2)
+    run_sample(group, tiny_models["dit"], steps=1)
+    pid = get_group(group).proc.pid
+    with pytest.raises(RequestError, match="unknown request type"):
+        get_group(group).request({"type": "frobnicate"})
+    with pytest.raises(ValueError, match="not a Wan 2.1 diffusion model"):
+        api.load_dit(group, tiny_models["vae"])
+    latent, _ = run_sample(group, tiny_models["dit"], steps=1)
+    assert get_group(group).proc.pid == pid and latent.isfinite().all()
+
+
+def test_free_group_leaves_no_process(tiny_models):
+    group = GroupConfig(ranks=2)
+    g = get_group(group)
+    assert len(group_processes(g)) == 2
+    assert free_group()
+    assert group_gone(g)
+
+
+def test_changing_degrees_relaunches(tiny_models, faults_allowed):
+    a = get_group(GroupConfig(ranks=2, ulysses=2, ring=1))
+    _, info = run_sample(GroupConfig(ranks=2, ulysses=1, ring=2), tiny_models["dit"], steps=1)
+    assert (info["ulysses"], info["ring"]) == (1, 2)
+    assert group_gone(a)

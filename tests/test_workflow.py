@@ -1,0 +1,87 @@
+"""The shipped workflows: their format, and the API workflow run through the nodes."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_executor import execute
+from usp_video.nodes import NODE_CLASS_MAPPINGS
+from usp_video.workflows import make_workflows
+
+WORKFLOWS = Path(make_workflows.__file__).parent
+
+
+def widget_names(cls) -> list[str]:
+    """Widget inputs in the order the ComfyUI frontend creates them (seed gets its control widget)."""
+    names = []
+    for name, spec in cls.INPUT_TYPES()["required"].items():
+        kind = spec[0]
+        if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+            names.append(name)
+            if len(spec) > 1 and spec[1].get("control_after_generate"):
+                names.append("control_after_generate")
+    return names
+
+
+def test_shipped_files_are_current():
+    assert json.loads((WORKFLOWS / "wan21_t2v_usp_api.json").read_text()) == make_workflows.to_api(make_workflows.WAN_T2V)
+    assert json.loads((WORKFLOWS / "wan21_t2v_usp.json").read_text()) == make_workflows.to_ui(make_workflows.WAN_T2V)
+
+
+@pytest.mark.parametrize("class_type", sorted(c for c in make_workflows.WIDGETS if c in NODE_CLASS_MAPPINGS))
+def test_ui_widget_order_matches_node_inputs(class_type):
+    assert make_workflows.WIDGETS[class_type] == widget_names(NODE_CLASS_MAPPINGS[class_type])
+
+
+def test_ui_widget_values_are_valid_choices():
+    ui = json.loads((WORKFLOWS / "wan21_t2v_usp.json").read_text())
+    for node in ui["nodes"]:
+        cls = NODE_CLASS_MAPPINGS.get(node["type"])
+        if cls is None:
+            continue
+        specs = cls.INPUT_TYPES()["required"]
+        for name, value in zip(make_workflows.WIDGETS[node["type"]], node["widgets_values"]):
+            if name in specs and isinstance(specs[name][0], list) and "name" not in name:
+                assert value in specs[name][0], f"{node['type']}.{name}={value!r} not in {specs[name][0]}"
+    links = {link[0]: link for link in ui["links"]}
+    for node in ui["nodes"]:
+        for slot in node["inputs"]:
+            assert links[slot["link"]][3] == node["id"]
+
+
+def tiny_prompt(tiny_models: dict, steps: int = 3) -> dict:
+    prompt = json.loads((WORKFLOWS / "wan21_t2v_usp_api.json").read_text())
+    prompt["1"]["inputs"].update(device="cpu", cpu_ranks=2)
+    prompt["2"]["inputs"]["model_name"] = Path(tiny_models["dit"]).name
+    prompt["3"]["inputs"]["text_encoder_name"] = Path(tiny_models["text_encoder"]).name
+    prompt["8"]["inputs"]["vae_name"] = Path(tiny_models["vae"]).name
+    prompt["6"]["inputs"].update(width=64, height=48, length=9)
+    prompt["7"]["inputs"]["steps"] = steps
+    return prompt
+
+
+def test_api_workflow_runs_through_the_nodes_and_reuses_the_model(tiny_models, tmp_path, monkeypatch):
+    from usp_video.distributed.client import _CURRENT, free_group
+
+    monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
+    try:
+        results = execute(tiny_prompt(tiny_models), tmp_path)
+        frames = results["9"][0]
+        assert frames.shape == (9, 48, 64, 3) and frames.dtype == torch.float32
+        assert 0.0 <= frames.min() and frames.max() <= 1.0 and frames.std() > 0
+        assert (tmp_path / "usp_video" / "wan21_00001_.webp").is_file()
+        latent = results["7"][0]["samples"]
+        assert latent.shape == (1, 16, 3, 6, 8)
+
+        group = _CURRENT["group"]
+        first_pid = group.proc.pid
+        second = execute(tiny_prompt(tiny_models), tmp_path)  # a second prompt, same models
+        torch.testing.assert_close(second["7"][0]["samples"], latent, rtol=0, atol=0)
+        assert _CURRENT["group"].proc.pid == first_pid, "the group was relaunched"
+        status, _ = _CURRENT["group"].request({"type": "ping"})
+        assert status["load_counts"] == {"dit": 1, "text_encoder": 1, "vae": 1}
+    finally:
+        free_group()
