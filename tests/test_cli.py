@@ -1,0 +1,56 @@
+"""The CLI drives the same client as the nodes: parity between 1 and 4 ranks, clear errors."""
+
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import rel_error
+
+
+def usp_video(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "usp_video.distributed.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def generate_args(tiny_models, *extra):
+    return ["generate", "--dit", tiny_models["dit"], "--text-encoder", tiny_models["text_encoder"],
+            "--vae", tiny_models["vae"], "--prompt", "a dog runs across a green field", "--width", "80",
+            "--height", "48", "--frames", "9", "--steps", "4", "--seed", "11", "--threads-per-rank", "1", *extra]
+
+
+def test_generate_1_rank_and_4_ranks_agree(tiny_models, tmp_path):
+    one = usp_video(*generate_args(tiny_models, "--ranks", "1", "--save-latent", str(tmp_path / "one.safetensors"),
+                                   "--out", str(tmp_path / "one.webp")))
+    assert one.returncode == 0, one.stderr
+    four = usp_video(*generate_args(tiny_models, "--ranks", "4", "--ulysses", "2", "--ring", "2",
+                                    "--save-latent", str(tmp_path / "four.safetensors")))
+    assert four.returncode == 0, four.stderr
+    assert "ulysses=2 x ring=2" in four.stdout
+    a = load_file(str(tmp_path / "one.safetensors"))["latent_tensor"]
+    b = load_file(str(tmp_path / "four.safetensors"))["latent_tensor"]
+    assert a.shape == (1, 16, 3, 6, 10)  # 3 x 3 x 5 = 45 tokens: not divisible by 4
+    assert rel_error(b, a) <= 1e-5
+    assert (tmp_path / "one.webp").stat().st_size > 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--width", "72"], "--width 72 must be a positive multiple of 16"),
+    (["--frames", "8"], "--frames 8 must be 4k+1"),
+    (["--ranks", "4", "--ulysses", "3", "--ring", "1"], "ulysses x ring = 3 x 1 = 3, but the group has 4 ranks"),
+    (["--ranks", "4", "--ulysses", "8", "--ring", "1"], "ulysses x ring = 8 x 1 = 8"),
+    (["--steps", "0"], "steps must be an integer in 1..10000"),
+])
+def test_generate_rejects_bad_input_clearly(tiny_models, extra, message):
+    result = usp_video(*generate_args(tiny_models, *extra), timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_wrong_model_file_is_named(tiny_models):
+    args = generate_args(tiny_models)
+    args[args.index("--dit") + 1] = tiny_models["text_encoder"]
+    result = usp_video(*args, timeout=120)
+    assert result.returncode == 2
+    assert "tiny_umt5.safetensors is not a Wan 2.1 diffusion model (looks like a T5/UMT5 text encoder)" in result.stderr

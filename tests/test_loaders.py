@@ -1,0 +1,115 @@
+"""Model files: the real on-disk formats, offline, with clear errors for the wrong ones."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import rel_error
+from parity_targets import dit_inputs
+from usp_video.distributed.models import tiny, umt5, wan, wan_vae
+from usp_video.distributed.models.checkpoint import CheckpointError
+
+
+def test_tiny_files_use_the_original_key_names(tiny_models):
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers, convert_wan_vae_to_diffusers
+
+    dit_keys = set(load_file(tiny_models["dit"]))
+    assert {"head.modulation", "blocks.0.self_attn.q.weight", "blocks.1.cross_attn.norm_k.weight",
+            "blocks.0.norm3.weight", "text_embedding.0.weight", "time_projection.1.weight"} <= dit_keys
+    converted = convert_wan_transformer_to_diffusers({k: None for k in dit_keys})
+    assert set(converted) == set(WanTransformer3DModel(**tiny.TINY_WAN_CONFIG).state_dict())
+    vae_keys = set(load_file(tiny_models["vae"]))
+    assert {"decoder.middle.0.residual.0.gamma", "decoder.upsamples.4.shortcut.weight", "conv2.weight",
+            "encoder.downsamples.5.time_conv.weight", "decoder.head.2.bias"} <= vae_keys
+    assert set(convert_wan_vae_to_diffusers({k: None for k in vae_keys})) == set(
+        AutoencoderKLWan(**tiny.TINY_VAE_CONFIG).state_dict())
+
+
+def test_comfyui_prefix_and_diffusers_folder_load_the_same_model(tiny_models, tmp_path):
+    model = wan.load_wan_transformer(tiny_models["dit"])
+    x, t, ctx = dit_inputs((2, 4, 4))
+    with torch.no_grad():
+        expected = model(x, t, ctx, return_dict=False)[0]
+    state = load_file(tiny_models["dit"])
+    prefixed = tmp_path / "prefixed.safetensors"
+    meta = {wan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_WAN_CONFIG)}
+    save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(prefixed), metadata=meta)
+    model.save_pretrained(tmp_path / "diffusers")
+    for path in (prefixed, tmp_path / "diffusers"):
+        with torch.no_grad():
+            out = wan.load_wan_transformer(path)(x, t, ctx, return_dict=False)[0]
+        assert rel_error(out, expected) < 1e-6, path
+
+
+def test_fp8_storage_loads(tiny_models, tmp_path):
+    state = load_file(tiny_models["dit"])
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if v.dim() >= 2 else v) for k, v in state.items()}
+    path = tmp_path / "tiny_fp8_e4m3fn.safetensors"
+    save_file(fp8, str(path), metadata={wan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_WAN_CONFIG)})
+    model = wan.load_wan_transformer(path, torch.float32)
+    weight = model.blocks[0].attn1.to_q.weight
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(weight, state["blocks.0.self_attn.q.weight"].to(torch.float8_e4m3fn).float())
+
+
+def test_real_variant_configs_are_inferred_from_shapes(tmp_path):
+    shapes = {"patch_embedding.weight": ([1536, 16, 1, 2, 2], "F16"), "head.modulation": ([1, 2, 1536], "F16")}
+    shapes.update({f"blocks.{i}.self_attn.q.weight": ([1536, 1536], "F16") for i in range(30)})
+    config = wan.infer_wan_config(Path("wan2.1_t2v_1.3B_fp16.safetensors"), shapes, {})
+    assert (config["num_attention_heads"], config["num_layers"], config["ffn_dim"]) == (12, 30, 8960)
+    shapes["patch_embedding.weight"] = ([5120, 16, 1, 2, 2], "F16")
+    shapes.update({f"blocks.{i}.self_attn.q.weight": ([5120, 5120], "F16") for i in range(40)})
+    assert wan.infer_wan_config(Path("x"), shapes, {})["num_attention_heads"] == 40
+
+
+@pytest.mark.parametrize("which,loader,message", [
+    ("vae", wan.load_wan_transformer, "is not a Wan 2.1 diffusion model (looks like a VAE)"),
+    ("text_encoder", wan.load_wan_transformer, "(looks like a T5/UMT5 text encoder)"),
+    ("dit", umt5.load_umt5, "is not a UMT5 text encoder"),
+    ("dit", wan_vae.load_wan_vae, "is not a Wan 2.1 VAE"),
+])
+def test_wrong_family_is_named(tiny_models, which, loader, message):
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        loader(tiny_models[which])
+
+
+def test_truncated_pickle_and_missing_files(tiny_models, tmp_path):
+    data = Path(tiny_models["dit"]).read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        wan.load_wan_transformer(truncated)
+    pickle = tmp_path / "wan.pth"
+    torch.save({"a": torch.zeros(1)}, pickle)
+    with pytest.raises(CheckpointError, match="pickle checkpoints"):
+        wan.load_wan_transformer(pickle)
+    with pytest.raises(CheckpointError, match="not found"):
+        wan.load_wan_transformer(tmp_path / "nope.safetensors")
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable .safetensors file"):
+        wan.load_wan_transformer(text)
+
+
+def test_text_encoder_output_matches_comfyui_conditioning(tiny_models):
+    encoder = umt5.load_umt5(tiny_models["text_encoder"])
+    short = encoder.encode("a cat walks on the beach")
+    n = len(encoder.tokenize("a cat walks on the beach"))
+    assert encoder.tokenize("a cat")[-1] == umt5.EOS_ID
+    assert short.shape == (1, 512, 32)
+    assert short[0, :n].abs().sum(-1).min() > 0 and short[0, n:].abs().max() == 0
+    long_prompt = " ".join(["a red car drives through a city street"] * 80)
+    long = encoder.encode(long_prompt)
+    assert long.shape[1] == len(encoder.tokenize(long_prompt)) > 512
+    assert encoder.encode("").shape == (1, 512, 32)  # just EOS
+
+
+def test_vae_decodes_to_image_frames(tiny_models):
+    vae = wan_vae.load_wan_vae(tiny_models["vae"])
+    frames = wan_vae.decode_wan(vae, torch.randn(1, 16, 3, 4, 6))
+    assert frames.shape == (9, 32, 48, 3)
+    assert 0 <= frames.min() and frames.max() <= 1

@@ -1,0 +1,67 @@
+"""The control channel: frames, limits, the handshake; no pickle."""
+
+import socket
+import struct
+import threading
+
+import pytest
+import torch
+
+from usp_video.distributed import protocol
+
+
+def test_frame_round_trip():
+    tensors = {"latent": torch.randn(1, 16, 3, 4, 4), "ids": torch.arange(5)}
+    header, out = protocol.decode_frame(protocol.encode_frame({"type": "sample", "seed": 3}, tensors))
+    assert header == {"type": "sample", "seed": 3}
+    for k, v in tensors.items():
+        assert torch.equal(out[k], v)
+
+
+@pytest.mark.parametrize("frame,message", [
+    (b"XXXX" + struct.pack(">IQ", 10, 0) + b"{}" * 5, "bad magic"),
+    (b"USPV" + struct.pack(">IQ", 1 << 30, 0), "header length"),
+    (b"USPV" + struct.pack(">IQ", 10, 1 << 62), "payload length"),
+    (b"USPV" + struct.pack(">IQ", 4, 0) + b"\xff\xfe{}", "not UTF-8 JSON"),
+    (b"USPV" + struct.pack(">IQ", 2, 0) + b"[]", "JSON object"),
+    (b"USPV" + struct.pack(">IQ", 13, 4) + b'{"type":"x"} ' + b"abcd", "safetensors"),
+    (b"USPV" + struct.pack(">IQ", 12, 0) + b'{"type":"x"}' + b"extra", "does not match"),
+    (b"USP", "shorter"),
+])
+def test_malformed_frames_are_rejected(frame, message):
+    with pytest.raises(protocol.ProtocolError, match=message):
+        protocol.decode_frame(frame)
+
+
+def test_pickle_is_never_used():
+    import usp_video.distributed.protocol as module
+
+    source = open(module.__file__).read()
+    assert "pickle" not in source.replace("No pickle", "")
+
+
+def handshake(secret_server, secret_client):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    result = {}
+
+    def serve():
+        conn, _ = server.accept()
+        result["ok"] = protocol.challenge(conn, secret_server)
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    client = socket.create_connection(server.getsockname())
+    protocol.answer_challenge(client, secret_client)
+    thread.join(10)
+    client.close()
+    server.close()
+    return result["ok"]
+
+
+def test_handshake_accepts_the_secret_and_rejects_others():
+    secret = protocol.new_secret()
+    assert handshake(secret, secret)
+    assert not handshake(secret, protocol.new_secret())
