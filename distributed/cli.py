@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--shift", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="unipc", choices=["unipc", "unipc_bh1", "euler"])
+    p.add_argument("--sampler", default="unipc", choices=["unipc", "euler"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--gpus", default="", help="GPU indices, e.g. 0,1,2,3 (default: all)")
     p.add_argument("--ranks", type=int, default=1, help="number of CPU ranks (device cpu)")

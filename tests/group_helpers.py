@@ -25,6 +25,21 @@ def group_processes(group) -> dict[int, int]:
     return ranks
 
 
+def processes_matching(text: str) -> list[int]:
+    """Pids of running processes whose command line contains text."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+                state = (proc / "stat").read_text().split(")")[-1].split()[0]
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            if text.encode() in cmdline and state != "Z":
+                pids.append(int(proc.name))
+    return pids
+
+
 def group_gone(group) -> bool:
     """True once neither torchrun's session nor any rank of the group runs."""
     try:

@@ -109,3 +109,36 @@ def test_changing_degrees_relaunches(tiny_models, faults_allowed):
     _, info = run_sample(GroupConfig(ranks=2, ulysses=1, ring=2), tiny_models["dit"], steps=1)
     assert (info["ulysses"], info["ring"]) == (1, 2)
     assert group_gone(a)
+
+
+def test_group_stops_when_the_comfyui_process_dies(tmp_path):
+    """SIGKILL of the client process: rank 0 sees its socket close and stops the whole group."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from group_helpers import processes_matching
+
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        from usp_video.distributed.client import GroupConfig, get_group
+        group = get_group(GroupConfig(ranks=2))
+        print(group.run_dir, flush=True)
+        time.sleep(600)
+    """))
+    client = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        run_dir = client.stdout.readline().strip()
+        assert run_dir, "the client did not start a group"
+        assert len(processes_matching(run_dir)) == 3  # torchrun + 2 ranks
+        client.kill()
+        client.wait()
+        deadline = time.monotonic() + 20
+        while processes_matching(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_matching(run_dir) == [], "the group outlived its client"
+    finally:
+        client.kill()
+        for pid in processes_matching(run_dir or "/nonexistent"):
+            kill(pid)

@@ -113,3 +113,13 @@ def test_vae_decodes_to_image_frames(tiny_models):
     frames = wan_vae.decode_wan(vae, torch.randn(1, 16, 3, 4, 6))
     assert frames.shape == (9, 32, 48, 3)
     assert 0 <= frames.min() and frames.max() <= 1
+
+
+def test_umt5_from_a_diffusers_folder(tiny_models, tmp_path):
+    encoder = umt5.load_umt5(tiny_models["text_encoder"])
+    encoder.model.save_pretrained(tmp_path / "text_encoder")
+    (tmp_path / "tokenizer").mkdir()
+    spiece = load_file(tiny_models["text_encoder"])["spiece_model"].numpy().tobytes()
+    (tmp_path / "tokenizer" / "spiece.model").write_bytes(spiece)
+    folder = umt5.load_umt5(tmp_path / "text_encoder")
+    torch.testing.assert_close(folder.encode("a bowl of fruit"), encoder.encode("a bowl of fruit"))

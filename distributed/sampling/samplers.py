@@ -3,7 +3,8 @@
 
 euler: ComfyUI's "euler" (k-diffusion sample_euler without churn).
 unipc: UniPC multistep (diffusers' UniPCMultistepScheduler, flow prediction, order 2, bh2 as
-       in Wan's reference code; unipc_bh1 uses the bh1 variant), walked on the same sigmas.
+       in Wan's reference code), walked on the same sigmas. (diffusers' bh1 variant divides by
+       an infinite log-SNR step at sigma 0 and returns NaN there, so it is not offered.)
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: 
     return x
 
 
-def _sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback,
-                  variant: str) -> torch.Tensor:
+def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None) -> torch.Tensor:
     from diffusers import UniPCMultistepScheduler
 
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
-                                        solver_order=2, solver_type=variant, lower_order_final=True,
+                                        solver_order=2, solver_type="bh2", lower_order_final=True,
                                         final_sigmas_type="zero")
     if float(sigmas[-1]) != 0.0:
         raise ValueError("unipc needs a schedule that ends at sigma 0")
@@ -46,15 +46,7 @@ def _sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback:
     return x
 
 
-def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None) -> torch.Tensor:
-    return _sample_unipc(model, x, sigmas, callback, "bh2")
-
-
-def sample_unipc_bh1(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None) -> torch.Tensor:
-    return _sample_unipc(model, x, sigmas, callback, "bh1")
-
-
-SAMPLERS = {"unipc": sample_unipc, "unipc_bh1": sample_unipc_bh1, "euler": sample_euler}
+SAMPLERS = {"unipc": sample_unipc, "euler": sample_euler}
 
 
 def get_sampler(name: str):
