@@ -58,3 +58,23 @@ def sample_request(dit_path, shape, steps=4, sampler="unipc", seed=7, cfg=5.0):
 def sample_rank(rank, world_size, ulysses, ring, dit_path, shape, sampler):
     engine = make_engine(rank, world_size, ulysses, ring)
     return {"latent": engine.sample(sample_request(dit_path, shape, sampler=sampler))}
+
+
+def variant_request(dit_path, variant):
+    """Sampler calls beyond the plain case: batch 2, cfg 1, denoise < 1, unequal text lengths."""
+    req = sample_request(dit_path, (3, 4, 6), steps=3, sampler="unipc")
+    g = torch.Generator().manual_seed(5)
+    if variant == "batch2":
+        req.latent = torch.zeros(2, 16, 3, 4, 6)
+    elif variant == "cfg1":
+        req.cfg, req.negative = 1.0, None
+    elif variant == "denoise":
+        req.latent, req.denoise, req.sampler = torch.randn(1, 16, 3, 4, 6, generator=g), 0.6, "euler"
+    elif variant == "unequal_text":
+        req.negative = torch.randn(1, 9, 32, generator=g)
+    return req
+
+
+def sample_variant_rank(rank, world_size, ulysses, ring, dit_path, variant):
+    engine = make_engine(rank, world_size, ulysses, ring)
+    return {"latent": engine.sample(variant_request(dit_path, variant))}

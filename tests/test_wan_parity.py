@@ -60,3 +60,15 @@ def test_four_step_sampling_parity(tests_dir, tiny_models, sampled, world_size, 
     for rank, result in enumerate(results):
         err = rel_error(result["latent"], expected)
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} ({sampler})"
+
+
+@pytest.mark.parametrize("variant", ["batch2", "cfg1", "denoise", "unequal_text"])
+def test_sampler_variants_parity(tests_dir, tiny_models, variant):
+    from parity_targets import variant_request
+
+    expected = make_engine().sample(variant_request(tiny_models["dit"], variant))
+    results = run_ranks(f"{tests_dir}/parity_targets.py:sample_variant_rank", 3,
+                        dict(ulysses=1, ring=3, dit_path=tiny_models["dit"], variant=variant), timeout=240)
+    for rank, result in enumerate(results):
+        err = rel_error(result["latent"], expected)
+        assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} ({variant})"
