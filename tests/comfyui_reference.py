@@ -1,0 +1,77 @@
+"""Run ComfyUI's own Wan model, VAE and KSampler on the tiny model files and compare with ours.
+
+Usage: python comfyui_reference.py COMFYUI_DIR MODELS_JSON  -> prints one JSON object of
+relative errors. Run as a subprocess by test_comfyui_native.py, so that importing ComfyUI
+(its top-level modules, its torch settings) does not touch the test process.
+"""
+
+import json
+import sys
+
+import torch
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def main(comfy_dir: str, models_json: str) -> None:
+    sys.path.insert(0, comfy_dir)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.ldm.wan.vae
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from safetensors.torch import load_file
+
+    from usp_video.distributed.engine import Engine, SampleRequest
+    from usp_video.distributed.models import tiny, wan, wan_vae
+
+    paths = json.loads(models_json)
+    cfg, vae_cfg = tiny.TINY_WAN_CONFIG, tiny.TINY_VAE_CONFIG
+    unet = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": tuple(cfg["patch_size"]),
+            "dim": cfg["num_attention_heads"] * cfg["attention_head_dim"], "ffn_dim": cfg["ffn_dim"],
+            "freq_dim": cfg["freq_dim"], "text_dim": cfg["text_dim"], "num_heads": cfg["num_attention_heads"],
+            "num_layers": cfg["num_layers"], "in_dim": 16, "out_dim": 16}
+    config = comfy.supported_models.WAN21_T2V(unet)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    model.diffusion_model.load_state_dict(load_file(paths["dit"]), strict=True)  # our file, ComfyUI's class
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    patcher = ModelSamplingSD3().patch(patcher, 5.0)[0]
+
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(1, 24, 32, generator=g), torch.randn(1, 24, 32, generator=g)
+    x, t = torch.randn(1, 16, 3, 4, 6, generator=g), torch.tensor([700.0])
+    out = {}
+    with torch.no_grad():
+        out["dit_forward"] = rel(wan.load_wan_transformer(paths["dit"])(x, t, pos, return_dict=False)[0],
+                                 model.diffusion_model(x, t, pos))
+
+    def both(latent, seed, steps, cfg_scale, denoise):
+        noise = comfy.sample.prepare_noise(latent, seed)
+        native = comfy.sample.sample(patcher, noise, steps, cfg_scale, "euler", "simple", [[pos, {}]], [[neg, {}]],
+                                     latent, denoise=denoise, seed=seed, disable_pbar=True)
+        ours = Engine().sample(SampleRequest(dit=paths["dit"], positive=pos, negative=neg, latent=latent, seed=seed,
+                                             steps=steps, cfg=cfg_scale, shift=5.0, sampler="euler", denoise=denoise))
+        return rel(ours, native)
+
+    out["ksampler_euler"] = both(torch.zeros(1, 16, 3, 4, 6), 123, 4, 5.0, 1.0)
+    out["ksampler_euler_denoise"] = both(torch.randn(1, 16, 3, 4, 6, generator=g), 9, 4, 3.0, 0.6)
+
+    vae = comfy.ldm.wan.vae.WanVAE(dim=vae_cfg["base_dim"], z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                   attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    vae.load_state_dict(load_file(paths["vae"]), strict=True)
+    z = torch.randn(1, 16, 3, 4, 6, generator=g)
+    with torch.no_grad():
+        native = ((vae.decode(z).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).flatten(0, 1)
+    out["vae_decode"] = rel(wan_vae.decode_wan(wan_vae.load_wan_vae(paths["vae"]), z), native)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
