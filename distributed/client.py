@@ -188,8 +188,13 @@ class UspGroup:
         tail = self.log_tail()
         if reports:
             first = min(reports, key=lambda r: r["time"])
-            msg = (f"rank {first['rank']} of {self.config.ranks} failed: {first['error_type']}: {first['message']}"
-                   f"\n(full traceback in {self.log_path})")
+            msg = f"rank {first['rank']} of {self.config.ranks} failed: {first['error_type']}: {first['message']}"
+            silent = sorted(set(range(self.config.ranks)) - {r["rank"] for r in reports})
+            if "timed out" in first["message"].lower() or "timeout" in first["message"].lower():
+                msg += (f"\nA collective waited longer than timeout_s={self.config.timeout:g} s"
+                        + (f"; rank(s) {', '.join(map(str, silent))} stopped responding" if silent else "")
+                        + ". Raise timeout_s if a step legitimately takes longer.")
+            msg += f"\n(full traceback in {self.log_path})"
         else:
             rank = re.findall(r"rank\s*:\s*(\d+)", tail)
             code = re.findall(r"exitcode\s*:\s*(-?\d+)", tail)

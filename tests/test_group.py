@@ -142,3 +142,19 @@ def test_group_stops_when_the_comfyui_process_dies(tmp_path):
         client.kill()
         for pid in processes_matching(run_dir or "/nonexistent"):
             kill(pid)
+
+
+def test_a_hung_rank_becomes_an_error_after_the_timeout(tiny_models, faults_allowed):
+    group = GroupConfig(ranks=3, timeout=5)
+    run_sample(group, tiny_models["dit"], steps=1)
+    g = get_group(group)
+    started = time.monotonic()
+    with pytest.raises(GroupError) as info:
+        run_sample(group, tiny_models["dit"], steps=4, fault={"rank": 1, "step": 1, "kind": "hang"})
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, f"took {elapsed:.0f} s for a 5 s timeout"
+    import re
+
+    silent = re.search(r"rank\(s\) ([\d, ]+) stopped responding", str(info.value))
+    assert silent and "1" in silent[1].split(", "), str(info.value)
+    assert group_gone(g)
