@@ -3,6 +3,7 @@
     usp-video demo                       tiny random Wan model set, text -> video on 2 CPU ranks
     usp-video make-tiny-models DIR       write the tiny model set in ComfyUI's models/ layout
     usp-video generate --dit F --text-encoder F --vae F --prompt "..." [--ranks N --ulysses U --ring R]
+    usp-video queue WORKFLOW_API.json --server http://127.0.0.1:8188 [--set NODE.INPUT=VALUE ...]
 """
 
 from __future__ import annotations
@@ -119,6 +120,27 @@ def demo(args: argparse.Namespace) -> None:
     generate(gen)
 
 
+def queue(args: argparse.Namespace) -> None:
+    from .comfy_queue import apply_overrides, load_workflow, run_workflow
+
+    prompt = apply_overrides(load_workflow(args.workflow), args.set or [])
+
+    def show(event: dict) -> None:
+        data = event.get("data", {})
+        if event.get("type") == "progress":
+            print(f"node {data.get('node')}: {data.get('value')}/{data.get('max')}", flush=True)
+        elif event.get("type") == "executing" and data.get("node") is not None:
+            print(f"running node {data['node']} ({prompt.get(data['node'], {}).get('class_type', '?')})", flush=True)
+
+    status, files = run_workflow(args.server, prompt, Path(args.out_dir), timeout=args.timeout, on_event=show)
+    if status == "interrupted":
+        raise RuntimeError("the prompt was interrupted")
+    for path in files:
+        print(f"output: {path}")
+    if not files:
+        print("the workflow finished without output files")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="usp-video", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="video file to write (.webp or .gif)")
     p.add_argument("--save-latent", help="write the sampled latent (ComfyUI SaveLatent format)")
     p.set_defaults(func=generate)
+
+    p = sub.add_parser("queue", help="run an API-format workflow on a ComfyUI server and download its outputs")
+    p.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/wan21_t2v_usp_api.json)")
+    p.add_argument("--server", default="http://127.0.0.1:8188")
+    p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
+                   help="override an input; NODE is an id, a title or a class_type (repeatable)")
+    p.add_argument("--out-dir", default="usp-video-outputs")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait without a websocket")
+    p.set_defaults(func=queue)
     return parser
 
 
@@ -172,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"usp-video: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
+    except KeyboardInterrupt:
+        print("usp-video: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

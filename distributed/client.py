@@ -295,11 +295,12 @@ class UspGroup:
             except OSError:
                 raise self._failure() from None
             cancel_sent = False
+            pending: BaseException | None = None  # raised by a hook; re-raised once the group is idle again
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 if self.proc.poll() is not None:
                     raise self._failure()
-                if should_cancel is not None and not cancel_sent and should_cancel():
+                if not cancel_sent and (pending is not None or self._call(should_cancel)):
                     protocol.send_frame(self.sock, {"type": "cancel"})
                     cancel_sent = True
                 if deadline is not None and time.monotonic() > deadline:
@@ -313,16 +314,25 @@ class UspGroup:
                     raise self._failure() from None
                 kind = reply["type"]
                 if kind == "progress":
-                    if on_progress is not None:
-                        on_progress(reply)
-                elif kind == "ok":
+                    if on_progress is not None and pending is None:
+                        try:
+                            on_progress(reply)
+                        except BaseException as exc:  # e.g. ComfyUI's interrupt, raised by its progress hook
+                            pending = exc
+                    continue
+                if pending is not None:
+                    raise pending
+                if kind == "ok":
                     return reply, out
-                elif kind == "interrupted":
+                if kind == "interrupted":
                     raise Interrupted(reply["step"])
-                elif kind == "error":
+                if kind == "error":
                     raise RequestError(f"{reply['message']} (rank {reply['rank']}, {reply['error_type']})")
-                else:
-                    raise GroupError(f"unexpected reply {kind!r} from rank 0")
+                raise GroupError(f"unexpected reply {kind!r} from rank 0")
+
+    @staticmethod
+    def _call(should_cancel: Callable[[], bool] | None) -> bool:
+        return should_cancel is not None and bool(should_cancel())
 
 
 _LIVE: set[UspGroup] = set()

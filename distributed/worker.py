@@ -111,6 +111,9 @@ class Worker:
             except protocol.ProtocolError:
                 self.client_gone = True
                 return True
+            if header.get("type") != "cancel":
+                print(f"usp-video rank 0: ignored a {header.get('type')!r} frame that arrived while sampling",
+                      file=sys.stderr, flush=True)
             cancel = cancel or header.get("type") == "cancel"
         return cancel or self.client_gone
 

@@ -158,3 +158,24 @@ def test_a_hung_rank_becomes_an_error_after_the_timeout(tiny_models, faults_allo
     silent = re.search(r"rank\(s\) ([\d, ]+) stopped responding", str(info.value))
     assert silent and "1" in silent[1].split(", "), str(info.value)
     assert group_gone(g)
+
+
+def test_an_exception_in_the_progress_hook_cancels_and_keeps_the_group_in_step(tiny_models, faults_allowed):
+    """ComfyUI's progress hook raises its interrupt exception: the run must be cancelled on the
+    group before the exception reaches the node, so that the next request gets its own reply."""
+
+    class Interrupt(Exception):
+        pass
+
+    group = GroupConfig(ranks=2)
+    big = zeros_latent(frames=6, height=24, width=24)
+
+    def hook(event):
+        if event["step"] == 2:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        run_sample(group, tiny_models["dit"], steps=30, latent=big, on_progress=hook)
+    events = []
+    latent, _ = run_sample(group, tiny_models["dit"], steps=3, on_progress=events.append)
+    assert [e["step"] for e in events] == [1, 2, 3] and latent.shape == zeros_latent().shape

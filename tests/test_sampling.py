@@ -38,12 +38,23 @@ def test_latent_normalisation_round_trips():
 
 
 @pytest.mark.parametrize("name", ["euler", "unipc"])
-def test_samplers_recover_the_target_of_an_exact_model(name):
-    """A model that always predicts x0 = target must land on the target."""
+@pytest.mark.parametrize("steps,shift", [(8, 5.0), (200, 8.0), (50, 12.0)])
+def test_samplers_recover_the_target_of_an_exact_model(name, steps, shift):
+    """A model that always predicts x0 = target must land on the target, and be asked at
+    exactly the schedule's sigmas, in order."""
     target = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     x = torch.randn_like(target)
-    out = get_sampler(name)(lambda x_t, sigma: target, x, simple_sigmas(8, 5.0))
+    sigmas = simple_sigmas(steps, shift)
+    asked = []
+
+    def model(x_t, sigma):
+        asked.append(float(sigma))
+        return target
+
+    out = get_sampler(name)(model, x, sigmas)
     torch.testing.assert_close(out, target, atol=1e-4, rtol=1e-4)
+    assert len(asked) == steps
+    torch.testing.assert_close(torch.tensor(asked), sigmas[:-1], atol=2e-6, rtol=0)
 
 
 def test_euler_callback_sees_every_step():

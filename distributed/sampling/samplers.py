@@ -36,6 +36,9 @@ def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: 
     if float(sigmas[-1]) != 0.0:
         raise ValueError("unipc needs a schedule that ends at sigma 0")
     scheduler.set_timesteps(sigmas=sigmas[:-1].double().numpy())
+    # Walk the steps by index: the integer timesteps the scheduler would look itself up by
+    # repeat when sigmas are close (many steps, large shift), which would shift every step by one.
+    scheduler.set_begin_index(0)
     for i, t in enumerate(scheduler.timesteps):
         sigma = scheduler.sigmas[i]
         denoised = model(x, sigma)
