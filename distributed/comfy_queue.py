@@ -44,7 +44,8 @@ def _parse_value(text: str):
 
 def apply_overrides(prompt: dict, overrides: list[str]) -> dict:
     """--set NODE.INPUT=VALUE, NODE being a node id, a node title or a class_type used once.
-    VALUE is parsed as JSON when it can be (numbers, true/false), else taken as text."""
+    VALUE keeps the type of the input it replaces: text for text inputs, else parsed as JSON
+    when it can be (numbers, true/false), else taken as text."""
     prompt = json.loads(json.dumps(prompt))
     for item in overrides:
         target, sep, value = item.partition("=")
@@ -64,7 +65,8 @@ def apply_overrides(prompt: dict, overrides: list[str]) -> dict:
         if name not in inputs:
             raise ValueError(f"--set {item!r}: node {node_id} ({prompt[node_id]['class_type']}) has no input "
                              f"{name!r}; it has {', '.join(inputs)}")
-        inputs[name] = _parse_value(value)
+        # a text input (a prompt, a file name, a combo choice such as "3") stays text
+        inputs[name] = value if isinstance(inputs[name], str) else _parse_value(value)
     return prompt
 
 
