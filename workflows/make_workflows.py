@@ -38,7 +38,7 @@ WAN_T2V = {
     8: ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1200, 420)),
     9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1560, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan21", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1560, 200)),
+         (1560, 240)),
 }
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
@@ -50,6 +50,9 @@ SOCKETS = {
     "UspVaeLoader": [("group", "USP_GROUP")], "UspVaeDecode": [("vae", "USP_VAE"), ("samples", "LATENT")],
     "SaveAnimatedWEBP": [("images", "IMAGE")],
 }
+
+SIZES = {"UspGroup": (340, 300), "UspTextEncode": (380, 200), "UspWanSampler": (340, 290),
+         "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80)}
 
 # Widget names in order, for converting to API format (ours are checked against INPUT_TYPES in a test).
 WIDGETS = {
@@ -89,7 +92,8 @@ def to_ui(graph: dict) -> dict:
             in_links[(node_id, name)] = link_id
     for order, (node_id, (class_type, title, widgets, _, outputs, pos)) in enumerate(graph.items()):
         node = {
-            "id": node_id, "type": class_type, "pos": list(pos), "size": [340, 120], "flags": {}, "order": order,
+            "id": node_id, "type": class_type, "pos": list(pos), "size": list(SIZES.get(class_type, (340, 120))),
+            "flags": {}, "order": order,
             "mode": 0,
             "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, n))} for n, t in SOCKETS.get(class_type, [])],
             "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
