@@ -93,9 +93,12 @@ def sample(group: GroupConfig, dit: str | Path, *, positive: torch.Tensor, negat
            latent: torch.Tensor, seed: int, steps: int, cfg: float, shift: float, sampler: str = "unipc",
            denoise: float = 1.0, text_dim: int | None = None,
            on_progress: Callable[[dict], None] | None = None, should_cancel: Callable[[], bool] | None = None,
-           fault: dict | None = None) -> tuple[torch.Tensor, dict]:
-    """Sample a raw-space latent on the group. Raises client.Interrupted when cancelled."""
-    check_latent(latent)
+           preview: bool = False, fault: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Sample a raw-space latent on the group. Raises client.Interrupted when cancelled.
+
+    on_progress gets {"step", "total", "elapsed"} after every step, plus "x0" (the first frame of
+    the current denoised estimate, [1, 16, 1, H/8, W/8], normalised space) when preview is set."""
+    check_latent(latent, "latent_image")
     check_conditioning(positive, "positive", text_dim)
     if negative is not None:
         check_conditioning(negative, "negative", text_dim)
@@ -104,7 +107,7 @@ def sample(group: GroupConfig, dit: str | Path, *, positive: torch.Tensor, negat
         if cond is not None and cond.shape[0] not in (1, latent.shape[0]):
             raise ValueError(f"{name} has batch {cond.shape[0]} for a latent batch of {latent.shape[0]}")
     header = {"type": "sample", "dit": str(dit), "seed": seed, "steps": steps, "cfg": cfg, "shift": shift,
-              "sampler": sampler, "denoise": denoise}
+              "sampler": sampler, "denoise": denoise, "preview": bool(preview)}
     if fault is not None:
         header["fault"] = fault
     tensors = {"positive": positive.float(), "latent": latent.float()}

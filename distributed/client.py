@@ -314,6 +314,7 @@ class UspGroup:
                     raise self._failure() from None
                 kind = reply["type"]
                 if kind == "progress":
+                    reply.update(out)  # an optional x0 preview tensor
                     if on_progress is not None and pending is None:
                         try:
                             on_progress(reply)

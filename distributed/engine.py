@@ -133,10 +133,12 @@ class Engine:
         return wan_vae.decode_wan(self.vae(path), latent)
 
     @torch.no_grad()
-    def sample(self, req: SampleRequest, on_step: Callable[[int, int], bool] | None = None) -> torch.Tensor:
+    def sample(self, req: SampleRequest,
+               on_step: Callable[[int, int, torch.Tensor], bool] | None = None) -> torch.Tensor:
         """Run the sampler; returns the raw-space latent (float32, CPU).
 
-        on_step(i, total) runs after each step on every rank and returns True to stop; it must
+        on_step(i, total, denoised) runs after each step on every rank, with the current x0
+        estimate in the model's (normalised) latent space, and returns True to stop; it must
         return the same value on every rank (the worker makes it collective).
         """
         model = self.dit(req.dit)
@@ -172,7 +174,7 @@ class Engine:
             return x_t - sigma * v
 
         def callback(i: int, x_t: torch.Tensor, denoised: torch.Tensor) -> None:
-            if on_step is not None and on_step(i, req.steps):
+            if on_step is not None and on_step(i, req.steps, denoised):
                 raise SamplingInterrupted(i)
 
         x = get_sampler(req.sampler)(denoise, x, sigmas, callback)

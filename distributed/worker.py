@@ -203,13 +203,16 @@ class Worker:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed sample request: missing or wrong field {exc}") from None
         start = time.monotonic()
+        preview = bool(header.get("preview"))
 
-        def on_step(i: int, total: int) -> bool:
+        def on_step(i: int, total: int, denoised: torch.Tensor) -> bool:
             if fault and fault.get("rank") == self.rank and fault.get("step") == i:
                 inject(fault["kind"])
             if self.rank == 0:
+                # a preview needs only the first frame of the first video: [1, 16, 1, H/8, W/8]
+                tensors = {"x0": denoised[:1, :, :1]} if preview else None
                 self.reply({"type": "progress", "step": i + 1, "total": total,
-                            "elapsed": time.monotonic() - start})
+                            "elapsed": time.monotonic() - start}, tensors)
             return self.agree(self.rank == 0 and self.cancel_requested())
 
         try:

@@ -43,17 +43,34 @@ def model_path(folder: str, name: str) -> str:
 
 
 class Progress:
-    """The node's progress bar in the page (ComfyUI) or nothing."""
+    """The node's progress bar in the page (ComfyUI) or nothing, with latent previews when the
+    user has previews on (ComfyUI's Latent2RGB for Wan 2.1 latents)."""
 
     def __init__(self, total: int, node_id: str | None = None):
         self.bar = _comfy_utils.ProgressBar(total, node_id=node_id) if IN_COMFYUI else None
         self.total = total
         self.value = 0
+        self.previewer = None
+        if IN_COMFYUI:
+            try:
+                import comfy.latent_formats
+                import latent_preview
 
-    def update(self, value: int, total: int | None = None) -> None:
+                self.previewer = latent_preview.get_previewer("cpu", comfy.latent_formats.Wan21())
+            except Exception:  # previews are a nicety: never fail a run over them
+                self.previewer = None
+
+    @property
+    def wants_preview(self) -> bool:
+        return self.previewer is not None
+
+    def update(self, value: int, total: int | None = None, x0=None) -> None:
         self.value = value
         if self.bar is not None:
-            self.bar.update_absolute(value, total or self.total)
+            preview = None
+            if x0 is not None and self.previewer is not None:
+                preview = self.previewer.decode_latent_to_preview_image("JPEG", x0)
+            self.bar.update_absolute(value, total or self.total, preview)
 
 
 def interrupt_requested() -> bool:

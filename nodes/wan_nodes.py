@@ -126,7 +126,7 @@ class UspWanSampler:
         started = time.monotonic()
 
         def on_progress(event: dict) -> None:
-            progress.update(event["step"], event["total"])
+            progress.update(event["step"], event["total"], event.get("x0"))
             per_step = event["elapsed"] / event["step"]
             log.info("usp-video: step %d/%d, %.2f s/step, ETA %.0f s", event["step"], event["total"], per_step,
                      per_step * (event["total"] - event["step"]))
@@ -137,7 +137,7 @@ class UspWanSampler:
                 negative=_conditioning_tensor(negative, "negative"), latent=latent_image["samples"], seed=seed,
                 steps=steps, cfg=cfg, shift=shift, sampler=sampler_name, denoise=denoise,
                 text_dim=model["info"].get("text_dim"), on_progress=on_progress,
-                should_cancel=services.interrupt_requested)
+                should_cancel=services.interrupt_requested, preview=progress.wants_preview)
         except Interrupted:
             services.throw_if_interrupted()
             raise

@@ -2,6 +2,8 @@
 
 import time
 
+import torch
+
 import pytest
 
 from group_helpers import group_gone, group_processes, kill, text, zeros_latent
@@ -179,3 +181,31 @@ def test_an_exception_in_the_progress_hook_cancels_and_keeps_the_group_in_step(t
     events = []
     latent, _ = run_sample(group, tiny_models["dit"], steps=3, on_progress=events.append)
     assert [e["step"] for e in events] == [1, 2, 3] and latent.shape == zeros_latent().shape
+
+
+def test_previews_carry_the_first_frame_of_x0(tiny_models, faults_allowed):
+    from usp_video.distributed.engine import wan_process_in
+
+    events = []
+    latent, _ = run_sample(GroupConfig(ranks=2), tiny_models["dit"], steps=3, on_progress=events.append, preview=True)
+    assert all(e["x0"].shape == (1, 16, 1, 8, 8) for e in events)
+    # euler's last step lands on its x0 estimate
+    torch.testing.assert_close(events[-1]["x0"], wan_process_in(latent)[:1, :, :1], rtol=1e-4, atol=1e-4)
+    plain = []
+    run_sample(GroupConfig(ranks=2), tiny_models["dit"], steps=2, on_progress=plain.append)
+    assert "x0" not in plain[0]
+
+
+def test_changing_the_model_reloads_only_the_dit(tiny_models, tmp_path, faults_allowed):
+    import shutil
+
+    group = GroupConfig(ranks=2)
+    api.encode_text(group, tiny_models["text_encoder"], "a cat")
+    run_sample(group, tiny_models["dit"], steps=1)
+    other = tmp_path / "another_wan.safetensors"
+    shutil.copy(tiny_models["dit"], other)
+    api.load_dit(group, other)
+    run_sample(group, str(other), steps=1)
+    api.encode_text(group, tiny_models["text_encoder"], "a dog")
+    status, _ = get_group(group).request({"type": "ping"})
+    assert status["load_counts"] == {"text_encoder": 1, "dit": 2}

@@ -85,3 +85,35 @@ def test_api_workflow_runs_through_the_nodes_and_reuses_the_model(tiny_models, t
         assert status["load_counts"] == {"dit": 1, "text_encoder": 1, "vae": 1}
     finally:
         free_group()
+
+
+def test_sampler_node_takes_native_formats_and_leaves_inputs_unchanged(tiny_models, monkeypatch):
+    """Native CLIPTextEncode CONDITIONING ([1, 512, dim], a dict beside it) and a native empty
+    video latent go in; a LATENT comes out; no input is modified (ComfyUI caches them)."""
+    from usp_video.distributed.client import free_group
+    from usp_video.nodes import NODE_CLASS_MAPPINGS as N
+
+    monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
+    try:
+        group, _ = N["UspGroup"]().start("cpu", "all", 2, "auto", "auto", "auto", "auto", 600)
+        model, info = N["UspWanModelLoader"]().load(group, Path(tiny_models["dit"]).name)
+        assert "ulysses=2 x ring=1" in info
+        g = torch.Generator().manual_seed(0)
+        cond = torch.randn(1, 512, 32, generator=g)
+        cond[:, 7:] = 0
+        positive = [[cond, {"pooled_output": None}]]
+        negative = [[torch.zeros(1, 512, 32), {"pooled_output": None}]]
+        latent = {"samples": torch.zeros(1, 16, 3, 6, 8), "batch_index": [0]}
+        before = (cond.clone(), latent["samples"].clone(), dict(latent))
+        (out,) = N["UspWanSampler"]().sample(model, positive, negative, latent, 3, 2, 5.0, 5.0, "euler", 1.0)
+        assert out["samples"].shape == (1, 16, 3, 6, 8) and out["batch_index"] == [0]
+        assert out is not latent and latent.keys() == before[2].keys()
+        assert torch.equal(cond, before[0]) and torch.equal(latent["samples"], before[1])
+        with pytest.raises(ValueError, match="latent_image has 4 channels; Wan 2.1 latents have 16"):
+            N["UspWanSampler"]().sample(model, positive, negative, {"samples": torch.zeros(1, 4, 3, 6, 8)},
+                                        3, 2, 5.0, 5.0, "euler", 1.0)
+        with pytest.raises(ValueError, match="dimension 4096 but the model expects 32"):
+            N["UspWanSampler"]().sample(model, [[torch.zeros(1, 512, 4096), {}]], negative, latent,
+                                        3, 2, 5.0, 5.0, "euler", 1.0)
+    finally:
+        free_group()
