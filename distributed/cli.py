@@ -4,6 +4,7 @@
     usp-video make-tiny-models DIR       write the tiny model set in ComfyUI's models/ layout
     usp-video generate --dit F --text-encoder F --vae F --prompt "..." [--ranks N --ulysses U --ring R]
     usp-video queue WORKFLOW_API.json --server http://127.0.0.1:8188 [--set NODE.INPUT=VALUE ...]
+    usp-video plan --model wan-14b --gpus 8 --size 1280x720x81 [--link nvlink|pcie|xgmi]
 """
 
 from __future__ import annotations
@@ -183,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="video file to write (.webp or .gif)")
     p.add_argument("--save-latent", help="write the sampled latent (ComfyUI SaveLatent format)")
     p.set_defaults(func=generate)
+
+    from .planner import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
 
     p = sub.add_parser("queue", help="run an API-format workflow on a ComfyUI server and download its outputs")
     p.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/wan21_t2v_usp_api.json)")

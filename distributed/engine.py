@@ -7,6 +7,7 @@ the same code serves the CLI and the tests.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from . import planner
 from .models import umt5, wan, wan_vae
 from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
 from .sampling.samplers import get_sampler
@@ -83,8 +85,17 @@ class Engine:
         self._meshes: dict[tuple[int, int], SequenceParallel] = {}
         self.sp = SequenceParallel()
 
-    def _mesh(self, num_heads: int) -> SequenceParallel:
-        degrees = resolve_degrees(self.world_size, num_heads, *self.requested_degrees)
+    def _mesh(self, model) -> SequenceParallel:
+        """The SP groups for this model: the planner's choice for "auto" (USP_VIDEO_LINK names the
+        link, nvlink by default), else the user's degrees, validated against the heads."""
+        config = model.config
+        if self.requested_degrees == ("auto", "auto"):
+            params = sum(p.numel() for p in model.parameters())
+            degrees = planner.auto_degrees(self.world_size, config.num_attention_heads,
+                                           config.num_attention_heads * config.attention_head_dim,
+                                           config.num_layers, params, link=os.environ.get("USP_VIDEO_LINK", "nvlink"))
+        else:
+            degrees = resolve_degrees(self.world_size, config.num_attention_heads, *self.requested_degrees)
         if degrees not in self._meshes:
             self._meshes[degrees] = (build_sequence_parallel(*degrees) if self.world_size > 1
                                      else SequenceParallel())
@@ -95,7 +106,7 @@ class Engine:
         if self._dit_key != key:
             self._dit = self._dit_key = None  # free the old model before loading the new one
             model = wan.load_wan_transformer(path, self.dtype, self.device)
-            self.sp = self._mesh(model.config.num_attention_heads)
+            self.sp = self._mesh(model)
             self._dit = wan.parallelize_wan(model, self.sp, self.backend)
             self._dit_key = key
             self.load_counts["dit"] += 1

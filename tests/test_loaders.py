@@ -123,3 +123,16 @@ def test_umt5_from_a_diffusers_folder(tiny_models, tmp_path):
     (tmp_path / "tokenizer" / "spiece.model").write_bytes(spiece)
     folder = umt5.load_umt5(tmp_path / "text_encoder")
     torch.testing.assert_close(folder.encode("a bowl of fruit"), encoder.encode("a bowl of fruit"))
+
+
+def test_bf16_load_keeps_the_fp32_modules(tiny_models):
+    model = wan.load_wan_transformer(tiny_models["dit"], torch.bfloat16)
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.blocks[0].scale_shift_table.dtype == torch.float32  # modulation, as diffusers keeps it
+    assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert model.blocks[0].norm2.weight.dtype == torch.float32
+    x, t, ctx = dit_inputs((2, 4, 4))
+    with torch.no_grad():
+        out = model(x.bfloat16(), t, ctx.bfloat16(), return_dict=False)[0]
+        ref = wan.load_wan_transformer(tiny_models["dit"])(x, t, ctx, return_dict=False)[0]
+    assert rel_error(out.float(), ref) < 0.05

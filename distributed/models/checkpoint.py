@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,9 +54,17 @@ def strip_prefix(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> d
     return state
 
 
-def dequantize(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Cast every floating tensor to dtype; fp8 weights with ComfyUI 'scaled fp8' per-tensor
-    scales (<name>.scale_weight) are multiplied by their scale."""
+def keeps_fp32(model_class) -> Callable[[str], bool]:
+    """Which parameter names a diffusers/transformers class keeps in float32 whatever the compute
+    dtype (norms, modulation tables, time embedders: `_keep_in_fp32_modules`)."""
+    names = tuple(getattr(model_class, "_keep_in_fp32_modules", None) or ())
+    return lambda key: any(part in names for part in key.split("."))
+
+
+def dequantize(state: dict[str, torch.Tensor], dtype: torch.dtype,
+               keep_fp32: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Cast every floating tensor to dtype (float32 where keep_fp32(name) says so); fp8 weights
+    with ComfyUI 'scaled fp8' per-tensor scales (<name>.scale_weight) are multiplied by their scale."""
     out = {}
     for key, value in state.items():
         if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
@@ -63,8 +72,18 @@ def dequantize(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, 
         if value.dtype in FP8_DTYPES:
             scale = state.get(key[: -len("weight")] + "scale_weight") if key.endswith("weight") else None
             value = value.float() * scale.float() if scale is not None else value.float()
-        out[key] = value.to(dtype) if value.is_floating_point() else value
+        if value.is_floating_point():
+            value = value.to(torch.float32 if keep_fp32 is not None and keep_fp32(key) else dtype)
+        out[key] = value
     return out
+
+
+def cast_model(model, dtype: torch.dtype):
+    """model.to(dtype), except the parameters its class keeps in float32."""
+    keep = keeps_fp32(type(model))
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if keep(name) else dtype)
+    return model
 
 
 def config_from_metadata(metadata: dict[str, str], key: str) -> dict | None:

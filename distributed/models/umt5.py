@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, dequantize, load_state_dict, read_header
+from .checkpoint import CheckpointError, dequantize, keeps_fp32, load_state_dict, read_header
 
 MIN_LENGTH = 512
 EOS_ID, PAD_ID = 1, 0
@@ -89,7 +89,7 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
     config = UMT5Config(**umt5_config_from_shapes(shapes))
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
-    state = dequantize(state, dtype)
+    state = dequantize(state, dtype, keeps_fp32(UMT5EncoderModel))
     state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:

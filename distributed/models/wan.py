@@ -17,7 +17,8 @@ import torch
 from ..parallel.mesh import SequenceParallel
 from ..parallel.sharding import gather_sequence, shard_sequence
 from ..parallel.usp_attention import attention, usp_attention
-from .checkpoint import CheckpointError, config_from_metadata, dequantize, load_state_dict, read_header, strip_prefix
+from .checkpoint import (CheckpointError, config_from_metadata, dequantize, keeps_fp32, load_state_dict, read_header,
+                         strip_prefix)
 
 CONFIG_METADATA_KEY = "usp_video.wan_config"
 
@@ -100,8 +101,8 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
 
     shapes, metadata = read_header(path)
     config = infer_wan_config(path, shapes, metadata)
-    state = strip_prefix(load_state_dict(path), _PREFIXES)
-    state = convert_wan_transformer_to_diffusers(dequantize(state, dtype))
+    state = convert_wan_transformer_to_diffusers(strip_prefix(load_state_dict(path), _PREFIXES))
+    state = dequantize(state, dtype, keeps_fp32(WanTransformer3DModel))
     with torch.device("meta"):
         model = WanTransformer3DModel(**config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

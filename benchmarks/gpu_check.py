@@ -1,0 +1,174 @@
+"""One-GPU check, in a single run: are the attention kernels right on this device, and how fast
+is one Wan-1.3B-size step at 480p with each attention backend, ours vs stock diffusers?
+
+    python benchmarks/gpu_check.py                    # on a CUDA/ROCm machine (H100/H200 class)
+    python benchmarks/gpu_check.py --device cpu --small   # smoke test of the script itself
+
+1. Kernels against an fp64 reference: attention and its log-sum-exp (what Ring merges) for every
+   backend and dtype available, plus a 4-chunk ring merge and a padded last chunk done in one
+   process with the same merge code the ranks use.
+2. Timing: one DiT forward of a Wan 2.1 1.3B-shaped model (random weights, bf16) on 480p x 81
+   frames (32,760 tokens); a sampler step at cfg > 1 is two of them. Ours at world size 1 for
+   each backend, and stock diffusers WanTransformer3DModel, interleaved, medians.
+Prints a short table last; --out writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def backends_available(device: torch.device) -> list[str]:
+    names = ["sdpa", "math"]
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            names.append("flash_attn")
+        except ImportError:
+            pass
+    return names
+
+
+def check_kernels(device: torch.device, small: bool) -> list[dict]:
+    from yunchang.ring.utils import update_out_and_lse
+
+    from usp_video.distributed.parallel.usp_attention import _valid_in_chunk, attention, attention_with_lse
+
+    seq, heads, dim = (300, 4, 32) if small else (4096, 12, 128)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q64, k64, v64 = (torch.randn(1, seq, heads, dim, generator=g, dtype=torch.float64) for _ in range(3))
+    ref_out, ref_lse = attention_with_lse(q64, k64, v64, "math")
+    rows = []
+    dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.bfloat16])
+    for backend in backends_available(device):
+        for dtype in dtypes:
+            if backend == "flash_attn" and dtype == torch.float32:
+                continue
+            q, k, v = (t.to(device, dtype) for t in (q64, k64, v64))
+            row = {"backend": backend, "dtype": str(dtype).removeprefix("torch.")}
+            try:
+                out, lse = attention_with_lse(q, k, v, backend)
+                row["out_rel_err"] = rel(out, ref_out)
+                row["lse_max_abs_err"] = float((lse.double().cpu() - ref_lse).abs().max())
+                row["plain_rel_err"] = rel(attention(q, k, v, backend), ref_out)
+                # ring merge of 4 chunks, the last one padded: what the ranks do, in one process
+                chunks, valid_len = 4, seq - 3
+                chunk_len = -(-seq // chunks)
+                pad = chunk_len * chunks - seq
+                kp = torch.cat([k, k.new_zeros(1, pad, heads, dim)], 1)
+                vp = torch.cat([v, v.new_zeros(1, pad, heads, dim)], 1)
+                merged = lse_acc = None
+                for c in range(chunks):
+                    n = _valid_in_chunk(c, chunk_len, valid_len)
+                    if n:
+                        kc = kp[:, c * chunk_len: c * chunk_len + n]
+                        vc = vp[:, c * chunk_len: c * chunk_len + n]
+                        block_out, block_lse = attention_with_lse(q, kc, vc, backend)
+                        merged, lse_acc = update_out_and_lse(merged, lse_acc, block_out, block_lse)
+                ref_valid, _ = attention_with_lse(q64, k64[:, :valid_len], v64[:, :valid_len], "math")
+                row["ring_merge_rel_err"] = rel(merged, ref_valid)
+            except Exception as exc:  # report, do not stop the run
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+    return rows
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def time_step(device: torch.device, small: bool, repeats: int) -> list[dict]:
+    from diffusers import WanTransformer3DModel
+
+    from usp_video.distributed.models.checkpoint import cast_model
+    from usp_video.distributed.models.wan import WAN_VARIANTS, parallelize_wan
+    from usp_video.distributed.parallel.mesh import SequenceParallel
+
+    config = dict(WAN_VARIANTS["wan2.1-t2v-1.3b"])
+    shape, dtype = (21, 60, 104), torch.bfloat16  # 480p x 81 frames -> 21 x 30 x 52 = 32,760 tokens
+    if small:
+        config.update(num_layers=2, attention_head_dim=16, ffn_dim=256, text_dim=64)
+        shape, dtype = (3, 8, 12), torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, 16, *shape, generator=g).to(device, dtype)
+    ctx = torch.randn(1, 512, config["text_dim"], generator=g).to(device, dtype)
+    t = torch.tensor([500.0], device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    torch.manual_seed(0)
+    stock = cast_model(WanTransformer3DModel(**config), dtype).to(device).eval()
+    models = {"stock diffusers": stock}
+    for backend in backends_available(device):
+        if backend == "math" and not small:
+            continue  # the fp32 reference kernel is for correctness, far too slow and large at 32k tokens
+        ours = WanTransformer3DModel(**config).eval()
+        ours.load_state_dict(stock.state_dict())
+        models[f"ours ({backend})"] = parallelize_wan(cast_model(ours, dtype).to(device), SequenceParallel(), backend)
+    times = {name: [] for name in models}
+    outs = {}
+    with torch.no_grad():
+        for name, model in models.items():  # warm-up
+            outs[name] = model(x, t, ctx, return_dict=False)[0]
+        for _ in range(repeats):  # interleaved
+            for name, model in models.items():
+                sync()
+                start = time.perf_counter()
+                model(x, t, ctx, return_dict=False)
+                sync()
+                times[name].append(time.perf_counter() - start)
+    stock_s = statistics.median(times["stock diffusers"])
+    rows = []
+    for name in models:
+        seconds = statistics.median(times[name])
+        rows.append({"model": name, "forward_s": seconds, "step_s_cfg": 2 * seconds,
+                     "vs_stock": seconds / stock_s, "rel_err_vs_stock": rel(outs[name], outs["stock diffusers"])})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (smoke test)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA/ROCm device: run with --device cpu --small to check the script itself")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    started = time.monotonic()
+    kernels = check_kernels(device, args.small)
+    steps = time_step(device, args.small, args.repeats)
+    report = {"device": name, "torch": torch.__version__, "kernels": kernels, "step": steps,
+              "wall_s": time.monotonic() - started}
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    print(f"device: {name}, torch {torch.__version__}")
+    print(f"{'kernel':<12}{'dtype':<10}{'out err':>10}{'lse err':>10}{'ring err':>10}")
+    for r in kernels:
+        if "error" in r:
+            print(f"{r['backend']:<12}{r['dtype']:<10}  {r['error']}")
+        else:
+            print(f"{r['backend']:<12}{r['dtype']:<10}{r['out_rel_err']:>10.1e}{r['lse_max_abs_err']:>10.1e}"
+                  f"{r['ring_merge_rel_err']:>10.1e}")
+    label = "Wan 1.3B-size forward, 480p x 81 frames (32,760 tokens), bf16" if not args.small else "small forward"
+    print(label)
+    print(f"{'model':<22}{'forward s':>10}{'step s (cfg)':>14}{'vs stock':>10}{'rel err':>10}")
+    for r in steps:
+        print(f"{r['model']:<22}{r['forward_s']:>10.3f}{r['step_s_cfg']:>14.3f}{r['vs_stock']:>10.3f}"
+              f"{r['rel_err_vs_stock']:>10.1e}")
+    print(f"wall {report['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Degree planner: which ulysses x ring (x cfg) to use for a model, a video size and a machine.
+
+A small cost model, stated so that it can be checked:
+  compute per forward = 2 * tokens * params + 4 * attention_layers * tokens^2 * hidden  (FLOPs)
+  sustained throughput per GPU: calibrated so that the model reproduces the published 1-GPU
+      times in DESIGN.md (Wan 2.1 14B 720p: 1838 s, HunyuanVideo 720p: 1904 s, both on H100-class
+      GPUs: about 360 TFLOP/s), shared equally by the ranks;
+  Ulysses: 4 all-to-alls per attention layer, each rank sending (u-1)/u of its (S/N x hidden)
+      shard, at the link's aggregate bandwidth; not overlapped with compute;
+  Ring: r-1 K/V passes per attention layer of (S/r x hidden/u) each, at the per-peer bandwidth,
+      overlapped with the attention of the previous chunk (a step costs the larger of the two),
+      plus the log-sum-exp merge of each block (four fp32 passes over the output in device memory)
+      and a fixed latency per pass;
+  CFG: with cfg_degree 2 the two passes run on the two halves of the group at once.
+The sidecar's own overhead per step (measured by benchmarks/cpu_bench.py) is a few milliseconds
+and is left out. Link bandwidths are stated assumptions, listed in LINKS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .parallel.mesh import valid_factorizations
+
+SUSTAINED_FLOPS = 360e12  # per H100-class GPU, bf16, calibrated on the published 1-GPU figures
+MEMORY_BW = 2e12  # bytes/s of device memory actually reached by elementwise kernels (H100: 3.35 TB/s peak)
+PASS_LATENCY = 20e-6  # seconds of launch/synchronisation per ring pass and per all-to-all
+BYTES = 2  # bf16 activations and weights
+
+
+@dataclass(frozen=True)
+class Link:
+    aggregate: float  # bytes/s a GPU can send to all peers at once (all-to-all)
+    per_peer: float   # bytes/s to one neighbour (ring)
+    note: str
+
+
+LINKS = {
+    "nvlink": Link(450e9, 450e9, "NVLink 4 + NVSwitch (H100/H800 SXM): ~450 GB/s per GPU"),
+    "xgmi": Link(7 * 48e9, 48e9, "AMD MI300X Infinity Fabric: 48 GB/s per peer link, 7 links"),
+    "pcie": Link(12e9, 12e9, "PCIe 4.0 consumer cards without NVLink/P2P: ~12 GB/s through the host"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    heads: int
+    hidden: int
+    attention_layers: int
+    params: float
+    text_tokens: int
+    joint_text: bool  # text tokens join the video tokens in self-attention (HunyuanVideo)
+    default_cfg: float
+
+    def passes(self, cfg: float | None) -> int:
+        return 2 if (self.default_cfg if cfg is None else cfg) != 1.0 else 1
+
+
+MODELS = {
+    "wan-1.3b": ModelSpec("Wan 2.1 T2V 1.3B", 12, 1536, 30, 1.42e9, 512, False, 5.0),
+    "wan-14b": ModelSpec("Wan 2.1 T2V 14B", 40, 5120, 40, 14.0e9, 512, False, 5.0),
+    "hunyuan": ModelSpec("HunyuanVideo T2V", 24, 3072, 60, 12.8e9, 256, True, 1.0),
+}
+
+# Published seconds for one video (DESIGN.md section 6), for the comparison table.
+PUBLISHED = {
+    ("wan-14b", "1280x720x81"): {1: 1838, 2: 945, 4: 497, 8: 288},
+    ("hunyuan", "1280x720x129"): {1: 1904, 2: 925, 4: 514, 8: 338},
+}
+
+
+def parse_size(size: str) -> tuple[int, int, int]:
+    try:
+        width, height, frames = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must be WIDTHxHEIGHTxFRAMES, e.g. 1280x720x81, got {size!r}") from None
+    if width % 16 or height % 16 or (frames - 1) % 4 or min(width, height, frames) < 1:
+        raise ValueError(f"--size {size}: width and height must be multiples of 16 and frames 4k+1")
+    return width, height, frames
+
+
+def video_tokens(width: int, height: int, frames: int) -> int:
+    """Tokens of the DiT: 4x temporal, 8x spatial VAE compression, then (1, 2, 2) patches."""
+    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+
+
+@dataclass
+class Plan:
+    ulysses: int
+    ring: int
+    cfg_degree: int
+    step_seconds: float
+    compute_seconds: float
+    ulysses_seconds: float
+    ring_seconds: float
+    comm_bytes_per_step: float
+    weight_gb: float
+    activation_gb: float
+
+    @property
+    def label(self) -> str:
+        cfg = f" x cfg {self.cfg_degree}" if self.cfg_degree > 1 else ""
+        return f"ulysses {self.ulysses} x ring {self.ring}{cfg}"
+
+
+def plan_one(model: ModelSpec, gpus: int, tokens: int, ulysses: int, ring: int, cfg_degree: int, link: Link,
+             cfg: float | None = None, flops: float = SUSTAINED_FLOPS) -> Plan:
+    seq = tokens + (model.text_tokens if model.joint_text else 0)
+    sp = ulysses * ring
+    passes = model.passes(cfg)
+    forward_flops = 2 * seq * model.params + 4 * model.attention_layers * seq * seq * model.hidden
+    attn_flops_layer = 4 * seq * seq * model.hidden
+    # each SP group runs passes / cfg_degree forwards per step, split over sp ranks
+    forwards = passes / cfg_degree
+    compute = forwards * forward_flops / sp / flops
+    shard = seq / sp * model.hidden * BYTES
+    ulysses_bytes = 4 * (ulysses - 1) / ulysses * shard * model.attention_layers * forwards
+    ulysses_s = (ulysses_bytes / link.aggregate + 4 * PASS_LATENCY * model.attention_layers * forwards
+                 if ulysses > 1 else 0.0)
+    ring_bytes = 2 * (ring - 1) * (seq / ring) * (model.hidden / ulysses) * BYTES * model.attention_layers * forwards
+    ring_s = 0.0
+    if ring > 1:
+        # each of the r-1 passes overlaps with the attention over the chunk in hand
+        per_pass_comm = 2 * (seq / ring) * (model.hidden / ulysses) * BYTES / link.per_peer
+        per_pass_attn = attn_flops_layer / sp / ring / flops
+        merge = 4 * (seq / sp) * model.hidden * 4 / MEMORY_BW
+        ring_s = ((ring - 1) * (max(0.0, per_pass_comm - per_pass_attn) + merge + PASS_LATENCY)
+                  * model.attention_layers * forwards)
+    step = compute + ulysses_s + ring_s
+    weight_gb = model.params * BYTES / 1e9
+    batch = passes // cfg_degree
+    # live activations of one block: the shard in and out, q/k/v gathered over the Ulysses group,
+    # the FFN intermediate (about 4x hidden) - per pass that runs on this rank
+    act = batch * (seq / sp * model.hidden * BYTES * 8 + 3 * (seq / ring) * (model.hidden / ulysses) * BYTES)
+    return Plan(ulysses, ring, cfg_degree, step, compute, ulysses_s, ring_s, ulysses_bytes + ring_bytes,
+                weight_gb, act / 1e9)
+
+
+def candidates(model: ModelSpec, gpus: int, tokens: int, link: Link, cfg: float | None = None,
+               allow_cfg_parallel: bool = False) -> list[Plan]:
+    """Every valid plan: ulysses divides the heads, ulysses x ring x cfg == gpus, and the
+    sequence has at least one token per rank."""
+    plans = []
+    cfg_degrees = [1]
+    if allow_cfg_parallel and model.passes(cfg) == 2 and gpus % 2 == 0:
+        cfg_degrees.append(2)
+    for cfg_degree in cfg_degrees:
+        sp = gpus // cfg_degree
+        if tokens < sp:
+            continue
+        for ulysses, ring in valid_factorizations(sp, model.heads):
+            plans.append(plan_one(model, gpus, tokens, ulysses, ring, cfg_degree, link, cfg))
+    return plans
+
+
+def recommend(plans: list[Plan]) -> Plan:
+    """The fastest plan; within 2% of it, the one with the largest Ulysses degree (fewest
+    sequential ring passes), then without CFG-parallel (less memory per GPU for activations)."""
+    best = min(p.step_seconds for p in plans)
+    near = [p for p in plans if p.step_seconds <= best * 1.02]
+    return max(near, key=lambda p: (p.ulysses, -p.cfg_degree))
+
+
+def auto_degrees(world_size: int, heads: int, hidden: int, layers: int, params: float,
+                 link: str = "nvlink", tokens: int = 32760) -> tuple[int, int]:
+    """The (ulysses, ring) the group uses for "auto". On fast all-to-all links (nvlink, xgmi)
+    that is Ulysses as large as the heads and ranks allow, Ring for the rest, which is also what
+    the cost model recommends there (tests check it for the released models); on pcie the cost
+    model decides. CFG-parallel is not part of the group yet."""
+    if link not in LINKS:
+        raise ValueError(f"link must be one of {', '.join(LINKS)}, got {link!r}")
+    if link in ("nvlink", "xgmi"):
+        return valid_factorizations(world_size, heads)[0]
+    spec = ModelSpec("loaded model", heads, hidden, layers, params, 0, False, 1.0)
+    plan = recommend(candidates(spec, world_size, max(tokens, world_size), LINKS[link], cfg=1.0))
+    return plan.ulysses, plan.ring
+
+
+def format_table(model_key: str, gpus: int, size: str, link_name: str, cfg: float | None = None,
+                 cfg_parallel: bool = False) -> str:
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    model, link = MODELS[model_key], LINKS[link_name]
+    width, height, frames = parse_size(size)
+    tokens = video_tokens(width, height, frames)
+    plans = candidates(model, gpus, tokens, link, cfg, cfg_parallel)
+    if not plans:
+        return f"no valid plan: {model.name} on {gpus} GPUs with {tokens} tokens"
+    choice = recommend(plans)
+    lines = [f"{model.name}, {size} ({tokens} tokens), {gpus} GPU(s), link: {link.note}",
+             f"{'plan':<26}{'step s':>8}{'compute':>9}{'ulysses':>9}{'ring':>7}{'GB/step':>9}"
+             f"{'weights GB':>11}{'act GB':>8}"]
+    for p in sorted(plans, key=lambda p: p.step_seconds):
+        mark = " <- recommended" if p is choice else ""
+        lines.append(f"{p.label:<26}{p.step_seconds:>8.2f}{p.compute_seconds:>9.2f}{p.ulysses_seconds:>9.2f}"
+                     f"{p.ring_seconds:>7.2f}{p.comm_bytes_per_step / 1e9:>9.1f}{p.weight_gb:>11.1f}"
+                     f"{p.activation_gb:>8.1f}{mark}")
+    why = [f"recommended: {choice.label}"]
+    if choice.ulysses > 1:
+        why.append(f"Ulysses all-to-all costs {choice.ulysses_seconds:.2f} s/step on this link")
+    if choice.ring > 1:
+        why.append(f"ring {choice.ring} is needed because {model.heads} heads do not split {gpus // choice.cfg_degree} ways"
+                   if model.heads % (gpus // choice.cfg_degree) else
+                   f"ring passes hide behind attention ({choice.ring_seconds:.2f} s/step exposed)")
+    if choice.cfg_degree > 1:
+        why.append("CFG-parallel runs the two guidance passes on the two halves of the GPUs "
+                   "(planned: the group does not run CFG-parallel yet)")
+    lines.append("; ".join(why) + ".")
+    lines.append(f"weights are not sharded: each GPU holds {choice.weight_gb:.1f} GB of bf16 weights")
+    published = PUBLISHED.get((model_key, f"{width}x{height}x{frames}"))
+    if published:
+        lines.append("predicted vs published seconds per video (50 steps, best plan per GPU count):")
+        for n, seconds in published.items():
+            best = recommend(candidates(model, n, tokens, link, cfg, cfg_parallel))
+            lines.append(f"  {n} GPU(s): predicted {best.step_seconds * 50:7.0f} s ({best.label}), published {seconds} s")
+        lines.append("  (the model keeps per-GPU kernel efficiency constant as shards shrink, so it is optimistic "
+                     "at 8 GPUs)")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="list valid ulysses x ring (x cfg) plans with predicted step times")
+    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p.add_argument("--gpus", required=True, type=int)
+    p.add_argument("--size", default="1280x720x81", help="WIDTHxHEIGHTxFRAMES")
+    p.add_argument("--link", default="nvlink", choices=sorted(LINKS))
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1.0 means one pass per step)")
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="also list plans that split the two CFG passes across GPU halves (not run by the group yet)")
+    p.set_defaults(func=lambda a: print(format_table(a.model, a.gpus, a.size, a.link, a.cfg, a.cfg_parallel)))
+
+
+__all__ = ["MODELS", "LINKS", "candidates", "recommend", "auto_degrees", "format_table", "add_parser"]

@@ -1,0 +1,76 @@
+"""`usp-video plan`: only valid factorizations, for every model and 1-8 GPUs."""
+
+import subprocess
+import sys
+
+import pytest
+
+from usp_video.distributed import planner
+
+SIZES = ["832x480x81", "1280x720x81", "1280x720x129", "64x48x5", "16x16x1"]
+
+
+@pytest.mark.parametrize("model_key", sorted(planner.MODELS))
+@pytest.mark.parametrize("gpus", range(1, 9))
+@pytest.mark.parametrize("link", sorted(planner.LINKS))
+@pytest.mark.parametrize("cfg_parallel", [False, True])
+def test_recommendation_is_always_valid(model_key, gpus, link, cfg_parallel):
+    model = planner.MODELS[model_key]
+    for size in SIZES:
+        tokens = planner.video_tokens(*planner.parse_size(size))
+        plans = planner.candidates(model, gpus, tokens, planner.LINKS[link], allow_cfg_parallel=cfg_parallel)
+        for plan in plans:
+            sp = plan.ulysses * plan.ring
+            assert plan.ulysses * plan.ring * plan.cfg_degree == gpus
+            assert model.heads % plan.ulysses == 0
+            assert tokens >= sp
+            assert plan.cfg_degree == 1 or (cfg_parallel and model.passes(None) == 2)
+        if tokens >= gpus:
+            choice = planner.recommend(plans)
+            assert choice in plans and choice.step_seconds <= min(p.step_seconds for p in plans) * 1.02
+
+
+def test_heads_rule_out_degrees():
+    tokens = planner.video_tokens(1280, 720, 81)
+    ulysses = {p.ulysses for p in planner.candidates(planner.MODELS["wan-1.3b"], 8, tokens, planner.LINKS["nvlink"])}
+    assert 8 not in ulysses and 4 in ulysses  # 12 heads
+    ulysses = {p.ulysses for p in planner.candidates(planner.MODELS["hunyuan"], 5, tokens, planner.LINKS["nvlink"])}
+    assert ulysses == {1}  # 24 heads: 5 is out, so ring 5
+    assert {p.ulysses for p in planner.candidates(planner.MODELS["wan-14b"], 6, tokens,
+                                                  planner.LINKS["nvlink"])} == {2, 1}  # 40 heads: 3 and 6 out
+
+
+def test_prediction_tracks_the_published_single_gpu_figures():
+    for (model_key, size), published in planner.PUBLISHED.items():
+        tokens = planner.video_tokens(*planner.parse_size(size))
+        one = planner.recommend(planner.candidates(planner.MODELS[model_key], 1, tokens, planner.LINKS["nvlink"]))
+        assert abs(one.step_seconds * 50 / published[1] - 1) < 0.05
+
+
+@pytest.mark.parametrize("link", ["nvlink", "xgmi"])
+def test_fast_links_recommend_the_largest_ulysses_like_auto(link):
+    from usp_video.distributed.parallel.mesh import valid_factorizations
+
+    for key, model in planner.MODELS.items():
+        for size in ("832x480x81", "1280x720x81", "1280x720x129"):
+            tokens = planner.video_tokens(*planner.parse_size(size))
+            for gpus in range(1, 9):
+                choice = planner.recommend(planner.candidates(model, gpus, tokens, planner.LINKS[link]))
+                assert (choice.ulysses, choice.ring) == valid_factorizations(gpus, model.heads)[0], (key, size, gpus)
+                u, r = planner.auto_degrees(gpus, model.heads, model.hidden, model.attention_layers, model.params, link)
+                assert (u, r) == (choice.ulysses, choice.ring)
+
+
+def test_auto_degrees_on_pcie_is_valid():
+    for world in range(1, 9):
+        u, r = planner.auto_degrees(world, 12, 1536, 30, 1.4e9, link="pcie")
+        assert u * r == world and 12 % u == 0
+
+
+def test_cli_prints_a_table_and_refuses_bad_sizes():
+    ok = subprocess.run([sys.executable, "-m", "usp_video.distributed.cli", "plan", "--model", "wan-14b",
+                         "--gpus", "8", "--size", "1280x720x81"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "<- recommended" in ok.stdout and "published 288 s" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "usp_video.distributed.cli", "plan", "--model", "wan-14b",
+                          "--gpus", "8", "--size", "1280x721x81"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "multiples of 16" in bad.stderr
