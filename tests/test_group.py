@@ -34,7 +34,7 @@ def test_progress_events_reach_the_hook(tiny_models, faults_allowed):
 
 def test_cancel_stops_every_rank_at_the_same_step_and_keeps_models(tiny_models, faults_allowed):
     group = GroupConfig(ranks=3, ring=3, ulysses=1)
-    big = zeros_latent(frames=6, height=24, width=24)  # 864 tokens: steps long enough to cancel between
+    big = zeros_latent(frames=6, height=32, width=32)  # 1536 tokens: steps long enough to cancel between
     run_sample(group, tiny_models["dit"], steps=1, latent=big)
     pid = get_group(group).proc.pid
     cancel_at = 2
