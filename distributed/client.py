@@ -91,6 +91,8 @@ class GroupConfig:
             problems.append(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.attention not in BACKENDS:
             problems.append(f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
+        elif self.attention == "flash_attn" and self.device != "cuda":
+            problems.append("attention 'flash_attn' needs CUDA GPUs; use 'auto' or 'sdpa' on CPU")
         if not self.timeout > 0:
             problems.append(f"timeout must be > 0 seconds, got {self.timeout}")
         if problems:
@@ -120,6 +122,7 @@ class UspGroup:
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.run_dir: Path | None = None
+        self.port: int | None = None
         self.secret = protocol.new_secret()
         self._lock = threading.Lock()
 
@@ -137,7 +140,13 @@ class UspGroup:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cfg.gpus))
         if cfg.threads_per_rank:
             env["OMP_NUM_THREADS"] = str(cfg.threads_per_rank)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.ranks}",
+        # Rendezvous through files in the private run directory, not torchrun's TCP store (which
+        # listens on every interface): a single-host group listens on loopback only.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        env["USP_VIDEO_STORE"] = str(self.run_dir / "store")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={cfg.ranks}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint={self.run_dir / 'rendezvous'}",
+               "--rdzv-conf=store_type=file", f"--rdzv-id=usp-{os.getpid()}",
                "--max-restarts=0", "--monitor-interval=0.2", str(WORKER_ENTRY),
                f"--run-dir={self.run_dir}", f"--device={cfg.device}", f"--ulysses={cfg.ulysses}",
                f"--ring={cfg.ring}", f"--dtype={cfg.dtype}", f"--attention={cfg.attention}",
@@ -165,8 +174,16 @@ class UspGroup:
             if time.monotonic() > deadline:
                 raise GroupError(f"the group did not start within {self.start_timeout:.0f} s; see {self.log_path}")
             time.sleep(0.05)
-        self.sock = socket.create_connection(("127.0.0.1", int(port_file.read_text())), timeout=30)
+        self.port = int(port_file.read_text())
+        self.reconnect()
+
+    def reconnect(self) -> None:
+        """(Re)open the control connection to rank 0 and authenticate."""
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
         protocol.answer_challenge(self.sock, self.secret)
+        self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def alive(self) -> bool:

@@ -17,7 +17,9 @@ import torch
 
 from . import planner
 from .models import umt5, wan, wan_vae
+from .models.checkpoint import CheckpointError
 from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
+from .parallel.usp_attention import resolve_backend
 from .sampling.samplers import get_sampler
 from .sampling.schedules import sampling_sigmas, timestep
 
@@ -47,7 +49,10 @@ class SampleRequest:
 
 
 def _file_key(path: str) -> tuple:
+    """Identifies a model file's contents: a changed file is a different model."""
     p = Path(path).resolve()
+    if not p.exists():
+        raise CheckpointError(f"model file not found on rank: {p}")
     stat = p.stat()
     return str(p), stat.st_mtime_ns, stat.st_size
 
@@ -77,7 +82,8 @@ class Engine:
                  backend: str = "sdpa"):
         self.world_size, self.rank = world_size, rank
         self.requested_degrees = (ulysses, ring)
-        self.device, self.dtype, self.backend = torch.device(device), dtype, backend
+        self.device, self.dtype = torch.device(device), dtype
+        self.backend = resolve_backend(backend, self.device)
         self.load_counts: Counter[str] = Counter()
         self._dit = self._dit_key = None
         self._text_encoder = self._text_encoder_key = None

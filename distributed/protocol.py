@@ -100,11 +100,19 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def recv_frame_bytes(sock: socket.socket) -> bytes:
-    """Read one whole frame, checking the prefix before reading the rest."""
+def recv_frame_bytes(sock: socket.socket, rest_timeout: float | None = None) -> bytes:
+    """Read one whole frame, checking the prefix before reading the rest. Once the prefix is
+    in, the rest must follow within rest_timeout seconds (a truncated frame is an error)."""
     prefix = _recv_exact(sock, _PREFIX.size)
     head_len, payload_len = check_prefix(prefix)
-    return prefix + _recv_exact(sock, head_len + payload_len)
+    sock.settimeout(rest_timeout)
+    try:
+        return prefix + _recv_exact(sock, head_len + payload_len)
+    except socket.timeout:
+        raise ProtocolError(f"truncated frame: the rest of a {head_len + payload_len}-byte frame did not arrive "
+                            f"within {rest_timeout} s") from None
+    finally:
+        sock.settimeout(None)
 
 
 def recv_frame(sock: socket.socket) -> tuple[dict, dict[str, torch.Tensor]]:

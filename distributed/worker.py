@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from . import protocol
 from .engine import Engine, SampleRequest, SamplingInterrupted
+from .validation import check_latent, check_sample_tensors, check_sampling
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECRET_ENV = "USP_VIDEO_SECRET"
@@ -48,9 +49,11 @@ def _die_with_parent() -> None:
 
 
 class Worker:
-    def __init__(self, engine: Engine, control_group, run_dir: Path, allow_faults: bool, heartbeat_s: float):
+    def __init__(self, engine: Engine, control_group, run_dir: Path, allow_faults: bool, heartbeat_s: float,
+                 reconnect_s: float = 120.0, frame_timeout: float = 30.0):
         self.engine, self.control_group, self.run_dir = engine, control_group, run_dir
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s, self.reconnect_s, self.frame_timeout = heartbeat_s, reconnect_s, frame_timeout
+        self.disconnected_at = time.monotonic()
         self.rank, self.world_size = engine.rank, engine.world_size
         self.allow_faults = allow_faults
         self.conn: socket.socket | None = None
@@ -68,34 +71,47 @@ class Worker:
         tmp.write_text(str(self.listener.getsockname()[1]))
         tmp.replace(port_file)
 
-    def accept(self, secret: str) -> None:
-        while True:
-            conn, _ = self.listener.accept()
-            if protocol.challenge(conn, secret):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.conn = conn
-                return
-            conn.close()  # wrong or no secret: nothing of its was parsed
+    def accept_one(self) -> None:
+        """Rank 0: take a pending connection. One that proves it knows the group's secret becomes
+        the client connection (replacing a previous one: the client reconnected); any other is
+        closed before anything it sent is read."""
+        conn, _ = self.listener.accept()
+        if protocol.challenge(conn, os.environ[SECRET_ENV]):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.conn is not None:
+                self.conn.close()
+            self.conn, self.client_gone = conn, False
+        else:
+            conn.close()
 
     def next_request(self) -> bytes:
-        """Rank 0: the next frame from the client; a heartbeat frame when the client is quiet for
+        """Rank 0: the next frame from the client. While there is none, a heartbeat frame every
         heartbeat_s (so that idle ranks never sit in a collective past its timeout); a shutdown
-        frame once the client has gone."""
+        frame once the client has gone, or when no client has (re)connected for reconnect_s.
+        A frame with a bad prefix or a truncated one is answered with an error and the
+        connection is dropped; the client may reconnect."""
         while True:
-            if not select.select([self.conn], [], [], self.heartbeat_s)[0]:
+            watched = [self.listener] + ([self.conn] if self.conn is not None else [])
+            ready = select.select(watched, [], [], self.heartbeat_s)[0]
+            if not ready:
+                if self.conn is None and time.monotonic() - self.disconnected_at > self.reconnect_s:
+                    return protocol.encode_frame({"type": "shutdown"})
                 return protocol.encode_frame({"type": "heartbeat"})
+            if self.listener in ready:
+                self.accept_one()
+                continue
             try:
-                return protocol.recv_frame_bytes(self.conn)
+                return protocol.recv_frame_bytes(self.conn, self.frame_timeout)
             except (protocol.ConnectionClosed, ConnectionError):
                 self.client_gone = True
                 return protocol.encode_frame({"type": "shutdown"})
             except (protocol.ProtocolError, OSError) as exc:
                 self.reply({"type": "error", "error_type": "ProtocolError", "message": str(exc), "rank": 0})
-                self.conn.close()  # the stream is out of step: wait for the client to reconnect
-                self.accept(os.environ[SECRET_ENV])
+                self.conn.close()
+                self.conn, self.disconnected_at = None, time.monotonic()
 
     def reply(self, header: dict, tensors: dict | None = None) -> None:
-        if self.rank != 0 or self.client_gone:
+        if self.rank != 0 or self.client_gone or self.conn is None:
             return
         try:
             protocol.send_frame(self.conn, header, tensors)
@@ -105,7 +121,7 @@ class Worker:
     def cancel_requested(self) -> bool:
         """Rank 0, between steps: has a cancel frame arrived?"""
         cancel = False
-        while not self.client_gone and select.select([self.conn], [], [], 0)[0]:
+        while not self.client_gone and self.conn is not None and select.select([self.conn], [], [], 0)[0]:
             try:
                 header, _ = protocol.recv_frame(self.conn)
             except protocol.ProtocolError:
@@ -151,12 +167,22 @@ class Worker:
 
     # -- the loop ----------------------------------------------------------------------------
 
+    def next_valid_request(self) -> bytes:
+        """Rank 0: the next frame that parses; a malformed one is answered here and never
+        reaches the other ranks."""
+        while True:
+            frame = self.next_request()
+            try:
+                protocol.decode_frame(frame)
+                return frame
+            except protocol.ProtocolError as exc:
+                self.reply({"type": "error", "error_type": "ProtocolError", "message": str(exc), "rank": 0})
+
     def serve(self) -> None:
         if self.rank == 0:
             self.listen()
-            self.accept(os.environ[SECRET_ENV])
         while True:
-            frame = self.broadcast_bytes(self.next_request() if self.rank == 0 else None)
+            frame = self.broadcast_bytes(self.next_valid_request() if self.rank == 0 else None)
             header, tensors = protocol.decode_frame(frame)
             if header["type"] == "shutdown":
                 self.reply({"type": "ok"})
@@ -178,13 +204,16 @@ class Worker:
             self.reply({"type": "ok", "world_size": self.world_size, "load_counts": dict(engine.load_counts),
                         "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch.")})
         elif kind == "load_dit":
-            self.reply({"type": "ok", **engine.dit_info(header["path"])})
+            self.reply({"type": "ok", **engine.dit_info(_field(header, "path", str))})
         elif kind == "encode":
+            path, prompt = _field(header, "path", str), _field(header, "prompt", str)
             if self.rank == 0:
-                self.reply({"type": "ok"}, {"cond": engine.encode(header["path"], header["prompt"])})
+                self.reply({"type": "ok"}, {"cond": engine.encode(path, prompt)})
         elif kind == "decode":
+            path, latent = _field(header, "path", str), _field(tensors, "latent", torch.Tensor)
+            check_latent(latent, "latent")
             if self.rank == 0:
-                self.reply({"type": "ok"}, {"frames": engine.decode(header["path"], tensors["latent"])})
+                self.reply({"type": "ok"}, {"frames": engine.decode(path, latent)})
         elif kind == "sample":
             self.sample(header, tensors)
         elif kind == "cancel":
@@ -200,8 +229,11 @@ class Worker:
                 latent=tensors["latent"], seed=int(header["seed"]), steps=int(header["steps"]),
                 cfg=float(header["cfg"]), shift=float(header["shift"]), sampler=str(header["sampler"]),
                 denoise=float(header.get("denoise", 1.0)))
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed sample request: missing or wrong field {exc}") from None
+        check_sample_tensors(request.positive, request.negative, request.latent)
+        check_sampling(seed=request.seed, steps=request.steps, cfg=request.cfg, shift=request.shift,
+                       sampler=request.sampler, denoise=request.denoise)
         start = time.monotonic()
         preview = bool(header.get("preview"))
 
@@ -223,6 +255,14 @@ class Worker:
         self.reply({"type": "ok", "seconds": time.monotonic() - start,
                     "ulysses": self.engine.sp.ulysses_degree, "ring": self.engine.sp.ring_degree},
                    {"latent": latent})
+
+
+def _field(message: dict, name: str, kind: type):
+    """A required field of a request, of the right type, or a ValueError naming it."""
+    value = message.get(name)
+    if not isinstance(value, kind):
+        raise ValueError(f"request field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def inject(kind: str) -> None:
@@ -266,7 +306,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.device == "cuda":
             torch.cuda.set_device(local_rank)
         backend = "nccl" if args.device == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=args.timeout))
+        timeout = timedelta(seconds=args.timeout)
+        if os.environ.get("USP_VIDEO_STORE"):  # single host: a file store, nothing listens on the network
+            store = dist.FileStore(os.environ["USP_VIDEO_STORE"], world_size)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        else:  # torchrun's own rendezvous (several hosts)
+            dist.init_process_group(backend, timeout=timeout)
         # Requests, stop flags and errors travel on a CPU group, whatever the compute backend.
         control_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.timeout))
         degree = lambda v: v if v == "auto" else int(v)  # noqa: E731
@@ -274,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
                         device=f"cuda:{local_rank}" if args.device == "cuda" else "cpu",
                         dtype=DTYPES[args.dtype], backend=args.attention)
         worker = Worker(engine, control_group, args.run_dir, os.environ.get("USP_VIDEO_ALLOW_FAULTS") == "1",
-                        heartbeat_s=min(30.0, args.timeout / 4))
+                        heartbeat_s=min(30.0, args.timeout / 4),
+                        frame_timeout=float(os.environ.get("USP_VIDEO_FRAME_TIMEOUT", "30")))
         worker.serve()
     except BaseException as exc:
         write_error(args.run_dir, rank, exc)

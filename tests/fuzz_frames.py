@@ -1,0 +1,62 @@
+"""Malformed control-channel frames, made reproducibly from a seed, by kind."""
+
+import json
+import random
+import struct
+
+import torch
+
+from usp_video.distributed import protocol
+
+PREFIX = struct.Struct(">4sIQ")
+# kinds that keep the stream in step (rank 0 answers and keeps the connection) ...
+IN_STEP = ("bad_json", "not_object", "no_type", "bad_payload", "unknown_type", "bad_fields", "bad_tensors")
+# ... and kinds after which rank 0 drops the connection (the client reconnects)
+DROPPING = ("bad_magic", "huge_header", "huge_payload")
+
+
+def frame(kind: str, rng: random.Random) -> bytes:
+    if kind == "bad_magic":
+        return bytes(rng.getrandbits(8) for _ in range(4)).replace(b"U", b"X") + PREFIX.pack(b"USPV", 2, 0)[4:] + b"{}"
+    if kind == "huge_header":
+        return PREFIX.pack(b"USPV", protocol.MAX_HEADER_BYTES + rng.randrange(1, 1 << 30), 0)
+    if kind == "huge_payload":
+        return PREFIX.pack(b"USPV", 2, protocol.MAX_PAYLOAD_BYTES + rng.randrange(1, 1 << 40))
+    if kind == "bad_json":
+        head = bytes(rng.getrandbits(8) for _ in range(rng.randrange(2, 40)))
+        head = head.replace(b"{", b"(")  # never valid JSON
+        return PREFIX.pack(b"USPV", len(head), 0) + head
+    if kind == "not_object":
+        head = json.dumps(rng.choice([[1, 2], "text", 3, None, [{"type": "ping"}]])).encode().ljust(2)
+        return PREFIX.pack(b"USPV", len(head), 0) + head
+    if kind == "no_type":
+        head = json.dumps({"typ": "ping", "n": rng.random()}).encode()
+        return PREFIX.pack(b"USPV", len(head), 0) + head
+    if kind == "bad_payload":
+        head = b'{"type":"sample"}'
+        payload = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 64)))
+        return PREFIX.pack(b"USPV", len(head), len(payload)) + head + payload
+    if kind == "unknown_type":
+        return protocol.encode_frame({"type": "x" + str(rng.randrange(1 << 30))})
+    if kind == "bad_fields":
+        header = rng.choice([
+            {"type": "load_dit"}, {"type": "load_dit", "path": 5}, {"type": "encode", "path": "/nonexistent"},
+            {"type": "encode", "path": "/x", "prompt": ["a"]}, {"type": "sample"},
+            {"type": "sample", "dit": "/nonexistent", "seed": "x", "steps": 1, "cfg": 1, "shift": 1, "sampler": "euler"},
+            {"type": "decode", "path": "/x"}, {"type": "load_dit", "path": "/definitely/not/here.safetensors"}])
+        return protocol.encode_frame(header)
+    if kind == "bad_tensors":
+        shape = rng.choice([(1, 16, 2, 2), (1, 4, 2, 2, 2), (2,), (1, 16, 2, 3, 3)])
+        dtype = rng.choice([torch.float32, torch.int64, torch.uint8, torch.float16])
+        latent = torch.zeros(shape, dtype=dtype)
+        cond = rng.choice([torch.zeros(1, 4, 32), torch.zeros(4, 32), torch.zeros(1, 4, 32, dtype=torch.int32)])
+        header = {"type": "sample", "dit": "/nonexistent.safetensors", "seed": rng.randrange(10), "steps": 1,
+                  "cfg": 1.0, "shift": 1.0, "sampler": "euler"}
+        return protocol.encode_frame(header, {"latent": latent, "positive": cond})
+    raise ValueError(kind)
+
+
+def truncated(rng: random.Random) -> bytes:
+    """A frame whose prefix promises more bytes than follow."""
+    whole = protocol.encode_frame({"type": "ping", "pad": "x" * rng.randrange(10, 100)})
+    return whole[: rng.randrange(PREFIX.size + 1, len(whole))]
