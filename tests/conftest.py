@@ -24,3 +24,19 @@ def tiny_models(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("models")
     return {k: str(v) for k, v in make_tiny_models(root).items()}
+
+
+# Counts for the hardening summary printed at the end of the run (see test_bad_input.py,
+# test_faults.py, test_security.py).
+HARDENING = {"inputs tried": 0, "faults injected": 0, "frames fuzzed": 0, "failures": 0, "orphans": 0}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.failed and any(
+            name in report.nodeid for name in ("test_bad_input", "test_faults", "test_security")):
+        HARDENING["failures"] += 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if any(HARDENING[k] for k in ("inputs tried", "faults injected", "frames fuzzed")):
+        terminalreporter.write_line("hardening: " + ", ".join(f"{k} {v}" for k, v in HARDENING.items()))
