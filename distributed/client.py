@@ -193,37 +193,61 @@ class UspGroup:
         if self.proc is not None and self.proc.poll() is not None:
             raise self._failure()
 
-    def _failure(self) -> GroupError:
-        """Explain why the group died: the earliest rank error report, else torchrun's summary."""
-        self._wait_exit(10.0)
+    def _error_reports(self) -> list[dict]:
         reports = []
         for path in self.run_dir.glob("rank*.error.json"):
             try:
                 reports.append(json.loads(path.read_text()))
             except (OSError, ValueError):
-                pass
+                pass  # still being written
+        return reports
+
+    def _failure(self) -> GroupError:
+        """Explain why the group failed, then stop what is left of it at once.
+
+        A rank that raised writes a report; a rank that died (killed, out of memory, segfault)
+        cannot, and its peers then report communication errors: so a dead silent rank is the
+        cause, named from torchrun's summary; else the earliest report is."""
+        if self._error_reports():
+            time.sleep(0.5)  # let the ranks that failed with it report too
+        reports = self._error_reports()
+        silent = sorted(set(range(self.config.ranks)) - {r["rank"] for r in reports})
+        dead = [r for r in silent if not self._rank_alive(r)]
+        if dead or not reports:
+            self._wait_exit(5.0 if reports else 10.0)  # torchrun's summary says how the rank ended
         tail = self.log_tail()
-        if reports:
+        if dead or not reports:
+            # torchrun's failure summary: "rank : N (local_rank: N)" then "exitcode : C (pid: P)"
+            exits = {int(r): int(c) for r, c in re.findall(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", tail)}
+            rank = dead[0] if dead else next(iter(exits), None)
+            how = ""
+            if rank in exits:
+                code = exits[rank]
+                how = (f" (killed by {signal.Signals(-code).name})" if code < 0 and -code in signal.valid_signals()
+                       else f" (exit code {code})")
+            who = f"rank {rank}" if rank is not None else "a rank"
+            msg = f"{who} of {self.config.ranks} died{how}; the group was stopped.\n(log: {self.log_path})"
+            if not reports and not dead and self.proc.poll() == 0:
+                msg = f"the group shut down: its control connection to rank 0 was lost.\n(log: {self.log_path})"
+        else:
             first = min(reports, key=lambda r: r["time"])
             msg = f"rank {first['rank']} of {self.config.ranks} failed: {first['error_type']}: {first['message']}"
-            silent = sorted(set(range(self.config.ranks)) - {r["rank"] for r in reports})
             if "timed out" in first["message"].lower() or "timeout" in first["message"].lower():
                 msg += (f"\nA collective waited longer than timeout_s={self.config.timeout:g} s"
                         + (f"; rank(s) {', '.join(map(str, silent))} stopped responding" if silent else "")
                         + ". Raise timeout_s if a step legitimately takes longer.")
             msg += f"\n(full traceback in {self.log_path})"
-        else:
-            rank = re.findall(r"rank\s*:\s*(\d+)", tail)
-            code = re.findall(r"exitcode\s*:\s*(-?\d+)", tail)
-            who = f"rank {rank[0]}" if rank else "a rank"
-            how = ""
-            if code:
-                c = int(code[0])
-                how = f" (killed by {signal.Signals(-c).name})" if c < 0 and -c in signal.valid_signals() \
-                    else f" (exit code {c})"
-            msg = f"{who} of {self.config.ranks} died{how}; the group was stopped.\n(log: {self.log_path})"
-        self._teardown()
+        self._teardown(graceful=False)
         return GroupError(msg)
+
+    def _rank_alive(self, rank: int) -> bool:
+        try:
+            pid = int((self.run_dir / f"rank{rank}.pid").read_text())
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return False
+        return state != "Z" and str(self.run_dir).encode() in cmdline
 
     def _wait_exit(self, timeout: float) -> None:
         try:
@@ -249,13 +273,15 @@ class UspGroup:
             self._wait_exit(timeout)
         self._teardown()
 
-    def _teardown(self) -> None:
+    def _teardown(self, graceful: bool = True) -> None:
+        """Stop every process of the group: SIGTERM first (torchrun forwards it to the ranks)
+        when graceful, then SIGKILL for whatever is left (a stopped rank, say)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
         if self.proc is not None:
-            # torchrun forwards SIGTERM to the ranks; whatever is left after that is killed.
-            for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            signals = ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)) if graceful else ((signal.SIGKILL, 5.0),)
+            for sig, wait in signals:
                 for pid in [self.proc.pid] + self._rank_pids():
                     try:
                         os.killpg(pid, sig) if pid == self.proc.pid else os.kill(pid, sig)
@@ -315,7 +341,7 @@ class UspGroup:
             pending: BaseException | None = None  # raised by a hook; re-raised once the group is idle again
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
-                if self.proc.poll() is not None:
+                if self.proc.poll() is not None or self._error_reports():
                     raise self._failure()
                 if not cancel_sent and (pending is not None or self._call(should_cancel)):
                     protocol.send_frame(self.sock, {"type": "cancel"})

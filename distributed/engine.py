@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -79,8 +80,8 @@ def wan_process_out(latent: torch.Tensor) -> torch.Tensor:
 class Engine:
     def __init__(self, *, world_size: int = 1, rank: int = 0, ulysses: int | str = "auto",
                  ring: int | str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 backend: str = "sdpa"):
-        self.world_size, self.rank = world_size, rank
+                 backend: str = "sdpa", timeout: timedelta | None = None):
+        self.world_size, self.rank, self.timeout = world_size, rank, timeout
         self.requested_degrees = (ulysses, ring)
         self.device, self.dtype = torch.device(device), dtype
         self.backend = resolve_backend(backend, self.device)
@@ -103,7 +104,7 @@ class Engine:
         else:
             degrees = resolve_degrees(self.world_size, config.num_attention_heads, *self.requested_degrees)
         if degrees not in self._meshes:
-            self._meshes[degrees] = (build_sequence_parallel(*degrees) if self.world_size > 1
+            self._meshes[degrees] = (build_sequence_parallel(*degrees, timeout=self.timeout) if self.world_size > 1
                                      else SequenceParallel())
         return self._meshes[degrees]
 

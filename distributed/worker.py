@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         degree = lambda v: v if v == "auto" else int(v)  # noqa: E731
         engine = Engine(world_size=world_size, rank=rank, ulysses=degree(args.ulysses), ring=degree(args.ring),
                         device=f"cuda:{local_rank}" if args.device == "cuda" else "cpu",
-                        dtype=DTYPES[args.dtype], backend=args.attention)
+                        dtype=DTYPES[args.dtype], backend=args.attention, timeout=timeout)
         worker = Worker(engine, control_group, args.run_dir, os.environ.get("USP_VIDEO_ALLOW_FAULTS") == "1",
                         heartbeat_s=min(30.0, args.timeout / 4),
                         frame_timeout=float(os.environ.get("USP_VIDEO_FRAME_TIMEOUT", "30")))

@@ -10,6 +10,7 @@ ring position c holds the contiguous chunk c of the sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -84,10 +85,12 @@ class SequenceParallel:
         return self.rank // self.ulysses_degree
 
 
-def build_sequence_parallel(ulysses_degree: int, ring_degree: int) -> SequenceParallel:
+def build_sequence_parallel(ulysses_degree: int, ring_degree: int,
+                            timeout: timedelta | None = None) -> SequenceParallel:
     """Create the Ulysses and Ring subgroups on an initialised default process group.
 
-    Every rank must call this with the same degrees (new_group is collective).
+    Every rank must call this with the same degrees (new_group is collective). Subgroups do not
+    inherit the default group's timeout: pass it, or a stuck peer blocks them for torch's default.
     """
     world_size, rank = dist.get_world_size(), dist.get_rank()
     if ulysses_degree * ring_degree != world_size:
@@ -95,12 +98,12 @@ def build_sequence_parallel(ulysses_degree: int, ring_degree: int) -> SequencePa
     sp = SequenceParallel(ulysses_degree, ring_degree, rank, group=dist.group.WORLD)
     for r in range(ring_degree):  # contiguous Ulysses groups
         ranks = list(range(r * ulysses_degree, (r + 1) * ulysses_degree))
-        group = dist.new_group(ranks) if ulysses_degree > 1 else None
+        group = dist.new_group(ranks, timeout=timeout) if ulysses_degree > 1 else None
         if rank in ranks:
             sp.ulysses_group = group
     for u in range(ulysses_degree):  # strided Ring groups
         ranks = list(range(u, world_size, ulysses_degree))
-        group = dist.new_group(ranks) if ring_degree > 1 else None
+        group = dist.new_group(ranks, timeout=timeout) if ring_degree > 1 else None
         if rank in ranks:
             sp.ring_group = group
     return sp
