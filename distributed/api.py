@@ -12,12 +12,17 @@ from typing import Callable
 
 import torch
 
-from .client import GroupConfig, get_group
+from .client import GroupConfig, UspGroup, get_group
 from .models.checkpoint import read_header
 from .models.wan import infer_wan_config
 from .validation import MAX_SEED, check_latent, check_sample_tensors, check_sampling
 
 __all__ = ["MAX_SEED", "load_dit", "encode_text", "sample", "decode", "check_dit_file"]
+
+
+def _group(group: GroupConfig | UspGroup) -> UspGroup:
+    """The running group for a config (launched or reused), or an attached group as it is."""
+    return group if isinstance(group, UspGroup) else get_group(group)
 
 
 def check_dit_file(path: str | Path) -> dict:
@@ -29,21 +34,21 @@ def check_dit_file(path: str | Path) -> dict:
     return infer_wan_config(path, shapes, metadata)
 
 
-def load_dit(group: GroupConfig, path: str | Path) -> dict:
+def load_dit(group: GroupConfig | UspGroup, path: str | Path) -> dict:
     """Load the DiT on every rank; returns heads, layers, text_dim and the chosen degrees."""
     check_dit_file(path)
-    info, _ = get_group(group).request({"type": "load_dit", "path": str(path)})
+    info, _ = _group(group).request({"type": "load_dit", "path": str(path)})
     return info
 
 
-def encode_text(group: GroupConfig, path: str | Path, prompt: str) -> torch.Tensor:
+def encode_text(group: GroupConfig | UspGroup, path: str | Path, prompt: str) -> torch.Tensor:
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
-    _, out = get_group(group).request({"type": "encode", "path": str(path), "prompt": prompt})
+    _, out = _group(group).request({"type": "encode", "path": str(path), "prompt": prompt})
     return out["cond"]
 
 
-def sample(group: GroupConfig, dit: str | Path, *, positive: torch.Tensor, negative: torch.Tensor | None,
+def sample(group: GroupConfig | UspGroup, dit: str | Path, *, positive: torch.Tensor, negative: torch.Tensor | None,
            latent: torch.Tensor, seed: int, steps: int, cfg: float, shift: float, sampler: str = "unipc",
            denoise: float = 1.0, text_dim: int | None = None,
            on_progress: Callable[[dict], None] | None = None, should_cancel: Callable[[], bool] | None = None,
@@ -61,12 +66,12 @@ def sample(group: GroupConfig, dit: str | Path, *, positive: torch.Tensor, negat
     tensors = {"positive": positive.float(), "latent": latent.float()}
     if negative is not None:
         tensors["negative"] = negative.float()
-    info, out = get_group(group).request(header, tensors, on_progress=on_progress, should_cancel=should_cancel)
+    info, out = _group(group).request(header, tensors, on_progress=on_progress, should_cancel=should_cancel)
     return out["latent"], info
 
 
-def decode(group: GroupConfig, vae: str | Path, latent: torch.Tensor) -> torch.Tensor:
+def decode(group: GroupConfig | UspGroup, vae: str | Path, latent: torch.Tensor) -> torch.Tensor:
     """Raw-space latent -> IMAGE frames [frames, H, W, 3] in 0..1."""
     check_latent(latent, "samples")
-    _, out = get_group(group).request({"type": "decode", "path": str(vae)}, {"latent": latent.float()})
+    _, out = _group(group).request({"type": "decode", "path": str(vae)}, {"latent": latent.float()})
     return out["frames"]

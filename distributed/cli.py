@@ -62,17 +62,24 @@ def generate(args: argparse.Namespace) -> Path | None:
     import torch
 
     from . import api
-    from .client import GroupConfig, free_group
+    from .client import GroupConfig, UspGroup, free_group
 
     check_video_size(args.width, args.height, args.frames)
-    if args.device == "cuda":
-        gpus = tuple(int(g) for g in args.gpus.split(",")) if args.gpus else tuple(range(torch.cuda.device_count()))
-        ranks = len(gpus)
+    if getattr(args, "attach", None):  # a group started with torchrun, e.g. on several hosts
+        secret = os.environ.get("USP_VIDEO_SECRET")
+        if not secret:
+            raise ValueError("--attach needs the group's secret in USP_VIDEO_SECRET (the one its ranks were given)")
+        ranks = args.ranks
+        group = UspGroup.attach(args.attach, secret, ranks)
     else:
-        gpus, ranks = (), args.ranks
-    group = GroupConfig(ranks=ranks, device=args.device, gpus=gpus, ulysses=_degree(args.ulysses),
-                        ring=_degree(args.ring), dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
-                        attention=args.attention, threads_per_rank=args.threads_per_rank)
+        if args.device == "cuda":
+            gpus = tuple(int(g) for g in args.gpus.split(",")) if args.gpus else tuple(range(torch.cuda.device_count()))
+            ranks = len(gpus)
+        else:
+            gpus, ranks = (), args.ranks
+        group = GroupConfig(ranks=ranks, device=args.device, gpus=gpus, ulysses=_degree(args.ulysses),
+                            ring=_degree(args.ring), dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
+                            attention=args.attention, threads_per_rank=args.threads_per_rank)
     started = time.monotonic()
     try:
         info = api.load_dit(group, args.dit)
@@ -100,7 +107,7 @@ def generate(args: argparse.Namespace) -> Path | None:
         print(f"done in {time.monotonic() - started:.1f} s")
         return out
     finally:
-        free_group()
+        group.close() if isinstance(group, UspGroup) else free_group()
 
 
 def default_tiny_dir() -> Path:
@@ -183,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--out", help="video file to write (.webp or .gif)")
     p.add_argument("--save-latent", help="write the sampled latent (ComfyUI SaveLatent format)")
+    p.add_argument("--attach", metavar="RUN_DIR",
+                   help="use a group started with torchrun (several hosts) whose rank 0 runs here with this "
+                        "--run-dir; its secret comes from USP_VIDEO_SECRET; --ranks gives its size")
     p.set_defaults(func=generate)
 
     from .planner import add_parser as add_plan_parser

@@ -186,8 +186,24 @@ class UspGroup:
         self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    @classmethod
+    def attach(cls, run_dir: str | Path, secret: str, ranks: int) -> "UspGroup":
+        """Connect to a group started by someone else, e.g. torchrun on several hosts (README,
+        "More than one host"): its rank 0 runs on this host and writes its port into run_dir.
+        The group is not supervised here; close() asks it to shut down."""
+        group = cls(GroupConfig(ranks=ranks))
+        group.run_dir, group.secret, group.attached = Path(run_dir), secret, True
+        group._connect()
+        return group
+
+    attached = False
+
+    def _exited(self) -> bool:
+        """Has the launcher process ended? (An attached group has none here: its connection says.)"""
+        return self.proc is not None and self.proc.poll() is not None
+
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and self.sock is not None
+        return self.sock is not None and (self.attached or (self.proc is not None and self.proc.poll() is None))
 
     def _check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -227,7 +243,7 @@ class UspGroup:
                        else f" (exit code {code})")
             who = f"rank {rank}" if rank is not None else "a rank"
             msg = f"{who} of {self.config.ranks} died{how}; the group was stopped.\n(log: {self.log_path})"
-            if not reports and not dead and self.proc.poll() == 0:
+            if not reports and not dead and (self.attached or self.proc.poll() == 0):
                 msg = f"the group shut down: its control connection to rank 0 was lost.\n(log: {self.log_path})"
         else:
             first = min(reports, key=lambda r: r["time"])
@@ -250,6 +266,8 @@ class UspGroup:
         return state != "Z" and str(self.run_dir).encode() in cmdline
 
     def _wait_exit(self, timeout: float) -> None:
+        if self.proc is None:
+            return
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -263,12 +281,15 @@ class UspGroup:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the group: ask politely, then terminate the whole process session."""
-        if self.proc is None:
+        if self.proc is None and not self.attached:
             return
-        if self.sock is not None and self.proc.poll() is None:
+        if self.sock is not None and (self.attached or self.proc.poll() is None):
             try:
                 protocol.send_frame(self.sock, {"type": "shutdown"})
-            except OSError:
+                if self.attached:  # wait for rank 0's goodbye
+                    self.sock.settimeout(timeout)
+                    protocol.recv_frame(self.sock)
+            except (OSError, protocol.ProtocolError):
                 pass
             self._wait_exit(timeout)
         self._teardown()
@@ -341,7 +362,7 @@ class UspGroup:
             pending: BaseException | None = None  # raised by a hook; re-raised once the group is idle again
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
-                if self.proc.poll() is not None or self._error_reports():
+                if self._exited() or self._error_reports():
                     raise self._failure()
                 if not cancel_sent and (pending is not None or self._call(should_cancel)):
                     protocol.send_frame(self.sock, {"type": "cancel"})

@@ -297,12 +297,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: torch's default)")
     args = parser.parse_args(argv)
     _die_with_parent()
+    args.run_dir.mkdir(parents=True, exist_ok=True)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     (args.run_dir / f"rank{rank}.pid").write_text(str(os.getpid()))  # torchrun gives ranks their own sessions
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if rank == 0 and not os.environ.get(SECRET_ENV):
+            raise ValueError(f"{SECRET_ENV} is not set: rank 0 needs the group's secret to authenticate its client")
         if args.device == "cuda":
             torch.cuda.set_device(local_rank)
         backend = "nccl" if args.device == "cuda" else "gloo"
