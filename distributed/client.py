@@ -3,11 +3,12 @@
     group = get_group(GroupConfig(ranks=2))          # launched once, reused across prompts
     info = group.request({"type": "load_dit", "path": ...})
 
-The group is `python -m torch.distributed.run --standalone --nproc-per-node N worker_entry.py`
-in its own process session, so that it can be killed as a whole. Rank 0 writes the port of its
-loopback control socket into a private run directory; the client connects and answers the
-HMAC challenge with the group's random secret (passed in the environment, never on a command
-line). A dead rank, a dead torchrun or a closed socket becomes a GroupError naming the rank.
+The group is `python -m torch.distributed.run --nproc-per-node N worker_entry.py` in its own
+process session, rendezvousing through files in a private run directory (nothing listens on the
+network). Rank 0 writes the port of its loopback control socket there; the client connects and
+answers the HMAC challenge with the group's random secret (passed in the environment, never on a
+command line). A dead rank, a dead torchrun or a closed socket becomes a GroupError naming the
+rank, and nothing of the group is left running.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -436,5 +437,4 @@ def _stop_all() -> None:
         group.cleanup_files()
 
 
-__all__ = ["GroupConfig", "UspGroup", "GroupError", "RequestError", "Interrupted", "get_group", "free_group",
-           "asdict"]
+__all__ = ["GroupConfig", "UspGroup", "GroupError", "RequestError", "Interrupted", "get_group", "free_group"]

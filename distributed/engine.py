@@ -86,9 +86,7 @@ class Engine:
         self.device, self.dtype = torch.device(device), dtype
         self.backend = resolve_backend(backend, self.device)
         self.load_counts: Counter[str] = Counter()
-        self._dit = self._dit_key = None
-        self._text_encoder = self._text_encoder_key = None
-        self._vae = self._vae_key = None
+        self._loaded: dict[str, tuple[tuple, object]] = {}  # slot -> (file key, model)
         self._meshes: dict[tuple[int, int], SequenceParallel] = {}
         self.sp = SequenceParallel()
 
@@ -108,16 +106,23 @@ class Engine:
                                      else SequenceParallel())
         return self._meshes[degrees]
 
-    def dit(self, path: str):
+    def _cached(self, slot: str, path: str, load: Callable[[str], object]):
+        """The model in slot, loaded from path unless that very file is loaded already."""
         key = _file_key(path)
-        if self._dit_key != key:
-            self._dit = self._dit_key = None  # free the old model before loading the new one
-            model = wan.load_wan_transformer(path, self.dtype, self.device)
-            self.sp = self._mesh(model)
-            self._dit = wan.parallelize_wan(model, self.sp, self.backend)
-            self._dit_key = key
-            self.load_counts["dit"] += 1
-        return self._dit
+        held = self._loaded.get(slot)
+        if held is None or held[0] != key:
+            self._loaded.pop(slot, None)  # free the old model before loading the new one
+            self._loaded[slot] = (key, load(path))
+            self.load_counts[slot] += 1
+        return self._loaded[slot][1]
+
+    def _load_dit(self, path: str):
+        model = wan.load_wan_transformer(path, self.dtype, self.device)
+        self.sp = self._mesh(model)
+        return wan.parallelize_wan(model, self.sp, self.backend)
+
+    def dit(self, path: str):
+        return self._cached("dit", path, self._load_dit)
 
     def dit_info(self, path: str) -> dict:
         model = self.dit(path)
@@ -127,22 +132,10 @@ class Engine:
                 "parameters": sum(p.numel() for p in model.parameters())}
 
     def text_encoder(self, path: str) -> umt5.Umt5TextEncoder:
-        key = _file_key(path)
-        if self._text_encoder_key != key:
-            self._text_encoder = self._text_encoder_key = None
-            self._text_encoder = umt5.load_umt5(path, self.dtype, self.device)
-            self._text_encoder_key = key
-            self.load_counts["text_encoder"] += 1
-        return self._text_encoder
+        return self._cached("text_encoder", path, lambda p: umt5.load_umt5(p, self.dtype, self.device))
 
     def vae(self, path: str):
-        key = _file_key(path)
-        if self._vae_key != key:
-            self._vae = self._vae_key = None
-            self._vae = wan_vae.load_wan_vae(path, self.dtype, self.device)
-            self._vae_key = key
-            self.load_counts["vae"] += 1
-        return self._vae
+        return self._cached("vae", path, lambda p: wan_vae.load_wan_vae(p, self.dtype, self.device))
 
     def encode(self, path: str, prompt: str) -> torch.Tensor:
         return self.text_encoder(path).encode(prompt)
