@@ -229,7 +229,12 @@ class UspGroup:
             time.sleep(0.5)  # let the ranks that failed with it report too
         reports = self._error_reports()
         silent = sorted(set(range(self.config.ranks)) - {r["rank"] for r in reports})
-        dead = [r for r in silent if not self._rank_alive(r)]
+        first = min(reports, key=lambda r: r["time"]) if reports else None
+        timed_out = first is not None and ("timed out" in first["message"].lower()
+                                           or "timeout" in first["message"].lower())
+        # after a timeout the silent ranks hung (torchrun may have killed them since); else a
+        # silent rank that is gone died first and broke its peers' connections
+        dead = [] if timed_out else [r for r in silent if not self._rank_alive(r)]
         if dead or not reports:
             self._wait_exit(5.0 if reports else 10.0)  # torchrun's summary says how the rank ended
         tail = self.log_tail()
@@ -247,9 +252,8 @@ class UspGroup:
             if not reports and not dead and (self.attached or self.proc.poll() == 0):
                 msg = f"the group shut down: its control connection to rank 0 was lost.\n(log: {self.log_path})"
         else:
-            first = min(reports, key=lambda r: r["time"])
             msg = f"rank {first['rank']} of {self.config.ranks} failed: {first['error_type']}: {first['message']}"
-            if "timed out" in first["message"].lower() or "timeout" in first["message"].lower():
+            if timed_out:
                 msg += (f"\nA collective waited longer than timeout_s={self.config.timeout:g} s"
                         + (f"; rank(s) {', '.join(map(str, silent))} stopped responding" if silent else "")
                         + ". Raise timeout_s if a step legitimately takes longer.")
