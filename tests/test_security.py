@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import HARDENING
 from fuzz_frames import DROPPING, IN_STEP, frame, truncated
 from usp_video.distributed import protocol
 from usp_video.distributed.client import GroupConfig, free_group, get_group
@@ -37,6 +38,7 @@ def test_parser_rejects_every_malformed_frame():
             continue
         assert isinstance(header["type"], str)
         survived += 1
+    HARDENING["frames fuzzed"] += FUZZ_FRAMES + 1000
     print(f"parser: {FUZZ_FRAMES} malformed frames rejected, 1000 bit flips ({survived} still well-formed), "
           "0 crashes")
 
@@ -122,6 +124,7 @@ def test_live_rank_0_rejects_malformed_frames_and_keeps_working(group):
                 pass
             group.reconnect()
             dropped += 1
+    HARDENING["frames fuzzed"] += FUZZ_FRAMES
     assert group.proc.poll() is None and group.proc.pid == pid
     reply, _ = group.request({"type": "ping"})
     assert reply["type"] == "ok" and reply["world_size"] == 2
