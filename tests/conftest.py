@@ -26,9 +26,7 @@ def tiny_models(tmp_path_factory) -> dict:
     return {k: str(v) for k, v in make_tiny_models(root).items()}
 
 
-# Counts for the hardening summary printed at the end of the run (see test_bad_input.py,
-# test_faults.py, test_security.py).
-HARDENING = {"inputs tried": 0, "faults injected": 0, "frames fuzzed": 0, "failures": 0, "orphans": 0}
+from hardening import HARDENING  # noqa: E402  (counted by test_bad_input, test_faults, test_security)
 
 
 def pytest_runtest_logreport(report):

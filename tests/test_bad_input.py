@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HARDENING
+from hardening import HARDENING
 from usp_video.distributed import api
 from usp_video.distributed.cli import check_video_size
 from usp_video.distributed.client import GroupConfig, RequestError, free_group, get_group

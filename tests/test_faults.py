@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HARDENING
+from hardening import HARDENING
 from group_helpers import group_gone, group_processes, processes_matching
 from usp_video.distributed import api
 from usp_video.distributed.client import GroupConfig, GroupError, free_group, get_group

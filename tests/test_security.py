@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import HARDENING
+from hardening import HARDENING
 from fuzz_frames import DROPPING, IN_STEP, frame, truncated
 from usp_video.distributed import protocol
 from usp_video.distributed.client import GroupConfig, free_group, get_group
