@@ -189,39 +189,43 @@ class Worker:
                 return
             if header["type"] == "heartbeat":
                 continue
-            error = None
+            answer, error = None, None
             try:
-                self.dispatch(header, tensors)
+                answer = self.dispatch(header, tensors)
             except ValueError as exc:
                 error = {"type": "error", "error_type": type(exc).__name__, "message": str(exc), "rank": self.rank}
+            # the reply goes out only once every rank is known to have succeeded
             error = self.first_error(error)
             if error is not None:
                 self.reply(error)
+            elif answer is not None:
+                self.reply(*answer)
 
-    def dispatch(self, header: dict, tensors: dict) -> None:
+    def dispatch(self, header: dict, tensors: dict) -> tuple[dict, dict | None] | None:
+        """Run one request on this rank; returns rank 0's reply (header, tensors), if any."""
         kind, engine = header["type"], self.engine
+        fault = header.get("fault") if self.allow_faults else None
+        if isinstance(fault, dict) and fault.get("kind") == "value_error" and fault.get("rank") == self.rank:
+            raise ValueError(f"injected request error on rank {self.rank}")
         if kind == "ping":
-            self.reply({"type": "ok", "world_size": self.world_size, "load_counts": dict(engine.load_counts),
-                        "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch.")})
-        elif kind == "load_dit":
-            self.reply({"type": "ok", **engine.dit_info(_field(header, "path", str))})
-        elif kind == "encode":
+            return {"type": "ok", "world_size": self.world_size, "load_counts": dict(engine.load_counts),
+                    "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch.")}, None
+        if kind == "load_dit":
+            return {"type": "ok", **engine.dit_info(_field(header, "path", str))}, None
+        if kind == "encode":
             path, prompt = _field(header, "path", str), _field(header, "prompt", str)
-            if self.rank == 0:
-                self.reply({"type": "ok"}, {"cond": engine.encode(path, prompt)})
-        elif kind == "decode":
+            return ({"type": "ok"}, {"cond": engine.encode(path, prompt)}) if self.rank == 0 else None
+        if kind == "decode":
             path, latent = _field(header, "path", str), _field(tensors, "latent", torch.Tensor)
             check_latent(latent, "latent")
-            if self.rank == 0:
-                self.reply({"type": "ok"}, {"frames": engine.decode(path, latent)})
-        elif kind == "sample":
-            self.sample(header, tensors)
-        elif kind == "cancel":
-            pass  # a cancel that arrived after its request had finished
-        else:
-            raise ValueError(f"unknown request type {kind!r}")
+            return ({"type": "ok"}, {"frames": engine.decode(path, latent)}) if self.rank == 0 else None
+        if kind == "sample":
+            return self.sample(header, tensors)
+        if kind == "cancel":
+            return None  # a cancel that arrived after its request had finished
+        raise ValueError(f"unknown request type {kind!r}")
 
-    def sample(self, header: dict, tensors: dict) -> None:
+    def sample(self, header: dict, tensors: dict) -> tuple[dict, dict | None]:
         fault = header.get("fault") if self.allow_faults else None
         try:
             request = SampleRequest(
@@ -250,11 +254,9 @@ class Worker:
         try:
             latent = self.engine.sample(request, on_step)
         except SamplingInterrupted as stop:
-            self.reply({"type": "interrupted", "step": stop.step + 1})
-            return
-        self.reply({"type": "ok", "seconds": time.monotonic() - start,
-                    "ulysses": self.engine.sp.ulysses_degree, "ring": self.engine.sp.ring_degree},
-                   {"latent": latent})
+            return {"type": "interrupted", "step": stop.step + 1}, None
+        return ({"type": "ok", "seconds": time.monotonic() - start, "ulysses": self.engine.sp.ulysses_degree,
+                 "ring": self.engine.sp.ring_degree}, {"latent": latent})
 
 
 def _field(message: dict, name: str, kind: type):

@@ -209,3 +209,13 @@ def test_changing_the_model_reloads_only_the_dit(tiny_models, tmp_path, faults_a
     api.encode_text(group, tiny_models["text_encoder"], "a dog")
     status, _ = get_group(group).request({"type": "ping"})
     assert status["load_counts"] == {"text_encoder": 1, "dit": 2}
+
+
+def test_an_error_on_one_rank_only_replaces_rank_0s_answer(faults_allowed):
+    """Rank 0 succeeds, rank 1 refuses: the client gets the error, not an 'ok' and a stray error
+    that would answer its next request."""
+    group = get_group(GroupConfig(ranks=2))
+    with pytest.raises(RequestError, match="injected request error on rank 1"):
+        group.request({"type": "ping", "fault": {"rank": 1, "kind": "value_error"}})
+    reply, _ = group.request({"type": "ping"})
+    assert reply["type"] == "ok" and reply["world_size"] == 2
