@@ -239,9 +239,16 @@ class UspGroup:
             self._wait_exit(5.0 if reports else 10.0)  # torchrun's summary says how the rank ended
         tail = self.log_tail()
         if dead or not reports:
-            # torchrun's failure summary: "rank : N (local_rank: N)" then "exitcode : C (pid: P)"
-            exits = {int(r): int(c) for r, c in re.findall(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", tail)}
-            rank = dead[0] if dead else next(iter(exits), None)
+            # torchrun's failure summary: "rank : N (local_rank: N)" then "exitcode : C (pid: P)",
+            # for every rank that ended, its "Root Cause" section last
+            entry = r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)"
+            exits = {int(r): int(c) for r, c in re.findall(entry, tail)}
+            root = re.findall(entry, tail.rpartition("Root Cause")[2]) if "Root Cause" in tail else []
+            order = ([int(root[0][0])] if root else []) + list(exits)
+            candidates = [r for r in order if r in dead] if dead else order
+            # torchrun stops the other ranks with SIGTERM: the culprit is one that ended otherwise
+            rank = next((r for r in candidates if exits.get(r) != -signal.SIGTERM),
+                        candidates[0] if candidates else (dead[0] if dead else None))
             how = ""
             if rank in exits:
                 code = exits[rank]
