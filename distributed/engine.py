@@ -23,8 +23,8 @@ from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_de
 from .parallel.usp_attention import resolve_backend
 from .sampling.samplers import get_sampler
 from .sampling.schedules import sampling_sigmas, timestep
+from .validation import check_latent
 
-LATENT_CHANNELS = 16
 
 
 class SamplingInterrupted(Exception):
@@ -153,8 +153,7 @@ class Engine:
         return the same value on every rank (the worker makes it collective).
         """
         model = self.dit(req.dit)
-        if req.latent.shape[1] != LATENT_CHANNELS:
-            raise ValueError(f"latent has {req.latent.shape[1]} channels; Wan 2.1 needs {LATENT_CHANNELS}")
+        check_latent(req.latent, "latent_image")
         sigmas = sampling_sigmas(req.steps, req.shift, req.denoise)
         noise = make_noise(tuple(req.latent.shape), req.seed)
         latent_in = wan_process_in(req.latent.float())
