@@ -200,6 +200,8 @@ class Worker:
                 self.reply(error)
             elif answer is not None:
                 self.reply(*answer)
+            del answer, tensors
+            release_freed_memory()
 
     def dispatch(self, header: dict, tensors: dict) -> tuple[dict, dict | None] | None:
         """Run one request on this rank; returns rank 0's reply (header, tensors), if any."""
@@ -257,6 +259,29 @@ class Worker:
             return {"type": "interrupted", "step": stop.step + 1}, None
         return ({"type": "ok", "seconds": time.monotonic() - start, "ulysses": self.engine.sp.ulysses_degree,
                  "ring": self.engine.sp.ring_degree}, {"latent": latent})
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by the last request back to the system before the group goes idle.
+
+    Without this a long-lived rank keeps the high-water mark of every request: glibc's malloc
+    holds freed heap pages (its mmap threshold grows after large frees), and CUDA's caching
+    allocator holds freed blocks that ComfyUI's own models may need between prompts."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_glibc()
 
 
 def _field(message: dict, name: str, kind: type):
