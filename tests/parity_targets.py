@@ -4,7 +4,7 @@ import torch
 
 from usp_video.distributed.parallel.mesh import build_sequence_parallel
 from usp_video.distributed.parallel.sharding import gather_sequence, shard_sequence
-from usp_video.distributed.parallel.usp_attention import usp_attention
+from usp_video.distributed.parallel.usp_attention import KeyLayout, tail_padding_mask, usp_attention
 
 
 def attention_inputs(seq_len: int, heads: int, head_dim: int = 8, seed: int = 0):
@@ -17,6 +17,25 @@ def usp_attention_rank(rank, world_size, ulysses, ring, seq_len, heads, backend=
     q, k, v = (shard_sequence(t, 1, sp) for t in attention_inputs(seq_len, heads))
     out = usp_attention(q, k, v, sp, seq_len, backend)
     return {"out": gather_sequence(out, 1, sp, seq_len)}
+
+
+def usp_joint_attention_rank(rank, world_size, ulysses, ring, seq_len, text_len, heads, shard_text):
+    """Video tokens sharded, text tokens either sharded too or held whole by every rank."""
+    sp = build_sequence_parallel(ulysses, ring)
+    q, k, v = attention_inputs(seq_len + text_len, heads)
+    video = [shard_sequence(t[:, :seq_len], 1, sp) for t in (q, k, v)]
+    text = [t[:, seq_len:] for t in (q, k, v)]
+    local = video[0].shape[1]
+    if shard_text:
+        assert text_len % sp.degree == 0
+        text = [shard_sequence(t, 1, sp) for t in text]
+        layout = KeyLayout(torch.cat([tail_padding_mask(seq_len, local, sp.degree),
+                                      torch.ones(sp.degree, text_len // sp.degree, dtype=torch.bool)], 1), sp)
+        out = usp_attention(*(torch.cat([a, b], 1) for a, b in zip(video, text)), sp, layout)
+        video_out, text_out = out[:, :local], gather_sequence(out[:, local:], 1, sp, text_len)
+    else:
+        video_out, text_out = usp_attention(*video, sp, seq_len, joint=tuple(text))
+    return {"video": gather_sequence(video_out, 1, sp, seq_len), "text": text_out}
 
 
 def dit_inputs(shape, text_len=20, text_dim=32, seed=1):

@@ -35,6 +35,25 @@ def test_usp_attention_matches_one_process(tests_dir, world_size, ulysses, ring,
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} (ulysses={ulysses} ring={ring})"
 
 
+@pytest.mark.parametrize("seq_len,text_len,shard_text", [
+    (37, 7, False),   # text kept whole: 7 divides no degree
+    (37, 12, True),   # text sharded with the video: 12 divides 2, 3 and 4
+    (37, 12, False),  # the whole-text path also for a length that would divide
+])
+@pytest.mark.parametrize("world_size,ulysses,ring", [(1, 1, 1)] + CASES)
+def test_joint_text_attention_matches_one_process(tests_dir, world_size, ulysses, ring, seq_len, text_len,
+                                                  shard_text):
+    q, k, v = attention_inputs(seq_len + text_len, HEADS)
+    expected = attention(q, k, v, "sdpa")
+    results = run_ranks(f"{tests_dir}/parity_targets.py:usp_joint_attention_rank", world_size,
+                        dict(ulysses=ulysses, ring=ring, seq_len=seq_len, text_len=text_len, heads=HEADS,
+                             shard_text=shard_text), timeout=120)
+    for rank, result in enumerate(results):
+        got = torch.cat([result["video"], result["text"]], dim=1)
+        err = rel_error(got, expected)
+        assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} (ulysses={ulysses} ring={ring})"
+
+
 def test_resolve_degrees_auto_prefers_ulysses():
     assert resolve_degrees(4, 12) == (4, 1)
     assert resolve_degrees(8, 12) == (4, 2)
