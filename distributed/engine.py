@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 
 from . import planner
-from .models import umt5, wan, wan_vae
+from .models import families, umt5, wan_vae
 from .models.checkpoint import CheckpointError
+from .models.families import TextCond
 from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
 from .parallel.usp_attention import resolve_backend
 from .sampling.samplers import get_sampler
@@ -35,7 +36,8 @@ class SamplingInterrupted(Exception):
 
 @dataclass(kw_only=True)
 class SampleRequest:
-    """One sampler call. Conditioning is [B or 1, L, D]; latent is raw VAE space [B, 16, T, H, W]."""
+    """One sampler call. Conditioning is [B or 1, L, D] (HunyuanVideo: plus pooled [B or 1, 768]);
+    latent is raw VAE space [B, 16, T, H, W]; guidance is HunyuanVideo's embedded guidance."""
 
     dit: str
     positive: torch.Tensor
@@ -47,6 +49,9 @@ class SampleRequest:
     shift: float
     sampler: str = "unipc"
     denoise: float = 1.0
+    positive_pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+    guidance: float = 6.0
 
 
 def _file_key(path: str) -> tuple:
@@ -64,19 +69,6 @@ def make_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, dtype=torch.float32, generator=generator, device="cpu")
 
 
-def wan_process_in(latent: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latent -> the normalised space the DiT works in (ComfyUI latent_format.Wan21)."""
-    mean = torch.tensor(wan.LATENTS_MEAN).view(1, -1, 1, 1, 1)
-    std = torch.tensor(wan.LATENTS_STD).view(1, -1, 1, 1, 1)
-    return (latent - mean) / std
-
-
-def wan_process_out(latent: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(wan.LATENTS_MEAN).view(1, -1, 1, 1, 1)
-    std = torch.tensor(wan.LATENTS_STD).view(1, -1, 1, 1, 1)
-    return latent * std + mean
-
-
 class Engine:
     def __init__(self, *, world_size: int = 1, rank: int = 0, ulysses: int | str = "auto",
                  ring: int | str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -90,7 +82,7 @@ class Engine:
         self._meshes: dict[tuple[int, int], SequenceParallel] = {}
         self.sp = SequenceParallel()
 
-    def _mesh(self, model) -> SequenceParallel:
+    def _mesh(self, model, family: families.Family) -> SequenceParallel:
         """The SP groups for this model: the planner's choice for "auto" (USP_VIDEO_LINK names the
         link, nvlink by default), else the user's degrees, validated against the heads."""
         config = model.config
@@ -98,7 +90,8 @@ class Engine:
             params = sum(p.numel() for p in model.parameters())
             degrees = planner.auto_degrees(self.world_size, config.num_attention_heads,
                                            config.num_attention_heads * config.attention_head_dim,
-                                           config.num_layers, params, link=os.environ.get("USP_VIDEO_LINK", "nvlink"))
+                                           family.layers(config), params,
+                                           link=os.environ.get("USP_VIDEO_LINK", "nvlink"))
         else:
             degrees = resolve_degrees(self.world_size, config.num_attention_heads, *self.requested_degrees)
         if degrees not in self._meshes:
@@ -117,19 +110,24 @@ class Engine:
         return self._loaded[slot][1]
 
     def _load_dit(self, path: str):
-        model = wan.load_wan_transformer(path, self.dtype, self.device)
-        self.sp = self._mesh(model)
-        return wan.parallelize_wan(model, self.sp, self.backend)
+        family = families.detect(path)
+        model = family.load(path, self.dtype, self.device)
+        self.sp = self._mesh(model, family)
+        model = family.parallelize(model, self.sp, self.backend)
+        model.usp_family = family
+        return model
 
     def dit(self, path: str):
         return self._cached("dit", path, self._load_dit)
 
     def dit_info(self, path: str) -> dict:
         model = self.dit(path)
-        return {"heads": model.config.num_attention_heads, "layers": model.config.num_layers,
+        family = model.usp_family
+        return {"family": family.name, "model": family.label, "heads": model.config.num_attention_heads,
+                "layers": family.layers(model.config),
                 "hidden": model.config.num_attention_heads * model.config.attention_head_dim,
-                "text_dim": model.config.text_dim, "ulysses": self.sp.ulysses_degree, "ring": self.sp.ring_degree,
-                "parameters": sum(p.numel() for p in model.parameters())}
+                "text_dim": family.text_dim(model.config), "ulysses": self.sp.ulysses_degree,
+                "ring": self.sp.ring_degree, "parameters": sum(p.numel() for p in model.parameters())}
 
     def text_encoder(self, path: str) -> umt5.Umt5TextEncoder:
         return self._cached("text_encoder", path, lambda p: umt5.load_umt5(p, self.dtype, self.device))
@@ -153,30 +151,38 @@ class Engine:
         return the same value on every rank (the worker makes it collective).
         """
         model = self.dit(req.dit)
+        family = model.usp_family
         check_latent(req.latent, "latent_image")
         sigmas = sampling_sigmas(req.steps, req.shift, req.denoise)
         noise = make_noise(tuple(req.latent.shape), req.seed)
-        latent_in = wan_process_in(req.latent.float())
+        latent_in = family.process_in(req.latent.float())
         x = sigmas[0] * noise + (1.0 - sigmas[0]) * latent_in
         batch = x.shape[0]
 
-        def context(cond: torch.Tensor) -> torch.Tensor:
-            cond = cond.to(self.device, self.dtype)
-            return cond.expand(batch, -1, -1) if cond.shape[0] == 1 else cond
+        def expand(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.to(self.device, self.dtype)
+            return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
 
-        positive = context(req.positive)
-        negative = context(req.negative) if req.negative is not None and req.cfg != 1.0 else None
+        positive = TextCond(expand(req.positive), expand(req.positive_pooled))
+        negative = (TextCond(expand(req.negative), expand(req.negative_pooled))
+                    if req.negative is not None and req.cfg != 1.0 else None)
 
-        def velocity(x_in: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        def velocity(x_in: torch.Tensor, sigma: torch.Tensor, cond: TextCond) -> torch.Tensor:
             t = torch.full((x_in.shape[0],), float(timestep(sigma)), device=self.device)
-            out = model(x_in.to(self.device, self.dtype), t, cond, return_dict=False)[0]
+            out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, req.guidance)
             return out.float().cpu()
+
+        def both(a: TextCond, b: TextCond) -> TextCond:
+            pooled = None if a.pooled is None or b.pooled is None else torch.cat([a.pooled, b.pooled])
+            return TextCond(torch.cat([a.tokens, b.tokens]), pooled)
 
         def denoise(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             if negative is None:
                 v = velocity(x_t, sigma, positive)
-            elif positive.shape == negative.shape:  # one batched forward for both passes
-                v_pos, v_neg = velocity(torch.cat([x_t, x_t]), sigma, torch.cat([positive, negative])).chunk(2)
+            elif positive.tokens.shape == negative.tokens.shape:  # one batched forward for both passes
+                v_pos, v_neg = velocity(torch.cat([x_t, x_t]), sigma, both(positive, negative)).chunk(2)
                 v = v_neg + req.cfg * (v_pos - v_neg)
             else:
                 v_pos, v_neg = velocity(x_t, sigma, positive), velocity(x_t, sigma, negative)
@@ -188,4 +194,4 @@ class Engine:
                 raise SamplingInterrupted(i)
 
         x = get_sampler(req.sampler)(denoise, x, sigmas, callback)
-        return wan_process_out(x)
+        return family.process_out(x)

@@ -184,13 +184,13 @@ def test_an_exception_in_the_progress_hook_cancels_and_keeps_the_group_in_step(t
 
 
 def test_previews_carry_the_first_frame_of_x0(tiny_models, faults_allowed):
-    from usp_video.distributed.engine import wan_process_in
+    from usp_video.distributed.models.families import WAN
 
     events = []
     latent, _ = run_sample(GroupConfig(ranks=2), tiny_models["dit"], steps=3, on_progress=events.append, preview=True)
     assert all(e["x0"].shape == (1, 16, 1, 8, 8) for e in events)
     # euler's last step lands on its x0 estimate
-    torch.testing.assert_close(events[-1]["x0"], wan_process_in(latent)[:1, :, :1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(events[-1]["x0"], WAN.process_in(latent)[:1, :, :1], rtol=1e-4, atol=1e-4)
     plain = []
     run_sample(GroupConfig(ranks=2), tiny_models["dit"], steps=2, on_progress=plain.append)
     assert "x0" not in plain[0]

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from usp_video.distributed.engine import make_noise, wan_process_in, wan_process_out
+from usp_video.distributed.engine import make_noise
+from usp_video.distributed.models.families import HUNYUAN, WAN
 from usp_video.distributed.sampling.samplers import get_sampler, sample_euler
 from usp_video.distributed.sampling.schedules import sampling_sigmas, simple_sigmas
 
@@ -34,7 +35,9 @@ def test_denoise_takes_the_tail_of_a_longer_schedule():
 
 def test_latent_normalisation_round_trips():
     x = torch.randn(2, 16, 3, 4, 4)
-    torch.testing.assert_close(wan_process_out(wan_process_in(x)), x)
+    torch.testing.assert_close(WAN.process_out(WAN.process_in(x)), x)
+    torch.testing.assert_close(HUNYUAN.process_out(HUNYUAN.process_in(x)), x)
+    torch.testing.assert_close(HUNYUAN.process_in(x), x * 0.476986)  # ComfyUI latent_formats.HunyuanVideo
 
 
 @pytest.mark.parametrize("name", ["euler", "unipc"])
