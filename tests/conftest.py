@@ -26,6 +26,15 @@ def tiny_models(tmp_path_factory) -> dict:
     return {k: str(v) for k, v in make_tiny_models(root).items()}
 
 
+@pytest.fixture(scope="session")
+def tiny_hunyuan(tmp_path_factory) -> dict:
+    """The tiny HunyuanVideo model set in ComfyUI's layout, made once per test session."""
+    from usp_video.distributed.models.tiny import make_tiny_hunyuan_models
+
+    root = tmp_path_factory.mktemp("hunyuan")
+    return {k: str(v) for k, v in make_tiny_hunyuan_models(root).items()}
+
+
 from hardening import HARDENING  # noqa: E402  (counted by test_bad_input, test_faults, test_security)
 
 

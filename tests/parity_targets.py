@@ -97,3 +97,46 @@ def variant_request(dit_path, variant):
 def sample_variant_rank(rank, world_size, ulysses, ring, dit_path, variant):
     engine = make_engine(rank, world_size, ulysses, ring)
     return {"latent": engine.sample(variant_request(dit_path, variant))}
+
+
+# -- HunyuanVideo --------------------------------------------------------------------------------
+
+def hunyuan_inputs(shape, text_len, pad=5, seed=2):
+    """Video latent, timestep, text padded by `pad` masked tokens (as the reference pipeline pads
+    to 256), pooled CLIP vector and embedded guidance."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, *shape, generator=g)
+    context = torch.randn(2, text_len + pad, 32, generator=g)
+    mask = torch.zeros(2, text_len + pad, dtype=torch.long)
+    mask[:, :text_len] = 1
+    pooled = torch.randn(2, 16, generator=g)
+    return x, torch.tensor([900.0, 250.0]), context, mask, pooled, torch.tensor([6000.0, 6000.0])
+
+
+def hunyuan_forward(model, shape, text_len):
+    with torch.no_grad():
+        return model(*hunyuan_inputs(shape, text_len), return_dict=False)[0]
+
+
+def hunyuan_forward_rank(rank, world_size, ulysses, ring, dit_path, shape, text_len):
+    engine = make_engine(rank, world_size, ulysses, ring)
+    out = hunyuan_forward(engine.dit(dit_path), shape, text_len)
+    assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
+    return {"out": out}
+
+
+def hunyuan_request(dit_path, shape, cfg=1.0, text_lens=(12, 7), steps=4):
+    from usp_video.distributed.engine import SampleRequest
+
+    g = torch.Generator().manual_seed(4)
+    return SampleRequest(dit=dit_path, positive=torch.randn(1, text_lens[0], 32, generator=g),
+                         positive_pooled=torch.randn(1, 16, generator=g),
+                         negative=torch.randn(1, text_lens[1], 32, generator=g) if cfg != 1.0 else None,
+                         negative_pooled=torch.randn(1, 16, generator=g) if cfg != 1.0 else None,
+                         latent=torch.zeros(1, 16, *shape), seed=11, steps=steps, cfg=cfg, shift=7.0,
+                         sampler="euler", guidance=6.0)
+
+
+def hunyuan_sample_rank(rank, world_size, ulysses, ring, dit_path, shape, cfg):
+    engine = make_engine(rank, world_size, ulysses, ring)
+    return {"latent": engine.sample(hunyuan_request(dit_path, shape, cfg))}

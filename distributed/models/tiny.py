@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import umt5, wan, wan_vae
+from . import hunyuan, umt5, wan, wan_vae
 
 TINY_WAN_CONFIG = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=12, attention_head_dim=8,
                        ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32)
@@ -30,6 +30,15 @@ FILES = {
     "vae": "vae/tiny_wan_2.1_vae.safetensors",
 }
 _VERSION = "1"
+
+# HunyuanVideo, shrunk: 12 heads (so every ulysses degree 1-4 divides them), both block types.
+TINY_HUNYUAN_CONFIG = dict(hunyuan.HUNYUAN_VARIANTS["hunyuan-video-t2v-720p"], num_attention_heads=12,
+                           attention_head_dim=8, num_layers=2, num_single_layers=2, num_refiner_layers=1,
+                           mlp_ratio=2.0, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=[2, 2, 4])
+HUNYUAN_FILES = {
+    "dit": "diffusion_models/tiny_hunyuan_video_t2v.safetensors",
+}
+_HUNYUAN_VERSION = "1"
 
 _CORPUS = """a cat walks on the beach at sunset, waves roll in slowly
 a red car drives through a city street at night with neon lights
@@ -159,4 +168,22 @@ def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch
     return paths
 
 
-__all__ = ["make_tiny_models", "FILES", "TINY_WAN_CONFIG", "umt5"]
+def make_tiny_hunyuan_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """Write the tiny HunyuanVideo set under root (skipped where already written); returns the paths."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    root = Path(root)
+    paths = {name: root / rel for name, rel in HUNYUAN_FILES.items()}
+    stamp = root / ".usp-video-tiny-hunyuan"
+    if stamp.is_file() and stamp.read_text() == _HUNYUAN_VERSION and all(p.exists() for p in paths.values()):
+        return paths
+    torch.manual_seed(seed)
+    dit = HunyuanVideoTransformer3DModel(**TINY_HUNYUAN_CONFIG)
+    _save({k: v.to(dtype) for k, v in hunyuan.hunyuan_to_original_keys(dit.state_dict()).items()}, paths["dit"],
+          {hunyuan.CONFIG_METADATA_KEY: json.dumps(TINY_HUNYUAN_CONFIG)})
+    stamp.write_text(_HUNYUAN_VERSION)
+    return paths
+
+
+__all__ = ["make_tiny_models", "make_tiny_hunyuan_models", "FILES", "HUNYUAN_FILES", "TINY_WAN_CONFIG",
+           "TINY_HUNYUAN_CONFIG", "umt5"]
