@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import planner
-from .models import families, umt5, wan_vae
+from .models import families, hunyuan_text, hunyuan_vae, umt5, wan_vae
 from .models.checkpoint import CheckpointError
 from .models.families import TextCond
 from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
@@ -132,14 +132,28 @@ class Engine:
     def text_encoder(self, path: str) -> umt5.Umt5TextEncoder:
         return self._cached("text_encoder", path, lambda p: umt5.load_umt5(p, self.dtype, self.device))
 
+    def _load_vae(self, path: str):
+        if families.detect_vae(path) == families.HUNYUAN:
+            return hunyuan_vae.load_hunyuan_vae(path, self.dtype, self.device)
+        return wan_vae.load_wan_vae(path, self.dtype, self.device)
+
     def vae(self, path: str):
-        return self._cached("vae", path, lambda p: wan_vae.load_wan_vae(p, self.dtype, self.device))
+        return self._cached("vae", path, self._load_vae)
 
     def encode(self, path: str, prompt: str) -> torch.Tensor:
         return self.text_encoder(path).encode(prompt)
 
+    def hunyuan_text_encoder(self, llama: str, clip: str, tokenizers: str) -> hunyuan_text.HunyuanTextEncoder:
+        llama_model = self._cached("llama", llama, lambda p: hunyuan_text.load_llama(p, self.dtype, self.device))
+        clip_model = self._cached("clip", clip, lambda p: hunyuan_text.load_clip_l(p, self.dtype, self.device))
+        toks = self._cached("tokenizers", tokenizers, hunyuan_text.load_tokenizers)
+        return hunyuan_text.HunyuanTextEncoder(llama_model, clip_model, *toks)
+
+    def encode_hunyuan(self, llama: str, clip: str, tokenizers: str, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.hunyuan_text_encoder(llama, clip, tokenizers).encode(prompt)
+
     def decode(self, path: str, latent: torch.Tensor) -> torch.Tensor:
-        return wan_vae.decode_wan(self.vae(path), latent)
+        return wan_vae.decode_video(self.vae(path), latent)
 
     @torch.no_grad()
     def sample(self, req: SampleRequest,

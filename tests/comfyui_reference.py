@@ -69,7 +69,7 @@ def main(comfy_dir: str, models_json: str) -> None:
     z = torch.randn(1, 16, 3, 4, 6, generator=g)
     with torch.no_grad():
         native = ((vae.decode(z).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).flatten(0, 1)
-    out["vae_decode"] = rel(wan_vae.decode_wan(wan_vae.load_wan_vae(paths["vae"]), z), native)
+    out["vae_decode"] = rel(wan_vae.decode_video(wan_vae.load_wan_vae(paths["vae"]), z), native)
     print(json.dumps(out))
 
 

@@ -110,7 +110,7 @@ def test_text_encoder_output_matches_comfyui_conditioning(tiny_models):
 
 def test_vae_decodes_to_image_frames(tiny_models):
     vae = wan_vae.load_wan_vae(tiny_models["vae"])
-    frames = wan_vae.decode_wan(vae, torch.randn(1, 16, 3, 4, 6))
+    frames = wan_vae.decode_video(vae, torch.randn(1, 16, 3, 4, 6))
     assert frames.shape == (9, 32, 48, 3)
     assert 0 <= frames.min() and frames.max() <= 1
 

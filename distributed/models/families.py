@@ -109,6 +109,19 @@ def detect(path: str | Path) -> Family:
                           f"({wan.guess_family(keys)})")
 
 
+def detect_vae(path: str | Path) -> Family:
+    """Which family's VAE a file or diffusers folder is (the loaders check it in detail)."""
+    path = Path(path)
+    if path.is_dir():
+        config_file = path / "config.json"
+        name = json.loads(config_file.read_text()).get("_class_name") if config_file.is_file() else None
+        return HUNYUAN if name == "AutoencoderKLHunyuanVideo" else WAN
+    from .hunyuan_vae import is_hunyuan_vae_keys
+
+    shapes, _ = read_header(path)
+    return HUNYUAN if is_hunyuan_vae_keys({k.removeprefix("vae.") for k in shapes}) else WAN
+
+
 def check_dit_file(path: str | Path) -> tuple[Family, dict]:
     """Family and config of a DiT file, read from its header only (fast, in the calling process)."""
     family = detect(path)

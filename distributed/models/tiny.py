@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import hunyuan, umt5, wan, wan_vae
+from . import hunyuan, hunyuan_text, hunyuan_vae, umt5, wan, wan_vae
 
 TINY_WAN_CONFIG = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=12, attention_head_dim=8,
                        ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32)
@@ -35,9 +35,18 @@ _VERSION = "1"
 TINY_HUNYUAN_CONFIG = dict(hunyuan.HUNYUAN_VARIANTS["hunyuan-video-t2v-720p"], num_attention_heads=12,
                            attention_head_dim=8, num_layers=2, num_single_layers=2, num_refiner_layers=1,
                            mlp_ratio=2.0, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=[2, 2, 4])
+TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1024)
+TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=16)
 HUNYUAN_FILES = {
     "dit": "diffusion_models/tiny_hunyuan_video_t2v.safetensors",
+    "llama": "text_encoders/tiny_llava_llama3.safetensors",
+    "clip": "text_encoders/tiny_clip_l.safetensors",
+    "tokenizers": "text_encoders/tiny_hunyuan_tokenizers",
+    "vae": "vae/tiny_hunyuan_video_vae.safetensors",
 }
+TINY_HUNYUAN_VAE = dict(block_out_channels=[8, 8, 16, 16], norm_num_groups=4, layers_per_block=1)
 _HUNYUAN_VERSION = "1"
 
 _CORPUS = """a cat walks on the beach at sunset, waves roll in slowly
@@ -181,6 +190,28 @@ def make_tiny_hunyuan_models(root: str | Path, seed: int = 0, dtype: torch.dtype
     dit = HunyuanVideoTransformer3DModel(**TINY_HUNYUAN_CONFIG)
     _save({k: v.to(dtype) for k, v in hunyuan.hunyuan_to_original_keys(dit.state_dict()).items()}, paths["dit"],
           {hunyuan.CONFIG_METADATA_KEY: json.dumps(TINY_HUNYUAN_CONFIG)})
+
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    hunyuan_text.write_tiny_tokenizers(paths["tokenizers"], _CORPUS)
+    llama_tok, clip_tok = hunyuan_text.load_tokenizers(paths["tokenizers"])
+    llama_config = dict(TINY_LLAMA, vocab_size=len(llama_tok))
+    llama = LlamaModel(LlamaConfig(**llama_config))
+    _save({f"model.{k}": v.to(dtype) for k, v in llama.state_dict().items()}, paths["llama"],
+          {hunyuan_text.LLAMA_CONFIG_KEY: json.dumps(llama_config)})
+    clip_config = dict(TINY_CLIP, vocab_size=len(clip_tok), bos_token_id=clip_tok.bos_token_id,
+                       eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id)
+    clip = CLIPTextModel(CLIPTextConfig(**clip_config))
+    _save({"text_model." + k.removeprefix("text_model."): v.to(dtype) for k, v in clip.state_dict().items()
+           if not k.endswith("position_ids")}, paths["clip"],
+          {hunyuan_text.CLIP_CONFIG_KEY: json.dumps(clip_config)})
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    vae = AutoencoderKLHunyuanVideo(**TINY_HUNYUAN_VAE)
+    _save({k: v.to(dtype) for k, v in vae.state_dict().items()}, paths["vae"],
+          {hunyuan_vae.CONFIG_METADATA_KEY: json.dumps(TINY_HUNYUAN_VAE)})
+    assert TINY_LLAMA["hidden_size"] == TINY_HUNYUAN_CONFIG["text_embed_dim"]
+    assert TINY_CLIP["hidden_size"] == TINY_HUNYUAN_CONFIG["pooled_projection_dim"]
     stamp.write_text(_HUNYUAN_VERSION)
     return paths
 

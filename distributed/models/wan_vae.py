@@ -1,4 +1,6 @@
-"""Wan-VAE decode (diffusers AutoencoderKLWan) from ComfyUI's vae single file or a diffusers folder."""
+"""Wan-VAE decode (diffusers AutoencoderKLWan) from ComfyUI's vae single file or a diffusers folder.
+
+`decode_video` serves both video VAEs (Wan and HunyuanVideo): raw latent in, IMAGE frames out."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device="c
 
 
 @torch.no_grad()
-def decode_wan(vae, latent: torch.Tensor) -> torch.Tensor:
+def decode_video(vae, latent: torch.Tensor) -> torch.Tensor:
     """Raw-space latent [B, 16, T, H, W] -> IMAGE frames [B*T', 8H, 8W, 3] in 0..1 (T' = 4(T-1)+1)."""
     param = next(vae.parameters())
     video = vae.decode(latent.to(device=param.device, dtype=param.dtype)).sample  # (B, 3, T', H', W') in -1..1
