@@ -1,8 +1,9 @@
 """`usp-video`: the command line. It drives the same group client and checks as the ComfyUI nodes.
 
-    usp-video demo                       tiny random Wan model set, text -> video on 2 CPU ranks
-    usp-video make-tiny-models DIR       write the tiny model set in ComfyUI's models/ layout
+    usp-video demo [--model hunyuan]     tiny random model set, text -> video on 2 CPU ranks
+    usp-video make-tiny-models DIR       write the tiny model sets (Wan 2.1, HunyuanVideo) in ComfyUI's layout
     usp-video generate --dit F --text-encoder F --vae F --prompt "..." [--ranks N --ulysses U --ring R]
+    usp-video generate --dit HUNYUAN_F --llama F --clip F --tokenizers DIR --vae F --prompt "..." ...
     usp-video queue WORKFLOW_API.json --server http://127.0.0.1:8188 [--set NODE.INPUT=VALUE ...]
     usp-video plan --model wan-14b --gpus 8 --size 1280x720x81 [--link nvlink|pcie|xgmi]
 """
@@ -63,8 +64,19 @@ def generate(args: argparse.Namespace) -> Path | None:
 
     from . import api
     from .client import GroupConfig, UspGroup, free_group
+    from .models.families import HUNYUAN, WAN
 
     check_video_size(args.width, args.height, args.frames)
+    family, _ = api.check_dit_file(args.dit)
+    if family is HUNYUAN:
+        missing = [f"--{n}" for n in ("llama", "clip", "tokenizers") if not getattr(args, n, None)]
+        if missing:
+            raise ValueError(f"{Path(args.dit).name} is a HunyuanVideo model: give its text encoders with "
+                             f"{', '.join(missing)} (llava_llama3 file, clip_l file, tokenizer folder)")
+    elif not getattr(args, "text_encoder", None):
+        raise ValueError(f"{Path(args.dit).name} is a Wan 2.1 model: give its text encoder with --text-encoder "
+                         "(umt5_xxl file)")
+    negative_prompt = args.negative if args.negative is not None else (WAN_NEGATIVE if family is WAN else "")
     if getattr(args, "attach", None):  # a group started with torchrun, e.g. on several hosts
         secret = os.environ.get("USP_VIDEO_SECRET")
         if not secret:
@@ -83,10 +95,17 @@ def generate(args: argparse.Namespace) -> Path | None:
     started = time.monotonic()
     try:
         info = api.load_dit(group, args.dit)
-        print(f"model: {info['layers']} layers, {info['heads']} heads; {ranks} rank(s): "
+        print(f"model: {info['model']}, {info['layers']} layers, {info['heads']} heads; {ranks} rank(s): "
               f"ulysses={info['ulysses']} x ring={info['ring']}", flush=True)
-        positive = api.encode_text(group, args.text_encoder, args.prompt)
-        negative = api.encode_text(group, args.text_encoder, args.negative) if args.cfg != 1.0 else None
+        cfg = family.cfg if args.cfg is None else args.cfg
+        if family is HUNYUAN:
+            def encode(prompt):
+                return api.encode_hunyuan_text(group, args.llama, args.clip, args.tokenizers, prompt)
+        else:
+            def encode(prompt):
+                return api.encode_text(group, args.text_encoder, prompt), None
+        positive, positive_pooled = encode(args.prompt)
+        negative, negative_pooled = encode(negative_prompt) if cfg != 1.0 else (None, None)
         latent = torch.zeros(1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
 
         def progress(event: dict) -> None:
@@ -95,8 +114,11 @@ def generate(args: argparse.Namespace) -> Path | None:
                   f"ETA {per_step * (event['total'] - event['step']):.0f} s", flush=True)
 
         samples, _ = api.sample(group, args.dit, positive=positive, negative=negative, latent=latent,
-                                seed=args.seed, steps=args.steps, cfg=args.cfg, shift=args.shift,
-                                sampler=args.sampler, text_dim=info["text_dim"], on_progress=progress)
+                                seed=args.seed, steps=args.steps, cfg=cfg,
+                                shift=family.shift if args.shift is None else args.shift,
+                                sampler=args.sampler or family.sampler, text_dim=info["text_dim"],
+                                positive_pooled=positive_pooled, negative_pooled=negative_pooled,
+                                guidance=args.guidance, on_progress=progress)
         if args.save_latent:
             save_latent(samples, Path(args.save_latent))
             print(f"latent: {args.save_latent}")
@@ -115,17 +137,30 @@ def default_tiny_dir() -> Path:
 
 
 def demo(args: argparse.Namespace) -> None:
-    from .models.tiny import make_tiny_models
+    from .models.tiny import make_tiny_hunyuan_models, make_tiny_models
 
-    paths = make_tiny_models(args.models_dir)
-    print(f"tiny Wan 2.1 model set: {args.models_dir}")
-    gen = argparse.Namespace(
-        dit=str(paths["dit"]), text_encoder=str(paths["text_encoder"]), vae=str(paths["vae"]),
-        prompt="a cat walks on the beach at sunset", negative=WAN_NEGATIVE, width=64, height=48, frames=9,
-        steps=4, cfg=5.0, shift=5.0, seed=42, sampler="unipc", device="cpu", gpus="", ranks=args.ranks,
-        ulysses="auto", ring="auto", dtype="fp32", attention="sdpa", threads_per_rank=1, fps=8.0,
-        save_latent=None, out=args.out)
+    common = dict(prompt="a cat walks on the beach at sunset", width=64, height=48, frames=9, steps=4, seed=42,
+                  device="cpu", gpus="", ranks=args.ranks, ulysses="auto", ring="auto", dtype="fp32",
+                  attention="sdpa", threads_per_rank=1, fps=8.0, save_latent=None, out=args.out, guidance=6.0)
+    if args.model == "hunyuan":
+        paths = make_tiny_hunyuan_models(args.models_dir)
+        print(f"tiny HunyuanVideo model set: {args.models_dir}")
+        gen = argparse.Namespace(dit=str(paths["dit"]), llama=str(paths["llama"]), clip=str(paths["clip"]),
+                                 tokenizers=str(paths["tokenizers"]), vae=str(paths["vae"]), negative="",
+                                 cfg=1.0, shift=7.0, sampler="euler", **common)
+    else:
+        paths = make_tiny_models(args.models_dir)
+        print(f"tiny Wan 2.1 model set: {args.models_dir}")
+        gen = argparse.Namespace(dit=str(paths["dit"]), text_encoder=str(paths["text_encoder"]), vae=str(paths["vae"]),
+                                 negative=WAN_NEGATIVE, cfg=5.0, shift=5.0, sampler="unipc", **common)
     generate(gen)
+
+
+def make_tiny(args: argparse.Namespace) -> None:
+    from .models.tiny import make_tiny_hunyuan_models, make_tiny_models
+
+    for path in (*make_tiny_models(args.dir).values(), *make_tiny_hunyuan_models(args.dir).values()):
+        print(path)
 
 
 def queue(args: argparse.Namespace) -> None:
@@ -157,28 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run text -> video on the built-in tiny model (2 CPU ranks)")
     p.add_argument("--models-dir", type=Path, default=default_tiny_dir())
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--model", choices=["wan", "hunyuan"], default="wan")
     p.add_argument("--out", type=Path, default=Path("usp-video-demo.webp"))
     p.set_defaults(func=demo)
 
-    p = sub.add_parser("make-tiny-models", help="write the tiny model set in ComfyUI's models/ layout")
+    p = sub.add_parser("make-tiny-models", help="write the tiny model sets in ComfyUI's models/ layout")
     p.add_argument("dir", type=Path)
-    p.set_defaults(func=lambda a: [print(v) for v in __import__(
-        "usp_video.distributed.models.tiny", fromlist=["make_tiny_models"]).make_tiny_models(a.dir).values()])
+    p.set_defaults(func=make_tiny)
 
     p = sub.add_parser("generate", help="text -> video with given model files")
-    p.add_argument("--dit", required=True, help="Wan 2.1 T2V .safetensors file or diffusers folder")
-    p.add_argument("--text-encoder", required=True, help="umt5_xxl .safetensors file or diffusers folder")
-    p.add_argument("--vae", help="wan_2.1_vae .safetensors file or diffusers folder (needed for --out)")
+    p.add_argument("--dit", required=True, help="Wan 2.1 or HunyuanVideo T2V .safetensors file or diffusers folder")
+    p.add_argument("--text-encoder", help="Wan: umt5_xxl .safetensors file or diffusers folder")
+    p.add_argument("--llama", help="HunyuanVideo: llava_llama3 .safetensors file or diffusers text_encoder folder")
+    p.add_argument("--clip", help="HunyuanVideo: clip_l .safetensors file or diffusers text_encoder_2 folder")
+    p.add_argument("--tokenizers", help="HunyuanVideo: folder with the Llama 3 and CLIP tokenizers (llama/ and "
+                                        "clip/, a diffusers HunyuanVideo folder, or a ComfyUI checkout)")
+    p.add_argument("--vae", help="the model's VAE .safetensors file or diffusers folder (needed for --out)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative", default=WAN_NEGATIVE)
+    p.add_argument("--negative", default=None, help="negative prompt (used when cfg != 1; Wan: its default)")
+    p.add_argument("--guidance", type=float, default=6.0, help="HunyuanVideo's embedded guidance")
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=5.0)
-    p.add_argument("--shift", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, default=None, help="default: Wan 5.0, HunyuanVideo 1.0")
+    p.add_argument("--shift", type=float, default=None, help="default: Wan 5.0, HunyuanVideo 7.0")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="unipc", choices=["unipc", "euler"])
+    p.add_argument("--sampler", default=None, choices=["unipc", "euler"],
+                   help="default: Wan unipc, HunyuanVideo euler")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--gpus", default="", help="GPU indices, e.g. 0,1,2,3 (default: all)")
     p.add_argument("--ranks", type=int, default=1, help="number of CPU ranks (device cpu)")

@@ -21,7 +21,8 @@ def check_latent(latent: torch.Tensor, name: str = "latent") -> None:
         raise ValueError(f"{name} must be a video latent [batch, 16, frames, height/8, width/8], got {shape}; "
                          "use an empty video latent node (e.g. EmptyHunyuanLatentVideo)")
     if latent.shape[1] != LATENT_CHANNELS:
-        raise ValueError(f"{name} has {latent.shape[1]} channels; Wan 2.1 latents have {LATENT_CHANNELS} "
+        raise ValueError(f"{name} has {latent.shape[1]} channels; Wan 2.1 and HunyuanVideo latents have "
+                         f"{LATENT_CHANNELS} "
                          "(was it made for another model?)")
     if latent.shape[3] % 2 or latent.shape[4] % 2:
         raise ValueError(f"{name} is {latent.shape[4] * 8}x{latent.shape[3] * 8} pixels; width and height must "
@@ -38,9 +39,26 @@ def check_conditioning(cond: torch.Tensor, name: str, text_dim: int | None) -> N
         raise ValueError(f"{name} must be text embeddings [batch, tokens, dim], got {shape}")
     if text_dim is not None and cond.shape[2] != text_dim:
         raise ValueError(f"{name} has dimension {cond.shape[2]} but the model expects {text_dim} "
-                         "(Wan 2.1 uses the umt5-xxl text encoder)")
+                         "(Wan 2.1 uses the umt5-xxl text encoder; HunyuanVideo the llava-llama-3 one)")
     if not torch.isfinite(cond).all():
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_pooled(pooled, name: str, cond: torch.Tensor | None) -> None:
+    """HunyuanVideo's pooled CLIP-L vector: [batch or 1, dim], batch agreeing with its tokens."""
+    if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or not pooled.is_floating_point():
+        shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+        raise ValueError(f"{name} must be the pooled CLIP-L output [batch, 768], got {shape}")
+    if cond is not None and pooled.shape[0] not in (1, cond.shape[0]):
+        raise ValueError(f"{name} has batch {pooled.shape[0]} for conditioning of batch {cond.shape[0]}")
+    if not torch.isfinite(pooled).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def check_guidance(guidance) -> None:
+    if not (isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and math.isfinite(guidance)
+            and 0.0 <= guidance <= 100.0):
+        raise ValueError(f"guidance (HunyuanVideo's embedded guidance) must be in 0..100, got {guidance!r}")
 
 
 def check_sampling(*, seed: int, steps: int, cfg: float, shift: float, sampler: str, denoise: float) -> None:

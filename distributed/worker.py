@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from . import protocol
 from .engine import Engine, SampleRequest, SamplingInterrupted
-from .validation import check_latent, check_sample_tensors, check_sampling
+from .validation import check_guidance, check_latent, check_pooled, check_sample_tensors, check_sampling
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECRET_ENV = "USP_VIDEO_SECRET"
@@ -217,6 +217,10 @@ class Worker:
         if kind == "encode":
             path, prompt = _field(header, "path", str), _field(header, "prompt", str)
             return ({"type": "ok"}, {"cond": engine.encode(path, prompt)}) if self.rank == 0 else None
+        if kind == "encode_hunyuan":
+            paths = [_field(header, name, str) for name in ("llama", "clip", "tokenizers")]
+            cond, pooled = engine.encode_hunyuan(*paths, _field(header, "prompt", str))
+            return ({"type": "ok"}, {"cond": cond, "pooled": pooled}) if self.rank == 0 else None
         if kind == "decode":
             path, latent = _field(header, "path", str), _field(tensors, "latent", torch.Tensor)
             check_latent(latent, "latent")
@@ -234,10 +238,16 @@ class Worker:
                 dit=str(header["dit"]), positive=tensors["positive"], negative=tensors.get("negative"),
                 latent=tensors["latent"], seed=int(header["seed"]), steps=int(header["steps"]),
                 cfg=float(header["cfg"]), shift=float(header["shift"]), sampler=str(header["sampler"]),
-                denoise=float(header.get("denoise", 1.0)))
+                denoise=float(header.get("denoise", 1.0)), guidance=float(header.get("guidance", 6.0)),
+                positive_pooled=tensors.get("positive_pooled"), negative_pooled=tensors.get("negative_pooled"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed sample request: missing or wrong field {exc}") from None
         check_sample_tensors(request.positive, request.negative, request.latent)
+        check_guidance(request.guidance)
+        for name, pooled, cond in (("positive_pooled", request.positive_pooled, request.positive),
+                                   ("negative_pooled", request.negative_pooled, request.negative)):
+            if pooled is not None:
+                check_pooled(pooled, name, cond)
         check_sampling(seed=request.seed, steps=request.steps, cfg=request.cfg, shift=request.shift,
                        sampler=request.sampler, denoise=request.denoise)
         start = time.monotonic()

@@ -53,4 +53,36 @@ def test_wrong_model_file_is_named(tiny_models):
     args[args.index("--dit") + 1] = tiny_models["text_encoder"]
     result = usp_video(*args, timeout=120)
     assert result.returncode == 2
-    assert "tiny_umt5.safetensors is not a Wan 2.1 diffusion model (looks like a T5/UMT5 text encoder)" in result.stderr
+    assert ("tiny_umt5.safetensors is neither a Wan 2.1 nor a HunyuanVideo diffusion model "
+            "(looks like a T5/UMT5 text encoder)") in result.stderr
+
+
+def hunyuan_args(tiny_hunyuan, *extra):
+    return ["generate", "--dit", tiny_hunyuan["dit"], "--llama", tiny_hunyuan["llama"], "--clip", tiny_hunyuan["clip"],
+            "--tokenizers", tiny_hunyuan["tokenizers"], "--vae", tiny_hunyuan["vae"],
+            "--prompt", "a dog runs across a green field", "--width", "80", "--height", "48", "--frames", "9",
+            "--steps", "4", "--seed", "11", "--threads-per-rank", "1", *extra]
+
+
+def test_hunyuan_generate_1_rank_and_3_ranks_agree(tiny_hunyuan, tmp_path):
+    one = usp_video(*hunyuan_args(tiny_hunyuan, "--ranks", "1", "--save-latent", str(tmp_path / "one.safetensors"),
+                                  "--out", str(tmp_path / "one.webp")))
+    assert one.returncode == 0, one.stderr
+    assert "model: HunyuanVideo" in one.stdout
+    three = usp_video(*hunyuan_args(tiny_hunyuan, "--ranks", "3", "--save-latent", str(tmp_path / "three.safetensors")))
+    assert three.returncode == 0, three.stderr
+    assert "ulysses=3 x ring=1" in three.stdout
+    a = load_file(str(tmp_path / "one.safetensors"))["latent_tensor"]
+    b = load_file(str(tmp_path / "three.safetensors"))["latent_tensor"]
+    assert a.shape == (1, 16, 3, 6, 10)  # 3 x 3 x 5 = 45 video tokens
+    assert a.abs().max() > 0
+    assert rel_error(b, a) <= 1e-5
+    assert (tmp_path / "one.webp").stat().st_size > 0
+
+
+def test_hunyuan_without_its_text_encoders_is_named(tiny_hunyuan):
+    args = hunyuan_args(tiny_hunyuan)
+    del args[args.index("--clip"):args.index("--clip") + 2]
+    result = usp_video(*args, timeout=120)
+    assert result.returncode == 2
+    assert "is a HunyuanVideo model: give its text encoders with --clip" in result.stderr
