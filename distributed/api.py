@@ -30,9 +30,14 @@ def check_dit_file(path: str | Path) -> tuple[families.Family, dict]:
     return families.check_dit_file(path)
 
 
-def load_dit(group: GroupConfig | UspGroup, path: str | Path) -> dict:
-    """Load the DiT on every rank; returns heads, layers, text_dim and the chosen degrees."""
-    check_dit_file(path)
+def load_dit(group: GroupConfig | UspGroup, path: str | Path, family: str | None = None) -> dict:
+    """Load the DiT on every rank; returns its family, heads, layers, text_dim and the chosen degrees.
+    With `family` ("wan2.1", "hunyuan-video"), a file of the other family is refused by name."""
+    found, _ = check_dit_file(path)
+    if family is not None and found.name != family:
+        wanted = families.FAMILIES[family]
+        raise ValueError(f"{Path(path).name} is a {found.label} model, not {wanted.label}; load it with the "
+                         f"USP {found.label} loader (or pick a {wanted.label} file)")
     info, _ = _group(group).request({"type": "load_dit", "path": str(path)})
     return info
 

@@ -21,8 +21,8 @@ def check_latent(latent: torch.Tensor, name: str = "latent") -> None:
         raise ValueError(f"{name} must be a video latent [batch, 16, frames, height/8, width/8], got {shape}; "
                          "use an empty video latent node (e.g. EmptyHunyuanLatentVideo)")
     if latent.shape[1] != LATENT_CHANNELS:
-        raise ValueError(f"{name} has {latent.shape[1]} channels; Wan 2.1 and HunyuanVideo latents have "
-                         f"{LATENT_CHANNELS} "
+        raise ValueError(f"{name} has {latent.shape[1]} channels; Wan 2.1 latents have {LATENT_CHANNELS}, "
+                         "as do HunyuanVideo's "
                          "(was it made for another model?)")
     if latent.shape[3] % 2 or latent.shape[4] % 2:
         raise ValueError(f"{name} is {latent.shape[4] * 8}x{latent.shape[3] * 8} pixels; width and height must "

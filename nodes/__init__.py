@@ -1,6 +1,7 @@
 """ComfyUI nodes (classic V1 API): thin adapters over distributed.api."""
 
 from .group_node import UspFreeGroup, UspGroupNode
+from .hunyuan_nodes import UspHunyuanModelLoader, UspHunyuanSampler, UspHunyuanTextEncode, UspHunyuanTextEncoderLoader
 from .wan_nodes import (UspTextEncode, UspTextEncoderLoader, UspVaeDecode, UspVaeLoader, UspWanModelLoader,
                         UspWanSampler)
 
@@ -13,6 +14,10 @@ NODE_CLASS_MAPPINGS = {
     "UspWanSampler": UspWanSampler,
     "UspVaeLoader": UspVaeLoader,
     "UspVaeDecode": UspVaeDecode,
+    "UspHunyuanModelLoader": UspHunyuanModelLoader,
+    "UspHunyuanTextEncoderLoader": UspHunyuanTextEncoderLoader,
+    "UspHunyuanTextEncode": UspHunyuanTextEncode,
+    "UspHunyuanSampler": UspHunyuanSampler,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -22,6 +27,10 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "UspTextEncoderLoader": "USP Load Text Encoder (UMT5)",
     "UspTextEncode": "USP Text Encode (Wan)",
     "UspWanSampler": "USP Sampler (Wan 2.1)",
-    "UspVaeLoader": "USP Load VAE (Wan)",
+    "UspVaeLoader": "USP Load VAE (Wan / HunyuanVideo)",
     "UspVaeDecode": "USP VAE Decode",
+    "UspHunyuanModelLoader": "USP Load HunyuanVideo Model",
+    "UspHunyuanTextEncoderLoader": "USP Load Text Encoders (HunyuanVideo)",
+    "UspHunyuanTextEncode": "USP Text Encode (HunyuanVideo)",
+    "UspHunyuanSampler": "USP Sampler (HunyuanVideo)",
 }

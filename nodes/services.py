@@ -44,9 +44,9 @@ def model_path(folder: str, name: str) -> str:
 
 class Progress:
     """The node's progress bar in the page (ComfyUI) or nothing, with latent previews when the
-    user has previews on (ComfyUI's Latent2RGB for Wan 2.1 latents)."""
+    user has previews on (ComfyUI's Latent2RGB of the model's latent format: Wan21, HunyuanVideo)."""
 
-    def __init__(self, total: int, node_id: str | None = None):
+    def __init__(self, total: int, node_id: str | None = None, latent_format: str = "Wan21"):
         self.bar = _comfy_utils.ProgressBar(total, node_id=node_id) if IN_COMFYUI else None
         self.total = total
         self.value = 0
@@ -56,7 +56,7 @@ class Progress:
                 import comfy.latent_formats
                 import latent_preview
 
-                self.previewer = latent_preview.get_previewer("cpu", comfy.latent_formats.Wan21())
+                self.previewer = latent_preview.get_previewer("cpu", getattr(comfy.latent_formats, latent_format)())
             except Exception:  # previews are a nicety: never fail a run over them
                 self.previewer = None
 
@@ -71,6 +71,15 @@ class Progress:
             if x0 is not None and self.previewer is not None:
                 preview = self.previewer.decode_latent_to_preview_image("JPEG", x0)
             self.bar.update_absolute(value, total or self.total, preview)
+
+
+def comfyui_dir() -> Path | None:
+    """The ComfyUI checkout this process runs in (its bundled tokenizers live there), if any."""
+    if not IN_COMFYUI:
+        return None
+    import comfy
+
+    return Path(comfy.__file__).resolve().parent.parent
 
 
 def interrupt_requested() -> bool:

@@ -1,27 +1,17 @@
-"""The Wan 2.1 nodes: thin adapters between ComfyUI types and distributed.api."""
+"""The Wan 2.1 nodes (and the VAE nodes both models use): thin adapters between ComfyUI types
+and distributed.api."""
 
 from __future__ import annotations
 
 import logging
-import time
 
 from ..distributed import api
-from ..distributed.client import Interrupted
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
+from .common import conditioning_parts, run_sampler
 from .group_node import CATEGORY
 
 log = logging.getLogger("usp_video")
-
-
-def _conditioning_tensor(conditioning, name: str):
-    """CONDITIONING ([[tensor, dict], ...]) -> the tensor; only plain text conditioning is supported."""
-    if not isinstance(conditioning, list) or not conditioning:
-        raise ValueError(f"{name}: expected CONDITIONING from a text-encode node")
-    if len(conditioning) > 1:
-        raise ValueError(f"{name}: combined/area conditioning ({len(conditioning)} entries) is not supported; "
-                         "connect a single text encode")
-    return conditioning[0][0]
 
 
 class UspWanModelLoader:
@@ -43,7 +33,7 @@ class UspWanModelLoader:
 
     def load(self, group, model_name):
         path = services.model_path("diffusion_models", model_name)
-        info = api.load_dit(group, path)
+        info = api.load_dit(group, path, family="wan2.1")
         text = (f"{model_name}: {info['layers']} layers, {info['heads']} heads; "
                 f"ulysses={info['ulysses']} x ring={info['ring']}")
         log.info("usp-video: %s", text)
@@ -120,42 +110,21 @@ class UspWanSampler:
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, shift, sampler_name, denoise,
                node_id=None):
-        if "noise_mask" in latent_image:
-            raise ValueError("latent_image has a noise mask; masked (inpainting) sampling is not supported")
-        progress = services.Progress(steps, node_id)
-        started = time.monotonic()
-
-        def on_progress(event: dict) -> None:
-            progress.update(event["step"], event["total"], event.get("x0"))
-            per_step = event["elapsed"] / event["step"]
-            log.info("usp-video: step %d/%d, %.2f s/step, ETA %.0f s", event["step"], event["total"], per_step,
-                     per_step * (event["total"] - event["step"]))
-
-        try:
-            samples, info = api.sample(
-                model["group"], model["path"], positive=_conditioning_tensor(positive, "positive"),
-                negative=_conditioning_tensor(negative, "negative"), latent=latent_image["samples"], seed=seed,
-                steps=steps, cfg=cfg, shift=shift, sampler=sampler_name, denoise=denoise,
-                text_dim=model["info"].get("text_dim"), on_progress=on_progress,
-                should_cancel=services.interrupt_requested, preview=progress.wants_preview)
-        except Interrupted:
-            services.throw_if_interrupted()
-            raise
-        log.info("usp-video: sampled %d steps in %.1f s (ulysses=%d ring=%d)", steps, time.monotonic() - started,
-                 info["ulysses"], info["ring"])
-        out = latent_image.copy()  # never mutate a cached input
-        out["samples"] = samples
-        return (out,)
+        return run_sampler(model, positive, negative, latent_image, node_id, latent_format="Wan21", seed=seed,
+                           steps=steps, cfg=cfg, shift=shift, sampler=sampler_name, denoise=denoise,
+                           positive=conditioning_parts(positive, "positive")[0],
+                           negative=conditioning_parts(negative, "negative")[0])
 
 
 class UspVaeLoader:
-    DESCRIPTION = "Loads the Wan 2.1 VAE on rank 0 of the USP group."
+    DESCRIPTION = "Loads a video VAE (Wan 2.1 or HunyuanVideo) on rank 0 of the USP group."
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "group": ("USP_GROUP",),
-            "vae_name": (services.list_models("vae"), {"tooltip": "wan_2.1_vae.safetensors from models/vae."}),
+            "vae_name": (services.list_models("vae"), {"tooltip": "wan_2.1_vae.safetensors or "
+                                                                  "hunyuan_video_vae_bf16.safetensors from models/vae."}),
         }}
 
     RETURN_TYPES = ("USP_VAE",)
@@ -168,7 +137,7 @@ class UspVaeLoader:
 
 
 class UspVaeDecode:
-    DESCRIPTION = "Decodes a Wan 2.1 video latent to frames on the USP group."
+    DESCRIPTION = "Decodes a Wan 2.1 or HunyuanVideo latent to frames on the USP group (tiled for HunyuanVideo)."
 
     @classmethod
     def INPUT_TYPES(cls):

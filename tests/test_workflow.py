@@ -26,9 +26,11 @@ def widget_names(cls) -> list[str]:
     return names
 
 
-def test_shipped_files_are_current():
-    assert json.loads((WORKFLOWS / "wan21_t2v_usp_api.json").read_text()) == make_workflows.to_api(make_workflows.WAN_T2V)
-    assert json.loads((WORKFLOWS / "wan21_t2v_usp.json").read_text()) == make_workflows.to_ui(make_workflows.WAN_T2V)
+@pytest.mark.parametrize("name", sorted(make_workflows.WORKFLOWS))
+def test_shipped_files_are_current(name):
+    graph = make_workflows.WORKFLOWS[name]
+    assert json.loads((WORKFLOWS / f"{name}_api.json").read_text()) == make_workflows.to_api(graph)
+    assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == make_workflows.to_ui(graph)
 
 
 @pytest.mark.parametrize("class_type", sorted(c for c in make_workflows.WIDGETS if c in NODE_CLASS_MAPPINGS))
@@ -36,8 +38,9 @@ def test_ui_widget_order_matches_node_inputs(class_type):
     assert make_workflows.WIDGETS[class_type] == widget_names(NODE_CLASS_MAPPINGS[class_type])
 
 
-def test_ui_widget_values_are_valid_choices():
-    ui = json.loads((WORKFLOWS / "wan21_t2v_usp.json").read_text())
+@pytest.mark.parametrize("name", sorted(make_workflows.WORKFLOWS))
+def test_ui_widget_values_are_valid_choices(name):
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     for node in ui["nodes"]:
         cls = NODE_CLASS_MAPPINGS.get(node["type"])
         if cls is None:
@@ -115,5 +118,59 @@ def test_sampler_node_takes_native_formats_and_leaves_inputs_unchanged(tiny_mode
         with pytest.raises(ValueError, match="dimension 4096 but the model expects 32"):
             N["UspWanSampler"]().sample(model, [[torch.zeros(1, 512, 4096), {}]], negative, latent,
                                         3, 2, 5.0, 5.0, "euler", 1.0)
+    finally:
+        free_group()
+
+
+def hunyuan_prompt(tiny_hunyuan: dict, steps: int = 3) -> dict:
+    prompt = json.loads((WORKFLOWS / "hunyuan_video_t2v_usp_api.json").read_text())
+    prompt["1"]["inputs"].update(device="cpu", cpu_ranks=3)
+    prompt["2"]["inputs"]["model_name"] = Path(tiny_hunyuan["dit"]).name
+    prompt["3"]["inputs"].update(llama_name=Path(tiny_hunyuan["llama"]).name,
+                                 clip_name=Path(tiny_hunyuan["clip"]).name, tokenizer_folder=tiny_hunyuan["tokenizers"])
+    prompt["8"]["inputs"]["vae_name"] = Path(tiny_hunyuan["vae"]).name
+    prompt["6"]["inputs"].update(width=64, height=48, length=9)
+    prompt["7"]["inputs"]["steps"] = steps
+    return prompt
+
+
+def test_hunyuan_api_workflow_runs_through_the_nodes(tiny_hunyuan, tmp_path, monkeypatch):
+    from usp_video.distributed.client import _CURRENT, free_group
+    from usp_video.distributed.engine import Engine, SampleRequest
+    from usp_video.nodes import NODE_CLASS_MAPPINGS as N
+
+    monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_hunyuan["dit"]).parents[1]))
+    try:
+        results = execute(hunyuan_prompt(tiny_hunyuan), tmp_path)
+        frames = results["9"][0]
+        assert frames.shape == (9, 48, 64, 3) and 0.0 <= frames.min() and frames.max() <= 1.0
+        assert (tmp_path / "usp_video" / "hunyuan_00001_.webp").is_file()
+        assert "ulysses=3 x ring=1" in results["2"][1]
+        (cond, extra), = results["4"][0]  # native CLIPTextEncode format: tokens plus pooled_output
+        assert cond.shape[0] == 1 and cond.shape[2] == 32 and extra["pooled_output"].shape == (1, 16)
+        latent = results["7"][0]["samples"]
+        assert latent.shape == (1, 16, 3, 6, 8)
+        status, _ = _CURRENT["group"].request({"type": "ping"})
+        assert status["load_counts"] == {"dit": 1, "llama": 1, "clip": 1, "tokenizers": 1, "vae": 1}
+
+        # the same request in one process, without the group: the 3 ranks gave the same latent
+        expected = Engine().sample(SampleRequest(
+            dit=tiny_hunyuan["dit"], positive=cond, positive_pooled=extra["pooled_output"], negative=None,
+            latent=torch.zeros(1, 16, 3, 6, 8), seed=42, steps=3, cfg=1.0, shift=7.0, sampler="euler", guidance=6.0))
+        assert (latent - expected).norm() / expected.norm() <= 1e-5
+
+        # native conditioning: FluxGuidance's "guidance" wins over the widget; no pooled output is refused
+        model = results["2"][0]
+        small = {"samples": torch.zeros(1, 16, 2, 4, 4)}
+        a, = N["UspHunyuanSampler"]().sample(model, [[cond, {"pooled_output": extra["pooled_output"], "guidance": 2.0}]],
+                                             [[cond, {}]], small, 1, 2, 1.0, 6.0, 7.0, "euler", 1.0)
+        b, = N["UspHunyuanSampler"]().sample(model, [[cond, {"pooled_output": extra["pooled_output"]}]],
+                                             [[cond, {}]], small, 1, 2, 1.0, 2.0, 7.0, "euler", 1.0)
+        torch.testing.assert_close(a["samples"], b["samples"], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="positive: this CONDITIONING has no pooled_output"):
+            N["UspHunyuanSampler"]().sample(model, [[cond, {}]], [[cond, {}]], small, 1, 2, 1.0, 6.0, 7.0,
+                                            "euler", 1.0)
+        with pytest.raises(ValueError, match="is a HunyuanVideo model, not Wan 2.1"):
+            N["UspWanModelLoader"]().load(_CURRENT["group"].config, Path(tiny_hunyuan["dit"]).name)
     finally:
         free_group()

@@ -1,7 +1,9 @@
 """Writes the shipped workflows from one definition, in both formats:
 
-    wan21_t2v_usp.json       UI format (drag into the ComfyUI page / template browser)
-    wan21_t2v_usp_api.json   API format (POST /prompt, `usp-video queue`)
+    wan21_t2v_usp.json               UI format (drag into the ComfyUI page / template browser)
+    wan21_t2v_usp_api.json           API format (POST /prompt, `usp-video queue`)
+    hunyuan_video_t2v_usp.json       the same for HunyuanVideo
+    hunyuan_video_t2v_usp_api.json
 
 Run `python -m usp_video.workflows.make_workflows` after changing a node's inputs; a test checks
 that the UI file's widget values convert to exactly the API file.
@@ -41,6 +43,31 @@ WAN_T2V = {
          (1560, 240)),
 }
 
+HUNYUAN_T2V = {
+    1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600], {},
+        [("group", "USP_GROUP"), ("info", "STRING")], (40, 60)),
+    2: ("UspHunyuanModelLoader", None, ["hunyuan_video_t2v_720p_bf16.safetensors"], {"group": (1, 0)},
+        [("model", "USP_HUNYUAN_MODEL"), ("info", "STRING")], (420, 60)),
+    3: ("UspHunyuanTextEncoderLoader", None, ["llava_llama3_fp8_scaled.safetensors", "clip_l.safetensors", ""],
+        {"group": (1, 0)}, [("text_encoder", "USP_HUNYUAN_TEXT_ENCODER")], (420, 220)),
+    4: ("UspHunyuanTextEncode", "Positive prompt",
+        ["A red fox trots through fresh snow in a birch forest at sunrise, cinematic, soft light"],
+        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (780, 60)),
+    5: ("UspHunyuanTextEncode", "Negative prompt (used when cfg > 1)", [""], {"text_encoder": (3, 0)},
+        [("CONDITIONING", "CONDITIONING")], (780, 300)),
+    6: ("EmptyHunyuanLatentVideo", None, [848, 480, 73, 1], {}, [("LATENT", "LATENT")], (780, 540)),
+    7: ("UspHunyuanSampler", None, [42, "fixed", 30, 1.0, 6.0, 7.0, "euler", 1.0],
+        {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+        [("LATENT", "LATENT")], (1200, 60)),
+    8: ("UspVaeLoader", None, ["hunyuan_video_vae_bf16.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")],
+        (1200, 420)),
+    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1560, 60)),
+    10: ("SaveAnimatedWEBP", None, ["usp_video/hunyuan", 24.0, False, 90, "default"], {"images": (9, 0)}, [],
+         (1560, 240)),
+}
+
+WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "hunyuan_video_t2v_usp": HUNYUAN_T2V}
+
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
 SOCKETS = {
     "UspWanModelLoader": [("group", "USP_GROUP")], "UspTextEncoderLoader": [("group", "USP_GROUP")],
@@ -49,9 +76,14 @@ SOCKETS = {
                       ("latent_image", "LATENT")],
     "UspVaeLoader": [("group", "USP_GROUP")], "UspVaeDecode": [("vae", "USP_VAE"), ("samples", "LATENT")],
     "SaveAnimatedWEBP": [("images", "IMAGE")],
+    "UspHunyuanModelLoader": [("group", "USP_GROUP")], "UspHunyuanTextEncoderLoader": [("group", "USP_GROUP")],
+    "UspHunyuanTextEncode": [("text_encoder", "USP_HUNYUAN_TEXT_ENCODER")],
+    "UspHunyuanSampler": [("model", "USP_HUNYUAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                          ("latent_image", "LATENT")],
 }
 
 SIZES = {"UspGroup": (340, 300), "UspTextEncode": (380, 200), "UspWanSampler": (340, 290),
+         "UspHunyuanTextEncode": (380, 200), "UspHunyuanSampler": (340, 320), "UspHunyuanTextEncoderLoader": (340, 150),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80)}
 
 # Widget names in order, for converting to API format (ours are checked against INPUT_TYPES in a test).
@@ -62,6 +94,10 @@ WIDGETS = {
     "UspWanSampler": ["seed", "control_after_generate", "steps", "cfg", "shift", "sampler_name", "denoise"],
     "UspVaeLoader": ["vae_name"], "UspVaeDecode": [],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
+    "UspHunyuanModelLoader": ["model_name"], "UspHunyuanTextEncode": ["text"],
+    "UspHunyuanTextEncoderLoader": ["llama_name", "clip_name", "tokenizer_folder"],
+    "UspHunyuanSampler": ["seed", "control_after_generate", "steps", "cfg", "guidance", "shift", "sampler_name",
+                          "denoise"],
 }
 
 
@@ -109,8 +145,9 @@ def to_ui(graph: dict) -> dict:
 
 
 def main() -> None:
-    (HERE / "wan21_t2v_usp.json").write_text(json.dumps(to_ui(WAN_T2V), indent=2, ensure_ascii=False) + "\n")
-    (HERE / "wan21_t2v_usp_api.json").write_text(json.dumps(to_api(WAN_T2V), indent=2, ensure_ascii=False) + "\n")
+    for name, graph in WORKFLOWS.items():
+        (HERE / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2, ensure_ascii=False) + "\n")
+        (HERE / f"{name}_api.json").write_text(json.dumps(to_api(graph), indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""What the sampler nodes of both models share: reading CONDITIONING and running the sampler."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..distributed import api
+from ..distributed.client import Interrupted
+from . import services
+
+log = logging.getLogger("usp_video")
+
+
+def conditioning_parts(conditioning, name: str):
+    """CONDITIONING ([[tensor, dict]]) -> (tensor, dict); only plain text conditioning is supported.
+
+    A native conditioning whose dict carries an attention_mask (ComfyUI drops it when nothing is
+    masked) keeps only its unmasked tokens, which is what the model attends to."""
+    if not isinstance(conditioning, list) or not conditioning:
+        raise ValueError(f"{name}: expected CONDITIONING from a text-encode node")
+    if len(conditioning) > 1:
+        raise ValueError(f"{name}: combined/area conditioning ({len(conditioning)} entries) is not supported; "
+                         "connect a single text encode")
+    tensor, extra = conditioning[0][0], conditioning[0][1] if len(conditioning[0]) > 1 else {}
+    mask = extra.get("attention_mask") if isinstance(extra, dict) else None
+    if mask is not None and tensor.shape[0] == 1:
+        tensor = tensor[:, mask[0].bool()]
+    return tensor, extra if isinstance(extra, dict) else {}
+
+
+def run_sampler(model: dict, positive_conditioning, negative_conditioning, latent_image: dict, node_id,
+                latent_format: str, **request) -> tuple[dict]:
+    """Sample on the group with the page's progress bar, previews and Cancel; returns (LATENT,)."""
+    if "noise_mask" in latent_image:
+        raise ValueError("latent_image has a noise mask; masked (inpainting) sampling is not supported")
+    steps = request["steps"]
+    progress = services.Progress(steps, node_id, latent_format)
+    started = time.monotonic()
+
+    def on_progress(event: dict) -> None:
+        progress.update(event["step"], event["total"], event.get("x0"))
+        per_step = event["elapsed"] / event["step"]
+        log.info("usp-video: step %d/%d, %.2f s/step, ETA %.0f s", event["step"], event["total"], per_step,
+                 per_step * (event["total"] - event["step"]))
+
+    try:
+        samples, info = api.sample(model["group"], model["path"], latent=latent_image["samples"],
+                                   text_dim=model["info"].get("text_dim"), on_progress=on_progress,
+                                   should_cancel=services.interrupt_requested, preview=progress.wants_preview,
+                                   **request)
+    except Interrupted:
+        services.throw_if_interrupted()
+        raise
+    log.info("usp-video: sampled %d steps in %.1f s (ulysses=%d ring=%d)", steps, time.monotonic() - started,
+             info["ulysses"], info["ring"])
+    out = latent_image.copy()  # never mutate a cached input
+    out["samples"] = samples
+    return (out,)
