@@ -12,6 +12,16 @@ from . import services
 log = logging.getLogger("usp_video")
 
 
+def load_model(group, model_name: str, family: str) -> tuple[dict, str]:
+    """A DiT from models/diffusion_models on every rank: (the model socket's value, the info text)."""
+    path = services.model_path("diffusion_models", model_name)
+    info = api.load_dit(group, path, family=family)
+    text = (f"{model_name}: {info['layers']} layers, {info['heads']} heads; "
+            f"ulysses={info['ulysses']} x ring={info['ring']}")
+    log.info("usp-video: %s", text)
+    return {"group": group, "path": path, "info": info}, text
+
+
 def conditioning_parts(conditioning, name: str):
     """CONDITIONING ([[tensor, dict]]) -> (tensor, dict); only plain text conditioning is supported.
 

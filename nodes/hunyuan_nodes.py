@@ -3,15 +3,12 @@ The VAE nodes are shared with Wan (wan_nodes.UspVaeLoader / UspVaeDecode)."""
 
 from __future__ import annotations
 
-import logging
 
 from ..distributed import api
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
-from .common import conditioning_parts, run_sampler
+from .common import conditioning_parts, load_model, run_sampler
 from .group_node import CATEGORY
-
-log = logging.getLogger("usp_video")
 
 
 class UspHunyuanModelLoader:
@@ -32,12 +29,7 @@ class UspHunyuanModelLoader:
     CATEGORY = CATEGORY
 
     def load(self, group, model_name):
-        path = services.model_path("diffusion_models", model_name)
-        info = api.load_dit(group, path, family="hunyuan-video")
-        text = (f"{model_name}: {info['layers']} blocks, {info['heads']} heads; "
-                f"ulysses={info['ulysses']} x ring={info['ring']}")
-        log.info("usp-video: %s", text)
-        return ({"group": group, "path": path, "info": info}, text)
+        return load_model(group, model_name, "hunyuan-video")
 
 
 class UspHunyuanTextEncoderLoader:

@@ -3,15 +3,12 @@ and distributed.api."""
 
 from __future__ import annotations
 
-import logging
 
 from ..distributed import api
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
-from .common import conditioning_parts, run_sampler
+from .common import conditioning_parts, load_model, run_sampler
 from .group_node import CATEGORY
-
-log = logging.getLogger("usp_video")
 
 
 class UspWanModelLoader:
@@ -32,12 +29,7 @@ class UspWanModelLoader:
     CATEGORY = CATEGORY
 
     def load(self, group, model_name):
-        path = services.model_path("diffusion_models", model_name)
-        info = api.load_dit(group, path, family="wan2.1")
-        text = (f"{model_name}: {info['layers']} layers, {info['heads']} heads; "
-                f"ulysses={info['ulysses']} x ring={info['ring']}")
-        log.info("usp-video: %s", text)
-        return ({"group": group, "path": path, "info": info}, text)
+        return load_model(group, model_name, "wan2.1")
 
 
 class UspTextEncoderLoader:
