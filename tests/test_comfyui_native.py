@@ -2,7 +2,8 @@
 
 Set COMFYUI_DIR to a ComfyUI checkout whose requirements are installed in this environment.
 ComfyUI's WanModel and WanVAE load our tiny files strictly; its KSampler (euler, simple,
-ModelSamplingSD3 shift, the same seed) must give the latent our sampler gives.
+ModelSamplingSD3 shift, the same seed) must give the latent our sampler gives. The same for
+HunyuanVideo (comfyui_reference_hunyuan.py).
 """
 
 import json
@@ -29,3 +30,21 @@ def comparison(tests_dir, tiny_models):
 @pytest.mark.parametrize("what", ["dit_forward", "ksampler_euler", "ksampler_euler_denoise", "vae_decode"])
 def test_matches_comfyui(comparison, what):
     assert comparison[what] <= 1e-5, f"{what}: relative error {comparison[what]:.2e} against ComfyUI"
+
+
+@pytest.fixture(scope="module")
+def hunyuan_comparison(tests_dir, tiny_hunyuan):
+    result = subprocess.run([sys.executable, str(tests_dir / "comfyui_reference_hunyuan.py"), COMFYUI_DIR,
+                             json.dumps(tiny_hunyuan)], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and "ModuleNotFoundError" in result.stderr:
+        pytest.skip("ComfyUI's requirements are not installed here: " + result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("what", ["hunyuan_dit_forward", "hunyuan_ksampler_euler"])
+def test_hunyuan_matches_comfyui(hunyuan_comparison, what):
+    """ComfyUI's HunyuanVideo class loads our tiny file (original key layout) through its own key
+    conversion; its forward and KSampler (euler, simple, shift 7, embedded guidance 6, cfg 1)
+    give our results."""
+    assert hunyuan_comparison[what] <= 1e-5, f"{what}: relative error {hunyuan_comparison[what]:.2e} against ComfyUI"

@@ -33,7 +33,7 @@ _VERSION = "1"
 
 # HunyuanVideo, shrunk: 12 heads (so every ulysses degree 1-4 divides them), both block types.
 TINY_HUNYUAN_CONFIG = dict(hunyuan.HUNYUAN_VARIANTS["hunyuan-video-t2v-720p"], num_attention_heads=12,
-                           attention_head_dim=8, num_layers=2, num_single_layers=2, num_refiner_layers=1,
+                           attention_head_dim=8, num_layers=2, num_single_layers=2, num_refiner_layers=2,
                            mlp_ratio=2.0, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=[2, 2, 4])
 TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1024)
@@ -47,7 +47,7 @@ HUNYUAN_FILES = {
     "vae": "vae/tiny_hunyuan_video_vae.safetensors",
 }
 TINY_HUNYUAN_VAE = dict(block_out_channels=[8, 8, 16, 16], norm_num_groups=4, layers_per_block=1)
-_HUNYUAN_VERSION = "1"
+_HUNYUAN_VERSION = "2"
 
 _CORPUS = """a cat walks on the beach at sunset, waves roll in slowly
 a red car drives through a city street at night with neon lights

@@ -1,0 +1,71 @@
+"""Run ComfyUI's own HunyuanVideo model and KSampler on the tiny HunyuanVideo file; compare with ours.
+
+Usage: python comfyui_reference_hunyuan.py COMFYUI_DIR MODELS_JSON -> prints one JSON object of
+relative errors (run as a subprocess by test_comfyui_native.py, like comfyui_reference.py).
+ComfyUI infers num_heads = hidden / 128, which the tiny model does not follow, so its config is
+given here from ours; the tensors are loaded from our file through ComfyUI's own key conversion.
+"""
+
+import json
+import sys
+
+import torch
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def main(comfy_dir: str, models_json: str) -> None:
+    sys.path.insert(0, comfy_dir)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+    from safetensors.torch import load_file
+
+    from usp_video.distributed.engine import Engine, SampleRequest
+    from usp_video.distributed.models import tiny
+    from usp_video.distributed.models.hunyuan import load_hunyuan_transformer
+
+    paths = json.loads(models_json)
+    cfg = tiny.TINY_HUNYUAN_CONFIG
+    unet = {"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
+            "vec_in_dim": cfg["pooled_projection_dim"], "context_in_dim": cfg["text_embed_dim"],
+            "hidden_size": cfg["num_attention_heads"] * cfg["attention_head_dim"], "mlp_ratio": cfg["mlp_ratio"],
+            "num_heads": cfg["num_attention_heads"], "depth": cfg["num_layers"],
+            "depth_single_blocks": cfg["num_single_layers"], "axes_dim": cfg["rope_axes_dim"], "theta": 256,
+            "qkv_bias": True, "guidance_embed": True, "byt5": False, "meanflow": False}
+    config = comfy.supported_models.HunyuanVideo(unet)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    model.diffusion_model.load_state_dict(config.process_unet_state_dict(load_file(paths["dit"])), strict=True)
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+    g = torch.Generator().manual_seed(3)
+    cond, pooled = torch.randn(1, 9, cfg["text_embed_dim"], generator=g), torch.randn(1, 16, generator=g)
+    x, t = torch.randn(1, 16, 3, 4, 6, generator=g), torch.tensor([700.0])
+    out = {}
+    with torch.no_grad():
+        ours = load_hunyuan_transformer(paths["dit"])(x, t, cond, torch.ones(1, 9), pooled, torch.tensor([6000.0]),
+                                                      return_dict=False)[0]
+        native = model.diffusion_model(x, t, cond, y=pooled, guidance=torch.tensor([6.0]))
+        out["hunyuan_dit_forward"] = rel(ours, native)
+
+    latent = torch.zeros(1, 16, 3, 4, 6)
+    noise = comfy.sample.prepare_noise(latent, 77)
+    positive = [[cond, {"pooled_output": pooled, "guidance": 6.0}]]
+    native = comfy.sample.sample(patcher, noise, 4, 1.0, "euler", "simple", positive, [[cond, {"pooled_output": pooled}]],
+                                 latent, seed=77, disable_pbar=True)
+    ours = Engine().sample(SampleRequest(dit=paths["dit"], positive=cond, positive_pooled=pooled, negative=None,
+                                         latent=latent, seed=77, steps=4, cfg=1.0, shift=7.0, sampler="euler",
+                                         guidance=6.0))
+    out["hunyuan_ksampler_euler"] = rel(ours, native)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
