@@ -60,7 +60,7 @@ CASES = {
     "truncated safetensors": (lambda m, f: api.load_dit(GROUP, f["truncated"]), "may be truncated"),
     "pickle checkpoint": (lambda m, f: api.load_dit(GROUP, f["pickle"]), "pickle checkpoints (.pth) are not loaded"),
     "missing file": (lambda m, f: api.load_dit(GROUP, f["missing"]), "model file not found"),
-    "VAE as the DiT": (lambda m, f: api.load_dit(GROUP, m["vae"]), "not a Wan 2.1 diffusion model (looks like a VAE)"),
+    "VAE as the DiT": (lambda m, f: api.load_dit(GROUP, m["vae"]), "neither a Wan 2.1 nor a HunyuanVideo diffusion model (looks like a VAE)"),
     "DiT as the text encoder": (lambda m, f: api.encode_text(GROUP, m["dit"], "a cat"), "is not a UMT5 text encoder"),
     "text encoder as the VAE": (lambda m, f: api.decode(GROUP, m["text_encoder"], torch.zeros(1, 16, 1, 2, 2)),
                                 "is not a Wan 2.1 VAE"),
@@ -131,3 +131,56 @@ def test_empty_and_very_long_prompts_encode(prompt, tiny_models, running):
     HARDENING["inputs tried"] += 1
     cond = api.encode_text(GROUP, tiny_models["text_encoder"], prompt)
     assert cond.shape[0] == 1 and cond.shape[1] >= 512 and cond.shape[2] == 32 and cond.isfinite().all()
+
+
+def hunyuan_kwargs(**changes):
+    kwargs = dict(positive=torch.randn(1, 7, 32), positive_pooled=torch.randn(1, 16), negative=None,
+                  latent=torch.zeros(1, 16, 2, 4, 4), seed=0, steps=2, cfg=1.0, shift=7.0, sampler="euler",
+                  text_dim=32, guidance=6.0)
+    kwargs.update(changes)
+    return kwargs
+
+
+HUNYUAN_CASES = {
+    "HunyuanVideo DiT in the Wan loader": (lambda h, m: api.load_dit(GROUP, h["dit"], family="wan2.1"),
+                                           "is a HunyuanVideo model, not Wan 2.1"),
+    "Wan DiT in the HunyuanVideo loader": (lambda h, m: api.load_dit(GROUP, m["dit"], family="hunyuan-video"),
+                                           "is a Wan 2.1 model, not HunyuanVideo"),
+    "no pooled CLIP output": (lambda h, m: api.sample(GROUP, h["dit"], **hunyuan_kwargs(positive_pooled=None)),
+                              "HunyuanVideo needs the pooled CLIP-L output"),
+    "pooled output of rank 3": (lambda h, m: api.sample(GROUP, h["dit"], **hunyuan_kwargs(
+        positive_pooled=torch.zeros(1, 1, 16))), "positive_pooled must be the pooled CLIP-L output [batch, 768]"),
+    "pooled batch mismatch": (lambda h, m: api.sample(GROUP, h["dit"], **hunyuan_kwargs(
+        positive_pooled=torch.zeros(3, 16))), "positive_pooled has batch 3 for conditioning of batch 1"),
+    "guidance NaN": (lambda h, m: api.sample(GROUP, h["dit"], **hunyuan_kwargs(guidance=math.nan)),
+                     "guidance (HunyuanVideo's embedded guidance) must be in 0..100"),
+    "UMT5 conditioning for HunyuanVideo": (lambda h, m: api.sample(GROUP, h["dit"], **hunyuan_kwargs(
+        positive=torch.zeros(1, 512, 4096))), "positive has dimension 4096 but the model expects 32"),
+    "UMT5 file as the Llama encoder": (lambda h, m: api.encode_hunyuan_text(
+        GROUP, m["text_encoder"], h["clip"], h["tokenizers"], "a cat"), "is not a Llama text encoder"),
+    "Llama file as CLIP-L": (lambda h, m: api.encode_hunyuan_text(
+        GROUP, h["llama"], h["llama"], h["tokenizers"], "a cat"), "is not a CLIP text encoder"),
+    "tokenizer folder without tokenizers": (lambda h, m: api.encode_hunyuan_text(
+        GROUP, h["llama"], h["clip"], str(Path(h["llama"]).parent.parent), "a cat"), "no tokenizers found in"),
+    "HunyuanVideo DiT as the VAE": (lambda h, m: api.decode(GROUP, h["dit"], torch.zeros(1, 16, 1, 2, 2)),
+                                                   "is not a Wan 2.1 VAE"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", list(HUNYUAN_CASES))
+def test_hunyuan_bad_input_is_refused_clearly(case, tiny_hunyuan, tiny_models, running):
+    call, message = HUNYUAN_CASES[case]
+    HARDENING["inputs tried"] += 1
+    with pytest.raises(ValueError) as info:
+        call(tiny_hunyuan, tiny_models)
+    assert message in str(info.value), f"{case}: {info.value}"
+
+
+def test_hunyuan_empty_and_very_long_prompts_encode(tiny_hunyuan, running):
+    for prompt in ("", " ".join(["a red car drives through a city street"] * 100)):
+        HARDENING["inputs tried"] += 1
+        cond, pooled = api.encode_hunyuan_text(GROUP, tiny_hunyuan["llama"], tiny_hunyuan["clip"],
+                                               tiny_hunyuan["tokenizers"], prompt)
+        assert 1 <= cond.shape[1] <= 256 and cond.shape[2] == 32 and pooled.shape == (1, 16)
+        assert cond.isfinite().all() and pooled.isfinite().all()

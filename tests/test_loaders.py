@@ -136,3 +136,84 @@ def test_bf16_load_keeps_the_fp32_modules(tiny_models):
         out = model(x.bfloat16(), t, ctx.bfloat16(), return_dict=False)[0]
         ref = wan.load_wan_transformer(tiny_models["dit"])(x, t, ctx, return_dict=False)[0]
     assert rel_error(out.float(), ref) < 0.05
+
+
+# -- HunyuanVideo ----------------------------------------------------------------------------------
+
+def test_hunyuan_files_use_the_original_key_names(tiny_hunyuan):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from usp_video.distributed.models import hunyuan
+
+    keys = set(load_file(tiny_hunyuan["dit"]))
+    assert {"img_in.proj.weight", "double_blocks.0.img_attn_qkv.weight", "double_blocks.1.txt_mlp.fc2.bias",
+            "single_blocks.0.linear1.weight", "single_blocks.1.modulation.linear.weight",
+            "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight", "final_layer.adaLN_modulation.1.weight",
+            "guidance_in.mlp.0.weight", "vector_in.in_layer.weight"} <= keys
+    hidden = tiny.TINY_HUNYUAN_CONFIG["num_attention_heads"] * tiny.TINY_HUNYUAN_CONFIG["attention_head_dim"]
+    converted = hunyuan.convert_to_diffusers(load_file(tiny_hunyuan["dit"]), hidden)
+    assert set(converted) == set(HunyuanVideoTransformer3DModel(**tiny.TINY_HUNYUAN_CONFIG).state_dict())
+
+
+@pytest.mark.parametrize("storage", ["prefixed fp32", "bf16", "fp8_e4m3fn", "diffusers folder"])
+def test_hunyuan_storage_formats_load(tiny_hunyuan, tmp_path, storage):
+    from parity_targets import hunyuan_forward
+
+    from usp_video.distributed.models import hunyuan
+
+    reference = hunyuan.load_hunyuan_transformer(tiny_hunyuan["dit"])
+    state = load_file(tiny_hunyuan["dit"])
+    meta = {hunyuan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_HUNYUAN_CONFIG)}
+    path = tmp_path / "hunyuan_video_t2v.safetensors"
+    if storage == "prefixed fp32":
+        save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(path), metadata=meta)
+    elif storage == "diffusers folder":
+        reference.save_pretrained(tmp_path / "transformer")
+        path = tmp_path / "transformer"
+    else:
+        dtype = torch.bfloat16 if storage == "bf16" else torch.float8_e4m3fn
+        stored = {k: (v.to(dtype) if v.dim() >= 2 else v) for k, v in state.items()}
+        save_file(stored, str(path), metadata=meta)
+        # the same rounding applied to the reference's weights: then the models must agree exactly
+        reference = hunyuan.load_hunyuan_transformer(_round_trip(tiny_hunyuan["dit"], tmp_path, dtype, meta))
+    model = hunyuan.load_hunyuan_transformer(path, torch.float32)
+    assert next(model.parameters()).dtype == torch.float32
+    out, expected = hunyuan_forward(model, (2, 4, 4), 7), hunyuan_forward(reference, (2, 4, 4), 7)
+    assert rel_error(out, expected) < 1e-6
+
+
+def _round_trip(path, tmp_path, dtype, meta) -> Path:
+    rounded = {k: (v.to(dtype).float() if v.dim() >= 2 else v) for k, v in load_file(path).items()}
+    out = tmp_path / "rounded.safetensors"
+    save_file(rounded, str(out), metadata=meta)
+    return out
+
+
+def test_hunyuan_release_config_is_inferred_from_shapes():
+    from usp_video.distributed.models import hunyuan
+
+    shapes = {"img_in.proj.weight": ([3072, 16, 1, 2, 2], "BF16"), "guidance_in.mlp.0.weight": ([3072, 256], "BF16"),
+              "txt_in.individual_token_refiner.blocks.0.norm1.weight": ([3072], "BF16")}
+    shapes.update({f"double_blocks.{i}.img_attn_qkv.weight": ([9216, 3072], "BF16") for i in range(20)})
+    shapes.update({f"single_blocks.{i}.linear1.weight": ([21504, 3072], "BF16") for i in range(40)})
+    config = hunyuan.infer_hunyuan_config(Path("hunyuan_video_t2v_720p_bf16.safetensors"), shapes, {})
+    assert (config["num_attention_heads"], config["num_layers"], config["num_single_layers"]) == (24, 20, 40)
+    shapes["img_in.proj.weight"] = ([3072, 33, 1, 2, 2], "BF16")
+    with pytest.raises(CheckpointError, match="33 input channels"):
+        hunyuan.infer_hunyuan_config(Path("hunyuan_video_image_to_video_720p_bf16.safetensors"), shapes, {})
+
+
+def test_hunyuan_text_encoder_crops_the_template(tiny_hunyuan):
+    from usp_video.distributed.models import hunyuan_text
+
+    llama_tok, clip_tok = hunyuan_text.load_tokenizers(tiny_hunyuan["tokenizers"])
+    encoder = hunyuan_text.HunyuanTextEncoder(hunyuan_text.load_llama(tiny_hunyuan["llama"]),
+                                              hunyuan_text.load_clip_l(tiny_hunyuan["clip"]), llama_tok, clip_tok)
+    prompt = "a cat walks on the beach"
+    ids = encoder.llama_ids(prompt)[0, encoder.crop_start:].tolist()
+    assert llama_tok.decode(ids) == prompt + "<|eot_id|>"  # the prompt and the closing eot, no template
+    tokens, pooled = encoder.encode(prompt)
+    with torch.no_grad():
+        hidden = encoder.llama(input_ids=encoder.llama_ids(prompt), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(tokens, hidden[-3][:, encoder.crop_start:])  # third-to-last layer
+    assert tokens.shape == (1, len(ids), 32) and pooled.shape == (1, 16)
