@@ -91,7 +91,8 @@ def generate(args: argparse.Namespace) -> Path | None:
             gpus, ranks = (), args.ranks
         group = GroupConfig(ranks=ranks, device=args.device, gpus=gpus, ulysses=_degree(args.ulysses),
                             ring=_degree(args.ring), dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
-                            attention=args.attention, threads_per_rank=args.threads_per_rank)
+                            attention=args.attention, threads_per_rank=args.threads_per_rank,
+                            cfg_parallel=2 if getattr(args, "cfg_parallel", False) else 1)
     started = time.monotonic()
     try:
         info = api.load_dit(group, args.dit)
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--attention", default="sdpa", choices=["auto", "sdpa", "flash_attn", "math"])
     p.add_argument("--threads-per-rank", type=int, default=0)
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="run the conditional and unconditional passes on the two halves of the ranks")
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--out", help="video file to write (.webp or .gif)")
     p.add_argument("--save-latent", help="write the sampled latent (ComfyUI SaveLatent format)")

@@ -70,6 +70,7 @@ class GroupConfig:
     attention: str = "sdpa"
     timeout: float = 600.0
     threads_per_rank: int = 0
+    cfg_parallel: int = 1  # 2: the conditional and unconditional passes on the two halves of the group
 
     def __post_init__(self):
         from .parallel.usp_attention import BACKENDS
@@ -85,9 +86,16 @@ class GroupConfig:
             value = getattr(self, name)
             if value != "auto" and not (isinstance(value, int) and value >= 1):
                 problems.append(f"{name} must be 'auto' or an integer >= 1, got {value!r}")
-        if isinstance(self.ulysses, int) and isinstance(self.ring, int) and self.ulysses * self.ring != self.ranks:
+        if self.cfg_parallel not in (1, 2):
+            problems.append(f"cfg_parallel must be 1 (off) or 2, got {self.cfg_parallel!r}")
+        elif isinstance(self.ranks, int) and self.ranks % self.cfg_parallel:
+            problems.append(f"cfg_parallel 2 splits the group into two halves: it needs an even number of ranks, "
+                            f"got {self.ranks}")
+        sp_ranks = self.ranks // self.cfg_parallel if self.cfg_parallel in (1, 2) and isinstance(self.ranks, int) else 0
+        if isinstance(self.ulysses, int) and isinstance(self.ring, int) and self.ulysses * self.ring != sp_ranks:
+            half = " per cfg half" if self.cfg_parallel == 2 else ""
             problems.append(f"ulysses x ring = {self.ulysses} x {self.ring} = {self.ulysses * self.ring}, "
-                            f"but the group has {self.ranks} ranks")
+                            f"but the group has {sp_ranks} ranks{half}")
         if self.dtype not in DTYPE_NAMES:
             problems.append(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.attention not in BACKENDS:
@@ -101,7 +109,8 @@ class GroupConfig:
 
     def describe(self) -> str:
         where = f"GPUs {','.join(map(str, self.gpus))}" if self.device == "cuda" else f"{self.ranks} CPU ranks"
-        return f"{where}, ulysses={self.ulysses}, ring={self.ring}, {self.dtype}"
+        cfg = ", cfg-parallel 2" if self.cfg_parallel == 2 else ""
+        return f"{where}, ulysses={self.ulysses}, ring={self.ring}{cfg}, {self.dtype}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -151,7 +160,7 @@ class UspGroup:
                "--max-restarts=0", "--monitor-interval=0.2", str(WORKER_ENTRY),
                f"--run-dir={self.run_dir}", f"--device={cfg.device}", f"--ulysses={cfg.ulysses}",
                f"--ring={cfg.ring}", f"--dtype={cfg.dtype}", f"--attention={cfg.attention}",
-               f"--timeout={cfg.timeout}", f"--threads={cfg.threads_per_rank}"]
+               f"--timeout={cfg.timeout}", f"--threads={cfg.threads_per_rank}", f"--cfg-parallel={cfg.cfg_parallel}"]
         log.info("usp-video: starting group (%s), log %s", cfg.describe(), self.log_path)
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,

@@ -69,11 +69,26 @@ def make_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, dtype=torch.float32, generator=generator, device="cpu")
 
 
+def _exchange(mine: torch.Tensor, group, device: torch.device) -> list[torch.Tensor]:
+    """All-gather one tensor across the CFG pair: [conditional half's, unconditional half's]
+    (on the compute device, which NCCL needs; returned on the CPU)."""
+    import torch.distributed as dist
+
+    mine = mine.to(device).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(2)]
+    dist.all_gather(parts, mine, group=group)
+    return [p.cpu() for p in parts]
+
+
 class Engine:
     def __init__(self, *, world_size: int = 1, rank: int = 0, ulysses: int | str = "auto",
                  ring: int | str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 backend: str = "sdpa", timeout: timedelta | None = None):
+                 backend: str = "sdpa", timeout: timedelta | None = None, cfg_degree: int = 1):
+        if cfg_degree not in (1, 2) or world_size % cfg_degree:
+            raise ValueError(f"cfg_parallel degree must be 1 or 2 and divide the {world_size} ranks, got {cfg_degree}")
         self.world_size, self.rank, self.timeout = world_size, rank, timeout
+        self.cfg_degree = cfg_degree
+        self.sp_size = world_size // cfg_degree  # ranks per sequence-parallel group
         self.requested_degrees = (ulysses, ring)
         self.device, self.dtype = torch.device(device), dtype
         self.backend = resolve_backend(backend, self.device)
@@ -88,15 +103,16 @@ class Engine:
         config = model.config
         if self.requested_degrees == ("auto", "auto"):
             params = sum(p.numel() for p in model.parameters())
-            degrees = planner.auto_degrees(self.world_size, config.num_attention_heads,
+            degrees = planner.auto_degrees(self.sp_size, config.num_attention_heads,
                                            config.num_attention_heads * config.attention_head_dim,
                                            family.layers(config), params,
                                            link=os.environ.get("USP_VIDEO_LINK", "nvlink"))
         else:
-            degrees = resolve_degrees(self.world_size, config.num_attention_heads, *self.requested_degrees)
+            degrees = resolve_degrees(self.sp_size, config.num_attention_heads, *self.requested_degrees)
         if degrees not in self._meshes:
-            self._meshes[degrees] = (build_sequence_parallel(*degrees, timeout=self.timeout) if self.world_size > 1
-                                     else SequenceParallel())
+            self._meshes[degrees] = (
+                build_sequence_parallel(*degrees, timeout=self.timeout, cfg_degree=self.cfg_degree)
+                if self.world_size > 1 else SequenceParallel())
         return self._meshes[degrees]
 
     def _cached(self, slot: str, path: str, load: Callable[[str], object]):
@@ -127,7 +143,8 @@ class Engine:
                 "layers": family.layers(model.config),
                 "hidden": model.config.num_attention_heads * model.config.attention_head_dim,
                 "text_dim": family.text_dim(model.config), "ulysses": self.sp.ulysses_degree,
-                "ring": self.sp.ring_degree, "parameters": sum(p.numel() for p in model.parameters())}
+                "ring": self.sp.ring_degree, "cfg_parallel": self.cfg_degree,
+                "parameters": sum(p.numel() for p in model.parameters())}
 
     def text_encoder(self, path: str) -> umt5.Umt5TextEncoder:
         return self._cached("text_encoder", path, lambda p: umt5.load_umt5(p, self.dtype, self.device))
@@ -193,8 +210,12 @@ class Engine:
             return TextCond(torch.cat([a.tokens, b.tokens]), pooled)
 
         def denoise(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            if negative is None:
+            if negative is None:  # with CFG-parallel both halves run this one pass
                 v = velocity(x_t, sigma, positive)
+            elif self.sp.cfg_degree == 2:  # each half runs one pass; the pair swaps results
+                mine = velocity(x_t, sigma, positive if self.sp.cfg_rank == 0 else negative)
+                v_pos, v_neg = _exchange(mine, self.sp.cfg_group, self.device)
+                v = v_neg + req.cfg * (v_pos - v_neg)
             elif positive.tokens.shape == negative.tokens.shape:  # one batched forward for both passes
                 v_pos, v_neg = velocity(torch.cat([x_t, x_t]), sigma, both(positive, negative)).chunk(2)
                 v = v_neg + req.cfg * (v_pos - v_neg)

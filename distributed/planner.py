@@ -167,7 +167,7 @@ def auto_degrees(world_size: int, heads: int, hidden: int, layers: int, params: 
     """The (ulysses, ring) the group uses for "auto". On fast all-to-all links (nvlink, xgmi)
     that is Ulysses as large as the heads and ranks allow, Ring for the rest, which is also what
     the cost model recommends there (tests check it for the released models); on pcie the cost
-    model decides. CFG-parallel is not part of the group yet."""
+    model decides. CFG-parallel is the user's choice (the group's cfg_parallel option)."""
     if link not in LINKS:
         raise ValueError(f"link must be one of {', '.join(LINKS)}, got {link!r}")
     if link in ("nvlink", "xgmi"):
@@ -205,7 +205,7 @@ def format_table(model_key: str, gpus: int, size: str, link_name: str, cfg: floa
                    f"ring passes hide behind attention ({choice.ring_seconds:.2f} s/step exposed)")
     if choice.cfg_degree > 1:
         why.append("CFG-parallel runs the two guidance passes on the two halves of the GPUs "
-                   "(planned: the group does not run CFG-parallel yet)")
+                   "(the group's cfg_parallel option)")
     lines.append("; ".join(why) + ".")
     lines.append(f"weights are not sharded: each GPU holds {choice.weight_gb:.1f} GB of bf16 weights")
     published = PUBLISHED.get((model_key, f"{width}x{height}x{frames}"))

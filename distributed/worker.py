@@ -268,7 +268,7 @@ class Worker:
         except SamplingInterrupted as stop:
             return {"type": "interrupted", "step": stop.step + 1}, None
         return ({"type": "ok", "seconds": time.monotonic() - start, "ulysses": self.engine.sp.ulysses_degree,
-                 "ring": self.engine.sp.ring_degree}, {"latent": latent})
+                 "ring": self.engine.sp.ring_degree, "cfg_parallel": self.engine.sp.cfg_degree}, {"latent": latent})
 
 
 def release_freed_memory() -> None:
@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: torch's default)")
+    parser.add_argument("--cfg-parallel", type=int, default=1, choices=[1, 2],
+                        help="2: conditional and unconditional passes on the two halves of the group")
     args = parser.parse_args(argv)
     _die_with_parent()
     args.run_dir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
         degree = lambda v: v if v == "auto" else int(v)  # noqa: E731
         engine = Engine(world_size=world_size, rank=rank, ulysses=degree(args.ulysses), ring=degree(args.ring),
                         device=f"cuda:{local_rank}" if args.device == "cuda" else "cpu",
-                        dtype=DTYPES[args.dtype], backend=args.attention, timeout=timeout)
+                        dtype=DTYPES[args.dtype], backend=args.attention, timeout=timeout,
+                        cfg_degree=args.cfg_parallel)
         worker = Worker(engine, control_group, args.run_dir, os.environ.get("USP_VIDEO_ALLOW_FAULTS") == "1",
                         heartbeat_s=min(30.0, args.timeout / 4),
                         frame_timeout=float(os.environ.get("USP_VIDEO_FRAME_TIMEOUT", "30")))

@@ -18,6 +18,8 @@ def load_model(group, model_name: str, family: str) -> tuple[dict, str]:
     info = api.load_dit(group, path, family=family)
     text = (f"{model_name}: {info['layers']} layers, {info['heads']} heads; "
             f"ulysses={info['ulysses']} x ring={info['ring']}")
+    if info.get("cfg_parallel", 1) == 2:
+        text += " x cfg-parallel 2 (used when cfg != 1)"
     log.info("usp-video: %s", text)
     return {"group": group, "path": path, "info": info}, text
 
@@ -64,6 +66,8 @@ def run_sampler(model: dict, positive_conditioning, negative_conditioning, laten
         raise
     log.info("usp-video: sampled %d steps in %.1f s (ulysses=%d ring=%d)", steps, time.monotonic() - started,
              info["ulysses"], info["ring"])
+    if info.get("cfg_parallel", 1) == 2 and request.get("cfg") == 1.0:
+        log.warning("usp-video: cfg is 1, so cfg-parallel had nothing to split: both halves ran the same pass")
     out = latent_image.copy()  # never mutate a cached input
     out["samples"] = samples
     return (out,)

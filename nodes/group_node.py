@@ -56,6 +56,10 @@ class UspGroupNode:
                                                                     "fp32 on CPU."}),
             "timeout_s": ("INT", {"default": 600, "min": 10, "max": 86400,
                                   "tooltip": "A collective stuck this long fails instead of hanging."}),
+            "cfg_parallel": (["off", "on"], {"tooltip": (
+                "on: split the ranks into two halves that run the conditional and unconditional passes at "
+                "once (ulysses x ring then applies per half); nearly halves the step time when cfg != 1. "
+                "Needs an even number of ranks; with cfg 1 both halves run the same single pass.")}),
         }}
 
     RETURN_TYPES = ("USP_GROUP", "STRING")
@@ -63,15 +67,15 @@ class UspGroupNode:
     FUNCTION = "start"
     CATEGORY = CATEGORY
 
-    def start(self, device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s):
-        config = make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s)
+    def start(self, device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off"):
+        config = make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel)
         if config.device == "cuda":
             services.free_comfy_models()
         get_group(config)
         return (config, f"USP group: {config.describe()}")
 
 
-def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s) -> GroupConfig:
+def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off") -> GroupConfig:
     if device == "auto":
         device = "cuda" if _cuda_count() else "cpu"
     gpu_list = parse_gpus(gpus, _cuda_count()) if device == "cuda" else ()
@@ -80,7 +84,8 @@ def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeou
         dtype = "bf16" if device == "cuda" else "fp32"
     degree = lambda v: v if v == "auto" else int(v)  # noqa: E731
     return GroupConfig(ranks=ranks, device=device, gpus=gpu_list, ulysses=degree(ulysses), ring=degree(ring),
-                       dtype=dtype, attention=attention, timeout=float(timeout_s))
+                       dtype=dtype, attention=attention, timeout=float(timeout_s),
+                       cfg_parallel=2 if cfg_parallel == "on" else 1)
 
 
 class UspFreeGroup:

@@ -46,10 +46,10 @@ def dit_inputs(shape, text_len=20, text_dim=32, seed=1):
     return x, t, context
 
 
-def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto"):
+def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto", cfg_degree=1):
     from usp_video.distributed.engine import Engine
 
-    return Engine(world_size=world_size, rank=rank, ulysses=ulysses, ring=ring)
+    return Engine(world_size=world_size, rank=rank, ulysses=ulysses, ring=ring, cfg_degree=cfg_degree)
 
 
 def dit_forward(engine, dit_path, shape):
@@ -140,3 +140,15 @@ def hunyuan_request(dit_path, shape, cfg=1.0, text_lens=(12, 7), steps=4):
 def hunyuan_sample_rank(rank, world_size, ulysses, ring, dit_path, shape, cfg):
     engine = make_engine(rank, world_size, ulysses, ring)
     return {"latent": engine.sample(hunyuan_request(dit_path, shape, cfg))}
+
+
+def cfg_parallel_sample_rank(rank, world_size, ulysses, ring, dit_path, family, cfg):
+    """CFG-parallel: the conditional and unconditional passes on the two halves of the group."""
+    engine = make_engine(rank, world_size, ulysses, ring, cfg_degree=2)
+    if family == "wan":
+        request = sample_request(dit_path, (5, 2, 14), sampler="euler", cfg=cfg)
+    else:
+        request = hunyuan_request(dit_path, (5, 2, 14), cfg=cfg)
+    latent = engine.sample(request)
+    assert (engine.sp.cfg_degree, engine.sp.ulysses_degree, engine.sp.ring_degree) == (2, ulysses, ring)
+    return {"latent": latent}

@@ -1,10 +1,14 @@
 """Sequence-parallel degrees, their validation, and the process groups of the 2-D mesh.
 
 The sequence-parallel (SP) group of N ranks is laid out as a (ring, ulysses) grid:
-global rank g = ring_rank * ulysses_degree + ulysses_rank. Ulysses groups are therefore
+SP rank g = ring_rank * ulysses_degree + ulysses_rank. Ulysses groups are therefore
 contiguous ranks (fastest links, usually the same node); ring groups stride across them.
-Shard g of the token sequence lives on rank g, so after the Ulysses all-to-all each rank of
+Shard g of the token sequence lives on SP rank g, so after the Ulysses all-to-all each rank of
 ring position c holds the contiguous chunk c of the sequence.
+
+With CFG-parallel (cfg degree 2) the world is a (cfg, ring, ulysses) mesh: ranks [0, N) form the
+SP group that runs the conditional pass, ranks [N, 2N) the one that runs the unconditional pass,
+and rank l of one half pairs with rank l of the other (cfg_group) to exchange their results.
 """
 
 from __future__ import annotations
@@ -71,10 +75,13 @@ class SequenceParallel:
 
     ulysses_degree: int = 1
     ring_degree: int = 1
-    rank: int = 0
+    rank: int = 0  # within the SP group
     group: dist.ProcessGroup | None = field(default=None, repr=False)  # all SP ranks
     ulysses_group: dist.ProcessGroup | None = field(default=None, repr=False)
     ring_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    cfg_degree: int = 1
+    cfg_rank: int = 0  # 0: the conditional pass, 1: the unconditional one
+    cfg_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     @property
     def degree(self) -> int:
@@ -85,25 +92,38 @@ class SequenceParallel:
         return self.rank // self.ulysses_degree
 
 
-def build_sequence_parallel(ulysses_degree: int, ring_degree: int,
-                            timeout: timedelta | None = None) -> SequenceParallel:
-    """Create the Ulysses and Ring subgroups on an initialised default process group.
+def build_sequence_parallel(ulysses_degree: int, ring_degree: int, timeout: timedelta | None = None,
+                            cfg_degree: int = 1) -> SequenceParallel:
+    """Create the SP, Ulysses, Ring (and CFG) subgroups on an initialised default process group.
 
     Every rank must call this with the same degrees (new_group is collective). Subgroups do not
     inherit the default group's timeout: pass it, or a stuck peer blocks them for torch's default.
     """
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    if ulysses_degree * ring_degree != world_size:
-        raise ValueError(f"ulysses x ring = {ulysses_degree} x {ring_degree} != world size {world_size}")
-    sp = SequenceParallel(ulysses_degree, ring_degree, rank, group=dist.group.WORLD)
-    for r in range(ring_degree):  # contiguous Ulysses groups
-        ranks = list(range(r * ulysses_degree, (r + 1) * ulysses_degree))
-        group = dist.new_group(ranks, timeout=timeout) if ulysses_degree > 1 else None
-        if rank in ranks:
-            sp.ulysses_group = group
-    for u in range(ulysses_degree):  # strided Ring groups
-        ranks = list(range(u, world_size, ulysses_degree))
-        group = dist.new_group(ranks, timeout=timeout) if ring_degree > 1 else None
-        if rank in ranks:
-            sp.ring_group = group
+    n = ulysses_degree * ring_degree
+    if cfg_degree not in (1, 2) or n * cfg_degree != world_size:
+        raise ValueError(f"cfg x ulysses x ring = {cfg_degree} x {ulysses_degree} x {ring_degree} "
+                         f"!= world size {world_size}")
+    sp = SequenceParallel(ulysses_degree, ring_degree, rank % n, cfg_degree=cfg_degree, cfg_rank=rank // n)
+
+    def new_group(ranks: list[int], needed: bool):
+        group = dist.new_group(ranks, timeout=timeout) if needed else None
+        return group if rank in ranks else None
+
+    for c in range(cfg_degree):
+        base = c * n
+        if cfg_degree == 1:
+            sp.group = dist.group.WORLD
+        elif (group := new_group(list(range(base, base + n)), n > 1)) is not None:
+            sp.group = group
+        for r in range(ring_degree):  # contiguous Ulysses groups
+            if (group := new_group(list(range(base + r * ulysses_degree, base + (r + 1) * ulysses_degree)),
+                                   ulysses_degree > 1)) is not None:
+                sp.ulysses_group = group
+        for u in range(ulysses_degree):  # strided Ring groups
+            if (group := new_group(list(range(base + u, base + n, ulysses_degree)), ring_degree > 1)) is not None:
+                sp.ring_group = group
+    for local in range(n if cfg_degree > 1 else 0):  # pairs across the halves
+        if (group := new_group([local + c * n for c in range(cfg_degree)], True)) is not None:
+            sp.cfg_group = group
     return sp
