@@ -92,12 +92,15 @@ def generate(args: argparse.Namespace) -> Path | None:
         group = GroupConfig(ranks=ranks, device=args.device, gpus=gpus, ulysses=_degree(args.ulysses),
                             ring=_degree(args.ring), dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
                             attention=args.attention, threads_per_rank=args.threads_per_rank,
-                            cfg_parallel=2 if getattr(args, "cfg_parallel", False) else 1)
+                            cfg_parallel=2 if getattr(args, "cfg_parallel", False) else 1,
+                            shard_weights=getattr(args, "shard_weights", "auto"),
+                            vae_split=getattr(args, "vae_split", "on") == "on")
     started = time.monotonic()
     try:
         info = api.load_dit(group, args.dit)
         print(f"model: {info['model']}, {info['layers']} layers, {info['heads']} heads; {ranks} rank(s): "
-              f"ulysses={info['ulysses']} x ring={info['ring']}", flush=True)
+              f"ulysses={info['ulysses']} x ring={info['ring']}; weights per rank "
+              f"{info['parameter_bytes'] / 2**20:.1f} MiB{' (sharded)' if info['sharded'] else ''}", flush=True)
         cfg = family.cfg if args.cfg is None else args.cfg
         if family is HUNYUAN:
             def encode(prompt):
@@ -231,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads-per-rank", type=int, default=0)
     p.add_argument("--cfg-parallel", action="store_true",
                    help="run the conditional and unconditional passes on the two halves of the ranks")
+    p.add_argument("--shard-weights", default="auto", choices=["auto", "off", "on"],
+                   help="FSDP weight sharding of the DiT and UMT5 (auto: when one device's memory is short)")
+    p.add_argument("--vae-split", default="on", choices=["on", "off"],
+                   help="split the Wan-VAE decode across the ranks (exact)")
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--out", help="video file to write (.webp or .gif)")
     p.add_argument("--save-latent", help="write the sampled latent (ComfyUI SaveLatent format)")

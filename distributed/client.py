@@ -71,6 +71,8 @@ class GroupConfig:
     timeout: float = 600.0
     threads_per_rank: int = 0
     cfg_parallel: int = 1  # 2: the conditional and unconditional passes on the two halves of the group
+    shard_weights: str = "auto"  # FSDP weight sharding: off, on, or auto (when one device's memory is short)
+    vae_split: bool = True  # Wan-VAE decode split across the ranks (rows, halo exchange: exact)
 
     def __post_init__(self):
         from .parallel.usp_attention import BACKENDS
@@ -86,6 +88,8 @@ class GroupConfig:
             value = getattr(self, name)
             if value != "auto" and not (isinstance(value, int) and value >= 1):
                 problems.append(f"{name} must be 'auto' or an integer >= 1, got {value!r}")
+        if self.shard_weights not in ("off", "on", "auto"):
+            problems.append(f"shard_weights must be 'off', 'on' or 'auto', got {self.shard_weights!r}")
         if self.cfg_parallel not in (1, 2):
             problems.append(f"cfg_parallel must be 1 (off) or 2, got {self.cfg_parallel!r}")
         elif isinstance(self.ranks, int) and self.ranks % self.cfg_parallel:
@@ -160,7 +164,8 @@ class UspGroup:
                "--max-restarts=0", "--monitor-interval=0.2", str(WORKER_ENTRY),
                f"--run-dir={self.run_dir}", f"--device={cfg.device}", f"--ulysses={cfg.ulysses}",
                f"--ring={cfg.ring}", f"--dtype={cfg.dtype}", f"--attention={cfg.attention}",
-               f"--timeout={cfg.timeout}", f"--threads={cfg.threads_per_rank}", f"--cfg-parallel={cfg.cfg_parallel}"]
+               f"--timeout={cfg.timeout}", f"--threads={cfg.threads_per_rank}", f"--cfg-parallel={cfg.cfg_parallel}",
+               f"--shard-weights={cfg.shard_weights}", f"--vae-split={'on' if cfg.vae_split else 'off'}"]
         log.info("usp-video: starting group (%s), log %s", cfg.describe(), self.log_path)
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,

@@ -20,7 +20,9 @@ from . import planner
 from .models import families, hunyuan_text, hunyuan_vae, umt5, wan_vae
 from .models.checkpoint import CheckpointError
 from .models.families import TextCond
+from .parallel import fsdp
 from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
+from .parallel.vae_split import decode_split
 from .parallel.usp_attention import resolve_backend
 from .sampling.samplers import get_sampler
 from .sampling.schedules import sampling_sigmas, timestep
@@ -69,6 +71,29 @@ def make_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, dtype=torch.float32, generator=generator, device="cpu")
 
 
+def _free_memory(device: torch.device) -> int:
+    """Bytes free on the device (CUDA), or available system memory (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 1 << 62  # unknown: never shard automatically
+
+
+def _weight_bytes(path: str, dtype: torch.dtype) -> int:
+    """Bytes a model file's weights take at the compute dtype (from its header alone)."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*.safetensors"))
+    from .models.checkpoint import read_header
+
+    shapes, _ = read_header(p)
+    size = torch.tensor([], dtype=dtype).element_size()
+    return sum(int(torch.tensor(shape).prod()) * size for shape, _ in shapes.values())
+
+
 def _exchange(mine: torch.Tensor, group, device: torch.device) -> list[torch.Tensor]:
     """All-gather one tensor across the CFG pair: [conditional half's, unconditional half's]
     (on the compute device, which NCCL needs; returned on the CPU)."""
@@ -83,11 +108,18 @@ def _exchange(mine: torch.Tensor, group, device: torch.device) -> list[torch.Ten
 class Engine:
     def __init__(self, *, world_size: int = 1, rank: int = 0, ulysses: int | str = "auto",
                  ring: int | str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 backend: str = "sdpa", timeout: timedelta | None = None, cfg_degree: int = 1):
+                 backend: str = "sdpa", timeout: timedelta | None = None, cfg_degree: int = 1,
+                 shard_weights: str = "off", vae_split: bool = True):
         if cfg_degree not in (1, 2) or world_size % cfg_degree:
             raise ValueError(f"cfg_parallel degree must be 1 or 2 and divide the {world_size} ranks, got {cfg_degree}")
         self.world_size, self.rank, self.timeout = world_size, rank, timeout
         self.cfg_degree = cfg_degree
+        if shard_weights not in ("off", "on", "auto"):
+            raise ValueError(f"shard_weights must be 'off', 'on' or 'auto', got {shard_weights!r}")
+        self.shard_weights = shard_weights if world_size > 1 else "off"
+        self.vae_split = vae_split and world_size > 1
+        self.sharded: dict[str, bool] = {}  # slot -> were its weights sharded
+        self._shard_decisions: dict[tuple, bool] = {}
         self.sp_size = world_size // cfg_degree  # ranks per sequence-parallel group
         self.requested_degrees = (ulysses, ring)
         self.device, self.dtype = torch.device(device), dtype
@@ -125,11 +157,31 @@ class Engine:
             self.load_counts[slot] += 1
         return self._loaded[slot][1]
 
+    def should_shard(self, slot: str, path: str) -> bool:
+        """Shard this model's weights? "on"; for "auto", when they would take more than 80% of one
+        device's free memory. Collective: every rank calls it, and the ranks agree on the maximum."""
+        if self.shard_weights == "off":
+            return False
+        key = (slot, _file_key(path))
+        if key not in self._shard_decisions:
+            want = 1.0
+            if self.shard_weights == "auto":
+                want = float(_weight_bytes(path, self.dtype) > 0.8 * _free_memory(self.device))
+            flag = torch.tensor([want], device=self.device)
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self._shard_decisions[key] = bool(flag.item())
+        self.sharded[slot] = self._shard_decisions[key]
+        return self.sharded[slot]
+
     def _load_dit(self, path: str):
         family = families.detect(path)
         model = family.load(path, self.dtype, self.device)
         self.sp = self._mesh(model, family)
         model = family.parallelize(model, self.sp, self.backend)
+        if self.should_shard("dit", path):
+            fsdp.shard_model(model, family.blocks(model), self.device)
         model.usp_family = family
         return model
 
@@ -144,10 +196,23 @@ class Engine:
                 "hidden": model.config.num_attention_heads * model.config.attention_head_dim,
                 "text_dim": family.text_dim(model.config), "ulysses": self.sp.ulysses_degree,
                 "ring": self.sp.ring_degree, "cfg_parallel": self.cfg_degree,
-                "parameters": sum(p.numel() for p in model.parameters())}
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "sharded": self.sharded.get("dit", False), "parameter_bytes": fsdp.parameter_bytes(model),
+                "free_bytes": _free_memory(self.device)}
+
+    def encode_on_all_ranks(self, path: str) -> bool:
+        """The UMT5 encoder runs on rank 0 alone, unless its weights are sharded across the ranks
+        (then every rank holds a shard and takes part). Collective."""
+        return self.should_shard("text_encoder", path)
+
+    def _load_umt5(self, path: str) -> umt5.Umt5TextEncoder:
+        encoder = umt5.load_umt5(path, self.dtype, self.device)
+        if self.sharded.get("text_encoder"):
+            fsdp.shard_model(encoder.model, encoder.model.encoder.block, self.device)
+        return encoder
 
     def text_encoder(self, path: str) -> umt5.Umt5TextEncoder:
-        return self._cached("text_encoder", path, lambda p: umt5.load_umt5(p, self.dtype, self.device))
+        return self._cached("text_encoder", path, self._load_umt5)
 
     def _load_vae(self, path: str):
         if families.detect_vae(path) == families.HUNYUAN:
@@ -169,8 +234,14 @@ class Engine:
     def encode_hunyuan(self, llama: str, clip: str, tokenizers: str, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.hunyuan_text_encoder(llama, clip, tokenizers).encode(prompt)
 
-    def decode(self, path: str, latent: torch.Tensor) -> torch.Tensor:
-        return wan_vae.decode_video(self.vae(path), latent)
+    def decode(self, path: str, latent: torch.Tensor) -> torch.Tensor | None:
+        """Frames on rank 0 (None on the others). With vae_split every rank decodes its rows of a
+        Wan-VAE frame (parallel.vae_split, exact); otherwise, and for the HunyuanVideo VAE (tiled,
+        on rank 0), rank 0 decodes alone."""
+        vae = self.vae(path)
+        if not self.vae_split or families.detect_vae(path) != families.WAN:
+            return wan_vae.decode_video(vae, latent) if self.rank == 0 else None
+        return decode_split(vae, wan_vae.decode_video, latent, self.rank, self.world_size, self.device)
 
     @torch.no_grad()
     def sample(self, req: SampleRequest,

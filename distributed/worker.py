@@ -216,15 +216,23 @@ class Worker:
             return {"type": "ok", **engine.dit_info(_field(header, "path", str))}, None
         if kind == "encode":
             path, prompt = _field(header, "path", str), _field(header, "prompt", str)
-            return ({"type": "ok"}, {"cond": engine.encode(path, prompt)}) if self.rank == 0 else None
+            if not engine.encode_on_all_ranks(path) and self.rank != 0:
+                return None
+            cond = engine.encode(path, prompt)
+            return ({"type": "ok"}, {"cond": cond}) if self.rank == 0 else None
         if kind == "encode_hunyuan":
             paths = [_field(header, name, str) for name in ("llama", "clip", "tokenizers")]
+            if self.rank != 0:  # HunyuanVideo's encoders run on rank 0
+                return None
             cond, pooled = engine.encode_hunyuan(*paths, _field(header, "prompt", str))
-            return ({"type": "ok"}, {"cond": cond, "pooled": pooled}) if self.rank == 0 else None
+            return {"type": "ok"}, {"cond": cond, "pooled": pooled}
         if kind == "decode":
             path, latent = _field(header, "path", str), _field(tensors, "latent", torch.Tensor)
             check_latent(latent, "latent")
-            return ({"type": "ok"}, {"frames": engine.decode(path, latent)}) if self.rank == 0 else None
+            if self.rank != 0 and not engine.vae_split:
+                return None
+            frames = engine.decode(path, latent)  # with vae_split every rank decodes a strip
+            return ({"type": "ok"}, {"frames": frames}) if self.rank == 0 else None
         if kind == "sample":
             return self.sample(header, tensors)
         if kind == "cancel":
@@ -334,6 +342,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: torch's default)")
     parser.add_argument("--cfg-parallel", type=int, default=1, choices=[1, 2],
                         help="2: conditional and unconditional passes on the two halves of the group")
+    parser.add_argument("--shard-weights", default="auto", choices=["off", "on", "auto"],
+                        help="FSDP weight sharding of the DiT and the UMT5 encoder")
+    parser.add_argument("--vae-split", default="on", choices=["on", "off"],
+                        help="split the VAE decode across the ranks")
     args = parser.parse_args(argv)
     _die_with_parent()
     args.run_dir.mkdir(parents=True, exist_ok=True)
@@ -360,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
         engine = Engine(world_size=world_size, rank=rank, ulysses=degree(args.ulysses), ring=degree(args.ring),
                         device=f"cuda:{local_rank}" if args.device == "cuda" else "cpu",
                         dtype=DTYPES[args.dtype], backend=args.attention, timeout=timeout,
-                        cfg_degree=args.cfg_parallel)
+                        cfg_degree=args.cfg_parallel, shard_weights=args.shard_weights,
+                        vae_split=args.vae_split == "on")
         worker = Worker(engine, control_group, args.run_dir, os.environ.get("USP_VIDEO_ALLOW_FAULTS") == "1",
                         heartbeat_s=min(30.0, args.timeout / 4),
                         frame_timeout=float(os.environ.get("USP_VIDEO_FRAME_TIMEOUT", "30")))

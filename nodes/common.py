@@ -20,6 +20,10 @@ def load_model(group, model_name: str, family: str) -> tuple[dict, str]:
             f"ulysses={info['ulysses']} x ring={info['ring']}")
     if info.get("cfg_parallel", 1) == 2:
         text += " x cfg-parallel 2 (used when cfg != 1)"
+    if "parameter_bytes" in info:
+        text += (f"; weights per rank {info['parameter_bytes'] / 2**30:.2f} GiB "
+                 f"({'sharded across the ranks' if info['sharded'] else 'a full copy on every rank'}), "
+                 f"free memory {info['free_bytes'] / 2**30:.1f} GiB")
     log.info("usp-video: %s", text)
     return {"group": group, "path": path, "info": info}, text
 

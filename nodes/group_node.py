@@ -60,6 +60,13 @@ class UspGroupNode:
                 "on: split the ranks into two halves that run the conditional and unconditional passes at "
                 "once (ulysses x ring then applies per half); nearly halves the step time when cfg != 1. "
                 "Needs an even number of ranks; with cfg 1 both halves run the same single pass.")}),
+            "shard_weights": (["auto", "off", "on"], {"tooltip": (
+                "FSDP: each rank keeps 1/N of the DiT's (and UMT5's) weights and gathers a block's weights "
+                "just before it runs. auto: on when the weights would not fit one GPU's free memory.")}),
+            "vae_split": (["on", "off"], {"tooltip": (
+                "on: every rank decodes its rows of each Wan-VAE frame, swapping edge rows with its "
+                "neighbours (exact; about 1/N of the memory and time per GPU); off: rank 0 decodes alone. "
+                "The HunyuanVideo VAE decodes tiled on rank 0 either way.")}),
         }}
 
     RETURN_TYPES = ("USP_GROUP", "STRING")
@@ -67,15 +74,18 @@ class UspGroupNode:
     FUNCTION = "start"
     CATEGORY = CATEGORY
 
-    def start(self, device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off"):
-        config = make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel)
+    def start(self, device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",
+              shard_weights="auto", vae_split="on"):
+        config = make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel,
+                             shard_weights, vae_split)
         if config.device == "cuda":
             services.free_comfy_models()
         get_group(config)
         return (config, f"USP group: {config.describe()}")
 
 
-def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off") -> GroupConfig:
+def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",
+                shard_weights="auto", vae_split="on") -> GroupConfig:
     if device == "auto":
         device = "cuda" if _cuda_count() else "cpu"
     gpu_list = parse_gpus(gpus, _cuda_count()) if device == "cuda" else ()
@@ -85,7 +95,8 @@ def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeou
     degree = lambda v: v if v == "auto" else int(v)  # noqa: E731
     return GroupConfig(ranks=ranks, device=device, gpus=gpu_list, ulysses=degree(ulysses), ring=degree(ring),
                        dtype=dtype, attention=attention, timeout=float(timeout_s),
-                       cfg_parallel=2 if cfg_parallel == "on" else 1)
+                       cfg_parallel=2 if cfg_parallel == "on" else 1, shard_weights=shard_weights,
+                       vae_split=vae_split == "on")
 
 
 class UspFreeGroup:

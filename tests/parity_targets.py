@@ -46,10 +46,12 @@ def dit_inputs(shape, text_len=20, text_dim=32, seed=1):
     return x, t, context
 
 
-def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto", cfg_degree=1):
+def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto", cfg_degree=1, shard_weights="off",
+                vae_split=False):
     from usp_video.distributed.engine import Engine
 
-    return Engine(world_size=world_size, rank=rank, ulysses=ulysses, ring=ring, cfg_degree=cfg_degree)
+    return Engine(world_size=world_size, rank=rank, ulysses=ulysses, ring=ring, cfg_degree=cfg_degree,
+                  shard_weights=shard_weights, vae_split=vae_split)
 
 
 def dit_forward(engine, dit_path, shape):
@@ -152,3 +154,29 @@ def cfg_parallel_sample_rank(rank, world_size, ulysses, ring, dit_path, family, 
     latent = engine.sample(request)
     assert (engine.sp.cfg_degree, engine.sp.ulysses_degree, engine.sp.ring_degree) == (2, ulysses, ring)
     return {"latent": latent}
+
+
+def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder=None):
+    """FSDP-sharded DiT (and UMT5): forward outputs, and the bytes of parameters this rank holds."""
+    from usp_video.distributed.parallel.fsdp import parameter_bytes
+
+    engine = make_engine(rank, world_size, ulysses, ring, shard_weights="on")
+    model = engine.dit(dit_path)
+    assert engine.sharded["dit"]
+    if family == "wan":
+        out = dit_forward(engine, dit_path, (5, 2, 14))
+    else:
+        out = hunyuan_forward(model, (5, 2, 14), 7)
+    result = {"out": out, "bytes": torch.tensor([parameter_bytes(model)])}
+    if text_encoder is not None:
+        assert engine.encode_on_all_ranks(text_encoder)
+        result["cond"] = engine.encode(text_encoder, "a cat walks on the beach at sunset")
+        result["te_bytes"] = torch.tensor([parameter_bytes(engine.text_encoder(text_encoder).model)])
+    return result
+
+
+def vae_split_rank(rank, world_size, vae_path, shape, seed=5):
+    engine = make_engine(rank, world_size, vae_split=True)
+    latent = torch.randn(1, 16, *shape, generator=torch.Generator().manual_seed(seed))
+    frames = engine.decode(vae_path, latent)
+    return {"frames": frames} if frames is not None else {}

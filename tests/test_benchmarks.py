@@ -39,3 +39,16 @@ def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
     report = json.loads((tmp_path / "gpu.json").read_text())
     fp32 = [r for r in report["kernels"] if r["dtype"] == "float32"]
     assert fp32 and all(r["out_rel_err"] < 1e-5 and r["ring_merge_rel_err"] < 1e-5 for r in fp32)
+
+
+def test_memory_bench_runs_and_meets_the_sharding_target(tmp_path):
+    import json
+
+    result = subprocess.run([sys.executable, str(BENCH / "memory_bench.py"), "--small", "--out",
+                             str(tmp_path / "memory.json")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "weights/rank MiB" in result.stdout
+    report = json.loads((tmp_path / "memory.json").read_text())
+    for run in report["runs"]:
+        assert max(run["fraction_of_full"]) <= 1 / run["ranks"] + 0.05
+        assert run["max_abs_diff_vs_one_rank"] <= 1e-4  # the split VAE decode is exact

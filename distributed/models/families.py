@@ -74,6 +74,13 @@ class Family:
     def layers(self, config) -> int:
         return config.num_layers + getattr(config, "num_single_layers", 0)
 
+    def blocks(self, model) -> list:
+        """The repeated blocks, the units of weight sharding."""
+        if self.name == "wan2.1":
+            return list(model.blocks)
+        return [*model.context_embedder.token_refiner.refiner_blocks, *model.transformer_blocks,
+                *model.single_transformer_blocks]
+
 
 WAN = Family(name="wan2.1", label="Wan 2.1", diffusers_class="WanTransformer3DModel",
              load=wan.load_wan_transformer, parallelize=wan.parallelize_wan, infer_config=wan.infer_wan_config,

@@ -1,0 +1,127 @@
+"""Memory per rank with weight sharding and the split VAE decode, for N = 1, 2, 4 CPU ranks.
+
+    python benchmarks/memory_bench.py            # a few minutes on 2 CPU cores; writes results/memory.json
+    python benchmarks/memory_bench.py --small    # seconds: checks that the script works
+
+Prints, per N: the bytes of DiT parameters each rank holds with shard_weights on (against the
+whole model: the target is <= 1/N + 5%), and the peak resident memory each rank adds while
+decoding one video with the Wan-VAE split across the N ranks (VmHWM after a reset, minus VmRSS
+before), with the decode time and the max abs difference of the split decode from N = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+DIT = dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=64, in_channels=16, out_channels=16,
+           text_dim=64, freq_dim=256, ffn_dim=3072, num_layers=4, cross_attn_norm=True,
+           qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+VAE = dict(base_dim=16, z_dim=16)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def weights_rank(rank, world_size, dit_path):
+    from usp_video.distributed.engine import Engine
+    from usp_video.distributed.parallel.fsdp import parameter_bytes
+
+    engine = Engine(world_size=world_size, rank=rank, shard_weights="on" if world_size > 1 else "off",
+                    vae_split=False)
+    return {"bytes": torch.tensor([parameter_bytes(engine.dit(dit_path))], dtype=torch.float64)}
+
+
+def vae_rank(rank, world_size, vae_path, shape, mkldnn=False):
+    import time
+
+    import torch.distributed as dist
+
+    from usp_video.distributed.engine import Engine
+
+    torch.backends.mkldnn.enabled = mkldnn
+    engine = Engine(world_size=world_size, rank=rank, vae_split=True)
+    engine.vae(vae_path)
+    latent = torch.randn(1, 16, *shape, generator=torch.Generator().manual_seed(3))
+    if world_size > 1:
+        dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident size
+        f.write("5")
+    before = _status_kb("VmRSS")
+    start = time.perf_counter()
+    frames = engine.decode(vae_path, latent)
+    seconds = time.perf_counter() - start
+    peak = _status_kb("VmHWM") - before
+    out = {"peak_kb": torch.tensor([peak], dtype=torch.float64), "seconds": torch.tensor([seconds])}
+    if frames is not None:
+        out["frames"] = frames
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny sizes, to check the script")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "memory.json")
+    parser.add_argument("--mkldnn", action="store_true",
+                        help="keep oneDNN's CPU convolutions on: faster, but their time and workspace jump with "
+                             "the frame height (measured: 24 latent rows took longer and more memory than 48), "
+                             "which hides what the split does; off by default here")
+    args = parser.parse_args()
+
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from usp_video.distributed.models import wan, wan_vae
+    from usp_video.distributed.models.tiny import _save, wan_to_original_keys, wan_vae_to_original_keys
+    from usp_video.distributed.parallel.spawn import run_ranks
+
+    dit_config = dict(DIT, attention_head_dim=8, ffn_dim=64, num_layers=2, freq_dim=32) if args.small else DIT
+    vae_config = dict(VAE, base_dim=8) if args.small else VAE
+    shape = (2, 24, 16) if args.small else (5, 48, 48)  # latent frames, rows, columns
+    results = {"dit_config": dit_config, "vae_config": vae_config, "latent_shape": [1, 16, *shape],
+               "mkldnn": args.mkldnn, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        dit_path, vae_path = Path(tmp, "dit.safetensors"), Path(tmp, "vae.safetensors")
+        dit = WanTransformer3DModel(**dit_config)
+        full = sum(p.numel() * p.element_size() for p in dit.parameters())
+        _save(wan_to_original_keys(dit.state_dict()), dit_path, {wan.CONFIG_METADATA_KEY: json.dumps(dit_config)})
+        _save(wan_vae_to_original_keys(AutoencoderKLWan(**vae_config).state_dict()), vae_path,
+              {wan_vae.CONFIG_METADATA_KEY: json.dumps(vae_config)})
+        del dit
+        reference = None
+        for n in (1, 2, 4):
+            held = [int(r["bytes"]) for r in run_ranks(f"{__file__}:weights_rank", n, dict(dit_path=str(dit_path)),
+                                                       timeout=600)]
+            decoded = run_ranks(f"{__file__}:vae_rank", n, dict(vae_path=str(vae_path), shape=shape,
+                                                                mkldnn=args.mkldnn), timeout=600)
+            frames = decoded[0]["frames"]
+            reference = frames if reference is None else reference
+            results["runs"].append({
+                "ranks": n, "param_bytes_per_rank": held, "fraction_of_full": [h / full for h in held],
+                "vae_peak_mib_per_rank": [float(r["peak_kb"]) / 1024 for r in decoded],
+                "vae_seconds": max(float(r["seconds"]) for r in decoded),
+                "max_abs_diff_vs_one_rank": float((frames - reference).abs().max())})
+    results["full_param_bytes"] = full
+
+    print(f"DiT: {full / 2**20:.1f} MiB of parameters; VAE decode of a 1x16x{'x'.join(map(str, shape))} latent")
+    print(f"{'ranks':>5}{'weights/rank MiB':>18}{'of full':>9}{'target':>8}{'VAE peak/rank MiB':>19}"
+          f"{'VAE s':>8}{'max diff':>10}")
+    for run in results["runs"]:
+        n = run["ranks"]
+        print(f"{n:>5}{max(run['param_bytes_per_rank']) / 2**20:>18.1f}{max(run['fraction_of_full']):>9.3f}"
+              f"{1 / n + 0.05:>8.3f}{max(run['vae_peak_mib_per_rank']):>19.1f}{run['vae_seconds']:>8.2f}"
+              f"{run['max_abs_diff_vs_one_rank']:>10.1e}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
