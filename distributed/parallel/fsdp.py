@@ -20,6 +20,9 @@ def shard_model(model: torch.nn.Module, blocks: Iterable[torch.nn.Module], devic
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # Inference only. Without gradients FSDP also accepts blocks that mix dtypes (diffusers keeps
+    # norms and modulation tables in float32 beside bf16 weights; fp8 weights beside both).
+    model.requires_grad_(False)
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
