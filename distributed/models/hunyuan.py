@@ -120,8 +120,10 @@ def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float3
     shapes, metadata = read_header(path)
     config = infer_hunyuan_config(path, shapes, metadata)
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
-    state = convert_to_diffusers(strip_prefix(load_state_dict(path), _PREFIXES), hidden)
-    state = dequantize(state, dtype, keeps_fp32(HunyuanVideoTransformer3DModel))
+    # dequantize first: scaled fp8 files carry <name>.scale_weight, which the q/k/v split must not see
+    # (HunyuanVideoTransformer3DModel keeps no parameters in float32, so the original names do)
+    state = dequantize(strip_prefix(load_state_dict(path), _PREFIXES), dtype, keeps_fp32(HunyuanVideoTransformer3DModel))
+    state = convert_to_diffusers(state, hidden)
     with torch.device("meta"):
         model = HunyuanVideoTransformer3DModel(**config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
