@@ -16,7 +16,7 @@ import torch
 
 from ..parallel.mesh import SequenceParallel
 from ..parallel.sharding import gather_sequence, shard_sequence
-from ..parallel.usp_attention import attention, usp_attention
+from ..parallel.usp_attention import KeyLayout, attention, usp_attention
 from .checkpoint import (CheckpointError, config_from_metadata, dequantize, keeps_fp32, load_state_dict, read_header,
                          strip_prefix)
 
@@ -130,6 +130,7 @@ class _ShardState:
     """What the attention processors need to know about the current forward."""
 
     valid_len: int = 0
+    layout: KeyLayout | None = None  # which keys are real, computed once per forward
 
 
 class UspWanAttnProcessor:
@@ -150,7 +151,7 @@ class UspWanAttnProcessor:
         if rotary_emb is not None:
             query, key = _apply_rotary_emb(query, *rotary_emb), _apply_rotary_emb(key, *rotary_emb)
         if encoder_hidden_states is None:
-            out = usp_attention(query, key, value, self.sp, self.state.valid_len, self.backend)
+            out = usp_attention(query, key, value, self.sp, self.state.layout, self.backend)
         else:
             out = attention(query, key, value, self.backend)
         out = out.flatten(2, 3).type_as(query)
@@ -171,7 +172,9 @@ def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa"):
     def shard_tokens(module, args):
         hidden_states, *rest = args  # (B, S, C) patch tokens
         state.valid_len = hidden_states.shape[1]
-        return (shard_sequence(hidden_states, 1, sp), *rest)
+        local = shard_sequence(hidden_states, 1, sp)
+        state.layout = KeyLayout.tail_padded(state.valid_len, local.shape[1], sp)
+        return (local, *rest)
 
     def gather_tokens(module, args, output):
         return gather_sequence(output, 1, sp, state.valid_len)  # (B, S/N, C') -> (B, S, C')
