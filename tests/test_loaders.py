@@ -50,10 +50,12 @@ def test_fp8_storage_loads(tiny_models, tmp_path):
     fp8 = {k: (v.to(torch.float8_e4m3fn) if v.dim() >= 2 else v) for k, v in state.items()}
     path = tmp_path / "tiny_fp8_e4m3fn.safetensors"
     save_file(fp8, str(path), metadata={wan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_WAN_CONFIG)})
-    model = wan.load_wan_transformer(path, torch.float32)
+    model = wan.load_wan_transformer(path, torch.float32, keep_fp8=False)  # dequantized at load
     weight = model.blocks[0].attn1.to_q.weight
     assert weight.dtype == torch.float32
     torch.testing.assert_close(weight, state["blocks.0.self_attn.q.weight"].to(torch.float8_e4m3fn).float())
+    kept = wan.load_wan_transformer(path, torch.float32)  # the default: stays fp8 (tests/test_fp8.py)
+    assert kept.blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
 
 
 def test_real_variant_configs_are_inferred_from_shapes(tmp_path):

@@ -22,6 +22,7 @@ import torch
 from ..parallel.mesh import SequenceParallel
 from ..parallel.sharding import gather_sequence, shard_sequence
 from ..parallel.usp_attention import KeyLayout, tail_padding_mask, usp_attention
+from . import fp8
 from .checkpoint import (CheckpointError, config_from_metadata, dequantize, keeps_fp32, load_state_dict, read_header,
                          strip_prefix)
 
@@ -105,8 +106,9 @@ def convert_to_diffusers(state: dict[str, torch.Tensor], hidden: int) -> dict[st
 
 
 def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
-                             device: torch.device | str = "cpu"):
-    """Load a HunyuanVideo T2V DiT from a ComfyUI/original single .safetensors file or a diffusers folder."""
+                             device: torch.device | str = "cpu", keep_fp8: bool = True):
+    """Load a HunyuanVideo T2V DiT from a ComfyUI/original single .safetensors file or a diffusers folder.
+    The Linear weights of an fp8 file stay in fp8 (models/fp8.py) unless keep_fp8 is False."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     path = Path(path)
@@ -130,6 +132,10 @@ def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float3
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not fit the HunyuanVideo architecture: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    if keep_fp8 and fp8.is_fp8_file(shapes):
+        markers = fp8.fp8_markers(shapes, fp8.file_scales(path))
+        fp8.keep_fp8(model, convert_to_diffusers(strip_prefix(markers, _PREFIXES), hidden),
+                     ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.token_refiner."))
     return model.to(device=device).eval()
 
 

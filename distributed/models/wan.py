@@ -17,6 +17,7 @@ import torch
 from ..parallel.mesh import SequenceParallel
 from ..parallel.sharding import gather_sequence, shard_sequence
 from ..parallel.usp_attention import KeyLayout, attention, usp_attention
+from . import fp8
 from .checkpoint import (CheckpointError, config_from_metadata, dequantize, keeps_fp32, load_state_dict, read_header,
                          strip_prefix)
 
@@ -86,8 +87,9 @@ def guess_family(keys: set[str]) -> str:
 
 
 def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
-                         device: torch.device | str = "cpu"):
-    """Load a Wan 2.1 T2V DiT from a ComfyUI/original single .safetensors file or a diffusers folder."""
+                         device: torch.device | str = "cpu", keep_fp8: bool = True):
+    """Load a Wan 2.1 T2V DiT from a ComfyUI/original single .safetensors file or a diffusers folder.
+    The Linear weights of an fp8 file stay in fp8 (models/fp8.py) unless keep_fp8 is False."""
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
@@ -113,6 +115,9 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
     # The RoPE tables are non-persistent buffers, still on the meta device: build them for real.
     model.rope = type(model.rope)(model.config.attention_head_dim, model.config.patch_size,
                                   model.config.rope_max_seq_len)
+    if keep_fp8 and fp8.is_fp8_file(shapes):
+        markers = fp8.fp8_markers(shapes, fp8.file_scales(path))
+        fp8.keep_fp8(model, convert_wan_transformer_to_diffusers(strip_prefix(markers, _PREFIXES)), ("blocks.",))
     return model.to(device=device).eval()
 
 

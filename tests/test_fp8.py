@@ -1,0 +1,80 @@
+"""fp8 weights stay fp8 in memory and compute in the compute dtype, layer by layer; the results
+equal the same fp8 weights dequantized at load, also when the weights are sharded."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import rel_error
+from parity_targets import dit_forward, hunyuan_forward, make_engine
+from usp_video.distributed.models import hunyuan, tiny, wan
+from usp_video.distributed.parallel.fsdp import parameter_bytes
+from usp_video.distributed.parallel.spawn import run_ranks
+
+
+def write_fp8(src: str, dst, meta: dict, scaled: bool):
+    """ComfyUI's fp8_e4m3fn layout; scaled: per-tensor scales in <name>.scale_weight, as its
+    *_fp8_scaled files carry them."""
+    out = {}
+    for key, value in load_file(src).items():
+        if value.dim() == 2:
+            scale = value.abs().max().clamp_min(1e-6) / 448.0 if scaled else torch.tensor(1.0)
+            out[key] = (value / scale).to(torch.float8_e4m3fn)
+            if scaled:
+                out[key[: -len("weight")] + "scale_weight"] = scale.reshape(1).float()
+        else:
+            out[key] = value
+    if scaled:
+        out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    save_file(out, str(dst), metadata=meta)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def fp8_files(tiny_models, tiny_hunyuan, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    wan_meta = {wan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_WAN_CONFIG)}
+    hy_meta = {hunyuan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_HUNYUAN_CONFIG)}
+    return {("wan", scaled): write_fp8(tiny_models["dit"], root / f"wan_{scaled}.safetensors", wan_meta, scaled)
+            for scaled in (False, True)} | {
+           ("hunyuan", scaled): write_fp8(tiny_hunyuan["dit"], root / f"hy_{scaled}.safetensors", hy_meta, scaled)
+           for scaled in (False, True)}
+
+
+def forward(family, model):
+    if family == "wan":
+        from parity_targets import dit_inputs
+
+        x, t, ctx = dit_inputs((5, 2, 14))
+        with torch.no_grad():
+            return model(x, t, ctx, return_dict=False)[0]
+    return hunyuan_forward(model, (5, 2, 14), 7)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_scaled"])
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_fp8_weights_stay_fp8_and_compute_the_same(fp8_files, family, scaled):
+    load = wan.load_wan_transformer if family == "wan" else hunyuan.load_hunyuan_transformer
+    path = fp8_files[(family, scaled)]
+    kept, dequantized = load(path), load(path, keep_fp8=False)
+    blocks = kept.blocks if family == "wan" else [*kept.transformer_blocks, *kept.single_transformer_blocks]
+    linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)  # the blocks' weights
+    assert parameter_bytes(kept) < 0.7 * parameter_bytes(dequantized)
+    assert rel_error(forward(family, kept), forward(family, dequantized)) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_fp8_sharded_matches_fp8_unsharded(tests_dir, fp8_files, tiny_models, family):
+    path = fp8_files[(family, True)]
+    engine = make_engine()
+    expected = (dit_forward(engine, path, (5, 2, 14)) if family == "wan"
+                else hunyuan_forward(engine.dit(path), (5, 2, 14), 7))
+    full = parameter_bytes(engine.dit(path))
+    results = run_ranks(f"{tests_dir}/parity_targets.py:sharded_rank", 2,
+                        dict(ulysses=2, ring=1, dit_path=path, family=family), timeout=240)
+    for rank, result in enumerate(results):
+        assert rel_error(result["out"], expected) <= 1e-5, f"rank {rank}"
+        assert int(result["bytes"]) <= full * (1 / 2 + 0.05)
