@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-weights", default="auto", choices=["auto", "off", "on"],
                    help="FSDP weight sharding of the DiT and UMT5 (auto: when one device's memory is short)")
     p.add_argument("--vae-split", default="on", choices=["on", "off"],
-                   help="split the Wan-VAE decode across the ranks (exact)")
+                   help="split the VAE decode across the ranks (exact)")
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--out", help="video file to write (.webp or .gif)")
     p.add_argument("--save-latent", help="write the sampled latent (ComfyUI SaveLatent format)")

@@ -235,11 +235,10 @@ class Engine:
         return self.hunyuan_text_encoder(llama, clip, tokenizers).encode(prompt)
 
     def decode(self, path: str, latent: torch.Tensor) -> torch.Tensor | None:
-        """Frames on rank 0 (None on the others). With vae_split every rank decodes its rows of a
-        Wan-VAE frame (parallel.vae_split, exact); otherwise, and for the HunyuanVideo VAE (tiled,
-        on rank 0), rank 0 decodes alone."""
+        """Frames on rank 0 (None on the others). With vae_split every rank decodes its rows of each
+        frame (parallel.vae_split, exact); otherwise rank 0 decodes alone (HunyuanVideo: tiled)."""
         vae = self.vae(path)
-        if not self.vae_split or families.detect_vae(path) != families.WAN:
+        if not self.vae_split:
             return wan_vae.decode_video(vae, latent) if self.rank == 0 else None
         return decode_split(vae, wan_vae.decode_video, latent, self.rank, self.world_size, self.device)
 

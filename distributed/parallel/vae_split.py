@@ -1,13 +1,16 @@
-"""Parallel Wan-VAE decode, exact: the frame's rows split across the ranks, with halo exchange.
+"""Parallel VAE decode, exact: the frame's rows split across the ranks, with halo exchange.
 
-Rank r decodes latent rows [a_r, b_r) of every frame. The Wan-VAE decoder is local in space except
-for three things, each handled so that the result equals the one-process decode:
-  - 3x3 convolutions (WanCausalConv3d, the Conv2d after each upsampling) need one row from each
-    neighbour: before each of them the ranks swap their edge rows (zeros at the frame's edges,
-    which is the zero padding the layer itself would add);
-  - the mid-block attention sees the whole frame: the ranks all-gather its input (at the
-    latent resolution, the smallest), run it whole and keep their rows;
-  - nearest upsampling, RMS norms (per position, over channels) and 1x1 convolutions are local.
+Rank r decodes latent rows [a_r, b_r) of every frame. The decoders (Wan-VAE and HunyuanVideo's) are
+local in space except for a few things, each handled so that the result equals the one-process decode:
+  - 3x3 convolutions need one row from each neighbour: before each of them the ranks swap their
+    edge rows (at the frame's edges, what the layer's own padding would add: zeros for Wan,
+    replicated rows for HunyuanVideo);
+  - mid-block attention sees the whole frame (Wan) or the whole video (HunyuanVideo, causal over
+    frames): the ranks all-gather its input (at the latent resolution, the smallest), run it whole
+    and keep their rows;
+  - GroupNorm (HunyuanVideo) takes its statistics over the whole frame: the ranks all-reduce the
+    sums (in float64);
+  - nearest upsampling, RMS norms (per position) and 1x1 convolutions are local.
 Rank 0 gathers the decoded rows. Per-rank activation memory and time are about 1/N of a
 whole-frame decode. Every rank must call `decode_split` with the same latent.
 """
@@ -39,13 +42,18 @@ class _Rows:
     def __init__(self, rank: int, ranks: int, counts: list[int], device: torch.device):
         self.rank, self.ranks, self.counts, self.device = rank, ranks, counts, device
 
-    def halo(self, x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
-        """x with `pad` rows of each neighbour added along dim (zeros at the frame's edges)."""
+    def halo(self, x: torch.Tensor, pad: int, dim: int, replicate: bool = False) -> torch.Tensor:
+        """x with `pad` rows of each neighbour added along dim; at the frame's edges zeros, or
+        copies of the edge row with replicate."""
         if pad == 0:
             return x
         size = list(x.shape)
         size[dim] = pad
-        top, bottom = x.new_zeros(size), x.new_zeros(size)
+        if replicate:
+            top = x.narrow(dim, 0, 1).expand(size).contiguous()
+            bottom = x.narrow(dim, x.shape[dim] - 1, 1).expand(size).contiguous()
+        else:
+            top, bottom = x.new_zeros(size), x.new_zeros(size)
         ops = []
         if self.rank > 0:
             ops += [dist.P2POp(dist.isend, x.narrow(dim, 0, pad).contiguous(), self.rank - 1),
@@ -73,6 +81,12 @@ class _Rows:
 @contextmanager
 def _split_decoder(vae, rows: _Rows):
     """Patch the decoder's layers of this VAE instance for the split (restored on exit)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    if isinstance(vae, AutoencoderKLHunyuanVideo):
+        with _split_hunyuan_decoder(vae, rows):
+            yield
+        return
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
 
     patched = []
@@ -118,6 +132,76 @@ def _split_decoder(vae, rows: _Rows):
     finally:
         for module, _ in patched:
             del module.forward  # back to the class's forward
+
+
+@contextmanager
+def _split_hunyuan_decoder(vae, rows: _Rows):
+    from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import (HunyuanVideoCausalConv3d,
+                                                                            HunyuanVideoMidBlock3D,
+                                                                            prepare_causal_attention_mask)
+
+    patched, shape = [], {}
+
+    def causal_conv(module):
+        w, _, h, _, t, _ = module.time_causal_padding
+
+        def forward(x):
+            x = rows.halo(x, h, dim=3, replicate=module.pad_mode == "replicate")
+            return module.conv(F.pad(x, (w, w, 0, 0, t, 0), mode=module.pad_mode))
+        return forward
+
+    def group_norm(module):
+        def forward(x):
+            batch, channels = x.shape[:2]
+            grouped = x.reshape(batch, module.num_groups, -1).double()
+            stats = torch.stack([grouped.sum(-1), (grouped * grouped).sum(-1),
+                                 torch.full_like(grouped[..., 0], grouped.shape[-1])])
+            dist.all_reduce(stats)
+            mean, var = stats[0] / stats[2], stats[1] / stats[2] - (stats[0] / stats[2]) ** 2
+            out = (grouped - mean[..., None]) / torch.sqrt(var[..., None] + module.eps)
+            out = out.reshape(x.shape).to(x.dtype)
+            view = (1, channels) + (1,) * (x.dim() - 2)
+            return out * module.weight.view(view) + module.bias.view(view) if module.affine else out
+        return forward
+
+    def remember_shape(module, args):
+        shape["frames"], shape["width"] = args[0].shape[2], args[0].shape[4]
+
+    def attention(module):
+        whole = module.forward
+
+        def forward(hidden_states, attention_mask=None, **kwargs):  # (B, T * h * W, C), h = local rows
+            batch, _, channels = hidden_states.shape
+            frames, width = shape["frames"], shape["width"]
+            x = hidden_states.reshape(batch, frames, -1, width, channels)
+            full = rows.gather_rows(x, 2, x.shape[2] // rows.counts[rows.rank])
+            mask = prepare_causal_attention_mask(frames, full.shape[2] * width, full.dtype, full.device,
+                                                 batch_size=batch)
+            out = whole(full.flatten(1, 3), attention_mask=mask, **kwargs).reshape(full.shape)
+            return rows.my_rows(out, 2, x.shape[2] // rows.counts[rows.rank]).flatten(1, 3)
+        return forward
+
+    hooks = []
+    for module in vae.decoder.modules():
+        if isinstance(module, HunyuanVideoCausalConv3d):
+            patched.append((module, causal_conv(module)))
+        elif isinstance(module, torch.nn.GroupNorm):
+            patched.append((module, group_norm(module)))
+        elif isinstance(module, HunyuanVideoMidBlock3D):
+            hooks.append(module.register_forward_pre_hook(remember_shape))
+            patched += [(attn, attention(attn)) for attn in module.attentions if attn is not None]
+    tiling = (vae.use_tiling, vae.use_framewise_decoding)
+    vae.use_tiling = vae.use_framewise_decoding = False  # the split replaces tiling
+    for module, forward in patched:
+        module.forward = forward
+    try:
+        yield
+    finally:
+        vae.use_tiling, vae.use_framewise_decoding = tiling
+        for hook in hooks:
+            hook.remove()
+        for module, _ in patched:
+            del module.forward
 
 
 def decode_split(vae, decode: Callable[[object, torch.Tensor], torch.Tensor], latent: torch.Tensor, rank: int,
