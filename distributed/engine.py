@@ -225,8 +225,18 @@ class Engine:
     def encode(self, path: str, prompt: str) -> torch.Tensor:
         return self.text_encoder(path).encode(prompt)
 
+    def _load_llama(self, path: str):
+        model = hunyuan_text.load_llama(path, self.dtype, self.device)
+        if self.sharded.get("llama"):
+            fsdp.shard_model(model, model.layers, self.device)
+        return model
+
+    def hunyuan_encode_on_all_ranks(self, llama: str) -> bool:
+        """The Llama runs on rank 0 alone, unless its weights are sharded across the ranks. Collective."""
+        return self.should_shard("llama", llama)
+
     def hunyuan_text_encoder(self, llama: str, clip: str, tokenizers: str) -> hunyuan_text.HunyuanTextEncoder:
-        llama_model = self._cached("llama", llama, lambda p: hunyuan_text.load_llama(p, self.dtype, self.device))
+        llama_model = self._cached("llama", llama, self._load_llama)
         clip_model = self._cached("clip", clip, lambda p: hunyuan_text.load_clip_l(p, self.dtype, self.device))
         toks = self._cached("tokenizers", tokenizers, hunyuan_text.load_tokenizers)
         return hunyuan_text.HunyuanTextEncoder(llama_model, clip_model, *toks)

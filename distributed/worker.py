@@ -222,10 +222,10 @@ class Worker:
             return ({"type": "ok"}, {"cond": cond}) if self.rank == 0 else None
         if kind == "encode_hunyuan":
             paths = [_field(header, name, str) for name in ("llama", "clip", "tokenizers")]
-            if self.rank != 0:  # HunyuanVideo's encoders run on rank 0
+            if not engine.hunyuan_encode_on_all_ranks(paths[0]) and self.rank != 0:
                 return None
             cond, pooled = engine.encode_hunyuan(*paths, _field(header, "prompt", str))
-            return {"type": "ok"}, {"cond": cond, "pooled": pooled}
+            return ({"type": "ok"}, {"cond": cond, "pooled": pooled}) if self.rank == 0 else None
         if kind == "decode":
             path, latent = _field(header, "path", str), _field(tensors, "latent", torch.Tensor)
             check_latent(latent, "latent")

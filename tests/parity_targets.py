@@ -180,3 +180,14 @@ def vae_split_rank(rank, world_size, vae_path, shape, seed=5):
     latent = torch.randn(1, 16, *shape, generator=torch.Generator().manual_seed(seed))
     frames = engine.decode(vae_path, latent)
     return {"frames": frames} if frames is not None else {}
+
+
+def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):
+    """HunyuanVideo's Llama with sharded weights: every rank takes part in the encode."""
+    from usp_video.distributed.parallel.fsdp import parameter_bytes
+
+    engine = make_engine(rank, world_size, shard_weights="on")
+    assert engine.hunyuan_encode_on_all_ranks(llama)
+    cond, pooled = engine.encode_hunyuan(llama, clip, tokenizers, prompt)
+    held = parameter_bytes(engine.hunyuan_text_encoder(llama, clip, tokenizers).llama)
+    return {"cond": cond, "pooled": pooled, "bytes": torch.tensor([held])}

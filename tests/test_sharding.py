@@ -57,3 +57,19 @@ def test_sharding_through_the_group(tiny_models):
         assert rel_error(latent, expected) <= 1e-5
     finally:
         free_group()
+
+
+def test_sharded_llama_matches_one_process(tests_dir, tiny_hunyuan):
+    prompt = "a red car drives through a city street at night"
+    engine = make_engine()
+    expected, expected_pooled = engine.encode_hunyuan(tiny_hunyuan["llama"], tiny_hunyuan["clip"],
+                                                      tiny_hunyuan["tokenizers"], prompt)
+    full = parameter_bytes(engine.hunyuan_text_encoder(tiny_hunyuan["llama"], tiny_hunyuan["clip"],
+                                                       tiny_hunyuan["tokenizers"]).llama)
+    results = run_ranks(f"{tests_dir}/parity_targets.py:sharded_llama_rank", 2,
+                        dict(llama=tiny_hunyuan["llama"], clip=tiny_hunyuan["clip"],
+                             tokenizers=tiny_hunyuan["tokenizers"], prompt=prompt), timeout=240)
+    for rank, result in enumerate(results):
+        assert rel_error(result["cond"], expected) <= 1e-5, f"rank {rank}"
+        assert rel_error(result["pooled"], expected_pooled) <= 1e-5
+        assert int(result["bytes"]) <= full * (1 / 2 + 0.05)

@@ -154,13 +154,27 @@ class HunyuanTextEncoder:
                              "template alone; is it the Llama 3 tokenizer?")
         return torch.tensor([ids[: self.crop_start + MAX_TOKENS]])
 
+    def third_to_last_layer(self, ids: torch.Tensor) -> torch.Tensor:
+        """hidden_states[-3] of the Llama: the output of its third-to-last layer, taken with a hook
+        (transformers' own output_hidden_states does not see layers wrapped by FSDP)."""
+        taken = {}
+
+        def take(module, args, output):
+            taken["hidden"] = output[0] if isinstance(output, tuple) else output
+
+        handle = self.llama.layers[-3].register_forward_hook(take)
+        try:
+            self.llama(input_ids=ids)
+        finally:
+            handle.remove()
+        return taken["hidden"]
+
     @torch.no_grad()
     def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (tokens [1, n, hidden] float32, pooled [1, 768] float32) on the CPU."""
         device = next(self.llama.parameters()).device
         ids = self.llama_ids(prompt).to(device)
-        hidden = self.llama(input_ids=ids, output_hidden_states=True).hidden_states[-3]
-        tokens = hidden[:, self.crop_start:]
+        tokens = self.third_to_last_layer(ids)[:, self.crop_start:]
         clip_ids = self.clip_tokenizer(prompt, padding="max_length", truncation=True,
                                        max_length=self.clip.config.max_position_embeddings,
                                        return_tensors="pt")["input_ids"]
