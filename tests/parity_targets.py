@@ -191,3 +191,14 @@ def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):
     cond, pooled = engine.encode_hunyuan(llama, clip, tokenizers, prompt)
     held = parameter_bytes(engine.hunyuan_text_encoder(llama, clip, tokenizers).llama)
     return {"cond": cond, "pooled": pooled, "bytes": torch.tensor([held])}
+
+
+def sharded_bf16_rank(rank, world_size, dit_path):
+    """bf16 compute with sharding: the blocks mix bf16 weights and float32 norms/modulation."""
+    from usp_video.distributed.engine import Engine
+
+    engine = Engine(world_size=world_size, rank=rank, dtype=torch.bfloat16, shard_weights="on")
+    x, t, context = dit_inputs((5, 2, 14))
+    with torch.no_grad():
+        out = engine.dit(dit_path)(x.bfloat16(), t, context.bfloat16(), return_dict=False)[0]
+    return {"out": out.float()}
