@@ -94,6 +94,9 @@ def _rank_main() -> None:
         result = _load_target(args.target)(args.rank, args.world_size, **kwargs) or {}
         out = {k: v.detach().contiguous().cpu() for k, v in result.items()}
         save_file(out, str(Path(args.dir, f"out{args.rank}.safetensors")))
+        # every rank done before any tears the group down: a rank that destroyed its gloo group while
+        # a peer was still finishing made that peer abort ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
