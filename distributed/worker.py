@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from . import protocol
 from .engine import Engine, SampleRequest, SamplingInterrupted
+from .parallel.teardown import exit_rank
 from .validation import check_guidance, check_latent, check_pooled, check_sample_tensors, check_sampling
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)  # do not wait on collectives that will never finish
-    dist.destroy_process_group()
+    exit_rank(0)  # not a normal interpreter exit: see parallel/teardown.py
 
 
 if __name__ == "__main__":

@@ -20,9 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
+
+from .teardown import exit_rank
 
 
 def _load_target(target: str):
@@ -89,16 +92,18 @@ def _rank_main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     store = dist.FileStore(str(Path(args.dir, "store")), args.world_size)
     dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world_size)
+    code = 1
     try:
         kwargs = json.loads(Path(args.dir, "kwargs.json").read_text())
         result = _load_target(args.target)(args.rank, args.world_size, **kwargs) or {}
         out = {k: v.detach().contiguous().cpu() for k, v in result.items()}
         save_file(out, str(Path(args.dir, f"out{args.rank}.safetensors")))
-        # every rank done before any tears the group down: a rank that destroyed its gloo group while
-        # a peer was still finishing made that peer abort ("terminate called without an active exception")
-        dist.barrier()
+        dist.barrier()  # no rank closes its connections while a peer is still in a collective
+        code = 0
+    except BaseException:
+        traceback.print_exc()
     finally:
-        dist.destroy_process_group()
+        exit_rank(code)  # not a normal interpreter exit: see parallel/teardown.py
 
 
 if __name__ == "__main__":

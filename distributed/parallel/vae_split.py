@@ -49,24 +49,22 @@ class _Rows:
             return x
         size = list(x.shape)
         size[dim] = pad
-        # One all-gather of every rank's edge rows (collectives only: no point-to-point operations,
-        # which gloo ran less reliably here).
         n = x.shape[dim]
-        edges = torch.cat([x.narrow(dim, 0, pad), x.narrow(dim, n - pad, pad)], dim=dim).contiguous()
-        parts = [torch.empty_like(edges) for _ in range(self.ranks)]
-        dist.all_gather(parts, edges)
+        if replicate:  # what the layer's replicate padding adds at the frame's edges
+            top, bottom = x.narrow(dim, 0, 1).expand(size), x.narrow(dim, n - 1, 1).expand(size)
+        else:
+            top = bottom = x.new_zeros(size)
+        ops = []
         if self.rank > 0:
-            top = parts[self.rank - 1].narrow(dim, pad, pad)
-        elif replicate:
-            top = x.narrow(dim, 0, 1).expand(size)
-        else:
-            top = x.new_zeros(size)
+            top = torch.empty(size, dtype=x.dtype, device=x.device)
+            ops += [dist.P2POp(dist.isend, x.narrow(dim, 0, pad).contiguous(), self.rank - 1),
+                    dist.P2POp(dist.irecv, top, self.rank - 1)]
         if self.rank < self.ranks - 1:
-            bottom = parts[self.rank + 1].narrow(dim, 0, pad)
-        elif replicate:
-            bottom = x.narrow(dim, n - 1, 1).expand(size)
-        else:
-            bottom = x.new_zeros(size)
+            bottom = torch.empty(size, dtype=x.dtype, device=x.device)
+            ops += [dist.P2POp(dist.isend, x.narrow(dim, n - pad, pad).contiguous(), self.rank + 1),
+                    dist.P2POp(dist.irecv, bottom, self.rank + 1)]
+        for request in dist.batch_isend_irecv(ops):  # ranks >= 2: every rank has a neighbour
+            request.wait()
         return torch.cat([top, x, bottom], dim=dim)
 
     def gather_rows(self, x: torch.Tensor, dim: int, scale: int) -> torch.Tensor:
