@@ -175,8 +175,10 @@ def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder
     return result
 
 
-def vae_split_rank(rank, world_size, vae_path, shape, seed=5):
+def vae_split_rank(rank, world_size, vae_path, shape, seed=5, tiling=None):
     engine = make_engine(rank, world_size, vae_split=True)
+    if tiling:  # HunyuanVideo VAE: tiles small enough that a tiny latent makes many of them
+        engine.vae(vae_path).enable_tiling(**tiling)
     latent = torch.randn(1, 16, *shape, generator=torch.Generator().manual_seed(seed))
     frames = engine.decode(vae_path, latent)
     return {"frames": frames} if frames is not None else {}

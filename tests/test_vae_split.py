@@ -17,18 +17,52 @@ def test_row_split_covers_the_rows_once():
             assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
 
 
+# Tiles of 32x32 pixels and 8 frames, overlapping by 8 pixels and 4 frames: a 3x9x8 latent makes 3 x 3
+# x 3 = 27 tiles of uneven sizes (diffusers' defaults, 256 px and 16 frames, would make one).
+SMALL_TILES = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_min_num_frames=8,
+                   tile_sample_stride_height=24, tile_sample_stride_width=24, tile_sample_stride_num_frames=4)
+
+
 @pytest.mark.parametrize("world_size,shape", [(2, (3, 10, 8)), (3, (2, 7, 6)), (4, (3, 9, 8)), (4, (2, 3, 4))],
                          ids=["2-ranks", "3-ranks-uneven", "4-ranks-uneven", "4-ranks-fewer-rows"])
 @pytest.mark.parametrize("family", ["wan", "hunyuan"])
 def test_split_decode_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, family, world_size, shape):
+    """Wan: rows split with halo exchange, against the whole decode. HunyuanVideo: tiles shared out,
+    against the one-process tiled decode (its normal decode)."""
     vae = tiny_models["vae"] if family == "wan" else tiny_hunyuan["vae"]
+    tiling = SMALL_TILES if family == "hunyuan" else None
     latent = torch.randn(1, 16, *shape, generator=torch.Generator().manual_seed(5))
-    expected = make_engine().decode(vae, latent)
+    engine = make_engine()
+    if tiling:
+        engine.vae(vae).enable_tiling(**tiling)
+    expected = engine.decode(vae, latent)
     results = run_ranks(f"{tests_dir}/parity_targets.py:vae_split_rank", world_size,
-                        dict(vae_path=vae, shape=shape), timeout=240)
+                        dict(vae_path=vae, shape=shape, tiling=tiling), timeout=240)
     frames = results[0]["frames"]
     assert all(not r for r in results[1:])  # only rank 0 returns the frames
     assert frames.shape == expected.shape
     assert ((expected > 0) & (expected < 1)).float().mean() > 0.9  # not a saturated, trivial picture
     err = float((frames - expected).abs().max())
     assert err <= 1e-4, f"max abs error {err:.2e}"
+
+
+def test_hunyuan_tiles_are_shared_out(tiny_hunyuan):
+    """The tiled decode calls the decoder once per tile; every rank decodes only its share."""
+    from usp_video.distributed.parallel.vae_split import _TileDecoder
+
+    engine = make_engine()
+    vae = engine.vae(tiny_hunyuan["vae"])
+    vae.enable_tiling(**SMALL_TILES)
+    latent = torch.randn(1, 16, 3, 9, 8, generator=torch.Generator().manual_seed(5))
+    counts = []
+    for rank in range(3):
+        tiles = _TileDecoder(vae.decoder, rank, 3, vae.temporal_compression_ratio, vae.spatial_compression_ratio)
+        vae.decoder.forward = tiles
+        try:
+            with torch.no_grad():
+                out = vae.decode(latent).sample
+        finally:
+            del vae.decoder.forward
+        assert out.is_meta and len(tiles.shapes) == 27
+        counts.append(sorted(tiles.mine))
+    assert counts == [list(range(r, 27, 3)) for r in range(3)]

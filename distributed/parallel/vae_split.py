@@ -1,18 +1,21 @@
-"""Parallel VAE decode, exact: the frame's rows split across the ranks, with halo exchange.
+"""Parallel VAE decode: every rank decodes a part of the video, rank 0 gets the frames.
 
-Rank r decodes latent rows [a_r, b_r) of every frame. The decoders (Wan-VAE and HunyuanVideo's) are
-local in space except for a few things, each handled so that the result equals the one-process decode:
-  - 3x3 convolutions need one row from each neighbour: before each of them the ranks swap their
-    edge rows (at the frame's edges, what the layer's own padding would add: zeros for Wan,
-    replicated rows for HunyuanVideo);
-  - mid-block attention sees the whole frame (Wan) or the whole video (HunyuanVideo, causal over
-    frames): the ranks all-gather its input (at the latent resolution, the smallest), run it whole
-    and keep their rows;
-  - GroupNorm (HunyuanVideo) takes its statistics over the whole frame: the ranks all-reduce the
-    sums (in float64);
-  - nearest upsampling, RMS norms (per position) and 1x1 convolutions are local.
-Rank 0 gathers the decoded rows. Per-rank activation memory and time are about 1/N of a
-whole-frame decode. Every rank must call `decode_split` with the same latent.
+Wan-VAE, exact: rank r decodes latent rows [a_r, b_r) of every frame. The decoder is local in space
+except for two things, each handled so that the result equals the one-process decode:
+  - 3x3 convolutions need one row from each neighbour: before each of them the ranks swap their edge
+    rows (halo exchange; zeros at the frame's edges, as the layer's own padding);
+  - the mid-block attention sees the whole frame: the ranks all-gather its input (at the latent
+    resolution, the smallest), run it whole and keep their rows.
+Nearest upsampling, RMS norms (per position) and 1x1 convolutions are local. The decoder runs frame by
+frame with a causal cache, so per-rank activation memory and time are about 1/N of a whole decode.
+
+HunyuanVideo VAE: its decoder takes all frames at once (GroupNorm and a causal attention over the
+whole video), so one decode of a 720p video does not fit any GPU; diffusers and ComfyUI decode it in
+overlapping tiles blended together. The ranks share out those tiles (_TileDecoder) and rank 0 blends
+them: the result is the one-process tiled decode's, time about 1/N, each rank holding one tile's
+activations and its own decoded tiles.
+
+Every rank must call `decode_split` with the same latent.
 """
 
 from __future__ import annotations
@@ -42,28 +45,21 @@ class _Rows:
     def __init__(self, rank: int, ranks: int, counts: list[int], device: torch.device):
         self.rank, self.ranks, self.counts, self.device = rank, ranks, counts, device
 
-    def halo(self, x: torch.Tensor, pad: int, dim: int, replicate: bool = False) -> torch.Tensor:
-        """x with `pad` rows of each neighbour added along dim; at the frame's edges zeros, or
-        copies of the edge row with replicate."""
+    def halo(self, x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
+        """x with `pad` rows of each neighbour added along dim (zeros at the frame's edges)."""
         if pad == 0:
             return x
         size = list(x.shape)
         size[dim] = pad
-        n = x.shape[dim]
-        if replicate:  # what the layer's replicate padding adds at the frame's edges
-            top, bottom = x.narrow(dim, 0, 1).expand(size), x.narrow(dim, n - 1, 1).expand(size)
-        else:
-            top = bottom = x.new_zeros(size)
+        top, bottom = x.new_zeros(size), x.new_zeros(size)
         ops = []
         if self.rank > 0:
-            top = torch.empty(size, dtype=x.dtype, device=x.device)
             ops += [dist.P2POp(dist.isend, x.narrow(dim, 0, pad).contiguous(), self.rank - 1),
                     dist.P2POp(dist.irecv, top, self.rank - 1)]
         if self.rank < self.ranks - 1:
-            bottom = torch.empty(size, dtype=x.dtype, device=x.device)
-            ops += [dist.P2POp(dist.isend, x.narrow(dim, n - pad, pad).contiguous(), self.rank + 1),
+            ops += [dist.P2POp(dist.isend, x.narrow(dim, x.shape[dim] - pad, pad).contiguous(), self.rank + 1),
                     dist.P2POp(dist.irecv, bottom, self.rank + 1)]
-        for request in dist.batch_isend_irecv(ops):  # ranks >= 2: every rank has a neighbour
+        for request in dist.batch_isend_irecv(ops):
             request.wait()
         return torch.cat([top, x, bottom], dim=dim)
 
@@ -83,12 +79,6 @@ class _Rows:
 @contextmanager
 def _split_decoder(vae, rows: _Rows):
     """Patch the decoder's layers of this VAE instance for the split (restored on exit)."""
-    from diffusers import AutoencoderKLHunyuanVideo
-
-    if isinstance(vae, AutoencoderKLHunyuanVideo):
-        with _split_hunyuan_decoder(vae, rows):
-            yield
-        return
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d
 
     patched = []
@@ -136,74 +126,66 @@ def _split_decoder(vae, rows: _Rows):
             del module.forward  # back to the class's forward
 
 
-@contextmanager
-def _split_hunyuan_decoder(vae, rows: _Rows):
-    from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import (HunyuanVideoCausalConv3d,
-                                                                            HunyuanVideoMidBlock3D,
-                                                                            prepare_causal_attention_mask)
+class _TileDecoder:
+    """Stands in for vae.decoder during diffusers' tiled decode (AutoencoderKLHunyuanVideo).
 
-    patched, shape = [], {}
+    diffusers calls the decoder once per tile, in the same order on every rank; call k belongs to
+    rank k % ranks. First pass (every rank): the rank decodes its own tiles (kept in `mine`) and
+    answers every call with a meta tensor of the decoded shape, so that diffusers' blending runs on
+    nothing and costs nothing. Replay (rank 0, `replay` set): call k answers with tile k, decoded by
+    its owner, and diffusers blends the real tiles: the computation of a one-process tiled decode."""
 
-    def causal_conv(module):
-        w, _, h, _, t, _ = module.time_causal_padding
+    def __init__(self, decoder, rank: int, ranks: int, temporal: int, spatial: int):
+        self.decoder, self.whole = decoder, decoder.forward
+        self.rank, self.ranks = rank, ranks
+        self.temporal, self.spatial = temporal, spatial
+        self.shapes: list[tuple[torch.Size, torch.dtype]] = []  # every decoded tile's, in call order
+        self.mine: dict[int, torch.Tensor] = {}
+        self.replay: list[torch.Tensor] | None = None
+        self.calls = 0
 
-        def forward(x):
-            x = rows.halo(x, h, dim=3, replicate=module.pad_mode == "replicate")
-            return module.conv(F.pad(x, (w, w, 0, 0, t, 0), mode=module.pad_mode))
-        return forward
+    def decoded_shape(self, tile: torch.Tensor) -> torch.Size:
+        batch, _, frames, height, width = tile.shape  # causal in time: frames -> 1 + (frames - 1) * temporal
+        return torch.Size((batch, self.decoder.conv_out.conv.out_channels, (frames - 1) * self.temporal + 1,
+                           height * self.spatial, width * self.spatial))
 
-    def group_norm(module):
-        def forward(x):
-            batch, channels = x.shape[:2]
-            grouped = x.reshape(batch, module.num_groups, -1).double()
-            stats = torch.stack([grouped.sum(-1), (grouped * grouped).sum(-1),
-                                 torch.full_like(grouped[..., 0], grouped.shape[-1])])
-            dist.all_reduce(stats)
-            mean, var = stats[0] / stats[2], stats[1] / stats[2] - (stats[0] / stats[2]) ** 2
-            out = (grouped - mean[..., None]) / torch.sqrt(var[..., None] + module.eps)
-            out = out.reshape(x.shape).to(x.dtype)
-            view = (1, channels) + (1,) * (x.dim() - 2)
-            return out * module.weight.view(view) + module.bias.view(view) if module.affine else out
-        return forward
+    def __call__(self, tile: torch.Tensor) -> torch.Tensor:
+        k, self.calls = self.calls, self.calls + 1
+        if self.replay is not None:
+            return self.replay[k]
+        shape = self.decoded_shape(tile)
+        self.shapes.append((shape, tile.dtype))
+        if k % self.ranks == self.rank:
+            decoded = self.whole(tile)
+            if decoded.shape != shape:
+                raise RuntimeError(f"tile {k} decoded to {tuple(decoded.shape)}, expected {tuple(shape)}")
+            self.mine[k] = decoded
+        return torch.empty(shape, dtype=tile.dtype, device="meta")
 
-    def remember_shape(module, args):
-        shape["frames"], shape["width"] = args[0].shape[2], args[0].shape[4]
 
-    def attention(module):
-        whole = module.forward
-
-        def forward(hidden_states, attention_mask=None, **kwargs):  # (B, T * h * W, C), h = local rows
-            batch, _, channels = hidden_states.shape
-            frames, width = shape["frames"], shape["width"]
-            x = hidden_states.reshape(batch, frames, -1, width, channels)
-            full = rows.gather_rows(x, 2, x.shape[2] // rows.counts[rows.rank])
-            mask = prepare_causal_attention_mask(frames, full.shape[2] * width, full.dtype, full.device,
-                                                 batch_size=batch)
-            out = whole(full.flatten(1, 3), attention_mask=mask, **kwargs).reshape(full.shape)
-            return rows.my_rows(out, 2, x.shape[2] // rows.counts[rows.rank]).flatten(1, 3)
-        return forward
-
-    hooks = []
-    for module in vae.decoder.modules():
-        if isinstance(module, HunyuanVideoCausalConv3d):
-            patched.append((module, causal_conv(module)))
-        elif isinstance(module, torch.nn.GroupNorm):
-            patched.append((module, group_norm(module)))
-        elif isinstance(module, HunyuanVideoMidBlock3D):
-            hooks.append(module.register_forward_pre_hook(remember_shape))
-            patched += [(attn, attention(attn)) for attn in module.attentions if attn is not None]
-    tiling = (vae.use_tiling, vae.use_framewise_decoding)
-    vae.use_tiling = vae.use_framewise_decoding = False  # the split replaces tiling
-    for module, forward in patched:
-        module.forward = forward
+def _decode_tiles_split(vae, decode: Callable, latent: torch.Tensor, rank: int, ranks: int) -> torch.Tensor | None:
+    """diffusers' tiled decode with its tiles shared out among the ranks; rank 0 blends them."""
+    decoder = vae.decoder
+    tiles = _TileDecoder(decoder, rank, ranks, vae.temporal_compression_ratio, vae.spatial_compression_ratio)
+    decoder.forward = tiles
     try:
-        yield
+        param = next(decoder.parameters())
+        vae.decode(latent.to(device=param.device, dtype=param.dtype))  # this rank's tiles (blended on meta)
+        if rank != 0:
+            for k in sorted(tiles.mine):
+                dist.send(tiles.mine.pop(k).contiguous(), dst=0)
+            return None
+        received = []
+        for k, (shape, dtype) in enumerate(tiles.shapes):
+            if k % ranks == 0:
+                received.append(tiles.mine.pop(k))
+            else:
+                received.append(torch.empty(shape, dtype=dtype, device=param.device))
+                dist.recv(received[-1], src=k % ranks)
+        tiles.replay, tiles.calls = received, 0
+        return decode(vae, latent)
     finally:
-        vae.use_tiling, vae.use_framewise_decoding = tiling
-        for hook in hooks:
-            hook.remove()
-        for module, _ in patched:
-            del module.forward
+        del decoder.forward  # back to the class's forward
 
 
 def decode_split(vae, decode: Callable[[object, torch.Tensor], torch.Tensor], latent: torch.Tensor, rank: int,
@@ -213,6 +195,10 @@ def decode_split(vae, decode: Callable[[object, torch.Tensor], torch.Tensor], la
     decode(vae, latent) -> frames [F, h, w, 3] in 0..1 on the CPU (wan_vae.decode_video). Returns
     the frames on rank 0, None elsewhere. With fewer latent rows than ranks, rank 0 decodes alone.
     """
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    if ranks > 1 and isinstance(vae, AutoencoderKLHunyuanVideo):
+        return _decode_tiles_split(vae, decode, latent, rank, ranks)
     height = latent.shape[3]
     if ranks == 1 or height < ranks:
         return decode(vae, latent) if rank == 0 else None
