@@ -245,8 +245,8 @@ class Engine:
         return self.hunyuan_text_encoder(llama, clip, tokenizers).encode(prompt)
 
     def decode(self, path: str, latent: torch.Tensor) -> torch.Tensor | None:
-        """Frames on rank 0 (None on the others). With vae_split every rank decodes its rows of each
-        frame (parallel.vae_split, exact); otherwise rank 0 decodes alone (HunyuanVideo: tiled)."""
+        """Frames on rank 0 (None on the others). With vae_split the ranks share the decode
+        (parallel.vae_split: Wan-VAE rows, HunyuanVideo tiles; exact); otherwise rank 0 decodes alone."""
         vae = self.vae(path)
         if not self.vae_split:
             return wan_vae.decode_video(vae, latent) if self.rank == 0 else None

@@ -64,8 +64,10 @@ class UspGroupNode:
                 "FSDP: each rank keeps 1/N of the DiT's (and UMT5's) weights and gathers a block's weights "
                 "just before it runs. auto: on when the weights would not fit one GPU's free memory.")}),
             "vae_split": (["on", "off"], {"tooltip": (
-                "on: every rank decodes its rows of each frame, swapping edge rows with its neighbours "
-                "(exact; about 1/N of the memory and time per GPU); off: rank 0 decodes alone.")}),
+                "on: the ranks share the decode: Wan-VAE, every rank decodes its rows of each frame, "
+                "swapping edge rows with its neighbours (exact; about 1/N of the memory and time per GPU); "
+                "HunyuanVideo VAE, the ranks share out its tiles (the one-GPU tiled result, about 1/N of "
+                "the time). off: rank 0 decodes alone.")}),
         }}
 
     RETURN_TYPES = ("USP_GROUP", "STRING")
