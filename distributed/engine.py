@@ -244,6 +244,7 @@ class Engine:
     def encode_hunyuan(self, llama: str, clip: str, tokenizers: str, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.hunyuan_text_encoder(llama, clip, tokenizers).encode(prompt)
 
+    @torch.no_grad()
     def decode(self, path: str, latent: torch.Tensor) -> torch.Tensor | None:
         """Frames on rank 0 (None on the others). With vae_split the ranks share the decode
         (parallel.vae_split: Wan-VAE rows, HunyuanVideo tiles; exact); otherwise rank 0 decodes alone."""

@@ -170,7 +170,8 @@ def _decode_tiles_split(vae, decode: Callable, latent: torch.Tensor, rank: int, 
     decoder.forward = tiles
     try:
         param = next(decoder.parameters())
-        vae.decode(latent.to(device=param.device, dtype=param.dtype))  # this rank's tiles (blended on meta)
+        with torch.no_grad():
+            vae.decode(latent.to(device=param.device, dtype=param.dtype))  # this rank's tiles (blended on meta)
         if rank != 0:
             for k in sorted(tiles.mine):
                 dist.send(tiles.mine.pop(k).contiguous(), dst=0)
