@@ -198,6 +198,7 @@ class Engine:
                 "ring": self.sp.ring_degree, "cfg_parallel": self.cfg_degree,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "sharded": self.sharded.get("dit", False), "parameter_bytes": fsdp.parameter_bytes(model),
+                "fp8_layers": getattr(model, "usp_fp8_layers", 0),  # Linear layers stored in fp8
                 "free_bytes": _free_memory(self.device)}
 
     def encode_on_all_ranks(self, path: str) -> bool:

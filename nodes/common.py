@@ -24,6 +24,8 @@ def load_model(group, model_name: str, family: str) -> tuple[dict, str]:
         text += (f"; weights per rank {info['parameter_bytes'] / 2**30:.2f} GiB "
                  f"({'sharded across the ranks' if info['sharded'] else 'a full copy on every rank'}), "
                  f"free memory {info['free_bytes'] / 2**30:.1f} GiB")
+    if info.get("fp8_layers"):
+        text += f"; {info['fp8_layers']} layers keep their fp8 weights"
     log.info("usp-video: %s", text)
     return {"group": group, "path": path, "info": info}, text
 

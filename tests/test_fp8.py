@@ -62,6 +62,7 @@ def test_fp8_weights_stay_fp8_and_compute_the_same(fp8_files, family, scaled):
     blocks = kept.blocks if family == "wan" else [*kept.transformer_blocks, *kept.single_transformer_blocks]
     linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)  # the blocks' weights
+    assert kept.usp_fp8_layers >= len(linears) and not hasattr(dequantized, "usp_fp8_layers")  # the loader's info
     assert parameter_bytes(kept) < 0.7 * parameter_bytes(dequantized)
     assert rel_error(forward(family, kept), forward(family, dequantized)) <= 1e-6
 

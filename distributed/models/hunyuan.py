@@ -134,8 +134,9 @@ def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float3
                               f"unexpected {unexpected[:5]}")
     if keep_fp8 and fp8.is_fp8_file(shapes):
         markers = fp8.fp8_markers(shapes, fp8.file_scales(path))
-        fp8.keep_fp8(model, convert_to_diffusers(strip_prefix(markers, _PREFIXES), hidden),
-                     ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.token_refiner."))
+        markers = convert_to_diffusers(strip_prefix(markers, _PREFIXES), hidden)
+        model.usp_fp8_layers = fp8.keep_fp8(
+            model, markers, ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.token_refiner."))
     return model.to(device=device).eval()
 
 

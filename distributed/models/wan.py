@@ -117,7 +117,8 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
                                   model.config.rope_max_seq_len)
     if keep_fp8 and fp8.is_fp8_file(shapes):
         markers = fp8.fp8_markers(shapes, fp8.file_scales(path))
-        fp8.keep_fp8(model, convert_wan_transformer_to_diffusers(strip_prefix(markers, _PREFIXES)), ("blocks.",))
+        markers = convert_wan_transformer_to_diffusers(strip_prefix(markers, _PREFIXES))
+        model.usp_fp8_layers = fp8.keep_fp8(model, markers, ("blocks.",))
     return model.to(device=device).eval()
 
 
