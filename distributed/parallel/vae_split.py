@@ -191,10 +191,12 @@ def _decode_tiles_split(vae, decode: Callable, latent: torch.Tensor, rank: int, 
 
 def decode_split(vae, decode: Callable[[object, torch.Tensor], torch.Tensor], latent: torch.Tensor, rank: int,
                  ranks: int, device: torch.device, scale: int = 8) -> torch.Tensor | None:
-    """Decode latent [B, C, T, H, W] across `ranks` ranks of the default group, exactly.
+    """Decode latent [B, C, T, H, W] across `ranks` ranks of the default group, with the result of
+    decode(vae, latent) in one process (for the HunyuanVideo VAE: its tiled decode).
 
     decode(vae, latent) -> frames [F, h, w, 3] in 0..1 on the CPU (wan_vae.decode_video). Returns
-    the frames on rank 0, None elsewhere. With fewer latent rows than ranks, rank 0 decodes alone.
+    the frames on rank 0, None elsewhere. Wan-VAE latents with fewer rows than ranks, and HunyuanVideo
+    latents that fit one tile, are decoded by rank 0 alone.
     """
     from diffusers import AutoencoderKLHunyuanVideo
 
