@@ -79,3 +79,61 @@ def test_fp8_sharded_matches_fp8_unsharded(tests_dir, fp8_files, tiny_models, fa
     for rank, result in enumerate(results):
         assert rel_error(result["out"], expected) <= 1e-5, f"rank {rank}"
         assert int(result["bytes"]) <= full * (1 / 2 + 0.05)
+
+
+@pytest.fixture(scope="module")
+def fp8_text_encoders(tiny_models, tiny_hunyuan, tmp_path_factory):
+    """ComfyUI ships the text encoders in fp8 too (umt5_xxl_fp8_e4m3fn_scaled, llava_llama3_fp8_scaled)."""
+    from safetensors import safe_open
+
+    root = tmp_path_factory.mktemp("fp8_text")
+    files = {}
+    for name, src in (("umt5", tiny_models["text_encoder"]), ("llama", tiny_hunyuan["llama"])):
+        with safe_open(src, "pt") as f:
+            meta = f.metadata() or {}
+        for scaled in (False, True):
+            files[(name, scaled)] = write_fp8(src, root / f"{name}_{scaled}.safetensors", meta, scaled)
+    return files
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_scaled"])
+def test_fp8_umt5_stays_fp8_and_encodes_the_same(fp8_text_encoders, scaled):
+    from usp_video.distributed.models.umt5 import load_umt5
+
+    path = fp8_text_encoders[("umt5", scaled)]
+    kept, dequantized = load_umt5(path), load_umt5(path, keep_fp8=False)
+    linears = {n: m for n, m in kept.model.encoder.block.named_modules() if isinstance(m, torch.nn.Linear)}
+    fp8_layers = [n for n, m in linears.items() if m.weight.dtype == torch.float8_e4m3fn]
+    # every Linear of the blocks but UMT5's `wo`, which transformers keeps in float32
+    assert sorted(fp8_layers) == sorted(n for n in linears if not n.endswith(".wo")) and fp8_layers
+    assert kept.model.usp_fp8_layers == len(fp8_layers)
+    prompt = "a cat walks on the beach at sunset"
+    assert rel_error(kept.encode(prompt), dequantized.encode(prompt)) <= 1e-6
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_scaled"])
+def test_fp8_llama_stays_fp8_and_encodes_the_same(fp8_text_encoders, tiny_hunyuan, scaled):
+    from usp_video.distributed.models import hunyuan_text
+
+    path = fp8_text_encoders[("llama", scaled)]
+    kept, dequantized = hunyuan_text.load_llama(path), hunyuan_text.load_llama(path, keep_fp8=False)
+    linears = [m for m in kept.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert parameter_bytes(kept) < parameter_bytes(dequantized)
+    clip = hunyuan_text.load_clip_l(tiny_hunyuan["clip"])
+    tokenizers = hunyuan_text.load_tokenizers(tiny_hunyuan["tokenizers"])
+    prompt = "a red car drives through a city street at night"
+    cond, pooled = hunyuan_text.HunyuanTextEncoder(kept, clip, *tokenizers).encode(prompt)
+    expected, expected_pooled = hunyuan_text.HunyuanTextEncoder(dequantized, clip, *tokenizers).encode(prompt)
+    assert rel_error(cond, expected) <= 1e-6 and rel_error(pooled, expected_pooled) <= 1e-6
+
+
+def test_fp8_umt5_sharded_matches_fp8_unsharded(tests_dir, fp8_text_encoders, tiny_models):
+    """fp8 storage and weight sharding together, for the text encoder (the DiT is checked above)."""
+    path = fp8_text_encoders[("umt5", True)]
+    expected = make_engine().encode(path, "a cat walks on the beach at sunset")
+    results = run_ranks(f"{tests_dir}/parity_targets.py:sharded_rank", 2,
+                        dict(ulysses=2, ring=1, dit_path=tiny_models["dit"], family="wan", text_encoder=path),
+                        timeout=240)
+    for rank, result in enumerate(results):
+        assert rel_error(result["cond"], expected) <= 1e-5, f"rank {rank}"

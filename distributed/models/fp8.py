@@ -50,14 +50,15 @@ def _fp8_forward(module: torch.nn.Linear, scale: float) -> Callable:
 
 
 def keep_fp8(model: torch.nn.Module, markers: dict[str, torch.Tensor], within: tuple[str, ...],
-             fp8_dtype=torch.float8_e4m3fn) -> int:
+             fp8_dtype=torch.float8_e4m3fn, skip: Callable[[str], bool] | None = None) -> int:
     """Store in fp8 the Linear weights, inside the modules named by the prefixes `within` (the
     repeated blocks: nearly all the weights), whose markers say they came from fp8; returns how many.
     The embedders outside the blocks stay dequantized: diffusers casts their inputs to their
-    parameters' dtype."""
+    parameters' dtype. skip(weight name): layers to leave alone (those a class keeps in float32,
+    like UMT5's `wo`, whose input transformers casts to the weight's dtype)."""
     count = 0
     for name, module in model.named_modules():
-        if not name.startswith(within):
+        if not name.startswith(within) or (skip is not None and skip(f"{name}.weight")):
             continue
         marker = markers.get(f"{name}.weight")
         if not isinstance(module, torch.nn.Linear) or marker is None or not bool((marker > 0).all()):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import fp8
 from .checkpoint import CheckpointError, config_from_metadata, dequantize, load_state_dict, read_header, strip_prefix
 
 LLAMA_CONFIG_KEY = "usp_video.llama_config"
@@ -46,7 +47,7 @@ def _folder_model(path: Path, cls, what: str):
     return cls.from_pretrained(str(path), local_files_only=True)
 
 
-def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", keep_fp8: bool = True):
     """The Llama text model of LLaVA-Llama-3 from ComfyUI's llava_llama3_*.safetensors
     (fp16/bf16/fp8, scaled fp8) or a diffusers text_encoder folder."""
     from transformers import LlamaConfig, LlamaModel
@@ -76,6 +77,9 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
         raise CheckpointError(f"{path.name} does not fit a Llama text model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     model.rotary_emb = type(model.rotary_emb)(model.config)  # a non-persistent buffer, still on meta
+    if keep_fp8 and fp8.is_fp8_file(shapes):  # the decoder layers' Linear layers stay fp8 (models/fp8.py)
+        markers = strip_prefix(fp8.fp8_markers(shapes, fp8.file_scales(path)), ("model.",))
+        model.usp_fp8_layers = fp8.keep_fp8(model, markers, ("layers.",))
     return model.to(device).eval()
 
 

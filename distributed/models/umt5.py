@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import fp8
 from .checkpoint import CheckpointError, dequantize, keeps_fp32, load_state_dict, read_header
 
 MIN_LENGTH = 512
@@ -61,7 +62,8 @@ def umt5_config_from_shapes(shapes: dict) -> dict:
     )
 
 
-def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> Umt5TextEncoder:
+def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+              keep_fp8: bool = True) -> Umt5TextEncoder:
     from transformers import UMT5Config, UMT5EncoderModel
 
     path = Path(path)
@@ -94,4 +96,7 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not fit UMT5: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if keep_fp8 and fp8.is_fp8_file(shapes):  # the encoder blocks' Linear layers stay fp8 (models/fp8.py)
+        model.usp_fp8_layers = fp8.keep_fp8(model, fp8.fp8_markers(shapes, fp8.file_scales(path)),
+                                            ("encoder.block.",), skip=keeps_fp32(UMT5EncoderModel))
     return Umt5TextEncoder(model.to(device).eval(), spiece)
