@@ -10,6 +10,8 @@ is one Wan-1.3B-size step at 480p with each attention backend, ours vs stock dif
 2. Timing: one DiT forward of a Wan 2.1 1.3B-shaped model (random weights, bf16) on 480p x 81
    frames (32,760 tokens); a sampler step at cfg > 1 is two of them. Ours at world size 1 for
    each backend, and stock diffusers WanTransformer3DModel, interleaved, medians.
+3. fp8 weights (models/fp8.py): the same forward with the blocks' Linear weights stored in fp8 and
+   cast layer by layer, against those weights dequantized to bf16: error, time ratio, bytes ratio.
 Prints a short table last; --out writes it as JSON.
 """
 
@@ -135,6 +137,58 @@ def time_step(device: torch.device, small: bool, repeats: int) -> list[dict]:
     return rows
 
 
+def check_fp8(device: torch.device, small: bool, repeats: int) -> dict:
+    """fp8 storage vs the same (fp8-representable) weights in the compute dtype: one forward each."""
+    from diffusers import WanTransformer3DModel
+
+    from usp_video.distributed.models import fp8
+    from usp_video.distributed.models.checkpoint import cast_model
+    from usp_video.distributed.models.wan import WAN_VARIANTS, parallelize_wan
+    from usp_video.distributed.parallel.mesh import SequenceParallel
+    from usp_video.distributed.parallel.fsdp import parameter_bytes
+
+    config = dict(WAN_VARIANTS["wan2.1-t2v-1.3b"])
+    shape, dtype = (21, 60, 104), torch.bfloat16
+    if small:
+        config.update(num_layers=2, attention_head_dim=16, ffn_dim=256, text_dim=64)
+        shape, dtype = (3, 8, 12), torch.float32
+    torch.manual_seed(0)
+    source = WanTransformer3DModel(**config).eval()
+    markers = {}
+    for name, module in source.named_modules():
+        if name.startswith("blocks.") and isinstance(module, torch.nn.Linear):  # make the weights fp8 values
+            module.weight.data = module.weight.data.to(torch.float8_e4m3fn).float()
+            markers[f"{name}.weight"] = torch.ones(module.weight.shape[0])
+    models = {}
+    for kind in ("dequantized", "fp8"):
+        model = cast_model(WanTransformer3DModel(**config).eval(), dtype)
+        model.load_state_dict(source.state_dict())
+        if kind == "fp8":
+            fp8.keep_fp8(model, markers, ("blocks.",))
+        models[kind] = parallelize_wan(model.to(device), SequenceParallel(), "sdpa")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, 16, *shape, generator=g).to(device, dtype)
+    ctx = torch.randn(1, 512, config["text_dim"], generator=g).to(device, dtype)
+    t = torch.tensor([500.0], device=device)
+    times, outs = {k: [] for k in models}, {}
+    with torch.no_grad():
+        for kind, model in models.items():
+            outs[kind] = model(x, t, ctx, return_dict=False)[0]
+        for _ in range(repeats):
+            for kind, model in models.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(x, t, ctx, return_dict=False)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[kind].append(time.perf_counter() - start)
+    fp8_s, deq_s = statistics.median(times["fp8"]), statistics.median(times["dequantized"])
+    return {"dtype": str(dtype), "fp8_forward_s": fp8_s, "dequantized_forward_s": deq_s, "time_ratio": fp8_s / deq_s,
+            "bytes_ratio": parameter_bytes(models["fp8"]) / parameter_bytes(models["dequantized"]),
+            "rel_err": rel(outs["fp8"], outs["dequantized"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -149,7 +203,8 @@ def main() -> None:
     started = time.monotonic()
     kernels = check_kernels(device, args.small)
     steps = time_step(device, args.small, args.repeats)
-    report = {"device": name, "torch": torch.__version__, "kernels": kernels, "step": steps,
+    fp8_row = check_fp8(device, args.small, args.repeats)
+    report = {"device": name, "torch": torch.__version__, "kernels": kernels, "step": steps, "fp8": fp8_row,
               "wall_s": time.monotonic() - started}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
@@ -167,6 +222,9 @@ def main() -> None:
     for r in steps:
         print(f"{r['model']:<22}{r['forward_s']:>10.3f}{r['step_s_cfg']:>14.3f}{r['vs_stock']:>10.3f}"
               f"{r['rel_err_vs_stock']:>10.1e}")
+    print(f"fp8 weights ({fp8_row['dtype']} compute): forward {fp8_row['fp8_forward_s']:.3f} s vs "
+          f"{fp8_row['dequantized_forward_s']:.3f} s dequantized ({fp8_row['time_ratio']:.2f}x), parameter bytes "
+          f"{fp8_row['bytes_ratio']:.2f}x, rel err {fp8_row['rel_err']:.1e}")
     print(f"wall {report['wall_s']:.0f} s")
 
 

@@ -39,6 +39,7 @@ def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
     report = json.loads((tmp_path / "gpu.json").read_text())
     fp32 = [r for r in report["kernels"] if r["dtype"] == "float32"]
     assert fp32 and all(r["out_rel_err"] < 1e-5 and r["ring_merge_rel_err"] < 1e-5 for r in fp32)
+    assert report["fp8"]["rel_err"] < 1e-6 and report["fp8"]["bytes_ratio"] < 0.9  # fp8 storage, same result
 
 
 def test_memory_bench_runs_and_meets_the_sharding_target(tmp_path):
