@@ -30,8 +30,6 @@ HUNYUAN_VAE = dict(block_out_channels=[32, 32, 64, 64], norm_num_groups=8, layer
 # 64 px tiles every 48 px, 8 frames every 4: a 5x24x24 latent makes 5 x 4 x 4 = 80 tiles
 HUNYUAN_TILES = dict(tile_sample_min_height=64, tile_sample_min_width=64, tile_sample_min_num_frames=8,
                      tile_sample_stride_height=48, tile_sample_stride_width=48, tile_sample_stride_num_frames=4)
-SMALL_TILES = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_min_num_frames=8,
-                   tile_sample_stride_height=24, tile_sample_stride_width=24, tile_sample_stride_num_frames=4)
 
 
 def _status_kb(field: str) -> int:
@@ -96,7 +94,7 @@ def main() -> None:
     vaes = {  # name: (config, latent frames x rows x columns, tiling)
         "wan": (dict(VAE, base_dim=8) if args.small else VAE, (2, 24, 16) if args.small else (5, 48, 48), None),
         "hunyuan": (tiny.TINY_HUNYUAN_VAE if args.small else HUNYUAN_VAE, (3, 9, 8) if args.small else (5, 24, 24),
-                    SMALL_TILES if args.small else HUNYUAN_TILES)}
+                    tiny.TINY_HUNYUAN_VAE_TILES if args.small else HUNYUAN_TILES)}
     results = {"dit_config": dit_config, "mkldnn": args.mkldnn, "runs": [],
                "vaes": {name: {"config": c, "latent_shape": [1, 16, *shape], "tiling": tiling}
                         for name, (c, shape, tiling) in vaes.items()}}

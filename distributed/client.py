@@ -72,7 +72,7 @@ class GroupConfig:
     threads_per_rank: int = 0
     cfg_parallel: int = 1  # 2: the conditional and unconditional passes on the two halves of the group
     shard_weights: str = "auto"  # FSDP weight sharding: off, on, or auto (when one device's memory is short)
-    vae_split: bool = True  # VAE decode split across the ranks (rows, halo exchange: exact)
+    vae_split: bool = True  # VAE decode split across the ranks (Wan rows with halo exchange, Hunyuan tiles)
 
     def __post_init__(self):
         from .parallel.usp_attention import BACKENDS

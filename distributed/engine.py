@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import planner
-from .models import families, hunyuan_text, hunyuan_vae, umt5, wan_vae
+from .models import families, fp8, hunyuan_text, hunyuan_vae, umt5, wan_vae
 from .models.checkpoint import CheckpointError
 from .models.families import TextCond
 from .parallel import fsdp
@@ -198,7 +198,7 @@ class Engine:
                 "ring": self.sp.ring_degree, "cfg_parallel": self.cfg_degree,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "sharded": self.sharded.get("dit", False), "parameter_bytes": fsdp.parameter_bytes(model),
-                "fp8_layers": getattr(model, "usp_fp8_layers", 0),  # Linear layers stored in fp8
+                "fp8_layers": fp8.count_fp8_layers(model),
                 "free_bytes": _free_memory(self.device)}
 
     def encode_on_all_ranks(self, path: str) -> bool:

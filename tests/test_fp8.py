@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import rel_error
 from parity_targets import dit_forward, hunyuan_forward, make_engine
-from usp_video.distributed.models import hunyuan, tiny, wan
+from usp_video.distributed.models import fp8, hunyuan, tiny, wan
 from usp_video.distributed.parallel.fsdp import parameter_bytes
 from usp_video.distributed.parallel.spawn import run_ranks
 
@@ -62,7 +62,7 @@ def test_fp8_weights_stay_fp8_and_compute_the_same(fp8_files, family, scaled):
     blocks = kept.blocks if family == "wan" else [*kept.transformer_blocks, *kept.single_transformer_blocks]
     linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)  # the blocks' weights
-    assert kept.usp_fp8_layers >= len(linears) and not hasattr(dequantized, "usp_fp8_layers")  # the loader's info
+    assert fp8.count_fp8_layers(kept) >= len(linears) and fp8.count_fp8_layers(dequantized) == 0  # the loader's info
     assert parameter_bytes(kept) < 0.7 * parameter_bytes(dequantized)
     assert rel_error(forward(family, kept), forward(family, dequantized)) <= 1e-6
 
@@ -106,7 +106,7 @@ def test_fp8_umt5_stays_fp8_and_encodes_the_same(fp8_text_encoders, scaled):
     fp8_layers = [n for n, m in linears.items() if m.weight.dtype == torch.float8_e4m3fn]
     # every Linear of the blocks but UMT5's `wo`, which transformers keeps in float32
     assert sorted(fp8_layers) == sorted(n for n in linears if not n.endswith(".wo")) and fp8_layers
-    assert kept.model.usp_fp8_layers == len(fp8_layers)
+    assert fp8.count_fp8_layers(kept.model) == len(fp8_layers)
     prompt = "a cat walks on the beach at sunset"
     assert rel_error(kept.encode(prompt), dequantized.encode(prompt)) <= 1e-6
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from parity_targets import make_engine
+from usp_video.distributed.models.tiny import TINY_HUNYUAN_VAE_TILES
 from usp_video.distributed.parallel.spawn import run_ranks
 from usp_video.distributed.parallel.vae_split import row_split
 
@@ -17,10 +18,7 @@ def test_row_split_covers_the_rows_once():
             assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
 
 
-# Tiles of 32x32 pixels and 8 frames, overlapping by 8 pixels and 4 frames: a 3x9x8 latent makes 3 x 3
-# x 3 = 27 tiles of uneven sizes (diffusers' defaults, 256 px and 16 frames, would make one).
-SMALL_TILES = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_min_num_frames=8,
-                   tile_sample_stride_height=24, tile_sample_stride_width=24, tile_sample_stride_num_frames=4)
+SMALL_TILES = TINY_HUNYUAN_VAE_TILES  # a 3x9x8 latent makes 3 x 3 x 3 = 27 tiles of uneven sizes
 
 
 @pytest.mark.parametrize("world_size,shape", [(2, (3, 10, 8)), (3, (2, 7, 6)), (4, (3, 9, 8)), (4, (2, 3, 4))],

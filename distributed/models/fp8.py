@@ -49,14 +49,28 @@ def _fp8_forward(module: torch.nn.Linear, scale: float) -> Callable:
     return forward
 
 
+def keep_file_fp8(model: torch.nn.Module, path, shapes: dict[str, tuple[list[int], str]], within: tuple[str, ...],
+                  convert: Callable[[dict], dict] = lambda markers: markers,
+                  skip: Callable[[str], bool] | None = None) -> None:
+    """What every loader does after building its model from an fp8 file's dequantized tensors: the
+    Linear weights that came from fp8 go back to fp8 storage. convert(markers) is the loader's own
+    key conversion (file names -> model names); within and skip as keep_fp8. Nothing for other files."""
+    if is_fp8_file(shapes):
+        keep_fp8(model, convert(fp8_markers(shapes, file_scales(path))), within, skip=skip)
+
+
+def count_fp8_layers(model: torch.nn.Module) -> int:
+    """How many Linear layers of the model store their weights in fp8 (the loader's info reports it)."""
+    return sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype in FP8_DTYPES)
+
+
 def keep_fp8(model: torch.nn.Module, markers: dict[str, torch.Tensor], within: tuple[str, ...],
-             fp8_dtype=torch.float8_e4m3fn, skip: Callable[[str], bool] | None = None) -> int:
+             fp8_dtype=torch.float8_e4m3fn, skip: Callable[[str], bool] | None = None) -> None:
     """Store in fp8 the Linear weights, inside the modules named by the prefixes `within` (the
-    repeated blocks: nearly all the weights), whose markers say they came from fp8; returns how many.
+    repeated blocks: nearly all the weights), whose markers say they came from fp8.
     The embedders outside the blocks stay dequantized: diffusers casts their inputs to their
     parameters' dtype. skip(weight name): layers to leave alone (those a class keeps in float32,
     like UMT5's `wo`, whose input transformers casts to the weight's dtype)."""
-    count = 0
     for name, module in model.named_modules():
         if not name.startswith(within) or (skip is not None and skip(f"{name}.weight")):
             continue
@@ -67,12 +81,10 @@ def keep_fp8(model: torch.nn.Module, markers: dict[str, torch.Tensor], within: t
         stored = (module.weight.data.float() / scale).to(fp8_dtype)
         module.weight = torch.nn.Parameter(stored, requires_grad=False)
         module.forward = _fp8_forward(module, scale)
-        count += 1
-    return count
 
 
 def is_fp8_file(shapes: dict[str, tuple[list[int], str]]) -> bool:
     return any(dtype.startswith("F8") for _, dtype in shapes.values())
 
 
-__all__ = ["fp8_markers", "file_scales", "keep_fp8", "is_fp8_file", "FP8_DTYPES"]
+__all__ = ["fp8_markers", "file_scales", "keep_fp8", "keep_file_fp8", "count_fp8_layers", "is_fp8_file", "FP8_DTYPES"]

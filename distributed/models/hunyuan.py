@@ -132,11 +132,10 @@ def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float3
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not fit the HunyuanVideo architecture: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    if keep_fp8 and fp8.is_fp8_file(shapes):
-        markers = fp8.fp8_markers(shapes, fp8.file_scales(path))
-        markers = convert_to_diffusers(strip_prefix(markers, _PREFIXES), hidden)
-        model.usp_fp8_layers = fp8.keep_fp8(
-            model, markers, ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.token_refiner."))
+    if keep_fp8:
+        fp8.keep_file_fp8(model, path, shapes,
+                          ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.token_refiner."),
+                          lambda markers: convert_to_diffusers(strip_prefix(markers, _PREFIXES), hidden))
     return model.to(device=device).eval()
 
 

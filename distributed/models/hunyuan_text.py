@@ -77,9 +77,8 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
         raise CheckpointError(f"{path.name} does not fit a Llama text model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     model.rotary_emb = type(model.rotary_emb)(model.config)  # a non-persistent buffer, still on meta
-    if keep_fp8 and fp8.is_fp8_file(shapes):  # the decoder layers' Linear layers stay fp8 (models/fp8.py)
-        markers = strip_prefix(fp8.fp8_markers(shapes, fp8.file_scales(path)), ("model.",))
-        model.usp_fp8_layers = fp8.keep_fp8(model, markers, ("layers.",))
+    if keep_fp8:  # the decoder layers' Linear layers stay fp8 (models/fp8.py)
+        fp8.keep_file_fp8(model, path, shapes, ("layers.",), lambda markers: strip_prefix(markers, ("model.",)))
     return model.to(device).eval()
 
 

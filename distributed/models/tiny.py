@@ -47,6 +47,11 @@ HUNYUAN_FILES = {
     "vae": "vae/tiny_hunyuan_video_vae.safetensors",
 }
 TINY_HUNYUAN_VAE = dict(block_out_channels=[8, 8, 16, 16], norm_num_groups=4, layers_per_block=1)
+# Tiles of 32x32 pixels and 8 frames, overlapping by 8 pixels and 4 frames, for AutoencoderKLHunyuanVideo
+# .enable_tiling: a tiny latent (3x9x8) then makes 27 tiles (diffusers' defaults, 256 px and 16 frames, one)
+TINY_HUNYUAN_VAE_TILES = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_min_num_frames=8,
+                              tile_sample_stride_height=24, tile_sample_stride_width=24,
+                              tile_sample_stride_num_frames=4)
 _HUNYUAN_VERSION = "2"
 
 _CORPUS = """a cat walks on the beach at sunset, waves roll in slowly

@@ -96,7 +96,6 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(f"{path.name} does not fit UMT5: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if keep_fp8 and fp8.is_fp8_file(shapes):  # the encoder blocks' Linear layers stay fp8 (models/fp8.py)
-        model.usp_fp8_layers = fp8.keep_fp8(model, fp8.fp8_markers(shapes, fp8.file_scales(path)),
-                                            ("encoder.block.",), skip=keeps_fp32(UMT5EncoderModel))
+    if keep_fp8:  # the encoder blocks' Linear layers stay fp8 (models/fp8.py)
+        fp8.keep_file_fp8(model, path, shapes, ("encoder.block.",), skip=keeps_fp32(UMT5EncoderModel))
     return Umt5TextEncoder(model.to(device).eval(), spiece)

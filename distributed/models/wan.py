@@ -115,10 +115,9 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
     # The RoPE tables are non-persistent buffers, still on the meta device: build them for real.
     model.rope = type(model.rope)(model.config.attention_head_dim, model.config.patch_size,
                                   model.config.rope_max_seq_len)
-    if keep_fp8 and fp8.is_fp8_file(shapes):
-        markers = fp8.fp8_markers(shapes, fp8.file_scales(path))
-        markers = convert_wan_transformer_to_diffusers(strip_prefix(markers, _PREFIXES))
-        model.usp_fp8_layers = fp8.keep_fp8(model, markers, ("blocks.",))
+    if keep_fp8:
+        fp8.keep_file_fp8(model, path, shapes, ("blocks.",),
+                          lambda markers: convert_wan_transformer_to_diffusers(strip_prefix(markers, _PREFIXES)))
     return model.to(device=device).eval()
 
 
