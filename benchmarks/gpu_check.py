@@ -86,12 +86,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def time_step(device: torch.device, small: bool, repeats: int) -> list[dict]:
-    from diffusers import WanTransformer3DModel
-
-    from usp_video.distributed.models.checkpoint import cast_model
-    from usp_video.distributed.models.wan import WAN_VARIANTS, parallelize_wan
-    from usp_video.distributed.parallel.mesh import SequenceParallel
+def wan_setup(small: bool, device: torch.device):
+    """A Wan 2.1 1.3B-shaped config and one forward's inputs (480p x 81 frames, bf16; tiny with small)."""
+    from usp_video.distributed.models.wan import WAN_VARIANTS
 
     config = dict(WAN_VARIANTS["wan2.1-t2v-1.3b"])
     shape, dtype = (21, 60, 104), torch.bfloat16  # 480p x 81 frames -> 21 x 30 x 52 = 32,760 tokens
@@ -102,11 +99,38 @@ def time_step(device: torch.device, small: bool, repeats: int) -> list[dict]:
     x = torch.randn(1, 16, *shape, generator=g).to(device, dtype)
     ctx = torch.randn(1, 512, config["text_dim"], generator=g).to(device, dtype)
     t = torch.tensor([500.0], device=device)
+    return config, dtype, (x, t, ctx)
 
+
+def time_forwards(models: dict, inputs: tuple, device: torch.device, repeats: int) -> tuple[dict, dict]:
+    """One warm-up forward per model (its output kept), then `repeats` interleaved timed forwards:
+    (median seconds per model, output per model)."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    times, outs = {name: [] for name in models}, {}
+    with torch.no_grad():
+        for name, model in models.items():  # warm-up
+            outs[name] = model(*inputs, return_dict=False)[0]
+        for _ in range(repeats):  # interleaved
+            for name, model in models.items():
+                sync()
+                start = time.perf_counter()
+                model(*inputs, return_dict=False)
+                sync()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, outs
+
+
+def time_step(device: torch.device, small: bool, repeats: int) -> list[dict]:
+    from diffusers import WanTransformer3DModel
+
+    from usp_video.distributed.models.checkpoint import cast_model
+    from usp_video.distributed.models.wan import parallelize_wan
+    from usp_video.distributed.parallel.mesh import SequenceParallel
+
+    config, dtype, inputs = wan_setup(small, device)
     torch.manual_seed(0)
     stock = cast_model(WanTransformer3DModel(**config), dtype).to(device).eval()
     models = {"stock diffusers": stock}
@@ -116,25 +140,11 @@ def time_step(device: torch.device, small: bool, repeats: int) -> list[dict]:
         ours = WanTransformer3DModel(**config).eval()
         ours.load_state_dict(stock.state_dict())
         models[f"ours ({backend})"] = parallelize_wan(cast_model(ours, dtype).to(device), SequenceParallel(), backend)
-    times = {name: [] for name in models}
-    outs = {}
-    with torch.no_grad():
-        for name, model in models.items():  # warm-up
-            outs[name] = model(x, t, ctx, return_dict=False)[0]
-        for _ in range(repeats):  # interleaved
-            for name, model in models.items():
-                sync()
-                start = time.perf_counter()
-                model(x, t, ctx, return_dict=False)
-                sync()
-                times[name].append(time.perf_counter() - start)
-    stock_s = statistics.median(times["stock diffusers"])
-    rows = []
-    for name in models:
-        seconds = statistics.median(times[name])
-        rows.append({"model": name, "forward_s": seconds, "step_s_cfg": 2 * seconds,
-                     "vs_stock": seconds / stock_s, "rel_err_vs_stock": rel(outs[name], outs["stock diffusers"])})
-    return rows
+    seconds, outs = time_forwards(models, inputs, device, repeats)
+    stock_s = seconds["stock diffusers"]
+    return [{"model": name, "forward_s": seconds[name], "step_s_cfg": 2 * seconds[name],
+             "vs_stock": seconds[name] / stock_s, "rel_err_vs_stock": rel(outs[name], outs["stock diffusers"])}
+            for name in models]
 
 
 def check_fp8(device: torch.device, small: bool, repeats: int) -> dict:
@@ -143,15 +153,11 @@ def check_fp8(device: torch.device, small: bool, repeats: int) -> dict:
 
     from usp_video.distributed.models import fp8
     from usp_video.distributed.models.checkpoint import cast_model
-    from usp_video.distributed.models.wan import WAN_VARIANTS, parallelize_wan
-    from usp_video.distributed.parallel.mesh import SequenceParallel
+    from usp_video.distributed.models.wan import parallelize_wan
     from usp_video.distributed.parallel.fsdp import parameter_bytes
+    from usp_video.distributed.parallel.mesh import SequenceParallel
 
-    config = dict(WAN_VARIANTS["wan2.1-t2v-1.3b"])
-    shape, dtype = (21, 60, 104), torch.bfloat16
-    if small:
-        config.update(num_layers=2, attention_head_dim=16, ffn_dim=256, text_dim=64)
-        shape, dtype = (3, 8, 12), torch.float32
+    config, dtype, inputs = wan_setup(small, device)
     torch.manual_seed(0)
     source = WanTransformer3DModel(**config).eval()
     markers = {}
@@ -166,25 +172,9 @@ def check_fp8(device: torch.device, small: bool, repeats: int) -> dict:
         if kind == "fp8":
             fp8.keep_fp8(model, markers, ("blocks.",))
         models[kind] = parallelize_wan(model.to(device), SequenceParallel(), "sdpa")
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(1, 16, *shape, generator=g).to(device, dtype)
-    ctx = torch.randn(1, 512, config["text_dim"], generator=g).to(device, dtype)
-    t = torch.tensor([500.0], device=device)
-    times, outs = {k: [] for k in models}, {}
-    with torch.no_grad():
-        for kind, model in models.items():
-            outs[kind] = model(x, t, ctx, return_dict=False)[0]
-        for _ in range(repeats):
-            for kind, model in models.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(x, t, ctx, return_dict=False)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[kind].append(time.perf_counter() - start)
-    fp8_s, deq_s = statistics.median(times["fp8"]), statistics.median(times["dequantized"])
-    return {"dtype": str(dtype), "fp8_forward_s": fp8_s, "dequantized_forward_s": deq_s, "time_ratio": fp8_s / deq_s,
+    seconds, outs = time_forwards(models, inputs, device, repeats)
+    return {"dtype": str(dtype), "fp8_forward_s": seconds["fp8"], "dequantized_forward_s": seconds["dequantized"],
+            "time_ratio": seconds["fp8"] / seconds["dequantized"],
             "bytes_ratio": parameter_bytes(models["fp8"]) / parameter_bytes(models["dequantized"]),
             "rel_err": rel(outs["fp8"], outs["dequantized"])}
 
