@@ -13,6 +13,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def comfyui_python() -> str:
+    """The Python that has ComfyUI's requirements (and this pack) installed: COMFYUI_PYTHON, else this one."""
+    return os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+
+def group_dir(work: Path) -> Path:
+    """Where the server started in `work` puts its groups' run folders (its TMPDIR)."""
+    return work / "tmp"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,12 +43,16 @@ def comfyui_server(comfy_dir: str, models_root: Path, work: Path):
     config.write_text(f"usp_video_test:\n    base_path: {models_root}\n    diffusion_models: diffusion_models\n"
                       f"    text_encoders: text_encoders\n    vae: vae\n    custom_nodes: {custom_nodes}\n")
     port = free_port()
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    python = comfyui_python()
+    # The server's temporary files, the run folders of the groups it starts among them, go under work/:
+    # the groups of this server are then the processes whose command line names group_dir(work).
+    group_dir(work).mkdir(exist_ok=True)
+    env = dict(os.environ, TMPDIR=str(group_dir(work)))
     log = open(work / "comfyui.log", "wb")
     proc = subprocess.Popen([python, str(Path(comfy_dir) / "main.py"), "--cpu", "--listen", "127.0.0.1",
                              "--port", str(port), "--extra-model-paths-config", str(config),
                              "--output-directory", str(work / "output"), "--disable-auto-launch"],
-                            cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

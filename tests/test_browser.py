@@ -25,7 +25,6 @@ pytestmark = [
     pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI to open"),
     pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM}"),
 ]
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 
 def tiny_ui_workflow(tiny_models) -> str:
@@ -41,6 +40,7 @@ def tiny_ui_workflow(tiny_models) -> str:
 
 
 def test_drop_workflow_press_run_see_the_video(tiny_models, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with comfyui_server(COMFYUI_DIR, Path(tiny_models["dit"]).parents[1], tmp_path) as url, \
             sync_api.sync_playwright() as playwright:

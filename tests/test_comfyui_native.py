@@ -1,6 +1,7 @@
 """Our files and conventions against ComfyUI's own code (skipped where ComfyUI is absent).
 
-Set COMFYUI_DIR to a ComfyUI checkout whose requirements are installed in this environment.
+Set COMFYUI_DIR to a ComfyUI checkout, and COMFYUI_PYTHON to a Python with its requirements and this
+pack installed (default: the Python running the tests).
 ComfyUI's WanModel and WanVAE load our tiny files strictly; its KSampler (euler, simple,
 ModelSamplingSD3 shift, the same seed) must give the latent our sampler gives. The same for
 HunyuanVideo (comfyui_reference_hunyuan.py).
@@ -9,9 +10,10 @@ HunyuanVideo (comfyui_reference_hunyuan.py).
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+
+from comfyui_server import comfyui_python
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI checkout to compare with")
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set:
 
 @pytest.fixture(scope="module")
 def comparison(tests_dir, tiny_models):
-    result = subprocess.run([sys.executable, str(tests_dir / "comfyui_reference.py"), COMFYUI_DIR,
+    result = subprocess.run([comfyui_python(), str(tests_dir / "comfyui_reference.py"), COMFYUI_DIR,
                              json.dumps(tiny_models)], capture_output=True, text=True, timeout=600)
     if result.returncode != 0 and "ModuleNotFoundError" in result.stderr:
         pytest.skip("ComfyUI's requirements are not installed here: " + result.stderr.strip().splitlines()[-1])
@@ -34,7 +36,7 @@ def test_matches_comfyui(comparison, what):
 
 @pytest.fixture(scope="module")
 def hunyuan_comparison(tests_dir, tiny_hunyuan):
-    result = subprocess.run([sys.executable, str(tests_dir / "comfyui_reference_hunyuan.py"), COMFYUI_DIR,
+    result = subprocess.run([comfyui_python(), str(tests_dir / "comfyui_reference_hunyuan.py"), COMFYUI_DIR,
                              json.dumps(tiny_hunyuan)], capture_output=True, text=True, timeout=600)
     if result.returncode != 0 and "ModuleNotFoundError" in result.stderr:
         pytest.skip("ComfyUI's requirements are not installed here: " + result.stderr.strip().splitlines()[-1])
