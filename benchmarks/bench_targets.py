@@ -38,7 +38,7 @@ def timed_forwards(model, x, t, ctx, repeats: int, barrier=None) -> tuple[torch.
 
 def forward_rank(rank, world_size, config, shape, text_len, ulysses, ring, repeats):
     """Time one DiT forward on this rank's mesh; returns the output and the times."""
-    from usp_video.distributed.models.wan import parallelize_wan
+    from usp_video.distributed.models.wan21.dit import parallelize_wan
     from usp_video.distributed.parallel.mesh import SequenceParallel, build_sequence_parallel
 
     sp = build_sequence_parallel(ulysses, ring) if world_size > 1 else SequenceParallel()
@@ -88,7 +88,7 @@ class ByteCounter:
 
 def bytes_rank(rank, world_size, config, shape, text_len, ulysses, ring):
     """Bytes this rank sends during one DiT forward, by collective."""
-    from usp_video.distributed.models.wan import parallelize_wan
+    from usp_video.distributed.models.wan21.dit import parallelize_wan
     from usp_video.distributed.parallel.mesh import build_sequence_parallel
 
     sp = build_sequence_parallel(ulysses, ring)

@@ -106,7 +106,7 @@ def comm_bytes() -> list[dict]:
 def sidecar_overhead(repeats: int) -> dict:
     from usp_video.distributed import api, protocol
     from usp_video.distributed.client import GroupConfig, free_group, get_group
-    from usp_video.distributed.models.tiny import make_tiny_models
+    from usp_video.distributed.models.wan21.tiny import make_tiny_models
 
     models = make_tiny_models(Path(os.environ.get("TMPDIR", "/tmp")) / "usp-video-bench-tiny")
     group = GroupConfig(ranks=2, threads_per_rank=1)
@@ -158,7 +158,7 @@ def sidecar_overhead(repeats: int) -> dict:
 
 
 def degree_one_overhead(repeats: int) -> dict:
-    from usp_video.distributed.models.wan import parallelize_wan
+    from usp_video.distributed.models.wan21.dit import parallelize_wan
     from usp_video.distributed.parallel.mesh import SequenceParallel
 
     torch.set_num_threads(2)

@@ -88,7 +88,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def wan_setup(small: bool, device: torch.device):
     """A Wan 2.1 1.3B-shaped config and one forward's inputs (480p x 81 frames, bf16; tiny with small)."""
-    from usp_video.distributed.models.wan import WAN_VARIANTS
+    from usp_video.distributed.models.wan21.dit import WAN_VARIANTS
 
     config = dict(WAN_VARIANTS["wan2.1-t2v-1.3b"])
     shape, dtype = (21, 60, 104), torch.bfloat16  # 480p x 81 frames -> 21 x 30 x 52 = 32,760 tokens
@@ -127,7 +127,7 @@ def time_step(device: torch.device, small: bool, repeats: int) -> list[dict]:
     from diffusers import WanTransformer3DModel
 
     from usp_video.distributed.models.checkpoint import cast_model
-    from usp_video.distributed.models.wan import parallelize_wan
+    from usp_video.distributed.models.wan21.dit import parallelize_wan
     from usp_video.distributed.parallel.mesh import SequenceParallel
 
     config, dtype, inputs = wan_setup(small, device)
@@ -153,7 +153,7 @@ def check_fp8(device: torch.device, small: bool, repeats: int) -> dict:
 
     from usp_video.distributed.models import fp8
     from usp_video.distributed.models.checkpoint import cast_model
-    from usp_video.distributed.models.wan import parallelize_wan
+    from usp_video.distributed.models.wan21.dit import parallelize_wan
     from usp_video.distributed.parallel.fsdp import parameter_bytes
     from usp_video.distributed.parallel.mesh import SequenceParallel
 

@@ -38,11 +38,12 @@ def _status_kb(field: str) -> int:
 
 
 def weights_rank(rank, world_size, dit_path):
+    from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.engine import Engine
     from usp_video.distributed.parallel.fsdp import parameter_bytes
 
-    engine = Engine(world_size=world_size, rank=rank, shard_weights="on" if world_size > 1 else "off",
-                    vae_split=False)
+    config = GroupConfig(ranks=world_size, shard_weights="on" if world_size > 1 else "off", vae_split=False)
+    engine = Engine(config, rank=rank)
     return {"bytes": torch.tensor([parameter_bytes(engine.dit(dit_path))], dtype=torch.float64)}
 
 
@@ -51,10 +52,11 @@ def vae_rank(rank, world_size, vae_path, shape, mkldnn=False, tiling=None):
 
     import torch.distributed as dist
 
+    from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.engine import Engine
 
     torch.backends.mkldnn.enabled = mkldnn
-    engine = Engine(world_size=world_size, rank=rank, vae_split=True)
+    engine = Engine(GroupConfig(ranks=world_size, vae_split=True), rank=rank)
     vae = engine.vae(vae_path)
     if tiling:
         vae.enable_tiling(**tiling)
@@ -86,15 +88,16 @@ def main() -> None:
 
     from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan, WanTransformer3DModel
 
-    from usp_video.distributed.models import hunyuan_vae, tiny, wan, wan_vae
-    from usp_video.distributed.models.tiny import _save, wan_to_original_keys, wan_vae_to_original_keys
+    from usp_video.distributed.models.hunyuan_video import tiny as hunyuan_tiny, vae as hunyuan_vae
+    from usp_video.distributed.models.wan21 import dit as wan, vae as wan_vae
+    from usp_video.distributed.models.wan21.tiny import _save, wan_to_original_keys, wan_vae_to_original_keys
     from usp_video.distributed.parallel.spawn import run_ranks
 
     dit_config = dict(DIT, attention_head_dim=8, ffn_dim=64, num_layers=2, freq_dim=32) if args.small else DIT
     vaes = {  # name: (config, latent frames x rows x columns, tiling)
         "wan": (dict(VAE, base_dim=8) if args.small else VAE, (2, 24, 16) if args.small else (5, 48, 48), None),
-        "hunyuan": (tiny.TINY_HUNYUAN_VAE if args.small else HUNYUAN_VAE, (3, 9, 8) if args.small else (5, 24, 24),
-                    tiny.TINY_HUNYUAN_VAE_TILES if args.small else HUNYUAN_TILES)}
+        "hunyuan": (hunyuan_tiny.TINY_HUNYUAN_VAE if args.small else HUNYUAN_VAE, (3, 9, 8) if args.small else (5, 24, 24),
+                    hunyuan_tiny.TINY_HUNYUAN_VAE_TILES if args.small else HUNYUAN_TILES)}
     results = {"dit_config": dit_config, "mkldnn": args.mkldnn, "runs": [],
                "vaes": {name: {"config": c, "latent_shape": [1, 16, *shape], "tiling": tiling}
                         for name, (c, shape, tiling) in vaes.items()}}

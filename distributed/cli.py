@@ -1,7 +1,7 @@
 """`usp-video`: the command line. It drives the same group client and checks as the ComfyUI nodes.
 
     usp-video demo [--model hunyuan]     tiny random model set, text -> video on 2 CPU ranks
-    usp-video make-tiny-models DIR       write the tiny model sets (Wan 2.1, HunyuanVideo) in ComfyUI's layout
+    usp-video make-tiny-models DIR       write every model family's tiny set in ComfyUI's layout
     usp-video generate --dit F --text-encoder F --vae F --prompt "..." [--ranks N --ulysses U --ring R]
     usp-video generate --dit HUNYUAN_F --llama F --clip F --tokenizers DIR --vae F --prompt "..." ...
     usp-video queue WORKFLOW_API.json --server http://127.0.0.1:8188 [--set NODE.INPUT=VALUE ...]
@@ -16,13 +16,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-WAN_NEGATIVE = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的"
-
-
-def _degree(value: str):
-    return value if value == "auto" else int(value)
-
 
 def check_video_size(width: int, height: int, frames: int) -> None:
     problems = []
@@ -59,70 +52,72 @@ def save_latent(latent, path: Path) -> None:
     save_file({"latent_tensor": latent.contiguous(), "latent_format_version_0": torch.tensor([])}, str(path))
 
 
-def generate(args: argparse.Namespace) -> Path | None:
-    import torch
+def _group_for(args: argparse.Namespace):
+    """The group the command runs on: attached (started with torchrun elsewhere) or launched here."""
+    from .client import UspGroup
+    from .config import GroupConfig, parse_degree
 
-    from . import api
-    from .client import GroupConfig, UspGroup, free_group
-    from .models.families import HUNYUAN, WAN
-
-    check_video_size(args.width, args.height, args.frames)
-    family, _ = api.check_dit_file(args.dit)
-    if family is HUNYUAN:
-        missing = [f"--{n}" for n in ("llama", "clip", "tokenizers") if not getattr(args, n, None)]
-        if missing:
-            raise ValueError(f"{Path(args.dit).name} is a HunyuanVideo model: give its text encoders with "
-                             f"{', '.join(missing)} (llava_llama3 file, clip_l file, tokenizer folder)")
-    elif not getattr(args, "text_encoder", None):
-        raise ValueError(f"{Path(args.dit).name} is a Wan 2.1 model: give its text encoder with --text-encoder "
-                         "(umt5_xxl file)")
-    negative_prompt = args.negative if args.negative is not None else (WAN_NEGATIVE if family is WAN else "")
     if getattr(args, "attach", None):  # a group started with torchrun, e.g. on several hosts
         secret = os.environ.get("USP_VIDEO_SECRET")
         if not secret:
             raise ValueError("--attach needs the group's secret in USP_VIDEO_SECRET (the one its ranks were given)")
-        ranks = args.ranks
-        group = UspGroup.attach(args.attach, secret, ranks)
+        return UspGroup.attach(args.attach, secret, args.ranks), args.ranks
+    if args.device == "cuda":
+        import torch
+
+        gpus = tuple(int(g) for g in args.gpus.split(",")) if args.gpus else tuple(range(torch.cuda.device_count()))
+        ranks = len(gpus)
     else:
-        if args.device == "cuda":
-            gpus = tuple(int(g) for g in args.gpus.split(",")) if args.gpus else tuple(range(torch.cuda.device_count()))
-            ranks = len(gpus)
-        else:
-            gpus, ranks = (), args.ranks
-        group = GroupConfig(ranks=ranks, device=args.device, gpus=gpus, ulysses=_degree(args.ulysses),
-                            ring=_degree(args.ring), dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
-                            attention=args.attention, threads_per_rank=args.threads_per_rank,
-                            cfg_parallel=2 if getattr(args, "cfg_parallel", False) else 1,
-                            shard_weights=getattr(args, "shard_weights", "auto"),
-                            vae_split=getattr(args, "vae_split", "on") == "on")
+        gpus, ranks = (), args.ranks
+    config = GroupConfig(ranks=ranks, device=args.device, gpus=gpus, ulysses=parse_degree(args.ulysses),
+                         ring=parse_degree(args.ring), dtype=args.dtype or ("bf16" if args.device == "cuda" else "fp32"),
+                         attention=args.attention, threads_per_rank=args.threads_per_rank,
+                         cfg_parallel=2 if getattr(args, "cfg_parallel", False) else 1,
+                         shard_weights=getattr(args, "shard_weights", "auto"),
+                         vae_split=getattr(args, "vae_split", "on") == "on")
+    return config, ranks
+
+
+def generate(args: argparse.Namespace) -> Path | None:
+    import torch
+
+    from . import api
+    from .client import UspGroup, free_group
+    from .requests import SampleRequest
+
+    check_video_size(args.width, args.height, args.frames)
+    family, _ = api.check_dit_file(args.dit)
+    files = {part.input: getattr(args, part.input, None) for part in family.text_parts}
+    missing = [f"--{name.replace('_', '-')}" for name, path in files.items() if not path]
+    if missing:
+        what = "; ".join(f"--{p.input.replace('_', '-')}: {p.help}" for p in family.text_parts)
+        plural = "s" if len(family.text_parts) > 1 else ""
+        raise ValueError(f"{Path(args.dit).name} is a {family.label} model: give its text encoder{plural} with "
+                         f"{', '.join(missing)} ({what})")
+    negative_prompt = args.negative if args.negative is not None else family.defaults.negative_prompt
+    options = {name: getattr(args, name) for name in family.options if getattr(args, name, None) is not None}
+    group, ranks = _group_for(args)
     started = time.monotonic()
     try:
         info = api.load_dit(group, args.dit)
         print(f"model: {info['model']}, {info['layers']} layers, {info['heads']} heads; {ranks} rank(s): "
               f"ulysses={info['ulysses']} x ring={info['ring']}; weights per rank "
               f"{info['parameter_bytes'] / 2**20:.1f} MiB{' (sharded)' if info['sharded'] else ''}", flush=True)
-        cfg = family.cfg if args.cfg is None else args.cfg
-        if family is HUNYUAN:
-            def encode(prompt):
-                return api.encode_hunyuan_text(group, args.llama, args.clip, args.tokenizers, prompt)
-        else:
-            def encode(prompt):
-                return api.encode_text(group, args.text_encoder, prompt), None
-        positive, positive_pooled = encode(args.prompt)
-        negative, negative_pooled = encode(negative_prompt) if cfg != 1.0 else (None, None)
-        latent = torch.zeros(1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+        cfg = family.defaults.cfg if args.cfg is None else args.cfg
+        positive = api.encode(group, family.name, files, args.prompt)
+        negative = api.encode(group, family.name, files, negative_prompt) if cfg != 1.0 else None
+        latent = torch.zeros(1, family.latent_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
 
         def progress(event: dict) -> None:
             per_step = event["elapsed"] / event["step"]
             print(f"step {event['step']}/{event['total']}  {per_step:.2f} s/step  "
                   f"ETA {per_step * (event['total'] - event['step']):.0f} s", flush=True)
 
-        samples, _ = api.sample(group, args.dit, positive=positive, negative=negative, latent=latent,
+        request = SampleRequest(experts=[args.dit], positive=positive, negative=negative, latent=latent,
                                 seed=args.seed, steps=args.steps, cfg=cfg,
-                                shift=family.shift if args.shift is None else args.shift,
-                                sampler=args.sampler or family.sampler, text_dim=info["text_dim"],
-                                positive_pooled=positive_pooled, negative_pooled=negative_pooled,
-                                guidance=args.guidance, on_progress=progress)
+                                shift=family.defaults.shift if args.shift is None else args.shift,
+                                sampler=args.sampler or family.defaults.sampler, options=options)
+        samples, _ = api.sample(group, request, text_dim=info["text_dim"], on_progress=progress)
         if args.save_latent:
             save_latent(samples, Path(args.save_latent))
             print(f"latent: {args.save_latent}")
@@ -140,31 +135,30 @@ def default_tiny_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "usp-video" / "tiny-models"
 
 
-def demo(args: argparse.Namespace) -> None:
-    from .models.tiny import make_tiny_hunyuan_models, make_tiny_models
+def _family_by_short_name(short_name: str):
+    from .models import FAMILIES
 
-    common = dict(prompt="a cat walks on the beach at sunset", width=64, height=48, frames=9, steps=4, seed=42,
-                  device="cpu", gpus="", ranks=args.ranks, ulysses="auto", ring="auto", dtype="fp32",
-                  attention="sdpa", threads_per_rank=1, fps=8.0, save_latent=None, out=args.out, guidance=6.0)
-    if args.model == "hunyuan":
-        paths = make_tiny_hunyuan_models(args.models_dir)
-        print(f"tiny HunyuanVideo model set: {args.models_dir}")
-        gen = argparse.Namespace(dit=str(paths["dit"]), llama=str(paths["llama"]), clip=str(paths["clip"]),
-                                 tokenizers=str(paths["tokenizers"]), vae=str(paths["vae"]), negative="",
-                                 cfg=1.0, shift=7.0, sampler="euler", **common)
-    else:
-        paths = make_tiny_models(args.models_dir)
-        print(f"tiny Wan 2.1 model set: {args.models_dir}")
-        gen = argparse.Namespace(dit=str(paths["dit"]), text_encoder=str(paths["text_encoder"]), vae=str(paths["vae"]),
-                                 negative=WAN_NEGATIVE, cfg=5.0, shift=5.0, sampler="unipc", **common)
+    return next(f for f in FAMILIES.values() if f.short_name == short_name)
+
+
+def demo(args: argparse.Namespace) -> None:
+    family = _family_by_short_name(args.model)
+    paths = family.make_tiny(args.models_dir)
+    print(f"tiny {family.label} model set: {args.models_dir}")
+    gen = argparse.Namespace(prompt="a cat walks on the beach at sunset", width=64, height=48, frames=9, steps=4,
+                             seed=42, device="cpu", gpus="", ranks=args.ranks, ulysses="auto", ring="auto",
+                             dtype="fp32", attention="sdpa", threads_per_rank=1, fps=8.0, save_latent=None,
+                             out=args.out, negative=None, cfg=None, shift=None, sampler=None,
+                             **{name: str(path) for name, path in paths.items()})
     generate(gen)
 
 
 def make_tiny(args: argparse.Namespace) -> None:
-    from .models.tiny import make_tiny_hunyuan_models, make_tiny_models
+    from .models.tiny import make_all
 
-    for path in (*make_tiny_models(args.dir).values(), *make_tiny_hunyuan_models(args.dir).values()):
-        print(path)
+    for paths in make_all(args.dir).values():
+        for path in paths.values():
+            print(path)
 
 
 def queue(args: argparse.Namespace) -> None:
@@ -189,6 +183,11 @@ def queue(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DTYPES, SHARD_WEIGHTS
+    from .models import FAMILIES
+    from .parallel.usp_attention import BACKENDS
+    from .sampling.samplers import SAMPLERS
+
     parser = argparse.ArgumentParser(prog="usp-video", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run text -> video on the built-in tiny model (2 CPU ranks)")
     p.add_argument("--models-dir", type=Path, default=default_tiny_dir())
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--model", choices=["wan", "hunyuan"], default="wan")
+    p.add_argument("--model", choices=[f.short_name for f in FAMILIES.values()],
+                   default=next(iter(FAMILIES.values())).short_name,
+                   help="which family's tiny set")
     p.add_argument("--out", type=Path, default=Path("usp-video-demo.webp"))
     p.set_defaults(func=demo)
 
@@ -205,37 +206,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=make_tiny)
 
     p = sub.add_parser("generate", help="text -> video with given model files")
-    p.add_argument("--dit", required=True, help="Wan 2.1 or HunyuanVideo T2V .safetensors file or diffusers folder")
-    p.add_argument("--text-encoder", help="Wan: umt5_xxl .safetensors file or diffusers folder")
-    p.add_argument("--llama", help="HunyuanVideo: llava_llama3 .safetensors file or diffusers text_encoder folder")
-    p.add_argument("--clip", help="HunyuanVideo: clip_l .safetensors file or diffusers text_encoder_2 folder")
-    p.add_argument("--tokenizers", help="HunyuanVideo: folder with the Llama 3 and CLIP tokenizers (llama/ and "
-                                        "clip/, a diffusers HunyuanVideo folder, or a ComfyUI checkout)")
+    labels = " or ".join(f.label for f in FAMILIES.values())
+    p.add_argument("--dit", required=True, help=f"{labels} T2V .safetensors file or diffusers folder")
+    text_inputs = {}
+    for family in FAMILIES.values():
+        for part in family.text_parts:
+            text_inputs.setdefault(part.input, []).append(f"{family.label}: {part.help}")
+    for name, helps in text_inputs.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, help="; ".join(helps))
     p.add_argument("--vae", help="the model's VAE .safetensors file or diffusers folder (needed for --out)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative", default=None, help="negative prompt (used when cfg != 1; Wan: its default)")
-    p.add_argument("--guidance", type=float, default=6.0, help="HunyuanVideo's embedded guidance")
+    p.add_argument("--negative", default=None, help="negative prompt (used when cfg != 1; default: the model's)")
+    for family in FAMILIES.values():
+        for name, option in family.options.items():
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=None,
+                           help=f"{option.help} (default {option.default:g})")
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=None, help="default: Wan 5.0, HunyuanVideo 1.0")
-    p.add_argument("--shift", type=float, default=None, help="default: Wan 5.0, HunyuanVideo 7.0")
+    defaults = lambda what: ", ".join(f"{f.label} {getattr(f.defaults, what)}" for f in FAMILIES.values())  # noqa: E731
+    p.add_argument("--cfg", type=float, default=None, help=f"default: {defaults('cfg')}")
+    p.add_argument("--shift", type=float, default=None, help=f"default: {defaults('shift')}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default=None, choices=["unipc", "euler"],
-                   help="default: Wan unipc, HunyuanVideo euler")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help=f"default: {defaults('sampler')}")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--gpus", default="", help="GPU indices, e.g. 0,1,2,3 (default: all)")
     p.add_argument("--ranks", type=int, default=1, help="number of CPU ranks (device cpu)")
     p.add_argument("--ulysses", default="auto")
     p.add_argument("--ring", default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--attention", default="sdpa", choices=["auto", "sdpa", "flash_attn", "math"])
+    p.add_argument("--dtype", choices=list(DTYPES))
+    p.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
     p.add_argument("--threads-per-rank", type=int, default=0)
     p.add_argument("--cfg-parallel", action="store_true",
                    help="run the conditional and unconditional passes on the two halves of the ranks")
-    p.add_argument("--shard-weights", default="auto", choices=["auto", "off", "on"],
-                   help="FSDP weight sharding of the DiT and UMT5 (auto: when one device's memory is short)")
+    p.add_argument("--shard-weights", default="auto", choices=list(SHARD_WEIGHTS),
+                   help="FSDP weight sharding of the DiT and the text encoder (auto: when one device's memory is short)")
     p.add_argument("--vae-split", default="on", choices=["on", "off"],
                    help="split the VAE decode across the ranks (exact)")
     p.add_argument("--fps", type=float, default=16.0)

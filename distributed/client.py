@@ -1,7 +1,7 @@
 """The ComfyUI side of the sidecar group: launch, supervise, talk, cancel, tear down.
 
     group = get_group(GroupConfig(ranks=2))          # launched once, reused across prompts
-    info = group.request({"type": "load_dit", "path": ...})
+    info, _ = group.request(*LoadRequest(paths=[...]).to_frame())   # requests.py
 
 The group is `python -m torch.distributed.run --nproc-per-node N worker_entry.py` in its own
 process session, rendezvousing through files in a private run directory (nothing listens on the
@@ -27,18 +27,17 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import protocol
+from .config import GroupConfig
 
 log = logging.getLogger("usp_video")
 
 WORKER_ENTRY = Path(__file__).with_name("worker_entry.py")
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 class GroupError(RuntimeError):
@@ -55,66 +54,6 @@ class Interrupted(Exception):
     def __init__(self, step: int):
         super().__init__(f"cancelled after step {step}")
         self.step = step
-
-
-@dataclass(frozen=True)
-class GroupConfig:
-    """What defines a group; a different config means a different group (relaunch)."""
-
-    ranks: int = 1
-    device: str = "cpu"  # "cpu" (gloo ranks) or "cuda" (one rank per listed GPU, NCCL)
-    gpus: tuple[int, ...] = ()
-    ulysses: int | str = "auto"
-    ring: int | str = "auto"
-    dtype: str = "fp32"
-    attention: str = "sdpa"
-    timeout: float = 600.0
-    threads_per_rank: int = 0
-    cfg_parallel: int = 1  # 2: the conditional and unconditional passes on the two halves of the group
-    shard_weights: str = "auto"  # FSDP weight sharding: off, on, or auto (when one device's memory is short)
-    vae_split: bool = True  # VAE decode split across the ranks (Wan rows with halo exchange, Hunyuan tiles)
-
-    def __post_init__(self):
-        from .parallel.usp_attention import BACKENDS
-
-        problems = []
-        if self.device not in ("cpu", "cuda"):
-            problems.append(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if not isinstance(self.ranks, int) or self.ranks < 1:
-            problems.append(f"ranks must be an integer >= 1, got {self.ranks!r}")
-        if self.device == "cuda" and len(self.gpus) != self.ranks:
-            problems.append(f"{len(self.gpus)} GPUs listed for {self.ranks} ranks")
-        for name in ("ulysses", "ring"):
-            value = getattr(self, name)
-            if value != "auto" and not (isinstance(value, int) and value >= 1):
-                problems.append(f"{name} must be 'auto' or an integer >= 1, got {value!r}")
-        if self.shard_weights not in ("off", "on", "auto"):
-            problems.append(f"shard_weights must be 'off', 'on' or 'auto', got {self.shard_weights!r}")
-        if self.cfg_parallel not in (1, 2):
-            problems.append(f"cfg_parallel must be 1 (off) or 2, got {self.cfg_parallel!r}")
-        elif isinstance(self.ranks, int) and self.ranks % self.cfg_parallel:
-            problems.append(f"cfg_parallel 2 splits the group into two halves: it needs an even number of ranks, "
-                            f"got {self.ranks}")
-        sp_ranks = self.ranks // self.cfg_parallel if self.cfg_parallel in (1, 2) and isinstance(self.ranks, int) else 0
-        if isinstance(self.ulysses, int) and isinstance(self.ring, int) and self.ulysses * self.ring != sp_ranks:
-            half = " per cfg half" if self.cfg_parallel == 2 else ""
-            problems.append(f"ulysses x ring = {self.ulysses} x {self.ring} = {self.ulysses * self.ring}, "
-                            f"but the group has {sp_ranks} ranks{half}")
-        if self.dtype not in DTYPE_NAMES:
-            problems.append(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-        if self.attention not in BACKENDS:
-            problems.append(f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
-        elif self.attention == "flash_attn" and self.device != "cuda":
-            problems.append("attention 'flash_attn' needs CUDA GPUs; use 'auto' or 'sdpa' on CPU")
-        if not self.timeout > 0:
-            problems.append(f"timeout must be > 0 seconds, got {self.timeout}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def describe(self) -> str:
-        where = f"GPUs {','.join(map(str, self.gpus))}" if self.device == "cuda" else f"{self.ranks} CPU ranks"
-        cfg = ", cfg-parallel 2" if self.cfg_parallel == 2 else ""
-        return f"{where}, ulysses={self.ulysses}, ring={self.ring}{cfg}, {self.dtype}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -162,10 +101,7 @@ class UspGroup:
                "--rdzv-backend=c10d", f"--rdzv-endpoint={self.run_dir / 'rendezvous'}",
                "--rdzv-conf=store_type=file", f"--rdzv-id=usp-{os.getpid()}",
                "--max-restarts=0", "--monitor-interval=0.2", str(WORKER_ENTRY),
-               f"--run-dir={self.run_dir}", f"--device={cfg.device}", f"--ulysses={cfg.ulysses}",
-               f"--ring={cfg.ring}", f"--dtype={cfg.dtype}", f"--attention={cfg.attention}",
-               f"--timeout={cfg.timeout}", f"--threads={cfg.threads_per_rank}", f"--cfg-parallel={cfg.cfg_parallel}",
-               f"--shard-weights={cfg.shard_weights}", f"--vae-split={'on' if cfg.vae_split else 'off'}"]
+               f"--run-dir={self.run_dir}", f"--config-json={cfg.to_json()}"]
         log.info("usp-video: starting group (%s), log %s", cfg.describe(), self.log_path)
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
@@ -340,7 +276,6 @@ class UspGroup:
                 if not self.processes_alive():
                     break
             self.proc.poll()
-        _LIVE.discard(self)
 
     def _rank_pids(self) -> list[int]:
         """Pids of the ranks still running (each rank writes rank<N>.pid; the command line is
@@ -426,40 +361,57 @@ class UspGroup:
         return should_cancel is not None and bool(should_cancel())
 
 
-_LIVE: set[UspGroup] = set()
-_CURRENT: dict[str, UspGroup] = {}
+class GroupRegistry:
+    """The owner of the groups this process started: the current one, reused across prompts while its
+    config is unchanged, and every one still running, stopped when the process exits."""
+
+    def __init__(self):
+        self.current: UspGroup | None = None
+        self.live: set[UspGroup] = set()
+
+    def get(self, config: GroupConfig) -> UspGroup:
+        """The running group for config: reused while alive, relaunched after a failure, replaced
+        (the old one stopped first) when the config changes."""
+        current = self.current
+        if current is not None and current.config == config and current.alive():
+            return current
+        if current is not None:
+            self._stop(current)
+        group = UspGroup(config)
+        self.current = group
+        self.live.add(group)
+        return group.start()
+
+    def free(self) -> bool:
+        """Stop the current group, if any (frees its GPU memory). Returns whether one ran."""
+        group, self.current = self.current, None
+        if group is None:
+            return False
+        self._stop(group)
+        return True
+
+    def stop_all(self) -> None:
+        for group in list(self.live):
+            self._stop(group, timeout=5.0)
+        self.current = None
+
+    def _stop(self, group: UspGroup, timeout: float = 10.0) -> None:
+        group.close(timeout=timeout)
+        group.cleanup_files()
+        self.live.discard(group)
+
+
+GROUPS = GroupRegistry()  # this process's groups (ComfyUI's, or the CLI's)
+atexit.register(GROUPS.stop_all)
 
 
 def get_group(config: GroupConfig) -> UspGroup:
-    """The running group for config: reused while alive, relaunched after a failure, replaced
-    (the old one stopped first) when the config changes."""
-    current = _CURRENT.get("group")
-    if current is not None and current.config == config and current.alive():
-        return current
-    if current is not None:
-        current.close()
-        current.cleanup_files()
-    group = UspGroup(config)
-    _CURRENT["group"] = group
-    _LIVE.add(group)
-    return group.start()
+    return GROUPS.get(config)
 
 
 def free_group() -> bool:
-    """Stop the current group, if any (frees its GPU memory). Returns whether one ran."""
-    group = _CURRENT.pop("group", None)
-    if group is None:
-        return False
-    group.close()
-    group.cleanup_files()
-    return True
+    return GROUPS.free()
 
 
-@atexit.register
-def _stop_all() -> None:
-    for group in list(_LIVE):
-        group.close(timeout=5.0)
-        group.cleanup_files()
-
-
-__all__ = ["GroupConfig", "UspGroup", "GroupError", "RequestError", "Interrupted", "get_group", "free_group"]
+__all__ = ["GroupConfig", "UspGroup", "GroupRegistry", "GROUPS", "GroupError", "RequestError", "Interrupted",
+           "get_group", "free_group"]

@@ -1,59 +1,39 @@
 """The engine: loaded models and the requests they serve, in one process or on one rank.
 
 Every rank of the group holds an Engine. `sample` runs on all ranks (the DiT is sequence
-parallel); `encode` and `decode` run on rank 0 only. With world size 1 and no process group
-the same code serves the CLI and the tests.
+parallel); `encode` runs on rank 0, or on every rank when its weights are sharded; `decode` on
+rank 0, or on every rank with vae_split. With world size 1 and no process group the same code
+serves the CLI and the tests. The engine knows model families only through models/family.py.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import planner
-from .models import families, fp8, hunyuan_text, hunyuan_vae, umt5, wan_vae
+from . import models, planner
+from .config import GroupConfig
+from .models import fp8
 from .models.checkpoint import CheckpointError
-from .models.families import TextCond
 from .parallel import fsdp
 from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
-from .parallel.vae_split import decode_split
 from .parallel.usp_attention import resolve_backend
+from .parallel.vae_split import VaeSplit
+from .requests import Cond, EncodeRequest, SampleRequest
 from .sampling.samplers import get_sampler
 from .sampling.schedules import sampling_sigmas, timestep
-from .validation import check_latent
-
+from .validation import check_latent, check_sample_request
 
 
 class SamplingInterrupted(Exception):
     def __init__(self, step: int):
         super().__init__(f"interrupted at step {step}")
         self.step = step
-
-
-@dataclass(kw_only=True)
-class SampleRequest:
-    """One sampler call. Conditioning is [B or 1, L, D] (HunyuanVideo: plus pooled [B or 1, 768]);
-    latent is raw VAE space [B, 16, T, H, W]; guidance is HunyuanVideo's embedded guidance."""
-
-    dit: str
-    positive: torch.Tensor
-    negative: torch.Tensor | None
-    latent: torch.Tensor
-    seed: int
-    steps: int
-    cfg: float
-    shift: float
-    sampler: str = "unipc"
-    denoise: float = 1.0
-    positive_pooled: torch.Tensor | None = None
-    negative_pooled: torch.Tensor | None = None
-    guidance: float = 6.0
 
 
 def _file_key(path: str) -> tuple:
@@ -106,55 +86,63 @@ def _exchange(mine: torch.Tensor, group, device: torch.device) -> list[torch.Ten
 
 
 class Engine:
-    def __init__(self, *, world_size: int = 1, rank: int = 0, ulysses: int | str = "auto",
-                 ring: int | str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 backend: str = "sdpa", timeout: timedelta | None = None, cfg_degree: int = 1,
-                 shard_weights: str = "off", vae_split: bool = True):
-        if cfg_degree not in (1, 2) or world_size % cfg_degree:
-            raise ValueError(f"cfg_parallel degree must be 1 or 2 and divide the {world_size} ranks, got {cfg_degree}")
-        self.world_size, self.rank, self.timeout = world_size, rank, timeout
-        self.cfg_degree = cfg_degree
-        if shard_weights not in ("off", "on", "auto"):
-            raise ValueError(f"shard_weights must be 'off', 'on' or 'auto', got {shard_weights!r}")
-        self.shard_weights = shard_weights if world_size > 1 else "off"
-        self.vae_split = vae_split and world_size > 1
+    """The models of one rank (or of one process) and the requests they serve.
+
+    config: the group's GroupConfig (its ranks are the world size); rank, local_rank: this rank's
+    (local_rank picks the GPU on CUDA). With more than one rank the default process group must exist."""
+
+    def __init__(self, config: GroupConfig | None = None, *, rank: int = 0, local_rank: int = 0):
+        config = config or GroupConfig()
+        self.config = config
+        self.world_size, self.rank = config.ranks, rank
+        self.timeout = timedelta(seconds=config.timeout)
+        self.cfg_degree = config.cfg_parallel
+        self.shard_weights = config.shard_weights if self.world_size > 1 else "off"
+        self.vae_split = config.vae_split and self.world_size > 1
         self.sharded: dict[str, bool] = {}  # slot -> were its weights sharded
         self._shard_decisions: dict[tuple, bool] = {}
-        self.sp_size = world_size // cfg_degree  # ranks per sequence-parallel group
-        self.requested_degrees = (ulysses, ring)
-        self.device, self.dtype = torch.device(device), dtype
-        self.backend = resolve_backend(backend, self.device)
+        self.sp_size = config.sp_ranks  # ranks per sequence-parallel group
+        self.requested_degrees = (config.ulysses, config.ring)
+        self.device = torch.device(f"cuda:{local_rank}" if config.device == "cuda" else "cpu")
+        self.dtype = config.torch_dtype
+        self.backend = resolve_backend(config.attention, self.device)
         self.load_counts: Counter[str] = Counter()
         self._loaded: dict[str, tuple[tuple, object]] = {}  # slot -> (file key, model)
         self._meshes: dict[tuple[int, int], SequenceParallel] = {}
         self.sp = SequenceParallel()
 
-    def _mesh(self, model, family: families.Family) -> SequenceParallel:
+    @property
+    def world_group(self):
+        """Every rank of the group: the group of the collectives that involve them all."""
+        import torch.distributed as dist
+
+        return dist.group.WORLD
+
+    def _mesh(self, model, family: models.ModelFamily) -> SequenceParallel:
         """The SP groups for this model: the planner's choice for "auto" (USP_VIDEO_LINK names the
         link, nvlink by default), else the user's degrees, validated against the heads."""
-        config = model.config
+        facts = family.describe_dit(model)
         if self.requested_degrees == ("auto", "auto"):
             params = sum(p.numel() for p in model.parameters())
-            degrees = planner.auto_degrees(self.sp_size, config.num_attention_heads,
-                                           config.num_attention_heads * config.attention_head_dim,
-                                           family.layers(config), params,
+            degrees = planner.auto_degrees(self.sp_size, facts["heads"], facts["hidden"], facts["layers"], params,
                                            link=os.environ.get("USP_VIDEO_LINK", "nvlink"))
         else:
-            degrees = resolve_degrees(self.sp_size, config.num_attention_heads, *self.requested_degrees)
+            degrees = resolve_degrees(self.sp_size, facts["heads"], *self.requested_degrees)
         if degrees not in self._meshes:
             self._meshes[degrees] = (
                 build_sequence_parallel(*degrees, timeout=self.timeout, cfg_degree=self.cfg_degree)
                 if self.world_size > 1 else SequenceParallel())
         return self._meshes[degrees]
 
-    def _cached(self, slot: str, path: str, load: Callable[[str], object]):
-        """The model in slot, loaded from path unless that very file is loaded already."""
+    def _cached(self, slot: str, path: str, load: Callable[[str], object], role: str | None = None):
+        """The model in slot, loaded from path unless that very file is loaded already (loads are
+        counted per role: "dit", "vae", a text input)."""
         key = _file_key(path)
         held = self._loaded.get(slot)
         if held is None or held[0] != key:
             self._loaded.pop(slot, None)  # free the old model before loading the new one
             self._loaded[slot] = (key, load(path))
-            self.load_counts[slot] += 1
+            self.load_counts[role or slot] += 1
         return self._loaded[slot][1]
 
     def should_shard(self, slot: str, path: str) -> bool:
@@ -170,140 +158,172 @@ class Engine:
             flag = torch.tensor([want], device=self.device)
             import torch.distributed as dist
 
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.world_group)
             self._shard_decisions[key] = bool(flag.item())
         self.sharded[slot] = self._shard_decisions[key]
         return self.sharded[slot]
 
+    # -- the DiT ----------------------------------------------------------------------------------
+
     def _load_dit(self, path: str):
-        family = families.detect(path)
-        model = family.load(path, self.dtype, self.device)
+        family = models.detect_dit(path)
+        model = family.load_dit(path, self.dtype, self.device)
         self.sp = self._mesh(model, family)
         model = family.parallelize(model, self.sp, self.backend)
         if self.should_shard("dit", path):
             fsdp.shard_model(model, family.blocks(model), self.device)
         model.usp_family = family
+        model.usp_sp = self.sp
         return model
 
     def dit(self, path: str):
-        return self._cached("dit", path, self._load_dit)
+        """The DiT in path, loaded once (an expert of a family with several keeps its own slot)."""
+        return self._cached(f"dit:{path}", path, self._load_dit, role="dit")
 
-    def dit_info(self, path: str) -> dict:
-        model = self.dit(path)
+    def _forget_other_dits(self, keep: list[str]) -> None:
+        """Free the DiTs that this request does not use (a new model replaces the old)."""
+        for slot in [s for s in self._loaded if s.startswith("dit:") and s[4:] not in keep]:
+            del self._loaded[slot]
+
+    def dit_info(self, paths: list[str]) -> dict:
+        """Load these DiTs (freeing any other) and describe the first."""
+        self._forget_other_dits(paths)
+        models_ = [self.dit(path) for path in paths]
+        if any(m.usp_family is not models_[0].usp_family for m in models_):
+            raise ValueError("the DiTs of one model must be of one family, got "
+                             + ", ".join(m.usp_family.label for m in models_))
+        path, model = paths[0], models_[0]
         family = model.usp_family
-        return {"family": family.name, "model": family.label, "heads": model.config.num_attention_heads,
-                "layers": family.layers(model.config),
-                "hidden": model.config.num_attention_heads * model.config.attention_head_dim,
-                "text_dim": family.text_dim(model.config), "ulysses": self.sp.ulysses_degree,
+        return {"family": family.name, "model": family.label, **family.describe_dit(model),
+                "latent_format": family.latent_format, "ulysses": self.sp.ulysses_degree,
                 "ring": self.sp.ring_degree, "cfg_parallel": self.cfg_degree,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "sharded": self.sharded.get("dit", False), "parameter_bytes": fsdp.parameter_bytes(model),
                 "fp8_layers": fp8.count_fp8_layers(model),
                 "free_bytes": _free_memory(self.device)}
 
-    def encode_on_all_ranks(self, path: str) -> bool:
-        """The UMT5 encoder runs on rank 0 alone, unless its weights are sharded across the ranks
-        (then every rank holds a shard and takes part). Collective."""
-        return self.should_shard("text_encoder", path)
+    # -- text -------------------------------------------------------------------------------------
 
-    def _load_umt5(self, path: str) -> umt5.Umt5TextEncoder:
-        encoder = umt5.load_umt5(path, self.dtype, self.device)
-        if self.sharded.get("text_encoder"):
-            fsdp.shard_model(encoder.model, encoder.model.encoder.block, self.device)
-        return encoder
+    def _text_inputs(self, request: EncodeRequest) -> tuple[models.ModelFamily, dict[str, str]]:
+        family = models.get(request.family)
+        missing = [part.input for part in family.text_parts if part.input not in request.files]
+        if missing:
+            raise ValueError(f"{family.label} text encoding needs the files {', '.join(missing)}")
+        return family, {part.input: request.files[part.input] for part in family.text_parts}
 
-    def text_encoder(self, path: str) -> umt5.Umt5TextEncoder:
-        return self._cached("text_encoder", path, self._load_umt5)
+    def encode_on_all_ranks(self, request: EncodeRequest) -> bool:
+        """A text encoder runs on rank 0 alone, unless the weights of one of its parts are sharded
+        across the ranks (then every rank holds a shard and takes part). Collective."""
+        family, files = self._text_inputs(request)
+        shard = [self.should_shard(part.input, files[part.input])
+                 for part in family.text_parts if part.shard_units is not None]
+        return any(shard)
+
+    def _load_text_part(self, part, path: str):
+        loaded = part.load(path, self.dtype, self.device)
+        if part.shard_units is not None and self.sharded.get(part.input):
+            module, blocks = part.shard_units(loaded)
+            fsdp.shard_model(module, blocks, self.device)
+        return loaded
+
+    def text_part(self, name: str):
+        """The loaded text part of that input (a family TextPart's input name), or None."""
+        held = self._loaded.get(f"text:{name}")
+        return None if held is None else held[1]
+
+    def encode(self, request: EncodeRequest) -> Cond:
+        """The prompt's conditioning tensors ({"tokens": [1, L, D], ...}), float32 on the CPU."""
+        family, files = self._text_inputs(request)
+        parts = {part.input: self._cached(f"text:{part.input}", files[part.input],
+                                          lambda path, part=part: self._load_text_part(part, path), role=part.input)
+                 for part in family.text_parts}
+        return family.text_encoder(parts).encode(request.prompt)
+
+    # -- the VAE ----------------------------------------------------------------------------------
 
     def _load_vae(self, path: str):
-        if families.detect_vae(path) == families.HUNYUAN:
-            return hunyuan_vae.load_hunyuan_vae(path, self.dtype, self.device)
-        return wan_vae.load_wan_vae(path, self.dtype, self.device)
+        family = models.detect_vae(path)
+        vae = family.load_vae(path, self.dtype, self.device)
+        vae.usp_family = family
+        return vae
 
     def vae(self, path: str):
         return self._cached("vae", path, self._load_vae)
 
-    def encode(self, path: str, prompt: str) -> torch.Tensor:
-        return self.text_encoder(path).encode(prompt)
-
-    def _load_llama(self, path: str):
-        model = hunyuan_text.load_llama(path, self.dtype, self.device)
-        if self.sharded.get("llama"):
-            fsdp.shard_model(model, model.layers, self.device)
-        return model
-
-    def hunyuan_encode_on_all_ranks(self, llama: str) -> bool:
-        """The Llama runs on rank 0 alone, unless its weights are sharded across the ranks. Collective."""
-        return self.should_shard("llama", llama)
-
-    def hunyuan_text_encoder(self, llama: str, clip: str, tokenizers: str) -> hunyuan_text.HunyuanTextEncoder:
-        llama_model = self._cached("llama", llama, self._load_llama)
-        clip_model = self._cached("clip", clip, lambda p: hunyuan_text.load_clip_l(p, self.dtype, self.device))
-        toks = self._cached("tokenizers", tokenizers, hunyuan_text.load_tokenizers)
-        return hunyuan_text.HunyuanTextEncoder(llama_model, clip_model, *toks)
-
-    def encode_hunyuan(self, llama: str, clip: str, tokenizers: str, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.hunyuan_text_encoder(llama, clip, tokenizers).encode(prompt)
-
     @torch.no_grad()
     def decode(self, path: str, latent: torch.Tensor) -> torch.Tensor | None:
-        """Frames on rank 0 (None on the others). With vae_split the ranks share the decode
-        (parallel.vae_split: Wan-VAE rows, HunyuanVideo tiles; exact); otherwise rank 0 decodes alone."""
+        """Frames on rank 0 (None on the others). With vae_split the ranks share the decode, as the
+        VAE's family splits it (exact); otherwise rank 0 decodes alone."""
         vae = self.vae(path)
+        family = vae.usp_family
+        check_latent(latent, "latent", family, check_size=False)
         if not self.vae_split:
-            return wan_vae.decode_video(vae, latent) if self.rank == 0 else None
-        return decode_split(vae, wan_vae.decode_video, latent, self.rank, self.world_size, self.device)
+            return family.decode(vae, latent, None) if self.rank == 0 else None
+        return family.decode(vae, latent, VaeSplit(self.rank, self.world_size, self.device, self.world_group))
+
+    # -- sampling ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def sample(self, req: SampleRequest,
                on_step: Callable[[int, int, torch.Tensor], bool] | None = None) -> torch.Tensor:
         """Run the sampler; returns the raw-space latent (float32, CPU).
 
-        on_step(i, total, denoised) runs after each step on every rank, with the current x0
-        estimate in the model's (normalised) latent space, and returns True to stop; it must
-        return the same value on every rank (the worker makes it collective).
+        With several experts, each step runs on the expert its sigma belongs to (req.boundaries); all
+        stay loaded, so a switch costs nothing. on_step(i, total, denoised) runs after each step on
+        every rank, with the current x0 estimate in the model's (normalised) latent space, and returns
+        True to stop; it must return the same value on every rank (the worker makes it collective).
         """
-        model = self.dit(req.dit)
-        family = model.usp_family
-        check_latent(req.latent, "latent_image")
+        req.check_experts()
+        self._forget_other_dits(req.experts)
+        experts = [self.dit(path) for path in req.experts]
+        family = experts[0].usp_family
+        if any(m.usp_family is not family for m in experts):
+            raise ValueError("the experts of one sampler call must be of one model family, got "
+                             + ", ".join(m.usp_family.label for m in experts))
+        options = check_sample_request(req, family, family.describe_dit(experts[0])["text_dim"])
         sigmas = sampling_sigmas(req.steps, req.shift, req.denoise)
         noise = make_noise(tuple(req.latent.shape), req.seed)
         latent_in = family.process_in(req.latent.float())
         x = sigmas[0] * noise + (1.0 - sigmas[0]) * latent_in
         batch = x.shape[0]
 
-        def expand(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
+        def expand(cond: Cond | None) -> Cond | None:
+            if cond is None:
                 return None
-            t = t.to(self.device, self.dtype)
-            return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
+            out = {}
+            for name, t in cond.items():
+                t = t.to(self.device, self.dtype)
+                out[name] = t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
+            return out
 
-        positive = TextCond(expand(req.positive), expand(req.positive_pooled))
-        negative = (TextCond(expand(req.negative), expand(req.negative_pooled))
-                    if req.negative is not None and req.cfg != 1.0 else None)
+        positive = expand(req.positive)
+        uses_negative = req.negative is not None and any(req.cfg_for(i) != 1.0 for i in range(len(experts)))
+        negative = expand(req.negative) if uses_negative else None
 
-        def velocity(x_in: torch.Tensor, sigma: torch.Tensor, cond: TextCond) -> torch.Tensor:
+        def velocity(model, x_in: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
             t = torch.full((x_in.shape[0],), float(timestep(sigma)), device=self.device)
-            out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, req.guidance)
+            out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, options)
             return out.float().cpu()
 
-        def both(a: TextCond, b: TextCond) -> TextCond:
-            pooled = None if a.pooled is None or b.pooled is None else torch.cat([a.pooled, b.pooled])
-            return TextCond(torch.cat([a.tokens, b.tokens]), pooled)
+        def both(a: Cond, b: Cond) -> Cond:
+            return {name: torch.cat([a[name], b[name]]) for name in a if name in b}
 
         def denoise(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            if negative is None:  # with CFG-parallel both halves run this one pass
-                v = velocity(x_t, sigma, positive)
-            elif self.sp.cfg_degree == 2:  # each half runs one pass; the pair swaps results
-                mine = velocity(x_t, sigma, positive if self.sp.cfg_rank == 0 else negative)
-                v_pos, v_neg = _exchange(mine, self.sp.cfg_group, self.device)
-                v = v_neg + req.cfg * (v_pos - v_neg)
-            elif positive.tokens.shape == negative.tokens.shape:  # one batched forward for both passes
-                v_pos, v_neg = velocity(torch.cat([x_t, x_t]), sigma, both(positive, negative)).chunk(2)
-                v = v_neg + req.cfg * (v_pos - v_neg)
+            expert = req.expert_at(float(sigma))
+            model, cfg = experts[expert], req.cfg_for(expert)
+            sp = model.usp_sp
+            if negative is None or cfg == 1.0:  # with CFG-parallel both halves run this one pass
+                v = velocity(model, x_t, sigma, positive)
+            elif sp.cfg_degree == 2:  # each half runs one pass; the pair swaps results
+                mine = velocity(model, x_t, sigma, positive if sp.cfg_rank == 0 else negative)
+                v_pos, v_neg = _exchange(mine, sp.cfg_group, self.device)
+                v = v_neg + cfg * (v_pos - v_neg)
+            elif all(positive[n].shape == negative[n].shape for n in positive) and set(positive) == set(negative):
+                v_pos, v_neg = velocity(model, torch.cat([x_t, x_t]), sigma, both(positive, negative)).chunk(2)
+                v = v_neg + cfg * (v_pos - v_neg)  # one batched forward for both passes
             else:
-                v_pos, v_neg = velocity(x_t, sigma, positive), velocity(x_t, sigma, negative)
-                v = v_neg + req.cfg * (v_pos - v_neg)
+                v_pos, v_neg = velocity(model, x_t, sigma, positive), velocity(model, x_t, sigma, negative)
+                v = v_neg + cfg * (v_pos - v_neg)
             return x_t - sigma * v
 
         def callback(i: int, x_t: torch.Tensor, denoised: torch.Tensor) -> None:

@@ -1,5 +1,7 @@
 """Checks of sampler inputs, shared by the client side (api.py) and the ranks (worker.py), so that
-a bad request is refused with a message naming the input, wherever it comes from."""
+a bad request is refused with a message naming the input, wherever it comes from. What differs
+between model families (latent channels, sizes, text dimension, extra conditioning) comes from the
+family (models/family.py)."""
 
 from __future__ import annotations
 
@@ -9,66 +11,60 @@ import torch
 
 from .sampling.samplers import SAMPLERS
 
-LATENT_CHANNELS = 16
 MAX_SEED = 2**64 - 1
+SPATIAL_COMPRESSION = 8  # pixels per latent row/column of the video VAEs the families use
 
 
-def check_latent(latent: torch.Tensor, name: str = "latent") -> None:
+def check_latent(latent: torch.Tensor, name: str = "latent", family=None, check_size: bool = True) -> None:
+    """A video latent [B, C, T, H, W]: floating, finite; with a family, its channels, and its size
+    unless check_size is off (a VAE decodes any size; the DiT needs whole patches)."""
+    channels = family.latent_channels if family is not None else "C"
     if isinstance(latent, torch.Tensor) and not latent.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {latent.dtype}")
     if not isinstance(latent, torch.Tensor) or latent.dim() != 5:
         shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
-        raise ValueError(f"{name} must be a video latent [batch, 16, frames, height/8, width/8], got {shape}; "
+        raise ValueError(f"{name} must be a video latent [batch, {channels}, frames, height/8, width/8], got {shape}; "
                          "use an empty video latent node (e.g. EmptyHunyuanLatentVideo)")
-    if latent.shape[1] != LATENT_CHANNELS:
-        raise ValueError(f"{name} has {latent.shape[1]} channels; Wan 2.1 latents have {LATENT_CHANNELS}, "
-                         "as do HunyuanVideo's "
-                         "(was it made for another model?)")
-    if latent.shape[3] % 2 or latent.shape[4] % 2:
-        raise ValueError(f"{name} is {latent.shape[4] * 8}x{latent.shape[3] * 8} pixels; width and height must "
-                         "be multiples of 16")
+    if family is not None:
+        if latent.shape[1] != family.latent_channels:
+            raise ValueError(f"{name} has {latent.shape[1]} channels; {family.label} latents have "
+                             f"{family.latent_channels} (was it made for another model?)")
+        step = family.pixel_multiple // SPATIAL_COMPRESSION
+        if check_size and (latent.shape[3] % step or latent.shape[4] % step):
+            raise ValueError(f"{name} is {latent.shape[4] * SPATIAL_COMPRESSION}x{latent.shape[3] * SPATIAL_COMPRESSION} "
+                             f"pixels; width and height must be multiples of {family.pixel_multiple}")
     if not torch.isfinite(latent).all():
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def check_conditioning(cond: torch.Tensor, name: str, text_dim: int | None) -> None:
-    if isinstance(cond, torch.Tensor) and not cond.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {cond.dtype}")
-    if not isinstance(cond, torch.Tensor) or cond.dim() != 3 or cond.shape[1] < 1:
-        shape = tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+def check_conditioning(cond: dict, name: str, family=None, text_dim: int | None = None) -> None:
+    """One side of the conditioning: {"tokens": [batch, tokens, dim], ...the family's other tensors}."""
+    if not isinstance(cond, dict) or "tokens" not in cond:
+        raise ValueError(f"{name} must be conditioning with text embeddings, got {type(cond).__name__}")
+    tokens = cond["tokens"]
+    if isinstance(tokens, torch.Tensor) and not tokens.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {tokens.dtype}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tokens.shape[1] < 1:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"{name} must be text embeddings [batch, tokens, dim], got {shape}")
-    if text_dim is not None and cond.shape[2] != text_dim:
-        raise ValueError(f"{name} has dimension {cond.shape[2]} but the model expects {text_dim} "
-                         "(Wan 2.1 uses the umt5-xxl text encoder; HunyuanVideo the llava-llama-3 one)")
-    if not torch.isfinite(cond).all():
+    if text_dim is not None and tokens.shape[2] != text_dim:
+        hint = f" ({family.text_encoder_hint})" if family is not None else ""
+        raise ValueError(f"{name} has dimension {tokens.shape[2]} but the model expects {text_dim}{hint}")
+    if not torch.isfinite(tokens).all():
         raise ValueError(f"{name} contains NaN or infinite values")
+    if family is not None:
+        family.check_conditioning(cond, name)
 
 
-def check_pooled(pooled, name: str, cond: torch.Tensor | None) -> None:
-    """HunyuanVideo's pooled CLIP-L vector: [batch or 1, dim], batch agreeing with its tokens."""
-    if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or not pooled.is_floating_point():
-        shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
-        raise ValueError(f"{name} must be the pooled CLIP-L output [batch, 768], got {shape}")
-    if cond is not None and pooled.shape[0] not in (1, cond.shape[0]):
-        raise ValueError(f"{name} has batch {pooled.shape[0]} for conditioning of batch {cond.shape[0]}")
-    if not torch.isfinite(pooled).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-
-
-def check_guidance(guidance) -> None:
-    if not (isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and math.isfinite(guidance)
-            and 0.0 <= guidance <= 100.0):
-        raise ValueError(f"guidance (HunyuanVideo's embedded guidance) must be in 0..100, got {guidance!r}")
-
-
-def check_sampling(*, seed: int, steps: int, cfg: float, shift: float, sampler: str, denoise: float) -> None:
+def check_sampling(*, seed: int, steps: int, cfg, shift: float, sampler: str, denoise: float) -> None:
     problems = []
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         problems.append(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 10000:
         problems.append(f"steps must be an integer in 1..10000, got {steps!r}")
-    if not (isinstance(cfg, (int, float)) and math.isfinite(cfg) and 0.0 <= cfg <= 100.0):
-        problems.append(f"cfg must be in 0..100, got {cfg!r}")
+    for scale in (cfg if isinstance(cfg, (list, tuple)) else [cfg]):
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0.0 <= scale <= 100.0):
+            problems.append(f"cfg must be in 0..100, got {scale!r}")
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and 0.0 < shift <= 100.0):
         problems.append(f"shift must be in (0, 100], got {shift!r}")
     if sampler not in SAMPLERS:
@@ -79,12 +75,17 @@ def check_sampling(*, seed: int, steps: int, cfg: float, shift: float, sampler: 
         raise ValueError("; ".join(problems))
 
 
-def check_sample_tensors(positive, negative, latent, text_dim: int | None = None) -> None:
-    """All tensor inputs of a sample request, including batch agreement."""
-    check_latent(latent, "latent_image")
-    check_conditioning(positive, "positive", text_dim)
-    if negative is not None:
-        check_conditioning(negative, "negative", text_dim)
-    for name, cond in (("positive", positive), ("negative", negative)):
-        if cond is not None and cond.shape[0] not in (1, latent.shape[0]):
-            raise ValueError(f"{name} has batch {cond.shape[0]} for a latent batch of {latent.shape[0]}")
+def check_sample_request(request, family, text_dim: int | None = None) -> dict[str, float]:
+    """Every input of a SampleRequest (requests.py) for a model of `family`; returns its options with
+    the family's defaults filled in."""
+    request.check_experts()
+    check_latent(request.latent, "latent_image", family)
+    check_conditioning(request.positive, "positive", family, text_dim)
+    if request.negative is not None:
+        check_conditioning(request.negative, "negative", family, text_dim)
+    for name, cond in (("positive", request.positive), ("negative", request.negative)):
+        if cond is not None and cond["tokens"].shape[0] not in (1, request.latent.shape[0]):
+            raise ValueError(f"{name} has batch {cond['tokens'].shape[0]} for a latent batch of {request.latent.shape[0]}")
+    check_sampling(seed=request.seed, steps=request.steps, cfg=request.cfg, shift=request.shift,
+                   sampler=request.sampler, denoise=request.denoise)
+    return family.check_options(request.options)

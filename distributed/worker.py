@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 
 from . import protocol
-from .engine import Engine, SampleRequest, SamplingInterrupted
+from .config import GroupConfig
+from .engine import Engine, SamplingInterrupted
 from .parallel.teardown import exit_rank
-from .validation import check_guidance, check_latent, check_pooled, check_sample_tensors, check_sampling
+from .requests import REQUESTS, DecodeRequest, EncodeRequest, LoadRequest, SampleRequest
+from .validation import check_latent
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECRET_ENV = "USP_VIDEO_SECRET"
 
 
@@ -213,61 +214,36 @@ class Worker:
         if kind == "ping":
             return {"type": "ok", "world_size": self.world_size, "load_counts": dict(engine.load_counts),
                     "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch.")}, None
-        if kind == "load_dit":
-            return {"type": "ok", **engine.dit_info(_field(header, "path", str))}, None
-        if kind == "encode":
-            path, prompt = _field(header, "path", str), _field(header, "prompt", str)
-            if not engine.encode_on_all_ranks(path) and self.rank != 0:
-                return None
-            cond = engine.encode(path, prompt)
-            return ({"type": "ok"}, {"cond": cond}) if self.rank == 0 else None
-        if kind == "encode_hunyuan":
-            paths = [_field(header, name, str) for name in ("llama", "clip", "tokenizers")]
-            if not engine.hunyuan_encode_on_all_ranks(paths[0]) and self.rank != 0:
-                return None
-            cond, pooled = engine.encode_hunyuan(*paths, _field(header, "prompt", str))
-            return ({"type": "ok"}, {"cond": cond, "pooled": pooled}) if self.rank == 0 else None
-        if kind == "decode":
-            path, latent = _field(header, "path", str), _field(tensors, "latent", torch.Tensor)
-            check_latent(latent, "latent")
-            if self.rank != 0 and not engine.vae_split:
-                return None
-            frames = engine.decode(path, latent)  # with vae_split every rank decodes a strip
-            return ({"type": "ok"}, {"frames": frames}) if self.rank == 0 else None
-        if kind == "sample":
-            return self.sample(header, tensors)
         if kind == "cancel":
             return None  # a cancel that arrived after its request had finished
-        raise ValueError(f"unknown request type {kind!r}")
+        if kind not in REQUESTS:
+            raise ValueError(f"unknown request type {kind!r}")
+        request = REQUESTS[kind].from_frame(header, tensors)
+        if isinstance(request, LoadRequest):
+            return {"type": "ok", **engine.dit_info(request.paths)}, None
+        if isinstance(request, EncodeRequest):
+            if not engine.encode_on_all_ranks(request) and self.rank != 0:
+                return None
+            cond = engine.encode(request)
+            return ({"type": "ok"}, cond) if self.rank == 0 else None
+        if isinstance(request, DecodeRequest):
+            check_latent(request.latent, "latent")
+            if self.rank != 0 and not engine.vae_split:
+                return None
+            frames = engine.decode(request.path, request.latent)  # with vae_split every rank decodes a part
+            return ({"type": "ok"}, {"frames": frames}) if self.rank == 0 else None
+        return self.sample(request)
 
-    def sample(self, header: dict, tensors: dict) -> tuple[dict, dict | None]:
-        fault = header.get("fault") if self.allow_faults else None
-        try:
-            request = SampleRequest(
-                dit=str(header["dit"]), positive=tensors["positive"], negative=tensors.get("negative"),
-                latent=tensors["latent"], seed=int(header["seed"]), steps=int(header["steps"]),
-                cfg=float(header["cfg"]), shift=float(header["shift"]), sampler=str(header["sampler"]),
-                denoise=float(header.get("denoise", 1.0)), guidance=float(header.get("guidance", 6.0)),
-                positive_pooled=tensors.get("positive_pooled"), negative_pooled=tensors.get("negative_pooled"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed sample request: missing or wrong field {exc}") from None
-        check_sample_tensors(request.positive, request.negative, request.latent)
-        check_guidance(request.guidance)
-        for name, pooled, cond in (("positive_pooled", request.positive_pooled, request.positive),
-                                   ("negative_pooled", request.negative_pooled, request.negative)):
-            if pooled is not None:
-                check_pooled(pooled, name, cond)
-        check_sampling(seed=request.seed, steps=request.steps, cfg=request.cfg, shift=request.shift,
-                       sampler=request.sampler, denoise=request.denoise)
+    def sample(self, request: SampleRequest) -> tuple[dict, dict | None]:
+        fault = request.fault if self.allow_faults else None
         start = time.monotonic()
-        preview = bool(header.get("preview"))
 
         def on_step(i: int, total: int, denoised: torch.Tensor) -> bool:
             if fault and fault.get("rank") == self.rank and fault.get("step") == i:
                 inject(fault["kind"])
             if self.rank == 0:
-                # a preview needs only the first frame of the first video: [1, 16, 1, H/8, W/8]
-                tensors = {"x0": denoised[:1, :, :1]} if preview else None
+                # a preview needs only the first frame of the first video: [1, C, 1, h, w]
+                tensors = {"x0": denoised[:1, :, :1]} if request.preview else None
                 self.reply({"type": "progress", "step": i + 1, "total": total,
                             "elapsed": time.monotonic() - start}, tensors)
             return self.agree(self.rank == 0 and self.cancel_requested())
@@ -303,14 +279,6 @@ def _load_glibc():
 _LIBC = _load_glibc()
 
 
-def _field(message: dict, name: str, kind: type):
-    """A required field of a request, of the right type, or a ValueError naming it."""
-    value = message.get(name)
-    if not isinstance(value, kind):
-        raise ValueError(f"request field {name!r} must be {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
 def inject(kind: str) -> None:
     """Test-only faults, honoured only when the group was started with faults allowed."""
     if kind == "raise":
@@ -331,52 +299,50 @@ def write_error(run_dir: Path, rank: int, exc: BaseException) -> None:
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, GroupConfig]:
+    """The rank's command line: the run directory and the group's config, as JSON (what the launcher
+    passes) or as flags (a hand-started multi-host command); both give the same GroupConfig."""
     parser = argparse.ArgumentParser(description="usp-video rank (started by torch.distributed.run)")
     parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--ulysses", default="auto")
-    parser.add_argument("--ring", default="auto")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--attention", default="sdpa")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck collective fails")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: torch's default)")
-    parser.add_argument("--cfg-parallel", type=int, default=1, choices=[1, 2],
-                        help="2: conditional and unconditional passes on the two halves of the group")
-    parser.add_argument("--shard-weights", default="auto", choices=["off", "on", "auto"],
-                        help="FSDP weight sharding of the DiT and the UMT5 encoder")
-    parser.add_argument("--vae-split", default="on", choices=["on", "off"],
-                        help="split the VAE decode across the ranks")
+    parser.add_argument("--config-json", help="the whole GroupConfig as JSON (instead of the flags below)")
+    GroupConfig.add_arguments(parser)
     args = parser.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.config_json:
+        config = GroupConfig.from_json(args.config_json)
+        if config.ranks != world_size:
+            raise ValueError(f"the group config is for {config.ranks} ranks, but torchrun started {world_size}")
+    else:
+        config = GroupConfig.from_args(args, ranks=world_size)
+    return args, config
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, config = parse_args(argv)
     _die_with_parent()
     args.run_dir.mkdir(parents=True, exist_ok=True)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     (args.run_dir / f"rank{rank}.pid").write_text(str(os.getpid()))  # torchrun gives ranks their own sessions
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if config.threads_per_rank:
+        torch.set_num_threads(config.threads_per_rank)
     try:
         if rank == 0 and not os.environ.get(SECRET_ENV):
             raise ValueError(f"{SECRET_ENV} is not set: rank 0 needs the group's secret to authenticate its client")
-        if args.device == "cuda":
+        if config.device == "cuda":
             torch.cuda.set_device(local_rank)
-        backend = "nccl" if args.device == "cuda" else "gloo"
-        timeout = timedelta(seconds=args.timeout)
+        backend = "nccl" if config.device == "cuda" else "gloo"
+        timeout = timedelta(seconds=config.timeout)
         if os.environ.get("USP_VIDEO_STORE"):  # single host: a file store, nothing listens on the network
             store = dist.FileStore(os.environ["USP_VIDEO_STORE"], world_size)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         else:  # torchrun's own rendezvous (several hosts)
             dist.init_process_group(backend, timeout=timeout)
         # Requests, stop flags and errors travel on a CPU group, whatever the compute backend.
-        control_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.timeout))
-        degree = lambda v: v if v == "auto" else int(v)  # noqa: E731
-        engine = Engine(world_size=world_size, rank=rank, ulysses=degree(args.ulysses), ring=degree(args.ring),
-                        device=f"cuda:{local_rank}" if args.device == "cuda" else "cpu",
-                        dtype=DTYPES[args.dtype], backend=args.attention, timeout=timeout,
-                        cfg_degree=args.cfg_parallel, shard_weights=args.shard_weights,
-                        vae_split=args.vae_split == "on")
+        control_group = dist.new_group(backend="gloo", timeout=timeout)
+        engine = Engine(config, rank=rank, local_rank=local_rank)
         worker = Worker(engine, control_group, args.run_dir, os.environ.get("USP_VIDEO_ALLOW_FAULTS") == "1",
-                        heartbeat_s=min(30.0, args.timeout / 4),
+                        heartbeat_s=min(30.0, config.timeout / 4),
                         frame_timeout=float(os.environ.get("USP_VIDEO_FRAME_TIMEOUT", "30")))
         worker.serve()
     except BaseException as exc:

@@ -47,13 +47,17 @@ def conditioning_parts(conditioning, name: str):
     return tensor, extra if isinstance(extra, dict) else {}
 
 
-def run_sampler(model: dict, positive_conditioning, negative_conditioning, latent_image: dict, node_id,
-                latent_format: str, **request) -> tuple[dict]:
-    """Sample on the group with the page's progress bar, previews and Cancel; returns (LATENT,)."""
+def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, negative: dict | None,
+                **request) -> tuple[dict]:
+    """Sample on the group with the page's progress bar, previews and Cancel; returns (LATENT,).
+
+    positive/negative: conditionings as the family's tensors ({"tokens": ..., ...}); request: the other
+    fields of requests.SampleRequest (seed, steps, cfg, shift, sampler, denoise, options)."""
     if "noise_mask" in latent_image:
         raise ValueError("latent_image has a noise mask; masked (inpainting) sampling is not supported")
     steps = request["steps"]
-    progress = services.Progress(steps, node_id, latent_format)
+    info = model["info"]
+    progress = services.Progress(steps, node_id, info.get("latent_format", "Wan21"))
     started = time.monotonic()
 
     def on_progress(event: dict) -> None:
@@ -62,11 +66,11 @@ def run_sampler(model: dict, positive_conditioning, negative_conditioning, laten
         log.info("usp-video: step %d/%d, %.2f s/step, ETA %.0f s", event["step"], event["total"], per_step,
                  per_step * (event["total"] - event["step"]))
 
+    sample_request = api.SampleRequest(experts=[model["path"]], positive=positive, negative=negative,
+                                       latent=latent_image["samples"], preview=progress.wants_preview, **request)
     try:
-        samples, info = api.sample(model["group"], model["path"], latent=latent_image["samples"],
-                                   text_dim=model["info"].get("text_dim"), on_progress=on_progress,
-                                   should_cancel=services.interrupt_requested, preview=progress.wants_preview,
-                                   **request)
+        samples, info = api.sample(model["group"], sample_request, text_dim=info.get("text_dim"),
+                                   on_progress=on_progress, should_cancel=services.interrupt_requested)
     except Interrupted:
         services.throw_if_interrupted()
         raise

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..distributed.client import GroupConfig, free_group, get_group
+from ..distributed.client import free_group, get_group
+from ..distributed.config import DTYPES, SHARD_WEIGHTS, GroupConfig, parse_bool, parse_degree
 from ..distributed.parallel.usp_attention import BACKENDS
 from . import services
 
@@ -52,15 +53,14 @@ class UspGroupNode:
                                              "(12 for Wan 1.3B, 40 for 14B). Best within one node."}),
             "ring": (DEGREES, {"tooltip": "Ring attention degree; works for any head count."}),
             "attention": (list(BACKENDS), {"tooltip": "Attention kernel: sdpa (torch), flash_attn, math."}),
-            "dtype": (["auto", "bf16", "fp16", "fp32"], {"tooltip": "Compute precision; auto: bf16 on GPU, "
-                                                                    "fp32 on CPU."}),
+            "dtype": (["auto", *DTYPES], {"tooltip": "Compute precision; auto: bf16 on GPU, fp32 on CPU."}),
             "timeout_s": ("INT", {"default": 600, "min": 10, "max": 86400,
                                   "tooltip": "A collective stuck this long fails instead of hanging."}),
             "cfg_parallel": (["off", "on"], {"tooltip": (
                 "on: split the ranks into two halves that run the conditional and unconditional passes at "
                 "once (ulysses x ring then applies per half); nearly halves the step time when cfg != 1. "
                 "Needs an even number of ranks; with cfg 1 both halves run the same single pass.")}),
-            "shard_weights": (["auto", "off", "on"], {"tooltip": (
+            "shard_weights": (list(SHARD_WEIGHTS), {"tooltip": (
                 "FSDP: each rank keeps 1/N of the DiT's (and UMT5's) weights and gathers a block's weights "
                 "just before it runs. auto: on when the weights would not fit one GPU's free memory.")}),
             "vae_split": (["on", "off"], {"tooltip": (
@@ -93,11 +93,10 @@ def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeou
     ranks = len(gpu_list) if device == "cuda" else cpu_ranks
     if dtype == "auto":
         dtype = "bf16" if device == "cuda" else "fp32"
-    degree = lambda v: v if v == "auto" else int(v)  # noqa: E731
-    return GroupConfig(ranks=ranks, device=device, gpus=gpu_list, ulysses=degree(ulysses), ring=degree(ring),
-                       dtype=dtype, attention=attention, timeout=float(timeout_s),
-                       cfg_parallel=2 if cfg_parallel == "on" else 1, shard_weights=shard_weights,
-                       vae_split=vae_split == "on")
+    return GroupConfig(ranks=ranks, device=device, gpus=gpu_list, ulysses=parse_degree(ulysses),
+                       ring=parse_degree(ring), dtype=dtype, attention=attention, timeout=float(timeout_s),
+                       cfg_parallel=2 if parse_bool(cfg_parallel) else 1, shard_weights=shard_weights,
+                       vae_split=parse_bool(vae_split))
 
 
 class UspFreeGroup:

@@ -79,9 +79,9 @@ class UspHunyuanTextEncode:
     CATEGORY = CATEGORY
 
     def encode(self, text_encoder, text):
-        cond, pooled = api.encode_hunyuan_text(text_encoder["group"], text_encoder["llama"], text_encoder["clip"],
-                                               text_encoder["tokenizers"], text)
-        return ([[cond, {"pooled_output": pooled}]],)
+        files = {name: text_encoder[name] for name in ("llama", "clip", "tokenizers")}
+        cond = api.encode(text_encoder["group"], "hunyuan-video", files, text)
+        return ([[cond["tokens"], {"pooled_output": cond["pooled"]}]],)
 
 
 def _pooled(extra: dict, name: str):
@@ -130,8 +130,7 @@ class UspHunyuanSampler:
         if pos_extra.get("guidance") is not None:
             guidance = float(pos_extra["guidance"])
         use_negative = cfg != 1.0
-        return run_sampler(model, positive, negative, latent_image, node_id, latent_format="HunyuanVideo",
-                           seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler_name, denoise=denoise,
-                           guidance=guidance, positive=pos, positive_pooled=_pooled(pos_extra, "positive"),
-                           negative=neg if use_negative else None,
-                           negative_pooled=_pooled(neg_extra, "negative") if use_negative else None)
+        return run_sampler(model, latent_image, node_id, seed=seed, steps=steps, cfg=cfg, shift=shift,
+                           sampler=sampler_name, denoise=denoise, options={"guidance": guidance},
+                           positive={"tokens": pos, "pooled": _pooled(pos_extra, "positive")},
+                           negative={"tokens": neg, "pooled": _pooled(neg_extra, "negative")} if use_negative else None)

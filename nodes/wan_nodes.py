@@ -67,8 +67,8 @@ class UspTextEncode:
     CATEGORY = CATEGORY
 
     def encode(self, text_encoder, text):
-        cond = api.encode_text(text_encoder["group"], text_encoder["path"], text)
-        return ([[cond, {}]],)
+        cond = api.encode(text_encoder["group"], "wan2.1", {"text_encoder": text_encoder["path"]}, text)
+        return ([[cond["tokens"], {}]],)
 
 
 class UspWanSampler:
@@ -102,10 +102,10 @@ class UspWanSampler:
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, shift, sampler_name, denoise,
                node_id=None):
-        return run_sampler(model, positive, negative, latent_image, node_id, latent_format="Wan21", seed=seed,
-                           steps=steps, cfg=cfg, shift=shift, sampler=sampler_name, denoise=denoise,
-                           positive=conditioning_parts(positive, "positive")[0],
-                           negative=conditioning_parts(negative, "negative")[0])
+        return run_sampler(model, latent_image, node_id, seed=seed, steps=steps, cfg=cfg, shift=shift,
+                           sampler=sampler_name, denoise=denoise,
+                           positive={"tokens": conditioning_parts(positive, "positive")[0]},
+                           negative={"tokens": conditioning_parts(negative, "negative")[0]})
 
 
 class UspVaeLoader:

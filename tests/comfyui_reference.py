@@ -27,8 +27,9 @@ def main(comfy_dir: str, models_json: str) -> None:
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
     from safetensors.torch import load_file
 
-    from usp_video.distributed.engine import Engine, SampleRequest
-    from usp_video.distributed.models import tiny, wan, wan_vae
+    from usp_video.distributed.engine import Engine
+    from usp_video.distributed.requests import SampleRequest
+    from usp_video.distributed.models.wan21 import dit as wan, tiny, vae as wan_vae
 
     paths = json.loads(models_json)
     cfg, vae_cfg = tiny.TINY_WAN_CONFIG, tiny.TINY_VAE_CONFIG
@@ -56,7 +57,7 @@ def main(comfy_dir: str, models_json: str) -> None:
         noise = comfy.sample.prepare_noise(latent, seed)
         native = comfy.sample.sample(patcher, noise, steps, cfg_scale, "euler", "simple", [[pos, {}]], [[neg, {}]],
                                      latent, denoise=denoise, seed=seed, disable_pbar=True)
-        ours = Engine().sample(SampleRequest(dit=paths["dit"], positive=pos, negative=neg, latent=latent, seed=seed,
+        ours = Engine().sample(SampleRequest(experts=[paths["dit"]], positive=pos, negative=neg, latent=latent, seed=seed,
                                              steps=steps, cfg=cfg_scale, shift=5.0, sampler="euler", denoise=denoise))
         return rel(ours, native)
 

@@ -26,9 +26,10 @@ def main(comfy_dir: str, models_json: str) -> None:
     import comfy.supported_models
     from safetensors.torch import load_file
 
-    from usp_video.distributed.engine import Engine, SampleRequest
-    from usp_video.distributed.models import tiny
-    from usp_video.distributed.models.hunyuan import load_hunyuan_transformer
+    from usp_video.distributed.engine import Engine
+    from usp_video.distributed.requests import SampleRequest
+    from usp_video.distributed.models.hunyuan_video import tiny
+    from usp_video.distributed.models.hunyuan_video.dit import load_hunyuan_transformer
 
     paths = json.loads(models_json)
     cfg = tiny.TINY_HUNYUAN_CONFIG
@@ -60,9 +61,9 @@ def main(comfy_dir: str, models_json: str) -> None:
     positive = [[cond, {"pooled_output": pooled, "guidance": 6.0}]]
     native = comfy.sample.sample(patcher, noise, 4, 1.0, "euler", "simple", positive, [[cond, {"pooled_output": pooled}]],
                                  latent, seed=77, disable_pbar=True)
-    ours = Engine().sample(SampleRequest(dit=paths["dit"], positive=cond, positive_pooled=pooled, negative=None,
-                                         latent=latent, seed=77, steps=4, cfg=1.0, shift=7.0, sampler="euler",
-                                         guidance=6.0))
+    ours = Engine().sample(SampleRequest(experts=[paths["dit"]], positive={"tokens": cond, "pooled": pooled},
+                                         negative=None, latent=latent, seed=77, steps=4, cfg=1.0, shift=7.0,
+                                         sampler="euler", options={"guidance": 6.0}))
     out["hunyuan_ksampler_euler"] = rel(ours, native)
     print(json.dumps(out))
 

@@ -20,7 +20,7 @@ def tests_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
     """The tiny Wan model set in ComfyUI's layout, made once per test session."""
-    from usp_video.distributed.models.tiny import make_tiny_models
+    from usp_video.distributed.models.wan21.tiny import make_tiny_models
 
     root = tmp_path_factory.mktemp("models")
     return {k: str(v) for k, v in make_tiny_models(root).items()}
@@ -29,7 +29,7 @@ def tiny_models(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_hunyuan(tmp_path_factory) -> dict:
     """The tiny HunyuanVideo model set in ComfyUI's layout, made once per test session."""
-    from usp_video.distributed.models.tiny import make_tiny_hunyuan_models
+    from usp_video.distributed.models.hunyuan_video.tiny import make_tiny_hunyuan_models
 
     root = tmp_path_factory.mktemp("hunyuan")
     return {k: str(v) for k, v in make_tiny_hunyuan_models(root).items()}

@@ -48,10 +48,11 @@ def dit_inputs(shape, text_len=20, text_dim=32, seed=1):
 
 def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto", cfg_degree=1, shard_weights="off",
                 vae_split=False):
+    from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.engine import Engine
 
-    return Engine(world_size=world_size, rank=rank, ulysses=ulysses, ring=ring, cfg_degree=cfg_degree,
-                  shard_weights=shard_weights, vae_split=vae_split)
+    return Engine(GroupConfig(ranks=world_size, ulysses=ulysses, ring=ring, cfg_parallel=cfg_degree,
+                              shard_weights=shard_weights, vae_split=vae_split), rank=rank)
 
 
 def dit_forward(engine, dit_path, shape):
@@ -68,10 +69,10 @@ def dit_forward_rank(rank, world_size, ulysses, ring, dit_path, shape):
 
 
 def sample_request(dit_path, shape, steps=4, sampler="unipc", seed=7, cfg=5.0):
-    from usp_video.distributed.engine import SampleRequest
+    from usp_video.distributed.requests import SampleRequest
 
     g = torch.Generator().manual_seed(3)
-    return SampleRequest(dit=dit_path, positive=torch.randn(1, 24, 32, generator=g),
+    return SampleRequest(experts=[dit_path], positive=torch.randn(1, 24, 32, generator=g),
                          negative=torch.randn(1, 24, 32, generator=g), latent=torch.zeros(1, 16, *shape),
                          seed=seed, steps=steps, cfg=cfg, shift=5.0, sampler=sampler)
 
@@ -92,7 +93,7 @@ def variant_request(dit_path, variant):
     elif variant == "denoise":
         req.latent, req.denoise, req.sampler = torch.randn(1, 16, 3, 4, 6, generator=g), 0.6, "euler"
     elif variant == "unequal_text":
-        req.negative = torch.randn(1, 9, 32, generator=g)
+        req.negative = {"tokens": torch.randn(1, 9, 32, generator=g)}
     return req
 
 
@@ -128,15 +129,15 @@ def hunyuan_forward_rank(rank, world_size, ulysses, ring, dit_path, shape, text_
 
 
 def hunyuan_request(dit_path, shape, cfg=1.0, text_lens=(12, 7), steps=4):
-    from usp_video.distributed.engine import SampleRequest
+    from usp_video.distributed.requests import SampleRequest
 
     g = torch.Generator().manual_seed(4)
-    return SampleRequest(dit=dit_path, positive=torch.randn(1, text_lens[0], 32, generator=g),
-                         positive_pooled=torch.randn(1, 16, generator=g),
-                         negative=torch.randn(1, text_lens[1], 32, generator=g) if cfg != 1.0 else None,
-                         negative_pooled=torch.randn(1, 16, generator=g) if cfg != 1.0 else None,
+    positive = {"tokens": torch.randn(1, text_lens[0], 32, generator=g), "pooled": torch.randn(1, 16, generator=g)}
+    negative = ({"tokens": torch.randn(1, text_lens[1], 32, generator=g), "pooled": torch.randn(1, 16, generator=g)}
+                if cfg != 1.0 else None)
+    return SampleRequest(experts=[dit_path], positive=positive, negative=negative,
                          latent=torch.zeros(1, 16, *shape), seed=11, steps=steps, cfg=cfg, shift=7.0,
-                         sampler="euler", guidance=6.0)
+                         sampler="euler", options={"guidance": 6.0})
 
 
 def hunyuan_sample_rank(rank, world_size, ulysses, ring, dit_path, shape, cfg):
@@ -169,9 +170,13 @@ def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder
         out = hunyuan_forward(model, (5, 2, 14), 7)
     result = {"out": out, "bytes": torch.tensor([parameter_bytes(model)])}
     if text_encoder is not None:
-        assert engine.encode_on_all_ranks(text_encoder)
-        result["cond"] = engine.encode(text_encoder, "a cat walks on the beach at sunset")
-        result["te_bytes"] = torch.tensor([parameter_bytes(engine.text_encoder(text_encoder).model)])
+        from usp_video.distributed.requests import EncodeRequest
+
+        request = EncodeRequest(family="wan2.1", files={"text_encoder": text_encoder},
+                                prompt="a cat walks on the beach at sunset")
+        assert engine.encode_on_all_ranks(request)
+        result["cond"] = engine.encode(request)["tokens"]
+        result["te_bytes"] = torch.tensor([parameter_bytes(engine.text_part("text_encoder").model)])
     return result
 
 
@@ -188,19 +193,37 @@ def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):
     """HunyuanVideo's Llama with sharded weights: every rank takes part in the encode."""
     from usp_video.distributed.parallel.fsdp import parameter_bytes
 
+    from usp_video.distributed.requests import EncodeRequest
+
     engine = make_engine(rank, world_size, shard_weights="on")
-    assert engine.hunyuan_encode_on_all_ranks(llama)
-    cond, pooled = engine.encode_hunyuan(llama, clip, tokenizers, prompt)
-    held = parameter_bytes(engine.hunyuan_text_encoder(llama, clip, tokenizers).llama)
-    return {"cond": cond, "pooled": pooled, "bytes": torch.tensor([held])}
+    request = EncodeRequest(family="hunyuan-video", files={"llama": llama, "clip": clip, "tokenizers": tokenizers},
+                            prompt=prompt)
+    assert engine.encode_on_all_ranks(request)
+    cond = engine.encode(request)
+    held = parameter_bytes(engine.text_part("llama"))
+    return {"cond": cond["tokens"], "pooled": cond["pooled"], "bytes": torch.tensor([held])}
 
 
 def sharded_bf16_rank(rank, world_size, dit_path):
     """bf16 compute with sharding: the blocks mix bf16 weights and float32 norms/modulation."""
+    from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.engine import Engine
 
-    engine = Engine(world_size=world_size, rank=rank, dtype=torch.bfloat16, shard_weights="on")
+    engine = Engine(GroupConfig(ranks=world_size, dtype="bf16", shard_weights="on"), rank=rank)
     x, t, context = dit_inputs((5, 2, 14))
     with torch.no_grad():
         out = engine.dit(dit_path)(x.bfloat16(), t, context.bfloat16(), return_dict=False)[0]
     return {"out": out.float()}
+
+
+# -- several experts (one DiT per sigma range, as Wan 2.2 A14B) ----------------------------------
+
+def experts_request(experts, boundaries, shape=(5, 2, 14)):
+    request = sample_request(experts[0], shape, steps=4, sampler="euler")
+    request.experts, request.boundaries = list(experts), list(boundaries)
+    return request
+
+
+def experts_sample_rank(rank, world_size, ulysses, ring, experts, boundaries):
+    engine = make_engine(rank, world_size, ulysses, ring)
+    return {"latent": engine.sample(experts_request(experts, boundaries))}

@@ -12,6 +12,7 @@ from usp_video.distributed import api
 from usp_video.distributed.cli import check_video_size
 from usp_video.distributed.client import GroupConfig, RequestError, free_group, get_group
 from usp_video.nodes.group_node import make_config, parse_gpus
+import calls
 
 GROUP = GroupConfig(ranks=2)
 
@@ -24,7 +25,7 @@ def running(tiny_models):
     # after every bad input: the same group, still working
     group = get_group(GROUP)
     assert group.proc.pid == state["pid"], "a bad input brought the group down"
-    latent, _ = api.sample(GROUP, tiny_models["dit"], positive=torch.randn(1, 8, 32), negative=None,
+    latent, _ = calls.sample(GROUP, tiny_models["dit"], positive=torch.randn(1, 8, 32), negative=None,
                            latent=torch.zeros(1, 16, 2, 4, 4), seed=0, steps=2, cfg=1.0, shift=5.0, sampler="euler")
     assert latent.isfinite().all()
     free_group()
@@ -61,41 +62,41 @@ CASES = {
     "pickle checkpoint": (lambda m, f: api.load_dit(GROUP, f["pickle"]), "pickle checkpoints (.pth) are not loaded"),
     "missing file": (lambda m, f: api.load_dit(GROUP, f["missing"]), "model file not found"),
     "VAE as the DiT": (lambda m, f: api.load_dit(GROUP, m["vae"]), "neither a Wan 2.1 nor a HunyuanVideo diffusion model (looks like a VAE)"),
-    "DiT as the text encoder": (lambda m, f: api.encode_text(GROUP, m["dit"], "a cat"), "is not a UMT5 text encoder"),
+    "DiT as the text encoder": (lambda m, f: calls.encode_text(GROUP, m["dit"], "a cat"), "is not a UMT5 text encoder"),
     "text encoder as the VAE": (lambda m, f: api.decode(GROUP, m["text_encoder"], torch.zeros(1, 16, 1, 2, 2)),
                                 "is not a Wan 2.1 VAE"),
-    "missing text encoder": (lambda m, f: api.encode_text(GROUP, f["missing"], "a cat"), "model file not found"),
+    "missing text encoder": (lambda m, f: calls.encode_text(GROUP, f["missing"], "a cat"), "model file not found"),
     # video size
     "width not a multiple of 16": (lambda m, f: check_video_size(72, 48, 9), "--width 72 must be a positive multiple of 16"),
     "height zero": (lambda m, f: check_video_size(64, 0, 9), "--height 0 must be a positive multiple of 16"),
     "frames not 4k+1": (lambda m, f: check_video_size(64, 48, 8), "--frames 8 must be 4k+1"),
-    "latent not a multiple of 16 pixels": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(
+    "latent not a multiple of 16 pixels": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(
         latent=torch.zeros(1, 16, 2, 5, 4))), "width and height must be multiples of 16"),
     # sampler settings
-    "steps zero": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(steps=0)), "steps must be an integer in 1..10000"),
-    "steps negative": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(steps=-3)), "steps must be an integer"),
-    "cfg negative": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(cfg=-1.0)), "cfg must be in 0..100"),
-    "cfg NaN": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(cfg=math.nan)), "cfg must be in 0..100"),
-    "shift zero": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(shift=0.0)), "shift must be in (0, 100]"),
-    "denoise zero": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(denoise=0.0)), "denoise must be in (0, 1]"),
-    "denoise above 1": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(denoise=1.5)), "denoise must be in"),
-    "seed negative": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(seed=-1)), "seed must be an integer in 0.."),
-    "seed above 2^64-1": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(seed=2**64)), "seed must be"),
-    "unknown sampler": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(sampler="dpmpp_2m")),
+    "steps zero": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(steps=0)), "steps must be an integer in 1..10000"),
+    "steps negative": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(steps=-3)), "steps must be an integer"),
+    "cfg negative": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(cfg=-1.0)), "cfg must be in 0..100"),
+    "cfg NaN": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(cfg=math.nan)), "cfg must be in 0..100"),
+    "shift zero": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(shift=0.0)), "shift must be in (0, 100]"),
+    "denoise zero": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(denoise=0.0)), "denoise must be in (0, 1]"),
+    "denoise above 1": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(denoise=1.5)), "denoise must be in"),
+    "seed negative": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(seed=-1)), "seed must be an integer in 0.."),
+    "seed above 2^64-1": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(seed=2**64)), "seed must be"),
+    "unknown sampler": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(sampler="dpmpp_2m")),
                         "sampler must be one of unipc, euler"),
     # latents and conditioning
-    "latent with 4 channels": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(
+    "latent with 4 channels": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(
         latent=torch.zeros(1, 4, 2, 4, 4))), "latent_image has 4 channels; Wan 2.1 latents have 16"),
-    "image latent (rank 4)": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(
+    "image latent (rank 4)": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(
         latent=torch.zeros(1, 16, 4, 4))), "must be a video latent [batch, 16, frames, height/8, width/8]"),
-    "latent with NaN": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(latent=nan_latent())), "NaN or infinite"),
-    "latent of integers": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(
+    "latent with NaN": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(latent=nan_latent())), "NaN or infinite"),
+    "latent of integers": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(
         latent=torch.zeros(1, 16, 2, 4, 4, dtype=torch.int64))), "must be a floating-point tensor"),
-    "text encoder of another width": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(
+    "text encoder of another width": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(
         positive=torch.zeros(1, 512, 4096))), "positive has dimension 4096 but the model expects 32"),
-    "conditioning with inf": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(
+    "conditioning with inf": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(
         negative=torch.full((1, 8, 32), math.inf))), "negative contains NaN or infinite values"),
-    "conditioning batch mismatch": (lambda m, f: api.sample(GROUP, m["dit"], **sample_kwargs(
+    "conditioning batch mismatch": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(
         positive=torch.zeros(3, 8, 32), latent=torch.zeros(2, 16, 2, 4, 4))), "positive has batch 3 for a latent batch of 2"),
     # degrees, devices, group settings
     "ulysses x ring != ranks": (lambda m, f: GroupConfig(ranks=4, ulysses=3, ring=1), "ulysses x ring = 3 x 1 = 3"),
@@ -129,7 +130,7 @@ def test_bad_input_is_refused_clearly(case, tiny_models, tmp_path, running):
                          ids=["empty", "very long"])
 def test_empty_and_very_long_prompts_encode(prompt, tiny_models, running):
     HARDENING["inputs tried"] += 1
-    cond = api.encode_text(GROUP, tiny_models["text_encoder"], prompt)
+    cond = calls.encode_text(GROUP, tiny_models["text_encoder"], prompt)
     assert cond.shape[0] == 1 and cond.shape[1] >= 512 and cond.shape[2] == 32 and cond.isfinite().all()
 
 
@@ -146,21 +147,21 @@ HUNYUAN_CASES = {
                                            "is a HunyuanVideo model, not Wan 2.1"),
     "Wan DiT in the HunyuanVideo loader": (lambda h, m: api.load_dit(GROUP, m["dit"], family="hunyuan-video"),
                                            "is a Wan 2.1 model, not HunyuanVideo"),
-    "no pooled CLIP output": (lambda h, m: api.sample(GROUP, h["dit"], **hunyuan_kwargs(positive_pooled=None)),
+    "no pooled CLIP output": (lambda h, m: calls.sample(GROUP, h["dit"], **hunyuan_kwargs(positive_pooled=None)),
                               "HunyuanVideo needs the pooled CLIP-L output"),
-    "pooled output of rank 3": (lambda h, m: api.sample(GROUP, h["dit"], **hunyuan_kwargs(
+    "pooled output of rank 3": (lambda h, m: calls.sample(GROUP, h["dit"], **hunyuan_kwargs(
         positive_pooled=torch.zeros(1, 1, 16))), "positive_pooled must be the pooled CLIP-L output [batch, 768]"),
-    "pooled batch mismatch": (lambda h, m: api.sample(GROUP, h["dit"], **hunyuan_kwargs(
+    "pooled batch mismatch": (lambda h, m: calls.sample(GROUP, h["dit"], **hunyuan_kwargs(
         positive_pooled=torch.zeros(3, 16))), "positive_pooled has batch 3 for conditioning of batch 1"),
-    "guidance NaN": (lambda h, m: api.sample(GROUP, h["dit"], **hunyuan_kwargs(guidance=math.nan)),
+    "guidance NaN": (lambda h, m: calls.sample(GROUP, h["dit"], **hunyuan_kwargs(guidance=math.nan)),
                      "guidance (HunyuanVideo's embedded guidance) must be in 0..100"),
-    "UMT5 conditioning for HunyuanVideo": (lambda h, m: api.sample(GROUP, h["dit"], **hunyuan_kwargs(
+    "UMT5 conditioning for HunyuanVideo": (lambda h, m: calls.sample(GROUP, h["dit"], **hunyuan_kwargs(
         positive=torch.zeros(1, 512, 4096))), "positive has dimension 4096 but the model expects 32"),
-    "UMT5 file as the Llama encoder": (lambda h, m: api.encode_hunyuan_text(
+    "UMT5 file as the Llama encoder": (lambda h, m: calls.encode_hunyuan_text(
         GROUP, m["text_encoder"], h["clip"], h["tokenizers"], "a cat"), "is not a Llama text encoder"),
-    "Llama file as CLIP-L": (lambda h, m: api.encode_hunyuan_text(
+    "Llama file as CLIP-L": (lambda h, m: calls.encode_hunyuan_text(
         GROUP, h["llama"], h["llama"], h["tokenizers"], "a cat"), "is not a CLIP text encoder"),
-    "tokenizer folder without tokenizers": (lambda h, m: api.encode_hunyuan_text(
+    "tokenizer folder without tokenizers": (lambda h, m: calls.encode_hunyuan_text(
         GROUP, h["llama"], h["clip"], str(Path(h["llama"]).parent.parent), "a cat"), "no tokenizers found in"),
     "HunyuanVideo DiT as the VAE": (lambda h, m: api.decode(GROUP, h["dit"], torch.zeros(1, 16, 1, 2, 2)),
                                                    "is not a Wan 2.1 VAE"),
@@ -180,7 +181,7 @@ def test_hunyuan_bad_input_is_refused_clearly(case, tiny_hunyuan, tiny_models, r
 def test_hunyuan_empty_and_very_long_prompts_encode(tiny_hunyuan, running):
     for prompt in ("", " ".join(["a red car drives through a city street"] * 100)):
         HARDENING["inputs tried"] += 1
-        cond, pooled = api.encode_hunyuan_text(GROUP, tiny_hunyuan["llama"], tiny_hunyuan["clip"],
+        cond, pooled = calls.encode_hunyuan_text(GROUP, tiny_hunyuan["llama"], tiny_hunyuan["clip"],
                                                tiny_hunyuan["tokenizers"], prompt)
         assert 1 <= cond.shape[1] <= 256 and cond.shape[2] == 32 and pooled.shape == (1, 16)
         assert cond.isfinite().all() and pooled.isfinite().all()

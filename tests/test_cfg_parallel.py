@@ -53,9 +53,7 @@ def test_cfg_parallel_group_through_the_client(tiny_models):
     try:
         info = api.load_dit(group, tiny_models["dit"])
         assert (info["cfg_parallel"], info["ulysses"], info["ring"]) == (2, 2, 1)
-        latent, reply = api.sample(group, tiny_models["dit"], positive=request.positive, negative=request.negative,
-                                   latent=request.latent, seed=request.seed, steps=request.steps, cfg=request.cfg,
-                                   shift=request.shift, sampler=request.sampler)
+        latent, reply = api.sample(group, request)
         assert reply["cfg_parallel"] == 2
         assert rel_error(latent, expected) <= 1e-5 and torch.isfinite(latent).all()
     finally:

@@ -15,8 +15,8 @@ import torch
 
 from hardening import HARDENING
 from group_helpers import group_gone, group_processes, processes_matching
-from usp_video.distributed import api
 from usp_video.distributed.client import GroupConfig, GroupError, free_group, get_group
+import calls
 
 REPEATS = int(os.environ.get("USP_VIDEO_FAULT_REPEATS", "20"))
 DEADLINE_S = 10.0  # from the fault to the error in the client
@@ -28,7 +28,7 @@ def shm_files() -> set[str]:
 
 
 def sample(group, dit, steps=40, **kw):
-    return api.sample(group, dit, positive=torch.randn(1, 8, 32), negative=None, latent=LATENT, seed=0, steps=steps,
+    return calls.sample(group, dit, positive=torch.randn(1, 8, 32), negative=None, latent=LATENT, seed=0, steps=steps,
                       cfg=1.0, shift=5.0, sampler="euler", **kw)
 
 
@@ -108,10 +108,11 @@ def test_the_comfyui_side_killed_while_the_group_runs(tiny_models, tmp_path, cle
         import sys, torch
         from usp_video.distributed import api
         from usp_video.distributed.client import GroupConfig, get_group
+        from usp_video.distributed.requests import SampleRequest
         group = GroupConfig(ranks=2)
         print(get_group(group).run_dir, flush=True)
-        api.sample(group, {tiny_models['dit']!r}, positive=torch.randn(1, 8, 32), negative=None,
-                   latent=torch.zeros(1, 16, 6, 32, 32), seed=0, steps=10000, cfg=1.0, shift=5.0, sampler="euler",
+        api.sample(group, SampleRequest(experts=[{tiny_models['dit']!r}], positive=torch.randn(1, 8, 32), negative=None,
+                   latent=torch.zeros(1, 16, 6, 32, 32), seed=0, steps=10000, cfg=1.0, shift=5.0, sampler="euler"),
                    on_progress=lambda e: print("step", e["step"], flush=True))
     """))
     for i in range(REPEATS):

@@ -9,7 +9,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import rel_error
 from parity_targets import dit_forward, hunyuan_forward, make_engine
-from usp_video.distributed.models import fp8, hunyuan, tiny, wan
+from usp_video.distributed.models import fp8
+from usp_video.distributed.models.hunyuan_video import dit as hunyuan, tiny as hunyuan_tiny
+from usp_video.distributed.models.wan21 import dit as wan, tiny
 from usp_video.distributed.parallel.fsdp import parameter_bytes
 from usp_video.distributed.parallel.spawn import run_ranks
 
@@ -36,7 +38,7 @@ def write_fp8(src: str, dst, meta: dict, scaled: bool):
 def fp8_files(tiny_models, tiny_hunyuan, tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
     wan_meta = {wan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_WAN_CONFIG)}
-    hy_meta = {hunyuan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_HUNYUAN_CONFIG)}
+    hy_meta = {hunyuan.CONFIG_METADATA_KEY: json.dumps(hunyuan_tiny.TINY_HUNYUAN_CONFIG)}
     return {("wan", scaled): write_fp8(tiny_models["dit"], root / f"wan_{scaled}.safetensors", wan_meta, scaled)
             for scaled in (False, True)} | {
            ("hunyuan", scaled): write_fp8(tiny_hunyuan["dit"], root / f"hy_{scaled}.safetensors", hy_meta, scaled)
@@ -98,7 +100,7 @@ def fp8_text_encoders(tiny_models, tiny_hunyuan, tmp_path_factory):
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_scaled"])
 def test_fp8_umt5_stays_fp8_and_encodes_the_same(fp8_text_encoders, scaled):
-    from usp_video.distributed.models.umt5 import load_umt5
+    from usp_video.distributed.models.wan21.umt5 import load_umt5
 
     path = fp8_text_encoders[("umt5", scaled)]
     kept, dequantized = load_umt5(path), load_umt5(path, keep_fp8=False)
@@ -113,7 +115,7 @@ def test_fp8_umt5_stays_fp8_and_encodes_the_same(fp8_text_encoders, scaled):
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_scaled"])
 def test_fp8_llama_stays_fp8_and_encodes_the_same(fp8_text_encoders, tiny_hunyuan, scaled):
-    from usp_video.distributed.models import hunyuan_text
+    from usp_video.distributed.models.hunyuan_video import text as hunyuan_text
 
     path = fp8_text_encoders[("llama", scaled)]
     kept, dequantized = hunyuan_text.load_llama(path), hunyuan_text.load_llama(path, keep_fp8=False)
@@ -131,7 +133,10 @@ def test_fp8_llama_stays_fp8_and_encodes_the_same(fp8_text_encoders, tiny_hunyua
 def test_fp8_umt5_sharded_matches_fp8_unsharded(tests_dir, fp8_text_encoders, tiny_models):
     """fp8 storage and weight sharding together, for the text encoder (the DiT is checked above)."""
     path = fp8_text_encoders[("umt5", True)]
-    expected = make_engine().encode(path, "a cat walks on the beach at sunset")
+    from usp_video.distributed.requests import EncodeRequest
+
+    expected = make_engine().encode(EncodeRequest(family="wan2.1", files={"text_encoder": path},
+                                                  prompt="a cat walks on the beach at sunset"))["tokens"]
     results = run_ranks(f"{tests_dir}/parity_targets.py:sharded_rank", 2,
                         dict(ulysses=2, ring=1, dit_path=tiny_models["dit"], family="wan", text_encoder=path),
                         timeout=240)

@@ -9,6 +9,7 @@ import pytest
 from group_helpers import group_gone, group_processes, kill, text, zeros_latent
 from usp_video.distributed import api
 from usp_video.distributed.client import GroupConfig, GroupError, Interrupted, RequestError, free_group, get_group
+import calls
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def faults_allowed(monkeypatch):
 
 
 def run_sample(group, dit, steps=6, latent=None, **kw):
-    return api.sample(group, dit, positive=text(), negative=text(seed=1), latent=latent if latent is not None else zeros_latent(),
+    return calls.sample(group, dit, positive=text(), negative=text(seed=1), latent=latent if latent is not None else zeros_latent(),
                       seed=1, steps=steps, cfg=4.0, shift=5.0, sampler="euler", **kw)
 
 
@@ -184,7 +185,9 @@ def test_an_exception_in_the_progress_hook_cancels_and_keeps_the_group_in_step(t
 
 
 def test_previews_carry_the_first_frame_of_x0(tiny_models, faults_allowed):
-    from usp_video.distributed.models.families import WAN
+    from usp_video.distributed.models import FAMILIES
+
+    WAN = FAMILIES["wan2.1"]
 
     events = []
     latent, _ = run_sample(GroupConfig(ranks=2), tiny_models["dit"], steps=3, on_progress=events.append, preview=True)
@@ -200,13 +203,13 @@ def test_changing_the_model_reloads_only_the_dit(tiny_models, tmp_path, faults_a
     import shutil
 
     group = GroupConfig(ranks=2)
-    api.encode_text(group, tiny_models["text_encoder"], "a cat")
+    calls.encode_text(group, tiny_models["text_encoder"], "a cat")
     run_sample(group, tiny_models["dit"], steps=1)
     other = tmp_path / "another_wan.safetensors"
     shutil.copy(tiny_models["dit"], other)
     api.load_dit(group, other)
     run_sample(group, str(other), steps=1)
-    api.encode_text(group, tiny_models["text_encoder"], "a dog")
+    calls.encode_text(group, tiny_models["text_encoder"], "a dog")
     status, _ = get_group(group).request({"type": "ping"})
     assert status["load_counts"] == {"text_encoder": 1, "dit": 2}
 

@@ -21,7 +21,7 @@ TEXT_WHOLE, TEXT_SHARDED = 7, 12  # 7 divides none of 2, 3, 4 (kept whole); 12 d
 
 @pytest.fixture(scope="module")
 def stock(tiny_hunyuan):
-    from usp_video.distributed.models.hunyuan import load_hunyuan_transformer
+    from usp_video.distributed.models.hunyuan_video.dit import load_hunyuan_transformer
 
     model = load_hunyuan_transformer(tiny_hunyuan["dit"])  # diffusers' own attention processors
     return {(shape, n): hunyuan_forward(model, shape, n) for shape in (UNEVEN, EVEN)

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import rel_error
 from parity_targets import dit_inputs
-from usp_video.distributed.models import tiny, umt5, wan, wan_vae
+from usp_video.distributed.models.hunyuan_video import tiny as hunyuan_tiny
+from usp_video.distributed.models.wan21 import dit as wan, tiny, umt5, vae as wan_vae
 from usp_video.distributed.models.checkpoint import CheckpointError
 
 
@@ -145,27 +146,27 @@ def test_bf16_load_keeps_the_fp32_modules(tiny_models):
 def test_hunyuan_files_use_the_original_key_names(tiny_hunyuan):
     from diffusers import HunyuanVideoTransformer3DModel
 
-    from usp_video.distributed.models import hunyuan
+    from usp_video.distributed.models.hunyuan_video import dit as hunyuan
 
     keys = set(load_file(tiny_hunyuan["dit"]))
     assert {"img_in.proj.weight", "double_blocks.0.img_attn_qkv.weight", "double_blocks.1.txt_mlp.fc2.bias",
             "single_blocks.0.linear1.weight", "single_blocks.1.modulation.linear.weight",
             "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight", "final_layer.adaLN_modulation.1.weight",
             "guidance_in.mlp.0.weight", "vector_in.in_layer.weight"} <= keys
-    hidden = tiny.TINY_HUNYUAN_CONFIG["num_attention_heads"] * tiny.TINY_HUNYUAN_CONFIG["attention_head_dim"]
+    hidden = hunyuan_tiny.TINY_HUNYUAN_CONFIG["num_attention_heads"] * hunyuan_tiny.TINY_HUNYUAN_CONFIG["attention_head_dim"]
     converted = hunyuan.convert_to_diffusers(load_file(tiny_hunyuan["dit"]), hidden)
-    assert set(converted) == set(HunyuanVideoTransformer3DModel(**tiny.TINY_HUNYUAN_CONFIG).state_dict())
+    assert set(converted) == set(HunyuanVideoTransformer3DModel(**hunyuan_tiny.TINY_HUNYUAN_CONFIG).state_dict())
 
 
 @pytest.mark.parametrize("storage", ["prefixed fp32", "bf16", "fp8_e4m3fn", "diffusers folder"])
 def test_hunyuan_storage_formats_load(tiny_hunyuan, tmp_path, storage):
     from parity_targets import hunyuan_forward
 
-    from usp_video.distributed.models import hunyuan
+    from usp_video.distributed.models.hunyuan_video import dit as hunyuan
 
     reference = hunyuan.load_hunyuan_transformer(tiny_hunyuan["dit"])
     state = load_file(tiny_hunyuan["dit"])
-    meta = {hunyuan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_HUNYUAN_CONFIG)}
+    meta = {hunyuan.CONFIG_METADATA_KEY: json.dumps(hunyuan_tiny.TINY_HUNYUAN_CONFIG)}
     path = tmp_path / "hunyuan_video_t2v.safetensors"
     if storage == "prefixed fp32":
         save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(path), metadata=meta)
@@ -192,7 +193,7 @@ def _round_trip(path, tmp_path, dtype, meta) -> Path:
 
 
 def test_hunyuan_release_config_is_inferred_from_shapes():
-    from usp_video.distributed.models import hunyuan
+    from usp_video.distributed.models.hunyuan_video import dit as hunyuan
 
     shapes = {"img_in.proj.weight": ([3072, 16, 1, 2, 2], "BF16"), "guidance_in.mlp.0.weight": ([3072, 256], "BF16"),
               "txt_in.individual_token_refiner.blocks.0.norm1.weight": ([3072], "BF16")}
@@ -206,7 +207,7 @@ def test_hunyuan_release_config_is_inferred_from_shapes():
 
 
 def test_hunyuan_text_encoder_crops_the_template(tiny_hunyuan):
-    from usp_video.distributed.models import hunyuan_text
+    from usp_video.distributed.models.hunyuan_video import text as hunyuan_text
 
     llama_tok, clip_tok = hunyuan_text.load_tokenizers(tiny_hunyuan["tokenizers"])
     encoder = hunyuan_text.HunyuanTextEncoder(hunyuan_text.load_llama(tiny_hunyuan["llama"]),

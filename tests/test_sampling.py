@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from usp_video.distributed.engine import make_noise
-from usp_video.distributed.models.families import HUNYUAN, WAN
+from usp_video.distributed.models import FAMILIES
+
+WAN, HUNYUAN = FAMILIES["wan2.1"], FAMILIES["hunyuan-video"]
 from usp_video.distributed.sampling.samplers import get_sampler, sample_euler
 from usp_video.distributed.sampling.schedules import sampling_sigmas, simple_sigmas
 

@@ -8,6 +8,8 @@ from conftest import rel_error
 from parity_targets import dit_forward, hunyuan_forward, make_engine
 from usp_video.distributed.parallel.fsdp import parameter_bytes
 from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.requests import EncodeRequest
+import calls
 
 
 @pytest.mark.parametrize("world_size,ulysses,ring", [(2, 2, 1), (4, 2, 2)])
@@ -17,7 +19,8 @@ def test_sharded_dit_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, f
     if family == "wan":
         dit, text_encoder = tiny_models["dit"], tiny_models["text_encoder"]
         expected = dit_forward(engine, dit, (5, 2, 14))
-        expected_cond = engine.encode(text_encoder, "a cat walks on the beach at sunset")
+        expected_cond = engine.encode(EncodeRequest(family="wan2.1", files={"text_encoder": text_encoder},
+                                                    prompt="a cat walks on the beach at sunset"))["tokens"]
     else:
         dit, text_encoder = tiny_hunyuan["dit"], None
         expected = hunyuan_forward(engine.dit(dit), (5, 2, 14), 7)
@@ -32,7 +35,7 @@ def test_sharded_dit_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, f
         assert held <= full * (1 / world_size + 0.05), f"rank {rank} holds {held} of {full} bytes"
         if text_encoder is not None:  # UMT5 sharded too, every rank taking part in the encode
             assert rel_error(result["cond"], expected_cond) <= 1e-5
-            te_full = parameter_bytes(engine.text_encoder(text_encoder).model)
+            te_full = parameter_bytes(engine.text_part("text_encoder").model)
             assert int(result["te_bytes"]) <= te_full * (1 / world_size + 0.05)
 
 
@@ -49,11 +52,9 @@ def test_sharding_through_the_group(tiny_models):
     try:
         info = api.load_dit(group, tiny_models["dit"])
         assert info["sharded"] and info["parameter_bytes"] <= full * 0.55 and info["free_bytes"] > 0
-        positive = api.encode_text(group, tiny_models["text_encoder"], "a cat")
+        positive = calls.encode_text(group, tiny_models["text_encoder"], "a cat")
         assert positive.shape[2] == 32 and torch.isfinite(positive).all()
-        latent, _ = api.sample(group, tiny_models["dit"], positive=request.positive, negative=request.negative,
-                               latent=request.latent, seed=request.seed, steps=request.steps, cfg=request.cfg,
-                               shift=request.shift, sampler=request.sampler)
+        latent, _ = api.sample(group, request)
         assert rel_error(latent, expected) <= 1e-5
     finally:
         free_group()
@@ -62,10 +63,10 @@ def test_sharding_through_the_group(tiny_models):
 def test_sharded_llama_matches_one_process(tests_dir, tiny_hunyuan):
     prompt = "a red car drives through a city street at night"
     engine = make_engine()
-    expected, expected_pooled = engine.encode_hunyuan(tiny_hunyuan["llama"], tiny_hunyuan["clip"],
-                                                      tiny_hunyuan["tokenizers"], prompt)
-    full = parameter_bytes(engine.hunyuan_text_encoder(tiny_hunyuan["llama"], tiny_hunyuan["clip"],
-                                                       tiny_hunyuan["tokenizers"]).llama)
+    cond = engine.encode(EncodeRequest(family="hunyuan-video", prompt=prompt, files={
+        name: tiny_hunyuan[name] for name in ("llama", "clip", "tokenizers")}))
+    expected, expected_pooled = cond["tokens"], cond["pooled"]
+    full = parameter_bytes(engine.text_part("llama"))
     results = run_ranks(f"{tests_dir}/parity_targets.py:sharded_llama_rank", 2,
                         dict(llama=tiny_hunyuan["llama"], clip=tiny_hunyuan["clip"],
                              tokenizers=tiny_hunyuan["tokenizers"], prompt=prompt), timeout=240)

@@ -17,6 +17,7 @@ import torch
 from group_helpers import group_processes
 from usp_video.distributed import api
 from usp_video.distributed.client import GroupConfig, free_group, get_group
+import calls
 
 PROMPTS = int(os.environ.get("USP_VIDEO_SOAK_PROMPTS", "100"))
 WARMUP = 10
@@ -40,9 +41,9 @@ def test_many_prompts_keep_memory_and_files_flat(tiny_models):
         pids = None
         started = time.monotonic()
         for i in range(PROMPTS):
-            pos = api.encode_text(group, tiny_models["text_encoder"], f"prompt number {i}: a cat on a beach")
-            neg = api.encode_text(group, tiny_models["text_encoder"], "blurry")
-            latent, _ = api.sample(group, tiny_models["dit"], positive=pos, negative=neg,
+            pos = calls.encode_text(group, tiny_models["text_encoder"], f"prompt number {i}: a cat on a beach")
+            neg = calls.encode_text(group, tiny_models["text_encoder"], "blurry")
+            latent, _ = calls.sample(group, tiny_models["dit"], positive=pos, negative=neg,
                                    latent=torch.zeros(1, 16, 3, 6, 8), seed=i, steps=2, cfg=4.0, shift=5.0,
                                    sampler="unipc", text_dim=32)
             frames = api.decode(group, tiny_models["vae"], latent)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from parity_targets import make_engine
-from usp_video.distributed.models.tiny import TINY_HUNYUAN_VAE_TILES
+from usp_video.distributed.models.hunyuan_video.tiny import TINY_HUNYUAN_VAE_TILES
 from usp_video.distributed.parallel.spawn import run_ranks
 from usp_video.distributed.parallel.vae_split import row_split
 
@@ -46,7 +46,7 @@ def test_split_decode_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, 
 
 def test_hunyuan_tiles_are_shared_out(tiny_hunyuan):
     """The tiled decode calls the decoder once per tile; every rank decodes only its share."""
-    from usp_video.distributed.parallel.vae_split import _TileDecoder
+    from usp_video.distributed.parallel.vae_split import TileDecoder
 
     engine = make_engine()
     vae = engine.vae(tiny_hunyuan["vae"])
@@ -54,7 +54,9 @@ def test_hunyuan_tiles_are_shared_out(tiny_hunyuan):
     latent = torch.randn(1, 16, 3, 9, 8, generator=torch.Generator().manual_seed(5))
     counts = []
     for rank in range(3):
-        tiles = _TileDecoder(vae.decoder, rank, 3, vae.temporal_compression_ratio, vae.spatial_compression_ratio)
+        tiles = TileDecoder(vae.decoder, rank, 3, lambda tile: torch.Size(
+            (tile.shape[0], 3, (tile.shape[2] - 1) * vae.temporal_compression_ratio + 1,
+             tile.shape[3] * vae.spatial_compression_ratio, tile.shape[4] * vae.spatial_compression_ratio)))
         vae.decoder.forward = tiles
         try:
             with torch.no_grad():

@@ -21,7 +21,7 @@ def reference(tiny_models):
 
 
 def test_world_size_one_matches_stock_diffusers(tiny_models, reference):
-    from usp_video.distributed.models.wan import load_wan_transformer
+    from usp_video.distributed.models.wan21.dit import load_wan_transformer
 
     stock = load_wan_transformer(tiny_models["dit"])  # diffusers' own attention processors
     x, t, context = dit_inputs(UNEVEN)
@@ -72,3 +72,45 @@ def test_sampler_variants_parity(tests_dir, tiny_models, variant):
     for rank, result in enumerate(results):
         err = rel_error(result["latent"], expected)
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} ({variant})"
+
+
+@pytest.fixture(scope="module")
+def two_experts(tiny_models, tmp_path_factory):
+    """The tiny Wan DiT and a second one of the same architecture with other weights."""
+    from usp_video.distributed.models.wan21.tiny import make_tiny_models
+
+    other = make_tiny_models(tmp_path_factory.mktemp("expert2"), seed=1)["dit"]
+    return [tiny_models["dit"], str(other)]
+
+
+def test_each_step_runs_on_the_expert_of_its_sigma(two_experts):
+    """Expert 0 for sigma >= the boundary, expert 1 below it; both stay loaded (no reload at the switch)."""
+    from parity_targets import experts_request
+    from usp_video.distributed.sampling.schedules import sampling_sigmas
+
+    engine = make_engine()
+    sigmas = sampling_sigmas(4, 5.0, 1.0)  # the steps evaluate sigmas[0..3]
+    calls = {path: 0 for path in two_experts}
+    for path in two_experts:
+        engine.dit(path).register_forward_pre_hook(lambda *_, path=path: calls.__setitem__(path, calls[path] + 1))
+    mixed = engine.sample(experts_request(two_experts, [float(sigmas[2])]))
+    assert list(calls.values()) == [3, 1]  # one batched (cond + uncond) forward per step
+    below_all = engine.sample(experts_request(two_experts, [1e-6]))  # no evaluated sigma is below it
+    assert engine.load_counts["dit"] == 2  # each expert loaded once
+    alone = [make_engine().sample(experts_request([path], [])) for path in two_experts]
+    assert all(rel_error(mixed, a) > 1e-3 for a in alone)  # both experts shaped the result
+    assert torch.equal(below_all, alone[0])
+
+
+@pytest.mark.parametrize("world_size,ulysses,ring", [(2, 1, 2), (3, 3, 1)])
+def test_two_expert_sampling_parity(tests_dir, two_experts, world_size, ulysses, ring):
+    from parity_targets import experts_request
+    from usp_video.distributed.sampling.schedules import sampling_sigmas
+
+    boundaries = [float(sampling_sigmas(4, 5.0, 1.0)[1])]
+    expected = make_engine().sample(experts_request(two_experts, boundaries))
+    results = run_ranks(f"{tests_dir}/parity_targets.py:experts_sample_rank", world_size,
+                        dict(ulysses=ulysses, ring=ring, experts=two_experts, boundaries=boundaries), timeout=240)
+    for rank, result in enumerate(results):
+        err = rel_error(result["latent"], expected)
+        assert err <= 1e-5, f"rank {rank}: relative error {err:.2e}"

@@ -67,7 +67,7 @@ def tiny_prompt(tiny_models: dict, steps: int = 3) -> dict:
 
 
 def test_api_workflow_runs_through_the_nodes_and_reuses_the_model(tiny_models, tmp_path, monkeypatch):
-    from usp_video.distributed.client import _CURRENT, free_group
+    from usp_video.distributed.client import GROUPS, free_group
 
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
     try:
@@ -79,12 +79,12 @@ def test_api_workflow_runs_through_the_nodes_and_reuses_the_model(tiny_models, t
         latent = results["7"][0]["samples"]
         assert latent.shape == (1, 16, 3, 6, 8)
 
-        group = _CURRENT["group"]
+        group = GROUPS.current
         first_pid = group.proc.pid
         second = execute(tiny_prompt(tiny_models), tmp_path)  # a second prompt, same models
         torch.testing.assert_close(second["7"][0]["samples"], latent, rtol=0, atol=0)
-        assert _CURRENT["group"].proc.pid == first_pid, "the group was relaunched"
-        status, _ = _CURRENT["group"].request({"type": "ping"})
+        assert GROUPS.current.proc.pid == first_pid, "the group was relaunched"
+        status, _ = GROUPS.current.request({"type": "ping"})
         assert status["load_counts"] == {"dit": 1, "text_encoder": 1, "vae": 1}
     finally:
         free_group()
@@ -135,8 +135,9 @@ def hunyuan_prompt(tiny_hunyuan: dict, steps: int = 3) -> dict:
 
 
 def test_hunyuan_api_workflow_runs_through_the_nodes(tiny_hunyuan, tmp_path, monkeypatch):
-    from usp_video.distributed.client import _CURRENT, free_group
-    from usp_video.distributed.engine import Engine, SampleRequest
+    from usp_video.distributed.client import GROUPS, free_group
+    from usp_video.distributed.engine import Engine
+    from usp_video.distributed.requests import SampleRequest
     from usp_video.nodes import NODE_CLASS_MAPPINGS as N
 
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_hunyuan["dit"]).parents[1]))
@@ -150,13 +151,14 @@ def test_hunyuan_api_workflow_runs_through_the_nodes(tiny_hunyuan, tmp_path, mon
         assert cond.shape[0] == 1 and cond.shape[2] == 32 and extra["pooled_output"].shape == (1, 16)
         latent = results["7"][0]["samples"]
         assert latent.shape == (1, 16, 3, 6, 8)
-        status, _ = _CURRENT["group"].request({"type": "ping"})
+        status, _ = GROUPS.current.request({"type": "ping"})
         assert status["load_counts"] == {"dit": 1, "llama": 1, "clip": 1, "tokenizers": 1, "vae": 1}
 
         # the same request in one process, without the group: the 3 ranks gave the same latent
         expected = Engine().sample(SampleRequest(
-            dit=tiny_hunyuan["dit"], positive=cond, positive_pooled=extra["pooled_output"], negative=None,
-            latent=torch.zeros(1, 16, 3, 6, 8), seed=42, steps=3, cfg=1.0, shift=7.0, sampler="euler", guidance=6.0))
+            experts=[tiny_hunyuan["dit"]], positive={"tokens": cond, "pooled": extra["pooled_output"]}, negative=None,
+            latent=torch.zeros(1, 16, 3, 6, 8), seed=42, steps=3, cfg=1.0, shift=7.0, sampler="euler",
+            options={"guidance": 6.0}))
         assert (latent - expected).norm() / expected.norm() <= 1e-5
 
         # native conditioning: FluxGuidance's "guidance" wins over the widget; no pooled output is refused
@@ -171,6 +173,6 @@ def test_hunyuan_api_workflow_runs_through_the_nodes(tiny_hunyuan, tmp_path, mon
             N["UspHunyuanSampler"]().sample(model, [[cond, {}]], [[cond, {}]], small, 1, 2, 1.0, 6.0, 7.0,
                                             "euler", 1.0)
         with pytest.raises(ValueError, match="is a HunyuanVideo model, not Wan 2.1"):
-            N["UspWanModelLoader"]().load(_CURRENT["group"].config, Path(tiny_hunyuan["dit"]).name)
+            N["UspWanModelLoader"]().load(GROUPS.current.config, Path(tiny_hunyuan["dit"]).name)
     finally:
         free_group()

@@ -89,3 +89,48 @@ def cast_model(model, dtype: torch.dtype):
 def config_from_metadata(metadata: dict[str, str], key: str) -> dict | None:
     """Our tiny models carry their diffusers config in the safetensors metadata."""
     return json.loads(metadata[key]) if key in metadata else None
+
+
+def from_folder(model_class, path: str | Path, dtype: torch.dtype, device, what: str):
+    """A diffusers or transformers model from a local folder: its config.json and safetensors weights,
+    never a hub, never a pickle (use_safetensors: a folder with only .bin files is refused)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is a folder without config.json; expected {what}")
+    try:
+        model = model_class.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+    except (OSError, EnvironmentError) as exc:
+        raise CheckpointError(f"{path}: could not load {what} ({exc}); only .safetensors weights are loaded") from exc
+    return model.to(device).eval()
+
+
+def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str,
+                   ignore_missing: tuple[str, ...] = (), ignore_unexpected: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Give a model (built on the meta device) the tensors of state, without a second copy of the
+    weights; a CheckpointError names the file when the names do not fit the architecture (names that
+    contain one of the ignore_* parts are not counted)."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not any(part in k for part in ignore_missing)]
+    unexpected = [k for k in unexpected if not any(part in k for part in ignore_unexpected)]
+    if missing or unexpected:
+        raise CheckpointError(f"{Path(path).name} does not fit {what}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model
+
+
+def build_on_meta(make: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], path: str | Path, what: str,
+                  **ignore) -> torch.nn.Module:
+    """make() on the meta device, then assign_weights(model, state, path, what, **ignore)."""
+    with torch.device("meta"):
+        model = make()
+    return assign_weights(model, state, path, what, **ignore)
+
+
+def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a .safetensors file atomically (the tiny model sets)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)

@@ -98,7 +98,7 @@ def _rank_main() -> None:
         result = _load_target(args.target)(args.rank, args.world_size, **kwargs) or {}
         out = {k: v.detach().contiguous().cpu() for k, v in result.items()}
         save_file(out, str(Path(args.dir, f"out{args.rank}.safetensors")))
-        dist.barrier()  # no rank closes its connections while a peer is still in a collective
+        dist.barrier(group=dist.group.WORLD)  # no rank closes its connections while a peer is still in a collective
         code = 0
     except BaseException:
         traceback.print_exc()

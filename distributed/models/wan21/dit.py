@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ..parallel.mesh import SequenceParallel
-from ..parallel.sharding import gather_sequence, shard_sequence
-from ..parallel.usp_attention import KeyLayout, attention, usp_attention
-from . import fp8
-from .checkpoint import (CheckpointError, config_from_metadata, dequantize, keeps_fp32, load_state_dict, read_header,
+from ...parallel.mesh import SequenceParallel
+from ...parallel.sharding import gather_sequence, shard_sequence
+from ...parallel.usp_attention import KeyLayout, attention, usp_attention
+from .. import fp8
+from ..checkpoint import (CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, keeps_fp32,
+                          load_state_dict, read_header,
                          strip_prefix)
 
 CONFIG_METADATA_KEY = "usp_video.wan_config"
@@ -54,7 +55,9 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
     shapes = {_strip(k): v for k, v in shapes.items()}
     keys = set(shapes)
     if "head.modulation" not in keys or "patch_embedding.weight" not in keys:
-        family = guess_family(keys)
+        from .. import describe_keys
+
+        family = describe_keys(shapes)
         raise CheckpointError(f"{path.name} is not a Wan 2.1 diffusion model ({family}); "
                               "pick a Wan 2.1 T2V file such as wan2.1_t2v_1.3B_fp16.safetensors")
     if any(".k_img." in k for k in keys) or "img_emb.proj.0.weight" in keys:
@@ -73,19 +76,6 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
                           f"variant ({', '.join(WAN_VARIANTS)})")
 
 
-def guess_family(keys: set[str]) -> str:
-    """A short description of what a checkpoint looks like, for error messages."""
-    if any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys) and any("txt_in" in k for k in keys):
-        return "looks like a HunyuanVideo DiT"
-    if "decoder.middle.0.residual.0.gamma" in keys or any(k.startswith(("decoder.", "encoder.conv")) for k in keys):
-        return "looks like a VAE"
-    if any(k.startswith(("encoder.block.", "shared.")) for k in keys):
-        return "looks like a T5/UMT5 text encoder"
-    if any("input_blocks." in k or "joint_blocks." in k for k in keys):
-        return "looks like an image model (SD/SDXL/SD3)"
-    return "unrecognised tensor names"
-
-
 def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu", keep_fp8: bool = True):
     """Load a Wan 2.1 T2V DiT from a ComfyUI/original single .safetensors file or a diffusers folder.
@@ -95,23 +85,15 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
 
     path = Path(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers "
-                                  "WanTransformer3DModel folder (the 'transformer' subfolder of a Wan pipeline)")
-        model = WanTransformer3DModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-        return model.to(device).eval()
+        return from_folder(WanTransformer3DModel, path, dtype, device,
+                           "a diffusers WanTransformer3DModel folder (the 'transformer' subfolder of a Wan pipeline)")
 
     shapes, metadata = read_header(path)
     config = infer_wan_config(path, shapes, metadata)
     state = convert_wan_transformer_to_diffusers(strip_prefix(load_state_dict(path), _PREFIXES))
     state = dequantize(state, dtype, keeps_fp32(WanTransformer3DModel))
-    with torch.device("meta"):
-        model = WanTransformer3DModel(**config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    unexpected = [k for k in unexpected if "norm_added_q" not in k]
-    if missing or unexpected:
-        raise CheckpointError(f"{path.name} does not fit the Wan 2.1 architecture: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+    model = build_on_meta(lambda: WanTransformer3DModel(**config), state, path, "the Wan 2.1 architecture",
+                          ignore_unexpected=("norm_added_q",))
     # The RoPE tables are non-persistent buffers, still on the meta device: build them for real.
     model.rope = type(model.rope)(model.config.attention_head_dim, model.config.patch_size,
                                   model.config.rope_max_seq_len)

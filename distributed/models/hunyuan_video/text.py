@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from . import fp8
-from .checkpoint import CheckpointError, config_from_metadata, dequantize, load_state_dict, read_header, strip_prefix
+from .. import fp8
+from ..checkpoint import (CheckpointError, assign_weights, build_on_meta, config_from_metadata, dequantize, from_folder,
+                          load_state_dict, read_header, strip_prefix)
 
 LLAMA_CONFIG_KEY = "usp_video.llama_config"
 CLIP_CONFIG_KEY = "usp_video.clip_config"
@@ -41,12 +42,6 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               projection_dim=768)
 
 
-def _folder_model(path: Path, cls, what: str):
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers {what} folder")
-    return cls.from_pretrained(str(path), local_files_only=True)
-
-
 def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", keep_fp8: bool = True):
     """The Llama text model of LLaVA-Llama-3 from ComfyUI's llava_llama3_*.safetensors
     (fp16/bf16/fp8, scaled fp8) or a diffusers text_encoder folder."""
@@ -54,7 +49,7 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
 
     path = Path(path)
     if path.is_dir():
-        return _folder_model(path, LlamaModel, "text_encoder (LlamaModel)").to(device, dtype).eval()
+        return from_folder(LlamaModel, path, dtype, device, "a diffusers text_encoder (LlamaModel) folder")
     shapes, metadata = read_header(path)
     keys = {k.removeprefix("model.") for k in shapes}
     if "embed_tokens.weight" not in keys or "layers.0.self_attn.q_proj.weight" not in keys:
@@ -70,12 +65,7 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
                       intermediate_size=inter, num_attention_heads=hidden // 128, num_key_value_heads=kv // 128)
     state = strip_prefix(load_state_dict(path), ("model.",))
     state = {k: v for k, v in dequantize(state, dtype).items() if not k.startswith("lm_head.")}
-    with torch.device("meta"):
-        model = LlamaModel(LlamaConfig(**config))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise CheckpointError(f"{path.name} does not fit a Llama text model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+    model = build_on_meta(lambda: LlamaModel(LlamaConfig(**config)), state, path, "a Llama text model")
     model.rotary_emb = type(model.rotary_emb)(model.config)  # a non-persistent buffer, still on meta
     if keep_fp8:  # the decoder layers' Linear layers stay fp8 (models/fp8.py)
         fp8.keep_file_fp8(model, path, shapes, ("layers.",), lambda markers: strip_prefix(markers, ("model.",)))
@@ -88,7 +78,7 @@ def load_clip_l(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
 
     path = Path(path)
     if path.is_dir():
-        return _folder_model(path, CLIPTextModel, "text_encoder_2 (CLIPTextModel)").to(device, dtype).eval()
+        return from_folder(CLIPTextModel, path, dtype, device, "a diffusers text_encoder_2 (CLIPTextModel) folder")
     shapes, metadata = read_header(path)
     if "text_model.embeddings.token_embedding.weight" not in shapes:
         raise CheckpointError(f"{path.name} is not a CLIP text encoder; HunyuanVideo needs clip_l.safetensors "
@@ -107,11 +97,7 @@ def load_clip_l(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
         model = CLIPTextModel(CLIPTextConfig(**config))
     if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 drops the prefix
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path.name} does not fit CLIP-L's text model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+    assign_weights(model, state, path, "CLIP-L's text model", ignore_missing=("position_ids",))
     embeddings = getattr(model, "text_model", model).embeddings
     embeddings.register_buffer("position_ids", torch.arange(config["max_position_embeddings"]).unsqueeze(0),
                                persistent=False)

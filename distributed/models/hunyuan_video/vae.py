@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, config_from_metadata, dequantize, load_state_dict, read_header, strip_prefix
+from ...parallel.vae_split import VaeSplit, decode_tiles
+from ..video import decode_video
+from ..checkpoint import (CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, load_state_dict,
+                          read_header, strip_prefix)
 
 CONFIG_METADATA_KEY = "usp_video.hunyuan_vae_config"
 
@@ -24,14 +27,12 @@ def load_hunyuan_vae(path: str | Path, dtype: torch.dtype = torch.float32, devic
 
     path = Path(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: expected a diffusers AutoencoderKLHunyuanVideo folder with config.json")
-        vae = AutoencoderKLHunyuanVideo.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        vae = from_folder(AutoencoderKLHunyuanVideo, path, dtype, "cpu", "a diffusers AutoencoderKLHunyuanVideo folder")
     else:
         shapes, metadata = read_header(path)
         keys = {k.removeprefix("vae.") for k in shapes}
         if not is_hunyuan_vae_keys(keys):
-            from .wan import guess_family
+            from .. import describe_keys as guess_family
 
             raise CheckpointError(f"{path.name} is not a HunyuanVideo VAE ({guess_family(keys)}); pick "
                                   "hunyuan_video_vae_bf16.safetensors")
@@ -41,11 +42,21 @@ def load_hunyuan_vae(path: str | Path, dtype: torch.dtype = torch.float32, devic
                                   "model); the HunyuanVideo VAE has 16")
         config = config_from_metadata(metadata, CONFIG_METADATA_KEY) or {}
         state = dequantize(strip_prefix(load_state_dict(path), ("vae.",)), dtype)
-        with torch.device("meta"):
-            vae = AutoencoderKLHunyuanVideo(**config)
-        missing, unexpected = vae.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise CheckpointError(f"{path.name} does not fit the HunyuanVideo VAE: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+        vae = build_on_meta(lambda: AutoencoderKLHunyuanVideo(**config), state, path, "the HunyuanVideo VAE")
     vae.enable_tiling()
     return vae.to(device).eval()
+
+
+def decode(vae, latent: torch.Tensor, split: VaeSplit | None) -> torch.Tensor | None:
+    """Frames of a raw HunyuanVideo latent: diffusers' tiled decode (one tile when the latent fits one),
+    in this process or with its tiles shared out across the split's ranks (rank 0 blends them)."""
+    if split is None:
+        return decode_video(vae, latent)
+    decoder, temporal, spatial = vae.decoder, vae.temporal_compression_ratio, vae.spatial_compression_ratio
+
+    def decoded_shape(tile: torch.Tensor) -> torch.Size:
+        batch, _, frames, height, width = tile.shape  # causal in time: frames -> 1 + (frames - 1) * temporal
+        return torch.Size((batch, decoder.conv_out.conv.out_channels, (frames - 1) * temporal + 1,
+                           height * spatial, width * spatial))
+
+    return decode_tiles(vae, decode_video, latent, split, decoded_shape)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from ..parallel.mesh import SequenceParallel
-from ..parallel.sharding import gather_sequence, shard_sequence
-from ..parallel.usp_attention import KeyLayout, tail_padding_mask, usp_attention
-from . import fp8
-from .checkpoint import (CheckpointError, config_from_metadata, dequantize, keeps_fp32, load_state_dict, read_header,
+from ...parallel.mesh import SequenceParallel
+from ...parallel.sharding import gather_sequence, shard_sequence
+from ...parallel.usp_attention import KeyLayout, tail_padding_mask, usp_attention
+from .. import fp8
+from ..checkpoint import (CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, keeps_fp32,
+                          load_state_dict, read_header,
                          strip_prefix)
 
 CONFIG_METADATA_KEY = "usp_video.hunyuan_config"
@@ -57,7 +58,7 @@ def is_hunyuan_keys(keys: set[str]) -> bool:
 
 def infer_hunyuan_config(path: Path, shapes: dict, metadata: dict) -> dict:
     """The diffusers config of a HunyuanVideo single file: from our metadata, else from shapes."""
-    from .wan import guess_family
+    from .. import describe_keys as guess_family
 
     shapes = {_strip(k): v for k, v in shapes.items()}
     keys = set(shapes)
@@ -113,11 +114,8 @@ def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float3
 
     path = Path(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers "
-                                  "HunyuanVideoTransformer3DModel folder (the 'transformer' subfolder)")
-        model = HunyuanVideoTransformer3DModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-        return model.to(device).eval()
+        return from_folder(HunyuanVideoTransformer3DModel, path, dtype, device,
+                           "a diffusers HunyuanVideoTransformer3DModel folder (the 'transformer' subfolder)")
 
     shapes, metadata = read_header(path)
     config = infer_hunyuan_config(path, shapes, metadata)
@@ -126,12 +124,7 @@ def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float3
     # (HunyuanVideoTransformer3DModel keeps no parameters in float32, so the original names do)
     state = dequantize(strip_prefix(load_state_dict(path), _PREFIXES), dtype, keeps_fp32(HunyuanVideoTransformer3DModel))
     state = convert_to_diffusers(state, hidden)
-    with torch.device("meta"):
-        model = HunyuanVideoTransformer3DModel(**config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise CheckpointError(f"{path.name} does not fit the HunyuanVideo architecture: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+    model = build_on_meta(lambda: HunyuanVideoTransformer3DModel(**config), state, path, "the HunyuanVideo architecture")
     if keep_fp8:
         fp8.keep_file_fp8(model, path, shapes,
                           ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.token_refiner."),

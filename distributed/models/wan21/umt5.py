@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import fp8
-from .checkpoint import CheckpointError, dequantize, keeps_fp32, load_state_dict, read_header
+from .. import fp8
+from ..checkpoint import (CheckpointError, build_on_meta, dequantize, from_folder, keeps_fp32, load_state_dict,
+                          read_header)
 
 MIN_LENGTH = 512
 EOS_ID, PAD_ID = 1, 0
@@ -72,12 +73,12 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
         if spiece is None or not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: expected a diffusers 'text_encoder' folder (config.json) with "
                                   "a sibling 'tokenizer' folder holding spiece.model")
-        model = UMT5EncoderModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-        return Umt5TextEncoder(model.to(device).eval(), spiece.read_bytes())
+        model = from_folder(UMT5EncoderModel, path, dtype, device, "a transformers UMT5EncoderModel folder")
+        return Umt5TextEncoder(model, spiece.read_bytes())
 
     shapes, _ = read_header(path)
     if "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" not in shapes:
-        from .wan import guess_family
+        from .. import describe_keys as guess_family
 
         kind = "a T5 text encoder without UMT5's per-layer position bias" if "shared.weight" in shapes \
             else guess_family(set(shapes))
@@ -89,13 +90,9 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
     state = load_state_dict(path)
     spiece = bytes(state.pop("spiece_model").numpy().tobytes())
     config = UMT5Config(**umt5_config_from_shapes(shapes))
-    with torch.device("meta"):
-        model = UMT5EncoderModel(config)
     state = dequantize(state, dtype, keeps_fp32(UMT5EncoderModel))
     state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise CheckpointError(f"{path.name} does not fit UMT5: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model = build_on_meta(lambda: UMT5EncoderModel(config), state, path, "UMT5")
     if keep_fp8:  # the encoder blocks' Linear layers stay fp8 (models/fp8.py)
         fp8.keep_file_fp8(model, path, shapes, ("encoder.block.",), skip=keeps_fp32(UMT5EncoderModel))
     return Umt5TextEncoder(model.to(device).eval(), spiece)

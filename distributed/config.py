@@ -1,0 +1,191 @@
+"""The group's configuration, defined once.
+
+GroupConfig is what the USP Group node, the CLI and the tests ask for; the launcher hands it to the
+ranks as JSON (`--config-json`), and a hand-started multi-host torchrun command gives the same fields
+as flags (`--ulysses 2 --ring 2 ...`), parsed into the same dataclass by `from_args`. Every option is
+parsed by one function of its kind (`parse_degree`, `parse_choice`, ...) and checked in one place
+(`GroupConfig.__post_init__`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("cpu", "cuda")
+SHARD_WEIGHTS = ("auto", "off", "on")
+
+
+def parse_degree(value) -> int | str:
+    """'auto' or a positive integer (also given as text): a parallel degree."""
+    if value == "auto":
+        return value
+    try:
+        degree = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"a degree must be 'auto' or an integer >= 1, got {value!r}") from None
+    if degree < 1 or str(degree) != str(value).strip():
+        raise ValueError(f"a degree must be 'auto' or an integer >= 1, got {value!r}")
+    return degree
+
+
+def parse_bool(value) -> bool:
+    """True/False, or 'on'/'off' (the nodes' and the command line's words for them)."""
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "off"):
+        return value == "on"
+    raise ValueError(f"expected 'on' or 'off', got {value!r}")
+
+
+def parse_gpus(value) -> tuple[int, ...]:
+    """GPU indices: a tuple/list of ints, or text like '0,1,2,3' ('' for none)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(int(v) for v in value)
+    text = str(value).replace(" ", "")
+    return tuple(int(v) for v in text.split(",")) if text else ()
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """What defines a group; a different config means a different group (relaunch)."""
+
+    ranks: int = 1
+    device: str = "cpu"  # "cpu" (gloo ranks) or "cuda" (one rank per GPU, NCCL)
+    gpus: tuple[int, ...] = ()  # CUDA: the GPUs to launch on (empty: as the launcher was given them)
+    ulysses: int | str = "auto"
+    ring: int | str = "auto"
+    dtype: str = "fp32"
+    attention: str = "sdpa"
+    timeout: float = 600.0  # seconds before a stuck collective fails
+    threads_per_rank: int = 0  # CPU threads per rank (0: torch's default)
+    cfg_parallel: int = 1  # 2: the conditional and unconditional passes on the two halves of the group
+    shard_weights: str = "auto"  # FSDP weight sharding: off, on, or auto (when one device's memory is short)
+    vae_split: bool = True  # the VAE decode shared out among the ranks (each family says how)
+
+    def __post_init__(self):
+        from .parallel.usp_attention import BACKENDS
+
+        problems = []
+        if self.device not in DEVICES:
+            problems.append(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if not isinstance(self.ranks, int) or isinstance(self.ranks, bool) or self.ranks < 1:
+            problems.append(f"ranks must be an integer >= 1, got {self.ranks!r}")
+        if self.device == "cuda" and self.gpus and len(self.gpus) != self.ranks:
+            problems.append(f"{len(self.gpus)} GPUs listed for {self.ranks} ranks")
+        for name in ("ulysses", "ring"):
+            try:
+                parse_degree(getattr(self, name))
+            except ValueError:
+                problems.append(f"{name} must be 'auto' or an integer >= 1, got {getattr(self, name)!r}")
+        if self.shard_weights not in SHARD_WEIGHTS:
+            problems.append(f"shard_weights must be one of {', '.join(SHARD_WEIGHTS)}, got {self.shard_weights!r}")
+        if self.cfg_parallel not in (1, 2):
+            problems.append(f"cfg_parallel must be 1 (off) or 2, got {self.cfg_parallel!r}")
+        elif isinstance(self.ranks, int) and self.ranks % self.cfg_parallel:
+            problems.append(f"cfg_parallel degree must be 1 or 2 and divide the {self.ranks} ranks: cfg_parallel 2 "
+                            f"splits the group into two halves, so it needs an even number of ranks, got {self.ranks}")
+        sp_ranks = self.sp_ranks if self.cfg_parallel in (1, 2) and isinstance(self.ranks, int) else 0
+        if isinstance(self.ulysses, int) and isinstance(self.ring, int) and self.ulysses * self.ring != sp_ranks:
+            half = " per cfg half" if self.cfg_parallel == 2 else ""
+            problems.append(f"ulysses x ring = {self.ulysses} x {self.ring} = {self.ulysses * self.ring}, "
+                            f"but the group has {sp_ranks} ranks{half}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention not in BACKENDS:
+            problems.append(f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
+        elif self.attention == "flash_attn" and self.device != "cuda":
+            problems.append("attention 'flash_attn' needs CUDA GPUs; use 'auto' or 'sdpa' on CPU")
+        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            problems.append(f"timeout must be > 0 seconds, got {self.timeout}")
+        if not isinstance(self.threads_per_rank, int) or self.threads_per_rank < 0:
+            problems.append(f"threads_per_rank must be an integer >= 0, got {self.threads_per_rank!r}")
+        if not isinstance(self.vae_split, bool):
+            problems.append(f"vae_split must be True or False, got {self.vae_split!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def sp_ranks(self) -> int:
+        """Ranks per sequence-parallel group (per CFG half with cfg_parallel 2)."""
+        return self.ranks // self.cfg_parallel
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def describe(self) -> str:
+        where = f"GPUs {','.join(map(str, self.gpus))}" if self.device == "cuda" else f"{self.ranks} CPU ranks"
+        cfg = ", cfg-parallel 2" if self.cfg_parallel == 2 else ""
+        return f"{where}, ulysses={self.ulysses}, ring={self.ring}{cfg}, {self.dtype}"
+
+    # -- as JSON (the launcher -> the ranks) -----------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GroupConfig":
+        data = json.loads(text)
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown group config fields: {', '.join(sorted(unknown))}")
+        if "gpus" in data:
+            data["gpus"] = parse_gpus(data["gpus"])
+        return cls(**data)
+
+    # -- as flags (a hand-started torchrun command) ------------------------------------------------
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The fields as flags; `from_args` turns the parsed flags into a GroupConfig."""
+        for name, (parse, help_text, *aliases) in FLAGS.items():
+            default = getattr(GroupConfig, name)
+            parser.add_argument(f"--{name.replace('_', '-')}", *aliases, dest=name, type=parse, default=default,
+                                help=f"{help_text} (default: {default})")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, ranks: int) -> "GroupConfig":
+        return cls(ranks=ranks, **{name: getattr(args, name) for name in FLAGS})
+
+
+def _choice(name: str, choices) -> callable:
+    def parse(value: str):
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"--{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    return parse
+
+
+def _flag_bool(value: str) -> bool:
+    try:
+        return parse_bool(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _flag_degree(value: str):
+    try:
+        return parse_degree(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# The fields a rank's command line can set (ranks come from torchrun's WORLD_SIZE).
+FLAGS = {
+    "device": (_choice("device", DEVICES), "cpu or cuda"),
+    "gpus": (parse_gpus, "GPU indices, e.g. 0,1 (the launcher's choice; a rank uses its LOCAL_RANK)"),
+    "ulysses": (_flag_degree, "Ulysses degree, or auto"),
+    "ring": (_flag_degree, "Ring degree, or auto"),
+    "dtype": (_choice("dtype", DTYPES), "compute dtype"),
+    "attention": (str, "attention kernel"),
+    "timeout": (float, "seconds before a stuck collective fails"),
+    "threads_per_rank": (int, "CPU threads per rank (0: torch's default)", "--threads"),
+    "cfg_parallel": (int, "2: conditional and unconditional passes on the two halves of the group"),
+    "shard_weights": (_choice("shard-weights", SHARD_WEIGHTS), "FSDP weight sharding"),
+    "vae_split": (_flag_bool, "on/off: split the VAE decode across the ranks"),
+}

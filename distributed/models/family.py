@@ -1,0 +1,171 @@
+"""What a model family is, for everything outside its package.
+
+A family (Wan 2.1, HunyuanVideo, ...) is one package under models/ whose `FAMILY` is an instance of
+a `ModelFamily` subclass. The engine, the worker, the api, the CLI, the nodes' shared code and
+parallel/ use only this interface and never ask which family they hold; models/__init__.py lists the
+families and tells them apart by their files. Families share code through helpers (checkpoint, fp8,
+parallel/), not branches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """One file of a family's text encoding (Wan: the UMT5 file; HunyuanVideo: Llama, CLIP-L, tokenizers).
+
+    `input` names the file in an encode request and on the command line (--text-encoder); `load`
+    reads it; `shard_units(loaded) -> (module, blocks)` says how FSDP shards it, where it can be."""
+
+    input: str
+    help: str
+    load: Callable[[str, torch.dtype, torch.device], object]
+    shard_units: Callable[[object], tuple[torch.nn.Module, Iterable[torch.nn.Module]]] | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    """A family-defined sampler input (HunyuanVideo's embedded guidance): default and allowed range."""
+
+    default: float
+    low: float
+    high: float
+    help: str
+
+    def check(self, name: str, value) -> float:
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and self.low <= value <= self.high):
+            raise ValueError(f"{name} ({self.help}) must be in {self.low:g}..{self.high:g}, got {value!r}")
+        return float(value)
+
+
+@dataclass(frozen=True)
+class VaeSplit:
+    """How the ranks share a VAE decode: this rank, their number, the compute device, their group."""
+
+    rank: int
+    ranks: int
+    device: torch.device
+    group: object = None  # a torch.distributed ProcessGroup (None with one rank)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The reference pipeline's sampler settings."""
+
+    sampler: str
+    shift: float
+    cfg: float
+    negative_prompt: str = ""
+
+
+class ModelFamily:
+    """The interface. Subclasses set the attributes and implement the methods."""
+
+    name: str                   # "wan2.1": requests and node code name a family by it
+    label: str                  # "Wan 2.1": what users read
+    short_name: str             # "wan": `usp-video demo --model wan`
+    dit_class: str              # the diffusers class of its DiT (diffusers folders are recognised by it)
+    vae_class: str              # the diffusers class of its VAE
+    latent_format: str          # ComfyUI's latent_format class (previews): "Wan21", "HunyuanVideo"
+    latent_channels: int = 16
+    pixel_multiple: int = 16    # width and height must be multiples of this
+    defaults: Defaults
+    text_parts: tuple[TextPart, ...]
+    text_encoder_hint: str      # which text encoder the family uses (error messages)
+    options: dict[str, Option] = {}  # sampler inputs of its own (never mutated)
+
+    # -- files (header only: cheap, runs in the ComfyUI process too) -------------------------------
+
+    def is_dit(self, keys: set[str]) -> bool:
+        """Do these tensor names (container prefixes removed) look like this family's DiT?"""
+        raise NotImplementedError
+
+    def is_vae(self, keys: set[str]) -> bool:
+        raise NotImplementedError
+
+    def describe(self, keys: set[str]) -> str | None:
+        """A short description of a file of this family ("looks like a HunyuanVideo DiT"), or None."""
+        return None
+
+    def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
+        """The DiT's config from a single file's header; CheckpointError for a file it cannot run."""
+        raise NotImplementedError
+
+    # -- the DiT ----------------------------------------------------------------------------------
+
+    def load_dit(self, path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def parallelize(self, model: torch.nn.Module, sp, backend: str) -> torch.nn.Module:
+        """Apply sequence parallelism (parallel.mesh.SequenceParallel) from outside the model."""
+        raise NotImplementedError
+
+    def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The repeated blocks, the units of weight sharding."""
+        raise NotImplementedError
+
+    def describe_dit(self, model: torch.nn.Module) -> dict:
+        """heads, layers, hidden, text_dim: what the planner, the checks and the loader info need."""
+        raise NotImplementedError
+
+    def process_in(self, latent: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latent -> the space the DiT works in (ComfyUI's latent_format.process_in)."""
+        raise NotImplementedError
+
+    def process_out(self, latent: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def velocity(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                 options: dict[str, float]) -> torch.Tensor:
+        """The DiT's flow velocity for x at timestep t (sigma * 1000), with one side's conditioning
+        (cond["tokens"] [B, L, D] and the family's other tensors) and its sampler options."""
+        raise NotImplementedError
+
+    # -- text -------------------------------------------------------------------------------------
+
+    def text_encoder(self, parts: dict[str, object]):
+        """The encoder made of the loaded text parts ({input: loaded}); its encode(prompt) returns the
+        conditioning tensors: {"tokens": [1, L, D], ...the family's others}."""
+        raise NotImplementedError
+
+    def check_conditioning(self, cond: dict[str, torch.Tensor], name: str) -> None:
+        """Family checks of a conditioning beyond the generic ones (validation.check_conditioning)."""
+
+    # -- the VAE ----------------------------------------------------------------------------------
+
+    def load_vae(self, path: str, dtype: torch.dtype, device: torch.device):
+        raise NotImplementedError
+
+    def decode(self, vae, latent: torch.Tensor, split: VaeSplit | None) -> torch.Tensor | None:
+        """Raw latent [B, C, T, H, W] -> IMAGE frames [F, H', W', 3] in 0..1 on the CPU: on every rank
+        when split is None; with a split, every rank of it calls this and rank 0 gets the frames."""
+        raise NotImplementedError
+
+    # -- the tiny set -----------------------------------------------------------------------------
+
+    def make_tiny(self, root: str | Path) -> dict[str, Path]:
+        """Write a tiny random model set under root in ComfyUI's layout: {"dit", "vae", text inputs}."""
+        raise NotImplementedError
+
+    # -- checks -----------------------------------------------------------------------------------
+
+    def check_options(self, options: dict) -> dict[str, float]:
+        """The family's sampler options with their defaults filled in; ValueError names a bad one."""
+        if not isinstance(options, dict):
+            raise ValueError(f"sampler options must be a mapping, got {type(options).__name__}")
+        unknown = set(options) - set(self.options)
+        if unknown:
+            known = ", ".join(self.options) or "none"
+            raise ValueError(f"{self.label} takes no sampler option {', '.join(sorted(unknown))} (its options: {known})")
+        return {name: option.check(name, options.get(name, option.default)) for name, option in self.options.items()}
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name}>"

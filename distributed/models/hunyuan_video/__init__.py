@@ -1,0 +1,120 @@
+"""HunyuanVideo text-to-video: diffusers' HunyuanVideoTransformer3DModel with USP for its joint
+video+text attention (dit.py), the LLaVA-Llama-3 + CLIP-L text encoders (text.py), its VAE with the
+tiles of its tiled decode shared out (vae.py), and the tiny set (tiny.py). FAMILY is what the rest of
+the pack sees (models/family.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..family import Defaults, ModelFamily, Option, TextPart
+from ...parallel.vae_split import VaeSplit
+from . import dit, text, vae
+
+
+class HunyuanVideo(ModelFamily):
+    name, label, short_name = "hunyuan-video", "HunyuanVideo", "hunyuan"
+    dit_class, vae_class = "HunyuanVideoTransformer3DModel", "AutoencoderKLHunyuanVideo"
+    latent_format = "HunyuanVideo"
+    defaults = Defaults(sampler="euler", shift=7.0, cfg=1.0)
+    text_parts = (
+        TextPart("llama", "llava_llama3 .safetensors file or diffusers text_encoder folder",
+                 load=lambda path, dtype, device: text.load_llama(path, dtype, device),
+                 shard_units=lambda llama: (llama, llama.layers)),
+        TextPart("clip", "clip_l .safetensors file or diffusers text_encoder_2 folder",
+                 load=lambda path, dtype, device: text.load_clip_l(path, dtype, device)),
+        TextPart("tokenizers", "folder with the Llama 3 and CLIP tokenizers (llama/ and clip/, a diffusers "
+                 "HunyuanVideo folder, or a ComfyUI checkout)",
+                 load=lambda path, dtype, device: text.load_tokenizers(path)),
+    )
+    text_encoder_hint = "HunyuanVideo uses the llava-llama-3 text encoder with CLIP-L"
+    options = {"guidance": Option(default=6.0, low=0.0, high=100.0, help="HunyuanVideo's embedded guidance")}
+
+    def is_dit(self, keys: set[str]) -> bool:
+        return dit.is_hunyuan_keys(keys)
+
+    def is_vae(self, keys: set[str]) -> bool:
+        return vae.is_hunyuan_vae_keys({k.removeprefix("vae.") for k in keys})
+
+    def describe(self, shapes: dict) -> str | None:
+        keys = set(shapes)
+        if any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys) and any("txt_in" in k for k in keys):
+            return "looks like a HunyuanVideo DiT"
+        return None
+
+    def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
+        return dit.infer_hunyuan_config(path, shapes, metadata)
+
+    def load_dit(self, path, dtype, device):
+        return dit.load_hunyuan_transformer(path, dtype, device)
+
+    def parallelize(self, model, sp, backend):
+        return dit.parallelize_hunyuan(model, sp, backend)
+
+    def blocks(self, model):
+        return [*model.context_embedder.token_refiner.refiner_blocks, *model.transformer_blocks,
+                *model.single_transformer_blocks]
+
+    def describe_dit(self, model) -> dict:
+        config = model.config
+        return {"heads": config.num_attention_heads, "layers": config.num_layers + config.num_single_layers,
+                "hidden": config.num_attention_heads * config.attention_head_dim, "text_dim": config.text_embed_dim}
+
+    def process_in(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent * dit.LATENT_SCALE  # ComfyUI's latent_format.HunyuanVideo
+
+    def process_out(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent / dit.LATENT_SCALE
+
+    def velocity(self, model, x, t, cond, options):
+        pooled = cond.get("pooled")
+        if pooled is None:
+            raise ValueError("HunyuanVideo needs the pooled CLIP-L output with the conditioning "
+                             "(ComfyUI's DualCLIPLoader type hunyuan_video, or our HunyuanVideo text encoder)")
+        g = None
+        if model.config.guidance_embeds:  # embedded guidance: the distilled CFG scale, times 1000
+            g = torch.full((x.shape[0],), options["guidance"] * 1000.0, device=x.device, dtype=x.dtype)
+        return model(x, t, cond["tokens"], None, pooled.to(x.device, x.dtype), g, return_dict=False)[0]
+
+    def check_conditioning(self, cond: dict, name: str) -> None:
+        pooled = cond.get("pooled")
+        if pooled is None:
+            return  # refused at sampling, where the model says so
+        if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or not pooled.is_floating_point():
+            shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+            raise ValueError(f"{name}_pooled must be the pooled CLIP-L output [batch, 768], got {shape}")
+        tokens = cond["tokens"]
+        if pooled.shape[0] not in (1, tokens.shape[0]):
+            raise ValueError(f"{name}_pooled has batch {pooled.shape[0]} for conditioning of batch {tokens.shape[0]}")
+        if not torch.isfinite(pooled).all():
+            raise ValueError(f"{name}_pooled contains NaN or infinite values")
+
+    def text_encoder(self, parts: dict):
+        return _Encoder(text.HunyuanTextEncoder(parts["llama"], parts["clip"], *parts["tokenizers"]))
+
+    def load_vae(self, path, dtype, device):
+        return vae.load_hunyuan_vae(path, dtype, device)
+
+    def decode(self, loaded_vae, latent: torch.Tensor, split: VaeSplit | None):
+        return vae.decode(loaded_vae, latent, split)
+
+    def make_tiny(self, root):
+        from .tiny import make_tiny_hunyuan_models
+
+        return make_tiny_hunyuan_models(root)
+
+
+class _Encoder:
+    """Llama + CLIP-L as a family text encoder: prompt -> {"tokens": [1, n, 4096], "pooled": [1, 768]}."""
+
+    def __init__(self, encoder: text.HunyuanTextEncoder):
+        self.encoder = encoder
+
+    def encode(self, prompt: str) -> dict[str, torch.Tensor]:
+        tokens, pooled = self.encoder.encode(prompt)
+        return {"tokens": tokens, "pooled": pooled}
+
+
+FAMILY = HunyuanVideo()

@@ -1,0 +1,99 @@
+"""Wan 2.1 text-to-video (1.3B, 14B): diffusers' WanTransformer3DModel with USP applied from outside
+(dit.py), the UMT5 text encoder (umt5.py), the Wan-VAE and its row-split decode (vae.py), and the tiny
+set (tiny.py). FAMILY is what the rest of the pack sees (models/family.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..family import Defaults, ModelFamily, TextPart
+from ...parallel.vae_split import VaeSplit
+from . import dit, umt5, vae
+
+# The negative prompt of Wan's reference pipeline (used when cfg != 1 and none is given).
+NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                   "JPEG压缩残留，丑陋的，残缺的")
+
+
+class Wan21(ModelFamily):
+    name, label, short_name = "wan2.1", "Wan 2.1", "wan"
+    dit_class, vae_class = "WanTransformer3DModel", "AutoencoderKLWan"
+    latent_format = "Wan21"
+    defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
+    text_parts = (TextPart("text_encoder", "umt5_xxl .safetensors file or diffusers folder",
+                           load=lambda path, dtype, device: umt5.load_umt5(path, dtype, device),
+                           shard_units=lambda encoder: (encoder.model, encoder.model.encoder.block)),)
+    text_encoder_hint = "Wan 2.1 uses the umt5-xxl text encoder"
+
+    def is_dit(self, keys: set[str]) -> bool:
+        return "patch_embedding.weight" in keys
+
+    def is_vae(self, keys: set[str]) -> bool:
+        return "decoder.middle.0.residual.0.gamma" in keys
+
+    def describe(self, shapes: dict) -> str | None:
+        if shapes.get("decoder.conv1.weight", [[0, 0]])[0][1] == 48:
+            return "looks like the Wan 2.2 VAE (48 channels)"
+        return None
+
+    def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
+        return dit.infer_wan_config(path, shapes, metadata)
+
+    def load_dit(self, path, dtype, device):
+        return dit.load_wan_transformer(path, dtype, device)
+
+    def parallelize(self, model, sp, backend):
+        return dit.parallelize_wan(model, sp, backend)
+
+    def blocks(self, model):
+        return list(model.blocks)
+
+    def describe_dit(self, model) -> dict:
+        config = model.config
+        return {"heads": config.num_attention_heads, "layers": config.num_layers,
+                "hidden": config.num_attention_heads * config.attention_head_dim, "text_dim": config.text_dim}
+
+    def process_in(self, latent: torch.Tensor) -> torch.Tensor:
+        mean, std = self._normalisation()
+        return (latent - mean) / std
+
+    def process_out(self, latent: torch.Tensor) -> torch.Tensor:
+        mean, std = self._normalisation()
+        return latent * std + mean
+
+    @staticmethod
+    def _normalisation() -> tuple[torch.Tensor, torch.Tensor]:
+        """ComfyUI's latent_format.Wan21 per-channel mean and std, shaped [1, 16, 1, 1, 1]."""
+        return (torch.tensor(dit.LATENTS_MEAN).view(1, -1, 1, 1, 1), torch.tensor(dit.LATENTS_STD).view(1, -1, 1, 1, 1))
+
+    def velocity(self, model, x, t, cond, options):
+        return model(x, t, cond["tokens"], return_dict=False)[0]
+
+    def text_encoder(self, parts: dict):
+        return _Encoder(parts["text_encoder"])
+
+    def load_vae(self, path, dtype, device):
+        return vae.load_wan_vae(path, dtype, device)
+
+    def decode(self, loaded_vae, latent: torch.Tensor, split: VaeSplit | None):
+        return vae.decode(loaded_vae, latent, split)
+
+    def make_tiny(self, root):
+        from .tiny import make_tiny_models
+
+        return make_tiny_models(root)
+
+
+class _Encoder:
+    """UMT5 as a family text encoder: prompt -> {"tokens": [1, max(512, n), 4096]}."""
+
+    def __init__(self, encoder: umt5.Umt5TextEncoder):
+        self.encoder = encoder
+
+    def encode(self, prompt: str) -> dict[str, torch.Tensor]:
+        return {"tokens": self.encoder.encode(prompt)}
+
+
+FAMILY = Wan21()

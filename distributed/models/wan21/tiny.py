@@ -1,0 +1,142 @@
+"""The tiny Wan 2.1 set, in the real on-disk formats (for the demo and the tests).
+
+`make_tiny_models(root)` writes, in ComfyUI's models/ layout:
+    diffusion_models/tiny_wan2.1_t2v.safetensors   Wan 2.1 DiT, original/ComfyUI key names
+    text_encoders/tiny_umt5.safetensors            UMT5 encoder + "spiece_model" tokenizer bytes
+    vae/tiny_wan_2.1_vae.safetensors               Wan-VAE, original key names
+Each file carries its config in the safetensors metadata because tiny shapes match no released variant.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import save_safetensors as _save
+from ..tiny import CORPUS as _CORPUS
+from . import dit as wan, vae as wan_vae
+
+TINY_WAN_CONFIG = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=12, attention_head_dim=8,
+                       ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32)
+TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+TINY_VAE_CONFIG = dict(base_dim=8, z_dim=16)
+FILES = {
+    "dit": "diffusion_models/tiny_wan2.1_t2v.safetensors",
+    "text_encoder": "text_encoders/tiny_umt5.safetensors",
+    "vae": "vae/tiny_wan_2.1_vae.safetensors",
+}
+_VERSION = "1"
+
+
+def wan_to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers WanTransformer3DModel names -> the original Wan / ComfyUI names."""
+    renames = [
+        ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+        ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+        ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+        ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+        ("condition_embedder.time_proj", "time_projection.1"),
+        (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."),
+        (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
+        ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+        (".norm2.", ".norm3."),  # the affine cross-attention norm is norm3 in the original
+        ("proj_out", "head.head"),
+    ]
+    out = {}
+    for key, value in state.items():
+        new = key
+        for old, repl in renames:
+            new = new.replace(old, repl)
+        if new == "scale_shift_table":
+            new = "head.modulation"
+        new = re.sub(r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation", new)
+        out[new] = value
+    return out
+
+
+_RESNET = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
+           "conv2": "residual.6", "conv_shortcut": "shortcut"}
+
+
+def _resnet_param(rest: str) -> str:
+    for old, new in _RESNET.items():
+        if rest.startswith(old):
+            return new + rest[len(old):]
+    return rest
+
+
+def wan_vae_to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKLWan names -> the original Wan-VAE / ComfyUI names."""
+    out = {}
+    for key, value in state.items():
+        new = key
+        if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", key):
+            new = f"{m[1]}.middle.{2 * int(m[2])}.{_resnet_param(m[3])}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", key):
+            new = f"{m[1]}.middle.1.{m[2]}"
+        elif m := re.match(r"(encoder|decoder)\.norm_out\.(.+)", key):
+            new = f"{m[1]}.head.0.{m[2]}"
+        elif m := re.match(r"(encoder|decoder)\.conv_out\.(.+)", key):
+            new = f"{m[1]}.head.2.{m[2]}"
+        elif m := re.match(r"(encoder|decoder)\.conv_in\.(.+)", key):
+            new = f"{m[1]}.conv1.{m[2]}"
+        elif m := re.match(r"(post_)?quant_conv\.(.+)", key):
+            new = f"conv{2 if m[1] else 1}.{m[2]}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.(.+)", key):
+            new = f"encoder.downsamples.{m[1]}.{_resnet_param(m[2])}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"decoder.upsamples.{4 * int(m[1]) + int(m[2])}.{_resnet_param(m[3])}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)", key):
+            new = f"decoder.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
+        out[new] = value
+    return out
+
+
+def train_tiny_spiece() -> bytes:
+    """A small sentencepiece model with UMT5's special ids (pad 0, eos 1, unk 2)."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 4), model_writer=model, vocab_size=120, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    return model.getvalue()
+
+
+
+def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """Write the tiny model set under root (skipped where already written); returns the paths."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    root = Path(root)
+    paths = {name: root / rel for name, rel in FILES.items()}
+    stamp = root / ".usp-video-tiny"
+    if stamp.is_file() and stamp.read_text() == _VERSION and all(p.is_file() for p in paths.values()):
+        return paths
+    torch.manual_seed(seed)
+    dit = WanTransformer3DModel(**TINY_WAN_CONFIG)
+    _save({k: v.to(dtype) for k, v in wan_to_original_keys(dit.state_dict()).items()}, paths["dit"],
+          {wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_CONFIG)})
+
+    spiece = train_tiny_spiece()
+    import sentencepiece
+
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=spiece).get_piece_size()
+    config = UMT5Config(vocab_size=vocab, feed_forward_proj="gated-gelu", **TINY_UMT5)
+    encoder = UMT5EncoderModel(config)
+    state = {k: v.to(dtype) for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    state["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
+    _save(state, paths["text_encoder"], {})
+
+    vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
+    _save({k: v.to(dtype) for k, v in wan_vae_to_original_keys(vae.state_dict()).items()}, paths["vae"],
+          {wan_vae.CONFIG_METADATA_KEY: json.dumps(TINY_VAE_CONFIG)})
+    stamp.write_text(_VERSION)
+    assert TINY_UMT5["d_model"] == TINY_WAN_CONFIG["text_dim"]
+    return paths
+
