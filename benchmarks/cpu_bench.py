@@ -107,6 +107,7 @@ def sidecar_overhead(repeats: int) -> dict:
     from usp_video.distributed import api, protocol
     from usp_video.distributed.client import GroupConfig, free_group, get_group
     from usp_video.distributed.models.wan21.tiny import make_tiny_models
+    from usp_video.distributed.requests import SampleRequest
 
     models = make_tiny_models(Path(os.environ.get("TMPDIR", "/tmp")) / "usp-video-bench-tiny")
     group = GroupConfig(ranks=2, threads_per_rank=1)
@@ -115,12 +116,14 @@ def sidecar_overhead(repeats: int) -> dict:
     overheads = []
     try:
         api.load_dit(group, models["dit"])
-        api.sample(group, models["dit"], positive=cond, negative=None, latent=latent, seed=0, steps=1, cfg=1.0,
-                   shift=5.0, sampler="euler")
+        def request(seed: int, steps: int) -> SampleRequest:
+            return SampleRequest(experts=[str(models["dit"])], positive=cond, negative=None, latent=latent, seed=seed,
+                                 steps=steps, cfg=1.0, shift=5.0, sampler="euler")
+
+        api.sample(group, request(0, 1))
         for i in range(repeats):
             start = time.perf_counter()
-            _, info = api.sample(group, models["dit"], positive=cond, negative=None, latent=latent, seed=i, steps=4,
-                                 cfg=1.0, shift=5.0, sampler="euler")
+            _, info = api.sample(group, request(i, 4))
             overheads.append(time.perf_counter() - start - info["seconds"])
         get_group(group)  # still the same group
     finally:

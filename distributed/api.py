@@ -75,9 +75,17 @@ def sample(group: GroupConfig | UspGroup, request: SampleRequest, *, text_dim: i
     return out["latent"], info
 
 
-def decode(group: GroupConfig | UspGroup, vae: str | Path, latent: torch.Tensor) -> torch.Tensor:
-    """Raw-space latent -> IMAGE frames [frames, H, W, 3] in 0..1."""
+def decode(group: GroupConfig | UspGroup, vae: str | Path, latent: torch.Tensor,
+           family: str | None = None) -> torch.Tensor:
+    """Raw-space latent -> IMAGE frames [frames, H, W, 3] in 0..1. With `family` (the family whose
+    sampler made the latent), a VAE of another family is refused before anything runs."""
     check_latent(latent, "samples")
+    vae_family = models.detect_vae(vae)
+    if family is not None and vae_family.name != family:
+        made_by = models.get(family)
+        raise ValueError(f"samples were made by a {made_by.label} model, but {Path(vae).name} is the "
+                         f"{vae_family.label} VAE; pick the {made_by.label} VAE")
+    check_latent(latent, "samples", vae_family, check_size=False)
     _, out = _group(group).request(*DecodeRequest(path=str(vae), latent=latent).to_frame())
     return out["frames"]
 

@@ -123,7 +123,7 @@ def generate(args: argparse.Namespace) -> Path | None:
             print(f"latent: {args.save_latent}")
         out = None
         if args.out:
-            out = write_video(api.decode(group, args.vae, samples), Path(args.out), args.fps)
+            out = write_video(api.decode(group, args.vae, samples, family=family.name), Path(args.out), args.fps)
             print(f"video: {out.resolve()}")
         print(f"done in {time.monotonic() - started:.1f} s")
         return out
@@ -168,7 +168,9 @@ def queue(args: argparse.Namespace) -> None:
 
     def show(event: dict) -> None:
         data = event.get("data", {})
-        if event.get("type") == "progress":
+        if event.get("type") == "queued":
+            print(f"queued prompt {data.get('prompt_id')}", flush=True)
+        elif event.get("type") == "progress":
             print(f"node {data.get('node')}: {data.get('value')}/{data.get('max')}", flush=True)
         elif event.get("type") == "executing" and data.get("node") is not None:
             print(f"running node {data['node']} ({prompt.get(data['node'], {}).get('class_type', '?')})", flush=True)
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
 
     p = sub.add_parser("queue", help="run an API-format workflow on a ComfyUI server and download its outputs")
-    p.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/wan21_t2v_usp_api.json)")
+    p.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/api/wan21_t2v_usp_api.json)")
     p.add_argument("--server", default="http://127.0.0.1:8188")
     p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
                    help="override an input; NODE is an id, a title or a class_type (repeatable)")

@@ -89,7 +89,7 @@ class UspGroup:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         env.setdefault("NCCL_SOCKET_IFNAME", "lo")
         env["PYTHONUNBUFFERED"] = "1"
-        if cfg.device == "cuda":
+        if cfg.device == "cuda" and cfg.gpus:  # none listed: the GPUs this process sees
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cfg.gpus))
         if cfg.threads_per_rank:
             env["OMP_NUM_THREADS"] = str(cfg.threads_per_rank)

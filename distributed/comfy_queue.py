@@ -1,8 +1,9 @@
 """`usp-video queue`: run an API-format workflow on a ComfyUI server from a script.
 
 POST /prompt, follow the run over the websocket (/ws?clientId=...; polling /history where the
-websocket-client package is absent), report node errors with the node's id and type, POST
-/interrupt on Ctrl-C, and download every output file (GET /view) into a folder.
+websocket-client package is absent), report node errors with the node's id and type, on Ctrl-C
+remove or interrupt its own prompt only (POST /queue delete, POST /interrupt with its prompt_id), and
+download every output file (GET /view) into a folder.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def load_workflow(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a readable JSON workflow ({exc})") from None
     if isinstance(data, dict) and isinstance(data.get("nodes"), list):
         raise ValueError(f"{path.name} is a UI-format workflow; queue the API-format file (ComfyUI: "
-                         "Workflow > Export (API)), e.g. workflows/wan21_t2v_usp_api.json")
+                         "Workflow > Export (API)), e.g. workflows/api/wan21_t2v_usp_api.json")
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
         raise ValueError(f"{path.name} is not an API-format workflow ({{id: {{class_type, inputs}}}})")
     return data
@@ -98,8 +99,12 @@ class ComfyServer:
     def history(self, prompt_id: str) -> dict:
         return self._request(f"/history/{prompt_id}").get(prompt_id, {})
 
-    def interrupt(self) -> None:
-        self._request("/interrupt", {})
+    def cancel(self, prompt_id: str) -> None:
+        """Stop this prompt only: drop it from the queue if it is still pending, interrupt it if it
+        runs (POST /interrupt with a prompt_id interrupts nothing else; without one it would stop
+        whatever runs, another client's prompt too)."""
+        self._request("/queue", {"delete": [prompt_id]})
+        self._request("/interrupt", {"prompt_id": prompt_id})
 
     def download(self, file: dict, out_dir: Path) -> Path:
         query = urllib.parse.urlencode({k: file.get(k, "") for k in ("filename", "subfolder", "type")})
@@ -131,6 +136,7 @@ def _follow_websocket(server: ComfyServer, client_id: str, prompt_id_box: list, 
     try:
         prompt_id = submit()  # after connecting, so that no event is missed
         prompt_id_box.append(prompt_id)
+        on_event({"type": "queued", "data": {"prompt_id": prompt_id}})
         ws.settimeout(None)
         while True:
             message = ws.recv()
@@ -185,10 +191,11 @@ def run_workflow(server_url: str, prompt: dict, out_dir: Path, timeout: float = 
             status = _follow_websocket(server, client_id, box, on_event, lambda: server.queue(prompt, client_id))
         except ImportError:
             box.append(server.queue(prompt, client_id))
+            on_event({"type": "queued", "data": {"prompt_id": box[0]}})
             status = _follow_polling(server, box[0], timeout)
     except KeyboardInterrupt:
-        if box:
-            server.interrupt()
+        if box:  # this prompt only: other clients' prompts run on
+            server.cancel(box[0])
         raise
     files = []
     if status == "success":

@@ -42,7 +42,7 @@ def parse_bool(value) -> bool:
     raise ValueError(f"expected 'on' or 'off', got {value!r}")
 
 
-def parse_gpus(value) -> tuple[int, ...]:
+def parse_gpu_indices(value) -> tuple[int, ...]:
     """GPU indices: a tuple/list of ints, or text like '0,1,2,3' ('' for none)."""
     if isinstance(value, (tuple, list)):
         return tuple(int(v) for v in value)
@@ -135,7 +135,7 @@ class GroupConfig:
         if unknown:
             raise ValueError(f"unknown group config fields: {', '.join(sorted(unknown))}")
         if "gpus" in data:
-            data["gpus"] = parse_gpus(data["gpus"])
+            data["gpus"] = parse_gpu_indices(data["gpus"])
         return cls(**data)
 
     # -- as flags (a hand-started torchrun command) ------------------------------------------------
@@ -178,7 +178,7 @@ def _flag_degree(value: str):
 # The fields a rank's command line can set (ranks come from torchrun's WORLD_SIZE).
 FLAGS = {
     "device": (_choice("device", DEVICES), "cpu or cuda"),
-    "gpus": (parse_gpus, "GPU indices, e.g. 0,1 (the launcher's choice; a rank uses its LOCAL_RANK)"),
+    "gpus": (parse_gpu_indices, "GPU indices, e.g. 0,1 (the launcher's choice; a rank uses its LOCAL_RANK)"),
     "ulysses": (_flag_degree, "Ulysses degree, or auto"),
     "ring": (_flag_degree, "Ring degree, or auto"),
     "dtype": (_choice("dtype", DTYPES), "compute dtype"),

@@ -38,10 +38,13 @@ class SamplingInterrupted(Exception):
 
 def _file_key(path: str) -> tuple:
     """Identifies a model file's contents: a changed file is a different model."""
-    p = Path(path).resolve()
-    if not p.exists():
-        raise CheckpointError(f"model file not found on rank: {p}")
-    stat = p.stat()
+    try:
+        p = Path(path).resolve()
+        if not p.exists():
+            raise CheckpointError(f"model file not found on rank: {p}")
+        stat = p.stat()
+    except OSError as exc:  # a path too long, a loop of links, no permission: a bad input, not a crash
+        raise CheckpointError(f"model file {path!r} cannot be read: {exc}") from None
     return str(p), stat.st_mtime_ns, stat.st_size
 
 
@@ -178,11 +181,13 @@ class Engine:
 
     def dit(self, path: str):
         """The DiT in path, loaded once (an expert of a family with several keeps its own slot)."""
-        return self._cached(f"dit:{path}", path, self._load_dit, role="dit")
+        return self._cached(f"dit:{_file_key(path)[0]}", path, self._load_dit, role="dit")
 
     def _forget_other_dits(self, keep: list[str]) -> None:
-        """Free the DiTs that this request does not use (a new model replaces the old)."""
-        for slot in [s for s in self._loaded if s.startswith("dit:") and s[4:] not in keep]:
+        """Free the DiTs that this request does not use (a new model replaces the old). The files
+        are checked first: a request naming a missing file frees nothing."""
+        kept = {f"dit:{_file_key(path)[0]}" for path in keep}
+        for slot in [s for s in self._loaded if s.startswith("dit:") and s not in kept]:
             del self._loaded[slot]
 
     def dit_info(self, paths: list[str]) -> dict:
@@ -192,8 +197,8 @@ class Engine:
         if any(m.usp_family is not models_[0].usp_family for m in models_):
             raise ValueError("the DiTs of one model must be of one family, got "
                              + ", ".join(m.usp_family.label for m in models_))
-        path, model = paths[0], models_[0]
-        family = model.usp_family
+        model = models_[0]
+        family, self.sp = model.usp_family, model.usp_sp
         return {"family": family.name, "model": family.label, **family.describe_dit(model),
                 "latent_format": family.latent_format, "ulysses": self.sp.ulysses_degree,
                 "ring": self.sp.ring_degree, "cfg_parallel": self.cfg_degree,
@@ -237,7 +242,7 @@ class Engine:
         parts = {part.input: self._cached(f"text:{part.input}", files[part.input],
                                           lambda path, part=part: self._load_text_part(part, path), role=part.input)
                  for part in family.text_parts}
-        return family.text_encoder(parts).encode(request.prompt)
+        return family.make_text_encoder(parts).encode(request.prompt)
 
     # -- the VAE ----------------------------------------------------------------------------------
 
@@ -264,19 +269,23 @@ class Engine:
     # -- sampling ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, req: SampleRequest,
-               on_step: Callable[[int, int, torch.Tensor], bool] | None = None) -> torch.Tensor:
+    def sample(self, req: SampleRequest, on_step: Callable[[int, int, torch.Tensor], bool] | None = None,
+               on_start: Callable[[], None] | None = None) -> torch.Tensor:
         """Run the sampler; returns the raw-space latent (float32, CPU).
 
         With several experts, each step runs on the expert its sigma belongs to (req.boundaries); all
         stay loaded, so a switch costs nothing. on_step(i, total, denoised) runs after each step on
         every rank, with the current x0 estimate in the model's (normalised) latent space, and returns
         True to stop; it must return the same value on every rank (the worker makes it collective).
+        on_start() runs once the models are loaded and the inputs checked, just before the first step
+        (step times are counted from there, not from the request).
         """
         req.check_experts()
+        # inputs that can be checked from the files' headers, before a model is freed or loaded
+        check_sample_request(req, models.detect_dit(req.experts[0]))
         self._forget_other_dits(req.experts)
         experts = [self.dit(path) for path in req.experts]
-        family = experts[0].usp_family
+        family, self.sp = experts[0].usp_family, experts[0].usp_sp
         if any(m.usp_family is not family for m in experts):
             raise ValueError("the experts of one sampler call must be of one model family, got "
                              + ", ".join(m.usp_family.label for m in experts))
@@ -318,7 +327,7 @@ class Engine:
                 mine = velocity(model, x_t, sigma, positive if sp.cfg_rank == 0 else negative)
                 v_pos, v_neg = _exchange(mine, sp.cfg_group, self.device)
                 v = v_neg + cfg * (v_pos - v_neg)
-            elif all(positive[n].shape == negative[n].shape for n in positive) and set(positive) == set(negative):
+            elif set(positive) == set(negative) and all(positive[n].shape == negative[n].shape for n in positive):
                 v_pos, v_neg = velocity(model, torch.cat([x_t, x_t]), sigma, both(positive, negative)).chunk(2)
                 v = v_neg + cfg * (v_pos - v_neg)  # one batched forward for both passes
             else:
@@ -330,5 +339,7 @@ class Engine:
             if on_step is not None and on_step(i, req.steps, denoised):
                 raise SamplingInterrupted(i)
 
+        if on_start is not None:
+            on_start()
         x = get_sampler(req.sampler)(denoise, x, sigmas, callback)
         return family.process_out(x)

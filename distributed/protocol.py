@@ -41,9 +41,23 @@ def encode_frame(header: dict, tensors: dict[str, torch.Tensor] | None = None) -
 
     if not isinstance(header.get("type"), str):
         raise ValueError("a frame header needs a string 'type'")
-    payload = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}) if tensors else b""
+    payload = save(_unshared(tensors)) if tensors else b""
     head = json.dumps(header, separators=(",", ":")).encode()
     return _PREFIX.pack(MAGIC, len(head), len(payload)) + head + payload
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, none sharing memory with another: safetensors refuses shared tensors,
+    and the same CONDITIONING wired to both sampler inputs is one tensor under two names."""
+    out, seen = {}, set()
+    for name, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        if value.numel() and value.untyped_storage().data_ptr() in seen:
+            value = value.clone()
+        if value.numel():
+            seen.add(value.untyped_storage().data_ptr())
+        out[name] = value
+    return out
 
 
 def decode_frame(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -9,6 +9,7 @@ Family-defined sampler inputs travel in "options" and are checked by the family.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -111,8 +112,10 @@ class SampleRequest:
     type: str = field(default="sample", init=False)
 
     def __post_init__(self):
-        if isinstance(self.experts, str):
+        if isinstance(self.experts, (str, os.PathLike)):
             self.experts = [self.experts]
+        if isinstance(self.experts, (list, tuple)):
+            self.experts = [os.fspath(e) if isinstance(e, os.PathLike) else e for e in self.experts]
         if not isinstance(self.positive, dict):  # a bare tensor: the tokens alone
             self.positive = {"tokens": self.positive}
         if self.negative is not None and not isinstance(self.negative, dict):

@@ -53,6 +53,10 @@ def check_conditioning(cond: dict, name: str, family=None, text_dim: int | None 
     if not torch.isfinite(tokens).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     if family is not None:
+        unknown = set(cond) - set(family.cond_keys)
+        if unknown:
+            raise ValueError(f"{name} has tensors {', '.join(sorted(unknown))} that {family.label} does not take "
+                             f"(its conditioning: {', '.join(family.cond_keys)})")
         family.check_conditioning(cond, name)
 
 

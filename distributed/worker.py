@@ -236,7 +236,12 @@ class Worker:
 
     def sample(self, request: SampleRequest) -> tuple[dict, dict | None]:
         fault = request.fault if self.allow_faults else None
-        start = time.monotonic()
+        start = time.monotonic()  # reset when the first step begins: loading is not step time
+        began = start
+
+        def on_start() -> None:
+            nonlocal start
+            start = time.monotonic()
 
         def on_step(i: int, total: int, denoised: torch.Tensor) -> bool:
             if fault and fault.get("rank") == self.rank and fault.get("step") == i:
@@ -249,10 +254,10 @@ class Worker:
             return self.agree(self.rank == 0 and self.cancel_requested())
 
         try:
-            latent = self.engine.sample(request, on_step)
+            latent = self.engine.sample(request, on_step, on_start)
         except SamplingInterrupted as stop:
             return {"type": "interrupted", "step": stop.step + 1}, None
-        return ({"type": "ok", "seconds": time.monotonic() - start, "ulysses": self.engine.sp.ulysses_degree,
+        return ({"type": "ok", "seconds": time.monotonic() - began, "sampling_seconds": time.monotonic() - start, "ulysses": self.engine.sp.ulysses_degree,
                  "ring": self.engine.sp.ring_degree, "cfg_parallel": self.engine.sp.cfg_degree}, {"latent": latent})
 
 
@@ -299,34 +304,37 @@ def write_error(run_dir: Path, rank: int, exc: BaseException) -> None:
     tmp.replace(path)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, GroupConfig]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The rank's command line: the run directory and the group's config, as JSON (what the launcher
-    passes) or as flags (a hand-started multi-host command); both give the same GroupConfig."""
+    passes) or as flags (a hand-started multi-host command); `group_config` makes the same GroupConfig
+    of either."""
     parser = argparse.ArgumentParser(description="usp-video rank (started by torch.distributed.run)")
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--config-json", help="the whole GroupConfig as JSON (instead of the flags below)")
     GroupConfig.add_arguments(parser)
-    args = parser.parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return parser.parse_args(argv)
+
+
+def group_config(args: argparse.Namespace, world_size: int) -> GroupConfig:
     if args.config_json:
         config = GroupConfig.from_json(args.config_json)
         if config.ranks != world_size:
             raise ValueError(f"the group config is for {config.ranks} ranks, but torchrun started {world_size}")
-    else:
-        config = GroupConfig.from_args(args, ranks=world_size)
-    return args, config
+        return config
+    return GroupConfig.from_args(args, ranks=world_size)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, config = parse_args(argv)
+    args = parse_args(argv)
     _die_with_parent()
     args.run_dir.mkdir(parents=True, exist_ok=True)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     (args.run_dir / f"rank{rank}.pid").write_text(str(os.getpid()))  # torchrun gives ranks their own sessions
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if config.threads_per_rank:
-        torch.set_num_threads(config.threads_per_rank)
     try:
+        config = group_config(args, world_size)  # a bad config is reported like any rank failure
+        if config.threads_per_rank:
+            torch.set_num_threads(config.threads_per_rank)
         if rank == 0 and not os.environ.get(SECRET_ENV):
             raise ValueError(f"{SECRET_ENV} is not set: rank 0 needs the group's secret to authenticate its client")
         if config.device == "cuda":

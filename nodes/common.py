@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import time
 
-from ..distributed import api
+from ..distributed import api, models
 from ..distributed.client import Interrupted
 from . import services
 
 log = logging.getLogger("usp_video")
+
+# The key of the model family in the LATENTs our samplers return. Native latents carry no tag: a
+# latent from a native node cannot be checked against the VAE it is decoded with.
+LATENT_TAG = "usp_family"
 
 
 def load_model(group, model_name: str, family: str) -> tuple[dict, str]:
@@ -56,8 +60,13 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
     if "noise_mask" in latent_image:
         raise ValueError("latent_image has a noise mask; masked (inpainting) sampling is not supported")
     steps = request["steps"]
-    info = model["info"]
-    progress = services.Progress(steps, node_id, info.get("latent_format", "Wan21"))
+    model_info = model["info"]
+    made_by = latent_image.get(LATENT_TAG)
+    if made_by is not None and made_by != model_info["family"]:
+        raise ValueError(f"latent_image was sampled by a {models.get(made_by).label} model; this is "
+                         f"{model_info['model']}: their latent spaces differ. Start from an empty latent, or decode it "
+                         "with its own model's VAE")
+    progress = services.Progress(steps, node_id, model_info["latent_format"])
     started = time.monotonic()
 
     def on_progress(event: dict) -> None:
@@ -69,7 +78,7 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
     sample_request = api.SampleRequest(experts=[model["path"]], positive=positive, negative=negative,
                                        latent=latent_image["samples"], preview=progress.wants_preview, **request)
     try:
-        samples, info = api.sample(model["group"], sample_request, text_dim=info.get("text_dim"),
+        samples, info = api.sample(model["group"], sample_request, text_dim=model_info.get("text_dim"),
                                    on_progress=on_progress, should_cancel=services.interrupt_requested)
     except Interrupted:
         services.throw_if_interrupted()
@@ -80,4 +89,5 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
         log.warning("usp-video: cfg is 1, so cfg-parallel had nothing to split: both halves ran the same pass")
     out = latent_image.copy()  # never mutate a cached input
     out["samples"] = samples
+    out[LATENT_TAG] = model_info["family"]  # which model family's latent space (checked by the VAE decode)
     return (out,)

@@ -99,12 +99,28 @@ def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeou
                        vae_split=parse_bool(vae_split))
 
 
+class _AnyType(str):
+    """A socket type that accepts any output: ComfyUI compares socket types with `!=`."""
+
+    def __ne__(self, other) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+ANY = _AnyType("*")
+
+
 class UspFreeGroup:
-    DESCRIPTION = "Stops the USP group and frees its memory; the next USP node starts it again."
+    DESCRIPTION = ("Stops the USP group and frees its memory; the next USP node starts it again. Connect "
+                   "`after` to the last output of the generation (the IMAGE, say): without an input, ComfyUI "
+                   "may run this node first.")
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {}}
+        return {"required": {}, "optional": {
+            "after": (ANY, {"tooltip": "Any output; the group is freed once it has been made."}),
+        }}
 
     RETURN_TYPES = ()
     FUNCTION = "free"
@@ -112,9 +128,9 @@ class UspFreeGroup:
     CATEGORY = CATEGORY
 
     @classmethod
-    def IS_CHANGED(cls):
+    def IS_CHANGED(cls, after=None):
         return float("nan")  # always run when queued
 
-    def free(self):
+    def free(self, after=None):
         free_group()
         return ()

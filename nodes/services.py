@@ -74,12 +74,16 @@ class Progress:
 
 
 def comfyui_dir() -> Path | None:
-    """The ComfyUI checkout this process runs in (its bundled tokenizers live there), if any."""
+    """The ComfyUI checkout this process runs in (its bundled tokenizers live there), if any.
+
+    ComfyUI's `comfy` folder has no __init__.py: it is a namespace package, whose __file__ is None,
+    so the checkout is found through its __path__ (folder_paths.base_path can be another folder,
+    set by --base-directory)."""
     if not IN_COMFYUI:
         return None
     import comfy
 
-    return Path(comfy.__file__).resolve().parent.parent
+    return Path(next(iter(comfy.__path__))).resolve().parent
 
 
 def interrupt_requested() -> bool:

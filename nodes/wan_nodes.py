@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..distributed import api
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
-from .common import conditioning_parts, load_model, run_sampler
+from .common import LATENT_TAG, conditioning_parts, load_model, run_sampler
 from .group_node import CATEGORY
 
 
@@ -141,6 +141,6 @@ class UspVaeDecode:
 
     def decode(self, vae, samples, node_id=None):
         progress = services.Progress(1, node_id)
-        frames = api.decode(vae["group"], vae["path"], samples["samples"])
+        frames = api.decode(vae["group"], vae["path"], samples["samples"], family=samples.get(LATENT_TAG))
         progress.update(1)
         return (frames,)

@@ -15,7 +15,9 @@ IN_STEP = ("bad_json", "not_object", "no_type", "bad_payload", "unknown_type", "
 DROPPING = ("bad_magic", "huge_header", "huge_payload")
 
 
-def frame(kind: str, rng: random.Random) -> bytes:
+def frame(kind: str, rng: random.Random, dit: str = "/nonexistent.safetensors") -> bytes:
+    """A malformed frame of that kind; dit: a real DiT file, so that some requests get as far as the
+    checks of their inputs against the model's header."""
     if kind == "bad_magic":
         return bytes(rng.getrandbits(8) for _ in range(4)).replace(b"U", b"X") + PREFIX.pack(b"USPV", 2, 0)[4:] + b"{}"
     if kind == "huge_header":
@@ -40,19 +42,37 @@ def frame(kind: str, rng: random.Random) -> bytes:
         return protocol.encode_frame({"type": "x" + str(rng.randrange(1 << 30))})
     if kind == "bad_fields":
         header = rng.choice([
-            {"type": "load_dit"}, {"type": "load_dit", "path": 5}, {"type": "encode", "path": "/nonexistent"},
-            {"type": "encode", "path": "/x", "prompt": ["a"]}, {"type": "sample"},
-            {"type": "sample", "dit": "/nonexistent", "seed": "x", "steps": 1, "cfg": 1, "shift": 1, "sampler": "euler"},
-            {"type": "decode", "path": "/x"}, {"type": "load_dit", "path": "/definitely/not/here.safetensors"}])
+            {"type": "load_dit"}, {"type": "load_dit", "paths": 5}, {"type": "load_dit", "paths": [5, None]},
+            {"type": "load_dit", "paths": []}, {"type": "load_dit", "paths": ["/definitely/not/here.safetensors"]},
+            {"type": "load_dit", "paths": ["x" * 5000]}, {"type": "encode", "family": "wan2.1"},
+            {"type": "encode", "family": "nope", "files": {}, "prompt": "a"},
+            {"type": "encode", "family": "wan2.1", "files": {"text_encoder": 3}, "prompt": "a"},
+            {"type": "encode", "family": "wan2.1", "files": [], "prompt": "a"},
+            {"type": "encode", "family": "hunyuan-video", "files": {"llama": "/x"}, "prompt": "a"},
+            {"type": "encode", "family": "wan2.1", "files": {"text_encoder": "/x"}, "prompt": ["a"]}, {"type": "sample"},
+            {"type": "sample", "experts": ["/nonexistent"], "seed": "x", "steps": 1, "cfg": 1, "shift": 1,
+             "sampler": "euler"},
+            {"type": "sample", "experts": "notalist", "seed": 1, "steps": 1, "cfg": 1, "shift": 1, "sampler": "euler"},
+            {"type": "sample", "experts": ["/a", "/b"], "boundaries": ["x"], "seed": 1, "steps": 1, "cfg": [1, "y"],
+             "shift": 1, "sampler": "euler"},
+            {"type": "sample", "experts": ["/a"], "boundaries": [2.0, 0.5], "seed": 1, "steps": 1, "cfg": 1,
+             "shift": 1, "sampler": "euler", "options": {"guidance": "z", "other": 1}},
+            {"type": "sample", "experts": ["/a"], "seed": 1, "steps": 1, "cfg": 1, "shift": 1, "sampler": "euler",
+             "options": []},
+            {"type": "decode", "path": "/x"}, {"type": "decode", "path": 7}])
         return protocol.encode_frame(header)
     if kind == "bad_tensors":
         shape = rng.choice([(1, 16, 2, 2), (1, 4, 2, 2, 2), (2,), (1, 16, 2, 3, 3)])
         dtype = rng.choice([torch.float32, torch.int64, torch.uint8, torch.float16])
         latent = torch.zeros(shape, dtype=dtype)
         cond = rng.choice([torch.zeros(1, 4, 32), torch.zeros(4, 32), torch.zeros(1, 4, 32, dtype=torch.int32)])
-        header = {"type": "sample", "dit": "/nonexistent.safetensors", "seed": rng.randrange(10), "steps": 1,
-                  "cfg": 1.0, "shift": 1.0, "sampler": "euler"}
-        return protocol.encode_frame(header, {"latent": latent, "positive": cond})
+        header = {"type": "sample", "experts": [rng.choice(["/nonexistent.safetensors", dit])], "seed": rng.randrange(10),
+                  "steps": 1, "cfg": 1.0, "shift": 1.0, "sampler": "euler"}
+        names = rng.choice([("positive.tokens",), ("positive.tokens", "positive.pooled"), ("positive.odd",),
+                            ("positive.tokens", "negative.tokens", "negative.extra"), ("positive",)])
+        extra = rng.choice([torch.zeros(()), torch.zeros(1, 16), torch.full((1, 3), float("nan"))])
+        tensors = {"latent": latent, **{name: cond if name.endswith("tokens") else extra for name in names}}
+        return protocol.encode_frame(header, tensors)
     raise ValueError(kind)
 
 

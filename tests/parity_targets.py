@@ -227,3 +227,14 @@ def experts_request(experts, boundaries, shape=(5, 2, 14)):
 def experts_sample_rank(rank, world_size, ulysses, ring, experts, boundaries):
     engine = make_engine(rank, world_size, ulysses, ring)
     return {"latent": engine.sample(experts_request(experts, boundaries))}
+
+
+def run_cases(rank, world_size, target, cases):
+    """Several cases of one target function in the same ranks (tests/batched.py): each case's
+    results come back under the prefix "<index>/"."""
+    function = globals()[target]
+    out = {}
+    for i, kwargs in enumerate(cases):
+        for name, value in (function(rank, world_size, **kwargs) or {}).items():
+            out[f"{i}/{name}"] = value
+    return out

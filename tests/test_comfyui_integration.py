@@ -19,7 +19,8 @@ from group_helpers import processes_matching
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI to start")
-WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "wan21_t2v_usp_api.json"
+WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "api" / "wan21_t2v_usp_api.json"
+HUNYUAN_WORKFLOW = WORKFLOW.with_name("hunyuan_video_t2v_usp_api.json")
 
 
 def tiny_overrides(tiny_models, steps=3, width=64, height=48, length=9, seed=1):
@@ -31,16 +32,19 @@ def tiny_overrides(tiny_models, steps=3, width=64, height=48, length=9, seed=1):
             "--set", f"7.steps={steps}", "--set", f"7.seed={seed}"]
 
 
-def queue(url, out_dir, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "usp_video.distributed.cli", "queue", str(WORKFLOW),
+def queue(url, out_dir, *args, timeout=300, workflow=WORKFLOW):
+    return subprocess.run([sys.executable, "-m", "usp_video.distributed.cli", "queue", str(workflow),
                            "--server", url, "--out-dir", str(out_dir), *args],
                           capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
+    from usp_video.distributed.models.hunyuan_video.tiny import make_tiny_hunyuan_models
+
     work = tmp_path_factory.mktemp("comfyui")
     models_root = Path(tiny_models["dit"]).parents[1]
+    make_tiny_hunyuan_models(models_root)  # beside the Wan set, in the same models/ layout
     with comfyui_server(COMFYUI_DIR, models_root, work) as url:
         yield url, work
     assert "IMPORT FAILED" not in "\n".join(l for l in log_text(work).splitlines() if "usp-video" in l)
@@ -101,3 +105,104 @@ def test_errors_reach_the_client(server, tiny_models, tmp_path):
     assert failed.returncode != 0
     assert "node 2 (UspWanModelLoader) failed" in failed.stderr
     assert "ulysses=3 does not fit 2 ranks" in failed.stderr and "Valid choices" in failed.stderr
+
+
+def test_shipped_hunyuan_workflow_uses_comfyuis_own_tokenizers(server, tiny_models, tmp_path):
+    """tokenizer_folder left empty (the shipped default) means the tokenizers ComfyUI ships, found in
+    the checkout that runs the pack: `comfy` has no __init__.py, so comfy.__file__ is None there.
+    The shared checkout lacks the Llama tokenizer.json (too large), so the run must stop with a
+    message naming that folder; with the tiny tokenizers given, the shipped workflow runs."""
+    url, _ = server
+    root = Path(tiny_models["dit"]).parents[1]
+    overrides = ["--set", "UspGroup.device=cpu", "--set", "UspGroup.cpu_ranks=2",
+                 "--set", "2.model_name=tiny_hunyuan_video_t2v.safetensors",
+                 "--set", "3.llama_name=tiny_llava_llama3.safetensors", "--set", "3.clip_name=tiny_clip_l.safetensors",
+                 "--set", "8.vae_name=tiny_hunyuan_video_vae.safetensors", "--set", "6.width=64", "--set", "6.height=48",
+                 "--set", "6.length=9", "--set", "7.steps=2"]
+    default = queue(url, tmp_path, *overrides, workflow=HUNYUAN_WORKFLOW)
+    llama_folder = Path(COMFYUI_DIR).resolve() / "comfy" / "text_encoders" / "llama_tokenizer"
+    assert default.returncode != 0 and "TypeError" not in default.stderr, default.stderr
+    assert f"{llama_folder} has no tokenizer.json" in default.stderr, default.stderr
+    given = queue(url, tmp_path, *overrides, "--set", f"3.tokenizer_folder={root / 'text_encoders' / 'tiny_hunyuan_tokenizers'}",
+                  workflow=HUNYUAN_WORKFLOW)
+    assert given.returncode == 0, given.stdout + given.stderr
+    assert len(list(tmp_path.rglob("*.webp"))) == 1
+
+
+def _popen_queue(url, out_dir, *args):
+    return subprocess.Popen([sys.executable, "-m", "usp_video.distributed.cli", "queue", str(WORKFLOW), "--server", url,
+                             "--out-dir", str(out_dir), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _read_until(proc, prefix: str, seen: list) -> str:
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting {prefix!r}:\n" + "".join(seen))
+
+
+def test_ctrl_c_cancels_only_its_own_prompt(server, tiny_models, tmp_path):
+    """Two clients: A's prompt runs, B's waits behind it. Ctrl-C in B removes B's prompt and leaves
+    A's running (a global /interrupt would have stopped A, and B's prompt would then have run)."""
+    import signal
+
+    url, _ = server
+    a_lines, b_lines = [], []
+    a = _popen_queue(url, tmp_path / "a", *tiny_overrides(tiny_models, steps=400, width=256, height=256, length=21,
+                                                          seed=5))
+    try:
+        a_id = _read_until(a, "queued prompt ", a_lines).split()[-1]
+        _read_until(a, "node 7: 3/", a_lines)
+        b = _popen_queue(url, tmp_path / "b", *tiny_overrides(tiny_models, seed=6))
+        b_id = _read_until(b, "queued prompt ", b_lines).split()[-1]
+        b.send_signal(signal.SIGINT)
+        rest, _ = b.communicate(timeout=60)
+        assert b.returncode == 130 and "interrupted" in rest, "".join(b_lines) + rest
+        step = int(_read_until(a, "node 7: ", a_lines).split()[2].split("/")[0])
+        _read_until(a, f"node 7: {step + 3}/", a_lines)  # A runs on after B's Ctrl-C
+        urllib.request.urlopen(urllib.request.Request(url + "/interrupt", data=json.dumps({"prompt_id": a_id}).encode(),
+                                                      method="POST", headers={"Content-Type": "application/json"}))
+        rest, _ = a.communicate(timeout=60)
+        assert a.returncode == 1 and "interrupted" in rest, "".join(a_lines) + rest
+        time.sleep(2)  # had B's prompt stayed queued, it would start now
+        queue_state = json.loads(urllib.request.urlopen(url + "/queue").read())
+        queued = [item[1] for key in ("queue_running", "queue_pending") for item in queue_state[key]]
+        assert b_id not in queued
+        assert json.loads(urllib.request.urlopen(f"{url}/history/{b_id}").read()) == {}, "B's prompt ran"
+    finally:
+        for proc in (a, locals().get("b")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+
+
+def test_free_group_after_the_video_runs_last(server, tiny_models, tmp_path):
+    """USP Free Group with its `after` input on the decoded frames runs after them: the video is made
+    and the group is gone at the end (an input-less node may run first, and the group restarts)."""
+    url, work = server
+    prompt = json.loads(WORKFLOW.read_text())
+    prompt["11"] = {"class_type": "UspFreeGroup", "inputs": {"after": ["9", 0]}}
+    workflow = tmp_path / "with_free.json"
+    workflow.write_text(json.dumps(prompt))
+    result = queue(url, tmp_path, *tiny_overrides(tiny_models, seed=7), workflow=workflow)
+    assert result.returncode == 0, result.stdout + result.stderr
+    order = [line.split()[2] for line in result.stdout.splitlines() if line.startswith("running node ")]
+    assert order.index("11") > order.index("9"), order
+    assert len(list(tmp_path.rglob("*.webp"))) == 1
+    deadline = time.monotonic() + 15
+    while processes_matching(str(group_dir(work))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_matching(str(group_dir(work))) == [], "the group runs on after USP Free Group"
+
+
+def test_template_browser_lists_only_workflows_the_page_can_open(server):
+    """ComfyUI lists every .json directly in a pack's workflows/ folder as a template; the page can open
+    only UI-format files (with "version" and "nodes"), so the API-format files live in workflows/api/."""
+    url, _ = server
+    listed = json.loads(urllib.request.urlopen(url + "/workflow_templates").read())["ComfyUI-usp-video"]
+    assert sorted(listed) == ["hunyuan_video_t2v_usp", "wan21_t2v_usp"]
+    for name in listed:
+        template = json.loads(urllib.request.urlopen(f"{url}/api/workflow_templates/ComfyUI-usp-video/{name}.json")
+                              .read())
+        assert "version" in template and template["nodes"], f"{name} is not a UI-format workflow"

@@ -33,6 +33,22 @@ def test_progress_events_reach_the_hook(tiny_models, faults_allowed):
     assert latent.shape == zeros_latent().shape and info["ulysses"] * info["ring"] == 2
 
 
+def test_step_times_leave_out_the_model_load(tiny_models, faults_allowed):
+    """A fresh group loads the DiT inside the first sample request (seconds: the ranks import
+    diffusers); the progress events time the steps only, so the first one does not report the load
+    as step time (and the ETA is not inflated by it)."""
+    group = GroupConfig(ranks=2)
+    get_group(group)
+    sent = time.monotonic()
+    arrived = []
+    latent, info = run_sample(group, tiny_models["dit"], steps=3,
+                              on_progress=lambda e: arrived.append((time.monotonic() - sent, e["elapsed"])))
+    first_wall, first_elapsed = arrived[0]
+    assert first_wall > 1.0, f"the request took {first_wall:.2f} s to its first step: was the model loaded before?"
+    assert first_elapsed < 0.5 * first_wall, f"step 1 reported {first_elapsed:.2f} s of {first_wall:.2f} s"
+    assert info["sampling_seconds"] <= info["seconds"]
+
+
 def test_cancel_stops_every_rank_at_the_same_step_and_keeps_models(tiny_models, faults_allowed):
     group = GroupConfig(ranks=3, ring=3, ulysses=1)
     big = zeros_latent(frames=6, height=32, width=32)  # 1536 tokens: steps long enough to cancel between

@@ -7,10 +7,10 @@ length divides the degree) tokens."""
 import pytest
 import torch
 
+from batched import Batched
 from conftest import rel_error
 from parity_targets import hunyuan_forward, hunyuan_request, make_engine
 from usp_video.distributed.parallel.mesh import valid_factorizations
-from usp_video.distributed.parallel.spawn import run_ranks
 
 HEADS = 12  # the tiny model's
 CASES = [(n, u, r) for n in (2, 3, 4) for u, r in valid_factorizations(n, HEADS)]
@@ -39,12 +39,18 @@ FORWARD_CASES = ([(*case, UNEVEN, TEXT_WHOLE) for case in CASES] + [(*case, UNEV
                  + [(*case, EVEN, TEXT_WHOLE) for case in CASES if case[0] == 4])
 
 
+@pytest.fixture(scope="module")
+def forward_runs(tests_dir, tiny_hunyuan):
+    return Batched(tests_dir, "hunyuan_forward_rank", [
+        (n, dict(ulysses=u, ring=r, dit_path=tiny_hunyuan["dit"], shape=s, text_len=t))
+        for n, u, r, s, t in FORWARD_CASES])
+
+
 @pytest.mark.parametrize("world_size,ulysses,ring,shape,text_len", FORWARD_CASES,
                          ids=[f"{n}x{u}x{r}-video{s[0] * s[1] * s[2] // 4}-text{t}" for n, u, r, s, t in FORWARD_CASES])
-def test_dit_forward_parity(tests_dir, tiny_hunyuan, stock, world_size, ulysses, ring, shape, text_len):
-    results = run_ranks(f"{tests_dir}/parity_targets.py:hunyuan_forward_rank", world_size,
-                        dict(ulysses=ulysses, ring=ring, dit_path=tiny_hunyuan["dit"], shape=shape,
-                             text_len=text_len), timeout=180)
+def test_dit_forward_parity(forward_runs, tiny_hunyuan, stock, world_size, ulysses, ring, shape, text_len):
+    results = forward_runs(world_size, ulysses=ulysses, ring=ring, dit_path=tiny_hunyuan["dit"], shape=shape,
+                           text_len=text_len)
     for rank, result in enumerate(results):
         err = rel_error(result["out"], stock[(shape, text_len)])
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e}"
@@ -56,14 +62,24 @@ def sampled(tiny_hunyuan):
     return {cfg: engine.sample(hunyuan_request(tiny_hunyuan["dit"], UNEVEN, cfg)) for cfg in (1.0, 3.0)}
 
 
-@pytest.mark.parametrize("world_size,ulysses,ring", CASES)
-def test_four_step_sampling_parity(tests_dir, tiny_hunyuan, sampled, world_size, ulysses, ring):
+def cfg_of(world_size, ulysses):
     # cfg 1 (HunyuanVideo's default: one pass, embedded guidance) and, over the cases, real CFG
     # with a positive of 12 tokens and a negative of 7 (two forwards of different text lengths)
-    cfg = 3.0 if (world_size + ulysses) % 2 else 1.0
-    results = run_ranks(f"{tests_dir}/parity_targets.py:hunyuan_sample_rank", world_size,
-                        dict(ulysses=ulysses, ring=ring, dit_path=tiny_hunyuan["dit"], shape=UNEVEN, cfg=cfg),
-                        timeout=240)
+    return 3.0 if (world_size + ulysses) % 2 else 1.0
+
+
+@pytest.fixture(scope="module")
+def sample_runs(tests_dir, tiny_hunyuan):
+    return Batched(tests_dir, "hunyuan_sample_rank", [
+        (n, dict(ulysses=u, ring=r, dit_path=tiny_hunyuan["dit"], shape=UNEVEN, cfg=cfg_of(n, u)))
+        for n, u, r in CASES], timeout_per_case=120)
+
+
+@pytest.mark.parametrize("world_size,ulysses,ring", CASES)
+def test_four_step_sampling_parity(sample_runs, tiny_hunyuan, sampled, world_size, ulysses, ring):
+    cfg = cfg_of(world_size, ulysses)
+    results = sample_runs(world_size, ulysses=ulysses, ring=ring, dit_path=tiny_hunyuan["dit"], shape=UNEVEN,
+                          cfg=cfg)
     expected = sampled[cfg]
     assert torch.isfinite(expected).all() and expected.abs().max() > 0
     for rank, result in enumerate(results):

@@ -65,3 +65,10 @@ def test_handshake_accepts_the_secret_and_rejects_others():
     secret = protocol.new_secret()
     assert handshake(secret, secret)
     assert not handshake(secret, protocol.new_secret())
+
+
+def test_one_tensor_under_two_names_travels():
+    """The same CONDITIONING wired to the positive and the negative input is one tensor twice."""
+    cond = torch.randn(1, 4, 8)
+    header, tensors = protocol.decode_frame(protocol.encode_frame({"type": "x"}, {"a": cond, "b": cond, "c": cond[0]}))
+    assert torch.equal(tensors["a"], cond) and torch.equal(tensors["b"], cond) and torch.equal(tensors["c"], cond[0])

@@ -7,7 +7,7 @@ import pytest
 from usp_video.distributed.comfy_queue import apply_overrides, describe_rejection, load_workflow
 from usp_video.workflows import make_workflows
 
-API = make_workflows.HERE / "wan21_t2v_usp_api.json"
+API = make_workflows.API_DIR / "wan21_t2v_usp_api.json"
 UI = make_workflows.HERE / "wan21_t2v_usp.json"
 
 

@@ -100,7 +100,7 @@ def test_a_connection_without_the_secret_is_refused(group):
     assert reply["type"] == "ok"
 
 
-def test_live_rank_0_rejects_malformed_frames_and_keeps_working(group):
+def test_live_rank_0_rejects_malformed_frames_and_keeps_working(group, tiny_models):
     rng = random.Random(1)
     pid = group.proc.pid
     rejected = dropped = 0
@@ -112,7 +112,7 @@ def test_live_rank_0_rejects_malformed_frames_and_keeps_working(group):
             data = frame(kind, rng)
         else:
             kind = IN_STEP[i % len(IN_STEP)]
-            data = frame(kind, rng)
+            data = frame(kind, rng, tiny_models["dit"])
         group.sock.sendall(data)
         reply, _ = protocol.recv_frame(group.sock)
         assert reply["type"] == "error", (kind, reply)

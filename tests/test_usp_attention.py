@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from batched import Batched
 from conftest import rel_error
 from parity_targets import attention_inputs
 from usp_video.distributed.parallel.mesh import resolve_degrees, valid_factorizations
-from usp_video.distributed.parallel.spawn import run_ranks
 from usp_video.distributed.parallel.usp_attention import attention, attention_with_lse
 
 HEADS = 12
@@ -22,32 +22,49 @@ def test_lse_kernels_agree_with_math_reference():
 CASES = [(n, u, r) for n in (2, 3, 4) for u, r in valid_factorizations(n, HEADS)]
 
 
-@pytest.mark.parametrize("seq_len", [24, 37])  # 37 divides none of 2, 3, 4
+SEQ_LENS = [24, 37]  # 37 divides none of 2, 3, 4
+
+
+@pytest.fixture(scope="module")
+def attention_runs(tests_dir):
+    return Batched(tests_dir, "usp_attention_rank", [(n, dict(ulysses=u, ring=r, seq_len=s, heads=HEADS))
+                                                      for n, u, r in CASES for s in SEQ_LENS])
+
+
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
 @pytest.mark.parametrize("world_size,ulysses,ring", CASES)
-def test_usp_attention_matches_one_process(tests_dir, world_size, ulysses, ring, seq_len):
+def test_usp_attention_matches_one_process(attention_runs, world_size, ulysses, ring, seq_len):
     q, k, v = attention_inputs(seq_len, HEADS)
     expected = attention(q, k, v, "sdpa")
-    results = run_ranks(f"{tests_dir}/parity_targets.py:usp_attention_rank", world_size,
-                        dict(ulysses=ulysses, ring=ring, seq_len=seq_len, heads=HEADS), timeout=120)
+    results = attention_runs(world_size, ulysses=ulysses, ring=ring, seq_len=seq_len, heads=HEADS)
     for rank, result in enumerate(results):
         assert result["out"].shape == expected.shape
         err = rel_error(result["out"], expected)
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} (ulysses={ulysses} ring={ring})"
 
 
-@pytest.mark.parametrize("seq_len,text_len,shard_text", [
+JOINT = [
     (37, 7, False),   # text kept whole: 7 divides no degree
     (37, 12, True),   # text sharded with the video: 12 divides 2, 3 and 4
     (37, 12, False),  # the whole-text path also for a length that would divide
-])
+]
+
+
+@pytest.fixture(scope="module")
+def joint_runs(tests_dir):
+    return Batched(tests_dir, "usp_joint_attention_rank", [
+        (n, dict(ulysses=u, ring=r, seq_len=s, text_len=t, heads=HEADS, shard_text=sh))
+        for n, u, r in [(1, 1, 1)] + CASES for s, t, sh in JOINT])
+
+
+@pytest.mark.parametrize("seq_len,text_len,shard_text", JOINT)
 @pytest.mark.parametrize("world_size,ulysses,ring", [(1, 1, 1)] + CASES)
-def test_joint_text_attention_matches_one_process(tests_dir, world_size, ulysses, ring, seq_len, text_len,
+def test_joint_text_attention_matches_one_process(joint_runs, world_size, ulysses, ring, seq_len, text_len,
                                                   shard_text):
     q, k, v = attention_inputs(seq_len + text_len, HEADS)
     expected = attention(q, k, v, "sdpa")
-    results = run_ranks(f"{tests_dir}/parity_targets.py:usp_joint_attention_rank", world_size,
-                        dict(ulysses=ulysses, ring=ring, seq_len=seq_len, text_len=text_len, heads=HEADS,
-                             shard_text=shard_text), timeout=120)
+    results = joint_runs(world_size, ulysses=ulysses, ring=ring, seq_len=seq_len, text_len=text_len, heads=HEADS,
+                         shard_text=shard_text)
     for rank, result in enumerate(results):
         got = torch.cat([result["video"], result["text"]], dim=1)
         err = rel_error(got, expected)

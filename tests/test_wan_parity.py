@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from batched import Batched
 from conftest import rel_error
 from parity_targets import dit_forward, dit_inputs, make_engine, sample_request
 from usp_video.distributed.parallel.mesh import valid_factorizations
@@ -30,11 +31,16 @@ def test_world_size_one_matches_stock_diffusers(tiny_models, reference):
     assert rel_error(reference[UNEVEN], expected) <= 1e-6
 
 
+@pytest.fixture(scope="module")
+def forward_runs(tests_dir, tiny_models):
+    return Batched(tests_dir, "dit_forward_rank", [(n, dict(ulysses=u, ring=r, dit_path=tiny_models["dit"], shape=s))
+                                                    for n, u, r in CASES for s in (UNEVEN, EVEN)])
+
+
 @pytest.mark.parametrize("shape", [UNEVEN, EVEN], ids=["35-tokens", "24-tokens"])
 @pytest.mark.parametrize("world_size,ulysses,ring", CASES)
-def test_dit_forward_parity(tests_dir, tiny_models, reference, world_size, ulysses, ring, shape):
-    results = run_ranks(f"{tests_dir}/parity_targets.py:dit_forward_rank", world_size,
-                        dict(ulysses=ulysses, ring=ring, dit_path=tiny_models["dit"], shape=shape), timeout=180)
+def test_dit_forward_parity(forward_runs, tiny_models, reference, world_size, ulysses, ring, shape):
+    results = forward_runs(world_size, ulysses=ulysses, ring=ring, dit_path=tiny_models["dit"], shape=shape)
     for rank, result in enumerate(results):
         err = rel_error(result["out"], reference[shape])
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e}"
@@ -46,15 +52,25 @@ def sampled(tiny_models):
     return {s: engine.sample(sample_request(tiny_models["dit"], UNEVEN, sampler=s)) for s in ("unipc", "euler")}
 
 
+def sampler_of(world_size, ulysses):
+    return "unipc" if (world_size + ulysses) % 2 else "euler"  # both samplers, over the cases
+
+
+@pytest.fixture(scope="module")
+def sample_runs(tests_dir, tiny_models):
+    return Batched(tests_dir, "sample_rank", [
+        (n, dict(ulysses=u, ring=r, dit_path=tiny_models["dit"], shape=UNEVEN, sampler=sampler_of(n, u)))
+        for n, u, r in CASES], timeout_per_case=120)
+
+
 @pytest.mark.parametrize("world_size,ulysses,ring", [(1, 1, 1)] + CASES)
-def test_four_step_sampling_parity(tests_dir, tiny_models, sampled, world_size, ulysses, ring):
-    sampler = "unipc" if (world_size + ulysses) % 2 else "euler"  # both samplers, over the cases
+def test_four_step_sampling_parity(sample_runs, tiny_models, sampled, world_size, ulysses, ring):
+    sampler = sampler_of(world_size, ulysses)
     if world_size == 1:
         results = [{"latent": make_engine().sample(sample_request(tiny_models["dit"], UNEVEN, sampler=sampler))}]
     else:
-        results = run_ranks(f"{tests_dir}/parity_targets.py:sample_rank", world_size,
-                            dict(ulysses=ulysses, ring=ring, dit_path=tiny_models["dit"], shape=UNEVEN,
-                                 sampler=sampler), timeout=240)
+        results = sample_runs(world_size, ulysses=ulysses, ring=ring, dit_path=tiny_models["dit"], shape=UNEVEN,
+                              sampler=sampler)
     expected = sampled[sampler]
     assert torch.isfinite(expected).all() and expected.abs().max() > 0
     for rank, result in enumerate(results):
@@ -62,13 +78,21 @@ def test_four_step_sampling_parity(tests_dir, tiny_models, sampled, world_size, 
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} ({sampler})"
 
 
-@pytest.mark.parametrize("variant", ["batch2", "cfg1", "denoise", "unequal_text"])
-def test_sampler_variants_parity(tests_dir, tiny_models, variant):
+VARIANTS = ["batch2", "cfg1", "denoise", "unequal_text"]
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tests_dir, tiny_models):
+    return Batched(tests_dir, "sample_variant_rank", [
+        (3, dict(ulysses=1, ring=3, dit_path=tiny_models["dit"], variant=v)) for v in VARIANTS], timeout_per_case=120)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sampler_variants_parity(variant_runs, tiny_models, variant):
     from parity_targets import variant_request
 
     expected = make_engine().sample(variant_request(tiny_models["dit"], variant))
-    results = run_ranks(f"{tests_dir}/parity_targets.py:sample_variant_rank", 3,
-                        dict(ulysses=1, ring=3, dit_path=tiny_models["dit"], variant=variant), timeout=240)
+    results = variant_runs(3, ulysses=1, ring=3, dit_path=tiny_models["dit"], variant=variant)
     for rank, result in enumerate(results):
         err = rel_error(result["latent"], expected)
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} ({variant})"

@@ -29,7 +29,7 @@ def widget_names(cls) -> list[str]:
 @pytest.mark.parametrize("name", sorted(make_workflows.WORKFLOWS))
 def test_shipped_files_are_current(name):
     graph = make_workflows.WORKFLOWS[name]
-    assert json.loads((WORKFLOWS / f"{name}_api.json").read_text()) == make_workflows.to_api(graph)
+    assert json.loads((make_workflows.API_DIR / f"{name}_api.json").read_text()) == make_workflows.to_api(graph)
     assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == make_workflows.to_ui(graph)
 
 
@@ -56,7 +56,7 @@ def test_ui_widget_values_are_valid_choices(name):
 
 
 def tiny_prompt(tiny_models: dict, steps: int = 3) -> dict:
-    prompt = json.loads((WORKFLOWS / "wan21_t2v_usp_api.json").read_text())
+    prompt = json.loads((make_workflows.API_DIR / "wan21_t2v_usp_api.json").read_text())
     prompt["1"]["inputs"].update(device="cpu", cpu_ranks=2)
     prompt["2"]["inputs"]["model_name"] = Path(tiny_models["dit"]).name
     prompt["3"]["inputs"]["text_encoder_name"] = Path(tiny_models["text_encoder"]).name
@@ -123,7 +123,7 @@ def test_sampler_node_takes_native_formats_and_leaves_inputs_unchanged(tiny_mode
 
 
 def hunyuan_prompt(tiny_hunyuan: dict, steps: int = 3) -> dict:
-    prompt = json.loads((WORKFLOWS / "hunyuan_video_t2v_usp_api.json").read_text())
+    prompt = json.loads((make_workflows.API_DIR / "hunyuan_video_t2v_usp_api.json").read_text())
     prompt["1"]["inputs"].update(device="cpu", cpu_ranks=3)
     prompt["2"]["inputs"]["model_name"] = Path(tiny_hunyuan["dit"]).name
     prompt["3"]["inputs"].update(llama_name=Path(tiny_hunyuan["llama"]).name,
@@ -176,3 +176,31 @@ def test_hunyuan_api_workflow_runs_through_the_nodes(tiny_hunyuan, tmp_path, mon
             N["UspWanModelLoader"]().load(GROUPS.current.config, Path(tiny_hunyuan["dit"]).name)
     finally:
         free_group()
+
+
+def test_latents_carry_their_family_and_another_familys_vae_is_refused(tiny_models, tiny_hunyuan, monkeypatch):
+    """Our samplers tag their LATENT with the model family; the VAE decode and the samplers refuse a
+    tagged latent of another family before anything runs (a Wan and a HunyuanVideo latent have the
+    same shape, so nothing else would notice). Native, untagged latents cannot be checked."""
+    from usp_video.distributed.client import GroupConfig, free_group
+    from usp_video.nodes import NODE_CLASS_MAPPINGS as N
+
+    monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
+    try:
+        group, _ = N["UspGroup"]().start("cpu", "all", 2, "auto", "auto", "auto", "auto", 600)
+        model, _ = N["UspWanModelLoader"]().load(group, Path(tiny_models["dit"]).name)
+        cond = [[torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0)), {}]]
+        (out,) = N["UspWanSampler"]().sample(model, cond, cond, {"samples": torch.zeros(1, 16, 2, 4, 4)},
+                                             3, 1, 1.0, 5.0, "euler", 1.0)
+        assert out["usp_family"] == "wan2.1"
+    finally:
+        free_group()
+    nowhere = GroupConfig(ranks=1)  # refused before any group is asked
+    with pytest.raises(ValueError, match="samples were made by a Wan 2.1 model, but tiny_hunyuan_video_vae"
+                                         r".safetensors is the HunyuanVideo VAE; pick the Wan 2.1 VAE"):
+        N["UspVaeDecode"]().decode({"group": nowhere, "path": tiny_hunyuan["vae"]}, out)
+    hunyuan_model = {"group": nowhere, "path": tiny_hunyuan["dit"],
+                     "info": {"family": "hunyuan-video", "model": "HunyuanVideo", "text_dim": 32}}
+    tokens = [[torch.randn(1, 7, 32), {"pooled_output": torch.randn(1, 16)}]]
+    with pytest.raises(ValueError, match="latent_image was sampled by a Wan 2.1 model; this is HunyuanVideo"):
+        N["UspHunyuanSampler"]().sample(hunyuan_model, tokens, tokens, out, 1, 2, 1.0, 6.0, 7.0, "euler", 1.0)

@@ -1,9 +1,12 @@
 """Writes the shipped workflows from one definition, in both formats:
 
-    wan21_t2v_usp.json               UI format (drag into the ComfyUI page / template browser)
-    wan21_t2v_usp_api.json           API format (POST /prompt, `usp-video queue`)
-    hunyuan_video_t2v_usp.json       the same for HunyuanVideo
-    hunyuan_video_t2v_usp_api.json
+    wan21_t2v_usp.json                   UI format (drag into the ComfyUI page / template browser)
+    api/wan21_t2v_usp_api.json           API format (POST /prompt, `usp-video queue`)
+    hunyuan_video_t2v_usp.json           the same for HunyuanVideo
+    api/hunyuan_video_t2v_usp_api.json
+
+The API files live in api/: ComfyUI lists every .json directly in workflows/ in its template browser,
+where an API-format file cannot open.
 
 Run `python -m usp_video.workflows.make_workflows` after changing a node's inputs; a test checks
 that the UI file's widget values convert to exactly the API file.
@@ -15,6 +18,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
+API_DIR = HERE / "api"
 
 NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
             "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
@@ -148,7 +152,7 @@ def to_ui(graph: dict) -> dict:
 def main() -> None:
     for name, graph in WORKFLOWS.items():
         (HERE / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2, ensure_ascii=False) + "\n")
-        (HERE / f"{name}_api.json").write_text(json.dumps(to_api(graph), indent=2, ensure_ascii=False) + "\n")
+        (API_DIR / f"{name}_api.json").write_text(json.dumps(to_api(graph), indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

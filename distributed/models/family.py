@@ -16,6 +16,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..parallel.vae_split import VaeSplit
+
 
 @dataclass(frozen=True)
 class TextPart:
@@ -47,16 +49,6 @@ class Option:
 
 
 @dataclass(frozen=True)
-class VaeSplit:
-    """How the ranks share a VAE decode: this rank, their number, the compute device, their group."""
-
-    rank: int
-    ranks: int
-    device: torch.device
-    group: object = None  # a torch.distributed ProcessGroup (None with one rank)
-
-
-@dataclass(frozen=True)
 class Defaults:
     """The reference pipeline's sampler settings."""
 
@@ -79,6 +71,7 @@ class ModelFamily:
     pixel_multiple: int = 16    # width and height must be multiples of this
     defaults: Defaults
     text_parts: tuple[TextPart, ...]
+    cond_keys: tuple[str, ...] = ("tokens",)  # the tensors of its conditioning ("tokens" first)
     text_encoder_hint: str      # which text encoder the family uses (error messages)
     options: dict[str, Option] = {}  # sampler inputs of its own (never mutated)
 
@@ -91,8 +84,9 @@ class ModelFamily:
     def is_vae(self, keys: set[str]) -> bool:
         raise NotImplementedError
 
-    def describe(self, keys: set[str]) -> str | None:
-        """A short description of a file of this family ("looks like a HunyuanVideo DiT"), or None."""
+    def describe(self, shapes: dict) -> str | None:
+        """A short description of a file of this family ("looks like a HunyuanVideo DiT"), or None.
+        shapes: {tensor name: (shape, dtype)}; a shape may be unknown ([]) when only names are known."""
         return None
 
     def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
@@ -131,7 +125,7 @@ class ModelFamily:
 
     # -- text -------------------------------------------------------------------------------------
 
-    def text_encoder(self, parts: dict[str, object]):
+    def make_text_encoder(self, parts: dict[str, object]):
         """The encoder made of the loaded text parts ({input: loaded}); its encode(prompt) returns the
         conditioning tensors: {"tokens": [1, L, D], ...the family's others}."""
         raise NotImplementedError

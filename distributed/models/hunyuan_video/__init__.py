@@ -31,6 +31,7 @@ class HunyuanVideo(ModelFamily):
     )
     text_encoder_hint = "HunyuanVideo uses the llava-llama-3 text encoder with CLIP-L"
     options = {"guidance": Option(default=6.0, low=0.0, high=100.0, help="HunyuanVideo's embedded guidance")}
+    cond_keys = ("tokens", "pooled")
 
     def is_dit(self, keys: set[str]) -> bool:
         return dit.is_hunyuan_keys(keys)
@@ -81,7 +82,8 @@ class HunyuanVideo(ModelFamily):
     def check_conditioning(self, cond: dict, name: str) -> None:
         pooled = cond.get("pooled")
         if pooled is None:
-            return  # refused at sampling, where the model says so
+            raise ValueError(f"{name}: HunyuanVideo needs the pooled CLIP-L output with the conditioning "
+                             "(ComfyUI's DualCLIPLoader type hunyuan_video, or our HunyuanVideo text encoder)")
         if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or not pooled.is_floating_point():
             shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
             raise ValueError(f"{name}_pooled must be the pooled CLIP-L output [batch, 768], got {shape}")
@@ -91,7 +93,7 @@ class HunyuanVideo(ModelFamily):
         if not torch.isfinite(pooled).all():
             raise ValueError(f"{name}_pooled contains NaN or infinite values")
 
-    def text_encoder(self, parts: dict):
+    def make_text_encoder(self, parts: dict):
         return _Encoder(text.HunyuanTextEncoder(parts["llama"], parts["clip"], *parts["tokenizers"]))
 
     def load_vae(self, path, dtype, device):

@@ -58,12 +58,12 @@ def is_hunyuan_keys(keys: set[str]) -> bool:
 
 def infer_hunyuan_config(path: Path, shapes: dict, metadata: dict) -> dict:
     """The diffusers config of a HunyuanVideo single file: from our metadata, else from shapes."""
-    from .. import describe_keys as guess_family
+    from .. import describe_keys
 
     shapes = {_strip(k): v for k, v in shapes.items()}
     keys = set(shapes)
     if not is_hunyuan_keys(keys):
-        raise CheckpointError(f"{path.name} is not a HunyuanVideo diffusion model ({guess_family(keys)}); pick "
+        raise CheckpointError(f"{path.name} is not a HunyuanVideo diffusion model ({describe_keys(keys)}); pick "
                               "a HunyuanVideo T2V file such as hunyuan_video_t2v_720p_bf16.safetensors")
     in_channels = shapes["img_in.proj.weight"][0][1]
     if in_channels != 16 or any(k.startswith(("byt5_in.", "time_r_in.")) for k in keys):

@@ -32,9 +32,9 @@ def load_hunyuan_vae(path: str | Path, dtype: torch.dtype = torch.float32, devic
         shapes, metadata = read_header(path)
         keys = {k.removeprefix("vae.") for k in shapes}
         if not is_hunyuan_vae_keys(keys):
-            from .. import describe_keys as guess_family
+            from .. import describe_keys
 
-            raise CheckpointError(f"{path.name} is not a HunyuanVideo VAE ({guess_family(keys)}); pick "
+            raise CheckpointError(f"{path.name} is not a HunyuanVideo VAE ({describe_keys(keys)}); pick "
                                   "hunyuan_video_vae_bf16.safetensors")
         latent = shapes.get("decoder.conv_in.conv.weight", shapes.get("vae.decoder.conv_in.conv.weight"))[0][1]
         if latent != 16:

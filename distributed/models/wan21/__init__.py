@@ -34,7 +34,8 @@ class Wan21(ModelFamily):
         return "decoder.middle.0.residual.0.gamma" in keys
 
     def describe(self, shapes: dict) -> str | None:
-        if shapes.get("decoder.conv1.weight", [[0, 0]])[0][1] == 48:
+        shape = (shapes.get("decoder.conv1.weight") or [[]])[0]
+        if len(shape) > 1 and shape[1] == 48:
             return "looks like the Wan 2.2 VAE (48 channels)"
         return None
 
@@ -71,7 +72,7 @@ class Wan21(ModelFamily):
     def velocity(self, model, x, t, cond, options):
         return model(x, t, cond["tokens"], return_dict=False)[0]
 
-    def text_encoder(self, parts: dict):
+    def make_text_encoder(self, parts: dict):
         return _Encoder(parts["text_encoder"])
 
     def load_vae(self, path, dtype, device):

@@ -78,10 +78,10 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
 
     shapes, _ = read_header(path)
     if "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" not in shapes:
-        from .. import describe_keys as guess_family
+        from .. import describe_keys
 
         kind = "a T5 text encoder without UMT5's per-layer position bias" if "shared.weight" in shapes \
-            else guess_family(set(shapes))
+            else describe_keys(shapes)
         raise CheckpointError(f"{path.name} is not a UMT5 text encoder ({kind}); Wan 2.1 needs "
                               "umt5_xxl_fp16.safetensors or umt5_xxl_fp8_e4m3fn_scaled.safetensors")
     if "spiece_model" not in shapes:

@@ -28,11 +28,9 @@ def load_wan_vae(path: str | Path, dtype: torch.dtype = torch.float32, device="c
         return from_folder(AutoencoderKLWan, path, dtype, device, "a diffusers AutoencoderKLWan folder")
     shapes, metadata = read_header(path)
     if "decoder.middle.0.residual.0.gamma" not in shapes:
-        from .. import describe_keys as guess_family
+        from .. import describe_keys
 
-        hint = ("looks like the Wan 2.2 VAE (48 channels)" if shapes.get("decoder.conv1.weight", [[0, 0]])[0][1] == 48
-                else guess_family(set(shapes)))
-        raise CheckpointError(f"{path.name} is not a Wan 2.1 VAE ({hint}); pick wan_2.1_vae.safetensors")
+        raise CheckpointError(f"{path.name} is not a Wan 2.1 VAE ({describe_keys(shapes)}); pick wan_2.1_vae.safetensors")
     config = config_from_metadata(metadata, CONFIG_METADATA_KEY) or {
         "base_dim": shapes["encoder.conv1.weight"][0][0], "z_dim": shapes["conv2.weight"][0][0]}
     state = convert_wan_vae_to_diffusers(dequantize(load_state_dict(path), dtype))
