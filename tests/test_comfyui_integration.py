@@ -181,6 +181,8 @@ def test_free_group_after_the_video_runs_last(server, tiny_models, tmp_path):
     """USP Free Group with its `after` input on the decoded frames runs after them: the video is made
     and the group is gone at the end (an input-less node may run first, and the group restarts)."""
     url, work = server
+    node = json.loads(urllib.request.urlopen(url + "/object_info/UspFreeGroup").read())["UspFreeGroup"]
+    assert node["input"]["optional"]["after"][0] == "*", "the page has no socket to wire it after anything"
     prompt = json.loads(WORKFLOW.read_text())
     prompt["11"] = {"class_type": "UspFreeGroup", "inputs": {"after": ["9", 0]}}
     workflow = tmp_path / "with_free.json"
