@@ -3,8 +3,8 @@
 A small cost model, stated so that it can be checked:
   compute per forward = 2 * tokens * params + 4 * attention_layers * tokens^2 * hidden  (FLOPs)
   sustained throughput per GPU: calibrated so that the model reproduces the published 1-GPU
-      times in DESIGN.md (Wan 2.1 14B 720p: 1838 s, HunyuanVideo 720p: 1904 s, both on H100-class
-      GPUs: about 360 TFLOP/s), shared equally by the ranks;
+      times in PUBLISHED below (Wan 2.1 14B 720p: 1838 s, HunyuanVideo 720p: 1904 s, both on
+      H100-class GPUs: about 360 TFLOP/s), shared equally by the ranks;
   Ulysses: 4 all-to-alls per attention layer, each rank sending (u-1)/u of its (S/N x hidden)
       shard, at the link's aggregate bandwidth; not overlapped with compute;
   Ring: r-1 K/V passes per attention layer of (S/r x hidden/u) each, at the per-peer bandwidth,
@@ -63,7 +63,10 @@ MODELS = {
     "hunyuan": ModelSpec("HunyuanVideo T2V", 24, 3072, 60, 12.8e9, 256, True, 1.0),
 }
 
-# Published seconds for one video (DESIGN.md section 6), for the comparison table.
+# Published seconds for one video on 1/2/4/8 GPUs, for the calibration and the comparison table:
+# Wan 2.1 T2V-14B, 1280x720, 81 frames, on H800/H100 with USP + FSDP (the Wan 2.1 repository's
+# computational-efficiency table); HunyuanVideo, 1280x720, 129 frames, 50 steps, Ulysses on H100
+# (xDiT's HunyuanVideo results).
 PUBLISHED = {
     ("wan-14b", "1280x720x81"): {1: 1838, 2: 945, 4: 497, 8: 288},
     ("hunyuan", "1280x720x129"): {1: 1904, 2: 925, 4: 514, 8: 338},

@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import CheckpointError, read_header
+from .checkpoint import CheckpointError, read_header, unprefixed
 from .family import ModelFamily
 from .hunyuan_video import FAMILY as HUNYUAN_VIDEO
 from .wan21 import FAMILY as WAN21
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (WAN21, HUNYUAN_VIDEO)}
-
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
 def get(name: str) -> ModelFamily:
@@ -72,13 +70,7 @@ def detect_dit(path: str | Path) -> ModelFamily:
         raise CheckpointError(f"{path}: a diffusers {name}; expected "
                               f"{' or '.join(f.dit_class for f in FAMILIES.values())}")
     shapes, _ = read_header(path)
-    stripped = {}
-    for key, value in shapes.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        stripped[key] = value
+    stripped = unprefixed(shapes)
     for family in FAMILIES.values():
         if family.is_dit(set(stripped)):
             return family

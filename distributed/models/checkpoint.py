@@ -46,6 +46,19 @@ def load_state_dict(path: str | Path, keys: list[str] | None = None) -> dict[str
     return state if keys is None else {k: state[k] for k in keys}
 
 
+# The container prefixes of DiT single files (ComfyUI's full checkpoints, some repackaged files).
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def unprefixed(mapping: dict, prefixes: tuple[str, ...] = DIT_PREFIXES) -> dict:
+    """The same mapping (a header's shapes, say) with each key's container prefix, if any, removed."""
+    out = {}
+    for key, value in mapping.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), "")
+        out[key[len(prefix):]] = value
+    return out
+
+
 def strip_prefix(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Drop a container prefix such as ComfyUI's 'model.diffusion_model.'."""
     for prefix in prefixes:

@@ -23,9 +23,8 @@ from ...parallel.mesh import SequenceParallel
 from ...parallel.sharding import gather_sequence, shard_sequence
 from ...parallel.usp_attention import KeyLayout, tail_padding_mask, usp_attention
 from .. import fp8
-from ..checkpoint import (CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, keeps_fp32,
-                          load_state_dict, read_header,
-                         strip_prefix)
+from ..checkpoint import (DIT_PREFIXES, CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder,
+                          keeps_fp32, load_state_dict, read_header, strip_prefix, unprefixed)
 
 CONFIG_METADATA_KEY = "usp_video.hunyuan_config"
 
@@ -42,16 +41,6 @@ HUNYUAN_VARIANTS = {
 # ComfyUI latent_formats.HunyuanVideo: the DiT works on latent * 0.476986 (no shift).
 LATENT_SCALE = 0.476986
 
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def _strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
 def is_hunyuan_keys(keys: set[str]) -> bool:
     return "img_in.proj.weight" in keys and any(k.startswith("txt_in.individual_token_refiner.") for k in keys)
 
@@ -60,7 +49,7 @@ def infer_hunyuan_config(path: Path, shapes: dict, metadata: dict) -> dict:
     """The diffusers config of a HunyuanVideo single file: from our metadata, else from shapes."""
     from .. import describe_keys
 
-    shapes = {_strip(k): v for k, v in shapes.items()}
+    shapes = unprefixed(shapes)
     keys = set(shapes)
     if not is_hunyuan_keys(keys):
         raise CheckpointError(f"{path.name} is not a HunyuanVideo diffusion model ({describe_keys(keys)}); pick "
@@ -122,13 +111,13 @@ def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float3
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     # dequantize first: scaled fp8 files carry <name>.scale_weight, which the q/k/v split must not see
     # (HunyuanVideoTransformer3DModel keeps no parameters in float32, so the original names do)
-    state = dequantize(strip_prefix(load_state_dict(path), _PREFIXES), dtype, keeps_fp32(HunyuanVideoTransformer3DModel))
+    state = dequantize(strip_prefix(load_state_dict(path), DIT_PREFIXES), dtype, keeps_fp32(HunyuanVideoTransformer3DModel))
     state = convert_to_diffusers(state, hidden)
     model = build_on_meta(lambda: HunyuanVideoTransformer3DModel(**config), state, path, "the HunyuanVideo architecture")
     if keep_fp8:
         fp8.keep_file_fp8(model, path, shapes,
                           ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.token_refiner."),
-                          lambda markers: convert_to_diffusers(strip_prefix(markers, _PREFIXES), hidden))
+                          lambda markers: convert_to_diffusers(strip_prefix(markers, DIT_PREFIXES), hidden))
     return model.to(device=device).eval()
 
 

@@ -18,9 +18,8 @@ from ...parallel.mesh import SequenceParallel
 from ...parallel.sharding import gather_sequence, shard_sequence
 from ...parallel.usp_attention import KeyLayout, attention, usp_attention
 from .. import fp8
-from ..checkpoint import (CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, keeps_fp32,
-                          load_state_dict, read_header,
-                         strip_prefix)
+from ..checkpoint import (DIT_PREFIXES, CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder,
+                          keeps_fp32, load_state_dict, read_header, strip_prefix, unprefixed)
 
 CONFIG_METADATA_KEY = "usp_video.wan_config"
 
@@ -40,19 +39,9 @@ LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5
 LATENTS_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916]
 
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def _strip(key: str) -> str:
-    for prefix in _PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
 def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
     """The diffusers config of a Wan single file: from our metadata, else matched by shapes."""
-    shapes = {_strip(k): v for k, v in shapes.items()}
+    shapes = unprefixed(shapes)
     keys = set(shapes)
     if "head.modulation" not in keys or "patch_embedding.weight" not in keys:
         from .. import describe_keys
@@ -90,7 +79,7 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
 
     shapes, metadata = read_header(path)
     config = infer_wan_config(path, shapes, metadata)
-    state = convert_wan_transformer_to_diffusers(strip_prefix(load_state_dict(path), _PREFIXES))
+    state = convert_wan_transformer_to_diffusers(strip_prefix(load_state_dict(path), DIT_PREFIXES))
     state = dequantize(state, dtype, keeps_fp32(WanTransformer3DModel))
     model = build_on_meta(lambda: WanTransformer3DModel(**config), state, path, "the Wan 2.1 architecture",
                           ignore_unexpected=("norm_added_q",))
@@ -99,7 +88,7 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
                                   model.config.rope_max_seq_len)
     if keep_fp8:
         fp8.keep_file_fp8(model, path, shapes, ("blocks.",),
-                          lambda markers: convert_wan_transformer_to_diffusers(strip_prefix(markers, _PREFIXES)))
+                          lambda markers: convert_wan_transformer_to_diffusers(strip_prefix(markers, DIT_PREFIXES)))
     return model.to(device=device).eval()
 
 
