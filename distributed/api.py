@@ -18,7 +18,7 @@ from .client import GroupConfig, UspGroup, get_group
 from .requests import Cond, DecodeRequest, EncodeRequest, LoadRequest, SampleRequest
 from .validation import MAX_SEED, check_latent, check_sample_request
 
-__all__ = ["MAX_SEED", "load_dit", "encode", "sample", "decode", "check_dit_file", "SampleRequest"]
+__all__ = ["MAX_SEED", "load_dit", "encode", "sample", "decode", "check_dit_file", "check_model_files", "SampleRequest"]
 
 
 def _group(group: GroupConfig | UspGroup) -> UspGroup:
@@ -26,25 +26,43 @@ def _group(group: GroupConfig | UspGroup) -> UspGroup:
     return group if isinstance(group, UspGroup) else get_group(group)
 
 
-def check_dit_file(path: str | Path) -> tuple[models.ModelFamily, dict]:
-    """Fail fast, in the calling process, on a file that is no family's DiT; returns its family and
-    (for single files) its config."""
-    return models.check_dit_file(path)
+def check_dit_file(path: str | Path, family: str | None = None) -> tuple[models.ModelFamily, dict]:
+    """Fail fast, in the calling process, on a file that is no family's DiT (or, with `family`, not
+    that family's); returns its family and (for single files) its config."""
+    return models.check_dit_file(path, family)
+
+
+def check_model_files(paths: list[str], family: str | None = None) -> tuple[models.ModelFamily, list[str]]:
+    """The DiT files of one model (one file, or a family's experts in order): their family and the
+    warnings to show; CheckpointError/ValueError names a file that does not fit."""
+    if family is None:
+        found, _ = check_dit_file(paths[0])
+        if found.experts:
+            raise ValueError(f"{Path(paths[0]).name} looks like a {found.label} expert; name the family "
+                             f"and give its experts ({', '.join(found.experts)})")
+    else:
+        found = models.get(family)
+    configs = []
+    for one in paths:
+        try:
+            other, config = check_dit_file(one)
+        except models.CheckpointError:
+            other = None  # not a file any family claims: the named family's own check says why
+        if other is not None and not models.same_latent_space(other.name, found.name) and other is not found:
+            raise ValueError(f"{Path(one).name} is a {other.label} model, not {found.label}; load it with the "
+                             f"USP {other.label} loader (or pick a {found.label} file)")
+        configs.append(check_dit_file(one, found.name)[1])
+    return found, found.check_experts(paths, configs)
 
 
 def load_dit(group: GroupConfig | UspGroup, path: str | Path | list, family: str | None = None) -> dict:
-    """Load a DiT (or the experts of one model, a list) on every rank, freeing any other; returns the
-    first one's family, heads, layers, text_dim and the chosen degrees. With `family` (a family's
-    name), a file of another family is refused by name."""
+    """Load a DiT (or the experts of one model, a list, in the family's expert order) on every rank,
+    freeing any other; returns the first one's family, heads, layers, text_dim and the chosen degrees,
+    and "warnings". With `family` (a family's name), a file of another family is refused by name."""
     paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
-    for one in paths:
-        found, _ = check_dit_file(one)
-        if family is not None and found.name != family:
-            wanted = models.get(family)
-            raise ValueError(f"{Path(one).name} is a {found.label} model, not {wanted.label}; load it with the "
-                             f"USP {found.label} loader (or pick a {wanted.label} file)")
-    info, _ = _group(group).request(*LoadRequest(paths=paths).to_frame())
-    return info
+    found, warnings = check_model_files(paths, family)
+    info, _ = _group(group).request(*LoadRequest(paths=paths, family=found.name).to_frame())
+    return {**info, "warnings": warnings}
 
 
 def encode(group: GroupConfig | UspGroup, family: str, files: dict[str, str | Path], prompt: str) -> Cond:
@@ -69,7 +87,7 @@ def sample(group: GroupConfig | UspGroup, request: SampleRequest, *, text_dim: i
     on_progress gets {"step", "total", "elapsed"} after every step, plus "x0" (the first frame of
     the current denoised estimate, [1, C, 1, h, w], normalised space) when request.preview is set."""
     request.check_experts()
-    family, _ = check_dit_file(request.experts[0])
+    family, _ = check_dit_file(request.experts[0], request.family)
     check_sample_request(request, family, text_dim)
     info, out = _group(group).request(*request.to_frame(), on_progress=on_progress, should_cancel=should_cancel)
     return out["latent"], info
@@ -81,7 +99,7 @@ def decode(group: GroupConfig | UspGroup, vae: str | Path, latent: torch.Tensor,
     sampler made the latent), a VAE of another family is refused before anything runs."""
     check_latent(latent, "samples")
     vae_family = models.detect_vae(vae)
-    if family is not None and vae_family.name != family:
+    if family is not None and not models.same_latent_space(vae_family.name, family):
         made_by = models.get(family)
         raise ValueError(f"samples were made by a {made_by.label} model, but {Path(vae).name} is the "
                          f"{vae_family.label} VAE; pick the {made_by.label} VAE")

@@ -4,6 +4,7 @@
     usp-video make-tiny-models DIR       write every model family's tiny set in ComfyUI's layout
     usp-video generate --dit F --text-encoder F --vae F --prompt "..." [--ranks N --ulysses U --ring R]
     usp-video generate --dit HUNYUAN_F --llama F --clip F --tokenizers DIR --vae F --prompt "..." ...
+    usp-video generate --model wan2.2 --high-noise F --low-noise F --text-encoder F --vae F --prompt "..." ...
     usp-video queue WORKFLOW_API.json --server http://127.0.0.1:8188 [--set NODE.INPUT=VALUE ...]
     usp-video plan --model wan-14b --gpus 8 --size 1280x720x81 [--link nvlink|pcie|xgmi]
 """
@@ -86,26 +87,43 @@ def generate(args: argparse.Namespace) -> Path | None:
     from .requests import SampleRequest
 
     check_video_size(args.width, args.height, args.frames)
-    family, _ = api.check_dit_file(args.dit)
+    family = _family_by_short_name(args.model) if getattr(args, "model", None) else None
+    if family is not None and family.experts:
+        paths = [getattr(args, name, None) for name in family.experts]
+        missing = [f"--{name.replace('_', '-')}" for name, path in zip(family.experts, paths) if not path]
+        flags = " and ".join(f"--{name}".replace("_", "-") for name in family.experts)
+        if getattr(args, "dit", None):
+            raise ValueError(f"{family.label} is made of {len(family.experts)} experts: give {flags} instead of --dit")
+        if missing:
+            raise ValueError(f"{family.label} is made of {len(family.experts)} experts: give {flags} "
+                             f"(missing: {', '.join(missing)})")
+    elif not getattr(args, "dit", None):
+        raise ValueError("give the diffusion model with --dit (or --model for a family of experts)")
+    else:
+        paths = [args.dit]
+    family, warnings = api.check_model_files(paths, family.name if family is not None else None)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     files = {part.input: getattr(args, part.input, None) for part in family.text_parts}
     missing = [f"--{name.replace('_', '-')}" for name, path in files.items() if not path]
     if missing:
         what = "; ".join(f"--{p.input.replace('_', '-')}: {p.help}" for p in family.text_parts)
         plural = "s" if len(family.text_parts) > 1 else ""
-        raise ValueError(f"{Path(args.dit).name} is a {family.label} model: give its text encoder{plural} with "
+        raise ValueError(f"{Path(paths[0]).name} is a {family.label} model: give its text encoder{plural} with "
                          f"{', '.join(missing)} ({what})")
     negative_prompt = args.negative if args.negative is not None else family.defaults.negative_prompt
     options = {name: getattr(args, name) for name in family.options if getattr(args, name, None) is not None}
     group, ranks = _group_for(args)
     started = time.monotonic()
     try:
-        info = api.load_dit(group, args.dit)
+        info = api.load_dit(group, paths, family=family.name)
         print(f"model: {info['model']}, {info['layers']} layers, {info['heads']} heads; {ranks} rank(s): "
               f"ulysses={info['ulysses']} x ring={info['ring']}; weights per rank "
               f"{info['parameter_bytes'] / 2**20:.1f} MiB{' (sharded)' if info['sharded'] else ''}", flush=True)
-        cfg = family.defaults.cfg if args.cfg is None else args.cfg
+        cfg = _cfg(args.cfg, family)
         positive = api.encode(group, family.name, files, args.prompt)
-        negative = api.encode(group, family.name, files, negative_prompt) if cfg != 1.0 else None
+        uses_negative = any(scale != 1.0 for scale in (cfg if isinstance(cfg, list) else [cfg]))
+        negative = api.encode(group, family.name, files, negative_prompt) if uses_negative else None
         latent = torch.zeros(1, family.latent_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
 
         def progress(event: dict) -> None:
@@ -113,8 +131,14 @@ def generate(args: argparse.Namespace) -> Path | None:
             print(f"step {event['step']}/{event['total']}  {per_step:.2f} s/step  "
                   f"ETA {per_step * (event['total'] - event['step']):.0f} s", flush=True)
 
-        request = SampleRequest(experts=[args.dit], positive=positive, negative=negative, latent=latent,
-                                seed=args.seed, steps=args.steps, cfg=cfg,
+        boundaries = list(family.defaults.boundaries)
+        if getattr(args, "boundary", None) is not None:
+            if len(paths) != 2:
+                raise ValueError(f"--boundary is where two experts switch; {family.label} has {len(paths)} DiT")
+            boundaries = [args.boundary]
+        request = SampleRequest(experts=paths, boundaries=boundaries, family=family.name, positive=positive,
+                                negative=negative, latent=latent, seed=args.seed,
+                                steps=family.defaults.steps if args.steps is None else args.steps, cfg=cfg,
                                 shift=family.defaults.shift if args.shift is None else args.shift,
                                 sampler=args.sampler or family.defaults.sampler, options=options)
         samples, _ = api.sample(group, request, text_dim=info["text_dim"], on_progress=progress)
@@ -129,6 +153,21 @@ def generate(args: argparse.Namespace) -> Path | None:
         return out
     finally:
         group.close() if isinstance(group, UspGroup) else free_group()
+
+
+def _cfg(text: str | None, family) -> float | list[float]:
+    """--cfg: one scale, or one per expert ("4.0,3.0"); default: the family's."""
+    if text is None:
+        scales = family.defaults.cfg_list()
+    else:
+        try:
+            scales = [float(part) for part in str(text).split(",")]
+        except ValueError:
+            raise ValueError(f"--cfg {text!r}: give a number, or one per expert separated by commas") from None
+    experts = max(len(family.experts), 1)
+    if len(scales) not in (1, experts):
+        raise ValueError(f"--cfg lists {len(scales)} scales; {family.label} takes one, or one per expert ({experts})")
+    return scales[0] if len(scales) == 1 else scales
 
 
 def default_tiny_dir() -> Path:
@@ -148,8 +187,8 @@ def demo(args: argparse.Namespace) -> None:
     gen = argparse.Namespace(prompt="a cat walks on the beach at sunset", width=64, height=48, frames=9, steps=4,
                              seed=42, device="cpu", gpus="", ranks=args.ranks, ulysses="auto", ring="auto",
                              dtype="fp32", attention="sdpa", threads_per_rank=1, fps=8.0, save_latent=None,
-                             out=args.out, negative=None, cfg=None, shift=None, sampler=None,
-                             **{name: str(path) for name, path in paths.items()})
+                             out=args.out, negative=None, cfg=None, shift=None, sampler=None, boundary=None,
+                             model=args.model, **{name: str(path) for name, path in paths.items()})
     generate(gen)
 
 
@@ -208,8 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=make_tiny)
 
     p = sub.add_parser("generate", help="text -> video with given model files")
-    labels = " or ".join(f.label for f in FAMILIES.values())
-    p.add_argument("--dit", required=True, help=f"{labels} T2V .safetensors file or diffusers folder")
+    labels = " or ".join(f.label for f in FAMILIES.values() if not f.experts)
+    p.add_argument("--dit", help=f"{labels} T2V .safetensors file or diffusers folder")
+    p.add_argument("--model", choices=[f.short_name for f in FAMILIES.values()],
+                   help="the model family (default: told from the --dit file); needed for a family of experts")
+    experts = {}
+    for family in FAMILIES.values():
+        for name in family.experts:
+            experts.setdefault(name, []).append(family.label)
+    for name, labels_ in experts.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name,
+                       help=f"the {name.replace('_', ' ')} expert's file or folder ({', '.join(labels_)})")
+    p.add_argument("--boundary", type=float, default=None,
+                   help="the sigma where two experts switch (default: the family's, e.g. "
+                        + ", ".join(f"{f.label} {f.defaults.boundaries[0]}" for f in FAMILIES.values()
+                                    if f.defaults.boundaries) + ")")
     text_inputs = {}
     for family in FAMILIES.values():
         for part in family.text_parts:
@@ -226,9 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--frames", type=int, default=33)
-    p.add_argument("--steps", type=int, default=30)
     defaults = lambda what: ", ".join(f"{f.label} {getattr(f.defaults, what)}" for f in FAMILIES.values())  # noqa: E731
-    p.add_argument("--cfg", type=float, default=None, help=f"default: {defaults('cfg')}")
+    p.add_argument("--steps", type=int, default=None, help=f"default: {defaults('steps')}")
+    p.add_argument("--cfg", default=None, help="one scale, or one per expert (4.0,3.0); default: "
+                                               + ", ".join(f"{f.label} {','.join(map(str, f.defaults.cfg_list()))}"
+                                                           for f in FAMILIES.values()))
     p.add_argument("--shift", type=float, default=None, help=f"default: {defaults('shift')}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help=f"default: {defaults('sampler')}")

@@ -26,7 +26,7 @@ from .parallel.usp_attention import resolve_backend
 from .parallel.vae_split import VaeSplit
 from .requests import Cond, EncodeRequest, SampleRequest
 from .sampling.samplers import get_sampler
-from .sampling.schedules import sampling_sigmas, timestep
+from .sampling.schedules import sampling_sigmas, step_range, timestep
 from .validation import check_latent, check_sample_request
 
 
@@ -168,8 +168,7 @@ class Engine:
 
     # -- the DiT ----------------------------------------------------------------------------------
 
-    def _load_dit(self, path: str):
-        family = models.detect_dit(path)
+    def _load_dit(self, path: str, family: models.ModelFamily):
         model = family.load_dit(path, self.dtype, self.device)
         self.sp = self._mesh(model, family)
         model = family.parallelize(model, self.sp, self.backend)
@@ -179,21 +178,27 @@ class Engine:
         model.usp_sp = self.sp
         return model
 
-    def dit(self, path: str):
-        """The DiT in path, loaded once (an expert of a family with several keeps its own slot)."""
-        return self._cached(f"dit:{_file_key(path)[0]}", path, self._load_dit, role="dit")
+    @staticmethod
+    def _dit_slot(path: str, family: models.ModelFamily) -> str:
+        return f"dit:{family.name}:{_file_key(path)[0]}"
 
-    def _forget_other_dits(self, keep: list[str]) -> None:
+    def dit(self, path: str, family: str | None = None):
+        """The DiT in path, loaded once as `family` (None: detected from the file); each expert of a
+        model keeps its own slot."""
+        found = models.detect_dit(path, family)
+        return self._cached(self._dit_slot(path, found), path, lambda p: self._load_dit(p, found), role="dit")
+
+    def _forget_other_dits(self, keep: list[str], family: str | None = None) -> None:
         """Free the DiTs that this request does not use (a new model replaces the old). The files
         are checked first: a request naming a missing file frees nothing."""
-        kept = {f"dit:{_file_key(path)[0]}" for path in keep}
+        kept = {self._dit_slot(path, models.detect_dit(path, family)) for path in keep}
         for slot in [s for s in self._loaded if s.startswith("dit:") and s not in kept]:
             del self._loaded[slot]
 
-    def dit_info(self, paths: list[str]) -> dict:
+    def dit_info(self, paths: list[str], family: str | None = None) -> dict:
         """Load these DiTs (freeing any other) and describe the first."""
-        self._forget_other_dits(paths)
-        models_ = [self.dit(path) for path in paths]
+        self._forget_other_dits(paths, family)
+        models_ = [self.dit(path, family) for path in paths]
         if any(m.usp_family is not models_[0].usp_family for m in models_):
             raise ValueError("the DiTs of one model must be of one family, got "
                              + ", ".join(m.usp_family.label for m in models_))
@@ -282,17 +287,24 @@ class Engine:
         """
         req.check_experts()
         # inputs that can be checked from the files' headers, before a model is freed or loaded
-        check_sample_request(req, models.detect_dit(req.experts[0]))
-        self._forget_other_dits(req.experts)
-        experts = [self.dit(path) for path in req.experts]
+        check_sample_request(req, models.detect_dit(req.experts[0], req.family))
+        self._forget_other_dits(req.experts + req.keep, req.family)
+        experts = [self.dit(path, req.family) for path in req.experts]
+        for path in req.keep:  # the other experts of the model stay loaded for the next sampler
+            self.dit(path, req.family)
         family, self.sp = experts[0].usp_family, experts[0].usp_sp
         if any(m.usp_family is not family for m in experts):
             raise ValueError("the experts of one sampler call must be of one model family, got "
                              + ", ".join(m.usp_family.label for m in experts))
         options = check_sample_request(req, family, family.describe_dit(experts[0])["text_dim"])
-        sigmas = sampling_sigmas(req.steps, req.shift, req.denoise)
-        noise = make_noise(tuple(req.latent.shape), req.seed)
-        latent_in = family.process_in(req.latent.float())
+        sigmas = step_range(sampling_sigmas(req.steps, req.shift, req.denoise), req.start_step, req.end_step,
+                            req.leftover_noise)
+        if sigmas is None:  # start_at_step is past the last step: nothing to do (as in ComfyUI)
+            return req.latent.float().clone()
+        noise = make_noise(tuple(req.latent.shape), req.seed) if req.add_noise else torch.zeros(req.latent.shape)
+        # ComfyUI leaves an all-zero (empty) latent as it is rather than normalising it
+        latent = req.latent.float()
+        latent_in = family.process_in(latent) if torch.count_nonzero(latent) > 0 else latent
         x = sigmas[0] * noise + (1.0 - sigmas[0]) * latent_in
         batch = x.shape[0]
 
@@ -336,10 +348,13 @@ class Engine:
             return x_t - sigma * v
 
         def callback(i: int, x_t: torch.Tensor, denoised: torch.Tensor) -> None:
-            if on_step is not None and on_step(i, req.steps, denoised):
+            if on_step is not None and on_step(i, len(sigmas) - 1, denoised):
                 raise SamplingInterrupted(i)
 
         if on_start is not None:
             on_start()
         x = get_sampler(req.sampler)(denoise, x, sigmas, callback)
+        # ComfyUI's LATENT holds a partly denoised x as x / (1 - sigma): the next sampler's noise
+        # scaling, (1 - sigma) * latent, gives x back (a no-op when the run ends at sigma 0).
+        x = x / (1.0 - sigmas[-1])
         return family.process_out(x)

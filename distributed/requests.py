@@ -53,17 +53,18 @@ class LoadRequest:
     describes the first."""
 
     paths: list[str]
+    family: str | None = None  # the family to load them as (files that look alike: see models.detect_dit)
     type: str = field(default="load_dit", init=False)
 
     def to_frame(self) -> tuple[dict, dict]:
-        return {"type": self.type, "paths": list(self.paths)}, {}
+        return {"type": self.type, "paths": list(self.paths), "family": self.family}, {}
 
     @classmethod
     def from_frame(cls, header: dict, tensors: dict) -> "LoadRequest":
         paths = _field(header, "paths", list)
         if not paths or not all(isinstance(p, str) for p in paths):
             raise ValueError("request field 'paths' must list at least one DiT file")
-        return cls(paths=paths)
+        return cls(paths=paths, family=_field(header, "family", (str, type(None)), None))
 
 
 @dataclass(kw_only=True)
@@ -93,7 +94,15 @@ class SampleRequest:
     experts: the DiT files; with more than one, expert i runs the steps whose sigma is >= boundaries[i]
     and below boundaries[i-1] (one boundary between two experts). cfg: one scale, or one per expert.
     positive/negative: conditionings (see module docstring), batch 1 or the latent's; latent: raw VAE
-    space [B, C, T, H, W]; options: the family's own sampler inputs (HunyuanVideo: guidance)."""
+    space [B, C, T, H, W]; options: the family's own sampler inputs (HunyuanVideo: guidance).
+    family: the family to run the experts as (None: detected from the files); keep: other DiTs of the
+    same model to keep loaded (the other expert of a two-sampler layout), loaded if missing.
+
+    start_step, end_step, add_noise, leftover_noise: ComfyUI KSamplerAdvanced's start_at_step,
+    end_at_step, add_noise and return_with_leftover_noise, with its meaning: of the `steps`-step
+    schedule only steps start_step..end_step run; without add_noise the latent is taken as already
+    noised to the first sigma; with leftover_noise the result keeps the noise of its last sigma (in
+    ComfyUI's LATENT convention, so a native sampler can go on from it)."""
 
     experts: list[str]
     positive: Cond
@@ -108,6 +117,12 @@ class SampleRequest:
     boundaries: list[float] = field(default_factory=list)
     options: dict[str, float] = field(default_factory=dict)
     preview: bool = False
+    family: str | None = None
+    keep: list[str] = field(default_factory=list)
+    start_step: int = 0
+    end_step: int | None = None
+    add_noise: bool = True
+    leftover_noise: bool = False
     fault: dict | None = None  # test-only fault injection (honoured only by groups started to allow it)
     type: str = field(default="sample", init=False)
 
@@ -116,6 +131,8 @@ class SampleRequest:
             self.experts = [self.experts]
         if isinstance(self.experts, (list, tuple)):
             self.experts = [os.fspath(e) if isinstance(e, os.PathLike) else e for e in self.experts]
+        if isinstance(self.keep, (list, tuple)):
+            self.keep = [os.fspath(e) if isinstance(e, os.PathLike) else e for e in self.keep]
         if not isinstance(self.positive, dict):  # a bare tensor: the tokens alone
             self.positive = {"tokens": self.positive}
         if self.negative is not None and not isinstance(self.negative, dict):
@@ -140,6 +157,16 @@ class SampleRequest:
             problems.append(f"boundaries must be sigmas in (0, 1), decreasing, got {self.boundaries}")
         if isinstance(self.cfg, (list, tuple)) and len(self.cfg) != len(self.experts):
             problems.append(f"cfg lists {len(self.cfg)} scales for {len(self.experts)} experts")
+        if not isinstance(self.keep, list) or not all(isinstance(e, str) for e in self.keep):
+            problems.append("keep must list DiT files")
+        if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 0:
+            problems.append(f"start_at_step must be an integer >= 0, got {self.start_step!r}")
+        if self.end_step is not None and (not isinstance(self.end_step, int) or isinstance(self.end_step, bool)
+                                          or self.end_step < 0):
+            problems.append(f"end_at_step must be an integer >= 0, got {self.end_step!r}")
+        for name in ("add_noise", "leftover_noise"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -147,7 +174,9 @@ class SampleRequest:
         header = {"type": self.type, "experts": list(self.experts), "boundaries": list(self.boundaries),
                   "seed": self.seed, "steps": self.steps, "cfg": self.cfg, "shift": self.shift,
                   "sampler": self.sampler, "denoise": self.denoise, "options": dict(self.options),
-                  "preview": bool(self.preview)}
+                  "preview": bool(self.preview), "family": self.family, "keep": list(self.keep),
+                  "start_step": self.start_step, "end_step": self.end_step, "add_noise": self.add_noise,
+                  "leftover_noise": self.leftover_noise}
         if self.fault is not None:
             header["fault"] = self.fault
         tensors = {"latent": self.latent.float(), **cond_tensors("positive", self.positive),
@@ -165,7 +194,12 @@ class SampleRequest:
                    seed=_field(header, "seed", int), steps=_field(header, "steps", int), cfg=cfg,
                    shift=_field(header, "shift", (int, float)), sampler=_field(header, "sampler", str),
                    denoise=_field(header, "denoise", (int, float), 1.0), options=_field(header, "options", dict, {}),
-                   preview=_field(header, "preview", bool, False), fault=header.get("fault"))
+                   preview=_field(header, "preview", bool, False),
+                   family=_field(header, "family", (str, type(None)), None), keep=_field(header, "keep", list, []),
+                   start_step=_field(header, "start_step", int, 0),
+                   end_step=_field(header, "end_step", (int, type(None)), None),
+                   add_noise=_field(header, "add_noise", bool, True),
+                   leftover_noise=_field(header, "leftover_noise", bool, False), fault=header.get("fault"))
 
 
 @dataclass(kw_only=True)

@@ -220,7 +220,7 @@ class Worker:
             raise ValueError(f"unknown request type {kind!r}")
         request = REQUESTS[kind].from_frame(header, tensors)
         if isinstance(request, LoadRequest):
-            return {"type": "ok", **engine.dit_info(request.paths)}, None
+            return {"type": "ok", **engine.dit_info(request.paths, request.family)}, None
         if isinstance(request, EncodeRequest):
             if not engine.encode_on_all_ranks(request) and self.rank != 0:
                 return None

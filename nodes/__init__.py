@@ -1,36 +1,16 @@
-"""ComfyUI nodes (classic V1 API): thin adapters over distributed.api."""
+"""ComfyUI nodes (classic V1 API): thin adapters over distributed.api.
 
-from .group_node import UspFreeGroup, UspGroupNode
-from .hunyuan_nodes import UspHunyuanModelLoader, UspHunyuanSampler, UspHunyuanTextEncode, UspHunyuanTextEncoderLoader
-from .wan_nodes import (UspTextEncode, UspTextEncoderLoader, UspVaeDecode, UspVaeLoader, UspWanModelLoader,
-                        UspWanSampler)
+Every module here that defines NODES ({type name: (class, display name)}) contributes its nodes, so a
+model family adds its nodes with one file (e.g. wan22_nodes.py) and nothing else changes."""
 
-NODE_CLASS_MAPPINGS = {
-    "UspGroup": UspGroupNode,
-    "UspFreeGroup": UspFreeGroup,
-    "UspWanModelLoader": UspWanModelLoader,
-    "UspTextEncoderLoader": UspTextEncoderLoader,
-    "UspTextEncode": UspTextEncode,
-    "UspWanSampler": UspWanSampler,
-    "UspVaeLoader": UspVaeLoader,
-    "UspVaeDecode": UspVaeDecode,
-    "UspHunyuanModelLoader": UspHunyuanModelLoader,
-    "UspHunyuanTextEncoderLoader": UspHunyuanTextEncoderLoader,
-    "UspHunyuanTextEncode": UspHunyuanTextEncode,
-    "UspHunyuanSampler": UspHunyuanSampler,
-}
+import importlib
+import pkgutil
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "UspGroup": "USP Group (GPUs / ranks)",
-    "UspFreeGroup": "USP Free Group",
-    "UspWanModelLoader": "USP Load Wan 2.1 Model",
-    "UspTextEncoderLoader": "USP Load Text Encoder (UMT5)",
-    "UspTextEncode": "USP Text Encode (Wan)",
-    "UspWanSampler": "USP Sampler (Wan 2.1)",
-    "UspVaeLoader": "USP Load VAE (Wan / HunyuanVideo)",
-    "UspVaeDecode": "USP VAE Decode",
-    "UspHunyuanModelLoader": "USP Load HunyuanVideo Model",
-    "UspHunyuanTextEncoderLoader": "USP Load Text Encoders (HunyuanVideo)",
-    "UspHunyuanTextEncode": "USP Text Encode (HunyuanVideo)",
-    "UspHunyuanSampler": "USP Sampler (HunyuanVideo)",
-}
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    for _name, (_cls, _display) in getattr(importlib.import_module(f".{_module}", __name__), "NODES", {}).items():
+        if _name in NODE_CLASS_MAPPINGS:
+            raise RuntimeError(f"two node files define the ComfyUI node {_name!r}")
+        NODE_CLASS_MAPPINGS[_name] = _cls
+        NODE_DISPLAY_NAME_MAPPINGS[_name] = _display

@@ -16,22 +16,36 @@ log = logging.getLogger("usp_video")
 LATENT_TAG = "usp_family"
 
 
-def load_model(group, model_name: str, family: str) -> tuple[dict, str]:
-    """A DiT from models/diffusion_models on every rank: (the model socket's value, the info text)."""
-    path = services.model_path("diffusion_models", model_name)
-    info = api.load_dit(group, path, family=family)
-    text = (f"{model_name}: {info['layers']} layers, {info['heads']} heads; "
+def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, str]:
+    """A DiT from models/diffusion_models on every rank, or the experts of one model (a list, in the
+    family's expert order): (the model socket's value, the info text). The socket holds "path" (the
+    first) and "experts" (all)."""
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
+    paths = [services.model_path("diffusion_models", name) for name in names]
+    info = api.load_dit(group, paths if len(paths) > 1 else paths[0], family=family)
+    text = (f"{' + '.join(names)}: {info['layers']} layers, {info['heads']} heads; "
             f"ulysses={info['ulysses']} x ring={info['ring']}")
     if info.get("cfg_parallel", 1) == 2:
         text += " x cfg-parallel 2 (used when cfg != 1)"
     if "parameter_bytes" in info:
-        text += (f"; weights per rank {info['parameter_bytes'] / 2**30:.2f} GiB "
+        text += (f"; weights per rank {info['parameter_bytes'] / 2**30:.2f} GiB"
+                 f"{' per expert' if len(paths) > 1 else ''} "
                  f"({'sharded across the ranks' if info['sharded'] else 'a full copy on every rank'}), "
                  f"free memory {info['free_bytes'] / 2**30:.1f} GiB")
     if info.get("fp8_layers"):
         text += f"; {info['fp8_layers']} layers keep their fp8 weights"
+    for warning in info.get("warnings", []):
+        log.warning("usp-video: %s", warning)
+        text += f"\nwarning: {warning}"
     log.info("usp-video: %s", text)
-    return {"group": group, "path": path, "info": info}, text
+    return {"group": group, "path": paths[0], "experts": paths, "info": info}, text
+
+
+def expert_socket(model: dict, index: int) -> dict:
+    """One expert of a loaded model as a model socket of its own, for a sampler that runs only some
+    steps (the two-sampler layout); the other experts stay loaded beside it."""
+    path = model["experts"][index]
+    return {**model, "path": path, "experts": [path], "keep": [p for p in model["experts"] if p != path]}
 
 
 def conditioning_parts(conditioning, name: str):
@@ -55,14 +69,16 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
                 **request) -> tuple[dict]:
     """Sample on the group with the page's progress bar, previews and Cancel; returns (LATENT,).
 
-    positive/negative: conditionings as the family's tensors ({"tokens": ..., ...}); request: the other
-    fields of requests.SampleRequest (seed, steps, cfg, shift, sampler, denoise, options)."""
+    model: a loader's socket value ({"group", "path", "info"}, and "keep": the other experts of its model,
+    kept loaded); positive/negative: conditionings as the family's tensors ({"tokens": ..., ...});
+    request: the other fields of requests.SampleRequest (seed, steps, cfg, shift, sampler, denoise,
+    options, experts and boundaries, the KSamplerAdvanced step range)."""
     if "noise_mask" in latent_image:
         raise ValueError("latent_image has a noise mask; masked (inpainting) sampling is not supported")
     steps = request["steps"]
     model_info = model["info"]
     made_by = latent_image.get(LATENT_TAG)
-    if made_by is not None and made_by != model_info["family"]:
+    if made_by in models.FAMILIES and not models.same_latent_space(made_by, model_info["family"]):
         raise ValueError(f"latent_image was sampled by a {models.get(made_by).label} model; this is "
                          f"{model_info['model']}: their latent spaces differ. Start from an empty latent, or decode it "
                          "with its own model's VAE")
@@ -75,8 +91,11 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
         log.info("usp-video: step %d/%d, %.2f s/step, ETA %.0f s", event["step"], event["total"], per_step,
                  per_step * (event["total"] - event["step"]))
 
-    sample_request = api.SampleRequest(experts=[model["path"]], positive=positive, negative=negative,
-                                       latent=latent_image["samples"], preview=progress.wants_preview, **request)
+    request.setdefault("experts", model.get("experts", [model["path"]]))
+    sample_request = api.SampleRequest(positive=positive, negative=negative, latent=latent_image["samples"],
+                                       preview=progress.wants_preview, family=model_info["family"],
+                                       keep=[p for p in model.get("keep", []) if p not in request["experts"]],
+                                       **request)
     try:
         samples, info = api.sample(model["group"], sample_request, text_dim=model_info.get("text_dim"),
                                    on_progress=on_progress, should_cancel=services.interrupt_requested)

@@ -134,3 +134,10 @@ class UspFreeGroup:
     def free(self, after=None):
         free_group()
         return ()
+
+
+# the nodes of this file: {ComfyUI type name: (class, display name)} (collected by nodes/__init__.py)
+NODES = {
+    "UspGroup": (UspGroupNode, "USP Group (GPUs / ranks)"),
+    "UspFreeGroup": (UspFreeGroup, "USP Free Group"),
+}

@@ -134,3 +134,12 @@ class UspHunyuanSampler:
                            sampler=sampler_name, denoise=denoise, options={"guidance": guidance},
                            positive={"tokens": pos, "pooled": _pooled(pos_extra, "positive")},
                            negative={"tokens": neg, "pooled": _pooled(neg_extra, "negative")} if use_negative else None)
+
+
+# the nodes of this file: {ComfyUI type name: (class, display name)} (collected by nodes/__init__.py)
+NODES = {
+    "UspHunyuanModelLoader": (UspHunyuanModelLoader, "USP Load HunyuanVideo Model"),
+    "UspHunyuanTextEncoderLoader": (UspHunyuanTextEncoderLoader, "USP Load Text Encoders (HunyuanVideo)"),
+    "UspHunyuanTextEncode": (UspHunyuanTextEncode, "USP Text Encode (HunyuanVideo)"),
+    "UspHunyuanSampler": (UspHunyuanSampler, "USP Sampler (HunyuanVideo)"),
+}

@@ -108,6 +108,53 @@ class UspWanSampler:
                            negative={"tokens": conditioning_parts(negative, "negative")[0]})
 
 
+class UspWanSamplerAdvanced:
+    DESCRIPTION = ("KSamplerAdvanced on the USP group: runs steps start_at_step..end_at_step of the schedule and "
+                   "can return the latent with its leftover noise, in ComfyUI's convention, so that it mixes with "
+                   "native KSamplerAdvanced nodes either way (e.g. Wan 2.2's high-noise / low-noise two-sampler "
+                   "layout).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("USP_WAN_MODEL", {"tooltip": "A Wan model: a Wan 2.1 loader's, or one expert of the Wan 2.2 "
+                                                   "loader (high_noise for the first steps, low_noise after)."}),
+            "add_noise": (["enable", "disable"], {"tooltip": "disable when the latent comes with leftover noise "
+                                                             "from the sampler before this one."}),
+            "noise_seed": ("INT", {"default": 0, "min": 0, "max": api.MAX_SEED, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
+                              "tooltip": "Steps of the whole schedule (all samplers of the layout)."}),
+            "cfg": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "shift": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                                "tooltip": "Flow shift (ModelSamplingSD3); the same on every sampler of the layout."}),
+            "sampler_name": (list(SAMPLERS), {"default": "euler",
+                                              "tooltip": "euler: split runs equal one run. unipc: its history "
+                                                         "restarts at a split, so they differ."}),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT",),
+            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
+            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
+            "return_with_leftover_noise": (["disable", "enable"], {"tooltip": "enable to hand the latent to "
+                                                                              "another sampler mid-schedule."}),
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    def sample(self, model, add_noise, noise_seed, steps, cfg, shift, sampler_name, positive, negative, latent_image,
+               start_at_step, end_at_step, return_with_leftover_noise, node_id=None):
+        for name, value in (("add_noise", add_noise), ("return_with_leftover_noise", return_with_leftover_noise)):
+            if value not in ("enable", "disable"):
+                raise ValueError(f"{name} must be 'enable' or 'disable', got {value!r}")
+        return run_sampler(model, latent_image, node_id, seed=noise_seed, steps=steps, cfg=cfg, shift=shift,
+                           sampler=sampler_name, add_noise=add_noise == "enable", start_step=start_at_step,
+                           end_step=end_at_step, leftover_noise=return_with_leftover_noise == "enable",
+                           positive={"tokens": conditioning_parts(positive, "positive")[0]},
+                           negative={"tokens": conditioning_parts(negative, "negative")[0]})
+
+
 class UspVaeLoader:
     DESCRIPTION = "Loads a video VAE (Wan 2.1 or HunyuanVideo) on rank 0 of the USP group."
 
@@ -144,3 +191,15 @@ class UspVaeDecode:
         frames = api.decode(vae["group"], vae["path"], samples["samples"], family=samples.get(LATENT_TAG))
         progress.update(1)
         return (frames,)
+
+
+# the nodes of this file: {ComfyUI type name: (class, display name)} (collected by nodes/__init__.py)
+NODES = {
+    "UspWanModelLoader": (UspWanModelLoader, "USP Load Wan 2.1 Model"),
+    "UspTextEncoderLoader": (UspTextEncoderLoader, "USP Load Text Encoder (UMT5)"),
+    "UspTextEncode": (UspTextEncode, "USP Text Encode (Wan)"),
+    "UspWanSampler": (UspWanSampler, "USP Sampler (Wan 2.1)"),
+    "UspWanSamplerAdvanced": (UspWanSamplerAdvanced, "USP Sampler Advanced (Wan)"),
+    "UspVaeLoader": (UspVaeLoader, "USP Load VAE (Wan / HunyuanVideo)"),
+    "UspVaeDecode": (UspVaeDecode, "USP VAE Decode"),
+}

@@ -62,6 +62,34 @@ def main(comfy_dir: str, models_json: str) -> None:
         return rel(ours, native)
 
     out["ksampler_euler"] = both(torch.zeros(1, 16, 3, 4, 6), 123, 4, 5.0, 1.0)
+
+    # KSamplerAdvanced, the node itself (ComfyUI's nodes.py), against our step range
+    import nodes as comfy_nodes
+
+    engine = Engine()
+
+    def native_adv(latent, add_noise, start, end, leftover):
+        return comfy_nodes.KSamplerAdvanced().sample(patcher, add_noise, 7, 6, 4.0, "euler", "simple", [[pos, {}]],
+                                                     [[neg, {}]], {"samples": latent}, start, end, leftover)[0]["samples"]
+
+    def ours_adv(latent, add_noise, start, end, leftover):
+        return engine.sample(SampleRequest(experts=[paths["dit"]], positive=pos, negative=neg, latent=latent, seed=7,
+                                           steps=6, cfg=4.0, shift=5.0, sampler="euler", start_step=start,
+                                           end_step=end, add_noise=add_noise == "enable",
+                                           leftover_noise=leftover == "enable"))
+
+    empty = torch.zeros(1, 16, 3, 4, 6)
+    native_first = native_adv(empty, "enable", 0, 3, "enable")
+    ours_first = ours_adv(empty, "enable", 0, 3, "enable")
+    native_whole = native_adv(native_first, "disable", 3, 10000, "disable")
+    out["advanced_leftover_latent"] = rel(ours_first, native_first)
+    out["advanced_split_usp_usp"] = rel(ours_adv(ours_first, "disable", 3, 10000, "disable"), native_whole)
+    out["advanced_split_native_usp"] = rel(ours_adv(native_first, "disable", 3, 10000, "disable"), native_whole)
+    out["advanced_split_usp_native"] = rel(native_adv(ours_first, "disable", 3, 10000, "disable"), native_whole)
+    out["advanced_end_without_leftover"] = rel(ours_adv(empty, "enable", 0, 4, "disable"),
+                                               native_adv(empty, "enable", 0, 4, "disable"))
+    out["advanced_start_on_empty"] = rel(ours_adv(empty, "enable", 2, 10000, "disable"),
+                                         native_adv(empty, "enable", 2, 10000, "disable"))
     out["ksampler_euler_denoise"] = both(torch.randn(1, 16, 3, 4, 6, generator=g), 9, 4, 3.0, 0.6)
 
     vae = comfy.ldm.wan.vae.WanVAE(dim=vae_cfg["base_dim"], z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,

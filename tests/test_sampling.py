@@ -5,10 +5,10 @@ import torch
 
 from usp_video.distributed.engine import make_noise
 from usp_video.distributed.models import FAMILIES
+from usp_video.distributed.sampling.samplers import get_sampler, sample_euler
+from usp_video.distributed.sampling.schedules import sampling_sigmas, simple_sigmas, step_range
 
 WAN, HUNYUAN = FAMILIES["wan2.1"], FAMILIES["hunyuan-video"]
-from usp_video.distributed.sampling.samplers import get_sampler, sample_euler
-from usp_video.distributed.sampling.schedules import sampling_sigmas, simple_sigmas
 
 
 def test_noise_is_comfyui_prepare_noise():
@@ -72,3 +72,68 @@ def test_euler_callback_sees_every_step():
 def test_unknown_sampler_lists_the_valid_ones():
     with pytest.raises(ValueError, match="sampler must be one of unipc, euler"):
         get_sampler("dpmpp")
+
+
+# -- KSamplerAdvanced's step range (start_at_step, end_at_step, add_noise, leftover noise) --------------
+
+
+def test_step_range_is_ksampler_advanced():
+    sigmas = simple_sigmas(6, 5.0)
+    torch.testing.assert_close(step_range(sigmas, 0, 3, leftover_noise=True), sigmas[:4])
+    cut = step_range(sigmas, 0, 3, leftover_noise=False)
+    torch.testing.assert_close(cut[:3], sigmas[:3])
+    assert cut[-1] == 0  # force_full_denoise
+    torch.testing.assert_close(step_range(sigmas, 3, 10000), sigmas[3:])
+    assert step_range(sigmas, 6, 10000) is None and step_range(sigmas, 2, 2) is None
+    assert sigmas[3] != 0  # step_range works on a copy
+
+
+@pytest.fixture(scope="module")
+def engine_and_conds(tiny_models):
+    from usp_video.distributed.engine import Engine
+
+    g = torch.Generator().manual_seed(5)
+    return Engine(), torch.randn(1, 7, 32, generator=g), torch.randn(1, 5, 32, generator=g)
+
+
+def _advanced(engine_and_conds, dit, latent, sampler="euler", **fields):
+    from usp_video.distributed.requests import SampleRequest
+
+    engine, pos, neg = engine_and_conds
+    return engine.sample(SampleRequest(experts=[dit], positive=pos, negative=neg, latent=latent, seed=11, steps=6,
+                                       cfg=4.0, shift=8.0, sampler=sampler, **fields))
+
+
+def test_split_at_a_step_equals_one_run_with_euler(tiny_models, engine_and_conds):
+    """The two-sampler layout: 0..k with leftover noise, then k..end without adding noise."""
+    from conftest import rel_error
+
+    empty = torch.zeros(1, 16, 3, 4, 6)
+    whole = _advanced(engine_and_conds, tiny_models["dit"], empty)
+    for k in (1, 3, 5):
+        first = _advanced(engine_and_conds, tiny_models["dit"], empty, end_step=k, leftover_noise=True)
+        second = _advanced(engine_and_conds, tiny_models["dit"], first, start_step=k, add_noise=False)
+        assert rel_error(second, whole) < 1e-5, k
+        assert rel_error(first, whole) > 1e-2  # the leftover latent is not the result yet
+
+
+def test_unipc_split_runs_but_restarts_its_history(tiny_models, engine_and_conds):
+    empty = torch.zeros(1, 16, 3, 4, 6)
+    whole = _advanced(engine_and_conds, tiny_models["dit"], empty, sampler="unipc")
+    first = _advanced(engine_and_conds, tiny_models["dit"], empty, sampler="unipc", end_step=3, leftover_noise=True)
+    second = _advanced(engine_and_conds, tiny_models["dit"], first, sampler="unipc", start_step=3, add_noise=False)
+    assert torch.isfinite(second).all()
+    from conftest import rel_error
+
+    assert 0 < rel_error(second, whole) < 0.5
+
+
+def test_nothing_left_to_run_returns_the_input(tiny_models, engine_and_conds):
+    latent = torch.randn(1, 16, 3, 4, 6)
+    out = _advanced(engine_and_conds, tiny_models["dit"], latent, start_step=6)
+    assert torch.equal(out, latent)
+
+
+def test_bad_step_range_is_named(tiny_models, engine_and_conds):
+    with pytest.raises(ValueError, match="start_at_step must be an integer >= 0"):
+        _advanced(engine_and_conds, tiny_models["dit"], torch.zeros(1, 16, 3, 4, 6), start_step=-1)

@@ -2,20 +2,33 @@
 files are told apart. Shared helpers: checkpoint.py (reading files), fp8.py (fp8 storage), video.py
 (VAE frames), tiny.py (what the tiny sets share).
 
-Adding a family: a package with a FAMILY, listed in FAMILIES below, a node file and its workflows.
+Adding a family: a package here whose FAMILY is a ModelFamily (FAMILIES finds it), a node file and its
+workflows; nothing else changes.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 from pathlib import Path
 
 from .checkpoint import CheckpointError, read_header, unprefixed
 from .family import ModelFamily
-from .hunyuan_video import FAMILY as HUNYUAN_VIDEO
-from .wan21 import FAMILY as WAN21
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (WAN21, HUNYUAN_VIDEO)}
+
+def _discover() -> dict[str, ModelFamily]:
+    """Every family package's FAMILY, in their `order` (detection tries them in it)."""
+    found = []
+    for module in pkgutil.iter_modules(__path__):
+        if module.ispkg:
+            family = getattr(importlib.import_module(f".{module.name}", __name__), "FAMILY", None)
+            if isinstance(family, ModelFamily):
+                found.append(family)
+    return {f.name: f for f in sorted(found, key=lambda f: (f.order, f.name))}
+
+
+FAMILIES: dict[str, ModelFamily] = _discover()
 
 
 def get(name: str) -> ModelFamily:
@@ -55,25 +68,34 @@ def _folder_class(path: Path) -> str | None:
     return json.loads(config_file.read_text()).get("_class_name") if config_file.is_file() else None
 
 
-def detect_dit(path: str | Path) -> ModelFamily:
-    """The family of a DiT single file or diffusers folder; CheckpointError when it is none of them."""
+def detect_dit(path: str | Path, family: str | None = None) -> ModelFamily:
+    """The family of a DiT single file or diffusers folder; CheckpointError when it is none of them.
+
+    Files of some families look exactly like another's (Wan 2.2 A14B's experts have Wan 2.1 14B's
+    tensors): those families do not claim files (claims_files False) and are only chosen by name, with
+    `family`; the file must then pass that family's checks."""
     path = Path(path)
-    labels = [f.label for f in FAMILIES.values()]
+    if family is not None:
+        candidates = [get(family)]
+    else:
+        candidates = [f for f in FAMILIES.values() if f.claims_files]
+    labels = [f.label for f in candidates]
     if path.is_dir():
         name = _folder_class(path)
         if name is None:
             raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers transformer "
-                                  f"folder ({' or '.join(f.dit_class for f in FAMILIES.values())})")
-        for family in FAMILIES.values():
-            if name == family.dit_class:
-                return family
+                                  f"folder ({' or '.join(f.dit_class for f in candidates)})")
+        for found in candidates:
+            if name == found.dit_class:
+                found.check_dit_folder(path)
+                return found
         raise CheckpointError(f"{path}: a diffusers {name}; expected "
-                              f"{' or '.join(f.dit_class for f in FAMILIES.values())}")
+                              f"{' or '.join(f.dit_class for f in candidates)}")
     shapes, _ = read_header(path)
     stripped = unprefixed(shapes)
-    for family in FAMILIES.values():
-        if family.is_dit(set(stripped)):
-            return family
+    for found in candidates:
+        if found.is_dit(set(stripped)):
+            return found
     raise CheckpointError(f"{path.name} is {_one_of(labels, 'diffusion model')} ({describe_keys(stripped)})")
 
 
@@ -96,15 +118,21 @@ def detect_vae(path: str | Path) -> ModelFamily:
                           "model from models/vae")
 
 
-def check_dit_file(path: str | Path) -> tuple[ModelFamily, dict]:
-    """Family and config of a DiT file, read from its header only (fast, in the calling process)."""
-    family = detect_dit(path)
+def check_dit_file(path: str | Path, family: str | None = None) -> tuple[ModelFamily, dict]:
+    """Family and config of a DiT file, read from its header only (fast, in the calling process);
+    `family` as for detect_dit."""
+    found = detect_dit(path, family)
     path = Path(path)
     if path.is_dir():
-        return family, {}
+        return found, {}
     shapes, metadata = read_header(path)
-    return family, family.dit_config(path, shapes, metadata)
+    return found, found.dit_config(path, shapes, metadata)
 
 
-__all__ = ["FAMILIES", "ModelFamily", "get", "detect_dit", "detect_vae", "check_dit_file", "describe_keys",
+def same_latent_space(a: str, b: str) -> bool:
+    """Do the latents of these two families (by name) mean the same thing (Wan 2.1 and Wan 2.2 A14B do)?"""
+    return get(a).latent_format == get(b).latent_format
+
+
+__all__ = ["FAMILIES", "ModelFamily", "get", "detect_dit", "detect_vae", "check_dit_file", "same_latent_space", "describe_keys",
            "CheckpointError"]

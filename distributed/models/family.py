@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..parallel.vae_split import VaeSplit
+from .checkpoint import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,13 @@ class Defaults:
 
     sampler: str
     shift: float
-    cfg: float
+    cfg: float | tuple[float, ...]  # one per expert for a family with several
     negative_prompt: str = ""
+    steps: int = 30
+    boundaries: tuple[float, ...] = ()  # where the experts switch (sigmas, decreasing)
+
+    def cfg_list(self) -> list[float]:
+        return list(self.cfg) if isinstance(self.cfg, tuple) else [self.cfg]
 
 
 class ModelFamily:
@@ -74,6 +80,9 @@ class ModelFamily:
     cond_keys: tuple[str, ...] = ("tokens",)  # the tensors of its conditioning ("tokens" first)
     text_encoder_hint: str      # which text encoder the family uses (error messages)
     options: dict[str, Option] = {}  # sampler inputs of its own (never mutated)
+    experts: tuple[str, ...] = ()   # the expert slots of a model made of several DiTs, first to last
+    claims_files: bool = True       # may detection pick it from a file alone? (models.detect_dit)
+    order: int = 100                # where it stands in lists and detection (lower first)
 
     # -- files (header only: cheap, runs in the ComfyUI process too) -------------------------------
 
@@ -92,6 +101,16 @@ class ModelFamily:
     def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
         """The DiT's config from a single file's header; CheckpointError for a file it cannot run."""
         raise NotImplementedError
+
+    def check_dit_folder(self, path: Path) -> None:
+        """CheckpointError for a diffusers DiT folder of its class that it cannot run."""
+
+    def check_experts(self, paths: list[str], configs: list[dict]) -> list[str]:
+        """Check the DiT files of one model (in the order of `experts`; configs: their dit_config, {}
+        for folders): CheckpointError when they cannot go together; returns warnings to show."""
+        if len(paths) != max(len(self.experts), 1):
+            raise CheckpointError(f"{self.label} takes {max(len(self.experts), 1)} DiT file(s), got {len(paths)}")
+        return []
 
     # -- the DiT ----------------------------------------------------------------------------------
 

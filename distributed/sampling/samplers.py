@@ -3,7 +3,8 @@
 
 euler: ComfyUI's "euler" (k-diffusion sample_euler without churn).
 unipc: UniPC multistep (diffusers' UniPCMultistepScheduler, flow prediction, order 2, bh2 as
-       in Wan's reference code), walked on the same sigmas. (diffusers' bh1 variant divides by
+       in Wan's reference code), walked on the same sigmas; a schedule may end above 0 (its
+       history starts afresh in a second sampler, so a split run differs from an unsplit one). (diffusers' bh1 variant divides by
        an infinite log-SNR step at sigma 0 and returns NaN there, so it is not offered.)
 """
 
@@ -33,9 +34,10 @@ def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, callback: 
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
                                         solver_order=2, solver_type="bh2", lower_order_final=True,
                                         final_sigmas_type="zero")
-    if float(sigmas[-1]) != 0.0:
-        raise ValueError("unipc needs a schedule that ends at sigma 0")
     scheduler.set_timesteps(sigmas=sigmas[:-1].double().numpy())
+    # A schedule that stops short of 0 (a sampler that leaves noise for the next one): the last
+    # step goes to that sigma instead of the scheduler's final 0.
+    scheduler.sigmas[-1] = sigmas[-1].to(scheduler.sigmas.dtype)
     # Walk the steps by index: the integer timesteps the scheduler would look itself up by
     # repeat when sigmas are close (many steps, large shift), which would shift every step by one.
     scheduler.set_begin_index(0)

@@ -45,3 +45,18 @@ def sampling_sigmas(steps: int, shift: float, denoise: float = 1.0) -> torch.Ten
 def timestep(sigma: torch.Tensor | float) -> torch.Tensor | float:
     """The timestep the DiT is conditioned on for a sigma."""
     return sigma * MULTIPLIER
+
+
+def step_range(sigmas: torch.Tensor, start_step: int = 0, end_step: int | None = None,
+               leftover_noise: bool = False) -> torch.Tensor | None:
+    """The part of a schedule that KSamplerAdvanced walks (ComfyUI's KSampler.sample): steps
+    start_step..end_step; the last sigma is set to 0 unless the result keeps its leftover noise.
+    None when no step is left to run (ComfyUI then returns the input latent unchanged)."""
+    sigmas = sigmas.clone()
+    if end_step is not None and end_step < len(sigmas) - 1:
+        sigmas = sigmas[:end_step + 1]
+        if not leftover_noise:
+            sigmas[-1] = 0.0
+    if start_step >= len(sigmas) - 1:
+        return None
+    return sigmas[start_step:]

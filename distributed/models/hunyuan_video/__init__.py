@@ -16,6 +16,7 @@ from . import dit, text, vae
 
 class HunyuanVideo(ModelFamily):
     name, label, short_name = "hunyuan-video", "HunyuanVideo", "hunyuan"
+    order = 20
     dit_class, vae_class = "HunyuanVideoTransformer3DModel", "AutoencoderKLHunyuanVideo"
     latent_format = "HunyuanVideo"
     defaults = Defaults(sampler="euler", shift=7.0, cfg=1.0)

@@ -19,6 +19,7 @@ NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕
 
 class Wan21(ModelFamily):
     name, label, short_name = "wan2.1", "Wan 2.1", "wan"
+    order = 10
     dit_class, vae_class = "WanTransformer3DModel", "AutoencoderKLWan"
     latent_format = "Wan21"
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
