@@ -238,3 +238,29 @@ def run_cases(rank, world_size, target, cases):
         for name, value in (function(rank, world_size, **kwargs) or {}).items():
             out[f"{i}/{name}"] = value
     return out
+
+
+# -- Wan 2.2 A14B (test_wan22.py) ------------------------------------------------------------------------
+
+def wan22_forward(engine, path, shape):
+    x, t, context = dit_inputs(shape)
+    with torch.no_grad():
+        return engine.dit(path, "wan2.2-a14b")(x, t, context, return_dict=False)[0]
+
+
+def wan22_request(experts, shape, sampler, steps=6):
+    """A run across the switch: shift 12 and boundary 0.875 put it after step 4 of 6; cfg per expert."""
+    request = sample_request(experts[0], shape, steps=steps, sampler=sampler, cfg=4.0)
+    request.experts, request.family, request.shift = list(experts), "wan2.2-a14b", 12.0
+    request.boundaries = [0.875] if len(experts) == 2 else []
+    request.cfg = [4.0, 3.0] if len(experts) == 2 else 4.0
+    return request
+
+
+def wan22_rank(rank, world_size, ulysses, ring, experts, shape, sampler):
+    engine = make_engine(rank, world_size, ulysses, ring)
+    out = {f"forward{i}": wan22_forward(engine, path, shape) for i, path in enumerate(experts)}
+    assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
+    out["latent"] = engine.sample(wan22_request(experts, shape, sampler))
+    out["loads"] = torch.tensor(engine.load_counts["dit"])
+    return out

@@ -21,6 +21,7 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI to start")
 WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "api" / "wan21_t2v_usp_api.json"
 HUNYUAN_WORKFLOW = WORKFLOW.with_name("hunyuan_video_t2v_usp_api.json")
+WAN22_TWO_SAMPLERS = WORKFLOW.with_name("wan22_t2v_usp_two_samplers_api.json")
 
 
 def tiny_overrides(tiny_models, steps=3, width=64, height=48, length=9, seed=1):
@@ -41,10 +42,12 @@ def queue(url, out_dir, *args, timeout=300, workflow=WORKFLOW):
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     from usp_video.distributed.models.hunyuan_video.tiny import make_tiny_hunyuan_models
+    from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models as make_tiny_wan22
 
     work = tmp_path_factory.mktemp("comfyui")
     models_root = Path(tiny_models["dit"]).parents[1]
     make_tiny_hunyuan_models(models_root)  # beside the Wan set, in the same models/ layout
+    make_tiny_wan22(models_root)
     with comfyui_server(COMFYUI_DIR, models_root, work) as url:
         yield url, work
     assert "IMPORT FAILED" not in "\n".join(l for l in log_text(work).splitlines() if "usp-video" in l)
@@ -73,6 +76,25 @@ def test_shipped_api_workflow_runs_over_http(server, tiny_models, tmp_path):
 
     with Image.open(files[0]) as image:  # written by the native SaveAnimatedWEBP node
         assert image.size == (64, 48) and image.n_frames == 9
+
+
+def test_wan22_two_sampler_workflow_runs_over_http(server, tiny_models, tmp_path):
+    """ComfyUI runs the shipped two-sampler layout: the Wan 2.2 loader's expert outputs feed two USP
+    Sampler Advanced nodes, the second taking the first's latent with its leftover noise."""
+    from usp_video.distributed.models.wan22_a14b.tiny import FILES
+
+    url, _ = server
+    result = queue(url, tmp_path, "--set", "UspGroup.device=cpu", "--set", "UspGroup.cpu_ranks=2",
+                   "--set", f"2.high_noise_model={Path(FILES['high_noise']).name}",
+                   "--set", f"2.low_noise_model={Path(FILES['low_noise']).name}",
+                   "--set", f"3.text_encoder_name={Path(tiny_models['text_encoder']).name}",
+                   "--set", f"8.vae_name={Path(tiny_models['vae']).name}",
+                   "--set", "6.width=64", "--set", "6.height=48", "--set", "6.length=5",
+                   "--set", "7.steps=4", "--set", "7.end_at_step=2", "--set", "11.steps=4", "--set", "11.start_at_step=2",
+                   workflow=WAN22_TWO_SAMPLERS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "node 7: 2/2" in result.stdout and "node 11: 2/2" in result.stdout  # each ran its half
+    assert len(list(tmp_path.rglob("*.webp"))) == 1
 
 
 def test_cancel_over_http_then_next_prompt_runs(server, tiny_models, tmp_path):
@@ -203,7 +225,7 @@ def test_template_browser_lists_only_workflows_the_page_can_open(server):
     only UI-format files (with "version" and "nodes"), so the API-format files live in workflows/api/."""
     url, _ = server
     listed = json.loads(urllib.request.urlopen(url + "/workflow_templates").read())["ComfyUI-usp-video"]
-    assert sorted(listed) == ["hunyuan_video_t2v_usp", "wan21_t2v_usp"]
+    assert sorted(listed) == ["hunyuan_video_t2v_usp", "wan21_t2v_usp", "wan22_t2v_usp", "wan22_t2v_usp_two_samplers"]
     for name in listed:
         template = json.loads(urllib.request.urlopen(f"{url}/api/workflow_templates/ComfyUI-usp-video/{name}.json")
                               .read())

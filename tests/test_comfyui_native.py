@@ -3,7 +3,8 @@
 Set COMFYUI_DIR to a ComfyUI checkout, and COMFYUI_PYTHON to a Python with its requirements and this
 pack installed (default: the Python running the tests).
 ComfyUI's WanModel and WanVAE load our tiny files strictly; its KSampler (euler, simple,
-ModelSamplingSD3 shift, the same seed) must give the latent our sampler gives. The same for
+ModelSamplingSD3 shift, the same seed) must give the latent our sampler gives, and its KSamplerAdvanced
+the latents of our step range (leftover noise included, mixed with ours either way). The same for
 HunyuanVideo (comfyui_reference_hunyuan.py).
 """
 
@@ -29,7 +30,10 @@ def comparison(tests_dir, tiny_models):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("what", ["dit_forward", "ksampler_euler", "ksampler_euler_denoise", "vae_decode"])
+@pytest.mark.parametrize("what", ["dit_forward", "ksampler_euler", "ksampler_euler_denoise", "vae_decode",
+                                  "advanced_leftover_latent", "advanced_split_usp_usp", "advanced_split_native_usp",
+                                  "advanced_split_usp_native", "advanced_end_without_leftover",
+                                  "advanced_start_on_empty"])
 def test_matches_comfyui(comparison, what):
     assert comparison[what] <= 1e-5, f"{what}: relative error {comparison[what]:.2e} against ComfyUI"
 
@@ -50,3 +54,25 @@ def test_hunyuan_matches_comfyui(hunyuan_comparison, what):
     conversion; its forward and KSampler (euler, simple, shift 7, embedded guidance 6, cfg 1)
     give our results."""
     assert hunyuan_comparison[what] <= 1e-5, f"{what}: relative error {hunyuan_comparison[what]:.2e} against ComfyUI"
+
+
+@pytest.fixture(scope="module")
+def wan22_comparison(tests_dir, tmp_path_factory):
+    from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models
+
+    paths = {k: str(v) for k, v in make_tiny_models(tmp_path_factory.mktemp("wan22")).items()}
+    result = subprocess.run([comfyui_python(), str(tests_dir / "comfyui_reference_wan22.py"), COMFYUI_DIR,
+                             json.dumps(paths)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("what", ["wan22_switch_vs_two_ksampler_advanced", "wan22_two_usp_advanced_vs_two_ksampler_advanced",
+                                  "wan22_native_high_usp_low", "wan22_usp_high_native_low",
+                                  "wan22_high_leftover_latent"])
+def test_wan22_matches_comfyui_two_ksampler_advanced(wan22_comparison, what):
+    """ComfyUI's Wan model with each tiny Wan 2.2 expert and two KSamplerAdvanced (euler, split at the
+    first step below the boundary) against our one-node switch and our two Advanced samplers."""
+    assert 0 < wan22_comparison["k"] < 6
+    assert wan22_comparison["wan22_experts_differ"] > 1e-3  # the low-noise expert changed the result
+    assert wan22_comparison[what] <= 1e-5, f"{what}: relative error {wan22_comparison[what]:.2e} against ComfyUI"

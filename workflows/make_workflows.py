@@ -4,6 +4,9 @@
     api/wan21_t2v_usp_api.json           API format (POST /prompt, `usp-video queue`)
     hunyuan_video_t2v_usp.json           the same for HunyuanVideo
     api/hunyuan_video_t2v_usp_api.json
+    wan22_t2v_usp.json                   Wan 2.2 A14B, one sampler switching expert at the boundary
+    wan22_t2v_usp_two_samplers.json      Wan 2.2 A14B, ComfyUI's two-sampler layout (USP Sampler Advanced)
+    (and their api/ files)
 
 The API files live in api/: ComfyUI lists every .json directly in workflows/ in its template browser,
 where an API-format file cannot open.
@@ -70,7 +73,49 @@ HUNYUAN_T2V = {
          (1560, 240)),
 }
 
-WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "hunyuan_video_t2v_usp": HUNYUAN_T2V}
+def _wan22(sampling: dict) -> dict:
+    """Wan 2.2 A14B text-to-video: the Wan graph with both experts loaded, and `sampling` (nodes 7, 11)."""
+    graph = {k: v for k, v in WAN_T2V.items() if k != 7}
+    graph[2] = ("UspWan22ModelLoader", None, ["wan2.2_t2v_high_noise_14B_fp16.safetensors",
+                                              "wan2.2_t2v_low_noise_14B_fp16.safetensors"], {"group": (1, 0)},
+                [("model", "USP_WAN22_MODEL"), ("high_noise", "USP_WAN_MODEL"), ("low_noise", "USP_WAN_MODEL"),
+                 ("info", "STRING")], (420, 60))
+    graph[6] = ("EmptyHunyuanLatentVideo", None, [832, 480, 81, 1], {}, [("LATENT", "LATENT")], (780, 540))
+    graph[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
+                 (1560, 240))
+    graph.update(sampling)
+    return dict(sorted(graph.items()))
+
+
+# One node switches expert at the boundary (Wan 2.2's T2V config: 40 steps, shift 12, cfg 4 / 3, UniPC).
+WAN22_T2V = _wan22({
+    7: ("UspWan22Sampler", None, [42, "fixed", 40, 4.0, 3.0, 12.0, 0.875, "unipc", 1.0],
+        {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+        [("LATENT", "LATENT")], (1200, 60)),
+})
+
+# ComfyUI's own layout, two samplers: the high-noise expert runs steps 0..11 and hands its latent with
+# the leftover noise to the low-noise expert. With 20 steps and shift 8, step 11 is the first whose sigma
+# is below 0.875, so with euler this equals the one-node switch at boundary 0.875.
+WAN22_TWO_SAMPLERS = _wan22({
+    7: ("UspWanSamplerAdvanced", "High-noise steps (0 to 11)",
+        ["enable", 42, "fixed", 20, 3.5, 8.0, "euler", 0, 11, "enable"],
+        {"model": (2, 1), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+        [("LATENT", "LATENT")], (1200, 60)),
+    11: ("UspWanSamplerAdvanced", "Low-noise steps (11 to the end)",
+         ["disable", 42, "fixed", 20, 3.5, 8.0, "euler", 11, 10000, "disable"],
+         {"model": (2, 2), "positive": (4, 0), "negative": (5, 0), "latent_image": (7, 0)},
+         [("LATENT", "LATENT")], (1200, 420)),
+})
+WAN22_TWO_SAMPLERS[8] = ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")],
+                         (1560, 420))
+WAN22_TWO_SAMPLERS[9] = ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (11, 0)}, [("IMAGE", "IMAGE")],
+                         (1560, 60))
+WAN22_TWO_SAMPLERS[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22", 16.0, False, 90, "default"],
+                          {"images": (9, 0)}, [], (1920, 60))
+
+WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
+             "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
 SOCKETS = {
@@ -78,6 +123,11 @@ SOCKETS = {
     "UspTextEncode": [("text_encoder", "USP_TEXT_ENCODER")],
     "UspWanSampler": [("model", "USP_WAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                       ("latent_image", "LATENT")],
+    "UspWan22ModelLoader": [("group", "USP_GROUP")],
+    "UspWan22Sampler": [("model", "USP_WAN22_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                        ("latent_image", "LATENT")],
+    "UspWanSamplerAdvanced": [("model", "USP_WAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                              ("latent_image", "LATENT")],
     "UspVaeLoader": [("group", "USP_GROUP")], "UspVaeDecode": [("vae", "USP_VAE"), ("samples", "LATENT")],
     "SaveAnimatedWEBP": [("images", "IMAGE")],
     "UspHunyuanModelLoader": [("group", "USP_GROUP")], "UspHunyuanTextEncoderLoader": [("group", "USP_GROUP")],
@@ -86,7 +136,8 @@ SOCKETS = {
                           ("latent_image", "LATENT")],
 }
 
-SIZES = {"UspGroup": (340, 300), "UspTextEncode": (380, 200), "UspWanSampler": (340, 290),
+SIZES = {"UspGroup": (340, 300), "UspWan22ModelLoader": (400, 150), "UspWan22Sampler": (340, 340),
+         "UspWanSamplerAdvanced": (340, 370), "UspTextEncode": (380, 200), "UspWanSampler": (340, 290),
          "UspHunyuanTextEncode": (380, 200), "UspHunyuanSampler": (340, 320), "UspHunyuanTextEncoderLoader": (340, 150),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80)}
 
@@ -97,6 +148,11 @@ WIDGETS = {
     "UspWanModelLoader": ["model_name"], "UspTextEncoderLoader": ["text_encoder_name"], "UspTextEncode": ["text"],
     "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],
     "UspWanSampler": ["seed", "control_after_generate", "steps", "cfg", "shift", "sampler_name", "denoise"],
+    "UspWan22ModelLoader": ["high_noise_model", "low_noise_model"],
+    "UspWan22Sampler": ["seed", "control_after_generate", "steps", "cfg_high_noise", "cfg_low_noise", "shift",
+                        "boundary", "sampler_name", "denoise"],
+    "UspWanSamplerAdvanced": ["add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "shift",
+                              "sampler_name", "start_at_step", "end_at_step", "return_with_leftover_noise"],
     "UspVaeLoader": ["vae_name"], "UspVaeDecode": [],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
     "UspHunyuanModelLoader": ["model_name"], "UspHunyuanTextEncode": ["text"],

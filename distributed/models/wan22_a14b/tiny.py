@@ -1,0 +1,41 @@
+"""The tiny Wan 2.2 A14B set: two tiny experts (different random weights, the same architecture) in
+ComfyUI's file layout and names, beside the tiny Wan 2.1 VAE and UMT5 they share with Wan 2.1:
+
+    diffusion_models/tiny_wan2.2_t2v_high_noise_14B.safetensors
+    diffusion_models/tiny_wan2.2_t2v_low_noise_14B.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import save_safetensors
+from ..wan21 import dit as wan
+from ..wan21.tiny import TINY_WAN_CONFIG, make_tiny_models as make_wan21_tiny, wan_to_original_keys
+
+FILES = {"high_noise": "diffusion_models/tiny_wan2.2_t2v_high_noise_14B.safetensors",
+         "low_noise": "diffusion_models/tiny_wan2.2_t2v_low_noise_14B.safetensors"}
+SEEDS = {"high_noise": 22, "low_noise": 23}
+_VERSION = "1"
+
+
+def make_tiny_models(root: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """Write the set under root (skipped where already written): {"high_noise", "low_noise",
+    "text_encoder", "vae"}."""
+    from diffusers import WanTransformer3DModel
+
+    root = Path(root)
+    shared = make_wan21_tiny(root)
+    paths = {name: root / rel for name, rel in FILES.items()}
+    stamp = root / ".usp-video-tiny-wan2.2"
+    if not (stamp.is_file() and stamp.read_text() == _VERSION and all(p.is_file() for p in paths.values())):
+        for name, path in paths.items():
+            torch.manual_seed(SEEDS[name])
+            expert = WanTransformer3DModel(**TINY_WAN_CONFIG)
+            save_safetensors({k: v.to(dtype) for k, v in wan_to_original_keys(expert.state_dict()).items()}, path,
+                             {wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_CONFIG)})
+        stamp.write_text(_VERSION)
+    return {**paths, "text_encoder": shared["text_encoder"], "vae": shared["vae"]}

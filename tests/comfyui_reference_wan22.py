@@ -1,0 +1,92 @@
+"""Wan 2.2 A14B against ComfyUI's own code: its Wan model (each tiny expert file loaded into ComfyUI's
+WanModel, as ComfyUI loads a wan2.2_t2v_*_noise_14B file) and two KSamplerAdvanced nodes (euler, the
+high-noise expert for steps 0..k with leftover noise, the low-noise expert from k), against our one-node
+switch, our two USP Sampler Advanced runs, and native/USP mixed either way.
+
+Usage: python comfyui_reference_wan22.py COMFYUI_DIR MODELS_JSON -> one JSON object of relative errors.
+"""
+
+import json
+import sys
+
+import torch
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def main(comfy_dir: str, models_json: str) -> None:
+    sys.path.insert(0, comfy_dir)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_patcher
+    import comfy.supported_models
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from safetensors.torch import load_file
+
+    from usp_video.distributed.engine import Engine
+    from usp_video.distributed.models.wan21 import tiny
+    from usp_video.distributed.requests import SampleRequest
+    from usp_video.distributed.sampling.schedules import sampling_sigmas
+
+    paths = json.loads(models_json)
+    experts = [paths["high_noise"], paths["low_noise"]]
+    cfg = tiny.TINY_WAN_CONFIG
+    unet = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": tuple(cfg["patch_size"]),
+            "dim": cfg["num_attention_heads"] * cfg["attention_head_dim"], "ffn_dim": cfg["ffn_dim"],
+            "freq_dim": cfg["freq_dim"], "text_dim": cfg["text_dim"], "num_heads": cfg["num_attention_heads"],
+            "num_layers": cfg["num_layers"], "in_dim": 16, "out_dim": 16}
+    steps, shift, scale, boundary, seed = 6, 8.0, 3.5, 0.875, 21
+    cpu = torch.device("cpu")
+
+    def comfy_model(path):
+        config = comfy.supported_models.WAN21_T2V(unet)
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model({})
+        model.diffusion_model.load_state_dict(load_file(path), strict=True)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+        return ModelSamplingSD3().patch(patcher, shift)[0]
+
+    high, low = (comfy_model(p) for p in experts)
+    g = torch.Generator().manual_seed(4)
+    pos, neg = torch.randn(1, 24, 32, generator=g), torch.randn(1, 24, 32, generator=g)
+    empty = torch.zeros(1, 16, 3, 4, 6)
+    sigmas = sampling_sigmas(steps, shift)
+    k = next(i for i in range(steps) if float(sigmas[i]) < boundary)  # the first step below the boundary
+
+    def native(model, latent, add_noise, start, end, leftover):
+        return comfy_nodes.KSamplerAdvanced().sample(model, add_noise, seed, steps, scale, "euler", "simple",
+                                                     [[pos, {}]], [[neg, {}]], {"samples": latent}, start, end,
+                                                     leftover)[0]["samples"]
+
+    engine = Engine()
+
+    def ours(expert, latent, add_noise, start, end, leftover):
+        return engine.sample(SampleRequest(experts=[experts[expert]], keep=[experts[1 - expert]], family="wan2.2-a14b",
+                                           positive=pos, negative=neg, latent=latent, seed=seed, steps=steps,
+                                           cfg=scale, shift=shift, sampler="euler", start_step=start, end_step=end,
+                                           add_noise=add_noise == "enable", leftover_noise=leftover == "enable"))
+
+    out = {"k": k}
+    with torch.no_grad():
+        native_first = native(high, empty, "enable", 0, k, "enable")
+        reference = native(low, native_first, "disable", k, 10000, "disable")
+        switch = engine.sample(SampleRequest(experts=experts, boundaries=[boundary], family="wan2.2-a14b",
+                                             positive=pos, negative=neg, latent=empty, seed=seed, steps=steps,
+                                             cfg=[scale, scale], shift=shift, sampler="euler"))
+        ours_first = ours(0, empty, "enable", 0, k, "enable")
+        out["wan22_switch_vs_two_ksampler_advanced"] = rel(switch, reference)
+        out["wan22_two_usp_advanced_vs_two_ksampler_advanced"] = rel(
+            ours(1, ours_first, "disable", k, 10000, "disable"), reference)
+        out["wan22_native_high_usp_low"] = rel(ours(1, native_first, "disable", k, 10000, "disable"), reference)
+        out["wan22_usp_high_native_low"] = rel(native(low, ours_first, "disable", k, 10000, "disable"), reference)
+        out["wan22_high_leftover_latent"] = rel(ours_first, native_first)
+        out["wan22_experts_differ"] = rel(native(high, empty, "enable", 0, 10000, "disable"), reference)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
