@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-def check_video_size(width: int, height: int, frames: int) -> None:
+def check_video_size(width: int, height: int, frames: int, multiple: int = 16) -> None:
     problems = []
-    if width < 16 or width % 16:
-        problems.append(f"--width {width} must be a positive multiple of 16 (e.g. 832)")
-    if height < 16 or height % 16:
-        problems.append(f"--height {height} must be a positive multiple of 16 (e.g. 480)")
+    if width < multiple or width % multiple:
+        problems.append(f"--width {width} must be a positive multiple of {multiple} (e.g. {multiple * 52})")
+    if height < multiple or height % multiple:
+        problems.append(f"--height {height} must be a positive multiple of {multiple} (e.g. {multiple * 30})")
     if frames < 1 or (frames - 1) % 4:
         problems.append(f"--frames {frames} must be 4k+1 (1, 5, 9, ..., 81)")
     if problems:
@@ -86,7 +86,6 @@ def generate(args: argparse.Namespace) -> Path | None:
     from .client import UspGroup, free_group
     from .requests import SampleRequest
 
-    check_video_size(args.width, args.height, args.frames)
     family = _family_by_short_name(args.model) if getattr(args, "model", None) else None
     if family is not None and family.experts:
         paths = [getattr(args, name, None) for name in family.experts]
@@ -102,6 +101,7 @@ def generate(args: argparse.Namespace) -> Path | None:
     else:
         paths = [args.dit]
     family, warnings = api.check_model_files(paths, family.name if family is not None else None)
+    check_video_size(args.width, args.height, args.frames, family.pixel_multiple)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     files = {part.input: getattr(args, part.input, None) for part in family.text_parts}
@@ -124,7 +124,9 @@ def generate(args: argparse.Namespace) -> Path | None:
         positive = api.encode(group, family.name, files, args.prompt)
         uses_negative = any(scale != 1.0 for scale in (cfg if isinstance(cfg, list) else [cfg]))
         negative = api.encode(group, family.name, files, negative_prompt) if uses_negative else None
-        latent = torch.zeros(1, family.latent_channels, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+        pixels = family.spatial_compression
+        latent = torch.zeros(1, family.latent_channels, (args.frames - 1) // 4 + 1, args.height // pixels,
+                             args.width // pixels)
 
         def progress(event: dict) -> None:
             per_step = event["elapsed"] / event["step"]
@@ -184,7 +186,9 @@ def demo(args: argparse.Namespace) -> None:
     family = _family_by_short_name(args.model)
     paths = family.make_tiny(args.models_dir)
     print(f"tiny {family.label} model set: {args.models_dir}")
-    gen = argparse.Namespace(prompt="a cat walks on the beach at sunset", width=64, height=48, frames=9, steps=4,
+    size = family.pixel_multiple  # the smallest video the model takes, a few patches wide
+    gen = argparse.Namespace(prompt="a cat walks on the beach at sunset", width=4 * size, height=3 * size, frames=9,
+                             steps=4,
                              seed=42, device="cpu", gpus="", ranks=args.ranks, ulysses="auto", ring="auto",
                              dtype="fp32", attention="sdpa", threads_per_rank=1, fps=8.0, save_latent=None,
                              out=args.out, negative=None, cfg=None, shift=None, sampler=None, boundary=None,

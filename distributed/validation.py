@@ -12,7 +12,6 @@ import torch
 from .sampling.samplers import SAMPLERS
 
 MAX_SEED = 2**64 - 1
-SPATIAL_COMPRESSION = 8  # pixels per latent row/column of the video VAEs the families use
 
 
 def check_latent(latent: torch.Tensor, name: str = "latent", family=None, check_size: bool = True) -> None:
@@ -23,15 +22,18 @@ def check_latent(latent: torch.Tensor, name: str = "latent", family=None, check_
         raise ValueError(f"{name} must be a floating-point tensor, got {latent.dtype}")
     if not isinstance(latent, torch.Tensor) or latent.dim() != 5:
         shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
-        raise ValueError(f"{name} must be a video latent [batch, {channels}, frames, height/8, width/8], got {shape}; "
+        pixels = family.spatial_compression if family is not None else "s"
+        raise ValueError(f"{name} must be a video latent [batch, {channels}, frames, height/{pixels}, width/{pixels}], "
+                         f"got {shape}; "
                          "use an empty video latent node (e.g. EmptyHunyuanLatentVideo)")
     if family is not None:
         if latent.shape[1] != family.latent_channels:
             raise ValueError(f"{name} has {latent.shape[1]} channels; {family.label} latents have "
                              f"{family.latent_channels} (was it made for another model?)")
-        step = family.pixel_multiple // SPATIAL_COMPRESSION
+        pixels = family.spatial_compression  # pixels per latent row/column
+        step = family.pixel_multiple // pixels
         if check_size and (latent.shape[3] % step or latent.shape[4] % step):
-            raise ValueError(f"{name} is {latent.shape[4] * SPATIAL_COMPRESSION}x{latent.shape[3] * SPATIAL_COMPRESSION} "
+            raise ValueError(f"{name} is {latent.shape[4] * pixels}x{latent.shape[3] * pixels} "
                              f"pixels; width and height must be multiples of {family.pixel_multiple}")
     if not torch.isfinite(latent).all():
         raise ValueError(f"{name} contains NaN or infinite values")

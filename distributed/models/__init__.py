@@ -85,18 +85,29 @@ def detect_dit(path: str | Path, family: str | None = None) -> ModelFamily:
         if name is None:
             raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers transformer "
                                   f"folder ({' or '.join(f.dit_class for f in candidates)})")
-        for found in candidates:
-            if name == found.dit_class:
-                found.check_dit_folder(path)
-                return found
-        raise CheckpointError(f"{path}: a diffusers {name}; expected "
-                              f"{' or '.join(f.dit_class for f in candidates)}")
-    shapes, _ = read_header(path)
+        return _first_that_takes([f for f in candidates if f.dit_class == name], lambda f: f.check_dit_folder(path),
+                                 f"{path}: a diffusers {name}; expected "
+                                 f"{' or '.join(f.dit_class for f in candidates)}")
+    shapes, metadata = read_header(path)
     stripped = unprefixed(shapes)
-    for found in candidates:
-        if found.is_dit(set(stripped)):
-            return found
-    raise CheckpointError(f"{path.name} is {_one_of(labels, 'diffusion model')} ({describe_keys(stripped)})")
+    return _first_that_takes([f for f in candidates if f.is_dit(set(stripped))],
+                             lambda f: f.dit_config(path, shapes, metadata),
+                             f"{path.name} is {_one_of(labels, 'diffusion model')} ({describe_keys(stripped)})")
+
+
+def _first_that_takes(families: list[ModelFamily], check, none_message: str) -> ModelFamily:
+    """The first family whose check of the file passes (families that share tensor names, Wan 2.1 and
+    Wan 2.2 TI2V-5B, tell their files apart by shapes); the first one's error when none does."""
+    if not families:
+        raise CheckpointError(none_message)
+    errors = []
+    for family in families:
+        try:
+            check(family)
+            return family
+        except CheckpointError as exc:
+            errors.append(exc)
+    raise errors[0]
 
 
 def detect_vae(path: str | Path) -> ModelFamily:
@@ -104,8 +115,9 @@ def detect_vae(path: str | Path) -> ModelFamily:
     path = Path(path)
     if path.is_dir():
         name = _folder_class(path)
+        config = json.loads((path / "config.json").read_text()) if name else {}
         for family in FAMILIES.values():
-            if name == family.vae_class:
+            if name == family.vae_class and family.is_vae_folder(config):
                 return family
         raise CheckpointError(f"{path}: expected a diffusers VAE folder "
                               f"({' or '.join(f.vae_class for f in FAMILIES.values())}), found {name or 'no config.json'}")

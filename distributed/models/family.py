@@ -75,6 +75,7 @@ class ModelFamily:
     latent_format: str          # ComfyUI's latent_format class (previews): "Wan21", "HunyuanVideo"
     latent_channels: int = 16
     pixel_multiple: int = 16    # width and height must be multiples of this
+    spatial_compression: int = 8  # pixels per latent row / column (its VAE's); frames: 4k + 1 -> k + 1
     defaults: Defaults
     text_parts: tuple[TextPart, ...]
     cond_keys: tuple[str, ...] = ("tokens",)  # the tensors of its conditioning ("tokens" first)
@@ -93,6 +94,10 @@ class ModelFamily:
     def is_vae(self, keys: set[str]) -> bool:
         raise NotImplementedError
 
+    def is_vae_folder(self, config: dict) -> bool:
+        """Is a diffusers VAE folder of its vae_class (config: its config.json) this family's VAE?"""
+        return True
+
     def describe(self, shapes: dict) -> str | None:
         """A short description of a file of this family ("looks like a HunyuanVideo DiT"), or None.
         shapes: {tensor name: (shape, dtype)}; a shape may be unknown ([]) when only names are known."""
@@ -103,7 +108,8 @@ class ModelFamily:
         raise NotImplementedError
 
     def check_dit_folder(self, path: Path) -> None:
-        """CheckpointError for a diffusers DiT folder of its class that it cannot run."""
+        """CheckpointError for a diffusers DiT folder of its class that it cannot run (families that
+        share a diffusers class tell their folders apart here)."""
 
     def check_experts(self, paths: list[str], configs: list[dict]) -> list[str]:
         """Check the DiT files of one model (in the order of `experts`; configs: their dit_config, {}

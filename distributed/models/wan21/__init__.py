@@ -4,6 +4,7 @@ set (tiny.py). FAMILY is what the rest of the pack sees (models/family.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -32,7 +33,11 @@ class Wan21(ModelFamily):
         return "patch_embedding.weight" in keys
 
     def is_vae(self, keys: set[str]) -> bool:
-        return "decoder.middle.0.residual.0.gamma" in keys
+        # the Wan 2.2 VAE shares these names; its decoder's up blocks are residual ("upsamples.0.upsamples")
+        return "decoder.middle.0.residual.0.gamma" in keys and not any(".upsamples.0.upsamples." in k for k in keys)
+
+    def is_vae_folder(self, config: dict) -> bool:
+        return not config.get("is_residual", False)
 
     def describe(self, shapes: dict) -> str | None:
         shape = (shapes.get("decoder.conv1.weight") or [[]])[0]
@@ -41,7 +46,13 @@ class Wan21(ModelFamily):
         return None
 
     def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
-        return dit.infer_wan_config(path, shapes, metadata)
+        config = dit.infer_wan_config(path, shapes, metadata)
+        dit.check_input_channels(path.name, config, 16, "a Wan 2.1 text-to-video model")
+        return config
+
+    def check_dit_folder(self, path: Path) -> None:
+        config = json.loads((path / "config.json").read_text())
+        dit.check_input_channels(path.name, config, 16, "a Wan 2.1 text-to-video model")
 
     def load_dit(self, path, dtype, device):
         return dit.load_wan_transformer(path, dtype, device)
@@ -65,10 +76,12 @@ class Wan21(ModelFamily):
         mean, std = self._normalisation()
         return latent * std + mean
 
-    @staticmethod
-    def _normalisation() -> tuple[torch.Tensor, torch.Tensor]:
-        """ComfyUI's latent_format.Wan21 per-channel mean and std, shaped [1, 16, 1, 1, 1]."""
-        return (torch.tensor(dit.LATENTS_MEAN).view(1, -1, 1, 1, 1), torch.tensor(dit.LATENTS_STD).view(1, -1, 1, 1, 1))
+    latents_mean, latents_std = dit.LATENTS_MEAN, dit.LATENTS_STD  # ComfyUI's latent_format (Wan21)
+
+    def _normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent format's per-channel mean and std, shaped [1, C, 1, 1, 1]."""
+        return (torch.tensor(self.latents_mean).view(1, -1, 1, 1, 1),
+                torch.tensor(self.latents_std).view(1, -1, 1, 1, 1))
 
     def velocity(self, model, x, t, cond, options):
         return model(x, t, cond["tokens"], return_dict=False)[0]

@@ -31,6 +31,8 @@ _COMMON = dict(patch_size=[1, 2, 2], attention_head_dim=128, in_channels=16, out
 WAN_VARIANTS = {
     "wan2.1-t2v-1.3b": dict(_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "wan2.1-t2v-14b": dict(_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    "wan2.2-ti2v-5b": dict(_COMMON, num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
+                           out_channels=48),
 }
 
 # Wan 2.1 latent normalisation (ComfyUI latent_format.Wan21, diffusers AutoencoderKLWan config).
@@ -56,13 +58,25 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
     config = config_from_metadata(metadata, CONFIG_METADATA_KEY)
     if config is not None:
         return config
-    hidden = shapes["patch_embedding.weight"][0][0]
+    hidden, channels = shapes["patch_embedding.weight"][0][:2]
     layers = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
     for variant in WAN_VARIANTS.values():
-        if variant["num_attention_heads"] * 128 == hidden and variant["num_layers"] == layers:
-            return dict(variant)
-    raise CheckpointError(f"{path.name}: a Wan DiT with hidden size {hidden} and {layers} layers matches no known "
-                          f"variant ({', '.join(WAN_VARIANTS)})")
+        if (variant["num_attention_heads"] * 128, variant["num_layers"]) == (hidden, layers):
+            # the input channels tell T2V (16) from I2V (36) of one size; the families check them
+            return dict(variant, in_channels=channels)
+    raise CheckpointError(f"{path.name}: a Wan DiT with hidden size {hidden}, {layers} layers and {channels} input "
+                          f"channels matches no known variant ({', '.join(WAN_VARIANTS)})")
+
+
+def check_input_channels(name: str, config: dict, expected: int, label: str) -> None:
+    """CheckpointError when a Wan DiT's input channels are not those of the family loading it."""
+    channels = config.get("in_channels", 16)
+    if channels == expected:
+        return
+    kinds = {16: "a Wan 2.1 / Wan 2.2 A14B text-to-video model (16 input channels)",
+             36: "a Wan image-to-video model (36 input channels: latent, mask and image)",
+             48: "Wan 2.2 TI2V-5B (48 input channels, the Wan 2.2 VAE's latent)"}
+    raise CheckpointError(f"{name} is {kinds.get(channels, f'a Wan DiT with {channels} input channels')}, not {label}")
 
 
 def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
