@@ -10,21 +10,13 @@ import sys
 
 import torch
 
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+from comfyui_common import comfy_wan_model, rel, start_comfy
 
 
 def main(comfy_dir: str, models_json: str) -> None:
-    sys.path.insert(0, comfy_dir)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    start_comfy(comfy_dir)
     import comfy.ldm.wan.vae
-    import comfy.model_patcher
     import comfy.sample
-    import comfy.supported_models
-    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
     from safetensors.torch import load_file
 
     from usp_video.distributed.engine import Engine
@@ -32,18 +24,9 @@ def main(comfy_dir: str, models_json: str) -> None:
     from usp_video.distributed.models.wan21 import dit as wan, tiny, vae as wan_vae
 
     paths = json.loads(models_json)
-    cfg, vae_cfg = tiny.TINY_WAN_CONFIG, tiny.TINY_VAE_CONFIG
-    unet = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": tuple(cfg["patch_size"]),
-            "dim": cfg["num_attention_heads"] * cfg["attention_head_dim"], "ffn_dim": cfg["ffn_dim"],
-            "freq_dim": cfg["freq_dim"], "text_dim": cfg["text_dim"], "num_heads": cfg["num_attention_heads"],
-            "num_layers": cfg["num_layers"], "in_dim": 16, "out_dim": 16}
-    config = comfy.supported_models.WAN21_T2V(unet)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
-    model.diffusion_model.load_state_dict(load_file(paths["dit"]), strict=True)  # our file, ComfyUI's class
-    cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-    patcher = ModelSamplingSD3().patch(patcher, 5.0)[0]
+    vae_cfg = tiny.TINY_VAE_CONFIG
+    patcher = comfy_wan_model(paths["dit"], tiny.TINY_WAN_CONFIG, 5.0)
+    model = patcher.model
 
     g = torch.Generator().manual_seed(3)
     pos, neg = torch.randn(1, 24, 32, generator=g), torch.randn(1, 24, 32, generator=g)

@@ -11,21 +11,12 @@ import sys
 
 import torch
 
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+from comfyui_common import comfy_wan_model, rel, start_comfy
 
 
 def main(comfy_dir: str, models_json: str) -> None:
-    sys.path.insert(0, comfy_dir)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    import comfy.model_patcher
-    import comfy.supported_models
+    start_comfy(comfy_dir)
     import nodes as comfy_nodes
-    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
-    from safetensors.torch import load_file
 
     from usp_video.distributed.engine import Engine
     from usp_video.distributed.models.wan21 import tiny
@@ -34,23 +25,9 @@ def main(comfy_dir: str, models_json: str) -> None:
 
     paths = json.loads(models_json)
     experts = [paths["high_noise"], paths["low_noise"]]
-    cfg = tiny.TINY_WAN_CONFIG
-    unet = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": tuple(cfg["patch_size"]),
-            "dim": cfg["num_attention_heads"] * cfg["attention_head_dim"], "ffn_dim": cfg["ffn_dim"],
-            "freq_dim": cfg["freq_dim"], "text_dim": cfg["text_dim"], "num_heads": cfg["num_attention_heads"],
-            "num_layers": cfg["num_layers"], "in_dim": 16, "out_dim": 16}
     steps, shift, scale, boundary, seed = 6, 8.0, 3.5, 0.875, 21
-    cpu = torch.device("cpu")
 
-    def comfy_model(path):
-        config = comfy.supported_models.WAN21_T2V(unet)
-        config.set_inference_dtype(torch.float32, None)
-        model = config.get_model({})
-        model.diffusion_model.load_state_dict(load_file(path), strict=True)
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-        return ModelSamplingSD3().patch(patcher, shift)[0]
-
-    high, low = (comfy_model(p) for p in experts)
+    high, low = (comfy_wan_model(p, tiny.TINY_WAN_CONFIG, shift) for p in experts)
     g = torch.Generator().manual_seed(4)
     pos, neg = torch.randn(1, 24, 32, generator=g), torch.randn(1, 24, 32, generator=g)
     empty = torch.zeros(1, 16, 3, 4, 6)

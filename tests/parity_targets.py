@@ -180,11 +180,11 @@ def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder
     return result
 
 
-def vae_split_rank(rank, world_size, vae_path, shape, seed=5, tiling=None):
+def vae_split_rank(rank, world_size, vae_path, shape, seed=5, tiling=None, channels=16):
     engine = make_engine(rank, world_size, vae_split=True)
     if tiling:  # HunyuanVideo VAE: tiles small enough that a tiny latent makes many of them
         engine.vae(vae_path).enable_tiling(**tiling)
-    latent = torch.randn(1, 16, *shape, generator=torch.Generator().manual_seed(seed))
+    latent = torch.randn(1, channels, *shape, generator=torch.Generator().manual_seed(seed))
     frames = engine.decode(vae_path, latent)
     return {"frames": frames} if frames is not None else {}
 
@@ -263,4 +263,32 @@ def wan22_rank(rank, world_size, ulysses, ring, experts, shape, sampler):
     assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
     out["latent"] = engine.sample(wan22_request(experts, shape, sampler))
     out["loads"] = torch.tensor(engine.load_counts["dit"])
+    return out
+
+
+# -- Wan 2.2 TI2V-5B (test_wan22_5b.py) ------------------------------------------------------------------
+
+def ti2v_inputs(shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 48, *shape, generator=g), torch.tensor([900.0, 250.0]),
+            torch.randn(2, 20, 32, generator=g))
+
+
+def ti2v_forward(engine, path, shape):
+    x, t, context = ti2v_inputs(shape)
+    with torch.no_grad():
+        return engine.dit(path)(x, t, context, return_dict=False)[0]
+
+
+def ti2v_request(dit_path, shape, sampler, steps=4):
+    request = sample_request(dit_path, shape, steps=steps, sampler=sampler)
+    request.latent = torch.zeros(1, 48, *shape)
+    return request
+
+
+def ti2v_rank(rank, world_size, ulysses, ring, dit_path, shape, sampler):
+    engine = make_engine(rank, world_size, ulysses, ring)
+    out = {"forward": ti2v_forward(engine, dit_path, shape)}
+    assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
+    out["latent"] = engine.sample(ti2v_request(dit_path, shape, sampler))
     return out

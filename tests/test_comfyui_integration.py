@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set:
 WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "api" / "wan21_t2v_usp_api.json"
 HUNYUAN_WORKFLOW = WORKFLOW.with_name("hunyuan_video_t2v_usp_api.json")
 WAN22_TWO_SAMPLERS = WORKFLOW.with_name("wan22_t2v_usp_two_samplers_api.json")
+WAN22_5B = WORKFLOW.with_name("wan22_ti2v_5b_usp_api.json")
 
 
 def tiny_overrides(tiny_models, steps=3, width=64, height=48, length=9, seed=1):
@@ -42,12 +43,14 @@ def queue(url, out_dir, *args, timeout=300, workflow=WORKFLOW):
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     from usp_video.distributed.models.hunyuan_video.tiny import make_tiny_hunyuan_models
+    from usp_video.distributed.models import FAMILIES
     from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models as make_tiny_wan22
 
     work = tmp_path_factory.mktemp("comfyui")
     models_root = Path(tiny_models["dit"]).parents[1]
     make_tiny_hunyuan_models(models_root)  # beside the Wan set, in the same models/ layout
     make_tiny_wan22(models_root)
+    FAMILIES["wan2.2-ti2v-5b"].make_tiny(models_root)
     with comfyui_server(COMFYUI_DIR, models_root, work) as url:
         yield url, work
     assert "IMPORT FAILED" not in "\n".join(l for l in log_text(work).splitlines() if "usp-video" in l)
@@ -95,6 +98,25 @@ def test_wan22_two_sampler_workflow_runs_over_http(server, tiny_models, tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
     assert "node 7: 2/2" in result.stdout and "node 11: 2/2" in result.stdout  # each ran its half
     assert len(list(tmp_path.rglob("*.webp"))) == 1
+
+
+def test_wan22_5b_workflow_runs_over_http(server, tiny_models, tmp_path):
+    """The shipped TI2V-5B workflow in ComfyUI: our empty Wan 2.2 latent, the 5B sampler, the Wan 2.2 VAE."""
+    from usp_video.distributed.models.wan22_5b.tiny import FILES
+
+    url, _ = server
+    result = queue(url, tmp_path, "--set", "UspGroup.device=cpu", "--set", "UspGroup.cpu_ranks=2",
+                   "--set", f"2.model_name={Path(FILES['dit']).name}",
+                   "--set", f"3.text_encoder_name={Path(tiny_models['text_encoder']).name}",
+                   "--set", f"8.vae_name={Path(FILES['vae']).name}",
+                   "--set", "6.width=64", "--set", "6.height=96", "--set", "6.length=5", "--set", "7.steps=2",
+                   workflow=WAN22_5B)
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = list(tmp_path.rglob("*.webp"))
+    from PIL import Image
+
+    with Image.open(files[0]) as image:
+        assert image.size == (64, 96) and image.n_frames == 5
 
 
 def test_cancel_over_http_then_next_prompt_runs(server, tiny_models, tmp_path):
@@ -225,7 +247,8 @@ def test_template_browser_lists_only_workflows_the_page_can_open(server):
     only UI-format files (with "version" and "nodes"), so the API-format files live in workflows/api/."""
     url, _ = server
     listed = json.loads(urllib.request.urlopen(url + "/workflow_templates").read())["ComfyUI-usp-video"]
-    assert sorted(listed) == ["hunyuan_video_t2v_usp", "wan21_t2v_usp", "wan22_t2v_usp", "wan22_t2v_usp_two_samplers"]
+    assert sorted(listed) == ["hunyuan_video_t2v_usp", "wan21_t2v_usp", "wan22_t2v_usp", "wan22_t2v_usp_two_samplers",
+                              "wan22_ti2v_5b_usp"]
     for name in listed:
         template = json.loads(urllib.request.urlopen(f"{url}/api/workflow_templates/ComfyUI-usp-video/{name}.json")
                               .read())

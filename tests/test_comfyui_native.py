@@ -76,3 +76,28 @@ def test_wan22_matches_comfyui_two_ksampler_advanced(wan22_comparison, what):
     assert 0 < wan22_comparison["k"] < 6
     assert wan22_comparison["wan22_experts_differ"] > 1e-3  # the low-noise expert changed the result
     assert wan22_comparison[what] <= 1e-5, f"{what}: relative error {wan22_comparison[what]:.2e} against ComfyUI"
+
+
+@pytest.fixture(scope="module")
+def ti2v_comparison(tests_dir, tmp_path_factory):
+    from usp_video.distributed.models import FAMILIES
+
+    paths = {k: str(v) for k, v in FAMILIES["wan2.2-ti2v-5b"].make_tiny(tmp_path_factory.mktemp("wan22_5b")).items()}
+    result = subprocess.run([comfyui_python(), str(tests_dir / "comfyui_reference_wan22_5b.py"), COMFYUI_DIR,
+                             json.dumps(paths)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("what", ["ti2v_ksampler_euler", "ti2v_ksampler_euler_denoise"])
+def test_ti2v_5b_matches_comfyui(ti2v_comparison, what):
+    """ComfyUI's Wan 2.2 model (48-channel latent format) loads our tiny TI2V-5B file; its KSampler
+    (euler, simple, shift 5) gives our latent."""
+    assert ti2v_comparison[what] <= 1e-5, f"{what}: relative error {ti2v_comparison[what]:.2e} against ComfyUI"
+
+
+def test_wan22_vae_matches_comfyui(ti2v_comparison):
+    """ComfyUI's Wan 2.2 VAE (vae2_2.WanVAE at the tiny size) loads our tiny file in its key names and
+    decodes to our frames; few of its outputs are clamped, so the clamp hides nothing."""
+    assert ti2v_comparison["ti2v_vae_clamped_fraction"] < 0.05
+    assert ti2v_comparison["ti2v_vae_decode_max_abs"] <= 1e-4

@@ -193,7 +193,7 @@ def test_the_experts_load_without_warnings(experts):
     ("an I2V expert", lambda e, t: [e[0], _variant(t, "wan2.2_i2v_low_noise.safetensors", in_channels=36)],
      "image-to-video \\(I2V\\) expert \\(36 input channels\\)"),
     ("a 5B file", lambda e, t: [_variant(t, "wan2.2_ti2v_5B.safetensors", in_channels=48, out_channels=48), e[1]],
-     "looks like Wan 2.2 TI2V-5B"),
+     "is a Wan 2.2 TI2V-5B model, not Wan 2.2 A14B; load it with the USP Wan 2.2 TI2V-5B loader"),
     ("one file", lambda e, t: e[:1], "two experts \\(high noise, low noise\\); got 1 file"),
 ])
 def test_bad_expert_pairs_are_refused_before_anything_runs(experts, tmp_path, what, make, message):

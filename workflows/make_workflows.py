@@ -6,6 +6,7 @@
     api/hunyuan_video_t2v_usp_api.json
     wan22_t2v_usp.json                   Wan 2.2 A14B, one sampler switching expert at the boundary
     wan22_t2v_usp_two_samplers.json      Wan 2.2 A14B, ComfyUI's two-sampler layout (USP Sampler Advanced)
+    wan22_ti2v_5b_usp.json               Wan 2.2 TI2V-5B (its own empty latent and the Wan 2.2 VAE)
     (and their api/ files)
 
 The API files live in api/: ComfyUI lists every .json directly in workflows/ in its template browser,
@@ -114,7 +115,21 @@ WAN22_TWO_SAMPLERS[9] = ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (1
 WAN22_TWO_SAMPLERS[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22", 16.0, False, 90, "default"],
                           {"images": (9, 0)}, [], (1920, 60))
 
-WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
+# Wan 2.2 TI2V-5B, text to video at 1280x704, 121 frames, 24 fps, with the Wan 2.2 VAE.
+WAN22_5B = {k: v for k, v in WAN_T2V.items()}
+WAN22_5B.update({
+    2: ("UspWan22TI2V5BModelLoader", None, ["wan2.2_ti2v_5B_fp16.safetensors"], {"group": (1, 0)},
+        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (420, 60)),
+    6: ("UspEmptyWan22Latent", None, [1280, 704, 121, 1], {}, [("LATENT", "LATENT")], (780, 540)),
+    7: ("UspWan22TI2V5BSampler", None, [42, "fixed", 30, 5.0, 5.0, "unipc", 1.0],
+        {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+        [("LATENT", "LATENT")], (1200, 60)),
+    8: ("UspVaeLoader", None, ["wan2.2_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1200, 420)),
+    10: ("SaveAnimatedWEBP", None, ["usp_video/wan22_5b", 24.0, False, 90, "default"], {"images": (9, 0)}, [],
+         (1560, 240)),
+})
+
+WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
              "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
@@ -123,7 +138,9 @@ SOCKETS = {
     "UspTextEncode": [("text_encoder", "USP_TEXT_ENCODER")],
     "UspWanSampler": [("model", "USP_WAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                       ("latent_image", "LATENT")],
-    "UspWan22ModelLoader": [("group", "USP_GROUP")],
+    "UspWan22ModelLoader": [("group", "USP_GROUP")], "UspWan22TI2V5BModelLoader": [("group", "USP_GROUP")],
+    "UspWan22TI2V5BSampler": [("model", "USP_WAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                              ("latent_image", "LATENT")],
     "UspWan22Sampler": [("model", "USP_WAN22_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                         ("latent_image", "LATENT")],
     "UspWanSamplerAdvanced": [("model", "USP_WAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -136,7 +153,7 @@ SOCKETS = {
                           ("latent_image", "LATENT")],
 }
 
-SIZES = {"UspGroup": (340, 300), "UspWan22ModelLoader": (400, 150), "UspWan22Sampler": (340, 340),
+SIZES = {"UspGroup": (340, 300), "UspWan22TI2V5BSampler": (340, 290), "UspEmptyWan22Latent": (340, 170), "UspWan22ModelLoader": (400, 150), "UspWan22Sampler": (340, 340),
          "UspWanSamplerAdvanced": (340, 370), "UspTextEncode": (380, 200), "UspWanSampler": (340, 290),
          "UspHunyuanTextEncode": (380, 200), "UspHunyuanSampler": (340, 320), "UspHunyuanTextEncoderLoader": (340, 150),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80)}
@@ -149,6 +166,8 @@ WIDGETS = {
     "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],
     "UspWanSampler": ["seed", "control_after_generate", "steps", "cfg", "shift", "sampler_name", "denoise"],
     "UspWan22ModelLoader": ["high_noise_model", "low_noise_model"],
+    "UspWan22TI2V5BModelLoader": ["model_name"], "UspEmptyWan22Latent": ["width", "height", "length", "batch_size"],
+    "UspWan22TI2V5BSampler": ["seed", "control_after_generate", "steps", "cfg", "shift", "sampler_name", "denoise"],
     "UspWan22Sampler": ["seed", "control_after_generate", "steps", "cfg_high_noise", "cfg_low_noise", "shift",
                         "boundary", "sampler_name", "denoise"],
     "UspWanSamplerAdvanced": ["add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "shift",

@@ -1,0 +1,45 @@
+"""The tiny Wan 2.2 TI2V-5B set, in the real on-disk formats (ComfyUI's names), beside the tiny UMT5 it
+shares with Wan 2.1:
+
+    diffusion_models/tiny_wan2.2_ti2v_5B.safetensors   the DiT, 48 input channels, original key names
+    vae/tiny_wan2.2_vae.safetensors                    the Wan 2.2 VAE (z 48, 16x16 space), original names
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import save_safetensors
+from ..wan21 import dit as wan
+from ..wan21.tiny import TINY_WAN_CONFIG, make_tiny_models as make_wan21_tiny, wan_to_original_keys
+from . import vae as wan22_vae, vae_keys
+
+TINY_DIT_CONFIG = dict(TINY_WAN_CONFIG, in_channels=48, out_channels=48)
+TINY_VAE_CONFIG = dict(base_dim=8, decoder_base_dim=16, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                       temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                       patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16)
+FILES = {"dit": "diffusion_models/tiny_wan2.2_ti2v_5B.safetensors", "vae": "vae/tiny_wan2.2_vae.safetensors"}
+_VERSION = "1"
+
+
+def make_tiny_models(root: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
+    """Write the set under root (skipped where already written): {"dit", "vae", "text_encoder"}."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    root = Path(root)
+    shared = make_wan21_tiny(root)
+    paths = {name: root / rel for name, rel in FILES.items()}
+    stamp = root / ".usp-video-tiny-wan2.2-5b"
+    if not (stamp.is_file() and stamp.read_text() == _VERSION and all(p.is_file() for p in paths.values())):
+        torch.manual_seed(52)
+        dit = WanTransformer3DModel(**TINY_DIT_CONFIG)
+        save_safetensors({k: v.to(dtype) for k, v in wan_to_original_keys(dit.state_dict()).items()}, paths["dit"],
+                         {wan.CONFIG_METADATA_KEY: json.dumps(TINY_DIT_CONFIG)})
+        vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
+        save_safetensors({k: v.to(dtype) for k, v in vae_keys.diffusers_to_comfy(vae.state_dict()).items()},
+                         paths["vae"], {wan22_vae.CONFIG_METADATA_KEY: json.dumps(TINY_VAE_CONFIG)})
+        stamp.write_text(_VERSION)
+    return {**paths, "text_encoder": shared["text_encoder"]}

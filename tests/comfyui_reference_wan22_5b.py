@@ -1,0 +1,62 @@
+"""Wan 2.2 TI2V-5B against ComfyUI's own code: its Wan 2.2 model (WAN22_T2V, the 48-channel latent
+format) loading our tiny file, its KSampler (euler, simple, ModelSamplingSD3 shift 5), and its Wan 2.2
+VAE (comfy.ldm.wan.vae2_2.WanVAE, built at the tiny size: ComfyUI's VAE loader fixes the width at 160).
+
+Usage: python comfyui_reference_wan22_5b.py COMFYUI_DIR MODELS_JSON -> one JSON object of relative errors.
+"""
+
+import json
+import sys
+
+import torch
+
+from comfyui_common import comfy_wan_model, rel, start_comfy
+
+
+def main(comfy_dir: str, models_json: str) -> None:
+    start_comfy(comfy_dir)
+    import comfy.ldm.wan.vae2_2
+    import comfy.sample
+    from safetensors.torch import load_file
+
+    from usp_video.distributed.engine import Engine
+    from usp_video.distributed.models.wan22_5b import tiny
+    from usp_video.distributed.models.wan22_5b.vae import load_wan22_vae
+    from usp_video.distributed.models.video import decode_video
+    from usp_video.distributed.requests import SampleRequest
+
+    paths = json.loads(models_json)
+    patcher = comfy_wan_model(paths["dit"], tiny.TINY_DIT_CONFIG, 5.0, "WAN22_T2V")
+
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(1, 24, 32, generator=g), torch.randn(1, 24, 32, generator=g)
+    out = {}
+
+    def both(latent, seed, steps, scale, denoise):
+        noise = comfy.sample.prepare_noise(latent, seed)
+        native = comfy.sample.sample(patcher, noise, steps, scale, "euler", "simple", [[pos, {}]], [[neg, {}]],
+                                     latent, denoise=denoise, seed=seed, disable_pbar=True)
+        ours = Engine().sample(SampleRequest(experts=[paths["dit"]], positive=pos, negative=neg, latent=latent,
+                                             seed=seed, steps=steps, cfg=scale, shift=5.0, sampler="euler",
+                                             denoise=denoise))
+        return rel(ours, native)
+
+    out["ti2v_ksampler_euler"] = both(torch.zeros(1, 48, 3, 4, 6), 123, 4, 5.0, 1.0)
+    out["ti2v_ksampler_euler_denoise"] = both(torch.randn(1, 48, 3, 4, 6, generator=g), 9, 4, 3.0, 0.6)
+
+    v = tiny.TINY_VAE_CONFIG
+    vae = comfy.ldm.wan.vae2_2.WanVAE(dim=v["base_dim"], dec_dim=v["decoder_base_dim"], z_dim=v["z_dim"],
+                                      dim_mult=v["dim_mult"], num_res_blocks=v["num_res_blocks"], attn_scales=[],
+                                      temperal_downsample=v["temperal_downsample"], dropout=0.0)
+    vae.load_state_dict(load_file(paths["vae"]), strict=True)
+    z = torch.randn(1, 48, 3, 4, 6, generator=g)
+    with torch.no_grad():
+        raw = vae.decode(z)
+        native = ((raw.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).flatten(0, 1)  # ComfyUI's process_output
+    out["ti2v_vae_decode_max_abs"] = float((decode_video(load_wan22_vae(paths["vae"]), z) - native).abs().max())
+    out["ti2v_vae_clamped_fraction"] = float((raw.abs() > 1).float().mean())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
