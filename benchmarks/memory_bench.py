@@ -1,4 +1,5 @@
-"""Memory per rank with weight sharding and the split VAE decode, for N = 1, 2, 4 CPU ranks.
+"""Memory per rank with weight sharding and the split VAE decode, for N = 1, 2, 4 CPU ranks, and the
+peak of loading a DiT (whole file read, against the streamed load, sharded and not).
 
     python benchmarks/memory_bench.py            # a few minutes on 2 CPU cores; writes results/memory.json
     python benchmarks/memory_bench.py --small    # seconds: checks that the script works
@@ -32,6 +33,10 @@ HUNYUAN_TILES = dict(tile_sample_min_height=64, tile_sample_min_width=64, tile_s
                      tile_sample_stride_height=48, tile_sample_stride_width=48, tile_sample_stride_num_frames=4)
 
 
+# The load benchmark's model: >= 1 GiB of fp32 weights in >= 20 blocks (Wan's architecture, narrower).
+LOAD_DIT = dict(DIT, num_attention_heads=16, attention_head_dim=64, ffn_dim=4096, num_layers=20)
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
@@ -45,6 +50,80 @@ def weights_rank(rank, world_size, dit_path):
     config = GroupConfig(ranks=world_size, shard_weights="on" if world_size > 1 else "off", vae_split=False)
     engine = Engine(config, rank=rank)
     return {"bytes": torch.tensor([parameter_bytes(engine.dit(dit_path))], dtype=torch.float64)}
+
+
+def _read_whole_file(path, device):
+    """How the DiT was loaded before the streamed load: every rank reads the whole file into memory,
+    converts it and builds the whole model (shard_weights then sharded it afterwards)."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    from usp_video.distributed.models.checkpoint import (DIT_PREFIXES, build_on_meta, load_state_dict, read_header,
+                                                         strip_prefix)
+    from usp_video.distributed.models.wan21 import dit as wan
+
+    shapes, metadata = read_header(path)
+    state = convert_wan_transformer_to_diffusers(strip_prefix(load_state_dict(path), DIT_PREFIXES))
+    model = build_on_meta(lambda: WanTransformer3DModel(**wan.infer_wan_config(Path(path), shapes, metadata)), state,
+                          path, "Wan")
+    model.rope = type(model.rope)(model.config.attention_head_dim, model.config.patch_size, model.config.rope_max_seq_len)
+    return model.to(device)
+
+
+def load_rank(rank, world_size, dit_path, how):
+    """Peak resident memory this rank adds while loading the DiT (VmHWM after a reset, minus VmRSS just
+    before), and the parameter bytes it holds after. how: "streamed" (the engine's load, sharded when
+    N > 1), "streamed-whole" (the engine's load, shard_weights off) or "whole-file" (the old load)."""
+    import gc
+
+    import torch.distributed as dist
+
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.distributed.engine import Engine
+    from usp_video.distributed.parallel import fsdp
+
+    import diffusers.loaders.single_file_utils  # noqa: F401  (imported before the measurement, not during it)
+    from diffusers import WanTransformer3DModel  # noqa: F401
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+    shard = "on" if how == "streamed" and world_size > 1 else "off"
+    engine = Engine(GroupConfig(ranks=world_size, shard_weights=shard, vae_split=False), rank=rank)
+    gc.collect()
+    if world_size > 1:
+        dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kb("VmRSS")
+    if how == "whole-file":
+        model = _read_whole_file(dit_path, engine.device)
+        if world_size > 1:
+            fsdp.shard_model(model, list(model.blocks), engine.device)
+    else:
+        model = engine.dit(dit_path)
+    # touch every weight, as the first step will: a memory-mapped file's pages count only once read
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    checksum = sum(float(t.float().sum()) for t in local)
+    peak = _status_kb("VmHWM") - before
+    return {"peak_kb": torch.tensor([peak], dtype=torch.float64),
+            "file_kb": torch.tensor([_status_kb("RssFile")], dtype=torch.float64),
+            "bytes": torch.tensor([fsdp.parameter_bytes(model)], dtype=torch.float64),
+            "checksum": torch.tensor([checksum], dtype=torch.float64)}
+
+
+def measure_load(dit_path: Path, full: int) -> list[dict]:
+    """The load's peak per rank for N = 1, 2, 4, each way, side by side; as fractions of the model."""
+    from usp_video.distributed.parallel.spawn import run_ranks
+
+    rows = []
+    for n in (1, 2, 4):
+        for how in ("whole-file", "streamed-whole", "streamed"):
+            if how == "streamed" and n == 1:
+                continue
+            ranks = run_ranks(f"{__file__}:load_rank", n, dict(dit_path=str(dit_path), how=how), timeout=900)
+            peaks = [float(r["peak_kb"]) * 1024 / full for r in ranks]
+            rows.append({"ranks": n, "load": how, "peak_per_rank": peaks, "peak_sum": sum(peaks),
+                         "held_per_rank": [float(r["bytes"]) / full for r in ranks]})
+    return rows
 
 
 def vae_rank(rank, world_size, vae_path, shape, mkldnn=False, tiling=None):
@@ -127,7 +206,16 @@ def main() -> None:
                              "seconds": max(float(r["seconds"]) for r in decoded),
                              "max_abs_diff_vs_one_rank": float((frames - reference[name]).abs().max())}
             results["runs"].append(run)
-    results["full_param_bytes"] = full
+        results["full_param_bytes"] = full
+        load_config = dict(LOAD_DIT, num_attention_heads=4, attention_head_dim=16, ffn_dim=64, num_layers=20) \
+            if args.small else LOAD_DIT
+        torch.manual_seed(0)
+        load_path = Path(tmp, "load_dit.safetensors")
+        model = WanTransformer3DModel(**load_config)
+        load_full = sum(p.numel() * p.element_size() for p in model.parameters())
+        _save(wan_to_original_keys(model.state_dict()), load_path, {wan.CONFIG_METADATA_KEY: json.dumps(load_config)})
+        del model
+        results["load"] = {"config": load_config, "model_bytes": load_full, "runs": measure_load(load_path, load_full)}
 
     print(f"DiT: {full / 2**20:.1f} MiB of parameters. VAE decodes: "
           + "; ".join(f"{name} 1x16x{'x'.join(map(str, shape))}" + (" (tiled)" if tiling else "")
@@ -144,6 +232,16 @@ def main() -> None:
             v = run[name]
             line += f"{max(v['peak_mib_per_rank']):>24.1f}{v['seconds']:>7.2f}{v['max_abs_diff_vs_one_rank']:>10.1e}"
         print(line)
+    load = results["load"]
+    print(f"\nLoading a DiT of {load['model_bytes'] / 2**30:.2f} GiB (fp32, {load['config']['num_layers']} blocks): "
+          "peak memory added per rank, as a fraction of the model (target: streamed <= 1/N + 0.15 per rank and "
+          "<= 1.3 summed over the ranks; streamed-whole <= 1.15)")
+    print(f"{'ranks':>5}{'load':>16}{'peak/rank':>11}{'sum':>7}{'held/rank':>11}{'target/rank':>13}")
+    for row in load["runs"]:
+        n, how = row["ranks"], row["load"]
+        target = f"{1 / n + 0.15:.3f}" if how == "streamed" else ("1.150" if how == "streamed-whole" else "-")
+        print(f"{n:>5}{how:>16}{max(row['peak_per_rank']):>11.3f}{row['peak_sum']:>7.2f}"
+              f"{max(row['held_per_rank']):>11.3f}{target:>13}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -169,11 +169,13 @@ class Engine:
     # -- the DiT ----------------------------------------------------------------------------------
 
     def _load_dit(self, path: str, family: models.ModelFamily):
-        model = family.load_dit(path, self.dtype, self.device)
+        shard = None
+        if self.should_shard("dit", path):  # decided before the load: the loader shards as it reads
+            def shard(model):
+                return fsdp.shard_model(model, family.blocks(model), self.device)
+        model = family.load_dit(path, self.dtype, self.device, shard=shard)
         self.sp = self._mesh(model, family)
         model = family.parallelize(model, self.sp, self.backend)
-        if self.should_shard("dit", path):
-            fsdp.shard_model(model, family.blocks(model), self.device)
         model.usp_family = family
         model.usp_sp = self.sp
         return model

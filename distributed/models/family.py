@@ -120,7 +120,10 @@ class ModelFamily:
 
     # -- the DiT ----------------------------------------------------------------------------------
 
-    def load_dit(self, path: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    def load_dit(self, path: str, dtype: torch.dtype, device: torch.device, shard=None) -> torch.nn.Module:
+        """The DiT on device. With shard (shard(model) FSDP-shards a model over the ranks), the model comes
+        back sharded: sharded on the meta device and each rank reading only its shards where the loader can
+        (models/streamed.py), else sharded once loaded."""
         raise NotImplementedError
 
     def parallelize(self, model: torch.nn.Module, sp, backend: str) -> torch.nn.Module:

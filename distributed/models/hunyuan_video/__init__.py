@@ -49,8 +49,11 @@ class HunyuanVideo(ModelFamily):
     def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
         return dit.infer_hunyuan_config(path, shapes, metadata)
 
-    def load_dit(self, path, dtype, device):
-        return dit.load_hunyuan_transformer(path, dtype, device)
+    def load_dit(self, path, dtype, device, shard=None):
+        model = dit.load_hunyuan_transformer(path, dtype, device)  # its key conversion splits q/k/v: loaded whole
+        if shard is not None:
+            shard(model)
+        return model
 
     def parallelize(self, model, sp, backend):
         return dit.parallelize_hunyuan(model, sp, backend)

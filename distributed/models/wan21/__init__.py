@@ -54,8 +54,8 @@ class Wan21(ModelFamily):
         config = json.loads((path / "config.json").read_text())
         dit.check_input_channels(path.name, config, 16, "a Wan 2.1 text-to-video model")
 
-    def load_dit(self, path, dtype, device):
-        return dit.load_wan_transformer(path, dtype, device)
+    def load_dit(self, path, dtype, device, shard=None):
+        return dit.load_wan_transformer(path, dtype, device, shard=shard)
 
     def parallelize(self, model, sp, backend):
         return dit.parallelize_wan(model, sp, backend)

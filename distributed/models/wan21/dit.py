@@ -17,9 +17,8 @@ import torch
 from ...parallel.mesh import SequenceParallel
 from ...parallel.sharding import gather_sequence, shard_sequence
 from ...parallel.usp_attention import KeyLayout, attention, usp_attention
-from .. import fp8
-from ..checkpoint import (DIT_PREFIXES, CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder,
-                          keeps_fp32, load_state_dict, read_header, strip_prefix, unprefixed)
+from .. import streamed
+from ..checkpoint import CheckpointError, config_from_metadata, from_folder, read_header, unprefixed
 
 CONFIG_METADATA_KEY = "usp_video.wan_config"
 
@@ -80,30 +79,31 @@ def check_input_channels(name: str, config: dict, expected: int, label: str) -> 
 
 
 def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
-                         device: torch.device | str = "cpu", keep_fp8: bool = True):
-    """Load a Wan 2.1 T2V DiT from a ComfyUI/original single .safetensors file or a diffusers folder.
-    The Linear weights of an fp8 file stay in fp8 (models/fp8.py) unless keep_fp8 is False."""
+                         device: torch.device | str = "cpu", keep_fp8: bool = True, shard=None):
+    """Load a Wan DiT from a ComfyUI/original single .safetensors file or a diffusers folder.
+    A single file is read tensor by tensor into a model built on the meta device (models/streamed.py);
+    with shard(model) (FSDP2 over the ranks), each rank reads only its shards. The Linear weights of an
+    fp8 file stay in fp8 (models/fp8.py) unless keep_fp8 is False."""
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     path = Path(path)
     if path.is_dir():
-        return from_folder(WanTransformer3DModel, path, dtype, device,
-                           "a diffusers WanTransformer3DModel folder (the 'transformer' subfolder of a Wan pipeline)")
+        model = from_folder(WanTransformer3DModel, path, dtype, device,
+                            "a diffusers WanTransformer3DModel folder (the 'transformer' subfolder of a Wan pipeline)")
+        if shard is not None:
+            shard(model)
+        return model
 
     shapes, metadata = read_header(path)
     config = infer_wan_config(path, shapes, metadata)
-    state = convert_wan_transformer_to_diffusers(strip_prefix(load_state_dict(path), DIT_PREFIXES))
-    state = dequantize(state, dtype, keeps_fp32(WanTransformer3DModel))
-    model = build_on_meta(lambda: WanTransformer3DModel(**config), state, path, "the Wan 2.1 architecture",
-                          ignore_unexpected=("norm_added_q",))
-    # The RoPE tables are non-persistent buffers, still on the meta device: build them for real.
+    model = streamed.load(lambda: WanTransformer3DModel(**config), path, convert_wan_transformer_to_diffusers,
+                          dtype, device, "the Wan architecture", fp8_within=("blocks.",) if keep_fp8 else (),
+                          shard=shard, ignore_unexpected=("norm_added_q",))
+    # The RoPE tables are non-persistent buffers, not in the file: build them for real.
     model.rope = type(model.rope)(model.config.attention_head_dim, model.config.patch_size,
-                                  model.config.rope_max_seq_len)
-    if keep_fp8:
-        fp8.keep_file_fp8(model, path, shapes, ("blocks.",),
-                          lambda markers: convert_wan_transformer_to_diffusers(strip_prefix(markers, DIT_PREFIXES)))
-    return model.to(device=device).eval()
+                                  model.config.rope_max_seq_len).to(device)
+    return model
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
