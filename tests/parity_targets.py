@@ -161,14 +161,17 @@ def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder
     """FSDP-sharded DiT (and UMT5): forward outputs, and the bytes of parameters this rank holds."""
     from usp_video.distributed.parallel.fsdp import parameter_bytes
 
+    from usp_video.distributed.models.streamed import TensorFile
+
     engine = make_engine(rank, world_size, ulysses, ring, shard_weights="on")
     model = engine.dit(dit_path)
     assert engine.sharded["dit"]
+    read = TensorFile.bytes_read  # what this rank read of the DiT's file
     if family == "wan":
         out = dit_forward(engine, dit_path, (5, 2, 14))
     else:
         out = hunyuan_forward(model, (5, 2, 14), 7)
-    result = {"out": out, "bytes": torch.tensor([parameter_bytes(model)])}
+    result = {"out": out, "bytes": torch.tensor([parameter_bytes(model)]), "read": torch.tensor([read])}
     if text_encoder is not None:
         from usp_video.distributed.requests import EncodeRequest
 

@@ -63,6 +63,15 @@ def describe_keys(keys_or_shapes) -> str:
     return "unrecognised tensor names"
 
 
+def _is_dir(path: Path) -> bool:
+    """path.is_dir(), with a path that cannot even be looked at (too long, a loop of links, no
+    permission) a CheckpointError naming it."""
+    try:
+        return path.is_dir()
+    except OSError as exc:
+        raise CheckpointError(f"model file {str(path)[:200]!r} cannot be read: {exc.strerror or exc}") from None
+
+
 def _folder_class(path: Path) -> str | None:
     config_file = path / "config.json"
     return json.loads(config_file.read_text()).get("_class_name") if config_file.is_file() else None
@@ -80,7 +89,7 @@ def detect_dit(path: str | Path, family: str | None = None) -> ModelFamily:
     else:
         candidates = [f for f in FAMILIES.values() if f.claims_files]
     labels = [f.label for f in candidates]
-    if path.is_dir():
+    if _is_dir(path):
         name = _folder_class(path)
         if name is None:
             raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers transformer "
@@ -113,7 +122,7 @@ def _first_that_takes(families: list[ModelFamily], check, none_message: str) -> 
 def detect_vae(path: str | Path) -> ModelFamily:
     """Which family's VAE a file or diffusers folder is (its loader then checks it in detail)."""
     path = Path(path)
-    if path.is_dir():
+    if _is_dir(path):
         name = _folder_class(path)
         config = json.loads((path / "config.json").read_text()) if name else {}
         for family in FAMILIES.values():
@@ -135,7 +144,7 @@ def check_dit_file(path: str | Path, family: str | None = None) -> tuple[ModelFa
     `family` as for detect_dit."""
     found = detect_dit(path, family)
     path = Path(path)
-    if path.is_dir():
+    if _is_dir(path):
         return found, {}
     shapes, metadata = read_header(path)
     return found, found.dit_config(path, shapes, metadata)

@@ -31,7 +31,10 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 
 class TensorFile:
-    """A .safetensors file's tensors, read on demand: whole, or a range of rows (the first dimension)."""
+    """A .safetensors file's tensors, read on demand: whole, or a range of rows (the first dimension).
+    bytes_read counts what the process has read through it (every TensorFile), for the tests."""
+
+    bytes_read = 0
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -65,6 +68,7 @@ class TensorFile:
                 got = os.preadv(f.fileno(), [memoryview(buffer.numpy())], self.start + begin + start * row_bytes)
             if got != size:
                 raise CheckpointError(f"{self.path.name}: tensor {name} is cut short; the file may be truncated")
+            TensorFile.bytes_read += size
         return out
 
 
