@@ -112,6 +112,7 @@ def load_rank(rank, world_size, dit_path, how):
 
 def measure_load(dit_path: Path, full: int) -> list[dict]:
     """The load's peak per rank for N = 1, 2, 4, each way, side by side; as fractions of the model."""
+    from usp_video.distributed.models import FAMILIES
     from usp_video.distributed.parallel.spawn import run_ranks
 
     rows = []
@@ -121,8 +122,11 @@ def measure_load(dit_path: Path, full: int) -> list[dict]:
                 continue
             ranks = run_ranks(f"{__file__}:load_rank", n, dict(dit_path=str(dit_path), how=how), timeout=900)
             peaks = [float(r["peak_kb"]) * 1024 / full for r in ranks]
+            shares = n if how == "streamed" else 1
+            predicted = FAMILIES["wan2.1"].dit_load_bytes(str(dit_path), torch.float32, shares) / full
             rows.append({"ranks": n, "load": how, "peak_per_rank": peaks, "peak_sum": sum(peaks),
-                         "held_per_rank": [float(r["bytes"]) / full for r in ranks]})
+                         "held_per_rank": [float(r["bytes"]) / full for r in ranks],
+                         "predicted_per_rank": predicted if how != "whole-file" else None})
     return rows
 
 
@@ -158,6 +162,7 @@ def vae_rank(rank, world_size, vae_path, shape, mkldnn=False, tiling=None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny sizes, to check the script")
+    parser.add_argument("--load-only", action="store_true", help="only the load's peak (skip the weights and VAEs)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "memory.json")
     parser.add_argument("--mkldnn", action="store_true",
                         help="keep oneDNN's CPU convolutions on: faster, but their time and workspace jump with "
@@ -193,7 +198,7 @@ def main() -> None:
         _save(AutoencoderKLHunyuanVideo(**vaes["hunyuan"][0]).state_dict(), paths["hunyuan"],
               {hunyuan_vae.CONFIG_METADATA_KEY: json.dumps(vaes["hunyuan"][0])})
         reference = {}
-        for n in (1, 2, 4):
+        for n in (() if args.load_only else (1, 2, 4)):
             held = [int(r["bytes"]) for r in run_ranks(f"{__file__}:weights_rank", n, dict(dit_path=str(dit_path)),
                                                        timeout=600)]
             run = {"ranks": n, "param_bytes_per_rank": held, "fraction_of_full": [h / full for h in held]}
@@ -213,7 +218,9 @@ def main() -> None:
         load_path = Path(tmp, "load_dit.safetensors")
         model = WanTransformer3DModel(**load_config)
         load_full = sum(p.numel() * p.element_size() for p in model.parameters())
-        _save(wan_to_original_keys(model.state_dict()), load_path, {wan.CONFIG_METADATA_KEY: json.dumps(load_config)})
+        # stored in bf16, as the released checkpoints are; loaded at the CPU's compute dtype, fp32
+        _save({k: v.to(torch.bfloat16) for k, v in wan_to_original_keys(model.state_dict()).items()}, load_path,
+              {wan.CONFIG_METADATA_KEY: json.dumps(load_config)})
         del model
         results["load"] = {"config": load_config, "model_bytes": load_full, "runs": measure_load(load_path, load_full)}
 
@@ -236,12 +243,15 @@ def main() -> None:
     print(f"\nLoading a DiT of {load['model_bytes'] / 2**30:.2f} GiB (fp32, {load['config']['num_layers']} blocks): "
           "peak memory added per rank, as a fraction of the model (target: streamed <= 1/N + 0.15 per rank and "
           "<= 1.3 summed over the ranks; streamed-whole <= 1.15)")
-    print(f"{'ranks':>5}{'load':>16}{'peak/rank':>11}{'sum':>7}{'held/rank':>11}{'target/rank':>13}")
+    print(f"{'ranks':>5}{'load':>16}{'peak/rank':>11}{'sum':>7}{'held/rank':>11}{'target/rank':>13}"
+          f"{'pre-flight':>12}{'/ peak':>8}")
     for row in load["runs"]:
         n, how = row["ranks"], row["load"]
         target = f"{1 / n + 0.15:.3f}" if how == "streamed" else ("1.150" if how == "streamed-whole" else "-")
+        predicted = row["predicted_per_rank"]
+        ratio = f"{predicted / max(row['peak_per_rank']):>8.2f}" if predicted else f"{'-':>8}"
         print(f"{n:>5}{how:>16}{max(row['peak_per_rank']):>11.3f}{row['peak_sum']:>7.2f}"
-              f"{max(row['held_per_rank']):>11.3f}{target:>13}")
+              f"{max(row['held_per_rank']):>11.3f}{target:>13}{(f'{predicted:.3f}' if predicted else '-'):>12}{ratio}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -168,11 +168,39 @@ class Engine:
 
     # -- the DiT ----------------------------------------------------------------------------------
 
+    def check_memory(self, path: str, family: models.ModelFamily, sharded: bool) -> None:
+        """The memory pre-flight of a DiT load: what the load will add to a rank at its peak (the family
+        predicts it from the file's header) against the rank's free memory; a ValueError saying what to
+        change, before anything is allocated, when it will not fit. Collective: the ranks agree on the
+        largest need and the smallest free memory. On the CPU the ranks of one host share its memory."""
+        need = family.dit_load_bytes(path, self.dtype, self.world_size if sharded else 1)
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.device.type == "cpu" else 1
+        worst = torch.tensor([float(need), -float(_free_memory(self.device) // sharing)], dtype=torch.float64,
+                             device=self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.world_group)
+        need, free = float(worst[0]), -float(worst[1])
+        if need <= free:
+            return
+        where = "its weights sharded over the ranks" if sharded else "a whole copy on every rank"
+        fixes = []
+        if not sharded and self.world_size > 1:
+            fixes.append(f"turn shard_weights on (about 1/{self.world_size} of the weights on each rank)")
+        fixes += ["use more GPUs" + (" with shard_weights on" if not sharded else ""),
+                  "load the model's fp8 file (about half the bytes of bf16)",
+                  "free memory (USP Free Group, other programs on the device)"]
+        raise ValueError(f"{Path(path).name} needs about {need / 2**30:.1f} GiB on each rank to load ({where}), but "
+                         f"{'a rank' if self.world_size > 1 else 'the device'} has {free / 2**30:.1f} GiB free: "
+                         + "; or ".join(fixes))
+
     def _load_dit(self, path: str, family: models.ModelFamily):
         shard = None
         if self.should_shard("dit", path):  # decided before the load: the loader shards as it reads
             def shard(model):
                 return fsdp.shard_model(model, family.blocks(model), self.device)
+        self.check_memory(path, family, shard is not None)
         model = family.load_dit(path, self.dtype, self.device, shard=shard)
         self.sp = self._mesh(model, family)
         model = family.parallelize(model, self.sp, self.backend)

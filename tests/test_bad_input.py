@@ -10,7 +10,7 @@ import torch
 from hardening import HARDENING
 from usp_video.distributed import api
 from usp_video.distributed.cli import check_video_size
-from usp_video.distributed.client import GroupConfig, RequestError, free_group, get_group
+from usp_video.distributed.client import GroupConfig, free_group, get_group
 from usp_video.nodes.group_node import make_config, parse_gpus
 import calls
 

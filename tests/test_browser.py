@@ -9,7 +9,6 @@ set and Playwright and a Chromium (CHROMIUM, default /usr/bin/chromium) are inst
 import json
 import os
 import shutil
-import time
 import urllib.request
 from pathlib import Path
 

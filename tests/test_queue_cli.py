@@ -1,6 +1,5 @@
 """`usp-video queue` without a server: loading workflows and --set overrides."""
 
-import json
 
 import pytest
 

@@ -1,7 +1,6 @@
 """The shipped workflows: their format, and the API workflow run through the nodes."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -11,6 +11,7 @@ import torch
 
 from ..family import Defaults, ModelFamily, TextPart
 from ...parallel.vae_split import VaeSplit
+from .. import streamed
 from . import dit, umt5, vae
 
 # The negative prompt of Wan's reference pipeline (used when cfg != 1 and none is given).
@@ -56,6 +57,11 @@ class Wan21(ModelFamily):
 
     def load_dit(self, path, dtype, device, shard=None):
         return dit.load_wan_transformer(path, dtype, device, shard=shard)
+
+    def dit_load_bytes(self, path, dtype, shares):
+        if Path(path).is_dir():
+            return super().dit_load_bytes(path, dtype, shares)
+        return streamed.load_peak_bytes(path, dtype, shares, fp8_within=("blocks.",))
 
     def parallelize(self, model, sp, backend):
         return dit.parallelize_wan(model, sp, backend)
