@@ -58,12 +58,13 @@ def _read_whole_file(path, device):
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    from usp_video.distributed.models.checkpoint import (DIT_PREFIXES, build_on_meta, load_state_dict, read_header,
-                                                         strip_prefix)
+    from usp_video.distributed.models.checkpoint import (DIT_PREFIXES, build_on_meta, dequantize, keeps_fp32,
+                                                         load_state_dict, read_header, strip_prefix)
     from usp_video.distributed.models.wan21 import dit as wan
 
     shapes, metadata = read_header(path)
     state = convert_wan_transformer_to_diffusers(strip_prefix(load_state_dict(path), DIT_PREFIXES))
+    state = dequantize(state, torch.float32, keeps_fp32(WanTransformer3DModel))  # to the compute dtype
     model = build_on_meta(lambda: WanTransformer3DModel(**wan.infer_wan_config(Path(path), shapes, metadata)), state,
                           path, "Wan")
     model.rope = type(model.rope)(model.config.attention_head_dim, model.config.patch_size, model.config.rope_max_seq_len)

@@ -156,3 +156,25 @@ def test_cli_demo(tmp_path, tiny_5b):
                           capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr
     assert "model: Wan 2.2 TI2V-5B" in demo.stdout and (tmp_path / "d.webp").stat().st_size > 0
+
+
+def test_diffusers_folders_are_told_apart_and_load(tiny_5b, tiny_models, tmp_path):
+    """A diffusers Wan 2.2 pipeline's transformer/ (48 input channels) and vae/ (the residual Wan 2.2 VAE)
+    are this family's; Wan 2.1's folders are not; the folder VAE decodes as the file does."""
+    from usp_video.distributed import models
+    from usp_video.distributed.models.video import decode_video
+    from usp_video.distributed.models.wan21.dit import load_wan_transformer
+    from usp_video.distributed.models.wan21.vae import load_wan_vae
+    from usp_video.distributed.models.wan22_5b.vae import load_wan22_vae
+
+    load_wan_transformer(tiny_5b["dit"]).save_pretrained(tmp_path / "5b" / "transformer")
+    load_wan22_vae(tiny_5b["vae"]).save_pretrained(tmp_path / "5b" / "vae")
+    load_wan_transformer(tiny_models["dit"]).save_pretrained(tmp_path / "21" / "transformer")
+    load_wan_vae(tiny_models["vae"]).save_pretrained(tmp_path / "21" / "vae")
+    assert models.detect_dit(tmp_path / "5b" / "transformer") is FAMILY
+    assert models.detect_vae(tmp_path / "5b" / "vae") is FAMILY
+    assert models.detect_dit(tmp_path / "21" / "transformer").name == "wan2.1"
+    assert models.detect_vae(tmp_path / "21" / "vae").name == "wan2.1"
+    z = torch.randn(1, 48, 2, 4, 6, generator=torch.Generator().manual_seed(1))
+    folder = decode_video(FAMILY.load_vae(str(tmp_path / "5b" / "vae"), torch.float32, "cpu"), z)
+    assert torch.equal(folder, decode_video(load_wan22_vae(tiny_5b["vae"]), z))

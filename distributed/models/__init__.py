@@ -93,10 +93,10 @@ def detect_dit(path: str | Path, family: str | None = None) -> ModelFamily:
         name = _folder_class(path)
         if name is None:
             raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers transformer "
-                                  f"folder ({' or '.join(f.dit_class for f in candidates)})")
+                                  f"folder ({' or '.join(dict.fromkeys(f.dit_class for f in candidates))})")
         return _first_that_takes([f for f in candidates if f.dit_class == name], lambda f: f.check_dit_folder(path),
                                  f"{path}: a diffusers {name}; expected "
-                                 f"{' or '.join(f.dit_class for f in candidates)}")
+                                 f"{' or '.join(dict.fromkeys(f.dit_class for f in candidates))}")
     shapes, metadata = read_header(path)
     stripped = unprefixed(shapes)
     return _first_that_takes([f for f in candidates if f.is_dit(set(stripped))],
@@ -129,7 +129,7 @@ def detect_vae(path: str | Path) -> ModelFamily:
             if name == family.vae_class and family.is_vae_folder(config):
                 return family
         raise CheckpointError(f"{path}: expected a diffusers VAE folder "
-                              f"({' or '.join(f.vae_class for f in FAMILIES.values())}), found {name or 'no config.json'}")
+                              f"({' or '.join(dict.fromkeys(f.vae_class for f in FAMILIES.values()))}), found {name or 'no config.json'}")
     shapes, _ = read_header(path)
     for family in FAMILIES.values():
         if family.is_vae(set(shapes)):

@@ -57,6 +57,9 @@ class Wan22TI2V5B(Wan21):
     def is_vae(self, keys: set[str]) -> bool:
         return vae_keys.is_wan22_vae(keys)
 
+    def is_vae_folder(self, config: dict) -> bool:
+        return bool(config.get("is_residual"))  # the Wan 2.2 VAE's residual up/down blocks
+
     def describe(self, shapes: dict) -> str | None:
         return None
 
