@@ -157,7 +157,7 @@ class Engine:
         if key not in self._shard_decisions:
             want = 1.0
             if self.shard_weights == "auto":
-                want = float(_weight_bytes(path, self.dtype) > 0.8 * _free_memory(self.device))
+                want = float(_weight_bytes(path, self.dtype) > 0.8 * self._rank_free_memory())
             flag = torch.tensor([want], device=self.device)
             import torch.distributed as dist
 
@@ -168,25 +168,43 @@ class Engine:
 
     # -- the DiT ----------------------------------------------------------------------------------
 
+    def _rank_free_memory(self) -> int:
+        """The memory this rank may use: its GPU's free memory, after handing back what freed models
+        left in the caching allocator; on the CPU, the host's available memory shared by its ranks."""
+        import gc
+
+        gc.collect()  # freed models can sit in reference cycles (the fp8 layers' patched forwards)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            return _free_memory(self.device)
+        return _free_memory(self.device) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+
     def check_memory(self, path: str, family: models.ModelFamily, sharded: bool) -> None:
         """The memory pre-flight of a DiT load: what the load will add to a rank at its peak (the family
         predicts it from the file's header) against the rank's free memory; a ValueError saying what to
         change, before anything is allocated, when it will not fit. Collective: the ranks agree on the
         largest need and the smallest free memory. On the CPU the ranks of one host share its memory."""
-        need = family.dit_load_bytes(path, self.dtype, self.world_size if sharded else 1)
-        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) if self.device.type == "cpu" else 1
-        worst = torch.tensor([float(need), -float(_free_memory(self.device) // sharing)], dtype=torch.float64,
-                             device=self.device)
+        error, need = None, float("inf")
+        try:
+            need = family.dit_load_bytes(path, self.dtype, self.world_size if sharded else 1)
+        except (CheckpointError, OSError) as exc:  # told to every rank below, so that none waits alone
+            error = exc
+        worst = torch.tensor([float(need), -float(self._rank_free_memory())], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             import torch.distributed as dist
 
             dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.world_group)
         need, free = float(worst[0]), -float(worst[1])
+        if error is not None:
+            raise CheckpointError(f"{Path(path).name} cannot be read: {error}") from None
+        if need == float("inf"):
+            raise CheckpointError(f"{Path(path).name} cannot be read on another rank of the group")
         if need <= free:
             return
         where = "its weights sharded over the ranks" if sharded else "a whole copy on every rank"
         fixes = []
-        if not sharded and self.world_size > 1:
+        if not sharded and self.world_size > 1 and \
+                family.dit_load_bytes(path, self.dtype, self.world_size) < 0.9 * need:
             fixes.append(f"turn shard_weights on (about 1/{self.world_size} of the weights on each rank)")
         fixes += ["use more GPUs" + (" with shard_weights on" if not sharded else ""),
                   "load the model's fp8 file (about half the bytes of bf16)",

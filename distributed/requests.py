@@ -142,8 +142,10 @@ class SampleRequest:
         return self.cfg[expert] if isinstance(self.cfg, (list, tuple)) else self.cfg
 
     def expert_at(self, sigma: float) -> int:
-        """The expert that runs a step at this sigma."""
-        return sum(1 for b in self.boundaries if sigma < b)
+        """The expert that runs a step at this sigma: the first one while the step's timestep (sigma x
+        1000, rounded to 1/1000 so that a float32 sigma of 0.9 counts as 0.9) is >= boundary x 1000."""
+        timestep = round(float(sigma) * 1000, 3)
+        return sum(1 for b in self.boundaries if timestep < round(b * 1000, 3))
 
     def check_experts(self) -> None:
         problems = []

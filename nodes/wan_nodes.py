@@ -112,7 +112,7 @@ class UspWanSamplerAdvanced:
     DESCRIPTION = ("KSamplerAdvanced on the USP group: runs steps start_at_step..end_at_step of the schedule and "
                    "can return the latent with its leftover noise, in ComfyUI's convention, so that it mixes with "
                    "native KSamplerAdvanced nodes either way (e.g. Wan 2.2's high-noise / low-noise two-sampler "
-                   "layout).")
+                   "layout); with euler the handoff is exact (ComfyUI's uni_pc walks other sigmas than our unipc).")
 
     @classmethod
     def INPUT_TYPES(cls):

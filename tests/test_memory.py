@@ -29,3 +29,18 @@ def test_the_prediction_counts_the_weights_once_and_shares_them(tiny_models):
     whole, halves = (family.dit_load_bytes(tiny_models["dit"], make_engine().dtype, n) for n in (1, 2))
     size = os.path.getsize(tiny_models["dit"])  # fp32 file at fp32: the weights' bytes, plus the header
     assert size < whole < size + (80 << 20) and halves < whole - size / 2 + 1e5
+
+
+def test_a_whole_file_loader_is_predicted_at_its_model_not_its_file_too(tiny_hunyuan):
+    """HunyuanVideo's DiT loads whole before it is sharded: the prediction is its parameters at the compute
+    dtype, whatever the sharing (the file itself is read through the page cache)."""
+    import math
+
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(tiny_hunyuan["dit"], "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    family = FAMILIES["hunyuan-video"]
+    assert family.dit_load_bytes(tiny_hunyuan["dit"], torch.float32, 1) == params * 4
+    assert family.dit_load_bytes(tiny_hunyuan["dit"], torch.float32, 4) == params * 4

@@ -304,3 +304,15 @@ def test_cli_demo_and_generate_with_both_experts(tmp_path, tiny_wan22):
                               "--prompt", "a cat"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2
     assert "Wan 2.2 A14B is made of 2 experts: give --high-noise and --low-noise (missing: --low-noise)" in missing.stderr
+
+
+def test_boundary_is_compared_as_a_timestep():
+    """sigma >= boundary picks the high-noise expert, with a float32 sigma of 0.9 counting as 0.9 (Wan
+    compares integer timesteps: 900 >= 900)."""
+    from usp_video.distributed.requests import SampleRequest
+
+    request = SampleRequest(experts=["a", "b"], boundaries=[0.9], positive={"tokens": torch.zeros(1, 1, 1)},
+                            negative=None, latent=torch.zeros(1), seed=0, steps=1, cfg=1.0, shift=1.0)
+    assert float(torch.tensor(0.9, dtype=torch.float32)) < 0.9
+    assert request.expert_at(torch.tensor(0.9, dtype=torch.float32)) == 0
+    assert request.expert_at(0.8999) == 1 and request.expert_at(0.95) == 0

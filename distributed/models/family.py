@@ -129,18 +129,17 @@ class ModelFamily:
     def dit_load_bytes(self, path: str, dtype: torch.dtype, shares: int) -> int:
         """What loading this DiT file adds to one rank's memory at its peak, its weights split into
         `shares` (1: a whole copy), predicted from the header (the memory pre-flight). This default is
-        for a loader that reads the whole file and builds the whole model before sharding it."""
+        for a loader that builds the whole model before sharding it: the whole model, whatever `shares`,
+        at the compute dtype (fp8 weights at one byte: they may stay fp8)."""
         from .checkpoint import read_header
 
         p = Path(path)
-        files = list(p.rglob("*.safetensors")) if p.is_dir() else [p]
         size = torch.empty((), dtype=dtype).element_size()
-        on_disk = sum(f.stat().st_size for f in files)
-        params = 0
-        for f in files:
+        total = 0
+        for f in (sorted(p.rglob("*.safetensors")) if p.is_dir() else [p]):
             shapes, _ = read_header(f)
-            params += sum(math.prod(shape) for shape, _ in shapes.values())
-        return on_disk + params * size
+            total += sum(math.prod(shape) * (1 if kind.startswith("F8") else size) for shape, kind in shapes.values())
+        return total
 
     def parallelize(self, model: torch.nn.Module, sp, backend: str) -> torch.nn.Module:
         """Apply sequence parallelism (parallel.mesh.SequenceParallel) from outside the model."""

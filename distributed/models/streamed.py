@@ -43,6 +43,9 @@ class TensorFile:
             header = json.loads(f.read(length))
         header.pop("__metadata__", None)
         self.start = 8 + length
+        unknown = sorted({e["dtype"] for e in header.values() if e["dtype"] not in DTYPES})
+        if unknown:
+            raise CheckpointError(f"{self.path.name} holds tensors of types this loader does not read ({', '.join(unknown)})")
         self.entries = {name: (DTYPES[e["dtype"]], list(e["shape"]), *e["data_offsets"]) for name, e in header.items()}
 
     def shape(self, name: str) -> list[int]:
@@ -63,11 +66,15 @@ class TensorFile:
         size = (stop - start) * row_bytes
         out = torch.empty((stop - start, *row_shape) if shape else (), dtype=dtype)
         if size:
-            buffer = out.view(-1).view(torch.uint8) if shape else out.reshape(1).view(torch.uint8)
+            buffer = memoryview((out.view(-1) if shape else out.reshape(1)).view(torch.uint8).numpy())
+            offset, done = self.start + begin + start * row_bytes, 0
             with open(self.path, "rb", buffering=0) as f:
-                got = os.preadv(f.fileno(), [memoryview(buffer.numpy())], self.start + begin + start * row_bytes)
-            if got != size:
-                raise CheckpointError(f"{self.path.name}: tensor {name} is cut short; the file may be truncated")
+                while done < size:  # a read returns at most ~2 GiB, and network file systems return less
+                    got = os.preadv(f.fileno(), [buffer[done:]], offset + done)
+                    if got == 0:
+                        raise CheckpointError(f"{self.path.name}: tensor {name} is cut short; the file may be "
+                                              "truncated")
+                    done += got
             TensorFile.bytes_read += size
         return out
 
@@ -141,8 +148,8 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
     if fp8_within and any(tensors.dtype(n).is_floating_point and tensors.dtype(n).itemsize == 1 for n in names):
         shapes = {n: (tensors.shape(n), "F8" if tensors.dtype(n).itemsize == 1 else "F") for n in names}
         file_scales = {n[: -len("scale_weight")] + "weight": s for n, s in scales.items()}
-        fp8.keep_fp8(model, {k: v for k, v in ((k, fp8.fp8_markers(shapes, file_scales).get(f)) for k, f in source.items())
-                             if v is not None}, fp8_within)
+        markers = fp8.fp8_markers(shapes, file_scales)
+        fp8.keep_fp8(model, {k: markers[f] for k, f in source.items() if f in markers}, fp8_within)
     state = model.state_dict(keep_vars=True)
     unexpected = [k for k in source if k not in state and not any(part in k for part in ignore_unexpected)]
     missing = [k for k in state if k not in source]
