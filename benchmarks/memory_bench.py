@@ -111,13 +111,13 @@ def load_rank(rank, world_size, dit_path, how):
             "checksum": torch.tensor([checksum], dtype=torch.float64)}
 
 
-def measure_load(dit_path: Path, full: int) -> list[dict]:
-    """The load's peak per rank for N = 1, 2, 4, each way, side by side; as fractions of the model."""
+def measure_load(dit_path: Path, full: int, counts=(1, 2, 4)) -> list[dict]:
+    """The load's peak per rank for N in counts, each way, side by side; as fractions of the model."""
     from usp_video.distributed.models import FAMILIES
     from usp_video.distributed.parallel.spawn import run_ranks
 
     rows = []
-    for n in (1, 2, 4):
+    for n in counts:
         for how in ("whole-file", "streamed-whole", "streamed"):
             if how == "streamed" and n == 1:
                 continue
@@ -223,7 +223,7 @@ def main() -> None:
         _save({k: v.to(torch.bfloat16) for k, v in wan_to_original_keys(model.state_dict()).items()}, load_path,
               {wan.CONFIG_METADATA_KEY: json.dumps(load_config)})
         del model
-        results["load"] = {"config": load_config, "model_bytes": load_full, "runs": measure_load(load_path, load_full)}
+        results["load"] = {"config": load_config, "model_bytes": load_full, "runs": measure_load(load_path, load_full, (1, 2) if args.small else (1, 2, 4))}
 
     print(f"DiT: {full / 2**20:.1f} MiB of parameters. VAE decodes: "
           + "; ".join(f"{name} 1x16x{'x'.join(map(str, shape))}" + (" (tiled)" if tiling else "")
