@@ -223,7 +223,8 @@ def main() -> None:
         _save({k: v.to(torch.bfloat16) for k, v in wan_to_original_keys(model.state_dict()).items()}, load_path,
               {wan.CONFIG_METADATA_KEY: json.dumps(load_config)})
         del model
-        results["load"] = {"config": load_config, "model_bytes": load_full, "runs": measure_load(load_path, load_full, (1, 2) if args.small else (1, 2, 4))}
+        runs = measure_load(load_path, load_full, (1, 2) if args.small else (1, 2, 4))
+        results["load"] = {"config": load_config, "model_bytes": load_full, "runs": runs}
 
     print(f"DiT: {full / 2**20:.1f} MiB of parameters. VAE decodes: "
           + "; ".join(f"{name} 1x16x{'x'.join(map(str, shape))}" + (" (tiled)" if tiling else "")
