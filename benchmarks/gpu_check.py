@@ -12,6 +12,10 @@ is one Wan-1.3B-size step at 480p with each attention backend, ours vs stock dif
    each backend, and stock diffusers WanTransformer3DModel, interleaved, medians.
 3. fp8 weights (models/fp8.py): the same forward with the blocks' Linear weights stored in fp8 and
    cast layer by layer, against those weights dequantized to bf16: error, time ratio, bytes ratio.
+4. Fitting 24-48 GB cards: the memory pre-flight's prediction of the DiT load's peak per rank for
+   Wan 2.1 14B and Wan 2.2 A14B (both experts resident) from their released configs (no file needed),
+   bf16 and fp8 files, sharded over 2 and 4 ranks, against 24 and 48 GB cards. Weights only: the
+   activations, the text encoder and the VAE come on top.
 Prints a short table last; --out writes it as JSON.
 """
 
@@ -179,6 +183,30 @@ def check_fp8(device: torch.device, small: bool, repeats: int) -> dict:
             "rel_err": rel(outs["fp8"], outs["dequantized"])}
 
 
+def predict_fit() -> list[dict]:
+    """The pre-flight's per-rank load prediction for the 14B models on 2 and 4 ranks (bf16 compute)."""
+    from diffusers import WanTransformer3DModel
+
+    from usp_video.distributed.models.streamed import peak_bytes
+    from usp_video.distributed.models.wan21.dit import WAN_VARIANTS
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**WAN_VARIANTS["wan2.1-t2v-14b"])
+    rows = []
+    shapes = {name: list(t.shape) for name, t in model.state_dict().items()}
+    for file_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        # an fp8 file (ComfyUI's *_fp8_e4m3fn): the blocks' 2-D weights in fp8, the rest in bf16
+        tensors = {name: (file_dtype if len(shape) == 2 and name.startswith("blocks.") else torch.bfloat16, shape)
+                   for name, shape in shapes.items()}
+        for experts, label in ((1, "Wan 2.1 14B"), (2, "Wan 2.2 A14B (2 experts)")):
+            for ranks in (2, 4):
+                per_rank = experts * peak_bytes(tensors, torch.bfloat16, ranks, ("blocks.",))
+                rows.append({"model": label, "file": "fp8" if file_dtype != torch.bfloat16 else "bf16",
+                             "ranks": ranks, "gib_per_rank": per_rank / 2**30,
+                             "gib_left_of_24": 24 - per_rank / 2**30, "gib_left_of_48": 48 - per_rank / 2**30})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -194,8 +222,9 @@ def main() -> None:
     kernels = check_kernels(device, args.small)
     steps = time_step(device, args.small, args.repeats)
     fp8_row = check_fp8(device, args.small, args.repeats)
+    fit = predict_fit()
     report = {"device": name, "torch": torch.__version__, "kernels": kernels, "step": steps, "fp8": fp8_row,
-              "wall_s": time.monotonic() - started}
+              "fit": fit, "wall_s": time.monotonic() - started}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     print(f"device: {name}, torch {torch.__version__}")
@@ -215,6 +244,11 @@ def main() -> None:
     print(f"fp8 weights ({fp8_row['dtype']} compute): forward {fp8_row['fp8_forward_s']:.3f} s vs "
           f"{fp8_row['dequantized_forward_s']:.3f} s dequantized ({fp8_row['time_ratio']:.2f}x), parameter bytes "
           f"{fp8_row['bytes_ratio']:.2f}x, rel err {fp8_row['rel_err']:.1e}")
+    print("pre-flight: the DiT load's predicted peak per rank, shard_weights on, bf16 compute (weights only)")
+    print(f"{'model':<28}{'file':>6}{'ranks':>7}{'GiB/rank':>10}{'left of 24 GiB':>16}{'left of 48 GiB':>16}")
+    for r in fit:
+        print(f"{r['model']:<28}{r['file']:>6}{r['ranks']:>7}{r['gib_per_rank']:>10.1f}"
+              f"{r['gib_left_of_24']:>16.1f}{r['gib_left_of_48']:>16.1f}")
     print(f"wall {report['wall_s']:.0f} s")
 
 

@@ -80,17 +80,23 @@ class TensorFile:
 
 
 def load_peak_bytes(path: str | Path, dtype: torch.dtype, shares: int, fp8_within: tuple[str, ...] = ()) -> int:
-    """What `load` adds to one rank's memory at its peak, predicted from the file's header: the rank's
-    share of the weights (at the compute dtype; 1 byte for the fp8 Linear weights kept as fp8, those of
-    2-D fp8 tensors whose names start with fp8_within) plus the largest tensor's slice read and
-    converted, and a margin for the allocator and the model's small buffers."""
+    """What `load` adds to one rank's memory at its peak, predicted from the file's header (peak_bytes)."""
     tensors = TensorFile(path)
+    return peak_bytes({name: (d, shape) for name, (d, shape, *_) in tensors.entries.items()}, dtype, shares, fp8_within)
+
+
+def peak_bytes(tensors: dict[str, tuple[torch.dtype, list[int]]], dtype: torch.dtype, shares: int,
+               fp8_within: tuple[str, ...] = ()) -> int:
+    """The streamed load's peak on one rank for a file of these tensors ({name: (file dtype, shape)}):
+    the rank's share of the weights (at the compute dtype; 1 byte for the fp8 Linear weights kept as fp8,
+    those of 2-D fp8 tensors whose names start with fp8_within) plus the largest tensor's slice read and
+    converted, and a margin for the allocator and the model's small buffers."""
     size = torch.empty((), dtype=dtype).element_size()
     total = largest = 0
-    for name, (file_dtype, shape, begin, end) in tensors.entries.items():
+    for name, (file_dtype, shape) in tensors.items():
         count = math.prod(shape)
-        kept_fp8 = file_dtype.itemsize == 1 and file_dtype.is_floating_point and len(shape) == 2 and \
-            name.split("diffusion_model.")[-1].startswith(fp8_within) if fp8_within else False
+        kept_fp8 = bool(fp8_within) and file_dtype.is_floating_point and file_dtype.itemsize == 1 and \
+            len(shape) == 2 and name.split("diffusion_model.")[-1].startswith(fp8_within)
         total += count * (1 if kept_fp8 else size)
         largest = max(largest, count * (file_dtype.itemsize + size))
     return int(total / shares + largest / shares + LOAD_MARGIN)
