@@ -2,7 +2,7 @@
 
 The shipped UI-format workflow file (its model names and size set to the tiny models) is dropped
 onto the canvas, Run is pressed, and the test waits for the animated WebP to appear in the
-SaveAnimatedWEBP node. Screenshots are kept in test-artifacts/. Skipped unless COMFYUI_DIR is
+SaveAnimatedWEBP node; then the Wan 2.2 workflows are dropped and checked to open whole. Screenshots are kept in test-artifacts/. Skipped unless COMFYUI_DIR is
 set and Playwright and a Chromium (CHROMIUM, default /usr/bin/chromium) are installed.
 """
 
@@ -38,6 +38,30 @@ def tiny_ui_workflow(tiny_models) -> str:
     return json.dumps(workflow)
 
 
+def opens_in_the_page(page, name: str) -> None:
+    """A shipped UI workflow dropped onto the page: every node is one the page knows (none missing),
+    every link is there, and our nodes' widgets hold the file's values in the file's order."""
+    text = (REPO / "workflows" / f"{name}.json").read_text()
+    expected = json.loads(text)
+    transfer = page.evaluate_handle("""([text, name]) => { const dt = new DataTransfer();
+        dt.items.add(new File([text], name, {type: 'application/json'})); return dt; }""", [text, f"{name}.json"])
+    page.locator("canvas#graph-canvas").dispatch_event("drop", {"dataTransfer": transfer})
+    page.wait_for_function("(n) => window.app.graph._nodes.length === n && "
+                           "window.app.graph._nodes.some(n => n.type.startsWith('UspWan22'))",
+                           arg=len(expected["nodes"]), timeout=30_000)
+    nodes = page.evaluate("""() => window.app.graph._nodes.map(n => ({id: n.id, type: n.type,
+        known: LiteGraph.registered_node_types[n.type] !== undefined,
+        widgets: (n.widgets || []).map(w => w.value), links: (n.inputs || []).filter(i => i.link != null).length}))""")
+    by_id = {node["id"]: node for node in nodes}
+    for node in expected["nodes"]:
+        shown = by_id[node["id"]]
+        assert shown["known"], f"{name}: the page does not know {node['type']}"
+        assert shown["links"] == sum(1 for i in node["inputs"] if i["link"] is not None), (name, node["type"])
+        if node["type"].startswith("Usp"):
+            assert shown["widgets"][:len(node["widgets_values"])] == node["widgets_values"], (name, node["type"])
+    page.screenshot(path=str(ARTIFACTS / f"browser-{name}.png"))
+
+
 def test_drop_workflow_press_run_see_the_video(tiny_models, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -70,6 +94,8 @@ def test_drop_workflow_press_run_see_the_video(tiny_models, tmp_path):
             assert "usp_video" in src and "wan21_" in src
             page.wait_for_timeout(1000)
             page.screenshot(path=str(ARTIFACTS / "browser-2-video.png"))
+            for name in ("wan22_t2v_usp", "wan22_t2v_usp_two_samplers", "wan22_ti2v_5b_usp"):
+                opens_in_the_page(page, name)
         finally:
             browser.close()
         history = json.loads(urllib.request.urlopen(url + "/history").read())

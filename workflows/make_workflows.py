@@ -106,10 +106,10 @@ WAN22_TWO_SAMPLERS = _wan22({
     11: ("UspWanSamplerAdvanced", "Low-noise steps (11 to the end)",
          ["disable", 42, "fixed", 20, 3.5, 8.0, "euler", 11, 10000, "disable"],
          {"model": (2, 2), "positive": (4, 0), "negative": (5, 0), "latent_image": (7, 0)},
-         [("LATENT", "LATENT")], (1200, 420)),
+         [("LATENT", "LATENT")], (1200, 480)),
 })
 WAN22_TWO_SAMPLERS[8] = ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")],
-                         (1560, 420))
+                         (1560, 200))
 WAN22_TWO_SAMPLERS[9] = ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (11, 0)}, [("IMAGE", "IMAGE")],
                          (1560, 60))
 WAN22_TWO_SAMPLERS[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22", 16.0, False, 90, "default"],
