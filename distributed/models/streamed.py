@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from . import fp8
-from .checkpoint import CheckpointError, keeps_fp32
+from .checkpoint import DIT_PREFIXES, CheckpointError, keeps_fp32, strip_prefix
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -139,8 +139,6 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
     module prefixes whose Linear layers keep an fp8 file's fp8 weights (fp8.keep_fp8); shard(model):
     shards the meta model's parameters (FSDP2), or None for a whole model. Non-persistent buffers are
     left uninitialised: the caller builds them (Wan's RoPE tables)."""
-    from ..models.checkpoint import DIT_PREFIXES, strip_prefix
-
     tensors = TensorFile(path)
     names = [n for n in tensors.entries if not (n == "scaled_fp8" or n.endswith((".scale_weight", ".scale_input")))]
     source = rename_map(names, lambda state: convert(strip_prefix(state, DIT_PREFIXES)))
@@ -163,7 +161,6 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
         raise CheckpointError(f"{Path(path).name} does not fit {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if shard is not None:
         shard(model)
-        state = model.state_dict(keep_vars=True)
     model.to_empty(device=device)
     state = model.state_dict(keep_vars=True)
     with torch.no_grad():
