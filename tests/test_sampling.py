@@ -137,3 +137,15 @@ def test_nothing_left_to_run_returns_the_input(tiny_models, engine_and_conds):
 def test_bad_step_range_is_named(tiny_models, engine_and_conds):
     with pytest.raises(ValueError, match="start_at_step must be an integer >= 0"):
         _advanced(engine_and_conds, tiny_models["dit"], torch.zeros(1, 16, 3, 4, 6), start_step=-1)
+
+
+@pytest.mark.parametrize("name", ["euler", "unipc"])
+def test_a_schedule_that_stops_above_zero_keeps_that_much_noise(name):
+    """A model that always predicts x0 = target, run from pure noise to sigma s > 0, must land on the
+    flow's point at s: s * noise + (1 - s) * target (what a leftover-noise sampler hands on)."""
+    g = torch.Generator().manual_seed(1)
+    target, noise = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 16, 2, 4, 4, generator=g)
+    sigmas = step_range(simple_sigmas(8, 5.0), 0, 5, leftover_noise=True)
+    out = get_sampler(name)(lambda x, sigma: target, noise.clone(), sigmas)
+    expected = sigmas[-1] * noise + (1 - sigmas[-1]) * target
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
