@@ -94,9 +94,10 @@ def sample(group: GroupConfig | UspGroup, request: SampleRequest, *, text_dim: i
 
 
 def decode(group: GroupConfig | UspGroup, vae: str | Path, latent: torch.Tensor,
-           family: str | None = None) -> torch.Tensor:
+           family: str | None = None, on_progress: Callable[[dict], None] | None = None) -> torch.Tensor:
     """Raw-space latent -> IMAGE frames [frames, H, W, 3] in 0..1. With `family` (the family whose
-    sampler made the latent), a VAE of another family is refused before anything runs."""
+    sampler made the latent), a VAE of another family is refused before anything runs. on_progress
+    gets {"step", "total", "elapsed"} after each latent frame (Wan VAEs) or tile (HunyuanVideo's)."""
     check_latent(latent, "samples")
     vae_family = models.detect_vae(vae)
     if family is not None and not models.same_latent_space(vae_family.name, family):
@@ -104,6 +105,6 @@ def decode(group: GroupConfig | UspGroup, vae: str | Path, latent: torch.Tensor,
         raise ValueError(f"samples were made by a {made_by.label} model, but {Path(vae).name} is the "
                          f"{vae_family.label} VAE; pick the {made_by.label} VAE")
     check_latent(latent, "samples", vae_family, check_size=False)
-    _, out = _group(group).request(*DecodeRequest(path=str(vae), latent=latent).to_frame())
+    _, out = _group(group).request(*DecodeRequest(path=str(vae), latent=latent).to_frame(), on_progress=on_progress)
     return out["frames"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -75,6 +76,28 @@ def _weight_bytes(path: str, dtype: torch.dtype) -> int:
     shapes, _ = read_header(p)
     size = torch.tensor([], dtype=dtype).element_size()
     return sum(int(torch.tensor(shape).prod()) * size for shape, _ in shapes.values())
+
+
+@contextmanager
+def _counting_calls(module: torch.nn.Module, total: int, on_progress: Callable[[int, int], None] | None):
+    """on_progress(calls so far, total) after each call of module (capped at total: a split tiled
+    decode calls the decoder again on rank 0 to blend the tiles the ranks decoded)."""
+    if on_progress is None:
+        yield
+        return
+    calls = 0
+
+    def after_call(*_):
+        nonlocal calls
+        calls += 1
+        if calls <= total:
+            on_progress(calls, total)
+
+    handle = module.register_forward_hook(after_call)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _exchange(mine: torch.Tensor, group, device: torch.device) -> list[torch.Tensor]:
@@ -258,7 +281,18 @@ class Engine:
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "sharded": self.sharded.get("dit", False), "parameter_bytes": fsdp.parameter_bytes(model),
                 "fp8_layers": fp8.count_fp8_layers(model),
-                "free_bytes": _free_memory(self.device)}
+                **self._free_memory_per_rank()}
+
+    def _free_memory_per_rank(self) -> dict:
+        """{"free_bytes": this rank's free memory, "free_bytes_per_rank": every rank's}. Collective."""
+        mine = torch.tensor([_free_memory(self.device)], dtype=torch.int64, device=self.device)
+        every = [mine]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            every = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(every, mine, group=self.world_group)
+        return {"free_bytes": int(mine), "free_bytes_per_rank": [int(t) for t in every]}
 
     # -- text -------------------------------------------------------------------------------------
 
@@ -309,15 +343,18 @@ class Engine:
         return self._cached("vae", path, self._load_vae)
 
     @torch.no_grad()
-    def decode(self, path: str, latent: torch.Tensor) -> torch.Tensor | None:
+    def decode(self, path: str, latent: torch.Tensor,
+               on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor | None:
         """Frames on rank 0 (None on the others). With vae_split the ranks share the decode, as the
-        VAE's family splits it (exact); otherwise rank 0 decodes alone."""
+        VAE's family splits it (exact); otherwise rank 0 decodes alone. on_progress(done, total) runs on
+        rank 0 after each call of the VAE's decoder (a latent frame, or a tile)."""
         vae = self.vae(path)
         family = vae.usp_family
         check_latent(latent, "latent", family, check_size=False)
-        if not self.vae_split:
-            return family.decode(vae, latent, None) if self.rank == 0 else None
-        return family.decode(vae, latent, VaeSplit(self.rank, self.world_size, self.device, self.world_group))
+        with _counting_calls(vae.decoder, family.decoder_calls(vae, latent), on_progress if self.rank == 0 else None):
+            if not self.vae_split:
+                return family.decode(vae, latent, None) if self.rank == 0 else None
+            return family.decode(vae, latent, VaeSplit(self.rank, self.world_size, self.device, self.world_group))
 
     # -- sampling ---------------------------------------------------------------------------------
 

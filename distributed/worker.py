@@ -230,7 +230,13 @@ class Worker:
             check_latent(request.latent, "latent")
             if self.rank != 0 and not engine.vae_split:
                 return None
-            frames = engine.decode(request.path, request.latent)  # with vae_split every rank decodes a part
+            started = time.monotonic()
+
+            def on_progress(done: int, total: int) -> None:  # rank 0 only
+                self.reply({"type": "progress", "step": done, "total": total, "elapsed": time.monotonic() - started})
+
+            # with vae_split every rank decodes a part
+            frames = engine.decode(request.path, request.latent, on_progress)
             return ({"type": "ok"}, {"frames": frames}) if self.rank == 0 else None
         return self.sample(request)
 

@@ -15,6 +15,14 @@ log = logging.getLogger("usp_video")
 # latent from a native node cannot be checked against the VAE it is decoded with.
 LATENT_TAG = "usp_family"
 
+# Tooltips that several nodes share.
+TIP_STEPS = ('Denoising steps. Each step runs the model once (twice when cfg != 1) on all ranks; the time per step is shown on the USP Group node.')
+TIP_DENOISE = ('1.0: start from pure noise (text to video). Below 1 re-noises latent_image that much and runs only the last part of the schedule (video to video).')
+TIP_TEXT = ("The prompt. Encoded once per new text; the conditioning equals the native text-encode node's.")
+TIP_POSITIVE = ("What the video shows: a USP Text Encode's CONDITIONING (or a native text encode's).")
+TIP_NEGATIVE = ('What to steer away from; used only when cfg != 1.')
+TIP_GROUP = ('From the USP Group node.')
+
 
 def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, str]:
     """A DiT from models/diffusion_models on every rank, or the experts of one model (a list, in the
@@ -38,6 +46,15 @@ def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, s
         log.warning("usp-video: %s", warning)
         text += f"\nwarning: {warning}"
     log.info("usp-video: %s", text)
+    degrees = f"ulysses {info['ulysses']} x ring {info['ring']}"
+    if info.get("cfg_parallel", 1) == 2:
+        degrees += " x cfg-parallel 2"
+    weights = None
+    if "parameter_bytes" in info:
+        weights = (f"{info['parameter_bytes'] / 2**30:.2f} GiB{' per expert' if len(paths) > 1 else ''}, "
+                   f"{'sharded' if info['sharded'] else 'a full copy on every rank'}")
+    services.publish_status(model=" + ".join(names), degrees=degrees, weights=weights,
+                            free=info.get("free_bytes_per_rank"))
     return {"group": group, "path": paths[0], "experts": paths, "info": info}, text
 
 
@@ -90,6 +107,7 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
         per_step = event["elapsed"] / event["step"]
         log.info("usp-video: step %d/%d, %.2f s/step, ETA %.0f s", event["step"], event["total"], per_step,
                  per_step * (event["total"] - event["step"]))
+        services.publish_status(state=f"sampling step {event['step']}/{event['total']} ({per_step:.2f} s/step)")
 
     request.setdefault("experts", model.get("experts", [model["path"]]))
     sample_request = api.SampleRequest(positive=positive, negative=negative, latent=latent_image["samples"],
@@ -100,10 +118,18 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
         samples, info = api.sample(model["group"], sample_request, text_dim=model_info.get("text_dim"),
                                    on_progress=on_progress, should_cancel=services.interrupt_requested)
     except Interrupted:
+        services.publish_status(state="interrupted")
         services.throw_if_interrupted()
         raise
-    log.info("usp-video: sampled %d steps in %.1f s (ulysses=%d ring=%d)", steps, time.monotonic() - started,
+    except BaseException:
+        services.publish_status(state="failed")
+        raise
+    ran = progress.value  # the steps actually run (a step range may run fewer than `steps`, or none)
+    log.info("usp-video: sampled %d steps in %.1f s (ulysses=%d ring=%d)", ran, time.monotonic() - started,
              info["ulysses"], info["ring"])
+    per_step = info.get("sampling_seconds", info.get("seconds", 0.0)) / max(ran, 1)
+    services.publish_status(state="ready", last_run=f"{ran} steps, {per_step:.2f} s/step, "
+                                                    f"{time.monotonic() - started:.1f} s in all")
     if info.get("cfg_parallel", 1) == 2 and request.get("cfg") == 1.0:
         log.warning("usp-video: cfg is 1, so cfg-parallel had nothing to split: both halves ran the same pass")
     out = latent_image.copy()  # never mutate a cached input

@@ -81,7 +81,10 @@ class UspGroupNode:
                              shard_weights, vae_split)
         if config.device == "cuda":
             services.free_comfy_models()
-        get_group(config)
+        group = get_group(config)
+        if services.current_status().get("run_dir") != str(group.run_dir):
+            services.clear_status()  # another group than the one last shown: its models are gone
+        services.publish_status(group=config.describe(), state="ready", run_dir=str(group.run_dir))
         return (config, f"USP group: {config.describe()}")
 
 
@@ -133,6 +136,7 @@ class UspFreeGroup:
 
     def free(self, after=None):
         free_group()
+        services.clear_status()
         return ()
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from ..distributed import api
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
-from .common import conditioning_parts, load_model, run_sampler
+from .common import (TIP_DENOISE, TIP_GROUP, TIP_POSITIVE, TIP_STEPS, TIP_TEXT, conditioning_parts, load_model,
+                     run_sampler)
 from .group_node import CATEGORY
 
 
@@ -40,7 +41,7 @@ class UspHunyuanTextEncoderLoader:
     def INPUT_TYPES(cls):
         names = services.list_models("text_encoders")
         return {"required": {
-            "group": ("USP_GROUP",),
+            "group": ("USP_GROUP", {"tooltip": TIP_GROUP}),
             "llama_name": (names, {"tooltip": "llava_llama3_fp8_scaled.safetensors (or fp16) from "
                                               "models/text_encoders."}),
             "clip_name": (names, {"tooltip": "clip_l.safetensors from models/text_encoders."}),
@@ -70,8 +71,8 @@ class UspHunyuanTextEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder": ("USP_HUNYUAN_TEXT_ENCODER",),
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True}),
+            "text_encoder": ("USP_HUNYUAN_TEXT_ENCODER", {"tooltip": "From USP Load HunyuanVideo Text Encoders."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": TIP_TEXT}),
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
@@ -99,14 +100,14 @@ class UspHunyuanSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("USP_HUNYUAN_MODEL",),
-            "positive": ("CONDITIONING",),
+            "model": ("USP_HUNYUAN_MODEL", {"tooltip": "From USP Load HunyuanVideo Model."}),
+            "positive": ("CONDITIONING", {"tooltip": TIP_POSITIVE}),
             "negative": ("CONDITIONING", {"tooltip": "Used only when cfg != 1."}),
             "latent_image": ("LATENT", {"tooltip": "An empty video latent (EmptyHunyuanLatentVideo) or a latent "
                                                    "to re-noise with denoise < 1."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": api.MAX_SEED, "control_after_generate": True,
                              "tooltip": "Noise seed; means the same as in a native KSampler."}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": 10000}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": 10000, "tooltip": TIP_STEPS}),
             "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Real classifier-free guidance; HunyuanVideo uses 1.0 (one pass) "
                                          "and embedded guidance instead."}),
@@ -116,7 +117,7 @@ class UspHunyuanSampler:
             "shift": ("FLOAT", {"default": 7.0, "min": 0.01, "max": 100.0, "step": 0.01,
                                 "tooltip": "Flow shift; HunyuanVideo's default is 7."}),
             "sampler_name": (sorted(SAMPLERS), {"tooltip": "euler: HunyuanVideo's reference solver."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": TIP_DENOISE}),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LATENT",)

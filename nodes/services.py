@@ -101,3 +101,76 @@ def free_comfy_models() -> None:
     if IN_COMFYUI:
         _mm.unload_all_models()
         _mm.soft_empty_cache()
+
+
+# -- the group's state, shown on the USP Group node in the page (web/js/usp_status.js) ---------------
+
+STATUS_EVENT = "usp_video.status"  # the websocket event the page listens to
+STATUS_ROUTE = "/usp_video/status"  # GET: the latest state, for a page opened later
+_status: dict = {}
+
+
+def publish_status(**fields) -> dict:
+    """Update the group's state (None removes a field) and send it to the page; returns it.
+
+    Fields: group (its configuration), state ("ready", "sampling step 3/20", ...), model, degrees,
+    weights, free (bytes per rank), last_run."""
+    for key, value in fields.items():
+        if value is None:
+            _status.pop(key, None)
+        else:
+            _status[key] = value
+    _status["text"] = status_text(_status)
+    if IN_COMFYUI:
+        try:
+            from server import PromptServer
+
+            PromptServer.instance.send_sync(STATUS_EVENT, dict(_status))
+        except Exception:  # the state on the node is a nicety: never fail a run over it
+            pass
+    return dict(_status)
+
+
+def current_status() -> dict:
+    return dict(_status)
+
+
+def clear_status() -> dict:
+    """Forget the state of a group that was stopped (or replaced by another)."""
+    _status.clear()
+    return publish_status()
+
+
+def status_text(status: dict) -> str:
+    """The lines shown on the node."""
+    if "group" not in status:
+        return "no group running"
+    lines = [f"{status.get('state', 'ready')}: {status['group']}"]
+    if "model" in status:
+        lines.append(f"model: {status['model']}")
+    if "degrees" in status:
+        lines.append(status["degrees"])
+    if "weights" in status:
+        lines.append(f"weights per rank: {status['weights']}")
+    if "free" in status:
+        lines.append("free memory: " + ", ".join(f"rank {rank} {free / 2**30:.1f} GiB"
+                                                 for rank, free in enumerate(status["free"])))
+    if "last_run" in status:
+        lines.append(f"last run: {status['last_run']}")
+    return "\n".join(lines)
+
+
+def _register_status_route() -> None:
+    from aiohttp import web
+    from server import PromptServer
+
+    @PromptServer.instance.routes.get(STATUS_ROUTE)
+    async def _get_status(request):
+        return web.json_response(dict(_status) or {"text": status_text({})})
+
+
+if IN_COMFYUI:
+    try:
+        _register_status_route()
+    except Exception:  # imported by a ComfyUI tool without a server: no page to show it in
+        pass

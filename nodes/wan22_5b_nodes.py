@@ -42,10 +42,12 @@ class UspEmptyWan22Latent:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "width": ("INT", {"default": 1280, "min": 32, "max": 8192, "step": 32}),
-            "height": ("INT", {"default": 704, "min": 32, "max": 8192, "step": 32}),
+            "width": ("INT", {"default": 1280, "min": 32, "max": 8192, "step": 32,
+                              "tooltip": "Pixels; a multiple of 32 (the 5B model's 16x VAE and 2x2 patches)."}),
+            "height": ("INT", {"default": 704, "min": 32, "max": 8192, "step": 32,
+                               "tooltip": "Pixels; a multiple of 32."}),
             "length": ("INT", {"default": 121, "min": 1, "max": 8192, "step": 4, "tooltip": "Frames: 4k + 1."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos made at once."}),
         }}
 
     RETURN_TYPES = ("LATENT",)

@@ -8,7 +8,8 @@ from ..distributed import api
 from ..distributed.models import FAMILIES
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
-from .common import conditioning_parts, expert_socket, load_model, run_sampler
+from .common import (TIP_DENOISE, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS, conditioning_parts, expert_socket, load_model,
+                     run_sampler)
 from .group_node import CATEGORY
 
 FAMILY = FAMILIES["wan2.2-a14b"]
@@ -52,13 +53,13 @@ class UspWan22Sampler:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("USP_WAN22_MODEL", {"tooltip": "From USP Load Wan 2.2 Models."}),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
+            "positive": ("CONDITIONING", {"tooltip": TIP_POSITIVE}),
+            "negative": ("CONDITIONING", {"tooltip": TIP_NEGATIVE}),
             "latent_image": ("LATENT", {"tooltip": "An empty video latent (e.g. EmptyHunyuanLatentVideo) "
                                                    "or a latent to re-noise with denoise < 1."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": api.MAX_SEED, "control_after_generate": True,
                              "tooltip": "Noise seed; means the same as in a native KSampler."}),
-            "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 10000}),
+            "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 10000, "tooltip": TIP_STEPS}),
             "cfg_high_noise": ("FLOAT", {"default": DEFAULTS.cfg[0], "min": 0.0, "max": 100.0, "step": 0.1,
                                          "round": 0.01, "tooltip": "Guidance on the high-noise expert's steps."}),
             "cfg_low_noise": ("FLOAT", {"default": DEFAULTS.cfg[1], "min": 0.0, "max": 100.0, "step": 0.1,
@@ -69,7 +70,7 @@ class UspWan22Sampler:
                                    "tooltip": "The sigma where the low-noise expert takes over (0.875 for T2V)."}),
             "sampler_name": (list(SAMPLERS), {"tooltip": "unipc: Wan's reference solver (bh2); "
                                                          "euler: same as ComfyUI's euler."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": TIP_DENOISE}),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LATENT",)

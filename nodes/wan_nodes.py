@@ -7,7 +7,8 @@ from __future__ import annotations
 from ..distributed import api
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
-from .common import LATENT_TAG, conditioning_parts, load_model, run_sampler
+from .common import (LATENT_TAG, TIP_DENOISE, TIP_GROUP, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS, TIP_TEXT,
+                     conditioning_parts, load_model, run_sampler)
 from .group_node import CATEGORY
 
 
@@ -38,7 +39,7 @@ class UspTextEncoderLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "group": ("USP_GROUP",),
+            "group": ("USP_GROUP", {"tooltip": TIP_GROUP}),
             "text_encoder_name": (services.list_models("text_encoders"),
                                   {"tooltip": "umt5_xxl_fp16.safetensors (or fp8) from models/text_encoders."}),
         }}
@@ -58,8 +59,8 @@ class UspTextEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder": ("USP_TEXT_ENCODER",),
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True}),
+            "text_encoder": ("USP_TEXT_ENCODER", {"tooltip": "From USP Load Text Encoder (UMT5)."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": TIP_TEXT}),
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
@@ -78,14 +79,14 @@ class UspWanSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("USP_WAN_MODEL",),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
+            "model": ("USP_WAN_MODEL", {"tooltip": "From USP Load Wan 2.1 Model."}),
+            "positive": ("CONDITIONING", {"tooltip": TIP_POSITIVE}),
+            "negative": ("CONDITIONING", {"tooltip": TIP_NEGATIVE}),
             "latent_image": ("LATENT", {"tooltip": "An empty video latent (e.g. EmptyHunyuanLatentVideo) "
                                                    "or a latent to re-noise with denoise < 1."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": api.MAX_SEED, "control_after_generate": True,
                              "tooltip": "Noise seed; means the same as in a native KSampler."}),
-            "steps": ("INT", {"default": 30, "min": 1, "max": 10000}),
+            "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": TIP_STEPS}),
             "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Classifier-free guidance; 1.0 skips the negative pass."}),
             "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.01,
@@ -93,7 +94,7 @@ class UspWanSampler:
                                            "often better for the 1.3B model at 480p."}),
             "sampler_name": (list(SAMPLERS), {"tooltip": "unipc: Wan's reference solver (bh2); "
                                                          "euler: same as ComfyUI's euler."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": TIP_DENOISE}),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LATENT",)
@@ -121,20 +122,25 @@ class UspWanSamplerAdvanced:
                                                    "loader (high_noise for the first steps, low_noise after)."}),
             "add_noise": (["enable", "disable"], {"tooltip": "disable when the latent comes with leftover noise "
                                                              "from the sampler before this one."}),
-            "noise_seed": ("INT", {"default": 0, "min": 0, "max": api.MAX_SEED, "control_after_generate": True}),
+            "noise_seed": ("INT", {"default": 0, "min": 0, "max": api.MAX_SEED, "control_after_generate": True,
+                                    "tooltip": "Noise seed (used when add_noise is enable); as in KSamplerAdvanced."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 10000,
                               "tooltip": "Steps of the whole schedule (all samplers of the layout)."}),
-            "cfg": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "cfg": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance; 1.0 skips the negative pass."}),
             "shift": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 100.0, "step": 0.01,
                                 "tooltip": "Flow shift (ModelSamplingSD3); the same on every sampler of the layout."}),
             "sampler_name": (list(SAMPLERS), {"default": "euler",
                                               "tooltip": "euler: split runs equal one run. unipc: its history "
                                                          "restarts at a split, so they differ."}),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT",),
-            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
-            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
+            "positive": ("CONDITIONING", {"tooltip": TIP_POSITIVE}),
+            "negative": ("CONDITIONING", {"tooltip": TIP_NEGATIVE}),
+            "latent_image": ("LATENT", {"tooltip": "An empty video latent, or the latent (with leftover noise) "
+                                                   "of the sampler before this one."}),
+            "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                      "tooltip": "The first step of the schedule this sampler runs."}),
+            "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000,
+                                    "tooltip": "The step it stops before (10000: to the end)."}),
             "return_with_leftover_noise": (["disable", "enable"], {"tooltip": "enable to hand the latent to "
                                                                               "another sampler mid-schedule."}),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
@@ -161,7 +167,7 @@ class UspVaeLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "group": ("USP_GROUP",),
+            "group": ("USP_GROUP", {"tooltip": TIP_GROUP}),
             "vae_name": (services.list_models("vae"), {"tooltip": "wan_2.1_vae.safetensors or "
                                                                   "hunyuan_video_vae_bf16.safetensors from models/vae."}),
         }}
@@ -180,7 +186,10 @@ class UspVaeDecode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": ("USP_VAE",), "samples": ("LATENT",)}, "hidden": {"node_id": "UNIQUE_ID"}}
+        return {"required": {
+            "vae": ("USP_VAE", {"tooltip": "From USP Load VAE: the VAE of the model that made the latent."}),
+            "samples": ("LATENT", {"tooltip": "A USP sampler's output (or a native video latent of the same model)."}),
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
@@ -188,8 +197,19 @@ class UspVaeDecode:
 
     def decode(self, vae, samples, node_id=None):
         progress = services.Progress(1, node_id)
-        frames = api.decode(vae["group"], vae["path"], samples["samples"], family=samples.get(LATENT_TAG))
-        progress.update(1)
+
+        def on_progress(event: dict) -> None:
+            progress.update(event["step"], event["total"])
+            services.publish_status(state=f"decoding {event['step']}/{event['total']}")
+
+        try:
+            frames = api.decode(vae["group"], vae["path"], samples["samples"], family=samples.get(LATENT_TAG),
+                                on_progress=on_progress)
+        finally:
+            if services.current_status().get("state", "").startswith("decoding"):
+                services.publish_status(state="ready")
+        if progress.value == 0:  # a decode that reported nothing still ends the bar
+            progress.update(1)
         return (frames,)
 
 

@@ -30,9 +30,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def comfyui_server(comfy_dir: str, models_root: Path, work: Path):
+def comfyui_server(comfy_dir: str, models_root: Path, work: Path, extra_args: tuple[str, ...] = ()):
     """Yields the server URL. The pack is linked into a private custom_nodes folder under a
-    folder name that is not a module name, as users install it."""
+    folder name that is not a module name, as users install it. extra_args: more of main.py's flags."""
     custom_nodes = work / "custom_nodes"
     custom_nodes.mkdir(parents=True, exist_ok=True)
     link = custom_nodes / "ComfyUI-usp-video"
@@ -51,7 +51,7 @@ def comfyui_server(comfy_dir: str, models_root: Path, work: Path):
     log = open(work / "comfyui.log", "wb")
     proc = subprocess.Popen([python, str(Path(comfy_dir) / "main.py"), "--cpu", "--listen", "127.0.0.1",
                              "--port", str(port), "--extra-model-paths-config", str(config),
-                             "--output-directory", str(work / "output"), "--disable-auto-launch"],
+                             "--output-directory", str(work / "output"), "--disable-auto-launch", *extra_args],
                             cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

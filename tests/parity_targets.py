@@ -188,8 +188,9 @@ def vae_split_rank(rank, world_size, vae_path, shape, seed=5, tiling=None, chann
     if tiling:  # HunyuanVideo VAE: tiles small enough that a tiny latent makes many of them
         engine.vae(vae_path).enable_tiling(**tiling)
     latent = torch.randn(1, channels, *shape, generator=torch.Generator().manual_seed(seed))
-    frames = engine.decode(vae_path, latent)
-    return {"frames": frames} if frames is not None else {}
+    progress = []
+    frames = engine.decode(vae_path, latent, lambda done, total: progress.append((done, total)))
+    return {"frames": frames, "progress": torch.tensor(progress)} if frames is not None else {}
 
 
 def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):

@@ -4,6 +4,7 @@ Skipped unless COMFYUI_DIR points to a ComfyUI checkout whose requirements are i
 the Python that runs the tests (or in COMFYUI_PYTHON). See README, "Tests".
 """
 
+import io
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from comfyui_server import comfyui_server, group_dir, log_text
 from group_helpers import processes_matching
@@ -66,6 +68,30 @@ def test_pack_loads_under_a_folder_name(server):
     for node in ("UspGroup", "UspWanModelLoader", "UspTextEncode", "UspWanSampler", "UspVaeDecode"):
         assert node in info, f"{node} missing: see {work / 'comfyui.log'}"
     assert info["UspWanSampler"]["category"] == "USP video"
+
+
+def test_every_input_of_the_pack_has_a_tooltip_in_the_page(server):
+    """What the page shows on hover comes from /object_info: every input of every USP node has a tooltip."""
+    url, _ = server
+    info = json.loads(urllib.request.urlopen(url + "/object_info").read())
+    ours = {name: node for name, node in info.items() if node["category"] == "USP video"}
+    assert len(ours) >= 18
+    missing = [f"{name}.{input_name}" for name, node in ours.items() for section in ("required", "optional")
+               for input_name, spec in node["input"].get(section, {}).items()
+               if len(spec) < 2 or not spec[1].get("tooltip")]
+    assert missing == []
+    assert all(node["description"] for node in ours.values())
+
+
+def test_the_page_extension_and_the_group_state_are_served(server):
+    """WEB_DIRECTORY: the page loads web/js/usp_status.js; GET /usp_video/status answers the group's state."""
+    url, _ = server
+    extensions = json.loads(urllib.request.urlopen(url + "/extensions").read())
+    assert "/extensions/ComfyUI-usp-video/js/usp_status.js" in extensions
+    script = urllib.request.urlopen(url + "/extensions/ComfyUI-usp-video/js/usp_status.js").read().decode()
+    assert "usp_video.status" in script
+    status = json.loads(urllib.request.urlopen(url + "/api/usp_video/status").read())
+    assert isinstance(status["text"], str) and status["text"]
 
 
 def test_shipped_api_workflow_runs_over_http(server, tiny_models, tmp_path):
@@ -253,3 +279,7 @@ def test_template_browser_lists_only_workflows_the_page_can_open(server):
         template = json.loads(urllib.request.urlopen(f"{url}/api/workflow_templates/ComfyUI-usp-video/{name}.json")
                               .read())
         assert "version" in template and template["nodes"], f"{name} is not a UI-format workflow"
+        thumbnail = urllib.request.urlopen(f"{url}/api/workflow_templates/ComfyUI-usp-video/{name}.jpg")
+        assert thumbnail.headers["Content-Type"] == "image/jpeg", name
+        with Image.open(io.BytesIO(thumbnail.read())) as image:  # the card's picture, not a 404
+            assert image.format == "JPEG" and image.width >= 256 and image.height >= 128, (name, image.size)

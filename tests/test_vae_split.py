@@ -38,6 +38,9 @@ def test_split_decode_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, 
                         dict(vae_path=vae, shape=shape, tiling=tiling), timeout=240)
     frames = results[0]["frames"]
     assert all(not r for r in results[1:])  # only rank 0 returns the frames
+    calls = engine.vae(vae).usp_family.decoder_calls(engine.vae(vae), latent)
+    assert calls == (shape[0] if family == "wan" else 27 if shape == (3, 9, 8) else calls)
+    assert results[0]["progress"].tolist() == [[k, calls] for k in range(1, calls + 1)]  # rank 0 reports every call
     assert frames.shape == expected.shape
     assert ((expected > 0) & (expected < 1)).float().mean() > 0.9  # not a saturated, trivial picture
     err = float((frames - expected).abs().max())
@@ -66,3 +69,22 @@ def test_hunyuan_tiles_are_shared_out(tiny_hunyuan):
         assert out.is_meta and len(tiles.shapes) == 27
         counts.append(sorted(tiles.mine))
     assert counts == [list(range(r, 27, 3)) for r in range(3)]
+
+
+@pytest.mark.parametrize("family,shape,tiling,calls", [
+    ("wan", (5, 4, 6), None, 5),  # one decoder call per latent frame
+    ("hunyuan", (3, 9, 8), SMALL_TILES, 27),  # one per tile
+    ("hunyuan", (2, 4, 4), None, 1),  # within one tile
+])
+def test_decode_reports_progress_per_decoder_call(tiny_models, tiny_hunyuan, family, shape, tiling, calls):
+    """The VAE decode's progress moves once per latent frame (Wan) or tile (HunyuanVideo), up to the
+    count the family predicts, and the frames are the same as without progress."""
+    vae = tiny_models["vae"] if family == "wan" else tiny_hunyuan["vae"]
+    engine = make_engine()
+    if tiling:
+        engine.vae(vae).enable_tiling(**tiling)
+    latent = torch.randn(1, 16, *shape, generator=torch.Generator().manual_seed(5))
+    events = []
+    frames = engine.decode(vae, latent, lambda done, total: events.append((done, total)))
+    assert events == [(k, calls) for k in range(1, calls + 1)]
+    assert torch.equal(frames, engine.decode(vae, latent))

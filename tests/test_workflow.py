@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from comfy_executor import execute
-from usp_video.nodes import NODE_CLASS_MAPPINGS
+from usp_video.nodes import NODE_CLASS_MAPPINGS, services
 from usp_video.workflows import make_workflows
 
 WORKFLOWS = Path(make_workflows.__file__).parent
@@ -86,8 +86,28 @@ def test_api_workflow_runs_through_the_nodes_and_reuses_the_model(tiny_models, t
         assert GROUPS.current.proc.pid == first_pid, "the group was relaunched"
         status, _ = GROUPS.current.request({"type": "ping"})
         assert status["load_counts"] == {"dit": 1, "text_encoder": 1, "vae": 1}
+
+        # the state the USP Group node shows in the page (web/js/usp_status.js)
+        shown = services.current_status()
+        assert shown["state"] == "ready" and shown["group"].startswith("2 CPU ranks")
+        assert shown["model"] == Path(tiny_models["dit"]).name and shown["degrees"] == "ulysses 2 x ring 1"
+        assert len(shown["free"]) == 2 and all(free > 0 for free in shown["free"])
+        assert shown["last_run"].startswith("3 steps, ") and "s/step" in shown["last_run"]
+        assert "weights per rank: " in shown["text"] and "rank 1 " in shown["text"]
     finally:
         free_group()
+        services.clear_status()
+
+
+def test_every_input_has_a_tooltip():
+    """Hovering any input of a USP node in the page says what it is for (ComfyUI's `tooltip`)."""
+    from usp_video.nodes import NODE_CLASS_MAPPINGS
+
+    missing = [f"{name}.{input_name}" for name, cls in NODE_CLASS_MAPPINGS.items()
+               for section in ("required", "optional") for input_name, spec in cls.INPUT_TYPES().get(section, {}).items()
+               if len(spec) < 2 or not spec[1].get("tooltip")]
+    assert missing == []
+    assert all(getattr(cls, "DESCRIPTION", "") for cls in NODE_CLASS_MAPPINGS.values())
 
 
 def test_sampler_node_takes_native_formats_and_leaves_inputs_unchanged(tiny_models, monkeypatch):

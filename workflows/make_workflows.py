@@ -7,7 +7,7 @@
     wan22_t2v_usp.json                   Wan 2.2 A14B, one sampler switching expert at the boundary
     wan22_t2v_usp_two_samplers.json      Wan 2.2 A14B, ComfyUI's two-sampler layout (USP Sampler Advanced)
     wan22_ti2v_5b_usp.json               Wan 2.2 TI2V-5B (its own empty latent and the Wan 2.2 VAE)
-    (and their api/ files)
+    (and their api/ files, and NAME.jpg: the template browser's picture of each, the graph drawn)
 
 The API files live in api/: ComfyUI lists every .json directly in workflows/ in its template browser,
 where an API-format file cannot open.
@@ -33,45 +33,45 @@ WAN_T2V = {
     1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600, "off", "auto", "on"], {},
         [("group", "USP_GROUP"), ("info", "STRING")], (40, 60)),
     2: ("UspWanModelLoader", None, ["wan2.1_t2v_1.3B_fp16.safetensors"], {"group": (1, 0)},
-        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (420, 60)),
+        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (440, 60)),
     3: ("UspTextEncoderLoader", None, ["umt5_xxl_fp16.safetensors"], {"group": (1, 0)},
-        [("text_encoder", "USP_TEXT_ENCODER")], (420, 220)),
+        [("text_encoder", "USP_TEXT_ENCODER")], (440, 220)),
     4: ("UspTextEncode", "Positive prompt",
         ["A red fox trots through fresh snow in a birch forest at sunrise, cinematic, soft light"],
-        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (780, 60)),
+        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (920, 60)),
     5: ("UspTextEncode", "Negative prompt", [NEGATIVE], {"text_encoder": (3, 0)},
-        [("CONDITIONING", "CONDITIONING")], (780, 300)),
-    6: ("EmptyHunyuanLatentVideo", None, [832, 480, 33, 1], {}, [("LATENT", "LATENT")], (780, 540)),
+        [("CONDITIONING", "CONDITIONING")], (920, 300)),
+    6: ("EmptyHunyuanLatentVideo", None, [832, 480, 33, 1], {}, [("LATENT", "LATENT")], (920, 540)),
     7: ("UspWanSampler", None, [42, "fixed", 30, 5.0, 8.0, "unipc", 1.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1200, 60)),
-    8: ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1200, 420)),
-    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1560, 60)),
+        [("LATENT", "LATENT")], (1340, 60)),
+    8: ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1340, 520)),
+    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1780, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan21", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1560, 240)),
+         (1780, 240)),
 }
 
 HUNYUAN_T2V = {
     1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600, "off", "auto", "on"], {},
         [("group", "USP_GROUP"), ("info", "STRING")], (40, 60)),
     2: ("UspHunyuanModelLoader", None, ["hunyuan_video_t2v_720p_bf16.safetensors"], {"group": (1, 0)},
-        [("model", "USP_HUNYUAN_MODEL"), ("info", "STRING")], (420, 60)),
+        [("model", "USP_HUNYUAN_MODEL"), ("info", "STRING")], (440, 60)),
     3: ("UspHunyuanTextEncoderLoader", None, ["llava_llama3_fp8_scaled.safetensors", "clip_l.safetensors", ""],
-        {"group": (1, 0)}, [("text_encoder", "USP_HUNYUAN_TEXT_ENCODER")], (420, 220)),
+        {"group": (1, 0)}, [("text_encoder", "USP_HUNYUAN_TEXT_ENCODER")], (440, 220)),
     4: ("UspHunyuanTextEncode", "Positive prompt",
         ["A red fox trots through fresh snow in a birch forest at sunrise, cinematic, soft light"],
-        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (780, 60)),
+        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (920, 60)),
     5: ("UspHunyuanTextEncode", "Negative prompt (used when cfg > 1)", [""], {"text_encoder": (3, 0)},
-        [("CONDITIONING", "CONDITIONING")], (780, 300)),
-    6: ("EmptyHunyuanLatentVideo", None, [848, 480, 73, 1], {}, [("LATENT", "LATENT")], (780, 540)),
+        [("CONDITIONING", "CONDITIONING")], (920, 300)),
+    6: ("EmptyHunyuanLatentVideo", None, [848, 480, 73, 1], {}, [("LATENT", "LATENT")], (920, 540)),
     7: ("UspHunyuanSampler", None, [42, "fixed", 30, 1.0, 6.0, 7.0, "euler", 1.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1200, 60)),
+        [("LATENT", "LATENT")], (1340, 60)),
     8: ("UspVaeLoader", None, ["hunyuan_video_vae_bf16.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")],
-        (1200, 420)),
-    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1560, 60)),
+        (1340, 520)),
+    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1780, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/hunyuan", 24.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1560, 240)),
+         (1780, 240)),
 }
 
 def _wan22(sampling: dict) -> dict:
@@ -80,10 +80,11 @@ def _wan22(sampling: dict) -> dict:
     graph[2] = ("UspWan22ModelLoader", None, ["wan2.2_t2v_high_noise_14B_fp16.safetensors",
                                               "wan2.2_t2v_low_noise_14B_fp16.safetensors"], {"group": (1, 0)},
                 [("model", "USP_WAN22_MODEL"), ("high_noise", "USP_WAN_MODEL"), ("low_noise", "USP_WAN_MODEL"),
-                 ("info", "STRING")], (420, 60))
-    graph[6] = ("EmptyHunyuanLatentVideo", None, [832, 480, 81, 1], {}, [("LATENT", "LATENT")], (780, 540))
+                 ("info", "STRING")], (440, 60))
+    graph[6] = ("EmptyHunyuanLatentVideo", None, [832, 480, 81, 1], {}, [("LATENT", "LATENT")], (920, 540))
+    graph[3] = (*graph[3][:5], (440, 260))  # below the taller two-model loader
     graph[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
-                 (1560, 240))
+                 (1780, 240))
     graph.update(sampling)
     return dict(sorted(graph.items()))
 
@@ -92,7 +93,7 @@ def _wan22(sampling: dict) -> dict:
 WAN22_T2V = _wan22({
     7: ("UspWan22Sampler", None, [42, "fixed", 40, 4.0, 3.0, 12.0, 0.875, "unipc", 1.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1200, 60)),
+        [("LATENT", "LATENT")], (1340, 60)),
 })
 
 # ComfyUI's own layout, two samplers: the high-noise expert runs steps 0..11 and hands its latent with
@@ -102,31 +103,31 @@ WAN22_TWO_SAMPLERS = _wan22({
     7: ("UspWanSamplerAdvanced", "High-noise steps (0 to 11)",
         ["enable", 42, "fixed", 20, 3.5, 8.0, "euler", 0, 11, "enable"],
         {"model": (2, 1), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1200, 60)),
+        [("LATENT", "LATENT")], (1340, 60)),
     11: ("UspWanSamplerAdvanced", "Low-noise steps (11 to the end)",
          ["disable", 42, "fixed", 20, 3.5, 8.0, "euler", 11, 10000, "disable"],
          {"model": (2, 2), "positive": (4, 0), "negative": (5, 0), "latent_image": (7, 0)},
-         [("LATENT", "LATENT")], (1200, 480)),
+         [("LATENT", "LATENT")], (1340, 480)),
 })
 WAN22_TWO_SAMPLERS[8] = ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")],
-                         (1560, 200))
+                         (1780, 200))
 WAN22_TWO_SAMPLERS[9] = ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (11, 0)}, [("IMAGE", "IMAGE")],
-                         (1560, 60))
+                         (1780, 60))
 WAN22_TWO_SAMPLERS[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22", 16.0, False, 90, "default"],
-                          {"images": (9, 0)}, [], (1920, 60))
+                          {"images": (9, 0)}, [], (2200, 60))
 
 # Wan 2.2 TI2V-5B, text to video at 1280x704, 121 frames, 24 fps, with the Wan 2.2 VAE.
 WAN22_5B = {k: v for k, v in WAN_T2V.items()}
 WAN22_5B.update({
     2: ("UspWan22TI2V5BModelLoader", None, ["wan2.2_ti2v_5B_fp16.safetensors"], {"group": (1, 0)},
-        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (420, 60)),
-    6: ("UspEmptyWan22Latent", None, [1280, 704, 121, 1], {}, [("LATENT", "LATENT")], (780, 540)),
+        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (440, 60)),
+    6: ("UspEmptyWan22Latent", None, [1280, 704, 121, 1], {}, [("LATENT", "LATENT")], (920, 540)),
     7: ("UspWan22TI2V5BSampler", None, [42, "fixed", 30, 5.0, 5.0, "unipc", 1.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1200, 60)),
-    8: ("UspVaeLoader", None, ["wan2.2_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1200, 420)),
+        [("LATENT", "LATENT")], (1340, 60)),
+    8: ("UspVaeLoader", None, ["wan2.2_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1340, 520)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan22_5b", 24.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1560, 240)),
+         (1780, 240)),
 })
 
 WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
@@ -153,9 +154,14 @@ SOCKETS = {
                           ("latent_image", "LATENT")],
 }
 
-SIZES = {"UspGroup": (340, 300), "UspWan22TI2V5BSampler": (340, 290), "UspEmptyWan22Latent": (340, 170), "UspWan22ModelLoader": (400, 150), "UspWan22Sampler": (340, 340),
+# Node sizes: wide enough that no label or value is cut short with the default model names (checked in
+# the page by tests/test_browser.py); USP Group leaves room for its state box (web/js/usp_status.js).
+SIZES = {"UspGroup": (360, 460), "UspWanModelLoader": (420, 90), "UspTextEncoderLoader": (420, 90),
+         "UspVaeLoader": (400, 90), "UspWan22TI2V5BModelLoader": (420, 90), "UspWan22ModelLoader": (460, 150),
+         "UspHunyuanModelLoader": (440, 90), "UspHunyuanTextEncoderLoader": (420, 150),
+         "UspWan22TI2V5BSampler": (340, 290), "UspEmptyWan22Latent": (340, 170), "UspWan22Sampler": (340, 340),
          "UspWanSamplerAdvanced": (340, 370), "UspTextEncode": (380, 200), "UspWanSampler": (340, 290),
-         "UspHunyuanTextEncode": (380, 200), "UspHunyuanSampler": (340, 320), "UspHunyuanTextEncoderLoader": (340, 150),
+         "UspHunyuanTextEncode": (380, 200), "UspHunyuanSampler": (340, 320),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80)}
 
 # Widget names in order, for converting to API format (ours are checked against INPUT_TYPES in a test).
@@ -224,10 +230,49 @@ def to_ui(graph: dict) -> dict:
             "config": {}, "extra": {}, "version": 0.4}
 
 
+def thumbnail(graph: dict, titles: dict[str, str], size: tuple[int, int] = (640, 360)):
+    """The template browser's card picture (NAME.jpg beside NAME.json): the graph drawn as its boxes and
+    links, at the positions and sizes of the UI file, each box named as in the page."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    boxes = {node_id: (*pos, pos[0] + SIZES.get(class_type, (340, 120))[0], pos[1] + SIZES.get(class_type, (340, 120))[1])
+             for node_id, (class_type, _, _, _, _, pos) in graph.items()}
+    left, top = min(b[0] for b in boxes.values()) - 20, min(b[1] for b in boxes.values()) - 20
+    right, bottom = max(b[2] for b in boxes.values()) + 20, max(b[3] for b in boxes.values()) + 20
+    scale = min(size[0] / (right - left), size[1] / (bottom - top))
+    offset = ((size[0] - (right - left) * scale) / 2, (size[1] - (bottom - top) * scale) / 2)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return offset[0] + (x - left) * scale, offset[1] + (y - top) * scale
+
+    image = Image.new("RGB", size, (32, 32, 32))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(9, round(15 * scale * 1.6)))
+    for node_id, (_, _, _, links, _, _) in graph.items():
+        for slot_index, (src, slot) in enumerate(links.values()):
+            x0, y0 = at(boxes[src][2], boxes[src][1] + 40 + 20 * slot)
+            x1, y1 = at(boxes[node_id][0], boxes[node_id][1] + 40 + 20 * slot_index)
+            draw.line([(x0, y0), ((x0 + x1) / 2, y0), ((x0 + x1) / 2, y1), (x1, y1)], fill=(150, 170, 110), width=2)
+    for node_id, (class_type, title, _, _, _, _) in graph.items():
+        x0, y0 = at(*boxes[node_id][:2])
+        x1, y1 = at(*boxes[node_id][2:])
+        ours = class_type.startswith("Usp")
+        draw.rounded_rectangle([x0, y0, x1, y1], radius=6, fill=(53, 53, 53), outline=(90, 140, 200) if ours else (80, 80, 80), width=2)
+        draw.rounded_rectangle([x0, y0, x1, y0 + 26 * scale * 1.6], radius=6, fill=(40, 60, 90) if ours else (45, 45, 45))
+        name = title or titles.get(class_type, class_type)
+        while len(name) > 4 and draw.textlength(name, font=font) > x1 - x0 - 10:
+            name = name[:-2].rstrip() + "…"
+        draw.text((x0 + 6, y0 + 4 * scale), name, fill=(225, 225, 225), font=font)
+    return image
+
+
 def main() -> None:
+    from usp_video.nodes import NODE_DISPLAY_NAME_MAPPINGS
+
     for name, graph in WORKFLOWS.items():
         (HERE / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2, ensure_ascii=False) + "\n")
         (API_DIR / f"{name}_api.json").write_text(json.dumps(to_api(graph), indent=2, ensure_ascii=False) + "\n")
+        thumbnail(graph, NODE_DISPLAY_NAME_MAPPINGS).save(HERE / f"{name}.jpg", quality=88)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,11 @@ class ModelFamily:
         when split is None; with a split, every rank of it calls this and rank 0 gets the frames."""
         raise NotImplementedError
 
+    def decoder_calls(self, vae, latent: torch.Tensor) -> int:
+        """How many times a decode of `latent` calls vae.decoder (the decode's progress is counted in
+        them). The Wan VAEs (diffusers' AutoencoderKLWan) call it once per latent frame."""
+        return latent.shape[2]
+
     # -- the tiny set -----------------------------------------------------------------------------
 
     def make_tiny(self, root: str | Path) -> dict[str, Path]:

@@ -106,6 +106,9 @@ class HunyuanVideo(ModelFamily):
     def decode(self, loaded_vae, latent: torch.Tensor, split: VaeSplit | None):
         return vae.decode(loaded_vae, latent, split)
 
+    def decoder_calls(self, loaded_vae, latent: torch.Tensor) -> int:
+        return vae.tile_count(loaded_vae, latent)
+
     def make_tiny(self, root):
         from .tiny import make_tiny_hunyuan_models
 

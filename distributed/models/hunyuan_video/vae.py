@@ -60,3 +60,22 @@ def decode(vae, latent: torch.Tensor, split: VaeSplit | None) -> torch.Tensor | 
                            height * spatial, width * spatial))
 
     return decode_tiles(vae, decode_video, latent, split, decoded_shape)
+
+
+def tile_count(vae, latent: torch.Tensor) -> int:
+    """How many times diffusers' AutoencoderKLHunyuanVideo.decode calls its decoder for `latent`: the
+    temporal tiles (framewise decoding), each split into spatial tiles when larger than one (the loops
+    of its _decode, tiled_decode and _temporal_tiled_decode)."""
+    _, _, frames, height, width = latent.shape
+    spatial, temporal = vae.spatial_compression_ratio, vae.temporal_compression_ratio
+    min_h, min_w = vae.tile_sample_min_height // spatial, vae.tile_sample_min_width // spatial
+    stride_h, stride_w = vae.tile_sample_stride_height // spatial, vae.tile_sample_stride_width // spatial
+
+    def spatial_tiles() -> int:
+        if vae.use_tiling and (width > min_w or height > min_h):
+            return len(range(0, height, stride_h)) * len(range(0, width, stride_w))
+        return 1
+
+    if vae.use_framewise_decoding and frames > vae.tile_sample_min_num_frames // temporal:
+        return len(range(0, frames, vae.tile_sample_stride_num_frames // temporal)) * spatial_tiles()
+    return spatial_tiles()
