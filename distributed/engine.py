@@ -28,6 +28,7 @@ from .parallel.vae_split import VaeSplit
 from .requests import Cond, EncodeRequest, SampleRequest
 from .sampling.samplers import get_sampler
 from .sampling.schedules import sampling_sigmas, step_range, timestep
+from .sampling.step_cache import CacheSettings, StepCache
 from .validation import check_latent, check_sample_request
 
 
@@ -126,6 +127,7 @@ class Engine:
         self.shard_weights = config.shard_weights if self.world_size > 1 else "off"
         self.vae_split = config.vae_split and self.world_size > 1
         self.sharded: dict[str, bool] = {}  # slot -> were its weights sharded
+        self.step_cache: StepCache | None = None  # the last sample call's step cache (its skipped steps)
         self._shard_decisions: dict[tuple, bool] = {}
         self.sp_size = config.sp_ranks  # ranks per sequence-parallel group
         self.requested_degrees = (config.ulysses, config.ring)
@@ -267,7 +269,16 @@ class Engine:
             del self._loaded[slot]
 
     def dit_info(self, paths: list[str], family: str | None = None) -> dict:
-        """Load these DiTs (freeing any other) and describe the first."""
+        """Load these DiTs (freeing any other) and describe the first. Collective (every rank's free memory
+        is gathered at the end, also when this rank failed, so that no rank waits for it)."""
+        try:
+            info = self._dit_info(paths, family)
+        except BaseException:
+            self._free_memory_per_rank(failed=True)
+            raise
+        return {**info, **self._free_memory_per_rank()}
+
+    def _dit_info(self, paths: list[str], family: str | None) -> dict:
         self._forget_other_dits(paths, family)
         models_ = [self.dit(path, family) for path in paths]
         if any(m.usp_family is not models_[0].usp_family for m in models_):
@@ -280,12 +291,12 @@ class Engine:
                 "ring": self.sp.ring_degree, "cfg_parallel": self.cfg_degree,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "sharded": self.sharded.get("dit", False), "parameter_bytes": fsdp.parameter_bytes(model),
-                "fp8_layers": fp8.count_fp8_layers(model),
-                **self._free_memory_per_rank()}
+                "fp8_layers": fp8.count_fp8_layers(model)}
 
-    def _free_memory_per_rank(self) -> dict:
-        """{"free_bytes": this rank's free memory, "free_bytes_per_rank": every rank's}. Collective."""
-        mine = torch.tensor([_free_memory(self.device)], dtype=torch.int64, device=self.device)
+    def _free_memory_per_rank(self, failed: bool = False) -> dict:
+        """{"free_bytes": this rank's free memory (_rank_free_memory: its GPU's, or its share of the host's),
+        "free_bytes_per_rank": every rank's}. Collective; a rank that failed takes part with -1."""
+        mine = torch.tensor([-1 if failed else self._rank_free_memory()], dtype=torch.int64, device=self.device)
         every = [mine]
         if self.world_size > 1:
             import torch.distributed as dist
@@ -358,6 +369,20 @@ class Engine:
 
     # -- sampling ---------------------------------------------------------------------------------
 
+    def _step_cache(self, settings: CacheSettings, family: models.ModelFamily, experts: list,
+                    steps: int) -> StepCache | None:
+        """The step cache of a sample call (None when off); a method the model cannot use is refused
+        before the first step. Its report (skipped steps) stays in self.step_cache."""
+        self.step_cache = None
+        if not settings.on:
+            return None
+        specs = {id(model): family.step_cache_spec(model) for model in experts}
+        for spec in specs.values():
+            if settings.method == "teacache" and spec.teacache_coefficients is None:
+                raise ValueError(f"cache method teacache: {spec.teacache_note}")
+        self.step_cache = StepCache(settings, steps, lambda model: specs[id(model)])
+        return self.step_cache
+
     @torch.no_grad()
     def sample(self, req: SampleRequest, on_step: Callable[[int, int, torch.Tensor], bool] | None = None,
                on_start: Callable[[], None] | None = None) -> torch.Tensor:
@@ -386,6 +411,8 @@ class Engine:
                             req.leftover_noise)
         if sigmas is None:  # start_at_step is past the last step: nothing to do (as in ComfyUI)
             return req.latent.float().clone()
+        cache = self._step_cache(CacheSettings.from_dict(req.cache), family, experts, len(sigmas) - 1)
+        step = 0  # the step the next model call belongs to (each sampler calls the model once a step)
         noise = make_noise(tuple(req.latent.shape), req.seed) if req.add_noise else torch.zeros(req.latent.shape)
         # ComfyUI leaves an all-zero (empty) latent as it is rather than normalising it
         latent = req.latent.float()
@@ -406,9 +433,13 @@ class Engine:
         uses_negative = req.negative is not None and any(req.cfg_for(i) != 1.0 for i in range(len(experts)))
         negative = expand(req.negative) if uses_negative else None
 
-        def velocity(model, x_in: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        def velocity(model, x_in: torch.Tensor, sigma: torch.Tensor, cond: Cond, side: str) -> torch.Tensor:
             t = torch.full((x_in.shape[0],), float(timestep(sigma)), device=self.device)
-            out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, options)
+            if cache is None:
+                out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, options)
+            else:  # side: which pass of the step (each keeps its own cache)
+                with cache.forward(model, side, step, model.usp_sp):
+                    out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, options)
             return out.float().cpu()
 
         def both(a: Cond, b: Cond) -> Cond:
@@ -418,21 +449,28 @@ class Engine:
             expert = req.expert_at(float(sigma))
             model, cfg = experts[expert], req.cfg_for(expert)
             sp = model.usp_sp
+            if cache is not None:
+                cache.start_expert(expert)
             if negative is None or cfg == 1.0:  # with CFG-parallel both halves run this one pass
-                v = velocity(model, x_t, sigma, positive)
+                v = velocity(model, x_t, sigma, positive, "positive")
             elif sp.cfg_degree == 2:  # each half runs one pass; the pair swaps results
-                mine = velocity(model, x_t, sigma, positive if sp.cfg_rank == 0 else negative)
+                side = "positive" if sp.cfg_rank == 0 else "negative"
+                mine = velocity(model, x_t, sigma, positive if sp.cfg_rank == 0 else negative, side)
                 v_pos, v_neg = _exchange(mine, sp.cfg_group, self.device)
                 v = v_neg + cfg * (v_pos - v_neg)
             elif set(positive) == set(negative) and all(positive[n].shape == negative[n].shape for n in positive):
-                v_pos, v_neg = velocity(model, torch.cat([x_t, x_t]), sigma, both(positive, negative)).chunk(2)
+                v_pos, v_neg = velocity(model, torch.cat([x_t, x_t]), sigma, both(positive, negative),
+                                        "both").chunk(2)
                 v = v_neg + cfg * (v_pos - v_neg)  # one batched forward for both passes
             else:
-                v_pos, v_neg = velocity(model, x_t, sigma, positive), velocity(model, x_t, sigma, negative)
+                v_pos = velocity(model, x_t, sigma, positive, "positive")
+                v_neg = velocity(model, x_t, sigma, negative, "negative")
                 v = v_neg + cfg * (v_pos - v_neg)
             return x_t - sigma * v
 
         def callback(i: int, x_t: torch.Tensor, denoised: torch.Tensor) -> None:
+            nonlocal step
+            step = i + 1
             if on_step is not None and on_step(i, len(sigmas) - 1, denoised):
                 raise SamplingInterrupted(i)
 

@@ -102,7 +102,8 @@ class SampleRequest:
     end_at_step, add_noise and return_with_leftover_noise, with its meaning: of the `steps`-step
     schedule only steps start_step..end_step run; without add_noise the latent is taken as already
     noised to the first sigma; with leftover_noise the result keeps the noise of its last sigma (in
-    ComfyUI's LATENT convention, so a native sampler can go on from it)."""
+    ComfyUI's LATENT convention, so a native sampler can go on from it).
+    cache: a step cache for this run (sampling/step_cache.py CacheSettings), {} for none."""
 
     experts: list[str]
     positive: Cond
@@ -123,6 +124,7 @@ class SampleRequest:
     end_step: int | None = None
     add_noise: bool = True
     leftover_noise: bool = False
+    cache: dict = field(default_factory=dict)  # a step cache: {"method", "threshold", "start", "end"} (step_cache.py)
     fault: dict | None = None  # test-only fault injection (honoured only by groups started to allow it)
     type: str = field(default="sample", init=False)
 
@@ -178,7 +180,7 @@ class SampleRequest:
                   "sampler": self.sampler, "denoise": self.denoise, "options": dict(self.options),
                   "preview": bool(self.preview), "family": self.family, "keep": list(self.keep),
                   "start_step": self.start_step, "end_step": self.end_step, "add_noise": self.add_noise,
-                  "leftover_noise": self.leftover_noise}
+                  "leftover_noise": self.leftover_noise, "cache": dict(self.cache)}
         if self.fault is not None:
             header["fault"] = self.fault
         tensors = {"latent": self.latent.float(), **cond_tensors("positive", self.positive),
@@ -201,7 +203,8 @@ class SampleRequest:
                    start_step=_field(header, "start_step", int, 0),
                    end_step=_field(header, "end_step", (int, type(None)), None),
                    add_noise=_field(header, "add_noise", bool, True),
-                   leftover_noise=_field(header, "leftover_noise", bool, False), fault=header.get("fault"))
+                   leftover_noise=_field(header, "leftover_noise", bool, False),
+                   cache=_field(header, "cache", dict, {}), fault=header.get("fault"))
 
 
 @dataclass(kw_only=True)

@@ -10,6 +10,7 @@ import math
 import torch
 
 from .sampling.samplers import SAMPLERS
+from .sampling.step_cache import CacheSettings
 
 MAX_SEED = 2**64 - 1
 
@@ -94,4 +95,5 @@ def check_sample_request(request, family, text_dim: int | None = None) -> dict[s
             raise ValueError(f"{name} has batch {cond['tokens'].shape[0]} for a latent batch of {request.latent.shape[0]}")
     check_sampling(seed=request.seed, steps=request.steps, cfg=request.cfg, shift=request.shift,
                    sampler=request.sampler, denoise=request.denoise)
+    CacheSettings.from_dict(request.cache)
     return family.check_options(request.options)

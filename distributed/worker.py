@@ -255,16 +255,22 @@ class Worker:
             if self.rank == 0:
                 # a preview needs only the first frame of the first video: [1, C, 1, h, w]
                 tensors = {"x0": denoised[:1, :, :1]} if request.preview else None
-                self.reply({"type": "progress", "step": i + 1, "total": total,
-                            "elapsed": time.monotonic() - start}, tensors)
+                progress = {"type": "progress", "step": i + 1, "total": total, "elapsed": time.monotonic() - start}
+                if self.engine.step_cache is not None:
+                    progress["skipped"] = len(self.engine.step_cache.skipped_steps)
+                self.reply(progress, tensors)
             return self.agree(self.rank == 0 and self.cancel_requested())
 
         try:
             latent = self.engine.sample(request, on_step, on_start)
         except SamplingInterrupted as stop:
             return {"type": "interrupted", "step": stop.step + 1}, None
-        return ({"type": "ok", "seconds": time.monotonic() - began, "sampling_seconds": time.monotonic() - start, "ulysses": self.engine.sp.ulysses_degree,
-                 "ring": self.engine.sp.ring_degree, "cfg_parallel": self.engine.sp.cfg_degree}, {"latent": latent})
+        reply = {"type": "ok", "seconds": time.monotonic() - began, "sampling_seconds": time.monotonic() - start,
+                 "ulysses": self.engine.sp.ulysses_degree, "ring": self.engine.sp.ring_degree,
+                 "cfg_parallel": self.engine.sp.cfg_degree}
+        if self.engine.step_cache is not None:
+            reply["cache"] = self.engine.step_cache.report()
+        return reply, {"latent": latent}
 
 
 def release_freed_memory() -> None:

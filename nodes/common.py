@@ -6,7 +6,7 @@ import logging
 import time
 
 from ..distributed import api, models
-from ..distributed.client import Interrupted
+from ..distributed.client import Interrupted, get_group
 from . import services
 
 log = logging.getLogger("usp_video")
@@ -31,6 +31,7 @@ def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, s
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     paths = [services.model_path("diffusion_models", name) for name in names]
     info = api.load_dit(group, paths if len(paths) > 1 else paths[0], family=family)
+    show_group(group)
     text = (f"{' + '.join(names)}: {info['layers']} layers, {info['heads']} heads; "
             f"ulysses={info['ulysses']} x ring={info['ring']}")
     if info.get("cfg_parallel", 1) == 2:
@@ -56,6 +57,13 @@ def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, s
     services.publish_status(model=" + ".join(names), degrees=degrees, weights=weights,
                             free=info.get("free_bytes_per_rank"))
     return {"group": group, "path": paths[0], "experts": paths, "info": info}, text
+
+
+def show_group(config) -> None:
+    """Show the group that a node has just used on the USP Group node (ComfyUI caches that node's output,
+    so a group freed or crashed since was started again by the node that needed it). Called once the
+    group answered: inputs refused before any group is asked start nothing."""
+    services.note_group(get_group(config), config)
 
 
 def expert_socket(model: dict, index: int) -> dict:
@@ -103,11 +111,13 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
     started = time.monotonic()
 
     def on_progress(event: dict) -> None:
+        show_group(model["group"])
         progress.update(event["step"], event["total"], event.get("x0"))
         per_step = event["elapsed"] / event["step"]
-        log.info("usp-video: step %d/%d, %.2f s/step, ETA %.0f s", event["step"], event["total"], per_step,
-                 per_step * (event["total"] - event["step"]))
-        services.publish_status(state=f"sampling step {event['step']}/{event['total']} ({per_step:.2f} s/step)")
+        skipped = f", {event['skipped']} skipped by the step cache" if "skipped" in event else ""
+        log.info("usp-video: step %d/%d, %.2f s/step, ETA %.0f s%s", event["step"], event["total"], per_step,
+                 per_step * (event["total"] - event["step"]), skipped)
+        services.publish_status(state=f"sampling step {event['step']}/{event['total']} ({per_step:.2f} s/step{skipped})")
 
     request.setdefault("experts", model.get("experts", [model["path"]]))
     sample_request = api.SampleRequest(positive=positive, negative=negative, latent=latent_image["samples"],
@@ -121,15 +131,19 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
         services.publish_status(state="interrupted")
         services.throw_if_interrupted()
         raise
-    except BaseException:
-        services.publish_status(state="failed")
+    except BaseException:  # ComfyUI's Cancel arrives as its own exception, raised by the progress hook
+        services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
         raise
     ran = progress.value  # the steps actually run (a step range may run fewer than `steps`, or none)
     log.info("usp-video: sampled %d steps in %.1f s (ulysses=%d ring=%d)", ran, time.monotonic() - started,
              info["ulysses"], info["ring"])
     per_step = info.get("sampling_seconds", info.get("seconds", 0.0)) / max(ran, 1)
-    services.publish_status(state="ready", last_run=f"{ran} steps, {per_step:.2f} s/step, "
-                                                    f"{time.monotonic() - started:.1f} s in all")
+    last_run = f"{ran} steps, {per_step:.2f} s/step, {time.monotonic() - started:.1f} s in all"
+    if "cache" in info:
+        skipped = info["cache"]["skipped_steps"]
+        last_run += f", {len(skipped)} skipped by {info['cache']['method']}"
+        log.info("usp-video: the step cache (%s) skipped steps %s", info["cache"]["method"], skipped)
+    services.publish_status(state="ready", last_run=last_run)
     if info.get("cfg_parallel", 1) == 2 and request.get("cfg") == 1.0:
         log.warning("usp-video: cfg is 1, so cfg-parallel had nothing to split: both halves ran the same pass")
     out = latent_image.copy()  # never mutate a cached input

@@ -81,10 +81,7 @@ class UspGroupNode:
                              shard_weights, vae_split)
         if config.device == "cuda":
             services.free_comfy_models()
-        group = get_group(config)
-        if services.current_status().get("run_dir") != str(group.run_dir):
-            services.clear_status()  # another group than the one last shown: its models are gone
-        services.publish_status(group=config.describe(), state="ready", run_dir=str(group.run_dir))
+        services.note_group(get_group(config), config)
         return (config, f"USP group: {config.describe()}")
 
 

@@ -9,6 +9,7 @@ from ..distributed.sampling.samplers import SAMPLERS
 from . import services
 from .common import (TIP_DENOISE, TIP_GROUP, TIP_POSITIVE, TIP_STEPS, TIP_TEXT, conditioning_parts, load_model,
                      run_sampler)
+from .cache_node import TIP_STEP_CACHE
 from .group_node import CATEGORY
 
 
@@ -118,20 +119,22 @@ class UspHunyuanSampler:
                                 "tooltip": "Flow shift; HunyuanVideo's default is 7."}),
             "sampler_name": (sorted(SAMPLERS), {"tooltip": "euler: HunyuanVideo's reference solver."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": TIP_DENOISE}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
+        }, "optional": {"step_cache": ("USP_STEP_CACHE", {"tooltip": TIP_STEP_CACHE})},
+            "hidden": {"node_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, guidance, shift, sampler_name,
-               denoise, node_id=None):
+               denoise, node_id=None, step_cache=None):
         pos, pos_extra = conditioning_parts(positive, "positive")
         neg, neg_extra = conditioning_parts(negative, "negative")
         if pos_extra.get("guidance") is not None:
             guidance = float(pos_extra["guidance"])
         use_negative = cfg != 1.0
-        return run_sampler(model, latent_image, node_id, seed=seed, steps=steps, cfg=cfg, shift=shift,
+        return run_sampler(model, latent_image, node_id, cache=step_cache or {},
+                           seed=seed, steps=steps, cfg=cfg, shift=shift,
                            sampler=sampler_name, denoise=denoise, options={"guidance": guidance},
                            positive={"tokens": pos, "pooled": _pooled(pos_extra, "positive")},
                            negative={"tokens": neg, "pooled": _pooled(neg_extra, "negative")} if use_negative else None)

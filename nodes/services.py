@@ -108,6 +108,7 @@ def free_comfy_models() -> None:
 STATUS_EVENT = "usp_video.status"  # the websocket event the page listens to
 STATUS_ROUTE = "/usp_video/status"  # GET: the latest state, for a page opened later
 _status: dict = {}
+_shown_run_dir: list[str | None] = [None]  # the group whose state is shown (kept here, not sent to the page)
 
 
 def publish_status(**fields) -> dict:
@@ -138,7 +139,18 @@ def current_status() -> dict:
 def clear_status() -> dict:
     """Forget the state of a group that was stopped (or replaced by another)."""
     _status.clear()
+    _shown_run_dir[0] = None
     return publish_status()
+
+
+def note_group(group, config) -> None:
+    """The group a node is about to use (started, or restarted after a crash or a Free Group): a group
+    other than the one shown replaces the state, so that no other group's model or memory is shown."""
+    run_dir = str(group.run_dir)
+    if run_dir != _shown_run_dir[0]:
+        clear_status()
+        _shown_run_dir[0] = run_dir
+        publish_status(group=config.describe(), state="ready")
 
 
 def status_text(status: dict) -> str:

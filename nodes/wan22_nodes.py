@@ -10,6 +10,7 @@ from ..distributed.sampling.samplers import SAMPLERS
 from . import services
 from .common import (TIP_DENOISE, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS, conditioning_parts, expert_socket, load_model,
                      run_sampler)
+from .cache_node import TIP_STEP_CACHE
 from .group_node import CATEGORY
 
 FAMILY = FAMILIES["wan2.2-a14b"]
@@ -71,18 +72,20 @@ class UspWan22Sampler:
             "sampler_name": (list(SAMPLERS), {"tooltip": "unipc: Wan's reference solver (bh2); "
                                                          "euler: same as ComfyUI's euler."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": TIP_DENOISE}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
+        }, "optional": {"step_cache": ("USP_STEP_CACHE", {"tooltip": TIP_STEP_CACHE})},
+            "hidden": {"node_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg_high_noise, cfg_low_noise, shift,
-               boundary, sampler_name, denoise, node_id=None):
+               boundary, sampler_name, denoise, node_id=None, step_cache=None):
         if len(model.get("experts", [])) != 2:
             raise ValueError("model: USP Sampler (Wan 2.2) needs both experts; connect the 'model' output of "
                              "USP Load Wan 2.2 Models")
-        return run_sampler(model, latent_image, node_id, seed=seed, steps=steps, cfg=[cfg_high_noise, cfg_low_noise],
+        return run_sampler(model, latent_image, node_id, cache=step_cache or {},
+                           seed=seed, steps=steps, cfg=[cfg_high_noise, cfg_low_noise],
                            shift=shift, sampler=sampler_name, denoise=denoise, boundaries=[boundary],
                            positive={"tokens": conditioning_parts(positive, "positive")[0]},
                            negative={"tokens": conditioning_parts(negative, "negative")[0]})

@@ -8,7 +8,8 @@ from ..distributed import api
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
 from .common import (LATENT_TAG, TIP_DENOISE, TIP_GROUP, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS, TIP_TEXT,
-                     conditioning_parts, load_model, run_sampler)
+                     conditioning_parts, load_model, run_sampler, show_group)
+from .cache_node import TIP_STEP_CACHE
 from .group_node import CATEGORY
 
 
@@ -95,15 +96,17 @@ class UspWanSampler:
             "sampler_name": (list(SAMPLERS), {"tooltip": "unipc: Wan's reference solver (bh2); "
                                                          "euler: same as ComfyUI's euler."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": TIP_DENOISE}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
+        }, "optional": {"step_cache": ("USP_STEP_CACHE", {"tooltip": TIP_STEP_CACHE})},
+            "hidden": {"node_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, shift, sampler_name, denoise,
-               node_id=None):
-        return run_sampler(model, latent_image, node_id, seed=seed, steps=steps, cfg=cfg, shift=shift,
+               node_id=None, step_cache=None):
+        return run_sampler(model, latent_image, node_id, cache=step_cache or {},
+                           seed=seed, steps=steps, cfg=cfg, shift=shift,
                            sampler=sampler_name, denoise=denoise,
                            positive={"tokens": conditioning_parts(positive, "positive")[0]},
                            negative={"tokens": conditioning_parts(negative, "negative")[0]})
@@ -143,18 +146,20 @@ class UspWanSamplerAdvanced:
                                     "tooltip": "The step it stops before (10000: to the end)."}),
             "return_with_leftover_noise": (["disable", "enable"], {"tooltip": "enable to hand the latent to "
                                                                               "another sampler mid-schedule."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
+        }, "optional": {"step_cache": ("USP_STEP_CACHE", {"tooltip": TIP_STEP_CACHE})},
+            "hidden": {"node_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 
     def sample(self, model, add_noise, noise_seed, steps, cfg, shift, sampler_name, positive, negative, latent_image,
-               start_at_step, end_at_step, return_with_leftover_noise, node_id=None):
+               start_at_step, end_at_step, return_with_leftover_noise, node_id=None, step_cache=None):
         for name, value in (("add_noise", add_noise), ("return_with_leftover_noise", return_with_leftover_noise)):
             if value not in ("enable", "disable"):
                 raise ValueError(f"{name} must be 'enable' or 'disable', got {value!r}")
-        return run_sampler(model, latent_image, node_id, seed=noise_seed, steps=steps, cfg=cfg, shift=shift,
+        return run_sampler(model, latent_image, node_id, cache=step_cache or {},
+                           seed=noise_seed, steps=steps, cfg=cfg, shift=shift,
                            sampler=sampler_name, add_noise=add_noise == "enable", start_step=start_at_step,
                            end_step=end_at_step, leftover_noise=return_with_leftover_noise == "enable",
                            positive={"tokens": conditioning_parts(positive, "positive")[0]},
@@ -199,15 +204,17 @@ class UspVaeDecode:
         progress = services.Progress(1, node_id)
 
         def on_progress(event: dict) -> None:
+            show_group(vae["group"])
             progress.update(event["step"], event["total"])
             services.publish_status(state=f"decoding {event['step']}/{event['total']}")
 
         try:
             frames = api.decode(vae["group"], vae["path"], samples["samples"], family=samples.get(LATENT_TAG),
                                 on_progress=on_progress)
-        finally:
-            if services.current_status().get("state", "").startswith("decoding"):
-                services.publish_status(state="ready")
+        except BaseException:
+            services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
+            raise
+        services.publish_status(state="ready")
         if progress.value == 0:  # a decode that reported nothing still ends the bar
             progress.update(1)
         return (frames,)

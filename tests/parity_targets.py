@@ -296,3 +296,39 @@ def ti2v_rank(rank, world_size, ulysses, ring, dit_path, shape, sampler):
     assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
     out["latent"] = engine.sample(ti2v_request(dit_path, shape, sampler))
     return out
+
+
+# -- step caches (test_step_cache.py) ---------------------------------------------------------------
+
+CACHE_SHAPE = (5, 2, 14)  # 35 tokens: divides none of 2, 3, 4
+
+
+def cached_request(dit_path, family, method, threshold, steps=10):
+    """A run with a step cache: Wan with cfg 5 (one batched pass for both sides), HunyuanVideo with cfg 1."""
+    if family == "wan":
+        request = sample_request(dit_path, CACHE_SHAPE, steps=steps, sampler="euler")
+    else:
+        request = hunyuan_request(dit_path, CACHE_SHAPE, steps=steps)
+    request.cache = {"method": method, "threshold": threshold}
+    return request
+
+
+def cached_run(engine, request) -> dict:
+    latent = engine.sample(request)
+    report = engine.step_cache.report()
+    trace = torch.tensor([[step, own, value] for step, _, own, value in engine.step_cache.trace], dtype=torch.float64)
+    passes = {f"skipped_{key}": torch.tensor(steps, dtype=torch.long) for key, steps in report["skipped_per_pass"].items()}
+    return {"latent": latent, "skipped": torch.tensor(report["skipped_steps"], dtype=torch.long), "trace": trace,
+            "cfg_rank": torch.tensor(engine.sp.cfg_rank), **passes}
+
+
+def cached_sample_rank(rank, world_size, ulysses, ring, dit_path, family, method, threshold, cfg_degree=1):
+    engine = make_engine(rank, world_size, ulysses, ring, cfg_degree=cfg_degree)
+    return cached_run(engine, cached_request(dit_path, family, method, threshold))
+
+
+def cached_cfg_parallel_rank(rank, world_size, dit_path, threshold):
+    engine = make_engine(rank, world_size, 1, 2, cfg_degree=2)
+    request = cached_request(dit_path, "wan", "fbcache", threshold)
+    request.negative = {"tokens": request.negative["tokens"][:, :9]}
+    return cached_run(engine, request)

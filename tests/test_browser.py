@@ -149,6 +149,10 @@ def test_drop_workflow_press_run_see_the_video(tiny_models, tmp_path):
                          "rank 1 ", "last run: 3 steps, "):
                 assert part in status, f"{part!r} is not in the USP Group node's state: {status!r}"
             page.screenshot(path=str(ARTIFACTS / "browser-3-video.png"))
+            saved = page.evaluate("""async () => [JSON.stringify(window.app.graph.serialize()),
+                                                  JSON.stringify((await window.app.graphToPrompt()).output)]""")
+            assert all("usp_status" not in text and "ulysses 2 x ring 1" not in text for text in saved), \
+                "the state box went into the saved workflow or the prompt"
             for name in ("wan21_t2v_usp", "hunyuan_video_t2v_usp", "wan22_t2v_usp", "wan22_t2v_usp_two_samplers",
                          "wan22_ti2v_5b_usp"):
                 opens_in_the_page(page, name)

@@ -38,9 +38,10 @@ def test_split_decode_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, 
                         dict(vae_path=vae, shape=shape, tiling=tiling), timeout=240)
     frames = results[0]["frames"]
     assert all(not r for r in results[1:])  # only rank 0 returns the frames
+    # rank 0 reports every decoder call: a latent frame (Wan), a tile (HunyuanVideo, test_decode_reports_...)
     calls = engine.vae(vae).usp_family.decoder_calls(engine.vae(vae), latent)
-    assert calls == (shape[0] if family == "wan" else 27 if shape == (3, 9, 8) else calls)
-    assert results[0]["progress"].tolist() == [[k, calls] for k in range(1, calls + 1)]  # rank 0 reports every call
+    assert family == "hunyuan" or calls == shape[0]
+    assert results[0]["progress"].tolist() == [[k, calls] for k in range(1, calls + 1)]
     assert frames.shape == expected.shape
     assert ((expected > 0) & (expected < 1)).float().mean() > 0.9  # not a saturated, trivial picture
     err = float((frames - expected).abs().max())

@@ -87,6 +87,14 @@ def test_api_workflow_runs_through_the_nodes_and_reuses_the_model(tiny_models, t
         status, _ = GROUPS.current.request({"type": "ping"})
         assert status["load_counts"] == {"dit": 1, "text_encoder": 1, "vae": 1}
 
+        # the decode's progress through the group: one event per latent frame (3)
+        from usp_video.distributed import api
+
+        events = []
+        frames = api.decode(GROUPS.current, tiny_models["vae"], latent, on_progress=events.append)
+        assert [(e["step"], e["total"]) for e in events] == [(1, 3), (2, 3), (3, 3)]
+        assert torch.equal(frames, results["9"][0])
+
         # the state the USP Group node shows in the page (web/js/usp_status.js)
         shown = services.current_status()
         assert shown["state"] == "ready" and shown["group"].startswith("2 CPU ranks")
@@ -97,6 +105,31 @@ def test_api_workflow_runs_through_the_nodes_and_reuses_the_model(tiny_models, t
     finally:
         free_group()
         services.clear_status()
+
+
+def test_step_cache_node_into_the_sampler(tiny_models, tmp_path, monkeypatch):
+    """USP Step Cache -> the sampler's optional step_cache input: steps are skipped and reported (the
+    node's state line), and the same prompt without it skips none."""
+    from usp_video.distributed.client import free_group
+
+    monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
+    prompt = tiny_prompt(tiny_models, steps=8)
+    prompt["20"] = {"class_type": "UspStepCache", "inputs": {"method": "fbcache", "threshold": 0.5,
+                                                             "start_percent": 0.0, "end_percent": 1.0}}
+    prompt["7"]["inputs"]["step_cache"] = ["20", 0]
+    try:
+        cached = execute(prompt, tmp_path)["7"][0]["samples"]
+        assert "skipped by fbcache" in services.current_status()["last_run"]
+        assert not services.current_status()["last_run"].endswith(", 0 skipped by fbcache")
+        del prompt["7"]["inputs"]["step_cache"], prompt["20"]
+        plain = execute(prompt, tmp_path)["7"][0]["samples"]
+        assert "skipped" not in services.current_status()["last_run"]
+        assert not torch.equal(cached, plain)
+    finally:
+        free_group()
+        services.clear_status()
+    with pytest.raises(ValueError, match="cache start and end"):
+        NODE_CLASS_MAPPINGS["UspStepCache"]().make("fbcache", 0.1, 0.9, 0.1)
 
 
 def test_every_input_has_a_tooltip():

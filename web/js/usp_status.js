@@ -38,16 +38,21 @@ function showOnAll(text) {
   }
 }
 
+async function readState() {
+  try {
+    const response = await api.fetchApi("/usp_video/status");
+    if (response.ok) showOnAll((await response.json()).text ?? latest);
+  } catch (error) {
+    console.warn("usp-video: could not read the group's state", error);
+  }
+}
+
 app.registerExtension({
   name: "usp_video.status",
   async setup() {
     api.addEventListener("usp_video.status", (event) => showOnAll(event.detail?.text ?? ""));
-    try {
-      const response = await api.fetchApi("/usp_video/status");
-      if (response.ok) showOnAll((await response.json()).text ?? latest);
-    } catch (error) {
-      console.warn("usp-video: could not read the group's state", error);
-    }
+    api.addEventListener("reconnected", readState); // a restarted server: its state, not the old one
+    await readState();
   },
   async nodeCreated(node) {
     if (node.comfyClass === NODE_TYPE || node.type === NODE_TYPE) show(node, latest);

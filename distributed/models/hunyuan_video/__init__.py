@@ -83,6 +83,30 @@ class HunyuanVideo(ModelFamily):
             g = torch.full((x.shape[0],), options["guidance"] * 1000.0, device=x.device, dtype=x.dtype)
         return model(x, t, cond["tokens"], None, pooled.to(x.device, x.dtype), g, return_dict=False)[0]
 
+    def step_cache_spec(self, model):
+        from ...sampling.step_cache import StepCacheSpec
+
+        first = model.transformer_blocks[0]
+
+        def modulated_input(args):
+            # TeaCache4HunyuanVideo's measure: the first block's timestep-modulated, normalised image tokens
+            # (norm1(hidden, temb)[0], per token). With sharded weights the block's parameters are gathered
+            # for it, as its own forward would.
+            sharded = hasattr(first, "unshard")
+            if sharded:
+                first.unshard()
+            try:
+                return first.norm1(args[0], emb=args[2])[0], 1
+            finally:
+                if sharded:
+                    first.reshard()
+
+        # the double blocks, then the single blocks; both take and return (image tokens, text tokens)
+        return StepCacheSpec(block_lists=[model.transformer_blocks, model.single_transformer_blocks],
+                             block_output=lambda args, hidden: (hidden, args[1]), teacache_input=modulated_input,
+                             teacache_coefficients=dit.TEACACHE_HUNYUAN, teacache_warmup=1, teacache_last=True,
+                             teacache_note="TeaCache's HunyuanVideo coefficients")
+
     def check_conditioning(self, cond: dict, name: str) -> None:
         pooled = cond.get("pooled")
         if pooled is None:

@@ -188,6 +188,11 @@ class UspHunyuanAttnProcessor:
         return out, text_out
 
 
+# TeaCache's published rescaling polynomial for HunyuanVideo, highest degree first (ali-vilab/TeaCache,
+# TeaCache4HunyuanVideo/teacache_sample_video.py).
+TEACACHE_HUNYUAN = [7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02]
+
+
 def parallelize_hunyuan(model, sp: SequenceParallel, backend: str = "sdpa"):
     """Apply sequence parallelism to a HunyuanVideoTransformer3DModel in place (see module docstring)."""
     if model.config.image_condition_type is not None:
@@ -233,6 +238,7 @@ def parallelize_hunyuan(model, sp: SequenceParallel, backend: str = "sdpa"):
     model.context_embedder.register_forward_hook(place_text)
     model.proj_out.register_forward_hook(gather_video)
     model._usp = sp
+    model._usp_state = state  # read by the step caches: which tokens of a shard are real
     return model
 
 

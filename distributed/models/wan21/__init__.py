@@ -92,6 +92,26 @@ class Wan21(ModelFamily):
     def velocity(self, model, x, t, cond, options):
         return model(x, t, cond["tokens"], return_dict=False)[0]
 
+    def teacache_coefficients(self, model) -> tuple[list[float] | None, str]:
+        """TeaCache's published polynomial for this model (TeaCache4Wan2.1, the e0 / "ret_steps" variant,
+        which measures the timestep projection the blocks take) and a note on where it comes from."""
+        width = model.config.num_attention_heads * model.config.attention_head_dim
+        if width >= 5120:
+            return dit.TEACACHE_WAN21_14B, "TeaCache's Wan 2.1 T2V 14B coefficients"
+        note = "TeaCache's Wan 2.1 T2V 1.3B coefficients"
+        return dit.TEACACHE_WAN21_1_3B, note if width == 1536 else note + f" (this model is {width} wide: uncalibrated)"
+
+    def step_cache_spec(self, model):
+        from ...sampling.step_cache import StepCacheSpec
+
+        coefficients, note = self.teacache_coefficients(model)
+        # TeaCache4Wan2.1 (ret_steps): the first 5 steps are always computed, the last one may be skipped;
+        # it measures e0, the timestep projection every block takes (args[2], [B, 6, dim]: not per token).
+        return StepCacheSpec(block_lists=[model.blocks], block_output=lambda args, hidden: hidden,
+                             teacache_input=lambda args: (args[2], None), teacache_coefficients=coefficients,
+                             teacache_warmup=5, teacache_last=False, teacache_note=note,
+                             enter=getattr(model, "_usp_enter_blocks", lambda args: args))
+
     def make_text_encoder(self, parts: dict):
         return _Encoder(parts["text_encoder"])
 

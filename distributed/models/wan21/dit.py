@@ -106,6 +106,12 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
     return model
 
 
+# TeaCache's published rescaling polynomials for Wan 2.1 T2V, highest degree first (ali-vilab/TeaCache,
+# TeaCache4Wan2.1/teacache_generate.py, use_ret_steps=True: measured on e0, the timestep projection).
+TEACACHE_WAN21_1_3B = [-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02]
+TEACACHE_WAN21_14B = [-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01]
+
+
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
     # Same arithmetic as diffusers' WanAttnProcessor (interleaved real/imaginary pairs).
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -121,6 +127,7 @@ class _ShardState:
 
     valid_len: int = 0
     layout: KeyLayout | None = None  # which keys are real, computed once per forward
+    entered: torch.Tensor | None = None  # tokens already sharded before the first block (by a step cache)
 
 
 class UspWanAttnProcessor:
@@ -161,10 +168,20 @@ def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa"):
 
     def shard_tokens(module, args):
         hidden_states, *rest = args  # (B, S, C) patch tokens
+        if hidden_states is state.entered:  # sharded already, by enter_blocks
+            state.entered = None
+            return None
         state.valid_len = hidden_states.shape[1]
         local = shard_sequence(hidden_states, 1, sp)
         state.layout = KeyLayout.tail_padded(state.valid_len, local.shape[1], sp)
         return (local, *rest)
+
+    def enter_blocks(args):
+        """The first block's arguments with the tokens sharded (what its pre-hook does), for a step cache
+        that may skip the block; the hook then leaves these tokens as they are."""
+        args = shard_tokens(None, args)
+        state.entered = args[0]
+        return args
 
     def gather_tokens(module, args, output):
         return gather_sequence(output, 1, sp, state.valid_len)  # (B, S/N, C') -> (B, S, C')
@@ -173,4 +190,6 @@ def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa"):
     model.blocks[0].register_forward_pre_hook(shard_tokens)
     model.proj_out.register_forward_hook(gather_tokens)
     model._usp = sp
+    model._usp_state = state  # read by the step caches: which tokens of a shard are real
+    model._usp_enter_blocks = enter_blocks
     return model

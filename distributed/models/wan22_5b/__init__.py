@@ -69,6 +69,10 @@ class Wan22TI2V5B(Wan21):
     def decode(self, loaded_vae, latent: torch.Tensor, split: VaeSplit | None):
         return vae.decode(loaded_vae, latent, split)
 
+    def teacache_coefficients(self, model):
+        return None, ("TeaCache has no published coefficients for Wan 2.2 TI2V-5B; use the first-block cache "
+                      "(fbcache), which needs none")
+
     def make_tiny(self, root):
         from .tiny import make_tiny_models
 

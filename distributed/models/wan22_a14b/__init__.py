@@ -38,6 +38,11 @@ class Wan22A14B(Wan21):
             raise CheckpointError(f"{self.label} is two experts (high noise, low noise); got {len(paths)} file(s)")
         return experts.check_pair(paths, configs)
 
+    def teacache_coefficients(self, model):
+        # no coefficients were published for Wan 2.2; its experts have Wan 2.1 14B's architecture
+        coefficients, note = super().teacache_coefficients(model)
+        return coefficients, note + " (none are published for Wan 2.2; uncalibrated for its experts)"
+
     def make_tiny(self, root):
         from .tiny import make_tiny_models
 

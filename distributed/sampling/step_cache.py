@@ -1,0 +1,294 @@
+"""Step caches that compose with sequence parallelism: TeaCache and the first-block cache.
+
+Both skip the transformer blocks at a step whose input barely changed since the last computed
+step and add the residual that those blocks produced then (output - input, kept per rank: each
+rank holds the residual of its own tokens).
+
+- TeaCache (Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model"):
+  before the blocks, the relative L1 change of the first block's timestep-modulated input since the
+  previous step, rescaled by a polynomial fitted per model (the published coefficients, from the
+  family), is accumulated; while the sum stays below the threshold the whole stack is skipped
+  (residual = last block's output - first block's input); a computed step resets the sum.
+- First-block cache (ParaAttention's FBCache): the first block always runs; when its residual
+  changed, relative to the residual at the last computed step, by less than the threshold, the
+  other blocks are skipped (residual = last block's output - first block's output).
+
+Under sequence parallelism every rank sees only its shard of the tokens, so a decision taken per
+rank would differ between ranks and the next collective would hang or mix steps. Here the L1 sums
+are taken over this rank's real tokens (padding excluded), summed over the SP group (all-reduce, in
+float64), and SP rank 0's sums are broadcast: every rank then takes the same decision from the same
+two numbers. The CFG halves of cfg-parallel have their own SP groups and their own caches; passes
+run one after the other (conditional, unconditional) keep separate caches; a batched pass (both
+halves in one batch) takes one decision for the batch. A Wan 2.2 expert switch starts the caches
+afresh.
+
+The family says where its blocks are and what TeaCache measures (ModelFamily.step_cache_spec).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+METHODS = ("off", "teacache", "fbcache")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """A sampler's cache option. threshold: TeaCache's accumulated rescaled distance / the first-block
+    cache's relative change; start/end: the fraction of the run's steps in which skipping is allowed
+    (steps before start and from end on are always computed)."""
+
+    method: str = "off"
+    threshold: float = 0.0
+    start: float = 0.0
+    end: float = 1.0
+
+    @classmethod
+    def from_dict(cls, value: dict | None) -> "CacheSettings":
+        """The request's `cache` field, checked; a clear message naming the input otherwise."""
+        if not value:
+            return cls()
+        if not isinstance(value, dict):
+            raise ValueError(f"cache must be a mapping like {{'method': 'teacache', 'threshold': 0.2}}, got {value!r}")
+        unknown = set(value) - {"method", "threshold", "start", "end"}
+        if unknown:
+            raise ValueError(f"cache has unknown settings {sorted(unknown)}; it takes method, threshold, start, end")
+        method = value.get("method", "off")
+        if method not in METHODS:
+            raise ValueError(f"cache method must be one of {', '.join(METHODS)}, got {method!r}")
+        numbers = {}
+        for name, default in (("threshold", 0.0), ("start", 0.0), ("end", 1.0)):
+            number = value.get(name, default)
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or number != number:
+                raise ValueError(f"cache {name} must be a number, got {number!r}")
+            numbers[name] = float(number)
+        if not 0.0 <= numbers["threshold"] <= 10.0:
+            raise ValueError(f"cache threshold must be between 0 and 10, got {numbers['threshold']}")
+        if not 0.0 <= numbers["start"] <= numbers["end"] <= 1.0:
+            raise ValueError(f"cache start and end must be fractions of the steps with 0 <= start <= end <= 1, "
+                             f"got start {numbers['start']}, end {numbers['end']}")
+        return cls(method, **numbers)
+
+    @property
+    def on(self) -> bool:
+        return self.method != "off"
+
+
+@dataclass(frozen=True)
+class StepCacheSpec:
+    """What a family tells the caches about its DiT.
+
+    block_lists: the ModuleLists its forward iterates, in order (their blocks take the image tokens as
+    their first argument and return them, alone or first of a tuple).
+    block_output(args, hidden): what a block called with args returns when its image tokens are `hidden`.
+    enter(args): the first block's arguments with the image tokens sharded as the block's own hooks would
+    shard them (a family that shards on entering the first block), marked so that they are not sharded twice.
+    teacache_input(args) -> (tensor, token_dim or None): TeaCache's measure, from the first block's
+    arguments (token_dim: the dim of the tokens when it is per token, so sharded; None when it is not).
+    teacache_coefficients: the published polynomial (highest degree first), or None (TeaCache refused).
+    teacache_warmup: the first steps TeaCache always computes; teacache_last: whether it computes the last.
+    """
+
+    block_lists: list[nn.ModuleList]
+    block_output: Callable[[tuple, torch.Tensor], object]
+    teacache_input: Callable[[tuple], tuple[torch.Tensor, int | None]]
+    teacache_coefficients: list[float] | None
+    teacache_warmup: int = 1
+    teacache_last: bool = True
+    teacache_note: str = ""
+    enter: Callable[[tuple], tuple] = lambda args: args  # the first block's arguments as its hooks see them
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else (0.0 if numerator == 0 else float("inf"))
+
+
+def polynomial(coefficients: list[float], x: float) -> float:
+    """numpy.poly1d(coefficients)(x): highest degree first (TeaCache's rescaling)."""
+    value = 0.0
+    for c in coefficients:
+        value = value * x + c
+    return value
+
+
+@dataclass
+class _PassState:
+    """The cache of one pass (an expert's conditional, unconditional or batched pass)."""
+
+    residual: torch.Tensor | None = None  # this rank's tokens: output - reference, at the last computed step
+    previous: torch.Tensor | None = None  # TeaCache: the last modulated input; FBCache: the first block's residual
+    accumulated: float = 0.0
+    skipped: list[int] = field(default_factory=list)
+
+
+class _CachedBlocks(nn.ModuleList):
+    """A ModuleList whose iteration the running cache decides (the class of a family's block lists while
+    a cached sample runs; restored after)."""
+
+    def __iter__(self):
+        run = getattr(self, "_usp_run", None)
+        blocks = list(super().__iter__())
+        if run is None:
+            return iter(blocks)
+        return run.iterate(self, blocks)
+
+
+class StepCache:
+    """The caches of one sample() call. Use `with cache.forward(model, key, step): model(...)`."""
+
+    def __init__(self, settings: CacheSettings, steps: int, spec_of: Callable[[nn.Module], StepCacheSpec]):
+        self.settings, self.steps, self.spec_of = settings, steps, spec_of
+        self.states: dict[tuple, _PassState] = {}
+        self.expert: int | None = None
+        self.skipped_steps: set[int] = set()  # steps at which some pass skipped its blocks
+        # every measure taken: (step, pass, this rank's own value, the group's value it decided on)
+        self.trace: list[tuple[int, str, float, float]] = []
+
+    def allowed(self, step: int) -> bool:
+        s = self.settings
+        return s.start * self.steps <= step < s.end * self.steps
+
+    def start_expert(self, expert: int) -> None:
+        """A step on `expert`; a switch from another expert starts the caches afresh."""
+        if self.expert is not None and expert != self.expert:
+            self.states.clear()
+        self.expert = expert
+
+    def forward(self, model: nn.Module, key: str, step: int, sp) -> "_Forward":
+        return _Forward(self, model, key, self.states.setdefault((self.expert, key), _PassState()), step, sp)
+
+    def report(self) -> dict:
+        passes: dict[str, list[int]] = {}
+        for (_, key), state in self.states.items():
+            passes.setdefault(key, []).extend(state.skipped)
+        return {"method": self.settings.method, "skipped_steps": sorted(self.skipped_steps),
+                "skipped_per_pass": {key: sorted(steps) for key, steps in passes.items()}}
+
+
+class _Forward:
+    """One cached forward of a DiT: swaps its block lists' iteration for the cache's."""
+
+    def __init__(self, cache: StepCache, model: nn.Module, key: str, state: _PassState, step: int, sp):
+        self.cache, self.model, self.key, self.state, self.step, self.sp = cache, model, key, state, step, sp
+        self.spec = cache.spec_of(model)
+        self.lists = self.spec.block_lists
+        self.skip = False
+        self.reference: torch.Tensor | None = None
+
+    def __enter__(self):
+        for blocks in self.lists:
+            blocks._usp_class = blocks.__class__
+            blocks.__class__ = _CachedBlocks
+            blocks._usp_run = self
+        return self
+
+    def __exit__(self, *exc):
+        for blocks in self.lists:
+            blocks.__class__ = blocks.__dict__.pop("_usp_class")
+            blocks.__dict__.pop("_usp_run", None)
+        return False
+
+    # -- the iteration of the block lists -----------------------------------------------------------
+
+    def iterate(self, blocks_list: nn.ModuleList, blocks: list[nn.Module]):
+        which = next(i for i, b in enumerate(self.lists) if b is blocks_list)
+        last_list = which == len(self.lists) - 1
+        first = 0
+        if which == 0:
+            first = 1
+            yield lambda *args, **kwargs: self._first(blocks[0], last_list and len(blocks) == 1, args, kwargs)
+        if self.skip:
+            return
+        for k in range(first, len(blocks)):
+            if last_list and k == len(blocks) - 1:
+                yield lambda *args, _block=blocks[k], **kwargs: self._last(_block, args, kwargs)
+            else:
+                yield blocks[k]
+
+    def _first(self, block, also_last: bool, args: tuple, kwargs: dict):
+        settings, state, spec = self.cache.settings, self.state, self.spec
+        args = spec.enter(args)  # the image tokens as the blocks see them: this rank's shard
+        hidden = args[0]
+        if settings.method == "teacache":
+            measure, token_dim = spec.teacache_input(args)
+            measure = measure.detach().float()
+            computes = (self.step < spec.teacache_warmup or (spec.teacache_last and self.step == self.cache.steps - 1)
+                        or not self.cache.allowed(self.step) or state.previous is None or state.residual is None)
+            if not computes:
+                distance = self._relative_l1(measure, state.previous, token_dim)
+                state.accumulated += polynomial(spec.teacache_coefficients, distance)
+                computes = state.accumulated >= settings.threshold
+            state.previous = measure
+            if not computes:
+                return self._skipped(spec.block_output(args, hidden + state.residual))
+            state.accumulated = 0.0
+            self.reference = hidden
+            out = block(*args, **kwargs)
+        else:  # fbcache
+            out = block(*args, **kwargs)
+            first_out = out[0] if isinstance(out, tuple) else out
+            change = first_out.detach() - hidden.detach()
+            if self.cache.allowed(self.step) and state.previous is not None and state.residual is not None:
+                if self._relative_l1(change, state.previous, 1) < settings.threshold:
+                    return self._skipped(spec.block_output(args, first_out + state.residual))
+            state.previous = change
+            self.reference = first_out
+        if also_last:
+            self._keep_residual(out)
+        return out
+
+    def _skipped(self, out):
+        self.skip = True
+        self.state.skipped.append(self.step)
+        self.cache.skipped_steps.add(self.step)
+        return out
+
+    def _last(self, block, args: tuple, kwargs: dict):
+        out = block(*args, **kwargs)
+        self._keep_residual(out)
+        return out
+
+    def _keep_residual(self, out) -> None:
+        final = out[0] if isinstance(out, tuple) else out
+        self.state.residual = (final - self.reference).detach()
+
+    # -- the measure, over the whole sequence -------------------------------------------------------
+
+    def _relative_l1(self, current: torch.Tensor, previous: torch.Tensor, token_dim: int | None) -> float:
+        """sum|current - previous| / sum|previous| over the real tokens of every rank of the SP group (the
+        mean-over-mean of TeaCache and FBCache), the same number on every rank (SP rank 0's, broadcast)."""
+        diff, base = (current - previous).abs(), previous.abs()
+        sp = self.sp
+        if token_dim is not None and sp is not None:
+            valid = self._real_tokens(current.shape[token_dim])
+            if valid is not None:
+                diff, base = diff.index_select(token_dim, valid), base.index_select(token_dim, valid)
+        sums = torch.stack([diff.sum(dtype=torch.float64), base.sum(dtype=torch.float64)])
+        own = _ratio(float(sums[0]), float(sums[1]))
+        if token_dim is not None and sp is not None and sp.degree > 1:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=sp.group)
+            dist.broadcast(sums, src=dist.get_global_rank(sp.group, 0), group=sp.group)
+        elif token_dim is None and sp is not None and sp.degree > 1:
+            # the same tensor on every rank (not per token): rank 0's numbers, so rounding cannot differ
+            dist.broadcast(sums, src=dist.get_global_rank(sp.group, 0), group=sp.group)
+        value = _ratio(float(sums[0]), float(sums[1]))
+        self.cache.trace.append((self.step, self.key, own, value))
+        return value
+
+    def _real_tokens(self, local_len: int) -> torch.Tensor | None:
+        """The indices of this rank's real (not padding) tokens in its shard, from the layout the
+        family's sequence-parallel hooks recorded for this forward."""
+        state = getattr(self.model, "_usp_state", None)
+        layout = getattr(state, "layout", None)
+        if layout is None:
+            return None
+        valid = layout.valid[self.sp.rank][:local_len]
+        return valid.nonzero().squeeze(1).to(self.model_device())
+
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
