@@ -4,7 +4,7 @@
     python benchmarks/cache_bench.py --small    # seconds: checks that the script works
 
 A Wan-shaped DiT with random weights (1.3B's width and heads, 4 blocks) samples one latent with euler,
-cfg 5 (the two sides batched), without a cache and with each cache at a fixed threshold, on 1 and
+cfg 5 (the two sides batched), without a cache and with each cache (TeaCache, first-block cache, MagCache) at a fixed threshold, on 1 and
 2 CPU ranks. Printed per run: the steps skipped, the sampling time and its ratio to the uncached run of
 the same world size, and the latent's relative difference from the uncached latent. Random weights
 change the first block's output differently from a trained model, so which steps are skipped (and so
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 DIT = dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
            text_dim=32, freq_dim=256, ffn_dim=8960, num_layers=4, cross_attn_norm=True,
            qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
-SETTINGS = {"off": None, "teacache": 0.2, "fbcache": 0.3}
+SETTINGS = {"off": None, "teacache": 0.2, "fbcache": 0.3, "magcache": 0.12}
 
 
 def run(rank: int, world_size: int, dit_path: str, shape: list, steps: int) -> dict:

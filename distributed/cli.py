@@ -130,8 +130,9 @@ def generate(args: argparse.Namespace) -> Path | None:
 
         def progress(event: dict) -> None:
             per_step = event["elapsed"] / event["step"]
+            skipped = f"  ({event['skipped']} skipped by the step cache)" if "skipped" in event else ""
             print(f"step {event['step']}/{event['total']}  {per_step:.2f} s/step  "
-                  f"ETA {per_step * (event['total'] - event['step']):.0f} s", flush=True)
+                  f"ETA {per_step * (event['total'] - event['step']):.0f} s{skipped}", flush=True)
 
         boundaries = list(family.defaults.boundaries)
         if getattr(args, "boundary", None) is not None:
@@ -142,8 +143,11 @@ def generate(args: argparse.Namespace) -> Path | None:
                                 negative=negative, latent=latent, seed=args.seed,
                                 steps=family.defaults.steps if args.steps is None else args.steps, cfg=cfg,
                                 shift=family.defaults.shift if args.shift is None else args.shift,
-                                sampler=args.sampler or family.defaults.sampler, options=options)
-        samples, _ = api.sample(group, request, text_dim=info["text_dim"], on_progress=progress)
+                                sampler=args.sampler or family.defaults.sampler, options=options,
+                                cache=_cache(getattr(args, "cache", None)))
+        samples, reply = api.sample(group, request, text_dim=info["text_dim"], on_progress=progress)
+        if "cache" in reply:
+            print(f"step cache ({reply['cache']['method']}) skipped steps {reply['cache']['skipped_steps']}")
         if args.save_latent:
             save_latent(samples, Path(args.save_latent))
             print(f"latent: {args.save_latent}")
@@ -155,6 +159,21 @@ def generate(args: argparse.Namespace) -> Path | None:
         return out
     finally:
         group.close() if isinstance(group, UspGroup) else free_group()
+
+
+def _cache(text: str | None) -> dict:
+    """--cache METHOD:THRESHOLD (teacache:0.2, fbcache:0.1, magcache:0.12) -> the request's cache setting."""
+    from .sampling.step_cache import CacheSettings
+
+    if not text:
+        return {}
+    method, _, threshold = text.partition(":")
+    try:
+        settings = {"method": method, "threshold": float(threshold or 0.1)}
+    except ValueError:
+        raise ValueError(f"--cache must be METHOD:THRESHOLD like fbcache:0.1, got {text!r}") from None
+    CacheSettings.from_dict(settings)
+    return settings
 
 
 def _cfg(text: str | None, family) -> float | list[float]:
@@ -290,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, default=None, help=f"default: {defaults('shift')}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help=f"default: {defaults('sampler')}")
+    p.add_argument("--cache", default=None, metavar="METHOD:THRESHOLD",
+                   help="a step cache: teacache:0.2, fbcache:0.1 or magcache:0.12 (README, 'Step caches')")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--gpus", default="", help="GPU indices, e.g. 0,1,2,3 (default: all)")
     p.add_argument("--ranks", type=int, default=1, help="number of CPU ranks (device cpu)")

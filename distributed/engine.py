@@ -370,16 +370,18 @@ class Engine:
     # -- sampling ---------------------------------------------------------------------------------
 
     def _step_cache(self, settings: CacheSettings, family: models.ModelFamily, experts: list,
-                    steps: int) -> StepCache | None:
+                    steps: int, latent_shape: tuple[int, ...]) -> StepCache | None:
         """The step cache of a sample call (None when off); a method the model cannot use is refused
         before the first step. Its report (skipped steps) stays in self.step_cache."""
         self.step_cache = None
         if not settings.on:
             return None
-        specs = {id(model): family.step_cache_spec(model) for model in experts}
+        specs = {id(model): family.step_cache_spec(model, latent_shape) for model in experts}
         for spec in specs.values():
             if settings.method == "teacache" and spec.teacache_coefficients is None:
                 raise ValueError(f"cache method teacache: {spec.teacache_note}")
+            if settings.method == "magcache" and spec.magcache_ratios("positive", steps) is None:
+                raise ValueError(f"cache method magcache: {spec.magcache_note}")
         self.step_cache = StepCache(settings, steps, lambda model: specs[id(model)])
         return self.step_cache
 
@@ -411,7 +413,8 @@ class Engine:
                             req.leftover_noise)
         if sigmas is None:  # start_at_step is past the last step: nothing to do (as in ComfyUI)
             return req.latent.float().clone()
-        cache = self._step_cache(CacheSettings.from_dict(req.cache), family, experts, len(sigmas) - 1)
+        cache = self._step_cache(CacheSettings.from_dict(req.cache), family, experts, len(sigmas) - 1,
+                                 tuple(req.latent.shape))
         step = 0  # the step the next model call belongs to (each sampler calls the model once a step)
         noise = make_noise(tuple(req.latent.shape), req.seed) if req.add_noise else torch.zeros(req.latent.shape)
         # ComfyUI leaves an all-zero (empty) latent as it is rather than normalising it

@@ -11,8 +11,8 @@ TIP_STEP_CACHE = ("Optional: a USP Step Cache node. Skips the model's blocks at 
 
 class UspStepCache:
     DESCRIPTION = ("A step cache for a USP sampler: skips the transformer blocks at steps where the first block's "
-                   "input (TeaCache) or output (first-block cache) barely changed since the last computed step, and "
-                   "reuses that step's residual. The measure is taken over every rank's tokens and decided once for "
+                   "input (TeaCache) or output (first-block cache) barely changed since the last computed step, or "
+                   "where the published magnitude ratios allow it (MagCache), and reuses that step's residual. The measure is taken over every rank's tokens and decided once for "
                    "the group. Faster, not exact: raise the threshold for speed, lower it for fidelity.")
 
     @classmethod
@@ -20,11 +20,12 @@ class UspStepCache:
         return {"required": {
             "method": ([m for m in METHODS if m != "off"], {"tooltip": (
                 "teacache: TeaCache with its published per-model coefficients (Wan 2.1; Wan 2.2 A14B with Wan 2.1 "
-                "14B's, uncalibrated; HunyuanVideo; not Wan 2.2 TI2V-5B). fbcache: first-block cache, for any model.")}),
+                "14B's, uncalibrated; HunyuanVideo; not Wan 2.2 TI2V-5B). fbcache: first-block cache, for any model. "
+                "magcache: MagCache with its published magnitude ratios (Wan 2.1 1.3B / 14B, HunyuanVideo).")}),
             "threshold": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": (
                 "teacache: the accumulated rescaled change allowed before a step is computed (published settings: "
-                "0.1-0.3). fbcache: the relative change of the first block's residual (about 0.05-0.15). 0 skips "
-                "nothing.")}),
+                "0.1-0.3). fbcache: the relative change of the first block's residual (about 0.05-0.15). magcache: "
+                "the accumulated magnitude error (published: 0.12 for Wan, 0.24 for HunyuanVideo). 0 skips nothing.")}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                         "tooltip": "Steps before this fraction of the run are always computed."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -42,4 +43,4 @@ class UspStepCache:
         return (settings,)
 
 
-NODES = {"UspStepCache": (UspStepCache, "USP Step Cache (TeaCache / first-block cache)")}
+NODES = {"UspStepCache": (UspStepCache, "USP Step Cache (TeaCache / first-block / MagCache)")}

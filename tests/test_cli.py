@@ -41,11 +41,20 @@ def test_generate_1_rank_and_4_ranks_agree(tiny_models, tmp_path):
     (["--ranks", "4", "--ulysses", "3", "--ring", "1"], "ulysses x ring = 3 x 1 = 3, but the group has 4 ranks"),
     (["--ranks", "4", "--ulysses", "8", "--ring", "1"], "ulysses x ring = 8 x 1 = 8"),
     (["--steps", "0"], "steps must be an integer in 1..10000"),
+    (["--cache", "tea:0.1"], "cache method must be one of off, teacache, fbcache, magcache, got 'tea'"),
+    (["--cache", "fbcache:lots"], "--cache must be METHOD:THRESHOLD like fbcache:0.1, got 'fbcache:lots'"),
 ])
 def test_generate_rejects_bad_input_clearly(tiny_models, extra, message):
     result = usp_video(*generate_args(tiny_models, *extra), timeout=120)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_generate_with_a_step_cache_reports_the_skipped_steps(tiny_models):
+    result = usp_video(*generate_args(tiny_models, "--ranks", "2", "--cache", "fbcache:0.5", "--steps", "6"))
+    assert result.returncode == 0, result.stderr
+    assert "skipped by the step cache" in result.stdout
+    assert "step cache (fbcache) skipped steps [" in result.stdout and "skipped steps []" not in result.stdout
 
 
 def test_wrong_model_file_is_named(tiny_models):

@@ -1,5 +1,5 @@
-"""Step caches under sequence parallelism: N ranks against one process with TeaCache and the
-first-block cache on (the same steps skipped, the latent within 1e-5), on uneven token counts, and
+"""Step caches under sequence parallelism: N ranks against one process with TeaCache, the
+first-block cache and MagCache on (the same steps skipped, the latent within 1e-5), on uneven token counts, and
 the reason the decision is reduced across the group: the ranks' own measures disagree."""
 
 import pytest
@@ -11,8 +11,8 @@ from parity_targets import cached_request, cached_run, make_engine
 from usp_video.distributed.sampling.step_cache import CacheSettings, polynomial
 
 # per family and method, a threshold at which the tiny models' runs both skip and compute steps
-THRESHOLDS = {("wan", "fbcache"): 0.11, ("wan", "teacache"): 0.05,
-              ("hunyuan", "fbcache"): 0.4, ("hunyuan", "teacache"): 0.1}
+THRESHOLDS = {("wan", "fbcache"): 0.11, ("wan", "teacache"): 0.05, ("wan", "magcache"): 0.12,
+              ("hunyuan", "fbcache"): 0.4, ("hunyuan", "teacache"): 0.1, ("hunyuan", "magcache"): 0.24}
 MESHES = [(2, 2, 1), (2, 1, 2), (3, 3, 1), (3, 1, 3), (4, 2, 2), (4, 4, 1)]
 CASES = [(n, dict(ulysses=u, ring=r, family=f, method=m, threshold=t))
          for n, u, r in MESHES for (f, m), t in THRESHOLDS.items()]
@@ -111,6 +111,20 @@ def test_teacache_is_refused_where_no_coefficients_are_published(tmp_path):
     request.cache = {"method": "teacache", "threshold": 0.1}
     with pytest.raises(ValueError, match="no published coefficients for Wan 2.2 TI2V-5B; use the first-block cache"):
         make_engine().sample(request)
+    request.cache = {"method": "magcache", "threshold": 0.1}
+    with pytest.raises(ValueError, match="MagCache ratios for Wan 2.2 TI2V-5B are not carried here"):
+        make_engine().sample(request)
+
+
+def test_magcache_stretches_its_curve_as_published():
+    """nearest_interp: MagCache's own resampling of a 50-step curve to another step count."""
+    from usp_video.distributed.models.wan21.dit import MAGCACHE_WAN21_1_3B
+    from usp_video.distributed.sampling.step_cache import nearest_interp
+
+    cond = MAGCACHE_WAN21_1_3B[0::2]
+    assert len(cond) == 50 and nearest_interp(cond, 50) == cond  # 50 steps: the first one has no ratio (1.0)
+    stretched = nearest_interp(cond, 10)
+    assert stretched[0] == cond[0] and stretched[-1] == cond[-1] and stretched[5] == cond[round(5 * 49 / 9)]
 
 
 def test_polynomial_is_numpy_poly1d():

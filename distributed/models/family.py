@@ -166,9 +166,10 @@ class ModelFamily:
         (cond["tokens"] [B, L, D] and the family's other tensors) and its sampler options."""
         raise NotImplementedError
 
-    def step_cache_spec(self, model: torch.nn.Module):
-        """Where the step caches (sampling/step_cache.py) find this DiT's blocks and what TeaCache
-        measures: a StepCacheSpec. Families without one refuse the caches."""
+    def step_cache_spec(self, model: torch.nn.Module, latent_shape: tuple[int, ...]):
+        """Where the step caches (sampling/step_cache.py) find this DiT's blocks, what TeaCache measures
+        and MagCache's ratios for a run on a latent of this shape: a StepCacheSpec. Families without one
+        refuse the caches."""
         raise ValueError(f"step caches are not available for {self.label} models")
 
     # -- text -------------------------------------------------------------------------------------

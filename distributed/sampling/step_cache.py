@@ -12,6 +12,12 @@ rank holds the residual of its own tokens).
 - First-block cache (ParaAttention's FBCache): the first block always runs; when its residual
   changed, relative to the residual at the last computed step, by less than the threshold, the
   other blocks are skipped (residual = last block's output - first block's output).
+- MagCache (Ma et al., "MagCache: Fast Video Generation with Magnitude-Aware Cache"): the published
+  per-step magnitude ratios of consecutive residuals (calibrated per model, from the family,
+  stretched to the run's step count by nearest neighbour) are multiplied up since the last computed
+  step; while the summed error |1 - product| stays below the threshold and at most K steps in a row
+  were skipped, the whole stack is skipped. The first 20% of the steps always run. Its decision uses
+  no activation at all, so it is the same on every rank by construction.
 
 Under sequence parallelism every rank sees only its shard of the tokens, so a decision taken per
 rank would differ between ranks and the next collective would hang or mix steps. Here the L1 sums
@@ -34,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-METHODS = ("off", "teacache", "fbcache")
+METHODS = ("off", "teacache", "fbcache", "magcache")
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,21 @@ class StepCacheSpec:
     teacache_last: bool = True
     teacache_note: str = ""
     enter: Callable[[tuple], tuple] = lambda args: args  # the first block's arguments as its hooks see them
+    # MagCache: magcache_ratios(pass, steps) -> one ratio per step of that pass (None: refused, with the note)
+    magcache_ratios: Callable[[str, int], list[float] | None] = lambda key, steps: None
+    magcache_k: int = 2  # the most steps skipped in a row
+    magcache_note: str = ""
+
+
+MAGCACHE_RETENTION = 0.2  # MagCache's retention ratio: the first 20% of the steps always run
+
+
+def nearest_interp(values: list[float], length: int) -> list[float]:
+    """MagCache's stretching of a calibrated curve to another step count: nearest neighbour, ends kept."""
+    if length == 1:
+        return [values[-1]]
+    scale = (len(values) - 1) / (length - 1)
+    return [values[int(round(i * scale))] for i in range(length)]
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -122,7 +143,9 @@ class _PassState:
 
     residual: torch.Tensor | None = None  # this rank's tokens: output - reference, at the last computed step
     previous: torch.Tensor | None = None  # TeaCache: the last modulated input; FBCache: the first block's residual
-    accumulated: float = 0.0
+    accumulated: float = 0.0  # TeaCache: the rescaled distance; MagCache: the error
+    ratio: float = 1.0  # MagCache: the product of the magnitude ratios since the last computed step
+    in_a_row: int = 0  # MagCache: steps skipped since the last computed one
     skipped: list[int] = field(default_factory=list)
 
 
@@ -227,6 +250,20 @@ class _Forward:
             if not computes:
                 return self._skipped(spec.block_output(args, hidden + state.residual))
             state.accumulated = 0.0
+            self.reference = hidden
+            out = block(*args, **kwargs)
+        elif settings.method == "magcache":
+            ratios = spec.magcache_ratios(self.key, self.cache.steps)
+            computes = True
+            if (self.step >= int(MAGCACHE_RETENTION * self.cache.steps) and self.cache.allowed(self.step)
+                    and state.residual is not None):
+                state.ratio *= ratios[self.step]
+                state.in_a_row += 1
+                state.accumulated += abs(1.0 - state.ratio)
+                computes = not (state.accumulated < settings.threshold and state.in_a_row <= spec.magcache_k)
+            if not computes:
+                return self._skipped(spec.block_output(args, hidden + state.residual))
+            state.accumulated, state.ratio, state.in_a_row = 0.0, 1.0, 0
             self.reference = hidden
             out = block(*args, **kwargs)
         else:  # fbcache

@@ -83,8 +83,12 @@ class HunyuanVideo(ModelFamily):
             g = torch.full((x.shape[0],), options["guidance"] * 1000.0, device=x.device, dtype=x.dtype)
         return model(x, t, cond["tokens"], None, pooled.to(x.device, x.dtype), g, return_dict=False)[0]
 
-    def step_cache_spec(self, model):
-        from ...sampling.step_cache import StepCacheSpec
+    def step_cache_spec(self, model, latent_shape):
+        from ...sampling.step_cache import StepCacheSpec, nearest_interp
+
+        # MagCache's curves were calibrated at 720p and 544p: the nearer one by the video's height
+        tall = latent_shape[-2] * 8 >= 632
+        curve = dit.MAGCACHE_HUNYUAN_720P if tall else dit.MAGCACHE_HUNYUAN_544P
 
         first = model.transformer_blocks[0]
 
@@ -105,7 +109,9 @@ class HunyuanVideo(ModelFamily):
         return StepCacheSpec(block_lists=[model.transformer_blocks, model.single_transformer_blocks],
                              block_output=lambda args, hidden: (hidden, args[1]), teacache_input=modulated_input,
                              teacache_coefficients=dit.TEACACHE_HUNYUAN, teacache_warmup=1, teacache_last=True,
-                             teacache_note="TeaCache's HunyuanVideo coefficients")
+                             teacache_note="TeaCache's HunyuanVideo coefficients",
+                             magcache_ratios=lambda side, steps: nearest_interp(curve, steps), magcache_k=6,
+                             magcache_note=f"MagCache's HunyuanVideo {'720p' if tall else '544p'} ratios")
 
     def check_conditioning(self, cond: dict, name: str) -> None:
         pooled = cond.get("pooled")

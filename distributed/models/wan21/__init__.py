@@ -101,16 +101,32 @@ class Wan21(ModelFamily):
         note = "TeaCache's Wan 2.1 T2V 1.3B coefficients"
         return dit.TEACACHE_WAN21_1_3B, note if width == 1536 else note + f" (this model is {width} wide: uncalibrated)"
 
-    def step_cache_spec(self, model):
-        from ...sampling.step_cache import StepCacheSpec
+    def magcache_curve(self, model) -> tuple[list[float] | None, str]:
+        """MagCache's published ratios for this model (50 steps, both passes interleaved) and a note."""
+        width = model.config.num_attention_heads * model.config.attention_head_dim
+        if width >= 5120:
+            return dit.MAGCACHE_WAN21_14B, "MagCache's Wan 2.1 T2V 14B ratios"
+        note = "MagCache's Wan 2.1 T2V 1.3B ratios"
+        return dit.MAGCACHE_WAN21_1_3B, note if width == 1536 else note + f" (this model is {width} wide: uncalibrated)"
+
+    def step_cache_spec(self, model, latent_shape):
+        from ...sampling.step_cache import StepCacheSpec, nearest_interp
 
         coefficients, note = self.teacache_coefficients(model)
+        curve, magcache_note = self.magcache_curve(model)
+
+        def magcache_ratios(side: str, steps: int):
+            # the conditional pass's ratios at even places, the unconditional one's at odd ones; a batched
+            # pass of both takes the conditional one's
+            return None if curve is None else nearest_interp(curve[1::2] if side == "negative" else curve[0::2], steps)
+
         # TeaCache4Wan2.1 (ret_steps): the first 5 steps are always computed, the last one may be skipped;
         # it measures e0, the timestep projection every block takes (args[2], [B, 6, dim]: not per token).
         return StepCacheSpec(block_lists=[model.blocks], block_output=lambda args, hidden: hidden,
                              teacache_input=lambda args: (args[2], None), teacache_coefficients=coefficients,
                              teacache_warmup=5, teacache_last=False, teacache_note=note,
-                             enter=getattr(model, "_usp_enter_blocks", lambda args: args))
+                             enter=getattr(model, "_usp_enter_blocks", lambda args: args),
+                             magcache_ratios=magcache_ratios, magcache_k=2, magcache_note=magcache_note)
 
     def make_text_encoder(self, parts: dict):
         return _Encoder(parts["text_encoder"])

@@ -73,6 +73,10 @@ class Wan22TI2V5B(Wan21):
         return None, ("TeaCache has no published coefficients for Wan 2.2 TI2V-5B; use the first-block cache "
                       "(fbcache), which needs none")
 
+    def magcache_curve(self, model):
+        return None, ("MagCache ratios for Wan 2.2 TI2V-5B are not carried here (they are calibrated per model); use the "
+                      "first-block cache (fbcache)")
+
     def make_tiny(self, root):
         from .tiny import make_tiny_models
 

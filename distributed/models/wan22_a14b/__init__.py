@@ -43,6 +43,10 @@ class Wan22A14B(Wan21):
         coefficients, note = super().teacache_coefficients(model)
         return coefficients, note + " (none are published for Wan 2.2; uncalibrated for its experts)"
 
+    def magcache_curve(self, model):
+        return None, ("MagCache ratios for Wan 2.2 A14B are not carried here (they are calibrated per model); use the "
+                      "first-block cache (fbcache)")
+
     def make_tiny(self, root):
         from .tiny import make_tiny_models
 
