@@ -370,7 +370,7 @@ class Engine:
     # -- sampling ---------------------------------------------------------------------------------
 
     def _step_cache(self, settings: CacheSettings, family: models.ModelFamily, experts: list,
-                    steps: int, latent_shape: tuple[int, ...]) -> StepCache | None:
+                    steps: int, latent_shape: tuple[int, ...], offset: int = 0) -> StepCache | None:
         """The step cache of a sample call (None when off); a method the model cannot use is refused
         before the first step. Its report (skipped steps) stays in self.step_cache."""
         self.step_cache = None
@@ -382,7 +382,7 @@ class Engine:
                 raise ValueError(f"cache method teacache: {spec.teacache_note}")
             if settings.method == "magcache" and spec.magcache_ratios("positive", steps) is None:
                 raise ValueError(f"cache method magcache: {spec.magcache_note}")
-        self.step_cache = StepCache(settings, steps, lambda model: specs[id(model)])
+        self.step_cache = StepCache(settings, steps, lambda model: specs[id(model)], offset)
         return self.step_cache
 
     @torch.no_grad()
@@ -398,6 +398,7 @@ class Engine:
         (step times are counted from there, not from the request).
         """
         req.check_experts()
+        self.step_cache = None
         # inputs that can be checked from the files' headers, before a model is freed or loaded
         check_sample_request(req, models.detect_dit(req.experts[0], req.family))
         self._forget_other_dits(req.experts + req.keep, req.family)
@@ -413,8 +414,10 @@ class Engine:
                             req.leftover_noise)
         if sigmas is None:  # start_at_step is past the last step: nothing to do (as in ComfyUI)
             return req.latent.float().clone()
-        cache = self._step_cache(CacheSettings.from_dict(req.cache), family, experts, len(sigmas) - 1,
-                                 tuple(req.latent.shape))
+        # the whole schedule this run is part of (denoise < 1 keeps its tail; start_step skips its head)
+        schedule = req.steps if req.denoise > 0.9999 else int(req.steps / req.denoise)
+        cache = self._step_cache(CacheSettings.from_dict(req.cache), family, experts, schedule,
+                                 tuple(req.latent.shape), offset=schedule - req.steps + req.start_step)
         step = 0  # the step the next model call belongs to (each sampler calls the model once a step)
         noise = make_noise(tuple(req.latent.shape), req.seed) if req.add_noise else torch.zeros(req.latent.shape)
         # ComfyUI leaves an all-zero (empty) latent as it is rather than normalising it

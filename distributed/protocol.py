@@ -87,6 +87,10 @@ def parse_header(head: bytes) -> dict:
         header = json.loads(head.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # e.g. 100,000 nested brackets
+        raise ProtocolError("header JSON is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ProtocolError(f"header JSON has a value Python refuses: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("header must be a JSON object with a string 'type'")
     return header
@@ -103,28 +107,39 @@ def parse_payload(payload: bytes) -> dict[str, torch.Tensor]:
         raise ProtocolError(f"payload is not a valid safetensors blob: {exc}") from None
 
 
+_CHUNK = 1 << 20  # bytes read at a time: memory grows with what has arrived, not with what a prefix claims
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
+    """n bytes from sock. The buffer grows as the bytes arrive (a 16-byte prefix that claims 512 MiB and
+    sends nothing more costs nothing), then the chunks are joined once."""
+    chunks, got = [], 0
     while got < n:
-        chunk = sock.recv_into(view[got:], n - got)
-        if chunk == 0:
+        chunk = sock.recv(min(n - got, _CHUNK))
+        if not chunk:
             raise ConnectionClosed("connection closed by peer")
-        got += chunk
-    return bytes(buf)
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def recv_frame_bytes(sock: socket.socket, rest_timeout: float | None = None) -> bytes:
-    """Read one whole frame, checking the prefix before reading the rest. Once the prefix is
-    in, the rest must follow within rest_timeout seconds (a truncated frame is an error)."""
-    prefix = _recv_exact(sock, _PREFIX.size)
-    head_len, payload_len = check_prefix(prefix)
+    """Read one whole frame, checking the prefix before reading the rest. With rest_timeout (a caller
+    that knows bytes are waiting), every read has a deadline: each part of the frame, its prefix
+    included, must arrive within rest_timeout seconds (a truncated frame is an error, not a hang)."""
     sock.settimeout(rest_timeout)
     try:
-        return prefix + _recv_exact(sock, head_len + payload_len)
-    except socket.timeout:
-        raise ProtocolError(f"truncated frame: the rest of a {head_len + payload_len}-byte frame did not arrive "
-                            f"within {rest_timeout} s") from None
+        try:
+            prefix = _recv_exact(sock, _PREFIX.size)
+        except socket.timeout:
+            raise ProtocolError(f"truncated frame: its {_PREFIX.size}-byte prefix did not arrive within "
+                                f"{rest_timeout} s") from None
+        head_len, payload_len = check_prefix(prefix)
+        try:
+            return prefix + _recv_exact(sock, head_len + payload_len)
+        except socket.timeout:
+            raise ProtocolError(f"truncated frame: the rest of a {head_len + payload_len}-byte frame did not "
+                                f"arrive within {rest_timeout} s") from None
     finally:
         sock.settimeout(None)
 
@@ -141,17 +156,25 @@ def new_secret() -> str:
     return os.urandom(32).hex()
 
 
+ANSWER_BYTES = 32  # an HMAC-SHA256 of the nonce
+
+
 def challenge(sock: socket.socket, secret: str, timeout: float = 5.0) -> bool:
-    """Listener side: True when the peer proves it knows the secret."""
+    """Listener side, blocking: True when the peer proves it knows the secret. (Rank 0 runs the same
+    check without blocking its loop: worker.Worker.accept_one / answer_pending.)"""
     nonce = os.urandom(NONCE_BYTES)
     sock.settimeout(timeout)
     try:
         sock.sendall(nonce)
-        answer = _recv_exact(sock, 32)
+        answer = _recv_exact(sock, ANSWER_BYTES)
     except (OSError, ConnectionClosed):
         return False
     finally:
         sock.settimeout(None)
+    return answer_is_right(secret, nonce, answer)
+
+
+def answer_is_right(secret: str, nonce: bytes, answer: bytes) -> bool:
     expected = hmac.new(bytes.fromhex(secret), nonce, hashlib.sha256).digest()
     return hmac.compare_digest(answer, expected)
 

@@ -39,6 +39,7 @@ from .requests import REQUESTS, DecodeRequest, EncodeRequest, LoadRequest, Sampl
 from .validation import check_latent
 
 SECRET_ENV = "USP_VIDEO_SECRET"
+HANDSHAKE_S = 5.0  # a connection must answer the challenge within this, or it is closed
 
 
 def _die_with_parent() -> None:
@@ -61,6 +62,8 @@ class Worker:
         self.conn: socket.socket | None = None
         self.listener: socket.socket | None = None
         self.client_gone = False
+        # connections still answering the challenge: socket -> (nonce, deadline, answer so far)
+        self.handshakes: dict[socket.socket, tuple[bytes, float, bytes]] = {}
 
     # -- control channel (rank 0) ------------------------------------------------------------
 
@@ -74,16 +77,47 @@ class Worker:
         tmp.replace(port_file)
 
     def accept_one(self) -> None:
-        """Rank 0: take a pending connection. One that proves it knows the group's secret becomes
-        the client connection (replacing a previous one: the client reconnected); any other is
-        closed before anything it sent is read."""
+        """Rank 0: take a pending connection and send it the challenge. Its answer is read by the loop as
+        it arrives (answer_pending), so a connection that never answers cannot hold up requests or
+        heartbeats; it is closed at its deadline (HANDSHAKE_S)."""
         conn, _ = self.listener.accept()
-        if protocol.challenge(conn, os.environ[SECRET_ENV]):
+        nonce = os.urandom(protocol.NONCE_BYTES)
+        try:
+            conn.setblocking(False)
+            conn.send(nonce)  # 32 bytes into an empty socket buffer: sent at once
+        except OSError:
+            conn.close()
+            return
+        self.handshakes[conn] = (nonce, time.monotonic() + HANDSHAKE_S, b"")
+
+    def answer_pending(self, conn: socket.socket) -> None:
+        """Rank 0: read what a connection has sent of its answer. One that proves it knows the group's
+        secret becomes the client connection (replacing a previous one: the client reconnected); a
+        wrong answer, or a closed connection, is closed before anything else it sent is read."""
+        nonce, deadline, answer = self.handshakes[conn]
+        try:
+            data = conn.recv(protocol.ANSWER_BYTES - len(answer))
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data and len(answer + data) < protocol.ANSWER_BYTES:
+            self.handshakes[conn] = (nonce, deadline, answer + data)
+            return
+        del self.handshakes[conn]
+        if data and protocol.answer_is_right(os.environ[SECRET_ENV], nonce, answer + data):
+            conn.setblocking(True)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.conn is not None:
                 self.conn.close()
             self.conn, self.client_gone = conn, False
         else:
+            conn.close()
+
+    def close_late_handshakes(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c, (_, deadline, _) in self.handshakes.items() if deadline <= now]:
+            del self.handshakes[conn]
             conn.close()
 
     def next_request(self) -> bytes:
@@ -92,15 +126,24 @@ class Worker:
         frame once the client has gone, or when no client has (re)connected for reconnect_s.
         A frame with a bad prefix or a truncated one is answered with an error and the
         connection is dropped; the client may reconnect."""
+        beat_at = time.monotonic() + self.heartbeat_s
         while True:
-            watched = [self.listener] + ([self.conn] if self.conn is not None else [])
-            ready = select.select(watched, [], [], self.heartbeat_s)[0]
-            if not ready:
-                if self.conn is None and time.monotonic() - self.disconnected_at > self.reconnect_s:
+            self.close_late_handshakes()
+            now = time.monotonic()
+            if now >= beat_at:
+                if self.conn is None and now - self.disconnected_at > self.reconnect_s:
                     return protocol.encode_frame({"type": "shutdown"})
                 return protocol.encode_frame({"type": "heartbeat"})
+            wake = min([beat_at] + [deadline for _, deadline, _ in self.handshakes.values()])
+            watched = [self.listener, *self.handshakes] + ([self.conn] if self.conn is not None else [])
+            ready = select.select(watched, [], [], max(wake - now, 0.0))[0]
             if self.listener in ready:
                 self.accept_one()
+            client = self.conn
+            for conn in [c for c in ready if c in self.handshakes]:
+                self.answer_pending(conn)
+            # a connection that has just answered becomes the client: its request is read on the next round
+            if self.conn is None or self.conn is not client or self.conn not in ready:
                 continue
             try:
                 return protocol.recv_frame_bytes(self.conn, self.frame_timeout)
@@ -124,9 +167,9 @@ class Worker:
         """Rank 0, between steps: has a cancel frame arrived?"""
         cancel = False
         while not self.client_gone and self.conn is not None and select.select([self.conn], [], [], 0)[0]:
-            try:
-                header, _ = protocol.recv_frame(self.conn)
-            except protocol.ProtocolError:
+            try:  # bytes are waiting: the whole frame must follow within frame_timeout
+                header, _ = protocol.decode_frame(protocol.recv_frame_bytes(self.conn, self.frame_timeout))
+            except (protocol.ProtocolError, protocol.ConnectionClosed, OSError):
                 self.client_gone = True
                 return True
             if header.get("type") != "cancel":

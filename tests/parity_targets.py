@@ -327,8 +327,8 @@ def cached_sample_rank(rank, world_size, ulysses, ring, dit_path, family, method
     return cached_run(engine, cached_request(dit_path, family, method, threshold))
 
 
-def cached_cfg_parallel_rank(rank, world_size, dit_path, threshold):
-    engine = make_engine(rank, world_size, 1, 2, cfg_degree=2)
+def cached_cfg_parallel_rank(rank, world_size, dit_path, threshold, shard="off"):
+    engine = make_engine(rank, world_size, 1, 2, cfg_degree=2, shard_weights=shard)
     request = cached_request(dit_path, "wan", "fbcache", threshold)
     request.negative = {"tokens": request.negative["tokens"][:, :9]}
     return cached_run(engine, request)

@@ -27,6 +27,8 @@ def test_frame_round_trip():
     (b"USPV" + struct.pack(">IQ", 13, 4) + b'{"type":"x"} ' + b"abcd", "safetensors"),
     (b"USPV" + struct.pack(">IQ", 12, 0) + b'{"type":"x"}' + b"extra", "does not match"),
     (b"USP", "shorter"),
+    (b"USPV" + struct.pack(">IQ", 100_000, 0) + b"[" * 100_000, "nested too deeply"),
+    (b"USPV" + struct.pack(">IQ", 5011, 0) + b'{"type": 1' + b"0" * 5000 + b"}", "value Python refuses"),
 ])
 def test_malformed_frames_are_rejected(frame, message):
     with pytest.raises(protocol.ProtocolError, match=message):
@@ -72,3 +74,45 @@ def test_one_tensor_under_two_names_travels():
     cond = torch.randn(1, 4, 8)
     header, tensors = protocol.decode_frame(protocol.encode_frame({"type": "x"}, {"a": cond, "b": cond, "c": cond[0]}))
     assert torch.equal(tensors["a"], cond) and torch.equal(tensors["b"], cond) and torch.equal(tensors["c"], cond[0])
+
+
+def test_a_prefix_claiming_a_huge_frame_costs_only_what_arrives():
+    """A 16-byte prefix that claims 512 MiB, 10 bytes, then nothing: rank 0 must not reserve the 512 MiB."""
+    import socket
+    import tracemalloc
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"USPV" + struct.pack(">IQ", 10, 512 << 20) + b'{"type":"x"')
+        theirs.shutdown(socket.SHUT_WR)
+        tracemalloc.start()
+        try:
+            with pytest.raises(protocol.ConnectionClosed):
+                protocol.recv_frame_bytes(ours, rest_timeout=2.0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB while receiving 26 bytes"
+
+
+def test_every_read_of_a_frame_has_a_deadline():
+    """Half a prefix, then silence: the reader gives up after rest_timeout instead of waiting forever."""
+    import socket
+    import threading
+
+    ours, theirs = socket.socketpair()
+    outcome = []
+
+    def read():
+        try:
+            protocol.recv_frame_bytes(ours, rest_timeout=0.5)
+        except protocol.ProtocolError as exc:
+            outcome.append(str(exc))
+
+    with ours, theirs:
+        theirs.sendall(b"USPV" + struct.pack(">I", 10))  # 8 of the prefix's 16 bytes
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(5)
+        assert not reader.is_alive(), "the read of a truncated prefix never returned"
+    assert outcome and "prefix did not arrive within 0.5 s" in outcome[0]

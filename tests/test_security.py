@@ -100,6 +100,33 @@ def test_a_connection_without_the_secret_is_refused(group):
     assert reply["type"] == "ok"
 
 
+def test_connections_that_never_answer_do_not_hold_up_the_group(group):
+    """Rank 0 reads challenge answers as they arrive: silent connections delay neither requests nor the
+    heartbeats (a 5 s block used to stall the loop, and with a short timeout the group died); each is
+    closed at its deadline."""
+    from usp_video.distributed.worker import HANDSHAKE_S
+
+    silent = [socket.create_connection(("127.0.0.1", group.port)) for _ in range(3)]
+    half = socket.create_connection(("127.0.0.1", group.port))
+    try:
+        for sock in silent + [half]:
+            sock.settimeout(HANDSHAKE_S + 5)
+            assert len(sock.recv(32)) == 32  # the challenge is sent at once
+        half.sendall(b"x" * 10)  # part of an answer, then nothing
+        for _ in range(3):
+            started = time.monotonic()
+            reply, _ = group.request({"type": "ping"})
+            assert reply["type"] == "ok"
+            assert time.monotonic() - started < 2.0, "a request waited for a connection's handshake"
+        for sock in silent + [half]:  # closed by rank 0 at the deadline
+            assert sock.recv(1) == b""
+    finally:
+        for sock in silent + [half]:
+            sock.close()
+    reply, _ = group.request({"type": "ping"})
+    assert reply["type"] == "ok"
+
+
 def test_live_rank_0_rejects_malformed_frames_and_keeps_working(group, tiny_models):
     rng = random.Random(1)
     pid = group.proc.pid

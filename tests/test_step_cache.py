@@ -55,6 +55,8 @@ def test_n_ranks_skip_the_same_steps_as_one_process(rank_runs, one_process, tiny
         assert result["skipped"].tolist() == expected["skipped"].tolist(), f"rank {rank}"
         err = rel_error(result["latent"], expected["latent"])
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e}"
+        if expected["trace"].numel():  # the measure decided on: the whole sequence's, as in one process
+            torch.testing.assert_close(result["trace"][:, 2], expected["trace"][:, 2], rtol=1e-4, atol=1e-9)
 
 
 def test_the_ranks_own_measures_disagree_so_the_decision_is_reduced(rank_runs, tiny_models, tiny_hunyuan):
@@ -89,6 +91,30 @@ def test_cfg_parallel_halves_keep_their_own_caches(tests_dir, tiny_models):
         assert result[f"skipped_{side}"].tolist() == expected[f"skipped_{side}"].tolist(), f"rank {rank}"
         assert rel_error(result["latent"], expected["latent"]) <= 1e-5, f"rank {rank}"
     assert {int(r["cfg_rank"]) for r in results} == {0, 1}
+
+
+def test_sharded_weights_under_cfg_parallel_skip_together(tests_dir, tiny_models):
+    """With shard_weights, FSDP gathers every block's weights over both CFG halves: a half that skipped
+    blocks the other runs would leave its gathers unanswered. The halves skip only together."""
+    from usp_video.distributed.parallel.spawn import run_ranks
+
+    results = run_ranks(f"{tests_dir}/parity_targets.py:cached_cfg_parallel_rank", 4,
+                        dict(dit_path=tiny_models["dit"], threshold=THRESHOLDS[("wan", "fbcache")], shard="on"),
+                        timeout=240)
+    lists = [next(v for k, v in r.items() if k.startswith("skipped_")).tolist() for r in results]
+    assert all(skipped == lists[0] for skipped in lists) and lists[0], lists
+    assert all(torch.isfinite(r["latent"]).all() for r in results)
+
+
+def test_a_run_that_starts_mid_schedule_counts_steps_in_the_whole_schedule(tiny_models):
+    """KSamplerAdvanced from step 5 of 10: MagCache's curve, its retention and start/end are those of the
+    whole schedule, so its steps are numbered 5..9."""
+    engine = make_engine()
+    request = cached_request(tiny_models["dit"], "wan", "magcache", THRESHOLDS[("wan", "magcache")])
+    request.start_step, request.add_noise = 5, False
+    request.latent = torch.randn(request.latent.shape, generator=torch.Generator().manual_seed(2))
+    skipped = cached_run(engine, request)["skipped"].tolist()
+    assert skipped and all(5 < s < 10 for s in skipped), skipped
 
 
 def test_settings_are_checked_with_clear_messages():

@@ -162,10 +162,15 @@ class _CachedBlocks(nn.ModuleList):
 
 
 class StepCache:
-    """The caches of one sample() call. Use `with cache.forward(model, key, step): model(...)`."""
+    """The caches of one sample() call. Use `with cache.forward(model, key, step, sp): model(...)`.
 
-    def __init__(self, settings: CacheSettings, steps: int, spec_of: Callable[[nn.Module], StepCacheSpec]):
-        self.settings, self.steps, self.spec_of = settings, steps, spec_of
+    Steps are counted in the whole schedule (`steps` of them), of which this call runs the ones from
+    `offset` on (a KSamplerAdvanced range, or the tail that denoise < 1 keeps): warm-up steps, MagCache's
+    curve and start/end refer to the whole schedule, as they would in one unsplit run."""
+
+    def __init__(self, settings: CacheSettings, steps: int, spec_of: Callable[[nn.Module], StepCacheSpec],
+                 offset: int = 0):
+        self.settings, self.steps, self.spec_of, self.offset = settings, steps, spec_of, offset
         self.states: dict[tuple, _PassState] = {}
         self.expert: int | None = None
         self.skipped_steps: set[int] = set()  # steps at which some pass skipped its blocks
@@ -183,7 +188,9 @@ class StepCache:
         self.expert = expert
 
     def forward(self, model: nn.Module, key: str, step: int, sp) -> "_Forward":
-        return _Forward(self, model, key, self.states.setdefault((self.expert, key), _PassState()), step, sp)
+        """step: of this call's run (0 = its first)."""
+        return _Forward(self, model, key, self.states.setdefault((self.expert, key), _PassState()),
+                        self.offset + step, sp)
 
     def report(self) -> dict:
         passes: dict[str, list[int]] = {}
@@ -202,6 +209,11 @@ class _Forward:
         self.lists = self.spec.block_lists
         self.skip = False
         self.reference: torch.Tensor | None = None
+        # FSDP gathers the weights of a block over the whole group, both CFG halves included: with sharded
+        # weights the halves must skip the same blocks, so a step is skipped only when both would skip it
+        first_block = self.lists[0][0]
+        self.halves = sp.cfg_group if (sp is not None and getattr(sp, "cfg_degree", 1) == 2
+                                       and hasattr(first_block, "unshard")) else None
 
     def __enter__(self):
         for blocks in self.lists:
@@ -247,6 +259,8 @@ class _Forward:
                 state.accumulated += polynomial(spec.teacache_coefficients, distance)
                 computes = state.accumulated >= settings.threshold
             state.previous = measure
+            if not self._both_halves_skip(not computes):
+                computes = True
             if not computes:
                 return self._skipped(spec.block_output(args, hidden + state.residual))
             state.accumulated = 0.0
@@ -261,6 +275,8 @@ class _Forward:
                 state.in_a_row += 1
                 state.accumulated += abs(1.0 - state.ratio)
                 computes = not (state.accumulated < settings.threshold and state.in_a_row <= spec.magcache_k)
+            if not self._both_halves_skip(not computes):
+                computes = True
             if not computes:
                 return self._skipped(spec.block_output(args, hidden + state.residual))
             state.accumulated, state.ratio, state.in_a_row = 0.0, 1.0, 0
@@ -270,14 +286,23 @@ class _Forward:
             out = block(*args, **kwargs)
             first_out = out[0] if isinstance(out, tuple) else out
             change = first_out.detach() - hidden.detach()
-            if self.cache.allowed(self.step) and state.previous is not None and state.residual is not None:
-                if self._relative_l1(change, state.previous, 1) < settings.threshold:
-                    return self._skipped(spec.block_output(args, first_out + state.residual))
+            skips = (self.cache.allowed(self.step) and state.previous is not None and state.residual is not None
+                     and self._relative_l1(change, state.previous, 1) < settings.threshold)
+            if self._both_halves_skip(skips):
+                return self._skipped(spec.block_output(args, first_out + state.residual))
             state.previous = change
             self.reference = first_out
         if also_last:
             self._keep_residual(out)
         return out
+
+    def _both_halves_skip(self, skips: bool) -> bool:
+        """This pass's decision, or, with sharded weights under cfg-parallel, whether both halves skip."""
+        if self.halves is None:
+            return skips
+        flag = torch.tensor([0 if skips else 1], dtype=torch.int32, device=self.model_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.halves)
+        return int(flag) == 0
 
     def _skipped(self, out):
         self.skip = True
