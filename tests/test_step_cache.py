@@ -174,3 +174,26 @@ def test_a_cache_that_skips_nothing_changes_nothing(tiny_models):
     plain = engine.sample(cached_request(tiny_models["dit"], "wan", "off", 0.0))
     result = cached_run(engine, cached_request(tiny_models["dit"], "wan", "fbcache", 0.0))
     assert result["skipped"].tolist() == [] and torch.equal(result["latent"], plain)
+
+
+def test_an_expert_switch_starts_the_caches_afresh(tiny_models, tmp_path):
+    """Two experts, the switch after step 5 of 10: the low-noise expert's first step is computed (its
+    blocks never ran, so there is no residual of its own to reuse), although the same run on one expert
+    skips it. MagCache: its decision reads no activation, so only the reset makes the difference."""
+    from parity_targets import experts_request
+    from usp_video.distributed.models.wan21.tiny import make_tiny_models
+    from usp_video.distributed.sampling.schedules import sampling_sigmas
+
+    other = str(make_tiny_models(tmp_path, seed=1)["dit"])
+    engine = make_engine()
+
+    def run(experts, boundaries):
+        request = experts_request(experts, boundaries)
+        request.steps, request.cache = 10, {"method": "magcache", "threshold": 0.5}
+        return cached_run(engine, request)["skipped"].tolist()
+
+    boundary = float(sampling_sigmas(10, 5.0, 1.0)[5]) + 1e-4  # steps 0-4 on the first expert, 5-9 on the second
+    one = run([tiny_models["dit"]], [])
+    two = run([tiny_models["dit"], other], [boundary])
+    assert 5 in one and 5 not in two, (one, two)
+    assert [s for s in one if s < 5] == [s for s in two if s < 5]  # the same until the switch

@@ -146,7 +146,6 @@ class _PassState:
     accumulated: float = 0.0  # TeaCache: the rescaled distance; MagCache: the error
     ratio: float = 1.0  # MagCache: the product of the magnitude ratios since the last computed step
     in_a_row: int = 0  # MagCache: steps skipped since the last computed one
-    skipped: list[int] = field(default_factory=list)
 
 
 class _CachedBlocks(nn.ModuleList):
@@ -171,9 +170,10 @@ class StepCache:
     def __init__(self, settings: CacheSettings, steps: int, spec_of: Callable[[nn.Module], StepCacheSpec],
                  offset: int = 0):
         self.settings, self.steps, self.spec_of, self.offset = settings, steps, spec_of, offset
-        self.states: dict[tuple, _PassState] = {}
+        self.states: dict[str, _PassState] = {}  # per pass; cleared at an expert switch
         self.expert: int | None = None
         self.skipped_steps: set[int] = set()  # steps at which some pass skipped its blocks
+        self.skipped_per_pass: dict[str, list[int]] = {}
         # every measure taken: (step, pass, this rank's own value, the group's value it decided on)
         self.trace: list[tuple[int, str, float, float]] = []
 
@@ -189,13 +189,12 @@ class StepCache:
 
     def forward(self, model: nn.Module, key: str, step: int, sp) -> "_Forward":
         """step: of this call's run (0 = its first)."""
-        return _Forward(self, model, key, self.states.setdefault((self.expert, key), _PassState()),
-                        self.offset + step, sp)
+        return _Forward(self, model, key, self.states.setdefault(key, _PassState()), self.offset + step, sp)
 
     def report(self) -> dict:
         passes: dict[str, list[int]] = {}
-        for (_, key), state in self.states.items():
-            passes.setdefault(key, []).extend(state.skipped)
+        for key, steps in self.skipped_per_pass.items():
+            passes.setdefault(key, []).extend(steps)
         return {"method": self.settings.method, "skipped_steps": sorted(self.skipped_steps),
                 "skipped_per_pass": {key: sorted(steps) for key, steps in passes.items()}}
 
@@ -306,7 +305,7 @@ class _Forward:
 
     def _skipped(self, out):
         self.skip = True
-        self.state.skipped.append(self.step)
+        self.cache.skipped_per_pass.setdefault(self.key, []).append(self.step)
         self.cache.skipped_steps.add(self.step)
         return out
 
