@@ -199,7 +199,12 @@ def run_workflow(server_url: str, prompt: dict, out_dir: Path, timeout: float = 
         raise
     files = []
     if status == "success":
-        for node_output in server.history(box[0]).get("outputs", {}).values():
+        # ComfyUI sends execution_success before its prompt worker writes the history entry: wait for it
+        entry, deadline = server.history(box[0]), time.monotonic() + 30.0
+        while not entry.get("status", {}).get("completed") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            entry = server.history(box[0])
+        for node_output in entry.get("outputs", {}).values():
             for items in node_output.values():
                 for item in items if isinstance(items, list) else []:
                     if isinstance(item, dict) and "filename" in item and item.get("type") == "output":
