@@ -199,6 +199,8 @@ class UspGroup:
             # torchrun stops the other ranks with SIGTERM: the culprit is one that ended otherwise
             rank = next((r for r in candidates if exits.get(r) != -signal.SIGTERM),
                         candidates[0] if candidates else (dead[0] if dead else None))
+            if reports and dead and all(exits.get(r) == -signal.SIGTERM for r in dead):
+                dead = []  # the silent ranks were stopped by torchrun after a rank raised: the report says why
             how = ""
             if rank in exits:
                 code = exits[rank]
@@ -208,7 +210,7 @@ class UspGroup:
             msg = f"{who} of {self.config.ranks} died{how}; the group was stopped.\n(log: {self.log_path})"
             if not reports and not dead and (self.attached or self.proc.poll() == 0):
                 msg = f"the group shut down: its control connection to rank 0 was lost.\n(log: {self.log_path})"
-        else:
+        if reports and not dead:
             msg = f"rank {first['rank']} of {self.config.ranks} failed: {first['error_type']}: {first['message']}"
             if timed_out:
                 msg += (f"\nA collective waited longer than timeout_s={self.config.timeout:g} s"
