@@ -111,7 +111,8 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
     started = time.monotonic()
 
     def on_progress(event: dict) -> None:
-        show_group(model["group"])
+        if event["step"] == 1:  # the group answered: show it once, not every step
+            show_group(model["group"])
         progress.update(event["step"], event["total"], event.get("x0"))
         per_step = event["elapsed"] / event["step"]
         skipped = f", {event['skipped']} skipped by the step cache" if "skipped" in event else ""

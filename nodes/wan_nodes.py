@@ -204,7 +204,8 @@ class UspVaeDecode:
         progress = services.Progress(1, node_id)
 
         def on_progress(event: dict) -> None:
-            show_group(vae["group"])
+            if event["step"] == 1:  # the group answered: show it once, not every step
+                show_group(vae["group"])
             progress.update(event["step"], event["total"])
             services.publish_status(state=f"decoding {event['step']}/{event['total']}")
 
