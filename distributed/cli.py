@@ -75,7 +75,8 @@ def _group_for(args: argparse.Namespace):
                          attention=args.attention, threads_per_rank=args.threads_per_rank,
                          cfg_parallel=2 if getattr(args, "cfg_parallel", False) else 1,
                          shard_weights=getattr(args, "shard_weights", "auto"),
-                         vae_split=getattr(args, "vae_split", "on") == "on")
+                         vae_split=getattr(args, "vae_split", "on") == "on",
+                         placement=getattr(args, "placement", "offload"))
     return config, ranks
 
 
@@ -247,7 +248,7 @@ def queue(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DTYPES, SHARD_WEIGHTS
+    from .config import DTYPES, PLACEMENTS, SHARD_WEIGHTS
     from .models import FAMILIES
     from .parallel.usp_attention import BACKENDS
     from .sampling.samplers import SAMPLERS
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FSDP weight sharding of the DiT and the text encoder (auto: when one device's memory is short)")
     p.add_argument("--vae-split", default="on", choices=["on", "off"],
                    help="split the VAE decode across the ranks (exact)")
+    p.add_argument("--placement", default="offload", choices=list(PLACEMENTS),
+                   help="where idle models wait: offload (text encoders and the idle expert in host memory), "
+                        "keep (on the GPUs), cpu (text encoders run on the CPU)")
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--out", help="video file to write (.webp or .gif)")
     p.add_argument("--save-latent", help="write the sampled latent (ComfyUI SaveLatent format)")

@@ -18,6 +18,7 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("cpu", "cuda")
 SHARD_WEIGHTS = ("auto", "off", "on")
+PLACEMENTS = ("keep", "offload", "cpu")  # placement.py says what each does
 
 
 def parse_degree(value) -> int | str:
@@ -66,6 +67,7 @@ class GroupConfig:
     cfg_parallel: int = 1  # 2: the conditional and unconditional passes on the two halves of the group
     shard_weights: str = "auto"  # FSDP weight sharding: off, on, or auto (when one device's memory is short)
     vae_split: bool = True  # the VAE decode shared out among the ranks (each family says how)
+    placement: str = "offload"  # where idle text encoders and experts wait: keep, offload, cpu (placement.py)
 
     def __post_init__(self):
         from .parallel.usp_attention import BACKENDS
@@ -84,6 +86,8 @@ class GroupConfig:
                 problems.append(f"{name} must be 'auto' or an integer >= 1, got {getattr(self, name)!r}")
         if self.shard_weights not in SHARD_WEIGHTS:
             problems.append(f"shard_weights must be one of {', '.join(SHARD_WEIGHTS)}, got {self.shard_weights!r}")
+        if self.placement not in PLACEMENTS:
+            problems.append(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.cfg_parallel not in (1, 2):
             problems.append(f"cfg_parallel must be 1 (off) or 2, got {self.cfg_parallel!r}")
         elif isinstance(self.ranks, int) and self.ranks % self.cfg_parallel:
@@ -188,4 +192,6 @@ FLAGS = {
     "cfg_parallel": (int, "2: conditional and unconditional passes on the two halves of the group"),
     "shard_weights": (_choice("shard-weights", SHARD_WEIGHTS), "FSDP weight sharding"),
     "vae_split": (_flag_bool, "on/off: split the VAE decode across the ranks"),
+    "placement": (_choice("placement", PLACEMENTS), "where idle text encoders and experts wait: keep (on the "
+                  "device), offload (host memory), cpu (text encoders run on the CPU)"),
 }

@@ -25,6 +25,7 @@ from .parallel import fsdp
 from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
 from .parallel.usp_attention import resolve_backend
 from .parallel.vae_split import VaeSplit
+from .placement import HOST, Placement
 from .requests import Cond, EncodeRequest, SampleRequest
 from .sampling.samplers import get_sampler
 from .sampling.schedules import sampling_sigmas, step_range, timestep
@@ -138,6 +139,7 @@ class Engine:
         self._loaded: dict[str, tuple[tuple, object]] = {}  # slot -> (file key, model)
         self._meshes: dict[tuple[int, int], SequenceParallel] = {}
         self.sp = SequenceParallel()
+        self.placement = Placement(config.placement, self.device)
 
     @property
     def world_group(self):
@@ -168,10 +170,14 @@ class Engine:
         key = _file_key(path)
         held = self._loaded.get(slot)
         if held is None or held[0] != key:
-            self._loaded.pop(slot, None)  # free the old model before loading the new one
+            self._unload(slot)  # free the old model before loading the new one
             self._loaded[slot] = (key, load(path))
             self.load_counts[role or slot] += 1
         return self._loaded[slot][1]
+
+    def _unload(self, slot: str) -> None:
+        self._loaded.pop(slot, None)
+        self.placement.forget(slot)
 
     def should_shard(self, slot: str, path: str) -> bool:
         """Shard this model's weights? "on"; for "auto", when they would take more than 80% of one
@@ -193,18 +199,20 @@ class Engine:
 
     # -- the DiT ----------------------------------------------------------------------------------
 
-    def _rank_free_memory(self) -> int:
-        """The memory this rank may use: its GPU's free memory, after handing back what freed models
-        left in the caching allocator; on the CPU, the host's available memory shared by its ranks."""
+    def _rank_free_memory(self, device: torch.device | None = None) -> int:
+        """The memory this rank may use on its device (or on `device`: the host, for a model that waits
+        there): its GPU's free memory, after handing back what freed models left in the caching
+        allocator; on the CPU, the host's available memory shared by the ranks on it."""
         import gc
 
+        device = device or self.device
         gc.collect()  # freed models can sit in reference cycles (the fp8 layers' patched forwards)
-        if self.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-            return _free_memory(self.device)
-        return _free_memory(self.device) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            return _free_memory(device)
+        return _free_memory(device) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
 
-    def check_memory(self, path: str, family: models.ModelFamily, sharded: bool) -> None:
+    def check_memory(self, path: str, family: models.ModelFamily, sharded: bool, device: torch.device | None = None) -> None:
         """The memory pre-flight of a DiT load: what the load will add to a rank at its peak (the family
         predicts it from the file's header) against the rank's free memory; a ValueError saying what to
         change, before anything is allocated, when it will not fit. Collective: the ranks agree on the
@@ -214,7 +222,8 @@ class Engine:
             need = family.dit_load_bytes(path, self.dtype, self.world_size if sharded else 1)
         except (CheckpointError, OSError) as exc:  # told to every rank below, so that none waits alone
             error = exc
-        worst = torch.tensor([float(need), -float(self._rank_free_memory())], dtype=torch.float64, device=self.device)
+        worst = torch.tensor([float(need), -float(self._rank_free_memory(device))], dtype=torch.float64,
+                             device=self.device)
         if self.world_size > 1:
             import torch.distributed as dist
 
@@ -238,13 +247,13 @@ class Engine:
                          f"{'a rank' if self.world_size > 1 else 'the device'} has {free / 2**30:.1f} GiB free: "
                          + "; or ".join(fixes))
 
-    def _load_dit(self, path: str, family: models.ModelFamily):
+    def _load_dit(self, path: str, family: models.ModelFamily, device: torch.device):
         shard = None
         if self.should_shard("dit", path):  # decided before the load: the loader shards as it reads
             def shard(model):
                 return fsdp.shard_model(model, family.blocks(model), self.device)
-        self.check_memory(path, family, shard is not None)
-        model = family.load_dit(path, self.dtype, self.device, shard=shard)
+        self.check_memory(path, family, shard is not None, device)
+        model = family.load_dit(path, self.dtype, device, shard=shard)
         self.sp = self._mesh(model, family)
         model = family.parallelize(model, self.sp, self.backend)
         model.usp_family = family
@@ -255,18 +264,50 @@ class Engine:
     def _dit_slot(path: str, family: models.ModelFamily) -> str:
         return f"dit:{family.name}:{_file_key(path)[0]}"
 
-    def dit(self, path: str, family: str | None = None):
+    def dit(self, path: str, family: str | None = None, idle: bool = False):
         """The DiT in path, loaded once as `family` (None: detected from the file); each expert of a
-        model keeps its own slot."""
+        model keeps its own slot. idle: an expert that does not run next; with placement offload/cpu
+        it waits in host memory (and is loaded there), else it is brought to the device."""
         found = models.detect_dit(path, family)
-        return self._cached(self._dit_slot(path, found), path, lambda p: self._load_dit(p, found), role="dit")
+        slot = self._dit_slot(path, found)
+        park = idle and self.placement.parks_idle_experts
+        device = HOST if park else self.device
+
+        def load(p):
+            model = self._load_dit(p, found, device)
+            self.placement.loaded(slot, "host" if park else "device")
+            return model
+
+        model = self._cached(slot, path, load, role="dit")
+        if park:
+            self.placement.park(slot, model)
+        else:
+            self.placement.bring(slot, model)
+        return model
+
+    def _experts(self, paths: list[str], family: str | None, running: int) -> list:
+        """The DiTs of these paths, paths[running] on the device and the others idle (as dit() says);
+        the idle ones are loaded or parked first, so that they never meet the running one on the device."""
+        order = sorted(range(len(paths)), key=lambda i: i == running)
+        loaded = {i: self.dit(paths[i], family, idle=i != running) for i in order}
+        return [loaded[i] for i in range(len(paths))]
+
+    def _run_expert(self, model) -> None:
+        """Before an expert runs: it goes to the device, every other loaded DiT (an idle expert) to
+        host memory when the placement says so (parked first, so that the two never meet on the device)."""
+        mine = next(slot for slot, (_, m) in self._loaded.items() if m is model)
+        if self.placement.parks_idle_experts:
+            for slot, (_, other) in self._loaded.items():
+                if slot.startswith("dit:") and slot != mine:
+                    self.placement.park(slot, other)
+        self.placement.bring(mine, model)
 
     def _forget_other_dits(self, keep: list[str], family: str | None = None) -> None:
         """Free the DiTs that this request does not use (a new model replaces the old). The files
         are checked first: a request naming a missing file frees nothing."""
         kept = {self._dit_slot(path, models.detect_dit(path, family)) for path in keep}
         for slot in [s for s in self._loaded if s.startswith("dit:") and s not in kept]:
-            del self._loaded[slot]
+            self._unload(slot)
 
     def dit_info(self, paths: list[str], family: str | None = None) -> dict:
         """Load these DiTs (freeing any other) and describe the first. Collective (every rank's free memory
@@ -280,7 +321,7 @@ class Engine:
 
     def _dit_info(self, paths: list[str], family: str | None) -> dict:
         self._forget_other_dits(paths, family)
-        models_ = [self.dit(path, family) for path in paths]
+        models_ = self._experts(paths, family, running=0)
         if any(m.usp_family is not models_[0].usp_family for m in models_):
             raise ValueError("the DiTs of one model must be of one family, got "
                              + ", ".join(m.usp_family.label for m in models_))
@@ -291,7 +332,7 @@ class Engine:
                 "ring": self.sp.ring_degree, "cfg_parallel": self.cfg_degree,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "sharded": self.sharded.get("dit", False), "parameter_bytes": fsdp.parameter_bytes(model),
-                "fp8_layers": fp8.count_fp8_layers(model)}
+                "fp8_layers": fp8.count_fp8_layers(model), "placement": self.placement.mode}
 
     def _free_memory_per_rank(self, failed: bool = False) -> dict:
         """{"free_bytes": this rank's free memory (_rank_free_memory: its GPU's, or its share of the host's),
@@ -318,12 +359,14 @@ class Engine:
         """A text encoder runs on rank 0 alone, unless the weights of one of its parts are sharded
         across the ranks (then every rank holds a shard and takes part). Collective."""
         family, files = self._text_inputs(request)
+        if self.placement.mode == "cpu":  # text encoders run on rank 0's CPU, whole
+            return False
         shard = [self.should_shard(part.input, files[part.input])
                  for part in family.text_parts if part.shard_units is not None]
         return any(shard)
 
     def _load_text_part(self, part, path: str):
-        loaded = part.load(path, self.dtype, self.device)
+        loaded = part.load(path, self.dtype, self.placement.text_device)
         if part.shard_units is not None and self.sharded.get(part.input):
             module, blocks = part.shard_units(loaded)
             fsdp.shard_model(module, blocks, self.device)
@@ -337,10 +380,23 @@ class Engine:
     def encode(self, request: EncodeRequest) -> Cond:
         """The prompt's conditioning tensors ({"tokens": [1, L, D], ...}), float32 on the CPU."""
         family, files = self._text_inputs(request)
-        parts = {part.input: self._cached(f"text:{part.input}", files[part.input],
-                                          lambda path, part=part: self._load_text_part(part, path), role=part.input)
-                 for part in family.text_parts}
-        return family.make_text_encoder(parts).encode(request.prompt)
+        parts = {}
+        for part in family.text_parts:
+            slot = f"text:{part.input}"
+
+            def load(path, part=part, slot=slot):
+                loaded = self._load_text_part(part, path)
+                self.placement.loaded(slot, "cpu" if self.placement.mode == "cpu" else "device")
+                return loaded
+
+            parts[part.input] = self._cached(slot, files[part.input], load, role=part.input)
+            self.placement.bring(slot, parts[part.input])
+        try:
+            return family.make_text_encoder(parts).encode(request.prompt)
+        finally:
+            if self.placement.parks_text:  # with placement offload, the encoders wait in host memory
+                for part in family.text_parts:
+                    self.placement.park(f"text:{part.input}", parts[part.input])
 
     # -- the VAE ----------------------------------------------------------------------------------
 
@@ -402,16 +458,17 @@ class Engine:
         # inputs that can be checked from the files' headers, before a model is freed or loaded
         check_sample_request(req, models.detect_dit(req.experts[0], req.family))
         self._forget_other_dits(req.experts + req.keep, req.family)
-        experts = [self.dit(path, req.family) for path in req.experts]
-        for path in req.keep:  # the other experts of the model stay loaded for the next sampler
-            self.dit(path, req.family)
+        sigmas = step_range(sampling_sigmas(req.steps, req.shift, req.denoise), req.start_step, req.end_step,
+                            req.leftover_noise)
+        # the other experts of the model (keep) stay loaded for the next sampler, idle; of this call's
+        # experts, the one of the first step is on the device
+        first = req.expert_at(float(sigmas[0])) if sigmas is not None else 0
+        experts = self._experts(req.keep + req.experts, req.family, running=len(req.keep) + first)[len(req.keep):]
         family, self.sp = experts[0].usp_family, experts[0].usp_sp
         if any(m.usp_family is not family for m in experts):
             raise ValueError("the experts of one sampler call must be of one model family, got "
                              + ", ".join(m.usp_family.label for m in experts))
         options = check_sample_request(req, family, family.describe_dit(experts[0])["text_dim"])
-        sigmas = step_range(sampling_sigmas(req.steps, req.shift, req.denoise), req.start_step, req.end_step,
-                            req.leftover_noise)
         if sigmas is None:  # start_at_step is past the last step: nothing to do (as in ComfyUI)
             return req.latent.float().clone()
         # the whole schedule this run is part of (denoise < 1 keeps its tail; start_step skips its head)
@@ -451,9 +508,15 @@ class Engine:
         def both(a: Cond, b: Cond) -> Cond:
             return {name: torch.cat([a[name], b[name]]) for name in a if name in b}
 
+        running = experts[first]
+
         def denoise(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            nonlocal running
             expert = req.expert_at(float(sigma))
             model, cfg = experts[expert], req.cfg_for(expert)
+            if model is not running:  # the switch: the expert that ran waits in host memory (placement)
+                self._run_expert(model)
+                running = model
             sp = model.usp_sp
             if cache is not None:
                 cache.start_expert(expert)

@@ -54,6 +54,8 @@ def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, s
     if "parameter_bytes" in info:
         weights = (f"{info['parameter_bytes'] / 2**30:.2f} GiB{' per expert' if len(paths) > 1 else ''}, "
                    f"{'sharded' if info['sharded'] else 'a full copy on every rank'}")
+        if len(paths) > 1 and info.get("placement", "keep") != "keep":
+            weights += "; the idle expert waits in host memory"
     services.publish_status(model=" + ".join(names), degrees=degrees, weights=weights,
                             free=info.get("free_bytes_per_rank"))
     return {"group": group, "path": paths[0], "experts": paths, "info": info}, text

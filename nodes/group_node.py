@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..distributed.client import free_group, get_group
-from ..distributed.config import DTYPES, SHARD_WEIGHTS, GroupConfig, parse_bool, parse_degree
+from ..distributed.config import DTYPES, PLACEMENTS, SHARD_WEIGHTS, GroupConfig, parse_bool, parse_degree
 from ..distributed.parallel.usp_attention import BACKENDS
 from . import services
 
@@ -68,6 +68,11 @@ class UspGroupNode:
                 "swapping edge rows with its neighbours (exact; about 1/N of the memory and time per GPU); "
                 "HunyuanVideo VAE, the ranks share out its tiles (the one-GPU tiled result, about 1/N of "
                 "the time). off: rank 0 decodes alone.")}),
+            "placement": (list(PLACEMENTS), {"default": "offload", "tooltip": (
+                "Where models wait while they are not running. offload: the text encoder goes to host memory "
+                "after encoding, and the idle expert of Wan 2.2 A14B while the other runs (the device memory "
+                "is handed back). keep: everything stays on the GPUs (fastest, most memory). cpu: the text "
+                "encoder runs on the CPU (slow; never takes GPU memory).")}),
         }}
 
     RETURN_TYPES = ("USP_GROUP", "STRING")
@@ -76,9 +81,9 @@ class UspGroupNode:
     CATEGORY = CATEGORY
 
     def start(self, device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",
-              shard_weights="auto", vae_split="on"):
+              shard_weights="auto", vae_split="on", placement="offload"):
         config = make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel,
-                             shard_weights, vae_split)
+                             shard_weights, vae_split, placement)
         if config.device == "cuda":
             services.free_comfy_models()
         services.note_group(get_group(config), config)
@@ -86,7 +91,7 @@ class UspGroupNode:
 
 
 def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",
-                shard_weights="auto", vae_split="on") -> GroupConfig:
+                shard_weights="auto", vae_split="on", placement="offload") -> GroupConfig:
     if device == "auto":
         device = "cuda" if _cuda_count() else "cpu"
     gpu_list = parse_gpus(gpus, _cuda_count()) if device == "cuda" else ()
@@ -96,7 +101,7 @@ def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeou
     return GroupConfig(ranks=ranks, device=device, gpus=gpu_list, ulysses=parse_degree(ulysses),
                        ring=parse_degree(ring), dtype=dtype, attention=attention, timeout=float(timeout_s),
                        cfg_parallel=2 if parse_bool(cfg_parallel) else 1, shard_weights=shard_weights,
-                       vae_split=parse_bool(vae_split))
+                       vae_split=parse_bool(vae_split), placement=placement)
 
 
 class _AnyType(str):
