@@ -32,15 +32,20 @@ def test_the_prediction_counts_the_weights_once_and_shares_them(tiny_models):
 
 
 def test_a_whole_file_loader_is_predicted_at_its_model_not_its_file_too(tiny_hunyuan):
-    """HunyuanVideo's DiT loads whole before it is sharded: the prediction is its parameters at the compute
-    dtype, whatever the sharing (the file itself is read through the page cache)."""
+    """A loader that builds the whole model before sharding it (ModelFamily's default prediction; the
+    diffusers folders load so) is predicted at its parameters at the compute dtype, whatever the sharing
+    (the file itself is read through the page cache). HunyuanVideo's single file is streamed: its share."""
     import math
 
     import torch
     from safetensors import safe_open
 
+    from usp_video.distributed.models.family import ModelFamily
+
     with safe_open(tiny_hunyuan["dit"], "pt") as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     family = FAMILIES["hunyuan-video"]
-    assert family.dit_load_bytes(tiny_hunyuan["dit"], torch.float32, 1) == params * 4
-    assert family.dit_load_bytes(tiny_hunyuan["dit"], torch.float32, 4) == params * 4
+    assert ModelFamily.dit_load_bytes(family, tiny_hunyuan["dit"], torch.float32, 1) == params * 4
+    assert ModelFamily.dit_load_bytes(family, tiny_hunyuan["dit"], torch.float32, 4) == params * 4
+    whole, quarter = (family.dit_load_bytes(tiny_hunyuan["dit"], torch.float32, n) for n in (1, 4))
+    assert params * 4 < whole < params * 4 + (80 << 20) and quarter < whole - params * 4 * 0.7

@@ -35,9 +35,8 @@ def test_sharded_dit_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, f
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e}"
         held = int(result["bytes"])
         assert held <= full * (1 / world_size + 0.05), f"rank {rank} holds {held} of {full} bytes"
-        if family == "wan":  # streamed: each rank read only its rows of the file (HunyuanVideo's loads whole)
-            size = os.path.getsize(dit)
-            assert int(result["read"]) <= size * (1 / world_size + 0.05), f"rank {rank} read {int(result['read'])} of {size}"
+        size = os.path.getsize(dit)  # streamed: each rank read only its rows of the file
+        assert int(result["read"]) <= size * (1 / world_size + 0.05), f"rank {rank} read {int(result['read'])} of {size}"
         if text_encoder is not None:  # UMT5 sharded too, every rank taking part in the encode
             assert rel_error(result["cond"], expected_cond) <= 1e-5
             te_full = parameter_bytes(engine.text_part("text_encoder").model)

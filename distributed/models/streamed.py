@@ -9,6 +9,10 @@ it: the peak is the rank's share plus one tensor being converted.
 
 The file is read with plain positional reads (TensorFile) rather than a memory map, so that the pages of
 the file never count in the process's own memory and the load's peak is what the model takes.
+
+A family's key conversion (file names -> model names) may rename tensors and select their rows: split a
+fused q/k/v tensor, reorder the halves of a modulation table (`source_map` follows it). Each model tensor
+is then read as row ranges of file tensors, and a rank reads only the rows of its shard of each part.
 """
 
 from __future__ import annotations
@@ -105,16 +109,45 @@ def peak_bytes(tensors: dict[str, tuple[torch.dtype, list[int]]], dtype: torch.d
 LOAD_MARGIN = 64 << 20  # allocator slack, RoPE tables and the like (measured: 45 MiB at N = 1, 1.3 GiB model)
 
 
-def rename_map(names: list[str], convert: Callable[[dict], dict]) -> dict[str, str]:
-    """{model name: file name} for a key conversion that only renames (each output is one input):
-    convert is run on one placeholder per file name and the placeholders are followed through it."""
-    placeholders = {name: torch.empty(0) for name in names}
-    owner = {id(t): name for name, t in placeholders.items()}
-    converted = convert(dict(placeholders))
-    missing = [k for k, t in converted.items() if id(t) not in owner]
-    if missing:
-        raise NotImplementedError(f"the key conversion builds new tensors ({missing[:3]}); it is not a renaming")
-    return {k: owner[id(t)] for k, t in converted.items()}
+Rows = tuple[str, int, int]  # a file tensor's rows first..stop (0, 1 for a 0-d tensor)
+
+
+def source_map(tensors: dict[str, list[int]], convert: Callable[[dict], dict], what: str) -> dict[str, list[Rows]]:
+    """{model name: its rows, in order, as row ranges of file tensors} for a key conversion that renames
+    tensors and selects or reorders their rows (dimension 0: chunk, split, slicing, cat), such as a fused
+    q/k/v tensor split into to_q, to_k, to_v. tensors: {file name: shape}; what: the file, for errors.
+
+    convert runs on placeholders that hold each file row's global number: an int64 tensor of the file
+    tensor's number of dimensions, its rows along dimension 0 and size 1 elsewhere (a few bytes per row,
+    never the weights). What comes out says which rows each model tensor is made of. A conversion that
+    computes values (casts, arithmetic, transposes, reshapes) is refused: it cannot be read row by row,
+    and such a family needs a loader of its own that reads the tensors whole."""
+    names = list(tensors)
+    rows = torch.tensor([shape[0] if shape else 1 for shape in tensors.values()], dtype=torch.int64)
+    ends = rows.cumsum(0)
+    starts = ends - rows
+    placeholders = {}
+    for name, shape, first, count in zip(names, tensors.values(), starts.tolist(), rows.tolist()):
+        numbers = torch.arange(first, first + count)
+        placeholders[name] = numbers.view(count, *[1] * (len(shape) - 1)) if shape else numbers[0]
+    converted = convert(placeholders)
+    computed = [k for k, t in converted.items()
+                if not (isinstance(t, torch.Tensor) and t.dtype == torch.int64 and all(n == 1 for n in t.shape[1:]))]
+    if computed:
+        raise NotImplementedError(f"{what}: the key conversion computes tensors ({', '.join(computed[:3])}) rather "
+                                  "than selecting rows of the file's; they cannot be read row by row")
+    source = {}
+    for key, numbers in converted.items():
+        numbers = numbers.reshape(-1)
+        if numbers.numel() and not (0 <= int(numbers.min()) and int(numbers.max()) < int(ends[-1])):
+            raise NotImplementedError(f"{what}: the key conversion computes {key} rather than selecting rows")
+        index = torch.searchsorted(ends, numbers, right=True)  # which file tensor each row comes from
+        row = numbers - starts[index]
+        # a new range wherever the file tensor changes or the rows stop being consecutive
+        breaks = ((index[1:] != index[:-1]) | (row[1:] != row[:-1] + 1)).nonzero().reshape(-1) + 1
+        bounds = [0, *breaks.tolist(), numbers.numel()] if numbers.numel() else []
+        source[key] = [(names[int(index[a])], int(row[a]), int(row[b - 1]) + 1) for a, b in zip(bounds, bounds[1:])]
+    return source
 
 
 def _my_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -132,47 +165,113 @@ def _my_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callable[[dict], dict], dtype: torch.dtype,
          device: torch.device | str, what: str, *, fp8_within: tuple[str, ...] = (),
-         shard: Callable[[torch.nn.Module], object] | None = None, ignore_unexpected: tuple[str, ...] = ()):
+         shard: Callable[[torch.nn.Module], object] | None = None, ignore_unexpected: tuple[str, ...] = (),
+         prefixes: tuple[str, ...] = DIT_PREFIXES):
     """make()'s model with the tensors of the single file at path, loaded as the module docstring says.
 
-    convert: the family's key conversion (file names -> model names; renames only); fp8_within: the
-    module prefixes whose Linear layers keep an fp8 file's fp8 weights (fp8.keep_fp8); shard(model):
-    shards the meta model's parameters (FSDP2), or None for a whole model. Non-persistent buffers are
-    left uninitialised: the caller builds them (Wan's RoPE tables)."""
+    convert: the family's key conversion (file names, less the container prefixes, -> model names; renames
+    and row selections, see source_map; names it leaves out are not read); fp8_within: the module prefixes
+    whose Linear layers keep an fp8 file's fp8 weights (fp8.keep_fp8; not those the class keeps in float32);
+    shard(model): shards the meta model's parameters (FSDP2), or None for a whole model. Tied parameters
+    (one Parameter under two names) are read once and stay one. Non-persistent buffers are left
+    uninitialised: the caller builds them (Wan's RoPE tables)."""
     tensors = TensorFile(path)
     names = [n for n in tensors.entries if not (n == "scaled_fp8" or n.endswith((".scale_weight", ".scale_input")))]
-    source = rename_map(names, lambda state: convert(strip_prefix(state, DIT_PREFIXES)))
-    scales = {name: float(tensors.read(name).float().reshape(-1)[0]) for name in tensors.entries
-              if name.endswith(".scale_weight")}
+    source = source_map({n: tensors.shape(n) for n in names}, lambda state: convert(strip_prefix(state, prefixes)),
+                        Path(path).name)
+    scales = {name[: -len("scale_weight")] + "weight": float(tensors.read(name).float().reshape(-1)[0])
+              for name in tensors.entries if name.endswith(".scale_weight")}
     with torch.device("meta"):
         model = make()
     keep = keeps_fp32(type(model))
     for name, param in model.named_parameters():
         param.data = param.data.to(torch.float32 if keep(name) else dtype)
     if fp8_within and any(tensors.dtype(n).is_floating_point and tensors.dtype(n).itemsize == 1 for n in names):
-        shapes = {n: (tensors.shape(n), "F8" if tensors.dtype(n).itemsize == 1 else "F") for n in names}
-        file_scales = {n[: -len("scale_weight")] + "weight": s for n, s in scales.items()}
-        markers = fp8.fp8_markers(shapes, file_scales)
-        fp8.keep_fp8(model, {k: markers[f] for k, f in source.items() if f in markers}, fp8_within)
+        fp8.keep_fp8(model, _fp8_markers(tensors, names, scales, source), fp8_within, skip=keep)
     state = model.state_dict(keep_vars=True)
     unexpected = [k for k in source if k not in state and not any(part in k for part in ignore_unexpected)]
     missing = [k for k in state if k not in source]
     if missing or unexpected:
         raise CheckpointError(f"{Path(path).name} does not fit {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _check_rows(tensors, state, source, Path(path).name)
+    tied = _tied_names(model)
     if shard is not None:
         shard(model)
     model.to_empty(device=device)
-    state = model.state_dict(keep_vars=True)
+    _retie(model, tied)  # to_empty gives each module its own tensor (FSDP keeps its shared parameters shared)
+    filled = set()
     with torch.no_grad():
-        for name, target in state.items():
+        for name, target in model.state_dict(keep_vars=True).items():
+            if id(target) in filled:
+                continue
+            filled.add(id(target))
             local, first = _my_rows(target)
-            file_name = source[name]
-            value = tensors.read(file_name, first, first + local.shape[0]) if local.dim() else tensors.read(file_name)
-            if local.dtype.itemsize == 1 and local.is_floating_point():  # kept fp8: the file's values, unscaled
-                value = value.float().to(local.dtype) if value.dtype != local.dtype else value
-            else:
-                if value.is_floating_point() and value.dtype.itemsize == 1:
-                    value = value.float() * scales.get(file_name[: -len("weight")] + "scale_weight", 1.0)
-                value = value.to(local.dtype)
-            local.copy_(value.reshape(local.shape))
+            if local.dim() == 0:
+                (file_name, _, _), = source[name]
+                local.copy_(_converted(tensors.read(file_name), local.dtype, scales.get(file_name, 1.0)).reshape(()))
+                continue
+            stop, at = first + local.shape[0], 0  # at: the model row where a range starts
+            for file_name, begin, end in source[name]:
+                lo, hi = max(first, at), min(stop, at + end - begin)  # this range's rows that are mine
+                if lo < hi:
+                    value = _converted(tensors.read(file_name, begin + lo - at, begin + hi - at), local.dtype,
+                                       scales.get(file_name, 1.0))
+                    local[lo - first: hi - first].copy_(value.reshape(hi - lo, *local.shape[1:]))
+                at += end - begin
     return model.eval()
+
+
+def _converted(value: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """A file tensor's values in a model tensor's dtype: a kept fp8 weight takes the file's fp8 values
+    unscaled (its layer scales them); an fp8 value going to a wider dtype is multiplied by its scale."""
+    if dtype.itemsize == 1 and dtype.is_floating_point:
+        return value.float().to(dtype) if value.dtype != dtype else value
+    if value.is_floating_point() and value.dtype.itemsize == 1:
+        value = value.float() * scale
+    return value.to(dtype)
+
+
+def _fp8_markers(tensors: TensorFile, names: list[str], scales: dict[str, float],
+                 source: dict[str, list[Rows]]) -> dict[str, torch.Tensor]:
+    """fp8.fp8_markers by model name: each model tensor's rows' markers. A tensor gathered from fp8 tensors
+    of different scales gets none (its layer has one scale), and stays in the compute dtype."""
+    shapes = {n: (tensors.shape(n), "F8" if tensors.dtype(n).itemsize == 1 else "F") for n in names}
+    by_file = fp8.fp8_markers(shapes, scales)
+    markers = {}
+    for key, ranges in source.items():
+        if ranges and all(f in by_file for f, _, _ in ranges):
+            marker = torch.cat([by_file[f][begin:end] for f, begin, end in ranges])
+            markers[key] = marker if bool((marker == marker[0]).all()) else torch.zeros_like(marker)
+    return markers
+
+
+def _check_rows(tensors: TensorFile, state: dict[str, torch.Tensor], source: dict[str, list[Rows]], what: str) -> None:
+    """Every model tensor is made of whole rows of its file tensors, as many as it has."""
+    for key, target in state.items():
+        ranges = source[key]
+        if target.dim() == 0:
+            fits = len(ranges) == 1 and math.prod(tensors.shape(ranges[0][0])) == 1
+        else:
+            row_size = math.prod(target.shape[1:])
+            fits = sum(end - begin for _, begin, end in ranges) == target.shape[0] and \
+                all(math.prod(tensors.shape(f)[1:]) == row_size for f, _, _ in ranges)
+        if not fits:
+            parts = ", ".join(f"{f} {tensors.shape(f)} rows {begin}..{end}" for f, begin, end in ranges)
+            raise CheckpointError(f"{what}: the model's {key} {list(target.shape)} does not fit the file's {parts}")
+
+
+def _tied_names(model: torch.nn.Module) -> list[list[str]]:
+    """The names of each parameter that the model holds under several names (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie(model: torch.nn.Module, tied: list[list[str]]) -> None:
+    for first, *others in tied:
+        param = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            if model.get_parameter(name) is not param:
+                setattr(model.get_submodule(owner), attr, param)

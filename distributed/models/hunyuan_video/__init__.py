@@ -11,6 +11,7 @@ import torch
 
 from ..family import Defaults, ModelFamily, Option, TextPart
 from ...parallel.vae_split import VaeSplit
+from .. import streamed
 from . import dit, text, vae
 
 
@@ -50,10 +51,12 @@ class HunyuanVideo(ModelFamily):
         return dit.infer_hunyuan_config(path, shapes, metadata)
 
     def load_dit(self, path, dtype, device, shard=None):
-        model = dit.load_hunyuan_transformer(path, dtype, device)  # its key conversion splits q/k/v: loaded whole
-        if shard is not None:
-            shard(model)
-        return model
+        return dit.load_hunyuan_transformer(path, dtype, device, shard=shard)
+
+    def dit_load_bytes(self, path, dtype, shares):
+        if Path(path).is_dir():
+            return super().dit_load_bytes(path, dtype, shares)
+        return streamed.load_peak_bytes(path, dtype, shares, fp8_within=dit.FP8_WITHIN_FILE)
 
     def parallelize(self, model, sp, backend):
         return dit.parallelize_hunyuan(model, sp, backend)

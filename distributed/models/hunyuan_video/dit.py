@@ -22,9 +22,8 @@ import torch
 from ...parallel.mesh import SequenceParallel
 from ...parallel.sharding import gather_sequence, shard_sequence
 from ...parallel.usp_attention import KeyLayout, tail_padding_mask, usp_attention
-from .. import fp8
-from ..checkpoint import (DIT_PREFIXES, CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder,
-                          keeps_fp32, load_state_dict, read_header, strip_prefix, unprefixed)
+from .. import streamed
+from ..checkpoint import CheckpointError, config_from_metadata, from_folder, read_header, unprefixed
 
 CONFIG_METADATA_KEY = "usp_video.hunyuan_config"
 
@@ -95,30 +94,37 @@ def convert_to_diffusers(state: dict[str, torch.Tensor], hidden: int) -> dict[st
     return convert_hunyuan_video_transformer_to_diffusers(_split_single_linear1(state, hidden))
 
 
+# The repeated blocks, whose Linear layers keep an fp8 file's fp8 weights: as the model names them, and
+# as the file does (the load's memory prediction reads the file's names).
+FP8_WITHIN = ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.token_refiner.")
+FP8_WITHIN_FILE = ("double_blocks.", "single_blocks.", "txt_in.individual_token_refiner.")
+
+
 def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
-                             device: torch.device | str = "cpu", keep_fp8: bool = True):
+                             device: torch.device | str = "cpu", keep_fp8: bool = True, shard=None):
     """Load a HunyuanVideo T2V DiT from a ComfyUI/original single .safetensors file or a diffusers folder.
-    The Linear weights of an fp8 file stay in fp8 (models/fp8.py) unless keep_fp8 is False."""
+    A single file is read tensor by tensor into a model built on the meta device (models/streamed.py):
+    its key conversion splits the fused q/k/v (and q/k/v/mlp) tensors and swaps the halves of the final
+    modulation table, all row selections, so each model tensor is read as rows of the file's. With
+    shard(model) (FSDP2 over the ranks), each rank reads only its shards' rows. The Linear weights of an
+    fp8 file stay in fp8 (models/fp8.py) unless keep_fp8 is False. A folder loads whole through diffusers
+    (from_pretrained), then is sharded."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     path = Path(path)
     if path.is_dir():
-        return from_folder(HunyuanVideoTransformer3DModel, path, dtype, device,
-                           "a diffusers HunyuanVideoTransformer3DModel folder (the 'transformer' subfolder)")
+        model = from_folder(HunyuanVideoTransformer3DModel, path, dtype, device,
+                            "a diffusers HunyuanVideoTransformer3DModel folder (the 'transformer' subfolder)")
+        if shard is not None:
+            shard(model)
+        return model
 
     shapes, metadata = read_header(path)
     config = infer_hunyuan_config(path, shapes, metadata)
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
-    # dequantize first: scaled fp8 files carry <name>.scale_weight, which the q/k/v split must not see
-    # (HunyuanVideoTransformer3DModel keeps no parameters in float32, so the original names do)
-    state = dequantize(strip_prefix(load_state_dict(path), DIT_PREFIXES), dtype, keeps_fp32(HunyuanVideoTransformer3DModel))
-    state = convert_to_diffusers(state, hidden)
-    model = build_on_meta(lambda: HunyuanVideoTransformer3DModel(**config), state, path, "the HunyuanVideo architecture")
-    if keep_fp8:
-        fp8.keep_file_fp8(model, path, shapes,
-                          ("transformer_blocks.", "single_transformer_blocks.", "context_embedder.token_refiner."),
-                          lambda markers: convert_to_diffusers(strip_prefix(markers, DIT_PREFIXES), hidden))
-    return model.to(device=device).eval()
+    return streamed.load(lambda: HunyuanVideoTransformer3DModel(**config), path,
+                         lambda state: convert_to_diffusers(state, hidden), dtype, device,
+                         "the HunyuanVideo architecture", fp8_within=FP8_WITHIN if keep_fp8 else (), shard=shard)
 
 
 def crop_text(encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None):

@@ -1,0 +1,102 @@
+"""The streamed load (models/streamed.py) against the whole-file load it replaced: the same model from
+the same file (fp8 and ComfyUI's scaled fp8 included), for the loaders whose key conversion selects
+rows (HunyuanVideo's fused q/k/v) as for those that only rename. The sharded load is checked against
+one process, with the bytes each rank reads, in test_sharding.py."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import rel_error
+from parity_targets import hunyuan_forward
+from test_fp8 import write_fp8
+from usp_video.distributed.models import fp8, streamed
+from usp_video.distributed.models.checkpoint import (DIT_PREFIXES, CheckpointError, build_on_meta, dequantize,
+                                                     keeps_fp32, load_state_dict, read_header, strip_prefix)
+from usp_video.distributed.models.hunyuan_video import dit as hunyuan
+
+
+# -- source_map: which file rows make each model tensor ----------------------------------------------
+
+def test_source_map_follows_splits_swaps_and_renames():
+    def convert(state):
+        q, k, v = state["qkv.weight"].chunk(3, dim=0)
+        first, second = torch.split(state["mod.weight"], [2, 4])
+        return {"to_q.weight": q, "to_k.weight": k, "to_v.weight": v, "mod.weight": torch.cat([second, first]),
+                "norm.weight": state["norm"], "both": torch.cat([state["mod.weight"][5:], v]), "scale": state["scale"]}
+
+    tensors = {"qkv.weight": [9, 5], "mod.weight": [6, 5], "norm": [5], "scale": [], "dropped": [3, 3]}
+    assert streamed.source_map(tensors, convert, "f.safetensors") == {
+        "to_q.weight": [("qkv.weight", 0, 3)], "to_k.weight": [("qkv.weight", 3, 6)], "to_v.weight": [("qkv.weight", 6, 9)],
+        "mod.weight": [("mod.weight", 2, 6), ("mod.weight", 0, 2)], "norm.weight": [("norm", 0, 5)],
+        "both": [("mod.weight", 5, 6), ("qkv.weight", 6, 9)], "scale": [("scale", 0, 1)]}
+
+
+@pytest.mark.parametrize("computes", [lambda t: t.float() * 2, lambda t: t.T, lambda t: t.reshape(-1, 3)],
+                         ids=["arithmetic", "transpose", "reshape"])
+def test_source_map_refuses_a_conversion_that_computes(computes):
+    with pytest.raises(NotImplementedError, match="f.safetensors: the key conversion computes tensors \\(w\\)"):
+        streamed.source_map({"w": [6, 4]}, lambda state: {"w": computes(state["w"])}, "f.safetensors")
+
+
+# -- HunyuanVideo's DiT -----------------------------------------------------------------------------
+
+def whole_file_hunyuan(path, keep_fp8=True):
+    """HunyuanVideo's DiT as it was loaded before the streamed load: the whole file read, dequantized,
+    converted, the model built from it, the fp8 Linear weights of the blocks put back in fp8."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    shapes, metadata = read_header(path)
+    config = hunyuan.infer_hunyuan_config(path, shapes, metadata)
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    state = dequantize(strip_prefix(load_state_dict(path), DIT_PREFIXES), torch.float32,
+                       keeps_fp32(HunyuanVideoTransformer3DModel))
+    model = build_on_meta(lambda: HunyuanVideoTransformer3DModel(**config), hunyuan.convert_to_diffusers(state, hidden),
+                          path, "HunyuanVideo")
+    if keep_fp8:
+        fp8.keep_file_fp8(model, path, shapes, hunyuan.FP8_WITHIN,
+                          lambda markers: hunyuan.convert_to_diffusers(strip_prefix(markers, DIT_PREFIXES), hidden))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hunyuan_files(tiny_hunyuan, tmp_path_factory):
+    """The tiny DiT as stored (fp32), in ComfyUI's fp8_e4m3fn and in its scaled fp8 (per-tensor scales)."""
+    import json
+
+    from usp_video.distributed.models.hunyuan_video import tiny
+
+    root, meta = tmp_path_factory.mktemp("streamed"), {hunyuan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_HUNYUAN_CONFIG)}
+    return {"fp32": tiny_hunyuan["dit"], "fp8": write_fp8(tiny_hunyuan["dit"], root / "fp8.safetensors", meta, False),
+            "fp8 scaled": write_fp8(tiny_hunyuan["dit"], root / "scaled.safetensors", meta, True)}
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp8", "fp8 scaled"])
+def test_streamed_hunyuan_dit_matches_the_whole_file_load(hunyuan_files, storage):
+    path = hunyuan_files[storage]
+    model, expected = hunyuan.load_hunyuan_transformer(path), whole_file_hunyuan(path)
+    layers = fp8.count_fp8_layers(model)
+    assert layers == fp8.count_fp8_layers(expected) and (layers > 0) == (storage != "fp32")
+    assert rel_error(hunyuan_forward(model, (5, 2, 14), 7), hunyuan_forward(expected, (5, 2, 14), 7)) <= 1e-5
+    whole = expected.state_dict()
+    for name, value in model.state_dict().items():  # every tensor, not only those the forward weighs much
+        assert value.dtype == whole[name].dtype and torch.equal(value, whole[name]), name
+
+
+def test_a_file_tensor_of_the_wrong_width_is_named(tiny_hunyuan, tmp_path):
+    """The rows of a file tensor must be the model tensor's rows: a file with the right names and a wrong
+    shape is refused, naming the tensors, before any memory is allocated."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from usp_video.distributed.models.hunyuan_video import tiny
+
+    state = load_file(tiny_hunyuan["dit"])
+    state["double_blocks.0.img_attn_qkv.weight"] = state["double_blocks.0.img_attn_qkv.weight"][:, :-1].contiguous()
+    path = tmp_path / "cut.safetensors"
+    save_file(state, str(path), metadata={hunyuan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_HUNYUAN_CONFIG)})
+    with pytest.raises(CheckpointError, match=r"cut.safetensors: the model's transformer_blocks.0.attn.to_q.weight "
+                                              r"\[96, 96\] does not fit the file's double_blocks.0.img_attn_qkv.weight "
+                                              r"\[288, 95\] rows 0..96"):
+        hunyuan.load_hunyuan_transformer(path)
