@@ -366,11 +366,11 @@ class Engine:
         return any(shard)
 
     def _load_text_part(self, part, path: str):
-        loaded = part.load(path, self.dtype, self.placement.text_device)
-        if part.shard_units is not None and self.sharded.get(part.input):
-            module, blocks = part.shard_units(loaded)
-            fsdp.shard_model(module, blocks, self.device)
-        return loaded
+        shard = None
+        if part.shard_units is not None and self.sharded.get(part.input):  # decided before the load
+            def shard(model):  # called by the loader, on the meta device where it streams the file
+                return fsdp.shard_model(model, part.shard_units(model), self.device)
+        return part.load(path, self.dtype, self.placement.text_device, shard)
 
     def text_part(self, name: str):
         """The loaded text part of that input (a family TextPart's input name), or None."""

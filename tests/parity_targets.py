@@ -1,5 +1,7 @@
 """Functions run on N gloo ranks by the parity tests (see usp_video.distributed.parallel.spawn)."""
 
+from pathlib import Path
+
 import torch
 
 from usp_video.distributed.parallel.mesh import build_sequence_parallel
@@ -180,6 +182,7 @@ def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder
         assert engine.encode_on_all_ranks(request)
         result["cond"] = engine.encode(request)["tokens"]
         result["te_bytes"] = torch.tensor([parameter_bytes(engine.text_part("text_encoder").model)])
+        result["te_read"] = torch.tensor([TensorFile.read_from[str(Path(text_encoder))]])
     return result
 
 
@@ -195,6 +198,7 @@ def vae_split_rank(rank, world_size, vae_path, shape, seed=5, tiling=None, chann
 
 def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):
     """HunyuanVideo's Llama with sharded weights: every rank takes part in the encode."""
+    from usp_video.distributed.models.streamed import TensorFile
     from usp_video.distributed.parallel.fsdp import parameter_bytes
 
     from usp_video.distributed.requests import EncodeRequest
@@ -205,7 +209,8 @@ def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):
     assert engine.encode_on_all_ranks(request)
     cond = engine.encode(request)
     held = parameter_bytes(engine.text_part("llama"))
-    return {"cond": cond["tokens"], "pooled": cond["pooled"], "bytes": torch.tensor([held])}
+    read = TensorFile.read_from[str(Path(llama))]  # what this rank read of the Llama's file
+    return {"cond": cond["tokens"], "pooled": cond["pooled"], "bytes": torch.tensor([held]), "read": torch.tensor([read])}
 
 
 def sharded_bf16_rank(rank, world_size, dit_path):

@@ -2,6 +2,7 @@
 equal the same fp8 weights dequantized at load, also when the weights are sharded."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import rel_error
 from parity_targets import dit_forward, hunyuan_forward, make_engine
 from usp_video.distributed.models import fp8
+from usp_video.distributed.models.checkpoint import read_header
 from usp_video.distributed.models.hunyuan_video import dit as hunyuan, tiny as hunyuan_tiny
 from usp_video.distributed.models.wan21 import dit as wan, tiny
 from usp_video.distributed.parallel.fsdp import parameter_bytes
@@ -142,3 +144,5 @@ def test_fp8_umt5_sharded_matches_fp8_unsharded(tests_dir, fp8_text_encoders, ti
                         timeout=240)
     for rank, result in enumerate(results):
         assert rel_error(result["cond"], expected) <= 1e-5, f"rank {rank}"
+        tokenizer = read_header(path)[0]["spiece_model"][0][0]  # read whole: every rank needs it
+        assert int(result["te_read"]) <= (os.path.getsize(path) - tokenizer) * (1 / 2 + 0.05) + tokenizer

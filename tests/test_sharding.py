@@ -8,6 +8,7 @@ import torch
 
 from conftest import rel_error
 from parity_targets import dit_forward, hunyuan_forward, make_engine
+from usp_video.distributed.models.checkpoint import read_header
 from usp_video.distributed.parallel.fsdp import parameter_bytes
 from usp_video.distributed.parallel.spawn import run_ranks
 from usp_video.distributed.requests import EncodeRequest
@@ -41,6 +42,10 @@ def test_sharded_dit_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, f
             assert rel_error(result["cond"], expected_cond) <= 1e-5
             te_full = parameter_bytes(engine.text_part("text_encoder").model)
             assert int(result["te_bytes"]) <= te_full * (1 / world_size + 0.05)
+            # streamed too: its rows of UMT5's weights, and the whole tokenizer (every rank needs it)
+            tokenizer = read_header(text_encoder)[0]["spiece_model"][0][0]
+            weights = os.path.getsize(text_encoder) - tokenizer
+            assert int(result["te_read"]) <= weights * (1 / world_size + 0.05) + tokenizer, f"rank {rank}"
 
 
 def test_sharding_through_the_group(tiny_models):
@@ -78,6 +83,8 @@ def test_sharded_llama_matches_one_process(tests_dir, tiny_hunyuan):
         assert rel_error(result["cond"], expected) <= 1e-5, f"rank {rank}"
         assert rel_error(result["pooled"], expected_pooled) <= 1e-5
         assert int(result["bytes"]) <= full * (1 / 2 + 0.05)
+        size = os.path.getsize(tiny_hunyuan["llama"])  # streamed: each rank read only its rows of the file
+        assert int(result["read"]) <= size * (1 / 2 + 0.05), f"rank {rank} read {int(result['read'])} of {size}"
 
 
 def test_sharding_mixed_dtype_blocks_in_bf16(tests_dir, tiny_models):

@@ -24,13 +24,16 @@ from .checkpoint import CheckpointError
 class TextPart:
     """One file of a family's text encoding (Wan: the UMT5 file; HunyuanVideo: Llama, CLIP-L, tokenizers).
 
-    `input` names the file in an encode request and on the command line (--text-encoder); `load`
-    reads it; `shard_units(loaded) -> (module, blocks)` says how FSDP shards it, where it can be."""
+    `input` names the file in an encode request and on the command line (--text-encoder);
+    `load(path, dtype, device, shard)` reads it; `shard_units(model) -> blocks` says how FSDP shards its
+    torch model (each block, then the model), where it can be. shard is None, or shard(model) when the
+    engine shards the part: the loader calls it on its model, on the meta device where it streams the
+    file (models/streamed.py), so that each rank reads only its shards."""
 
     input: str
     help: str
-    load: Callable[[str, torch.dtype, torch.device], object]
-    shard_units: Callable[[object], tuple[torch.nn.Module, Iterable[torch.nn.Module]]] | None = None
+    load: Callable[[str, torch.dtype, torch.device, Callable[[torch.nn.Module], object] | None], object]
+    shard_units: Callable[[torch.nn.Module], Iterable[torch.nn.Module]] | None = None
 
 
 @dataclass(frozen=True)

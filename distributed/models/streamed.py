@@ -36,9 +36,11 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 class TensorFile:
     """A .safetensors file's tensors, read on demand: whole, or a range of rows (the first dimension).
-    bytes_read counts what the process has read through it (every TensorFile), for the tests."""
+    bytes_read counts what the process has read through it (every TensorFile), and read_from what it
+    read of each file (by path), for the tests."""
 
     bytes_read = 0
+    read_from: dict[str, int] = {}
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -80,6 +82,7 @@ class TensorFile:
                                               "truncated")
                     done += got
             TensorFile.bytes_read += size
+            TensorFile.read_from[str(self.path)] = TensorFile.read_from.get(str(self.path), 0) + size
         return out
 
 

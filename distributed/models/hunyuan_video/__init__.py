@@ -23,13 +23,13 @@ class HunyuanVideo(ModelFamily):
     defaults = Defaults(sampler="euler", shift=7.0, cfg=1.0)
     text_parts = (
         TextPart("llama", "llava_llama3 .safetensors file or diffusers text_encoder folder",
-                 load=lambda path, dtype, device: text.load_llama(path, dtype, device),
-                 shard_units=lambda llama: (llama, llama.layers)),
+                 load=lambda path, dtype, device, shard: text.load_llama(path, dtype, device, shard=shard),
+                 shard_units=lambda llama: llama.layers),
         TextPart("clip", "clip_l .safetensors file or diffusers text_encoder_2 folder",
-                 load=lambda path, dtype, device: text.load_clip_l(path, dtype, device)),
+                 load=lambda path, dtype, device, shard: text.load_clip_l(path, dtype, device)),
         TextPart("tokenizers", "folder with the Llama 3 and CLIP tokenizers (llama/ and clip/, a diffusers "
                  "HunyuanVideo folder, or a ComfyUI checkout)",
-                 load=lambda path, dtype, device: text.load_tokenizers(path)),
+                 load=lambda path, dtype, device, shard: text.load_tokenizers(path)),
     )
     text_encoder_hint = "HunyuanVideo uses the llava-llama-3 text encoder with CLIP-L"
     options = {"guidance": Option(default=6.0, low=0.0, high=100.0, help="HunyuanVideo's embedded guidance")}

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .. import fp8
-from ..checkpoint import (CheckpointError, assign_weights, build_on_meta, config_from_metadata, dequantize, from_folder,
-                          load_state_dict, read_header, strip_prefix)
+from .. import streamed
+from ..checkpoint import CheckpointError, config_from_metadata, from_folder, read_header
 
 LLAMA_CONFIG_KEY = "usp_video.llama_config"
 CLIP_CONFIG_KEY = "usp_video.clip_config"
@@ -42,14 +41,21 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               projection_dim=768)
 
 
-def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", keep_fp8: bool = True):
-    """The Llama text model of LLaVA-Llama-3 from ComfyUI's llava_llama3_*.safetensors
-    (fp16/bf16/fp8, scaled fp8) or a diffusers text_encoder folder."""
+def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", keep_fp8: bool = True,
+               shard=None):
+    """The Llama text model of LLaVA-Llama-3 from ComfyUI's llava_llama3_*.safetensors (fp16/bf16/fp8,
+    scaled fp8) or a diffusers text_encoder folder. A single file is read tensor by tensor into a model
+    built on the meta device (models/streamed.py; its lm_head is not read); with shard(model) (FSDP2 over
+    the ranks) each rank reads only its shards. The decoder layers' Linear weights of an fp8 file stay
+    in fp8 (models/fp8.py). A folder loads whole (from_pretrained), then is sharded."""
     from transformers import LlamaConfig, LlamaModel
 
     path = Path(path)
     if path.is_dir():
-        return from_folder(LlamaModel, path, dtype, device, "a diffusers text_encoder (LlamaModel) folder")
+        model = from_folder(LlamaModel, path, dtype, device, "a diffusers text_encoder (LlamaModel) folder")
+        if shard is not None:
+            shard(model)
+        return model
     shapes, metadata = read_header(path)
     keys = {k.removeprefix("model.") for k in shapes}
     if "embed_tokens.weight" not in keys or "layers.0.self_attn.q_proj.weight" not in keys:
@@ -63,17 +69,17 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
         inter = shapes[next(k for k in shapes if k.endswith("layers.0.mlp.gate_proj.weight"))][0][0]
         config = dict(LLAMA_8B, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                       intermediate_size=inter, num_attention_heads=hidden // 128, num_key_value_heads=kv // 128)
-    state = strip_prefix(load_state_dict(path), ("model.",))
-    state = {k: v for k, v in dequantize(state, dtype).items() if not k.startswith("lm_head.")}
-    model = build_on_meta(lambda: LlamaModel(LlamaConfig(**config)), state, path, "a Llama text model")
-    model.rotary_emb = type(model.rotary_emb)(model.config)  # a non-persistent buffer, still on meta
-    if keep_fp8:  # the decoder layers' Linear layers stay fp8 (models/fp8.py)
-        fp8.keep_file_fp8(model, path, shapes, ("layers.",), lambda markers: strip_prefix(markers, ("model.",)))
-    return model.to(device).eval()
+    model = streamed.load(lambda: LlamaModel(LlamaConfig(**config)), path,
+                          lambda state: {k: v for k, v in state.items() if not k.startswith("lm_head.")}, dtype,
+                          device, "a Llama text model", fp8_within=("layers.",) if keep_fp8 else (), shard=shard,
+                          prefixes=("model.",))
+    model.rotary_emb = type(model.rotary_emb)(model.config).to(device)  # non-persistent buffers: not in the file
+    return model
 
 
 def load_clip_l(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """CLIP-L's text model from ComfyUI's clip_l.safetensors or a diffusers text_encoder_2 folder."""
+    """CLIP-L's text model from ComfyUI's clip_l.safetensors (read tensor by tensor, models/streamed.py;
+    small: never sharded) or a diffusers text_encoder_2 folder (loaded whole, from_pretrained)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     path = Path(path)
@@ -91,17 +97,21 @@ def load_clip_l(path: str | Path, dtype: torch.dtype = torch.float32, device="cp
                       num_attention_heads=hidden // 64,
                       intermediate_size=shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0][0],
                       max_position_embeddings=shapes["text_model.embeddings.position_embedding.weight"][0][0])
-    state = {k: v for k, v in dequantize(load_state_dict(path), dtype).items()
-             if k.startswith("text_model.") and not k.endswith("position_ids")}
     with torch.device("meta"):
-        model = CLIPTextModel(CLIPTextConfig(**config))
-    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 drops the prefix
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    assign_weights(model, state, path, "CLIP-L's text model", ignore_missing=("position_ids",))
+        prefixed = any(k.startswith("text_model.") for k in CLIPTextModel(CLIPTextConfig(**config)).state_dict())
+
+    def convert(state: dict) -> dict:
+        # the text model's weights (not the projection, nor the position ids: a buffer built below);
+        # transformers 5 names them without the "text_model." prefix
+        return {(k if prefixed else k.removeprefix("text_model.")): v for k, v in state.items()
+                if k.startswith("text_model.") and not k.endswith("position_ids")}
+
+    model = streamed.load(lambda: CLIPTextModel(CLIPTextConfig(**config)), path, convert, dtype, device,
+                          "CLIP-L's text model", prefixes=())
     embeddings = getattr(model, "text_model", model).embeddings
-    embeddings.register_buffer("position_ids", torch.arange(config["max_position_embeddings"]).unsqueeze(0),
-                               persistent=False)
-    return model.to(device).eval()
+    embeddings.register_buffer("position_ids", torch.arange(config["max_position_embeddings"], device=device)
+                               .unsqueeze(0), persistent=False)
+    return model
 
 
 def tokenizer_folders(folder: str | Path) -> tuple[Path, Path]:

@@ -26,8 +26,8 @@ class Wan21(ModelFamily):
     latent_format = "Wan21"
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
     text_parts = (TextPart("text_encoder", "umt5_xxl .safetensors file or diffusers folder",
-                           load=lambda path, dtype, device: umt5.load_umt5(path, dtype, device),
-                           shard_units=lambda encoder: (encoder.model, encoder.model.encoder.block)),)
+                           load=lambda path, dtype, device, shard: umt5.load_umt5(path, dtype, device, shard=shard),
+                           shard_units=lambda model: model.encoder.block),)
     text_encoder_hint = "Wan 2.1 uses the umt5-xxl text encoder"
 
     def is_dit(self, keys: set[str]) -> bool:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .. import fp8
-from ..checkpoint import (CheckpointError, build_on_meta, dequantize, from_folder, keeps_fp32, load_state_dict,
-                          read_header)
+from .. import streamed
+from ..checkpoint import CheckpointError, from_folder, read_header
 
 MIN_LENGTH = 512
 EOS_ID, PAD_ID = 1, 0
@@ -63,8 +62,14 @@ def umt5_config_from_shapes(shapes: dict) -> dict:
     )
 
 
-def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
-              keep_fp8: bool = True) -> Umt5TextEncoder:
+def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", keep_fp8: bool = True,
+              shard=None) -> Umt5TextEncoder:
+    """UMT5's encoder with its tokenizer. A single file is read tensor by tensor into a model built on the
+    meta device (models/streamed.py); with shard(model) (FSDP2 over the ranks) each rank reads only its
+    shards. The embedding is one parameter under two names (shared, encoder.embed_tokens), read once from
+    the file's shared.weight. The blocks' Linear weights of an fp8 file stay in fp8 (models/fp8.py), but
+    `wo`, which transformers keeps in float32. A diffusers folder loads whole (from_pretrained), then is
+    sharded."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     path = Path(path)
@@ -74,6 +79,8 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
             raise CheckpointError(f"{path}: expected a diffusers 'text_encoder' folder (config.json) with "
                                   "a sibling 'tokenizer' folder holding spiece.model")
         model = from_folder(UMT5EncoderModel, path, dtype, device, "a transformers UMT5EncoderModel folder")
+        if shard is not None:
+            shard(model)
         return Umt5TextEncoder(model, spiece.read_bytes())
 
     shapes, _ = read_header(path)
@@ -87,12 +94,16 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
     if "spiece_model" not in shapes:
         raise CheckpointError(f"{path.name} carries no tokenizer (key 'spiece_model'); use ComfyUI's "
                               "repackaged umt5_xxl file, which does")
-    state = load_state_dict(path)
-    spiece = bytes(state.pop("spiece_model").numpy().tobytes())
+    spiece = streamed.TensorFile(path).read("spiece_model").numpy().tobytes()
     config = UMT5Config(**umt5_config_from_shapes(shapes))
-    state = dequantize(state, dtype, keeps_fp32(UMT5EncoderModel))
+    model = streamed.load(lambda: UMT5EncoderModel(config), path, _convert, dtype, device, "UMT5",
+                          fp8_within=("encoder.block.",) if keep_fp8 else (), shard=shard, prefixes=())
+    return Umt5TextEncoder(model, spiece)
+
+
+def _convert(state: dict) -> dict:
+    """ComfyUI's umt5 file -> UMT5EncoderModel's names: the tokenizer is not a weight, and the encoder's
+    embedding is the shared one."""
+    state = {k: v for k, v in state.items() if k != "spiece_model"}
     state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
-    model = build_on_meta(lambda: UMT5EncoderModel(config), state, path, "UMT5")
-    if keep_fp8:  # the encoder blocks' Linear layers stay fp8 (models/fp8.py)
-        fp8.keep_file_fp8(model, path, shapes, ("encoder.block.",), skip=keeps_fp32(UMT5EncoderModel))
-    return Umt5TextEncoder(model.to(device).eval(), spiece)
+    return state
