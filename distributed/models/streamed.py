@@ -112,7 +112,7 @@ def peak_bytes(tensors: dict[str, tuple[torch.dtype, list[int]]], dtype: torch.d
 LOAD_MARGIN = 64 << 20  # allocator slack, RoPE tables and the like (measured: 45 MiB at N = 1, 1.3 GiB model)
 
 
-Rows = tuple[str, int, int]  # a file tensor's rows first..stop (0, 1 for a 0-d tensor)
+Rows = tuple[str, int, int]  # (file tensor, first row, stop row); a 0-d tensor is one row (0, 1)
 
 
 def source_map(tensors: dict[str, list[int]], convert: Callable[[dict], dict], what: str) -> dict[str, list[Rows]]:
