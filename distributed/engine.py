@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import models, planner
+from . import memory, models, planner
 from .config import GroupConfig
 from .models import fp8
 from .models.checkpoint import CheckpointError
@@ -425,6 +425,54 @@ class Engine:
 
     # -- sampling ---------------------------------------------------------------------------------
 
+    def activation_bytes(self, family: models.ModelFamily, experts: list, latent_shape: tuple[int, ...],
+                         text_tokens: int, passes: int) -> int:
+        """What a step adds to this rank's memory at its peak (memory.py), for the largest of the experts:
+        the activations of its tokens (both passes at once when they are batched), and with sharded
+        weights the blocks gathered around the one that runs."""
+        need = 0
+        for model in experts:
+            seq = family.step_sequence(model, latent_shape, text_tokens)
+            sp = model.usp_sp
+            batch = latent_shape[0] * passes
+            bytes_ = memory.step_activation_bytes(seq["tokens"], seq["hidden"], seq["ffn"], batch,
+                                                  torch.empty((), dtype=self.dtype).element_size(),
+                                                  sp.ulysses_degree * sp.ring_degree, sp.ulysses_degree,
+                                                  sp.ring_degree)
+            if fsdp.is_sharded(model):
+                bytes_ += memory.gathered_block_bytes(family.blocks(model))
+            need = max(need, bytes_)
+        return need
+
+    def check_activations(self, family: models.ModelFamily, experts: list, latent_shape: tuple[int, ...],
+                          text_tokens: int, passes: int) -> None:
+        """The activations pre-flight of a sample: a ValueError saying what to change, before the first
+        step, when a step will not fit in a rank's free memory (with the models loaded). Collective: the
+        ranks agree on the largest need and the smallest free memory."""
+        need = self.activation_bytes(family, experts, latent_shape, text_tokens, passes)
+        worst = torch.tensor([float(need), -float(self._rank_free_memory())], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.world_group)
+        need, free = float(worst[0]), -float(worst[1])
+        if need <= free:
+            return
+        t, h, w = latent_shape[-3:]
+        tokens = family.step_sequence(experts[0], latent_shape, text_tokens)["tokens"]
+        sp_ranks = experts[0].usp_sp.ulysses_degree * experts[0].usp_sp.ring_degree
+        fixes = [f"a smaller video (fewer frames, or a smaller width x height: the latent {t}x{h}x{w} makes "
+                 f"{tokens} tokens{f', {-(-tokens // sp_ranks)} per rank' if sp_ranks > 1 else ''})",
+                 "more GPUs (each holds 1/N of the tokens)"]
+        if passes == 2 and self.world_size % 2 == 0:
+            fixes.append("cfg_parallel on (each half of the GPUs runs one of the two passes)")
+        if not any(fsdp.is_sharded(m) for m in experts) and self.world_size > 1:
+            fixes.append("shard_weights on (each rank then holds 1/N of the weights)")
+        fixes.append("an fp8 model file (about half the weights' memory)")
+        raise ValueError(f"a step on this latent needs about {need / 2**30:.2f} GiB of activations on each rank, "
+                         f"but {'a rank' if self.world_size > 1 else 'the device'} has {free / 2**30:.2f} GiB free "
+                         f"with the model loaded: use " + "; or ".join(fixes))
+
     def _step_cache(self, settings: CacheSettings, family: models.ModelFamily, experts: list,
                     steps: int, latent_shape: tuple[int, ...], offset: int = 0) -> StepCache | None:
         """The step cache of a sample call (None when off); a method the model cannot use is refused
@@ -475,6 +523,9 @@ class Engine:
         schedule = req.steps if req.denoise > 0.9999 else int(req.steps / req.denoise)
         cache = self._step_cache(CacheSettings.from_dict(req.cache), family, experts, schedule,
                                  tuple(req.latent.shape), offset=schedule - req.steps + req.start_step)
+        two_passes = req.negative is not None and any(req.cfg_for(i) != 1.0 for i in range(len(experts)))
+        self.check_activations(family, experts, tuple(req.latent.shape), req.positive["tokens"].shape[1],
+                               passes=2 if two_passes and self.cfg_degree == 1 else 1)
         step = 0  # the step the next model call belongs to (each sampler calls the model once a step)
         noise = make_noise(tuple(req.latent.shape), req.seed) if req.add_noise else torch.zeros(req.latent.shape)
         # ComfyUI leaves an all-zero (empty) latent as it is rather than normalising it

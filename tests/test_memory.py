@@ -49,3 +49,64 @@ def test_a_whole_file_loader_is_predicted_at_its_model_not_its_file_too(tiny_hun
     assert ModelFamily.dit_load_bytes(family, tiny_hunyuan["dit"], torch.float32, 4) == params * 4
     whole, quarter = (family.dit_load_bytes(tiny_hunyuan["dit"], torch.float32, n) for n in (1, 4))
     assert params * 4 < whole < params * 4 + (80 << 20) and quarter < whole - params * 4 * 0.7
+
+
+# -- the activations pre-flight (memory.py) -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def activation_dit(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import activation_bench
+
+    return activation_bench, activation_bench.write_model(activation_bench.BASE,
+                                                          tmp_path_factory.mktemp("act") / "dit.safetensors")
+
+
+@pytest.mark.parametrize("shape", [(5, 40, 40), (7, 48, 48), (9, 40, 60)])
+def test_the_activation_prediction_is_above_the_measured_peak_and_within_1_3x(activation_dit, shape):
+    """One euler step with cfg 5 (both passes in one batch) on one rank: 2000, 2688 and 5400 tokens."""
+    bench, path = activation_dit
+    row = bench.measure(path, shape, 5.0)
+    assert 1.0 <= row["ratio"] <= 1.3, row
+
+
+@pytest.mark.parametrize("ulysses, ring, most", [(1, 2, 1.3), (2, 1, 1.45)])
+def test_the_activation_prediction_with_sequence_parallelism(activation_dit, ulysses, ring, most):
+    """Two ranks, each holding half the tokens (memory.py says why Ulysses is looser at this width)."""
+    bench, path = activation_dit
+    row = bench.measure(path, (7, 48, 48), 5.0, 2, ulysses, ring)
+    assert 1.0 <= row["ratio"] <= most, row
+
+
+def test_a_step_too_big_for_the_device_is_refused_before_it_starts(tiny_models, monkeypatch):
+    from parity_targets import sample_request
+
+    engine = make_engine()
+    request = sample_request(tiny_models["dit"], (9, 32, 32), steps=2, sampler="euler")
+    model = engine.dit(tiny_models["dit"])
+    need = engine.activation_bytes(model.usp_family, [model], tuple(request.latent.shape), 24, passes=2)
+    started = []
+    monkeypatch.setattr(engine_module, "_free_memory", lambda device: need - 1)
+    with pytest.raises(ValueError, match=r"a step on this latent needs about 0.\d\d GiB of activations on each rank, "
+                                         r"but the device has 0.\d\d GiB free with the model loaded: use a smaller "
+                                         r"video \(fewer frames, or a smaller width x height: the latent 9x32x32 makes "
+                                         r"2304 tokens\); or more GPUs"):
+        engine.sample(request, on_start=lambda: started.append(1))
+    assert started == []
+    monkeypatch.setattr(engine_module, "_free_memory", lambda device: need)
+    engine.sample(request, on_start=lambda: started.append(1))
+    assert started == [1]
+
+
+def test_the_activation_prediction_follows_tokens_batch_and_ranks():
+    from usp_video.distributed.memory import FIXED, step_activation_bytes
+
+    one = step_activation_bytes(1000, 512, 2048, 1, 4) - 2 * FIXED
+    assert step_activation_bytes(2000, 512, 2048, 1, 4) - 2 * FIXED == 2 * one
+    assert step_activation_bytes(1000, 512, 2048, 2, 4) - 3 * FIXED == 2 * one
+    assert step_activation_bytes(1000, 512, 2048, 1, 2) - 2 * FIXED == one // 2
+    assert step_activation_bytes(1001, 512, 2048, 1, 4, sp_ranks=2, ring=2) > \
+        step_activation_bytes(501, 512, 2048, 1, 4) > step_activation_bytes(500, 512, 2048, 1, 4)

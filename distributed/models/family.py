@@ -175,6 +175,19 @@ class ModelFamily:
         refuse the caches."""
         raise ValueError(f"step caches are not available for {self.label} models")
 
+    def step_sequence(self, model: torch.nn.Module, latent_shape: tuple[int, ...], text_tokens: int) -> dict:
+        """What the activations pre-flight (memory.py) needs of a step on a latent of this shape:
+        {"tokens": the sequence its blocks run on, "hidden": its width, "ffn": its FFN's width}. This
+        default is for diffusers DiTs whose config gives patch_size ([t, h, w], or an int with
+        patch_size_t) and ffn_dim, and whose text does not join the self-attention (Wan's)."""
+        config = model.config
+        patch = config.patch_size
+        pt, ph, pw = patch if isinstance(patch, (list, tuple)) else (getattr(config, "patch_size_t", 1), patch, patch)
+        t, h, w = latent_shape[-3:]
+        facts = self.describe_dit(model)
+        return {"tokens": math.ceil(t / pt) * math.ceil(h / ph) * math.ceil(w / pw), "hidden": facts["hidden"],
+                "ffn": config.ffn_dim}
+
     # -- text -------------------------------------------------------------------------------------
 
     def make_text_encoder(self, parts: dict[str, object]):

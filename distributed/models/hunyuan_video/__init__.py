@@ -70,6 +70,16 @@ class HunyuanVideo(ModelFamily):
         return {"heads": config.num_attention_heads, "layers": config.num_layers + config.num_single_layers,
                 "hidden": config.num_attention_heads * config.attention_head_dim, "text_dim": config.text_embed_dim}
 
+    def step_sequence(self, model, latent_shape, text_tokens):
+        # the text tokens join the video tokens in every block's attention; the single blocks hold the
+        # MLP's input and activation (mlp_ratio x hidden each) and then the attention output and the MLP's
+        # output concatenated ((1 + mlp_ratio) x hidden): counted as an FFN 1.5x as wide
+        config = model.config
+        t, h, w = latent_shape[-3:]
+        video = -(-t // config.patch_size_t) * -(-h // config.patch_size) * -(-w // config.patch_size)
+        hidden = config.num_attention_heads * config.attention_head_dim
+        return {"tokens": video + text_tokens, "hidden": hidden, "ffn": int(1.5 * config.mlp_ratio * hidden)}
+
     def process_in(self, latent: torch.Tensor) -> torch.Tensor:
         return latent * dit.LATENT_SCALE  # ComfyUI's latent_format.HunyuanVideo
 
