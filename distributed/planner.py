@@ -14,12 +14,19 @@ A small cost model, stated so that it can be checked:
   CFG: with cfg_degree 2 the two passes run on the two halves of the group at once.
 The sidecar's own overhead per step (measured by benchmarks/cpu_bench.py) is a few milliseconds
 and is left out. Link bandwidths are stated assumptions, listed in LINKS.
+
+Memory per GPU (what decides whether a plan fits a 24, 48 or 80 GB card): the bf16 weights of the
+expert that runs (a whole copy, or 1/N of it with shard_weights on, plus the two blocks FSDP gathers
+around the one that runs), plus one step's activations as the engine's pre-flight predicts them
+(memory.py: the tokens per rank, the FFN, the Ulysses and ring buffers). The text encoder and the VAE
+are not counted: with the group's placement offload the text encoder leaves the GPU before sampling.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import memory
 from .parallel.mesh import valid_factorizations
 
 SUSTAINED_FLOPS = 360e12  # per H100-class GPU, bf16, calibrated on the published 1-GPU figures
@@ -52,15 +59,17 @@ class ModelSpec:
     text_tokens: int
     joint_text: bool  # text tokens join the video tokens in self-attention (HunyuanVideo)
     default_cfg: float
+    ffn: int = 0  # the FFN's width as memory.py counts it (HunyuanVideo: its single blocks' MLP, 1.5x)
 
     def passes(self, cfg: float | None) -> int:
         return 2 if (self.default_cfg if cfg is None else cfg) != 1.0 else 1
 
 
 MODELS = {
-    "wan-1.3b": ModelSpec("Wan 2.1 T2V 1.3B", 12, 1536, 30, 1.42e9, 512, False, 5.0),
-    "wan-14b": ModelSpec("Wan 2.1 T2V 14B", 40, 5120, 40, 14.0e9, 512, False, 5.0),
-    "hunyuan": ModelSpec("HunyuanVideo T2V", 24, 3072, 60, 12.8e9, 256, True, 1.0),
+    "wan-1.3b": ModelSpec("Wan 2.1 T2V 1.3B", 12, 1536, 30, 1.42e9, 512, False, 5.0, 8960),
+    "wan-14b": ModelSpec("Wan 2.1 T2V 14B", 40, 5120, 40, 14.0e9, 512, False, 5.0, 13824),
+    "wan2.2-a14b": ModelSpec("Wan 2.2 T2V A14B (one expert on the GPU)", 40, 5120, 40, 14.0e9, 512, False, 3.5, 13824),
+    "hunyuan": ModelSpec("HunyuanVideo T2V", 24, 3072, 60, 12.8e9, 256, True, 1.0, 18432),
 }
 
 # Published seconds for one video on 1/2/4/8 GPUs, for the calibration and the comparison table:
@@ -98,8 +107,12 @@ class Plan:
     ulysses_seconds: float
     ring_seconds: float
     comm_bytes_per_step: float
-    weight_gb: float
-    activation_gb: float
+    weight_gb: float      # per GPU
+    activation_gb: float  # per GPU, one step's peak (memory.py)
+
+    @property
+    def memory_gb(self) -> float:
+        return self.weight_gb + self.activation_gb
 
     @property
     def label(self) -> str:
@@ -108,7 +121,7 @@ class Plan:
 
 
 def plan_one(model: ModelSpec, gpus: int, tokens: int, ulysses: int, ring: int, cfg_degree: int, link: Link,
-             cfg: float | None = None, flops: float = SUSTAINED_FLOPS) -> Plan:
+             cfg: float | None = None, flops: float = SUSTAINED_FLOPS, shard: bool = False) -> Plan:
     seq = tokens + (model.text_tokens if model.joint_text else 0)
     sp = ulysses * ring
     passes = model.passes(cfg)
@@ -117,8 +130,8 @@ def plan_one(model: ModelSpec, gpus: int, tokens: int, ulysses: int, ring: int, 
     # each SP group runs passes / cfg_degree forwards per step, split over sp ranks
     forwards = passes / cfg_degree
     compute = forwards * forward_flops / sp / flops
-    shard = seq / sp * model.hidden * BYTES
-    ulysses_bytes = 4 * (ulysses - 1) / ulysses * shard * model.attention_layers * forwards
+    local = seq / sp * model.hidden * BYTES  # one rank's share of a (tokens x hidden) tensor
+    ulysses_bytes = 4 * (ulysses - 1) / ulysses * local * model.attention_layers * forwards
     ulysses_s = (ulysses_bytes / link.aggregate + 4 * PASS_LATENCY * model.attention_layers * forwards
                  if ulysses > 1 else 0.0)
     ring_bytes = 2 * (ring - 1) * (seq / ring) * (model.hidden / ulysses) * BYTES * model.attention_layers * forwards
@@ -131,17 +144,16 @@ def plan_one(model: ModelSpec, gpus: int, tokens: int, ulysses: int, ring: int, 
         ring_s = ((ring - 1) * (max(0.0, per_pass_comm - per_pass_attn) + merge + PASS_LATENCY)
                   * model.attention_layers * forwards)
     step = compute + ulysses_s + ring_s
-    weight_gb = model.params * BYTES / 1e9
-    batch = passes // cfg_degree
-    # live activations of one block: the shard in and out, q/k/v gathered over the Ulysses group,
-    # the FFN intermediate (about 4x hidden) - per pass that runs on this rank
-    act = batch * (seq / sp * model.hidden * BYTES * 8 + 3 * (seq / ring) * (model.hidden / ulysses) * BYTES)
+    weights = model.params * BYTES
+    if shard and gpus > 1:  # 1/N each, plus the block that runs and the next, gathered whole
+        weights = weights / gpus + 2 * weights / model.attention_layers
+    act = memory.step_activation_bytes(seq, model.hidden, model.ffn, passes // cfg_degree, BYTES, sp, ulysses, ring)
     return Plan(ulysses, ring, cfg_degree, step, compute, ulysses_s, ring_s, ulysses_bytes + ring_bytes,
-                weight_gb, act / 1e9)
+                weights / 1e9, act / 1e9)
 
 
 def candidates(model: ModelSpec, gpus: int, tokens: int, link: Link, cfg: float | None = None,
-               allow_cfg_parallel: bool = False) -> list[Plan]:
+               allow_cfg_parallel: bool = False, shard: bool = False) -> list[Plan]:
     """Every valid plan: ulysses divides the heads, ulysses x ring x cfg == gpus, and the
     sequence has at least one token per rank."""
     plans = []
@@ -153,7 +165,7 @@ def candidates(model: ModelSpec, gpus: int, tokens: int, link: Link, cfg: float 
         if tokens < sp:
             continue
         for ulysses, ring in valid_factorizations(sp, model.heads):
-            plans.append(plan_one(model, gpus, tokens, ulysses, ring, cfg_degree, link, cfg))
+            plans.append(plan_one(model, gpus, tokens, ulysses, ring, cfg_degree, link, cfg, shard=shard))
     return plans
 
 
@@ -180,25 +192,45 @@ def auto_degrees(world_size: int, heads: int, hidden: int, layers: int, params: 
     return plan.ulysses, plan.ring
 
 
+CARD_HEADROOM = 0.9  # of a card's memory a plan may use (CUDA context, allocator fragmentation)
+
+
 def format_table(model_key: str, gpus: int, size: str, link_name: str, cfg: float | None = None,
-                 cfg_parallel: bool = False) -> str:
+                 cfg_parallel: bool = False, card_gb: float | None = None, shard: bool = False) -> str:
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
+    if card_gb is not None and not card_gb > 0:
+        raise ValueError(f"--card-gb must be > 0 (the GPUs' memory, e.g. 24, 48 or 80), got {card_gb}")
     model, link = MODELS[model_key], LINKS[link_name]
     width, height, frames = parse_size(size)
     tokens = video_tokens(width, height, frames)
-    plans = candidates(model, gpus, tokens, link, cfg, cfg_parallel)
+    plans = candidates(model, gpus, tokens, link, cfg, cfg_parallel, shard)
     if not plans:
         return f"no valid plan: {model.name} on {gpus} GPUs with {tokens} tokens"
-    choice = recommend(plans)
-    lines = [f"{model.name}, {size} ({tokens} tokens), {gpus} GPU(s), link: {link.note}",
+    usable = None if card_gb is None else card_gb * CARD_HEADROOM
+    fitting = [p for p in plans if usable is None or p.memory_gb <= usable]
+    choice = recommend(fitting) if fitting else None
+    lines = [f"{model.name}, {size} ({tokens} tokens), {gpus} GPU(s), link: {link.note}"
+             + (f", {card_gb:g} GB cards" if card_gb is not None else ""),
              f"{'plan':<26}{'step s':>8}{'compute':>9}{'ulysses':>9}{'ring':>7}{'GB/step':>9}"
-             f"{'weights GB':>11}{'act GB':>8}"]
+             f"{'weights GB':>11}{'act GB':>8}{'GB/GPU':>8}"]
     for p in sorted(plans, key=lambda p: p.step_seconds):
         mark = " <- recommended" if p is choice else ""
+        if usable is not None and p.memory_gb > usable:
+            mark = f" does not fit ({p.memory_gb:.1f} > {usable:.1f} GB usable)"
         lines.append(f"{p.label:<26}{p.step_seconds:>8.2f}{p.compute_seconds:>9.2f}{p.ulysses_seconds:>9.2f}"
                      f"{p.ring_seconds:>7.2f}{p.comm_bytes_per_step / 1e9:>9.1f}{p.weight_gb:>11.1f}"
-                     f"{p.activation_gb:>8.1f}{mark}")
+                     f"{p.activation_gb:>8.1f}{p.memory_gb:>8.1f}{mark}")
+    if choice is None:
+        smallest = min(plans, key=lambda p: p.memory_gb)
+        fixes = []
+        if not shard and gpus > 1:
+            fixes.append("sharding the weights (--shard-weights; the group's shard_weights on)")
+        fixes += ["more GPUs", "a smaller size or fewer frames", "an fp8 model file (about half the weights)"]
+        lines.append(f"no plan fits {card_gb:g} GB cards: the smallest needs {smallest.memory_gb:.1f} GB per GPU "
+                     f"({smallest.label}: {smallest.weight_gb:.1f} GB of weights, {smallest.activation_gb:.1f} GB of "
+                     f"activations). What would help: " + "; ".join(fixes) + ".")
+        return "\n".join(lines)
     why = [f"recommended: {choice.label}"]
     if choice.ulysses > 1:
         why.append(f"Ulysses all-to-all costs {choice.ulysses_seconds:.2f} s/step on this link")
@@ -210,7 +242,9 @@ def format_table(model_key: str, gpus: int, size: str, link_name: str, cfg: floa
         why.append("CFG-parallel runs the two guidance passes on the two halves of the GPUs "
                    "(the group's cfg_parallel option)")
     lines.append("; ".join(why) + ".")
-    lines.append(f"weights are not sharded: each GPU holds {choice.weight_gb:.1f} GB of bf16 weights")
+    lines.append(f"weights sharded over the {gpus} GPUs: each holds {choice.weight_gb:.1f} GB of bf16 weights "
+                 "(its share and two gathered blocks)" if shard and gpus > 1 else
+                 f"weights are not sharded: each GPU holds {choice.weight_gb:.1f} GB of bf16 weights")
     published = PUBLISHED.get((model_key, f"{width}x{height}x{frames}"))
     if published:
         lines.append("predicted vs published seconds per video (50 steps, best plan per GPU count):")
@@ -230,8 +264,13 @@ def add_parser(sub) -> None:
     p.add_argument("--link", default="nvlink", choices=sorted(LINKS))
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (1.0 means one pass per step)")
     p.add_argument("--cfg-parallel", action="store_true",
-                   help="also list plans that split the two CFG passes across GPU halves (not run by the group yet)")
-    p.set_defaults(func=lambda a: print(format_table(a.model, a.gpus, a.size, a.link, a.cfg, a.cfg_parallel)))
+                   help="also list plans that split the two CFG passes across GPU halves (the group's cfg_parallel)")
+    p.add_argument("--card-gb", type=float, default=None,
+                   help="each GPU's memory in GB (24, 48, 80, ...): plans that do not fit are marked, and the "
+                        "recommendation is the fastest that fits")
+    p.add_argument("--shard-weights", action="store_true", help="the weights sharded over the GPUs (FSDP)")
+    p.set_defaults(func=lambda a: print(format_table(a.model, a.gpus, a.size, a.link, a.cfg, a.cfg_parallel,
+                                                     a.card_gb, a.shard_weights)))
 
 
 __all__ = ["MODELS", "LINKS", "candidates", "recommend", "auto_degrees", "format_table", "add_parser"]

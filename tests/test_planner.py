@@ -74,3 +74,28 @@ def test_cli_prints_a_table_and_refuses_bad_sizes():
     bad = subprocess.run([sys.executable, "-m", "usp_video.distributed.cli", "plan", "--model", "wan-14b",
                           "--gpus", "8", "--size", "1280x721x81"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "multiples of 16" in bad.stderr
+
+
+def test_card_memory_marks_the_plans_that_do_not_fit_and_says_what_would_help():
+    unsharded = planner.format_table("wan-14b", 2, "832x480x81", "pcie", card_gb=24)
+    assert "no plan fits 24 GB cards" in unsharded and "<- recommended" not in unsharded
+    assert "sharding the weights" in unsharded and "28.0 GB of weights" in unsharded
+    sharded = planner.format_table("wan-14b", 2, "832x480x81", "pcie", card_gb=24, shard=True)
+    assert "<- recommended" in sharded and "does not fit" not in sharded
+    assert "no plan fits" in planner.format_table("wan-14b", 1, "832x480x81", "pcie", card_gb=24)
+    roomy = planner.format_table("wan-14b", 2, "832x480x81", "pcie", card_gb=80)
+    assert "<- recommended" in roomy and "does not fit" not in roomy
+    with pytest.raises(ValueError, match="--card-gb must be > 0"):
+        planner.format_table("wan-14b", 2, "832x480x81", "pcie", card_gb=0)
+
+
+def test_a_plans_memory_is_the_engines_activation_prediction_plus_its_weights():
+    from usp_video.distributed.memory import step_activation_bytes
+
+    model = planner.MODELS["wan-14b"]
+    tokens = planner.video_tokens(1280, 720, 81)
+    plan = planner.plan_one(model, 4, tokens, 2, 2, 1, planner.LINKS["nvlink"], cfg=5.0, shard=True)
+    assert plan.activation_gb * 1e9 == step_activation_bytes(tokens, 5120, 13824, 2, 2, 4, 2, 2)
+    assert plan.weight_gb == pytest.approx(14.0e9 * 2 / 4 / 1e9 + 2 * 28.0 / 40)
+    whole = planner.plan_one(model, 4, tokens, 2, 2, 1, planner.LINKS["nvlink"], cfg=5.0)
+    assert whole.weight_gb == pytest.approx(28.0) and whole.memory_gb > plan.memory_gb
