@@ -12,10 +12,15 @@ is one Wan-1.3B-size step at 480p with each attention backend, ours vs stock dif
    each backend, and stock diffusers WanTransformer3DModel, interleaved, medians.
 3. fp8 weights (models/fp8.py): the same forward with the blocks' Linear weights stored in fp8 and
    cast layer by layer, against those weights dequantized to bf16: error, time ratio, bytes ratio.
-4. Fitting 24-48 GB cards: the memory pre-flight's prediction of the DiT load's peak per rank for
-   Wan 2.1 14B and Wan 2.2 A14B (both experts resident) from their released configs (no file needed),
-   bf16 and fp8 files, sharded over 2 and 4 ranks, against 24 and 48 GB cards. Weights only: the
-   activations, the text encoder and the VAE come on top.
+4. Fitting 24-48 GB cards: the memory pre-flight's prediction per rank for Wan 2.1 14B and Wan 2.2
+   A14B from their released configs (no file needed), bf16 and fp8 files, sharded over 2 and 4 ranks:
+   the DiT load's peak (for A14B one expert on the GPU, the other in host memory: placement offload)
+   plus one step's activations at 832x480x81, cfg 5 (the planner's memory), against 24 and 48 GB cards.
+   The text encoder (placement offload: off the GPU while sampling) and the VAE are not counted.
+5. Memory measured on this GPU, through the engine (one rank, bf16): a step's activation peak
+   (torch.cuda.max_memory_allocated minus what was allocated before) beside the pre-flight's prediction
+   at three sizes (a Wan 1.3B-wide DiT of 4 blocks, written to a temporary file); and the device memory
+   two such experts hold with placement keep against offload (the idle one in host memory).
 Prints a short table last; --out writes it as JSON.
 """
 
@@ -184,9 +189,11 @@ def check_fp8(device: torch.device, small: bool, repeats: int) -> dict:
 
 
 def predict_fit() -> list[dict]:
-    """The pre-flight's per-rank load prediction for the 14B models on 2 and 4 ranks (bf16 compute)."""
+    """The pre-flight's per-rank prediction for the 14B models on 2 and 4 ranks (bf16 compute): the load's
+    peak of the expert on the GPU plus the planner's activations of a step at 832x480x81, cfg 5."""
     from diffusers import WanTransformer3DModel
 
+    from usp_video.distributed import planner
     from usp_video.distributed.models.streamed import peak_bytes
     from usp_video.distributed.models.wan21.dit import WAN_VARIANTS
 
@@ -198,13 +205,78 @@ def predict_fit() -> list[dict]:
         # an fp8 file (ComfyUI's *_fp8_e4m3fn): the blocks' 2-D weights in fp8, the rest in bf16
         tensors = {name: (file_dtype if len(shape) == 2 and name.startswith("blocks.") else torch.bfloat16, shape)
                    for name, shape in shapes.items()}
-        for experts, label in ((1, "Wan 2.1 14B"), (2, "Wan 2.2 A14B (2 experts)")):
+        for key, label in (("wan-14b", "Wan 2.1 14B"), ("wan2.2-a14b", "Wan 2.2 A14B (offload)")):
             for ranks in (2, 4):
-                per_rank = experts * peak_bytes(tensors, torch.bfloat16, ranks, ("blocks.",))
+                weights = peak_bytes(tensors, torch.bfloat16, ranks, ("blocks.",))
+                plan = planner.recommend(planner.candidates(planner.MODELS[key], ranks, 32760, planner.LINKS["pcie"],
+                                                            5.0, shard=True))
+                per_rank = weights / 2**30 + plan.activation_gb * 1e9 / 2**30
                 rows.append({"model": label, "file": "fp8" if file_dtype != torch.bfloat16 else "bf16",
-                             "ranks": ranks, "gib_per_rank": per_rank / 2**30,
-                             "gib_left_of_24": 24 - per_rank / 2**30, "gib_left_of_48": 48 - per_rank / 2**30})
+                             "ranks": ranks, "weights_gib": weights / 2**30,
+                             "activations_gib": plan.activation_gb * 1e9 / 2**30, "gib_per_rank": per_rank,
+                             "gib_left_of_24": 24 - per_rank, "gib_left_of_48": 48 - per_rank})
     return rows
+
+
+def measure_memory(device: torch.device, small: bool) -> dict:
+    """A step's measured activation peak against the prediction at three sizes, and placement keep
+    against offload for two experts: through the Engine, one rank, no process group."""
+    import tempfile
+
+    from diffusers import WanTransformer3DModel
+
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.distributed.engine import Engine
+    from usp_video.distributed.models.wan21 import dit as wan
+    from usp_video.distributed.models.wan21.tiny import _save, wan_to_original_keys
+    from usp_video.distributed.requests import SampleRequest
+
+    config, dtype, _ = wan_setup(small, device)
+    config = dict(config, num_layers=2 if small else 4)
+    sizes = [(3, 8, 12), (3, 16, 12), (5, 16, 16)] if small else [(11, 60, 104), (21, 60, 104), (21, 90, 160)]
+    group = dict(ranks=1, device=device.type, dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def allocated() -> int:
+        return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(2):  # two experts of the same shape (different weights)
+            torch.manual_seed(i)
+            paths.append(str(Path(tmp, f"expert{i}.safetensors")))
+            _save(wan_to_original_keys(WanTransformer3DModel(**config).state_dict()), Path(paths[-1]),
+                  {wan.CONFIG_METADATA_KEY: json.dumps(config)})
+        engine = Engine(GroupConfig(**group, placement="keep"))
+        model = engine.dit(paths[0])
+        g = torch.Generator().manual_seed(0)
+        cond = {"tokens": torch.randn(1, 512, config["text_dim"], generator=g)}
+        for shape in sizes:
+            request = SampleRequest(experts=[paths[0]], positive=cond, negative=cond, latent=torch.zeros(1, 16, *shape),
+                                    seed=1, steps=1, cfg=5.0, shift=5.0, sampler="euler")
+            predicted = engine.activation_bytes(model.usp_family, [model], tuple(request.latent.shape), 512, passes=2)
+            sync()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            before = allocated()
+            engine.sample(request)
+            sync()
+            peak = (torch.cuda.max_memory_allocated(device) - before) if device.type == "cuda" else 0
+            rows.append({"latent": list(shape), "tokens": shape[0] * shape[1] * shape[2] // 4,
+                         "measured_gib": peak / 2**30, "predicted_gib": predicted / 2**30,
+                         "ratio": predicted / peak if peak else None})
+        del engine, model
+        held = {}
+        for placement in ("keep", "offload"):
+            engine = Engine(GroupConfig(**group, placement=placement))
+            before = allocated()
+            engine.dit_info(paths)  # both experts loaded, the first to run on the device
+            sync()
+            held[placement] = (allocated() - before) / 2**30
+            del engine
+    return {"activations": rows, "experts_held_gib": held}
 
 
 def main() -> None:
@@ -223,8 +295,12 @@ def main() -> None:
     steps = time_step(device, args.small, args.repeats)
     fp8_row = check_fp8(device, args.small, args.repeats)
     fit = predict_fit()
+    try:
+        measured = measure_memory(device, args.small)
+    except Exception as exc:  # report, do not lose the rest of the run
+        measured = {"error": f"{type(exc).__name__}: {exc}"}
     report = {"device": name, "torch": torch.__version__, "kernels": kernels, "step": steps, "fp8": fp8_row,
-              "fit": fit, "wall_s": time.monotonic() - started}
+              "fit": fit, "memory": measured, "wall_s": time.monotonic() - started}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     print(f"device: {name}, torch {torch.__version__}")
@@ -244,11 +320,24 @@ def main() -> None:
     print(f"fp8 weights ({fp8_row['dtype']} compute): forward {fp8_row['fp8_forward_s']:.3f} s vs "
           f"{fp8_row['dequantized_forward_s']:.3f} s dequantized ({fp8_row['time_ratio']:.2f}x), parameter bytes "
           f"{fp8_row['bytes_ratio']:.2f}x, rel err {fp8_row['rel_err']:.1e}")
-    print("pre-flight: the DiT load's predicted peak per rank, shard_weights on, bf16 compute (weights only)")
-    print(f"{'model':<28}{'file':>6}{'ranks':>7}{'GiB/rank':>10}{'left of 24 GiB':>16}{'left of 48 GiB':>16}")
+    print("pre-flight per rank, shard_weights on, bf16 compute: the DiT load's peak + a step's activations "
+          "at 832x480x81, cfg 5")
+    print(f"{'model':<26}{'file':>6}{'ranks':>7}{'weights':>9}{'activ.':>8}{'GiB/rank':>10}{'left of 24':>12}"
+          f"{'left of 48':>12}")
     for r in fit:
-        print(f"{r['model']:<28}{r['file']:>6}{r['ranks']:>7}{r['gib_per_rank']:>10.1f}"
-              f"{r['gib_left_of_24']:>16.1f}{r['gib_left_of_48']:>16.1f}")
+        print(f"{r['model']:<26}{r['file']:>6}{r['ranks']:>7}{r['weights_gib']:>9.1f}{r['activations_gib']:>8.1f}"
+              f"{r['gib_per_rank']:>10.1f}{r['gib_left_of_24']:>12.1f}{r['gib_left_of_48']:>12.1f}")
+    if "error" in measured:
+        print(f"memory on this device: {measured['error']}")
+    else:
+        print("a step's activations on this device (one rank, cfg 5): measured peak vs the pre-flight's prediction")
+        for r in measured["activations"]:
+            ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+            print(f"  latent {'x'.join(map(str, r['latent']))} ({r['tokens']} tokens): measured "
+                  f"{r['measured_gib']:.2f} GiB, predicted {r['predicted_gib']:.2f} GiB, ratio {ratio}")
+        held = measured["experts_held_gib"]
+        print(f"two experts loaded: device memory {held['keep']:.2f} GiB with placement keep, "
+              f"{held['offload']:.2f} GiB with offload")
     print(f"wall {report['wall_s']:.0f} s")
 
 
