@@ -41,10 +41,34 @@ def test_heads_rule_out_degrees():
 
 
 def test_prediction_tracks_the_published_single_gpu_figures():
+    """SUSTAINED_FLOPS was calibrated on the 1-GPU times: each is within 5% of its model's."""
     for (model_key, size), published in planner.PUBLISHED.items():
         tokens = planner.video_tokens(*planner.parse_size(size))
         one = planner.recommend(planner.candidates(planner.MODELS[model_key], 1, tokens, planner.LINKS["nvlink"]))
         assert abs(one.step_seconds * 50 / published[1] - 1) < 0.05
+
+
+def _best_seconds(model, gpus, tokens, flops):
+    from usp_video.distributed.parallel.mesh import valid_factorizations
+
+    plans = [planner.plan_one(model, gpus, tokens, u, r, 1, planner.LINKS["nvlink"], flops=flops)
+             for u, r in valid_factorizations(gpus, model.heads)]
+    return 50 * planner.recommend(plans).step_seconds
+
+
+@pytest.mark.parametrize("key", sorted(planner.PUBLISHED))
+def test_calibrated_on_one_gpu_it_predicts_2_and_4_gpus_within_10_percent(key):
+    """Calibrated on the published 1-GPU time of each model alone (the throughput that reproduces it), the
+    model predicts the published 2- and 4-GPU times, which it never saw, within 10% (README), and is
+    optimistic at 8 GPUs, as the planner's table says (it keeps kernel efficiency constant as shards shrink)."""
+    model_key, size = key
+    published = planner.PUBLISHED[key]
+    model, tokens = planner.MODELS[model_key], planner.video_tokens(*planner.parse_size(size))
+    flops = planner.SUSTAINED_FLOPS * _best_seconds(model, 1, tokens, planner.SUSTAINED_FLOPS) / published[1]
+    assert _best_seconds(model, 1, tokens, flops) == pytest.approx(published[1], rel=1e-3)
+    for gpus in (2, 4):
+        assert abs(_best_seconds(model, gpus, tokens, flops) / published[gpus] - 1) < 0.10, gpus
+    assert _best_seconds(model, 8, tokens, flops) < published[8]
 
 
 @pytest.mark.parametrize("link", ["nvlink", "xgmi"])

@@ -35,11 +35,47 @@ def test_malformed_frames_are_rejected(frame, message):
         protocol.decode_frame(frame)
 
 
-def test_pickle_is_never_used():
-    import usp_video.distributed.protocol as module
+class _Exploit:
+    """Unpickling this writes a file: what a pickle-reading protocol would let a frame do."""
 
-    source = open(module.__file__).read()
-    assert "pickle" not in source.replace("No pickle", "")
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_payload_or_header_is_never_unpickled(tmp_path, monkeypatch):
+    """Frames whose payload (or header) is a pickle, a torch.save file or a safetensors blob followed by a
+    pickle: each is refused or read as plain data; nothing is unpickled (pickle and torch.load are
+    booby-trapped while the frames are decoded, and the exploit's marker file must not appear)."""
+    import io
+    import pickle
+
+    marker = tmp_path / "pwned"
+    blob = pickle.dumps(_Exploit(marker))
+    saved = io.BytesIO()
+    torch.save({"x": torch.ones(2)}, saved)
+    good = protocol.encode_frame({"type": "sample"}, {"x": torch.ones(2)})
+
+    def trap(*args, **kwargs):
+        raise AssertionError("the protocol unpickled something")
+
+    monkeypatch.setattr(pickle, "loads", trap)
+    monkeypatch.setattr(pickle, "load", trap)
+    monkeypatch.setattr(pickle, "Unpickler", trap)
+    monkeypatch.setattr(torch, "load", trap)
+    head = b'{"type":"sample"}'
+    frames = [b"USPV" + struct.pack(">IQ", len(head), len(payload)) + head + payload
+              for payload in (blob, saved.getvalue(), good[struct.calcsize(">4sIQ") + len(head):] + blob)]
+    frames.append(b"USPV" + struct.pack(">IQ", len(blob), 0) + blob)  # a pickle as the header
+    for frame in frames:
+        try:
+            header, tensors = protocol.decode_frame(frame)
+        except protocol.ProtocolError:
+            continue
+        assert header == {"type": "sample"} and all(isinstance(t, torch.Tensor) for t in tensors.values())
+    assert not marker.exists()
 
 
 def handshake(secret_server, secret_client):
