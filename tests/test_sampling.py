@@ -62,6 +62,23 @@ def test_samplers_recover_the_target_of_an_exact_model(name, steps, shift):
     torch.testing.assert_close(torch.tensor(asked), sigmas[:-1], atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("a", [0.0, 0.5, -1.5])
+def test_euler_follows_a_model_that_depends_on_x_step_by_step(a):
+    """A model whose x0 estimate is a * x_t: every Euler step multiplies x by
+    1 + (1 - a) * (sigma_next - sigma) / sigma, so the whole run and each intermediate x have a closed form
+    (the exact-target model above cannot tell a wrong step from a right one: its last step lands on the
+    target whatever came before)."""
+    x = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sigmas = simple_sigmas(12, 5.0).double()
+    seen = []
+    out = sample_euler(lambda x_t, sigma: a * x_t, x, sigmas, lambda i, x_i, d: seen.append(x_i))
+    factor = 1.0
+    for i in range(len(sigmas) - 1):
+        factor *= 1 + (1 - a) * float(sigmas[i + 1] - sigmas[i]) / float(sigmas[i])
+        torch.testing.assert_close(seen[i], x * factor, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, x * factor, rtol=1e-12, atol=1e-12)
+
+
 def test_euler_callback_sees_every_step():
     seen = []
     sample_euler(lambda x, s: torch.zeros_like(x), torch.ones(2), simple_sigmas(3, 1.0),
