@@ -44,9 +44,60 @@ def pytest_runtest_logreport(report):
         HARDENING["failures"] += 1
 
 
+# Every process this session starts inherits this mark; at the end, a sweep of /proc finds the pack's
+# processes (ranks, launchers, spawned targets) still alive with it: orphans, whichever test left them.
+os.environ["USP_VIDEO_TEST_SESSION"] = str(os.getpid())
+_OURS = (b"usp_video", b"torch.distributed.run", b"torchrun", b"parity_targets", b"_bench.py")
+
+
+def session_orphans() -> list[int]:
+    """Live processes that carry this session's mark and run the pack's code (not this process)."""
+    mark = f"USP_VIDEO_TEST_SESSION={os.getpid()}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().split(")")[-1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if mark in environ and state != "Z" and any(part in cmdline for part in _OURS):
+            found.append(int(proc.name))
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the groups the session kept for reuse, then count what outlived them (and fail the run)."""
+    import signal
+    import time
+
+    from usp_video.distributed.client import GROUPS
+
+    GROUPS.stop_all()
+    deadline = time.monotonic() + 15
+    while session_orphans() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = session_orphans()
+    HARDENING["orphans"] += len(left)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if left and session.exitstatus == 0:
+        session.exitstatus = 1
+
+
 def pytest_terminal_summary(terminalreporter):
     if any(HARDENING[k] for k in ("inputs tried", "faults injected", "frames fuzzed")):
-        terminalreporter.write_line("hardening: " + ", ".join(f"{k} {v}" for k, v in HARDENING.items()))
+        terminalreporter.write_line("hardening: " + ", ".join(f"{k} {v}" for k, v in HARDENING.items())
+                                    + " (orphans: the pack's processes alive at the session's end, found by a "
+                                      "sweep of /proc)")
+    if HARDENING["orphans"]:
+        terminalreporter.write_line(f"FAILED: {HARDENING['orphans']} process(es) of the pack outlived the tests "
+                                    "(killed now)")
 
 
 # The tests that need a real ComfyUI (COMFYUI_DIR) or a browser skip, with a message, where those are
