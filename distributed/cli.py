@@ -76,7 +76,8 @@ def _group_for(args: argparse.Namespace):
                          cfg_parallel=2 if getattr(args, "cfg_parallel", False) else 1,
                          shard_weights=getattr(args, "shard_weights", "auto"),
                          vae_split=getattr(args, "vae_split", "on") == "on",
-                         placement=getattr(args, "placement", "offload"))
+                         placement=getattr(args, "placement", "offload"),
+                         dit_offload=getattr(args, "dit_offload", "off") == "on")
     return config, ranks
 
 
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", default="offload", choices=list(PLACEMENTS),
                    help="where idle models wait: offload (text encoders and the idle expert in host memory), "
                         "keep (on the GPUs), cpu (text encoders run on the CPU)")
+    p.add_argument("--dit-offload", default="off", choices=["on", "off"],
+                   help="the DiT's weight shards wait in host memory and each block's are copied to the GPU just "
+                        "before it runs (for a DiT whose per-rank share does not fit a GPU; slower)")
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--out", help="video file to write (.webp or .gif)")
     p.add_argument("--save-latent", help="write the sampled latent (ComfyUI SaveLatent format)")

@@ -68,6 +68,7 @@ class GroupConfig:
     shard_weights: str = "auto"  # FSDP weight sharding: off, on, or auto (when one device's memory is short)
     vae_split: bool = True  # the VAE decode shared out among the ranks (each family says how)
     placement: str = "offload"  # where idle text encoders and experts wait: keep, offload, cpu (placement.py)
+    dit_offload: bool = False  # the DiT's weight shards wait in host memory, copied to the GPU block by block
 
     def __post_init__(self):
         from .parallel.usp_attention import BACKENDS
@@ -110,6 +111,11 @@ class GroupConfig:
             problems.append(f"threads_per_rank must be an integer >= 0, got {self.threads_per_rank!r}")
         if not isinstance(self.vae_split, bool):
             problems.append(f"vae_split must be True or False, got {self.vae_split!r}")
+        if not isinstance(self.dit_offload, bool):
+            problems.append(f"dit_offload must be True or False, got {self.dit_offload!r}")
+        elif self.dit_offload and self.shard_weights == "off":
+            problems.append("dit_offload keeps the DiT's FSDP weight shards in host memory, so it shards the DiT: "
+                            "use shard_weights 'auto' or 'on' with dit_offload on, or turn dit_offload off")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -194,4 +200,6 @@ FLAGS = {
     "vae_split": (_flag_bool, "on/off: split the VAE decode across the ranks"),
     "placement": (_choice("placement", PLACEMENTS), "where idle text encoders and experts wait: keep (on the "
                   "device), offload (host memory), cpu (text encoders run on the CPU)"),
+    "dit_offload": (_flag_bool, "on/off: the DiT's weight shards wait in host memory and each block's are copied "
+                    "to the GPU just before it runs (FSDP2 CPU offload; for a DiT whose shares do not fit the GPUs)"),
 }

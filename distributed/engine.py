@@ -68,6 +68,12 @@ def _free_memory(device: torch.device) -> int:
         return 1 << 62  # unknown: never shard automatically
 
 
+def _has_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _weight_bytes(path: str, dtype: torch.dtype) -> int:
     """Bytes a model file's weights take at the compute dtype (from its header alone)."""
     p = Path(path)
@@ -126,6 +132,11 @@ class Engine:
         self.timeout = timedelta(seconds=config.timeout)
         self.cfg_degree = config.cfg_parallel
         self.shard_weights = config.shard_weights if self.world_size > 1 else "off"
+        self.dit_offload = config.dit_offload
+        if self.dit_offload and self.world_size == 1 and not _has_process_group():
+            raise ValueError("dit_offload shards the DiT with FSDP, which needs a process group even for one rank: "
+                             "a group the pack launches (the USP Group node, the command line) has one; this "
+                             "in-process engine has none, so turn dit_offload off here")
         self.vae_split = config.vae_split and self.world_size > 1
         self.sharded: dict[str, bool] = {}  # slot -> were its weights sharded
         self.step_cache: StepCache | None = None  # the last sample call's step cache (its skipped steps)
@@ -181,7 +192,11 @@ class Engine:
 
     def should_shard(self, slot: str, path: str) -> bool:
         """Shard this model's weights? "on"; for "auto", when they would take more than 80% of one
-        device's free memory. Collective: every rank calls it, and the ranks agree on the maximum."""
+        device's free memory; the DiT always with dit_offload (its host-memory shards are FSDP's, on one
+        rank too). Collective: every rank calls it, and the ranks agree on the maximum."""
+        if slot == "dit" and self.dit_offload:  # the same config on every rank: no need to agree
+            self.sharded[slot] = True
+            return True
         if self.shard_weights == "off":
             return False
         key = (slot, _file_key(path))
@@ -212,11 +227,14 @@ class Engine:
             return _free_memory(device)
         return _free_memory(device) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
 
-    def check_memory(self, path: str, family: models.ModelFamily, sharded: bool, device: torch.device | None = None) -> None:
+    def check_memory(self, path: str, family: models.ModelFamily, sharded: bool, device: torch.device | None = None,
+                     offload: bool = False) -> None:
         """The memory pre-flight of a DiT load: what the load will add to a rank at its peak (the family
         predicts it from the file's header) against the rank's free memory; a ValueError saying what to
         change, before anything is allocated, when it will not fit. Collective: the ranks agree on the
-        largest need and the smallest free memory. On the CPU the ranks of one host share its memory."""
+        largest need and the smallest free memory. On the CPU the ranks of one host share its memory.
+        offload (dit_offload): the shares are loaded into host memory, so the host's memory is checked;
+        the device then holds about two gathered blocks, which the activations pre-flight counts."""
         error, need = None, float("inf")
         try:
             need = family.dit_load_bytes(path, self.dtype, self.world_size if sharded else 1)
@@ -236,12 +254,21 @@ class Engine:
         if need <= free:
             return
         where = "its weights sharded over the ranks" if sharded else "a whole copy on every rank"
+        if offload:
+            who = "a rank" if self.world_size > 1 else "the host"
+            raise ValueError(f"{Path(path).name} needs about {need / 2**30:.1f} GiB of host memory on each rank to "
+                             f"load (dit_offload keeps its weight shards there), but {who} has {free / 2**30:.1f} GiB "
+                             "free: use more hosts (each rank then holds 1/N of the weights); or load the model's "
+                             "fp8 file (about half the bytes of bf16); or free host memory")
         fixes = []
         if not sharded and self.world_size > 1 and \
                 family.dit_load_bytes(path, self.dtype, self.world_size) < 0.9 * need:
             fixes.append(f"turn shard_weights on (about 1/{self.world_size} of the weights on each rank)")
-        fixes += ["use more GPUs" + (" with shard_weights on" if not sharded else ""),
-                  "load the model's fp8 file (about half the bytes of bf16)",
+        fixes += ["use more GPUs" + (" with shard_weights on" if not sharded else "")]
+        if self.device.type == "cuda":
+            fixes.append("turn dit_offload on (the weight shards wait in host memory; each GPU holds about two "
+                         "blocks at a time)")
+        fixes += ["load the model's fp8 file (about half the bytes of bf16)",
                   "free memory (USP Free Group, other programs on the device)"]
         raise ValueError(f"{Path(path).name} needs about {need / 2**30:.1f} GiB on each rank to load ({where}), but "
                          f"{'a rank' if self.world_size > 1 else 'the device'} has {free / 2**30:.1f} GiB free: "
@@ -251,9 +278,13 @@ class Engine:
         shard = None
         if self.should_shard("dit", path):  # decided before the load: the loader shards as it reads
             def shard(model):
-                return fsdp.shard_model(model, family.blocks(model), self.device)
-        self.check_memory(path, family, shard is not None, device)
+                return fsdp.shard_model(model, family.blocks(model), self.device, offload=self.dit_offload)
+        if self.dit_offload:  # the shards are loaded into host memory (as FSDP's offload wants them) ...
+            device = HOST
+        self.check_memory(path, family, shard is not None, device, offload=self.dit_offload)
         model = family.load_dit(path, self.dtype, device, shard=shard)
+        if self.dit_offload:  # ... and what FSDP does not manage (Wan's RoPE tables) runs on the device
+            fsdp.buffers_to(model, self.device)
         self.sp = self._mesh(model, family)
         model = family.parallelize(model, self.sp, self.backend)
         model.usp_family = family
@@ -275,7 +306,8 @@ class Engine:
 
         def load(p):
             model = self._load_dit(p, found, device)
-            self.placement.loaded(slot, "host" if park else "device")
+            # an offloaded DiT's shards are already in host memory: the placement leaves it alone
+            self.placement.loaded(slot, "offloaded" if self.dit_offload else "host" if park else "device")
             return model
 
         model = self._cached(slot, path, load, role="dit")
@@ -332,7 +364,8 @@ class Engine:
                 "ring": self.sp.ring_degree, "cfg_parallel": self.cfg_degree,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "sharded": self.sharded.get("dit", False), "parameter_bytes": fsdp.parameter_bytes(model),
-                "fp8_layers": fp8.count_fp8_layers(model), "placement": self.placement.mode}
+                "fp8_layers": fp8.count_fp8_layers(model), "placement": self.placement.mode,
+                "dit_offload": self.dit_offload}
 
     def _free_memory_per_rank(self, failed: bool = False) -> dict:
         """{"free_bytes": this rank's free memory (_rank_free_memory: its GPU's, or its share of the host's),
@@ -468,6 +501,8 @@ class Engine:
             fixes.append("cfg_parallel on (each half of the GPUs runs one of the two passes)")
         if not any(fsdp.is_sharded(m) for m in experts) and self.world_size > 1:
             fixes.append("shard_weights on (each rank then holds 1/N of the weights)")
+        if not self.dit_offload and self.device.type == "cuda":
+            fixes.append("dit_offload on (the weight shards wait in host memory, not on the GPU)")
         fixes.append("an fp8 model file (about half the weights' memory)")
         raise ValueError(f"a step on this latent needs about {need / 2**30:.2f} GiB of activations on each rank, "
                          f"but {'a rank' if self.world_size > 1 else 'the device'} has {free / 2**30:.2f} GiB free "

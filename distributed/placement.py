@@ -13,6 +13,10 @@ A move is torch's own `module.to(device)`: FSDP2-sharded modules support it (FSD
 reshards, moves each rank's shards and re-registers them), so a rank only ever moves its shards.
 On a CPU group the device is the host: the moves are no-ops, but the bookkeeping (`where`) is the
 same, and the tests check it there.
+
+A DiT loaded with the group's dit_offload is "offloaded": its FSDP shards always live in host memory
+and FSDP copies each block's to the device as it runs, so it is never moved (moving it to the device
+would undo the offload, and it takes no device memory while idle).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def modules_of(loaded) -> list[torch.nn.Module]:
 
 class Placement:
     """Moves loaded models between the device and host memory as the placement says, and remembers
-    where each one is (`where`: slot -> "device", "host" or "cpu"), for the group's status and the tests."""
+    where each one is (`where`: slot -> "device", "host", "cpu" or "offloaded"), for the group's status and
+    the tests."""
 
     def __init__(self, mode: str, device: torch.device):
         if mode not in PLACEMENTS:
@@ -58,8 +63,9 @@ class Placement:
         return self.mode != "keep"
 
     def loaded(self, slot: str, where: str) -> None:
-        """A model was loaded: on the "device", in "host" memory (an idle expert), or on the "cpu" to run
-        there (text encoders with placement cpu: never moved)."""
+        """A model was loaded: on the "device", in "host" memory (an idle expert), on the "cpu" to run
+        there (text encoders with placement cpu), or "offloaded" (a DiT with dit_offload); the last two are
+        never moved."""
         self.where[slot] = where
 
     def forget(self, slot: str) -> None:

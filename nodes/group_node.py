@@ -73,6 +73,11 @@ class UspGroupNode:
                 "after encoding, and the idle expert of Wan 2.2 A14B while the other runs (the device memory "
                 "is handed back). keep: everything stays on the GPUs (fastest, most memory). cpu: the text "
                 "encoder runs on the CPU (slow; never takes GPU memory).")}),
+            "dit_offload": (["off", "on"], {"tooltip": (
+                "on: when even a rank's share of the DiT does not fit its GPU (one GPU too). The DiT's weights "
+                "are sharded and each rank's shards wait in host memory; each block's are copied to the GPU "
+                "just before it runs, so a GPU holds about two blocks. Slower (every step copies the whole "
+                "share over PCIe) and takes host memory; shard_weights must not be off.")}),
         }}
 
     RETURN_TYPES = ("USP_GROUP", "STRING")
@@ -81,9 +86,9 @@ class UspGroupNode:
     CATEGORY = CATEGORY
 
     def start(self, device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",
-              shard_weights="auto", vae_split="on", placement="offload"):
+              shard_weights="auto", vae_split="on", placement="offload", dit_offload="off"):
         config = make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel,
-                             shard_weights, vae_split, placement)
+                             shard_weights, vae_split, placement, dit_offload)
         if config.device == "cuda":
             services.free_comfy_models()
         services.note_group(get_group(config), config)
@@ -91,7 +96,7 @@ class UspGroupNode:
 
 
 def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",
-                shard_weights="auto", vae_split="on", placement="offload") -> GroupConfig:
+                shard_weights="auto", vae_split="on", placement="offload", dit_offload="off") -> GroupConfig:
     if device == "auto":
         device = "cuda" if _cuda_count() else "cpu"
     gpu_list = parse_gpus(gpus, _cuda_count()) if device == "cuda" else ()
@@ -101,7 +106,7 @@ def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeou
     return GroupConfig(ranks=ranks, device=device, gpus=gpu_list, ulysses=parse_degree(ulysses),
                        ring=parse_degree(ring), dtype=dtype, attention=attention, timeout=float(timeout_s),
                        cfg_parallel=2 if parse_bool(cfg_parallel) else 1, shard_weights=shard_weights,
-                       vae_split=parse_bool(vae_split), placement=placement)
+                       vae_split=parse_bool(vae_split), placement=placement, dit_offload=parse_bool(dit_offload))
 
 
 class _AnyType(str):

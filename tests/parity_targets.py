@@ -49,12 +49,13 @@ def dit_inputs(shape, text_len=20, text_dim=32, seed=1):
 
 
 def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto", cfg_degree=1, shard_weights="off",
-                vae_split=False):
+                vae_split=False, dit_offload=False, placement="offload"):
     from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.engine import Engine
 
     return Engine(GroupConfig(ranks=world_size, ulysses=ulysses, ring=ring, cfg_parallel=cfg_degree,
-                              shard_weights=shard_weights, vae_split=vae_split), rank=rank)
+                              shard_weights=shard_weights, vae_split=vae_split, dit_offload=dit_offload,
+                              placement=placement), rank=rank)
 
 
 def dit_forward(engine, dit_path, shape):
@@ -184,6 +185,36 @@ def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder
         result["te_bytes"] = torch.tensor([parameter_bytes(engine.text_part("text_encoder").model)])
         result["te_read"] = torch.tensor([TensorFile.read_from[str(Path(text_encoder))]])
     return result
+
+
+def offloaded_rank(rank, world_size, wan, hunyuan, experts):
+    """dit_offload (shard_weights auto, placement offload): samples of Wan, HunyuanVideo and the two Wan 2.2
+    experts; for each DiT, its FSDP modules and how many have CPUOffloadPolicy (unpinned on CPU ranks) and
+    whether every parameter is in host memory; the moves the placement made (none: the experts stay put)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from usp_video.distributed.parallel.fsdp import offload_policies
+    from usp_video.distributed.placement import Placement
+
+    moved = []
+    real_move = Placement._move
+    Placement._move = staticmethod(lambda loaded, device: (moved.append(device), real_move(loaded, device)))
+    engine = make_engine(rank, world_size, shard_weights="auto", dit_offload=True)
+    out = {}
+    for name, request in (("wan", sample_request(wan, (3, 4, 6), steps=2, sampler="euler")),
+                          ("hunyuan", hunyuan_request(hunyuan, (5, 2, 14), cfg=3.0, steps=2)),
+                          ("experts", wan22_request(experts, (3, 4, 6), "euler", steps=6))):
+        out[name] = engine.sample(request)
+        for i, (slot, (_, model)) in enumerate((s, m) for s, m in engine._loaded.items() if s.startswith("dit:")):
+            policies = offload_policies(model)
+            out[f"{name}:{i}:policies"] = torch.tensor([
+                len(policies), len(model.usp_family.blocks(model)) + 1,
+                sum(isinstance(p, CPUOffloadPolicy) and not p.pin_memory for p in policies),
+                all(p.device.type == "cpu" for p in model.parameters())])
+            out[f"{name}:{i}:where"] = torch.tensor(engine.placement.where[slot] == "offloaded")
+    out["moves"] = torch.tensor(len(moved))
+    assert engine.sharded["dit"]
+    return out
 
 
 def vae_split_rank(rank, world_size, vae_path, shape, seed=5, tiling=None, channels=16):

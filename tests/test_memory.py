@@ -22,6 +22,21 @@ def test_a_device_too_small_is_refused_with_what_to_change(tiny_models, monkeypa
     assert engine.load_counts["dit"] == 1
 
 
+def test_an_offloaded_load_checks_the_hosts_memory(tiny_models, monkeypatch):
+    """dit_offload loads the shares into host memory: the host is checked (the device then holds about two
+    gathered blocks, which the activations pre-flight counts), and the refusal says so."""
+    from usp_video.distributed.placement import HOST
+
+    family = FAMILIES["wan2.1"]
+    need = family.dit_load_bytes(tiny_models["dit"], make_engine().dtype, 1)
+    asked = []
+    monkeypatch.setattr(engine_module, "_free_memory", lambda device: asked.append(device) or need - 1)
+    with pytest.raises(ValueError, match=r"needs about 0.\d GiB of host memory on each rank to load \(dit_offload keeps "
+                                         r"its weight shards there\), but the host has 0.\d GiB free: use more hosts"):
+        make_engine().check_memory(tiny_models["dit"], family, True, HOST, offload=True)
+    assert asked == [HOST]
+
+
 def test_the_prediction_counts_the_weights_once_and_shares_them(tiny_models):
     import os
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import rel_error
-from parity_targets import dit_forward, hunyuan_forward, make_engine
+from parity_targets import dit_forward, hunyuan_forward, hunyuan_request, make_engine, sample_request, wan22_request
+from test_wan22 import experts, tiny_wan22  # noqa: F401 (fixtures)
 from usp_video.distributed.models.checkpoint import read_header
 from usp_video.distributed.parallel.fsdp import parameter_bytes
 from usp_video.distributed.parallel.spawn import run_ranks
@@ -95,3 +96,60 @@ def test_sharding_mixed_dtype_blocks_in_bf16(tests_dir, tiny_models):
                         timeout=240)
     for result in results:
         assert rel_error(result["out"], expected) <= 5e-2
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_an_offloaded_dit_samples_as_one_process(tests_dir, tiny_models, tiny_hunyuan, experts, world_size):
+    """dit_offload: the shards in host memory (CPUOffloadPolicy on every FSDP module: each block and the
+    root), the samples those of one process with the whole model; one rank too (the single GPU whose
+    memory is short of the model), which shards over a one-rank mesh. The placement never moves an
+    offloaded DiT (the two Wan 2.2 experts stay "offloaded" across the switch). On CPU ranks the host is
+    the device, so this checks the policy and the results, not where the bytes are (gpu_check does)."""
+    one = make_engine()
+    expected = {"wan": one.sample(sample_request(tiny_models["dit"], (3, 4, 6), steps=2, sampler="euler")),
+                "hunyuan": one.sample(hunyuan_request(tiny_hunyuan["dit"], (5, 2, 14), cfg=3.0, steps=2)),
+                "experts": one.sample(wan22_request(experts, (3, 4, 6), "euler", steps=6))}
+    results = run_ranks(f"{tests_dir}/parity_targets.py:offloaded_rank", world_size,
+                        dict(wan=tiny_models["dit"], hunyuan=tiny_hunyuan["dit"], experts=experts), timeout=300)
+    for rank, result in enumerate(results):
+        assert int(result["moves"]) == 0, f"rank {rank}: the placement moved an offloaded DiT"
+        for name, latent in expected.items():
+            err = rel_error(result[name], latent)
+            assert err <= 1e-5, f"rank {rank}, {name}: relative error {err:.2e}"
+            dits = sorted(key.split(":")[1] for key in result
+                          if key.startswith(f"{name}:") and key.endswith("policies"))
+            assert len(dits) == (2 if name == "experts" else 1)
+            for i in dits:
+                modules, expected_modules, offloaded, on_cpu = result[f"{name}:{i}:policies"].tolist()
+                assert modules == expected_modules == offloaded and on_cpu, (rank, name, result[f"{name}:{i}:policies"])
+                assert bool(result[f"{name}:{i}:where"])
+
+
+def test_dit_offload_needs_sharding_and_a_process_group():
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.distributed.engine import Engine
+
+    with pytest.raises(ValueError, match="use shard_weights 'auto' or 'on' with dit_offload on, or turn "
+                                         "dit_offload off"):
+        GroupConfig(ranks=2, shard_weights="off", dit_offload=True)
+    with pytest.raises(ValueError, match="dit_offload must be True or False, got 'on'"):
+        GroupConfig(dit_offload="on")
+    with pytest.raises(ValueError, match="needs a process group even for one rank: a group the pack launches"):
+        Engine(GroupConfig(ranks=1, dit_offload=True))
+    assert GroupConfig(ranks=2, shard_weights="on", dit_offload=True).dit_offload
+
+
+def test_dit_offload_reaches_the_config_from_the_node_the_cli_and_a_ranks_flags():
+    import argparse
+
+    from usp_video.distributed import cli
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.nodes.group_node import make_config
+
+    assert make_config("cpu", "all", 2, "auto", "auto", "auto", "auto", 600, dit_offload="on").dit_offload
+    assert not make_config("cpu", "all", 2, "auto", "auto", "auto", "auto", 600).dit_offload
+    parser = argparse.ArgumentParser()
+    GroupConfig.add_arguments(parser)
+    assert GroupConfig.from_args(parser.parse_args(["--dit-offload", "on"]), ranks=2).dit_offload
+    args = cli.build_parser().parse_args(["generate", "--ranks", "2", "--dit-offload", "on", "--prompt", "a cat"])
+    assert cli._group_for(args)[0].dit_offload
