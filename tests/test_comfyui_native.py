@@ -101,3 +101,30 @@ def test_wan22_vae_matches_comfyui(ti2v_comparison):
     decodes to our frames; few of its outputs are clamped, so the clamp hides nothing."""
     assert ti2v_comparison["ti2v_vae_clamped_fraction"] < 0.05
     assert ti2v_comparison["ti2v_vae_decode_max_abs"] <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def fp8_comparison(tests_dir, tiny_models, tmp_path_factory):
+    """ComfyUI's own loader and fp8 layers (comfyui_reference_fp8.py) on fp8 files of the tiny Wan DiT."""
+    from test_fp8 import write_fp8
+    from usp_video.distributed.models.wan21 import dit as wan, tiny
+
+    root = tmp_path_factory.mktemp("fp8_native")
+    meta = {wan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_WAN_CONFIG)}
+    files = {"fp8_e4m3fn": write_fp8(tiny_models["dit"], root / "plain.safetensors", meta, False),
+             "fp8_scaled": write_fp8(tiny_models["dit"], root / "scaled.safetensors", meta, True)}
+    result = subprocess.run([comfyui_python(), str(tests_dir / "comfyui_reference_fp8.py"), COMFYUI_DIR,
+                             json.dumps(files)], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and "ModuleNotFoundError" in result.stderr:
+        pytest.skip("ComfyUI's requirements are not installed here: " + result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("storage", ["fp8_e4m3fn", "fp8_scaled"])
+def test_fp8_files_match_comfyuis_own_loader(fp8_comparison, storage):
+    """The scaled-fp8 rule (weight x scale_weight, the Linear biases rounded to fp8 as ComfyUI's scaled-fp8
+    layers do) against ComfyUI's loader and layers; the scaled file must have taken ComfyUI's fp8 path."""
+    assert fp8_comparison[storage] <= 1e-5, f"{storage}: relative error {fp8_comparison[storage]:.2e} against ComfyUI"
+    if storage == "fp8_scaled":
+        assert fp8_comparison["fp8_scaled_comfy_fp8_params"] > 0

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from . import fp8
-from .checkpoint import DIT_PREFIXES, CheckpointError, keeps_fp32, strip_prefix
+from .checkpoint import DIT_PREFIXES, CheckpointError, comfy_rounded_biases, keeps_fp32, strip_prefix
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -197,6 +197,7 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
     if missing or unexpected:
         raise CheckpointError(f"{Path(path).name} does not fit {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     _check_rows(tensors, state, source, Path(path).name)
+    rounded = comfy_rounded_biases({n: (tensors.dtype(n), tensors.shape(n)) for n in tensors.entries})
     tied = _tied_names(model)
     if shard is not None:
         shard(model)
@@ -211,22 +212,26 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
             local, first = _my_rows(target)
             if local.dim() == 0:
                 (file_name, _, _), = source[name]
-                local.copy_(_converted(tensors.read(file_name), local.dtype, scales.get(file_name, 1.0)).reshape(()))
+                local.copy_(_converted(tensors.read(file_name), local.dtype, scales.get(file_name, 1.0),
+                                       rounded.get(file_name)).reshape(()))
                 continue
             stop, at = first + local.shape[0], 0  # at: the model row where a range starts
             for file_name, begin, end in source[name]:
                 lo, hi = max(first, at), min(stop, at + end - begin)  # this range's rows that are mine
                 if lo < hi:
                     value = _converted(tensors.read(file_name, begin + lo - at, begin + hi - at), local.dtype,
-                                       scales.get(file_name, 1.0))
+                                       scales.get(file_name, 1.0), rounded.get(file_name))
                     local[lo - first: hi - first].copy_(value.reshape(hi - lo, *local.shape[1:]))
                 at += end - begin
     return model.eval()
 
 
-def _converted(value: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+def _converted(value: torch.Tensor, dtype: torch.dtype, scale: float, rounded: torch.dtype | None = None) -> torch.Tensor:
     """A file tensor's values in a model tensor's dtype: a kept fp8 weight takes the file's fp8 values
-    unscaled (its layer scales them); an fp8 value going to a wider dtype is multiplied by its scale."""
+    unscaled (its layer scales them); an fp8 value going to a wider dtype is multiplied by its scale.
+    rounded: the fp8 dtype ComfyUI rounds this tensor to first (checkpoint.comfy_rounded_biases), if any."""
+    if rounded is not None and value.is_floating_point() and value.dtype.itemsize > 1:
+        value = value.to(rounded)
     if dtype.itemsize == 1 and dtype.is_floating_point:
         return value.float().to(dtype) if value.dtype != dtype else value
     if value.is_floating_point() and value.dtype.itemsize == 1:

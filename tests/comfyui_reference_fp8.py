@@ -1,0 +1,62 @@
+"""ComfyUI's own loader and fp8 layers against ours, on fp8 files of the tiny Wan DiT.
+
+Usage: python comfyui_reference_fp8.py COMFYUI_DIR FILES_JSON  -> prints one JSON object of relative
+errors. FILES_JSON: {"fp8_e4m3fn": path, "fp8_scaled": path} (tests/test_fp8.py writes them).
+ComfyUI loads each file as comfy.sd.load_diffusion_model_state_dict does (its UNETLoader), but with the
+tiny model's configuration given rather than detected (detection assumes 128-wide heads): a file with a
+"scaled_fp8" marker gets ComfyUI's scaled-fp8 layers (model_detection.model_config_from_unet's rule: the
+weight cast, times its scale_weight), and its own load_model_weights reads the tensors. Computing in float32
+on the CPU, its forward must equal ours, which keeps the same fp8 weights and casts them with their
+scales layer by layer (models/fp8.py).
+"""
+
+import json
+import sys
+
+import torch
+
+from comfyui_common import rel, start_comfy
+
+
+def comfy_load(path: str):
+    """ComfyUI's diffusion model from an fp8 file of the tiny Wan DiT, computing in float32 on the CPU."""
+    import comfy.supported_models
+    import comfy.utils
+
+    from usp_video.distributed.models.wan21.tiny import TINY_WAN_CONFIG as config
+
+    sd = comfy.utils.load_torch_file(path)
+    unet = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": tuple(config["patch_size"]),
+            "dim": config["num_attention_heads"] * config["attention_head_dim"], "ffn_dim": config["ffn_dim"],
+            "freq_dim": config["freq_dim"], "text_dim": config["text_dim"], "num_heads": config["num_attention_heads"],
+            "num_layers": config["num_layers"], "in_dim": config["in_channels"], "out_dim": config["out_channels"]}
+    model_config = comfy.supported_models.WAN21_T2V(unet)
+    if "scaled_fp8" in sd:  # as model_detection.model_config_from_unet reads the marker
+        model_config.scaled_fp8 = sd.pop("scaled_fp8").dtype
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    return model.diffusion_model
+
+
+def main(comfy_dir: str, files_json: str) -> None:
+    start_comfy(comfy_dir)
+
+    from usp_video.distributed.models.wan21 import dit as wan
+
+    g = torch.Generator().manual_seed(3)
+    x, t, ctx = torch.randn(1, 16, 3, 4, 6, generator=g), torch.tensor([700.0]), torch.randn(1, 24, 32, generator=g)
+    out = {}
+    for name, path in json.loads(files_json).items():
+        theirs = comfy_load(path)
+        kept = sum(1 for p in theirs.parameters() if p.dtype == torch.float8_e4m3fn)
+        with torch.no_grad():
+            native = theirs(x, t, ctx)
+            ours = wan.load_wan_transformer(path)(x, t, ctx, return_dict=False)[0]
+        out[name] = rel(ours, native)
+        out[f"{name}_comfy_fp8_params"] = kept
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
