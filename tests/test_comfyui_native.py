@@ -20,14 +20,19 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI checkout to compare with")
 
 
-@pytest.fixture(scope="module")
-def comparison(tests_dir, tiny_models):
-    result = subprocess.run([comfyui_python(), str(tests_dir / "comfyui_reference.py"), COMFYUI_DIR,
-                             json.dumps(tiny_models)], capture_output=True, text=True, timeout=600)
+def run_reference(script, argument) -> dict:
+    """Run one of the comfyui_reference*.py scripts with ComfyUI's Python: its JSON of relative errors."""
+    result = subprocess.run([comfyui_python(), str(script), COMFYUI_DIR, json.dumps(argument)], capture_output=True,
+                            text=True, timeout=600)
     if result.returncode != 0 and "ModuleNotFoundError" in result.stderr:
         pytest.skip("ComfyUI's requirements are not installed here: " + result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def comparison(tests_dir, tiny_models):
+    return run_reference(tests_dir / "comfyui_reference.py", tiny_models)
 
 
 @pytest.mark.parametrize("what", ["dit_forward", "ksampler_euler", "ksampler_euler_denoise", "vae_decode",
@@ -40,12 +45,7 @@ def test_matches_comfyui(comparison, what):
 
 @pytest.fixture(scope="module")
 def hunyuan_comparison(tests_dir, tiny_hunyuan):
-    result = subprocess.run([comfyui_python(), str(tests_dir / "comfyui_reference_hunyuan.py"), COMFYUI_DIR,
-                             json.dumps(tiny_hunyuan)], capture_output=True, text=True, timeout=600)
-    if result.returncode != 0 and "ModuleNotFoundError" in result.stderr:
-        pytest.skip("ComfyUI's requirements are not installed here: " + result.stderr.strip().splitlines()[-1])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_reference(tests_dir / "comfyui_reference_hunyuan.py", tiny_hunyuan)
 
 
 @pytest.mark.parametrize("what", ["hunyuan_dit_forward", "hunyuan_ksampler_euler"])
@@ -61,10 +61,7 @@ def wan22_comparison(tests_dir, tmp_path_factory):
     from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models
 
     paths = {k: str(v) for k, v in make_tiny_models(tmp_path_factory.mktemp("wan22")).items()}
-    result = subprocess.run([comfyui_python(), str(tests_dir / "comfyui_reference_wan22.py"), COMFYUI_DIR,
-                             json.dumps(paths)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_reference(tests_dir / "comfyui_reference_wan22.py", paths)
 
 
 @pytest.mark.parametrize("what", ["wan22_switch_vs_two_ksampler_advanced", "wan22_two_usp_advanced_vs_two_ksampler_advanced",
@@ -83,10 +80,7 @@ def ti2v_comparison(tests_dir, tmp_path_factory):
     from usp_video.distributed.models import FAMILIES
 
     paths = {k: str(v) for k, v in FAMILIES["wan2.2-ti2v-5b"].make_tiny(tmp_path_factory.mktemp("wan22_5b")).items()}
-    result = subprocess.run([comfyui_python(), str(tests_dir / "comfyui_reference_wan22_5b.py"), COMFYUI_DIR,
-                             json.dumps(paths)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_reference(tests_dir / "comfyui_reference_wan22_5b.py", paths)
 
 
 @pytest.mark.parametrize("what", ["ti2v_ksampler_euler", "ti2v_ksampler_euler_denoise"])
@@ -113,12 +107,7 @@ def fp8_comparison(tests_dir, tiny_models, tmp_path_factory):
     meta = {wan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_WAN_CONFIG)}
     files = {"fp8_e4m3fn": write_fp8(tiny_models["dit"], root / "plain.safetensors", meta, False),
              "fp8_scaled": write_fp8(tiny_models["dit"], root / "scaled.safetensors", meta, True)}
-    result = subprocess.run([comfyui_python(), str(tests_dir / "comfyui_reference_fp8.py"), COMFYUI_DIR,
-                             json.dumps(files)], capture_output=True, text=True, timeout=600)
-    if result.returncode != 0 and "ModuleNotFoundError" in result.stderr:
-        pytest.skip("ComfyUI's requirements are not installed here: " + result.stderr.strip().splitlines()[-1])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_reference(tests_dir / "comfyui_reference_fp8.py", files)
 
 
 @pytest.mark.parametrize("storage", ["fp8_e4m3fn", "fp8_scaled"])
