@@ -68,7 +68,9 @@ class GroupConfig:
     shard_weights: str = "auto"  # FSDP weight sharding: off, on, or auto (when one device's memory is short)
     vae_split: bool = True  # the VAE decode shared out among the ranks (each family says how)
     placement: str = "offload"  # where idle text encoders and experts wait: keep, offload, cpu (placement.py)
-    dit_offload: bool = False  # the DiT's weight shards wait in host memory, copied to the GPU block by block
+    # the DiT's FSDP shards wait in host memory, copied to the GPU block by block (fsdp.py); the DiT is then always
+    # sharded (shard_weights auto counts as on for it; off is refused), on one rank too
+    dit_offload: bool = False
 
     def __post_init__(self):
         from .parallel.usp_attention import BACKENDS

@@ -39,7 +39,8 @@ def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, s
     if "parameter_bytes" in info:
         text += (f"; weights per rank {info['parameter_bytes'] / 2**30:.2f} GiB"
                  f"{' per expert' if len(paths) > 1 else ''} "
-                 f"({'sharded across the ranks' if info['sharded'] else 'a full copy on every rank'}), "
+                 f"({'sharded across the ranks' if info['sharded'] else 'a full copy on every rank'}"
+                 f"{', in host memory (dit_offload)' if info.get('dit_offload') else ''}), "
                  f"free memory {info['free_bytes'] / 2**30:.1f} GiB")
     if info.get("fp8_layers"):
         text += f"; {info['fp8_layers']} layers keep their fp8 weights"
@@ -53,8 +54,9 @@ def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, s
     weights = None
     if "parameter_bytes" in info:
         weights = (f"{info['parameter_bytes'] / 2**30:.2f} GiB{' per expert' if len(paths) > 1 else ''}, "
-                   f"{'sharded' if info['sharded'] else 'a full copy on every rank'}")
-        if len(paths) > 1 and info.get("placement", "keep") != "keep":
+                   f"{'sharded' if info['sharded'] else 'a full copy on every rank'}"
+                   f"{', in host memory (dit_offload)' if info.get('dit_offload') else ''}")
+        if len(paths) > 1 and info.get("placement", "keep") != "keep" and not info.get("dit_offload"):
             weights += "; the idle expert waits in host memory"
     services.publish_status(model=" + ".join(names), degrees=degrees, weights=weights,
                             free=info.get("free_bytes_per_rank"))

@@ -363,6 +363,12 @@ def cached_sample_rank(rank, world_size, ulysses, ring, dit_path, family, method
     return cached_run(engine, cached_request(dit_path, family, method, threshold))
 
 
+def cached_offloaded_rank(rank, world_size, dit_path, family, method, threshold):
+    """A step cache on an offloaded DiT (dit_offload): HunyuanVideo's cache gathers its first block itself."""
+    engine = make_engine(rank, world_size, shard_weights="on", dit_offload=True)
+    return cached_run(engine, cached_request(dit_path, family, method, threshold))
+
+
 def cached_cfg_parallel_rank(rank, world_size, dit_path, threshold, shard="off"):
     engine = make_engine(rank, world_size, 1, 2, cfg_degree=2, shard_weights=shard)
     request = cached_request(dit_path, "wan", "fbcache", threshold)

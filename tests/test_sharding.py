@@ -70,6 +70,25 @@ def test_sharding_through_the_group(tiny_models):
         free_group()
 
 
+def test_dit_offload_on_one_rank_through_the_group(tiny_models):
+    """A launched group has a process group even with one rank: dit_offload shards the DiT over it (the one
+    GPU whose memory is short of the model) and sampling is unchanged."""
+    from parity_targets import sample_request
+    from usp_video.distributed import api
+    from usp_video.distributed.client import GroupConfig, free_group
+
+    request = sample_request(tiny_models["dit"], (3, 4, 6), steps=2, sampler="euler")
+    expected = make_engine().sample(request)
+    group = GroupConfig(ranks=1, dit_offload=True)
+    try:
+        info = api.load_dit(group, tiny_models["dit"])
+        assert info["sharded"] and info["dit_offload"]
+        latent, _ = api.sample(group, request)
+        assert rel_error(latent, expected) <= 1e-5
+    finally:
+        free_group()
+
+
 def test_sharded_llama_matches_one_process(tests_dir, tiny_hunyuan):
     prompt = "a red car drives through a city street at night"
     engine = make_engine()

@@ -106,6 +106,22 @@ def test_sharded_weights_under_cfg_parallel_skip_together(tests_dir, tiny_models
     assert all(torch.isfinite(r["latent"]).all() for r in results)
 
 
+def test_an_offloaded_dit_skips_the_steps_of_one_process(tests_dir, tiny_hunyuan):
+    """dit_offload: HunyuanVideo's cache gathers the first block's weights itself (unshard), which FSDP's
+    offload serves as it serves a forward: the same skipped steps and latent as one process."""
+    from usp_video.distributed.parallel.spawn import run_ranks
+
+    threshold = THRESHOLDS[("hunyuan", "fbcache")]
+    expected = cached_run(make_engine(), cached_request(tiny_hunyuan["dit"], "hunyuan", "fbcache", threshold))
+    assert expected["skipped"].numel()
+    results = run_ranks(f"{tests_dir}/parity_targets.py:cached_offloaded_rank", 2,
+                        dict(dit_path=tiny_hunyuan["dit"], family="hunyuan", method="fbcache", threshold=threshold),
+                        timeout=240)
+    for rank, result in enumerate(results):
+        assert result["skipped"].tolist() == expected["skipped"].tolist(), f"rank {rank}"
+        assert rel_error(result["latent"], expected["latent"]) <= 1e-5, f"rank {rank}"
+
+
 def test_a_run_that_starts_mid_schedule_counts_steps_in_the_whole_schedule(tiny_models):
     """KSamplerAdvanced from step 5 of 10: MagCache's curve, its retention and start/end are those of the
     whole schedule, so its steps are numbered 5..9."""
