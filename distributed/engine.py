@@ -307,7 +307,7 @@ class Engine:
         def load(p):
             model = self._load_dit(p, found, device)
             # an offloaded DiT's shards are already in host memory: the placement leaves it alone
-            self.placement.loaded(slot, "offloaded" if self.dit_offload else "host" if park else "device")
+            self.placement.loaded(slot, "offloaded" if fsdp.is_offloaded(model) else "host" if park else "device")
             return model
 
         model = self._cached(slot, path, load, role="dit")
