@@ -25,6 +25,11 @@ MAGIC = b"USPV"
 _PREFIX = struct.Struct(">4sIQ")
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 32 << 30
+# The tensors a request frame of each type may carry, checked from its header before its payload is read;
+# requests of other types (load, encode, cancel, shutdown) carry none. A sample carries a latent and its
+# conditionings, a decode a latent: 4 GiB holds a float32 1080p x 257-frame latent (135 MB) many times over,
+# with batches and long conditionings. Replies (rank 0 -> the client) keep MAX_PAYLOAD_BYTES: decoded video.
+REQUEST_PAYLOAD_LIMITS = {"sample": 4 << 30, "decode": 4 << 30}
 NONCE_BYTES = 32
 
 
@@ -110,9 +115,9 @@ def parse_payload(payload: bytes) -> dict[str, torch.Tensor]:
 _CHUNK = 1 << 20  # bytes read at a time: memory grows with what has arrived, not with what a prefix claims
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    """n bytes from sock. The buffer grows as the bytes arrive (a 16-byte prefix that claims 512 MiB and
-    sends nothing more costs nothing), then the chunks are joined once."""
+def _recv_chunks(sock: socket.socket, n: int) -> list[bytes]:
+    """n bytes from sock, as the chunks they arrived in: memory grows as the bytes arrive (a 16-byte
+    prefix that claims 512 MiB and sends nothing more costs nothing)."""
     chunks, got = [], 0
     while got < n:
         chunk = sock.recv(min(n - got, _CHUNK))
@@ -120,13 +125,22 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionClosed("connection closed by peer")
         chunks.append(chunk)
         got += len(chunk)
+    return chunks
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = _recv_chunks(sock, n)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def recv_frame_bytes(sock: socket.socket, rest_timeout: float | None = None) -> bytes:
-    """Read one whole frame, checking the prefix before reading the rest. With rest_timeout (a caller
-    that knows bytes are waiting), every read has a deadline: each part of the frame, its prefix
-    included, must arrive within rest_timeout seconds (a truncated frame is an error, not a hang)."""
+def recv_frame_bytes(sock: socket.socket, rest_timeout: float | None = None,
+                     payload_limits: dict[str, int] | None = None) -> bytes:
+    """Read one whole frame, checking the prefix before reading the header, and with payload_limits
+    ({frame type: bytes}, REQUEST_PAYLOAD_LIMITS for requests; other types: none) the header before reading
+    the payload (a frame refused so is left unread: the caller drops the connection). A header that is
+    malformed is left for decode_frame to name, when the frame has no payload. With rest_timeout (a caller that knows bytes are waiting), every read has a deadline: each
+    part of the frame, its prefix included, must arrive within rest_timeout seconds (a truncated frame is
+    an error, not a hang). The frame's chunks are joined once, at the end."""
     sock.settimeout(rest_timeout)
     try:
         try:
@@ -136,7 +150,18 @@ def recv_frame_bytes(sock: socket.socket, rest_timeout: float | None = None) -> 
                                 f"{rest_timeout} s") from None
         head_len, payload_len = check_prefix(prefix)
         try:
-            return prefix + _recv_exact(sock, head_len + payload_len)
+            head = _recv_chunks(sock, head_len)
+            if payload_limits is not None and payload_len:
+                try:
+                    kind = parse_header(b"".join(head))["type"]
+                except ProtocolError:  # a bad header with tensors: its payload is not read
+                    kind = "malformed"
+                limit = payload_limits.get(kind, 0)
+                if payload_len > limit:
+                    allowed = f"at most {limit} bytes of tensors" if limit else "no tensors"
+                    raise ProtocolError(f"a {kind!r} request carries {allowed}, but its frame declares "
+                                        f"{payload_len} bytes")
+            return b"".join([prefix, *head, *_recv_chunks(sock, payload_len)])
         except socket.timeout:
             raise ProtocolError(f"truncated frame: the rest of a {head_len + payload_len}-byte frame did not "
                                 f"arrive within {rest_timeout} s") from None

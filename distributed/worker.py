@@ -146,7 +146,7 @@ class Worker:
             if self.conn is None or self.conn is not client or self.conn not in ready:
                 continue
             try:
-                return protocol.recv_frame_bytes(self.conn, self.frame_timeout)
+                return protocol.recv_frame_bytes(self.conn, self.frame_timeout, protocol.REQUEST_PAYLOAD_LIMITS)
             except (protocol.ConnectionClosed, ConnectionError):
                 self.client_gone = True
                 return protocol.encode_frame({"type": "shutdown"})
@@ -168,7 +168,8 @@ class Worker:
         cancel = False
         while not self.client_gone and self.conn is not None and select.select([self.conn], [], [], 0)[0]:
             try:  # bytes are waiting: the whole frame must follow within frame_timeout
-                header, _ = protocol.decode_frame(protocol.recv_frame_bytes(self.conn, self.frame_timeout))
+                header, _ = protocol.decode_frame(protocol.recv_frame_bytes(self.conn, self.frame_timeout,
+                                                                            protocol.REQUEST_PAYLOAD_LIMITS))
             except (protocol.ProtocolError, protocol.ConnectionClosed, OSError):
                 self.client_gone = True
                 return True

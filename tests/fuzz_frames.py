@@ -12,7 +12,7 @@ PREFIX = struct.Struct(">4sIQ")
 # kinds that keep the stream in step (rank 0 answers and keeps the connection) ...
 IN_STEP = ("bad_json", "not_object", "no_type", "bad_payload", "unknown_type", "bad_fields", "bad_tensors")
 # ... and kinds after which rank 0 drops the connection (the client reconnects)
-DROPPING = ("bad_magic", "huge_header", "huge_payload")
+DROPPING = ("bad_magic", "huge_header", "huge_payload", "tensors_for_a_type_without")
 
 
 def frame(kind: str, rng: random.Random, dit: str = "/nonexistent.safetensors") -> bytes:
@@ -24,6 +24,9 @@ def frame(kind: str, rng: random.Random, dit: str = "/nonexistent.safetensors") 
         return PREFIX.pack(b"USPV", protocol.MAX_HEADER_BYTES + rng.randrange(1, 1 << 30), 0)
     if kind == "huge_payload":
         return PREFIX.pack(b"USPV", 2, protocol.MAX_PAYLOAD_BYTES + rng.randrange(1, 1 << 40))
+    if kind == "tensors_for_a_type_without":  # a request type that carries no tensors, declaring some
+        head = json.dumps({"type": rng.choice(["load_dit", "encode", "ping", "cancel"])}).encode()
+        return PREFIX.pack(b"USPV", len(head), rng.randrange(1, 1 << 20)) + head
     if kind == "bad_json":
         head = bytes(rng.getrandbits(8) for _ in range(rng.randrange(2, 40)))
         head = head.replace(b"{", b"(")  # never valid JSON

@@ -1,5 +1,6 @@
 """The control channel: frames, limits, the handshake; no pickle."""
 
+import json
 import socket
 import struct
 import threading
@@ -152,3 +153,36 @@ def test_every_read_of_a_frame_has_a_deadline():
         reader.join(5)
         assert not reader.is_alive(), "the read of a truncated prefix never returned"
     assert outcome and "prefix did not arrive within 0.5 s" in outcome[0]
+
+
+@pytest.mark.parametrize("kind, payload, message", [
+    ("load", 1024, r"a 'load' request carries no tensors, but its frame declares 1024 bytes"),
+    ("cancel", 1, r"a 'cancel' request carries no tensors"),
+    ("sample", (4 << 30) + 1, r"a 'sample' request carries at most 4294967296 bytes of tensors"),
+])
+def test_a_request_payload_over_its_types_limit_is_refused_before_it_is_read(kind, payload, message):
+    """Only the prefix and the header are sent: the refusal must come from the header, at once, not from
+    a read of the payload (which would wait for bytes that never come)."""
+    a, b = socket.socketpair()
+    try:
+        head = json.dumps({"type": kind}).encode()
+        a.sendall(b"USPV" + struct.pack(">IQ", len(head), payload) + head)
+        with pytest.raises(protocol.ProtocolError, match=message):
+            protocol.recv_frame_bytes(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_request_within_its_limit_is_read_whole():
+    a, b = socket.socketpair()
+    try:
+        frame = protocol.encode_frame({"type": "sample"}, {"latent": torch.ones(2, 3)})
+        a.sendall(frame)
+        assert protocol.recv_frame_bytes(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS) == frame
+        a.sendall(protocol.encode_frame({"type": "load"}))
+        header, tensors = protocol.decode_frame(protocol.recv_frame_bytes(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS))
+        assert header == {"type": "load"} and tensors == {}
+    finally:
+        a.close()
+        b.close()
