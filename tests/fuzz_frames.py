@@ -10,7 +10,9 @@ from usp_video.distributed import protocol
 
 PREFIX = struct.Struct(">4sIQ")
 # kinds that keep the stream in step (rank 0 answers and keeps the connection) ...
-IN_STEP = ("bad_json", "not_object", "no_type", "bad_payload", "unknown_type", "bad_fields", "bad_tensors")
+IN_STEP = ("bad_json", "not_object", "no_type", "bad_payload", "deep_nesting", "huge_number", "lying_safetensors",
+           "unknown_type", "bad_fields", "bad_tensors", "nonfinite")
+PARSER_REFUSES = IN_STEP[:7]  # the kinds the frame parser itself refuses; the rest parse, and the ranks refuse them
 # ... and kinds after which rank 0 drops the connection (the client reconnects)
 DROPPING = ("bad_magic", "huge_header", "huge_payload", "tensors_for_a_type_without")
 
@@ -27,6 +29,29 @@ def frame(kind: str, rng: random.Random, dit: str = "/nonexistent.safetensors") 
     if kind == "tensors_for_a_type_without":  # a request type that carries no tensors, declaring some
         head = json.dumps({"type": rng.choice(["load_dit", "encode", "ping", "cancel"])}).encode()
         return PREFIX.pack(b"USPV", len(head), rng.randrange(1, 1 << 20)) + head
+    if kind == "deep_nesting":  # json.loads would raise RecursionError
+        depth = rng.randrange(2000, 200_000)
+        head = b'{"type":"ping","x":' + b"[" * depth + b"]" * depth + b"}"
+        return PREFIX.pack(b"USPV", len(head), 0) + head
+    if kind == "huge_number":  # an integer Python refuses to parse (over 4300 digits)
+        head = b'{"type":"sample","seed":' + b"9" * rng.randrange(5000, 50_000) + b"}"
+        return PREFIX.pack(b"USPV", len(head), 0) + head
+    if kind == "lying_safetensors":  # a safetensors blob whose header contradicts its data
+        blob = protocol.encode_frame({"type": "sample"}, {"latent": torch.zeros(1, 16, 2, 2, 2)})
+        payload = blob[PREFIX.size + len(b'{"type":"sample"}'):]
+        length = int.from_bytes(payload[:8], "little")
+        meta = json.loads(payload[8:8 + length])
+        lie = rng.choice(["shape", "offsets", "dtype"])
+        if lie == "shape":
+            meta["latent"]["shape"] = [1, 16, 2, 2, rng.randrange(3, 1 << 20)]
+        elif lie == "offsets":
+            meta["latent"]["data_offsets"] = [0, rng.randrange(1 << 20, 1 << 40)]
+        else:
+            meta["latent"]["dtype"] = rng.choice(["F64", "Q4", "pickle", ""])
+        new = json.dumps(meta).encode()
+        payload = len(new).to_bytes(8, "little") + new + payload[8 + length:]
+        head = b'{"type":"sample"}'
+        return PREFIX.pack(b"USPV", len(head), len(payload)) + head + payload
     if kind == "bad_json":
         head = bytes(rng.getrandbits(8) for _ in range(rng.randrange(2, 40)))
         head = head.replace(b"{", b"(")  # never valid JSON
@@ -76,6 +101,13 @@ def frame(kind: str, rng: random.Random, dit: str = "/nonexistent.safetensors") 
         extra = rng.choice([torch.zeros(()), torch.zeros(1, 16), torch.full((1, 3), float("nan"))])
         tensors = {"latent": latent, **{name: cond if name.endswith("tokens") else extra for name in names}}
         return protocol.encode_frame(header, tensors)
+    if kind == "nonfinite":  # a well-formed sample whose latent or conditioning holds inf / nan
+        bad = rng.choice([float("inf"), float("-inf"), float("nan")])
+        latent, cond = torch.zeros(1, 16, 2, 2, 2), torch.zeros(1, 4, 32)
+        (latent if rng.random() < 0.5 else cond).view(-1)[rng.randrange(8)] = bad
+        header = {"type": "sample", "experts": [dit], "seed": 1, "steps": 1, "cfg": 1.0, "shift": 1.0,
+                  "sampler": "euler"}
+        return protocol.encode_frame(header, {"latent": latent, "positive.tokens": cond})
     raise ValueError(kind)
 
 

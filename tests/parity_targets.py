@@ -244,12 +244,14 @@ def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):
     return {"cond": cond["tokens"], "pooled": cond["pooled"], "bytes": torch.tensor([held]), "read": torch.tensor([read])}
 
 
-def sharded_bf16_rank(rank, world_size, dit_path):
-    """bf16 compute with sharding: the blocks mix bf16 weights and float32 norms/modulation."""
+def sharded_bf16_rank(rank, world_size, dit_path, ulysses="auto", ring="auto", shard_weights="on"):
+    """bf16 compute (with sharding: the blocks mix bf16 weights and float32 norms/modulation), one forward
+    on uneven tokens (5 x 1 x 7 = 35)."""
     from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.engine import Engine
 
-    engine = Engine(GroupConfig(ranks=world_size, dtype="bf16", shard_weights="on"), rank=rank)
+    engine = Engine(GroupConfig(ranks=world_size, dtype="bf16", ulysses=ulysses, ring=ring,
+                                shard_weights=shard_weights), rank=rank)
     x, t, context = dit_inputs((5, 2, 14))
     with torch.no_grad():
         out = engine.dit(dit_path)(x.bfloat16(), t, context.bfloat16(), return_dict=False)[0]

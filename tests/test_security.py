@@ -8,7 +8,7 @@ import time
 import pytest
 
 from hardening import HARDENING
-from fuzz_frames import DROPPING, IN_STEP, frame, truncated
+from fuzz_frames import DROPPING, IN_STEP, PARSER_REFUSES, frame, truncated
 from usp_video.distributed import protocol
 from usp_video.distributed.client import GroupConfig, free_group, get_group
 
@@ -19,7 +19,7 @@ def test_parser_rejects_every_malformed_frame():
     import torch
 
     rng = random.Random(0)
-    kinds = IN_STEP[:4] + DROPPING  # the rest parse, and are refused by the ranks
+    kinds = PARSER_REFUSES + DROPPING
     valid = protocol.encode_frame({"type": "ping"}, {"t": torch.arange(6.0)})
     for i in range(FUZZ_FRAMES):
         if i % 3 == 0:
