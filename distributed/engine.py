@@ -228,16 +228,18 @@ class Engine:
         return _free_memory(device) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
 
     def check_memory(self, path: str, family: models.ModelFamily, sharded: bool, device: torch.device | None = None,
-                     offload: bool = False) -> None:
+                     offload: bool = False, idle: bool = False) -> None:
         """The memory pre-flight of a DiT load: what the load will add to a rank at its peak (the family
         predicts it from the file's header) against the rank's free memory; a ValueError saying what to
         change, before anything is allocated, when it will not fit. Collective: the ranks agree on the
         largest need and the smallest free memory. On the CPU the ranks of one host share its memory.
         offload (dit_offload): the shares are loaded into host memory, so the host's memory is checked;
-        the device then holds about two gathered blocks, which the activations pre-flight counts."""
+        the device then holds about two gathered blocks, which the activations pre-flight counts.
+        idle: an idle expert loaded into host memory (placement offload); at the expert switch the running
+        expert joins it there before it leaves, so the host must hold two of them for a moment."""
         error, need = None, float("inf")
         try:
-            need = family.dit_load_bytes(path, self.dtype, self.world_size if sharded else 1)
+            need = family.dit_load_bytes(path, self.dtype, self.world_size if sharded else 1) * (2 if idle else 1)
         except (CheckpointError, OSError) as exc:  # told to every rank below, so that none waits alone
             error = exc
         worst = torch.tensor([float(need), -float(self._rank_free_memory(device))], dtype=torch.float64,
@@ -254,6 +256,15 @@ class Engine:
         if need <= free:
             return
         where = "its weights sharded over the ranks" if sharded else "a whole copy on every rank"
+        if idle:
+            fixes = ([f"turn shard_weights on (each rank then parks 1/{self.world_size} of each expert)"]
+                     if not sharded and self.world_size > 1 else [])
+            fixes += ["set the group's placement to keep (both experts stay on the GPUs, which then need room for both)",
+                      "load the models' fp8 files (about half the bytes of bf16)", "free host memory"]
+            raise ValueError(f"{Path(path).name} waits in host memory while the other expert runs (placement offload), "
+                             f"and at the switch the two meet there: about {need / 2**30:.1f} GiB of host memory on "
+                             f"each rank ({where}), but {'a rank' if self.world_size > 1 else 'the host'} has "
+                             f"{free / 2**30:.1f} GiB free: " + "; or ".join(fixes))
         if offload:
             who = "a rank" if self.world_size > 1 else "the host"
             raise ValueError(f"{Path(path).name} needs about {need / 2**30:.1f} GiB of host memory on each rank to "
@@ -281,7 +292,8 @@ class Engine:
                 return fsdp.shard_model(model, family.blocks(model), self.device, offload=self.dit_offload)
         if self.dit_offload:  # the shards are loaded into host memory (as FSDP's offload wants them) ...
             device = HOST
-        self.check_memory(path, family, shard is not None, device, offload=self.dit_offload)
+        self.check_memory(path, family, shard is not None, device, offload=self.dit_offload,
+                          idle=device == HOST and self.device != HOST and not self.dit_offload)
         model = family.load_dit(path, self.dtype, device, shard=shard)
         if self.dit_offload:  # ... and what FSDP does not manage (Wan's RoPE tables) runs on the device
             fsdp.buffers_to(model, self.device)
@@ -306,8 +318,10 @@ class Engine:
 
         def load(p):
             model = self._load_dit(p, found, device)
-            # an offloaded DiT's shards are already in host memory: the placement leaves it alone
-            self.placement.loaded(slot, "offloaded" if fsdp.is_offloaded(model) else "host" if park else "device")
+            # an offloaded DiT's shards are already in host memory: the placement leaves it alone. Others are
+            # recorded on the device, so that park() below moves an idle expert to host memory even where the
+            # loader put it on the device (a diffusers folder, which FSDP shards onto the device after loading)
+            self.placement.loaded(slot, "offloaded" if fsdp.is_offloaded(model) else "device")
             return model
 
         model = self._cached(slot, path, load, role="dit")
@@ -424,9 +438,15 @@ class Engine:
 
             parts[part.input] = self._cached(slot, files[part.input], load, role=part.input)
             self.placement.bring(slot, parts[part.input])
+        threads = torch.get_num_threads()
+        if self.placement.mode == "cpu" and self.device.type == "cuda":
+            # rank 0 encodes alone on the CPU while the other ranks wait: it may use every core it is given
+            # (torchrun starts each rank with one thread when there are several)
+            torch.set_num_threads(max(threads, len(os.sched_getaffinity(0))))
         try:
             return family.make_text_encoder(parts).encode(request.prompt)
         finally:
+            torch.set_num_threads(threads)
             if self.placement.parks_text:  # with placement offload, the encoders wait in host memory
                 for part in family.text_parts:
                     self.placement.park(f"text:{part.input}", parts[part.input])
@@ -558,9 +578,13 @@ class Engine:
         schedule = req.steps if req.denoise > 0.9999 else int(req.steps / req.denoise)
         cache = self._step_cache(CacheSettings.from_dict(req.cache), family, experts, schedule,
                                  tuple(req.latent.shape), offset=schedule - req.steps + req.start_step)
+        # the activations of a step as denoise() below runs it: both passes in one batch when their
+        # conditionings have the same shapes (and no cfg-parallel), else one pass at a time
         two_passes = req.negative is not None and any(req.cfg_for(i) != 1.0 for i in range(len(experts)))
-        self.check_activations(family, experts, tuple(req.latent.shape), req.positive["tokens"].shape[1],
-                               passes=2 if two_passes and self.cfg_degree == 1 else 1)
+        text_tokens = max(c["tokens"].shape[1] for c in ([req.positive, req.negative] if two_passes else [req.positive]))
+        batched = two_passes and self.cfg_degree == 1 and set(req.positive) == set(req.negative) and all(
+            req.positive[n].shape[1:] == req.negative[n].shape[1:] for n in req.positive)
+        self.check_activations(family, experts, tuple(req.latent.shape), text_tokens, passes=2 if batched else 1)
         step = 0  # the step the next model call belongs to (each sampler calls the model once a step)
         noise = make_noise(tuple(req.latent.shape), req.seed) if req.add_noise else torch.zeros(req.latent.shape)
         # ComfyUI leaves an all-zero (empty) latent as it is rather than normalising it

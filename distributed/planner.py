@@ -226,7 +226,8 @@ def format_table(model_key: str, gpus: int, size: str, link_name: str, cfg: floa
         fixes = []
         if not shard and gpus > 1:
             fixes.append("sharding the weights (--shard-weights; the group's shard_weights on)")
-        fixes += ["more GPUs", "a smaller size or fewer frames", "an fp8 model file (about half the weights)"]
+        fixes += ["more GPUs", "a smaller size or fewer frames", "an fp8 model file (about half the weights)",
+                  "the group's dit_offload (the weights wait in host memory; not modelled here)"]
         lines.append(f"no plan fits {card_gb:g} GB cards: the smallest needs {smallest.memory_gb:.1f} GB per GPU "
                      f"({smallest.label}: {smallest.weight_gb:.1f} GB of weights, {smallest.activation_gb:.1f} GB of "
                      f"activations). What would help: " + "; ".join(fixes) + ".")

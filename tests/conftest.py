@@ -68,6 +68,7 @@ def session_orphans() -> list[int]:
     return found
 
 
+@pytest.hookimpl(trylast=True)  # after the fixtures' own teardown, also on Ctrl-C or pytest.exit
 def pytest_sessionfinish(session, exitstatus):
     """Stop the groups the session kept for reuse, then count what outlived them (and fail the run)."""
     import signal

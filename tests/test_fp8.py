@@ -146,3 +146,15 @@ def test_fp8_umt5_sharded_matches_fp8_unsharded(tests_dir, fp8_text_encoders, ti
         assert rel_error(result["cond"], expected) <= 1e-5, f"rank {rank}"
         tokenizer = read_header(path)[0]["spiece_model"][0][0]  # read whole: every rank needs it
         assert int(result["te_read"]) <= (os.path.getsize(path) - tokenizer) * (1 / 2 + 0.05) + tokenizer
+
+
+def test_an_e5m2_file_keeps_its_own_fp8_values(tiny_models, tmp_path):
+    """A float8_e5m2 file: its layers keep e5m2, the file's values exactly (not re-rounded to e4m3fn, which
+    loses small weights: 1.8% relative error and 191 of 4096 values zeroed on std-0.02 weights)."""
+    state = {k: (v.to(torch.float8_e5m2) if v.dim() == 2 else v) for k, v in load_file(tiny_models["dit"]).items()}
+    path = tmp_path / "e5m2.safetensors"
+    save_file(state, str(path), metadata={wan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_WAN_CONFIG)})
+    model = wan.load_wan_transformer(str(path))
+    weight = model.blocks[0].attn1.to_q.weight
+    assert weight.dtype == torch.float8_e5m2 and fp8.count_fp8_layers(model) > 0
+    assert torch.equal(weight.float(), state["blocks.0.self_attn.q.weight"].float())

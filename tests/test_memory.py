@@ -125,3 +125,21 @@ def test_the_activation_prediction_follows_tokens_batch_and_ranks():
     assert step_activation_bytes(1000, 512, 2048, 1, 2) - 2 * FIXED == one // 2
     assert step_activation_bytes(1001, 512, 2048, 1, 4, sp_ranks=2, ring=2) > \
         step_activation_bytes(501, 512, 2048, 1, 4) > step_activation_bytes(500, 512, 2048, 1, 4)
+
+
+def test_an_idle_expert_parked_in_host_memory_needs_room_for_two(tiny_models, monkeypatch):
+    """placement offload: an idle expert is loaded into host memory, and at the switch the running expert
+    joins it there before it leaves: the host must hold two (a CUDA group checks this; on CPU ranks the
+    device is the host, so the check is called directly)."""
+    from usp_video.distributed.placement import HOST
+
+    engine = make_engine()
+    family = FAMILIES["wan2.1"]
+    one = family.dit_load_bytes(tiny_models["dit"], engine.dtype, 1)
+    monkeypatch.setattr(engine_module, "_free_memory", lambda device: int(1.5 * one))
+    engine.check_memory(tiny_models["dit"], family, False, HOST)  # one copy fits
+    with pytest.raises(ValueError, match=r"waits in host memory while the other expert runs \(placement offload\), "
+                                         r"and at the switch the two meet there: .* set the group's placement to keep"):
+        engine.check_memory(tiny_models["dit"], family, False, HOST, idle=True)
+    monkeypatch.setattr(engine_module, "_free_memory", lambda device: 2 * one)
+    engine.check_memory(tiny_models["dit"], family, False, HOST, idle=True)

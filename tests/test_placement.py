@@ -53,7 +53,7 @@ def test_the_idle_expert_waits_in_host_memory_and_the_results_do_not_change(expe
     results = {}
     for placement in ("keep", "offload", "cpu"):
         eng = engine(placement)
-        eng.dit_info(experts)  # the loader: both experts loaded, the high-noise one to run first
+        eng.dit_info(experts, "wan2.2-a14b")  # the loader: both experts loaded, the high-noise one to run first
         assert experts_where(eng, experts) == (["device", "device"] if placement == "keep" else ["device", "host"])
         moves.clear()
         results[placement] = eng.sample(request)
@@ -66,6 +66,7 @@ def test_the_idle_expert_waits_in_host_memory_and_the_results_do_not_change(expe
             moves.clear()
             eng.sample(request)  # the next prompt starts on the high-noise expert again
             assert moves == [("dit", "host"), ("dit", "device"), ("dit", "host"), ("dit", "device")]
+        assert eng.load_counts["dit"] == 2  # the loader's experts are the sampler's: nothing loads twice
     assert torch.equal(results["keep"], results["offload"]) and torch.equal(results["keep"], results["cpu"])
 
 

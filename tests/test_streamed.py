@@ -50,7 +50,7 @@ def whole_file_hunyuan(path, keep_fp8=True):
     config = hunyuan.infer_hunyuan_config(path, shapes, metadata)
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     state = dequantize(strip_prefix(load_state_dict(path), DIT_PREFIXES), torch.float32,
-                       keeps_fp32(HunyuanVideoTransformer3DModel))
+                       keeps_fp32(HunyuanVideoTransformer3DModel), comfy_dit=True)
     model = build_on_meta(lambda: HunyuanVideoTransformer3DModel(**config), hunyuan.convert_to_diffusers(state, hidden),
                           path, "HunyuanVideo")
     if keep_fp8:

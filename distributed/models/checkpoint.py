@@ -75,28 +75,34 @@ def keeps_fp32(model_class) -> Callable[[str], bool]:
 
 
 def comfy_rounded_biases(tensors: dict[str, tuple[torch.dtype, list[int]]]) -> dict[str, torch.dtype]:
-    """{file tensor name: fp8 dtype} for the biases ComfyUI rounds to fp8 when it loads a "scaled fp8" file
-    ({name: (dtype, shape)} of its tensors; one with a `scaled_fp8` marker tensor). ComfyUI's scaled-fp8
-    layers (comfy.ops.scaled_fp8_ops) build every Linear layer, bias included, in the marker's fp8 dtype and
-    copy the file's tensors into them: a bias stored wider loses its precision to fp8 (only the weight has a
-    scale). The Linear layers are those of the file's own layout: a `.bias` beside a 2-D `.weight`. We round
-    the same biases, so that results equal native ComfyUI's (checked against ComfyUI's own loader in
-    tests/comfyui_reference_fp8.py). Files without the marker, or with a float32 one (ComfyUI ignores it): none."""
+    """{file tensor name: fp8 dtype} for the biases ComfyUI 0.3.64 rounds to fp8 when it loads a "scaled fp8"
+    diffusion model ({name: (dtype, shape)} of the file's tensors; one with a `scaled_fp8` marker tensor).
+    ComfyUI's scaled-fp8 layers (comfy.ops.scaled_fp8_ops) build every Linear layer, bias included, in the
+    marker's fp8 dtype (a float32 marker means float8_e4m3fn: model_detection.model_config_from_unet) and copy
+    the file's tensors into them: a bias stored wider loses its precision to fp8 (only the weight has a scale).
+    The Linear layers are those of the file's own layout: a `.bias` beside a 2-D `.weight`. The DiT loaders
+    round the same biases, so that results equal native ComfyUI's (checked against ComfyUI's own loader in
+    tests/comfyui_reference_fp8.py). For DiTs only: ComfyUI builds text encoders from such files with float32
+    layers (T5, Llama) or without the scaled layers (CLIP-L in DualCLIPLoader), and VAEs never with them.
+    (Later ComfyUI versions keep biases wide; this follows the version the pack is tested against.)"""
     marker = tensors.get("scaled_fp8")
-    if marker is None or not (marker[0].is_floating_point and marker[0].itemsize == 1):
+    if marker is None or not marker[0].is_floating_point:
         return {}
-    return {name: marker[0] for name, (dtype, shape) in tensors.items()
+    fp8_dtype = torch.float8_e4m3fn if marker[0] == torch.float32 else marker[0]
+    if fp8_dtype.itemsize != 1:
+        return {}
+    return {name: fp8_dtype for name, (dtype, shape) in tensors.items()
             if name.endswith(".bias") and dtype.is_floating_point and dtype.itemsize > 1
             and len(tensors.get(name[: -len("bias")] + "weight", (None, []))[1]) == 2}
 
 
 def dequantize(state: dict[str, torch.Tensor], dtype: torch.dtype,
-               keep_fp32: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+               keep_fp32: Callable[[str], bool] | None = None, comfy_dit: bool = False) -> dict[str, torch.Tensor]:
     """Cast every floating tensor to dtype (float32 where keep_fp32(name) says so); fp8 weights
-    with ComfyUI 'scaled fp8' per-tensor scales (<name>.scale_weight) are multiplied by their scale, and
-    the Linear biases of such a file are rounded to fp8 first, as ComfyUI does (comfy_rounded_biases)."""
+    with ComfyUI 'scaled fp8' per-tensor scales (<name>.scale_weight) are multiplied by their scale. comfy_dit:
+    the file is a diffusion model, whose Linear biases ComfyUI rounds to fp8 in a scaled file (comfy_rounded_biases)."""
     out = {}
-    rounded = comfy_rounded_biases({k: (v.dtype, list(v.shape)) for k, v in state.items()})
+    rounded = comfy_rounded_biases({k: (v.dtype, list(v.shape)) for k, v in state.items()}) if comfy_dit else {}
     for key, value in state.items():
         if key in rounded:
             value = value.to(rounded[key])

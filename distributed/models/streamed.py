@@ -169,7 +169,7 @@ def _my_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callable[[dict], dict], dtype: torch.dtype,
          device: torch.device | str, what: str, *, fp8_within: tuple[str, ...] = (),
          shard: Callable[[torch.nn.Module], object] | None = None, ignore_unexpected: tuple[str, ...] = (),
-         prefixes: tuple[str, ...] = DIT_PREFIXES):
+         prefixes: tuple[str, ...] = DIT_PREFIXES, comfy_dit: bool = False):
     """make()'s model with the tensors of the single file at path, loaded as the module docstring says.
 
     convert: the family's key conversion (file names, less the container prefixes, -> model names; renames
@@ -177,7 +177,9 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
     whose Linear layers keep an fp8 file's fp8 weights (fp8.keep_fp8; not those the class keeps in float32);
     shard(model): shards the meta model's parameters (FSDP2), or None for a whole model. Tied parameters
     (one Parameter under two names) are read once and stay one. Non-persistent buffers are left
-    uninitialised: the caller builds them (Wan's RoPE tables)."""
+    uninitialised: the caller builds them (Wan's RoPE tables). comfy_dit: the file is a diffusion model, whose
+    Linear biases ComfyUI rounds to fp8 in a scaled-fp8 file; they are rounded the same way
+    (checkpoint.comfy_rounded_biases)."""
     tensors = TensorFile(path)
     names = [n for n in tensors.entries if not (n == "scaled_fp8" or n.endswith((".scale_weight", ".scale_input")))]
     source = source_map({n: tensors.shape(n) for n in names}, lambda state: convert(strip_prefix(state, prefixes)),
@@ -190,14 +192,18 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
     for name, param in model.named_parameters():
         param.data = param.data.to(torch.float32 if keep(name) else dtype)
     if fp8_within and any(tensors.dtype(n).is_floating_point and tensors.dtype(n).itemsize == 1 for n in names):
-        fp8.keep_fp8(model, _fp8_markers(tensors, names, scales, source), fp8_within, skip=keep)
+        # the layers keep the file's own fp8 format (e4m3fn or e5m2): never re-rounded to another
+        fp8_dtype = next(tensors.dtype(n) for n in names if tensors.dtype(n).is_floating_point
+                         and tensors.dtype(n).itemsize == 1)
+        fp8.keep_fp8(model, _fp8_markers(tensors, names, scales, source), fp8_within, fp8_dtype=fp8_dtype, skip=keep)
     state = model.state_dict(keep_vars=True)
     unexpected = [k for k in source if k not in state and not any(part in k for part in ignore_unexpected)]
     missing = [k for k in state if k not in source]
     if missing or unexpected:
         raise CheckpointError(f"{Path(path).name} does not fit {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     _check_rows(tensors, state, source, Path(path).name)
-    rounded = comfy_rounded_biases({n: (tensors.dtype(n), tensors.shape(n)) for n in tensors.entries})
+    rounded = comfy_rounded_biases({n: (tensors.dtype(n), tensors.shape(n)) for n in tensors.entries}) \
+        if comfy_dit else {}
     tied = _tied_names(model)
     if shard is not None:
         shard(model)
