@@ -130,7 +130,7 @@ def test_sharding_mixed_dtype_blocks_in_bf16(tests_dir, tiny_models, bf16_refere
         assert torch.equal(a["out"], b["out"])
 
 
-@pytest.mark.parametrize("world_size, ulysses, ring", [(2, 2, 1), (2, 1, 2), (4, 2, 2), (4, 1, 4)])
+@pytest.mark.parametrize("world_size, ulysses, ring", [(2, 2, 1), (2, 1, 2), (4, 1, 4)])
 def test_bf16_parity_is_bounded_by_what_bf16_itself_costs(tests_dir, tiny_models, bf16_reference, world_size,
                                                           ulysses, ring):
     """In bf16, N ranks against one bf16 process on uneven tokens: the difference sequence parallelism makes
