@@ -133,13 +133,14 @@ def test_sharding_mixed_dtype_blocks_in_bf16(tests_dir, tiny_models, bf16_refere
 @pytest.mark.parametrize("world_size, ulysses, ring", [(2, 2, 1), (2, 1, 2), (4, 1, 4)])
 def test_bf16_parity_is_bounded_by_what_bf16_itself_costs(tests_dir, tiny_models, bf16_reference, world_size,
                                                           ulysses, ring):
-    """In bf16, N ranks against one bf16 process on uneven tokens: the difference sequence parallelism makes
-    (the ring's blockwise softmax and its merge order) stays within what bf16 itself costs against float32 in
-    one process; Ulysses only moves heads, so it must be as close as the order of float sums allows."""
+    """In bf16, N ranks against one bf16 process on uneven tokens: the difference the ring makes (its blockwise
+    softmax in bf16 and its merge) stays within 0.6x what bf16 itself costs against float32 in one process
+    (measured: 0.49x on 2 and 4 ranks; one padded key leaking into the ring's attention gives 0.71-0.73x, so
+    the bound catches it); Ulysses only moves heads, so it must be as close as the order of float sums allows."""
     reference, bf16_cost = bf16_reference
     for result in bf16_runs(tests_dir, tiny_models["dit"], world_size, ulysses, ring, "off"):
         error = rel_error(result["out"], reference)
-        assert error <= (1e-6 if ring == 1 else bf16_cost), (error, bf16_cost)
+        assert error <= (1e-6 if ring == 1 else 0.6 * bf16_cost), (error, bf16_cost)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
