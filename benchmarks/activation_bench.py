@@ -37,13 +37,14 @@ def _status_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def write_model(config: dict, path: Path) -> Path:
+def write_model(config: dict, path: Path, seed: int = 0) -> Path:
+    """A Wan DiT of this config with random weights, written as released files are (original key names)."""
     from diffusers import WanTransformer3DModel
 
     from usp_video.distributed.models.wan21 import dit as wan
     from usp_video.distributed.models.wan21.tiny import _save, wan_to_original_keys
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     _save(wan_to_original_keys(WanTransformer3DModel(**config).state_dict()), path,
           {wan.CONFIG_METADATA_KEY: json.dumps(config)})
     return path

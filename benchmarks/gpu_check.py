@@ -223,12 +223,10 @@ def measure_memory(device: torch.device, small: bool) -> dict:
     against offload for two experts: through the Engine, one rank, no process group."""
     import tempfile
 
-    from diffusers import WanTransformer3DModel
+    from activation_bench import write_model  # beside this script
 
     from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.engine import Engine
-    from usp_video.distributed.models.wan21 import dit as wan
-    from usp_video.distributed.models.wan21.tiny import _save, wan_to_original_keys
     from usp_video.distributed.requests import SampleRequest
 
     config, dtype, _ = wan_setup(small, device)
@@ -242,12 +240,8 @@ def measure_memory(device: torch.device, small: bool) -> dict:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i in range(2):  # two experts of the same shape (different weights)
-            torch.manual_seed(i)
-            paths.append(str(Path(tmp, f"expert{i}.safetensors")))
-            _save(wan_to_original_keys(WanTransformer3DModel(**config).state_dict()), Path(paths[-1]),
-                  {wan.CONFIG_METADATA_KEY: json.dumps(config)})
+        # two experts of the same shape (different weights)
+        paths = [str(write_model(config, Path(tmp, f"expert{i}.safetensors"), seed=i)) for i in range(2)]
         engine = Engine(GroupConfig(**group, placement="keep"))
         model = engine.dit(paths[0])
         g = torch.Generator().manual_seed(0)

@@ -74,6 +74,12 @@ def _has_process_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _batchable(positive: Cond, negative: Cond) -> bool:
+    """Can the two CFG passes run as one batch? When the conditionings hold the same tensors of the same
+    shapes (past the batch dimension, which both take from the latent)."""
+    return set(positive) == set(negative) and all(positive[n].shape[1:] == negative[n].shape[1:] for n in positive)
+
+
 def _weight_bytes(path: str, dtype: torch.dtype) -> int:
     """Bytes a model file's weights take at the compute dtype (from its header alone)."""
     p = Path(path)
@@ -227,6 +233,17 @@ class Engine:
             return _free_memory(device)
         return _free_memory(device) // int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
 
+    def _worst_need_and_free(self, need: float, device: torch.device | None = None) -> tuple[float, float]:
+        """(the largest need, the smallest free memory on `device`) over the ranks, so that every rank of a
+        pre-flight decides alike. Collective."""
+        worst = torch.tensor([float(need), -float(self._rank_free_memory(device))], dtype=torch.float64,
+                             device=self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.world_group)
+        return float(worst[0]), -float(worst[1])
+
     def check_memory(self, path: str, family: models.ModelFamily, sharded: bool, device: torch.device | None = None,
                      offload: bool = False, idle: bool = False) -> None:
         """The memory pre-flight of a DiT load: what the load will add to a rank at its peak (the family
@@ -242,13 +259,7 @@ class Engine:
             need = family.dit_load_bytes(path, self.dtype, self.world_size if sharded else 1) * (2 if idle else 1)
         except (CheckpointError, OSError) as exc:  # told to every rank below, so that none waits alone
             error = exc
-        worst = torch.tensor([float(need), -float(self._rank_free_memory(device))], dtype=torch.float64,
-                             device=self.device)
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.world_group)
-        need, free = float(worst[0]), -float(worst[1])
+        need, free = self._worst_need_and_free(need, device)
         if error is not None:
             raise CheckpointError(f"{Path(path).name} cannot be read: {error}") from None
         if need == float("inf"):
@@ -488,8 +499,7 @@ class Engine:
             seq = family.step_sequence(model, latent_shape, text_tokens)
             sp = model.usp_sp
             batch = latent_shape[0] * passes
-            bytes_ = memory.step_activation_bytes(seq["tokens"], seq["hidden"], seq["ffn"], batch,
-                                                  torch.empty((), dtype=self.dtype).element_size(),
+            bytes_ = memory.step_activation_bytes(seq["tokens"], seq["hidden"], seq["ffn"], batch, self.dtype.itemsize,
                                                   sp.ulysses_degree * sp.ring_degree, sp.ulysses_degree,
                                                   sp.ring_degree)
             if fsdp.is_sharded(model):
@@ -502,13 +512,8 @@ class Engine:
         """The activations pre-flight of a sample: a ValueError saying what to change, before the first
         step, when a step will not fit in a rank's free memory (with the models loaded). Collective: the
         ranks agree on the largest need and the smallest free memory."""
-        need = self.activation_bytes(family, experts, latent_shape, text_tokens, passes)
-        worst = torch.tensor([float(need), -float(self._rank_free_memory())], dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.world_group)
-        need, free = float(worst[0]), -float(worst[1])
+        need, free = self._worst_need_and_free(self.activation_bytes(family, experts, latent_shape, text_tokens,
+                                                                     passes))
         if need <= free:
             return
         t, h, w = latent_shape[-3:]
@@ -582,8 +587,7 @@ class Engine:
         # conditionings have the same shapes (and no cfg-parallel), else one pass at a time
         two_passes = req.negative is not None and any(req.cfg_for(i) != 1.0 for i in range(len(experts)))
         text_tokens = max(c["tokens"].shape[1] for c in ([req.positive, req.negative] if two_passes else [req.positive]))
-        batched = two_passes and self.cfg_degree == 1 and set(req.positive) == set(req.negative) and all(
-            req.positive[n].shape[1:] == req.negative[n].shape[1:] for n in req.positive)
+        batched = two_passes and self.cfg_degree == 1 and _batchable(req.positive, req.negative)
         self.check_activations(family, experts, tuple(req.latent.shape), text_tokens, passes=2 if batched else 1)
         step = 0  # the step the next model call belongs to (each sampler calls the model once a step)
         noise = make_noise(tuple(req.latent.shape), req.seed) if req.add_noise else torch.zeros(req.latent.shape)
@@ -637,7 +641,7 @@ class Engine:
                 mine = velocity(model, x_t, sigma, positive if sp.cfg_rank == 0 else negative, side)
                 v_pos, v_neg = _exchange(mine, sp.cfg_group, self.device)
                 v = v_neg + cfg * (v_pos - v_neg)
-            elif set(positive) == set(negative) and all(positive[n].shape == negative[n].shape for n in positive):
+            elif _batchable(positive, negative):
                 v_pos, v_neg = velocity(model, torch.cat([x_t, x_t]), sigma, both(positive, negative),
                                         "both").chunk(2)
                 v = v_neg + cfg * (v_pos - v_neg)  # one batched forward for both passes

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from comfyui_common import rel, start_comfy
+from comfyui_common import rel, start_comfy, wan_unet_config
 
 
 def comfy_load(path: str):
@@ -26,11 +26,7 @@ def comfy_load(path: str):
     from usp_video.distributed.models.wan21.tiny import TINY_WAN_CONFIG as config
 
     sd = comfy.utils.load_torch_file(path)
-    unet = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": tuple(config["patch_size"]),
-            "dim": config["num_attention_heads"] * config["attention_head_dim"], "ffn_dim": config["ffn_dim"],
-            "freq_dim": config["freq_dim"], "text_dim": config["text_dim"], "num_heads": config["num_attention_heads"],
-            "num_layers": config["num_layers"], "in_dim": config["in_channels"], "out_dim": config["out_channels"]}
-    model_config = comfy.supported_models.WAN21_T2V(unet)
+    model_config = comfy.supported_models.WAN21_T2V(wan_unet_config(config))
     if "scaled_fp8" in sd:  # as model_detection.model_config_from_unet reads the marker
         model_config.scaled_fp8 = sd.pop("scaled_fp8").dtype
     model_config.set_inference_dtype(torch.float32, None)
