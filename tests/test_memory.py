@@ -143,3 +143,21 @@ def test_an_idle_expert_parked_in_host_memory_needs_room_for_two(tiny_models, mo
         engine.check_memory(tiny_models["dit"], family, False, HOST, idle=True)
     monkeypatch.setattr(engine_module, "_free_memory", lambda device: 2 * one)
     engine.check_memory(tiny_models["dit"], family, False, HOST, idle=True)
+
+
+def test_passes_of_different_shapes_are_predicted_one_at_a_time(tiny_models, monkeypatch):
+    """A negative prompt of another length runs as its own pass (denoise does not batch it): the pre-flight
+    counts one pass of the longer text, so a device with room for that, though not for two, runs it."""
+    import torch
+
+    from parity_targets import sample_request
+
+    engine = make_engine()
+    request = sample_request(tiny_models["dit"], (9, 32, 32), steps=1, sampler="euler")
+    request.negative = {"tokens": torch.randn(1, 30, 32)}
+    model = engine.dit(tiny_models["dit"])
+    one = engine.activation_bytes(model.usp_family, [model], tuple(request.latent.shape), 30, passes=1)
+    two = engine.activation_bytes(model.usp_family, [model], tuple(request.latent.shape), 30, passes=2)
+    assert one < two
+    monkeypatch.setattr(engine_module, "_free_memory", lambda device: one)
+    engine.sample(request)

@@ -107,6 +107,9 @@ def test_card_memory_marks_the_plans_that_do_not_fit_and_says_what_would_help():
     sharded = planner.format_table("wan-14b", 2, "832x480x81", "pcie", card_gb=24, shard=True)
     assert "<- recommended" in sharded and "does not fit" not in sharded
     assert "no plan fits" in planner.format_table("wan-14b", 1, "832x480x81", "pcie", card_gb=24)
+    # at 720p the activations decide: the sharded weights alone (15.4 GB) would fit 24 GB cards
+    assert "no plan fits 24 GB cards" in planner.format_table("wan-14b", 2, "1280x720x81", "pcie", card_gb=24,
+                                                               shard=True)
     roomy = planner.format_table("wan-14b", 2, "832x480x81", "pcie", card_gb=80)
     assert "<- recommended" in roomy and "does not fit" not in roomy
     with pytest.raises(ValueError, match="--card-gb must be > 0"):
