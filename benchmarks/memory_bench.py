@@ -135,7 +135,7 @@ def _predicted(kind: str, path: Path, shares: int) -> int:
     from usp_video.distributed.models import FAMILIES, streamed
 
     if kind == "llama":
-        return streamed.load_peak_bytes(path, torch.float32, shares, fp8_within=("model.layers.",))
+        return streamed.load_peak_bytes(path, torch.float32, shares, keep_within=("model.layers.",))
     return FAMILIES["wan2.1" if kind == "wan" else "hunyuan-video"].dit_load_bytes(str(path), torch.float32, shares)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from . import memory, models, planner
 from .config import GroupConfig
-from .models import fp8
+from .models import fp8, gguf_weights
 from .models.checkpoint import CheckpointError
 from .parallel import fsdp
 from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
@@ -389,7 +389,8 @@ class Engine:
                 "ring": self.sp.ring_degree, "cfg_parallel": self.cfg_degree,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "sharded": self.sharded.get("dit", False), "parameter_bytes": fsdp.parameter_bytes(model),
-                "fp8_layers": fp8.count_fp8_layers(model), "placement": self.placement.mode,
+                "fp8_layers": fp8.count_fp8_layers(model), "quantized_layers": gguf_weights.quantized_layers(model),
+                "placement": self.placement.mode,
                 "dit_offload": self.dit_offload}
 
     def _free_memory_per_rank(self, failed: bool = False) -> dict:

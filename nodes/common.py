@@ -24,6 +24,23 @@ TIP_NEGATIVE = ('What to steer away from; used only when cfg != 1.')
 TIP_GROUP = ('From the USP Group node.')
 
 
+def quantization_text(layers: dict[str, str]) -> str:
+    """The loader's lines on a GGUF model: which layers stay quantized, in which ggml type."""
+    from ..distributed.models.gguf_weights import by_layer_kind, summary
+
+    kinds = "; ".join(f"{kind} {types}" for kind, types in by_layer_kind(layers).items())
+    return (f"GGUF: {len(layers)} layers stay quantized ({summary(layers)}), dequantized as each runs: {kinds}. "
+            "Other tensors were dequantized at load.")
+
+
+def _kernels(info: dict) -> str:
+    """Which attention kernel runs (as resolved on the ranks: "auto" becomes a name) and what is compiled."""
+    parts = [f"attention {info['attention']}"] if "attention" in info else []
+    if info.get("compiled_blocks"):
+        parts.append(f"{info['compiled_blocks']} blocks compiled ({info['compile']})")
+    return ", ".join(parts)
+
+
 def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, str]:
     """A DiT from models/diffusion_models on every rank, or the experts of one model (a list, in the
     family's expert order): (the model socket's value, the info text). The socket holds "path" (the
@@ -44,6 +61,13 @@ def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, s
                  f"free memory {info['free_bytes'] / 2**30:.1f} GiB")
     if info.get("fp8_layers"):
         text += f"; {info['fp8_layers']} layers keep their fp8 weights"
+        if info.get("fp8_compute_layers"):
+            text += f", {info['fp8_compute_layers']} multiply in fp8 (fp8_compute)"
+    kernels = _kernels(info)
+    if kernels:
+        text += f"; {kernels}"
+    if info.get("quantized_layers"):
+        text += "\n" + quantization_text(info["quantized_layers"])
     for warning in info.get("warnings", []):
         log.warning("usp-video: %s", warning)
         text += f"\nwarning: {warning}"
@@ -51,6 +75,8 @@ def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, s
     degrees = f"ulysses {info['ulysses']} x ring {info['ring']}"
     if info.get("cfg_parallel", 1) == 2:
         degrees += " x cfg-parallel 2"
+    if kernels:
+        degrees += f", {kernels}"
     weights = None
     if "parameter_bytes" in info:
         weights = (f"{info['parameter_bytes'] / 2**30:.2f} GiB{' per expert' if len(paths) > 1 else ''}, "

@@ -24,17 +24,34 @@ def _models_dir() -> Path:
     return Path(os.environ.get("USP_VIDEO_MODELS_DIR", "models"))
 
 
+# Folders whose lists add GGUF files (city96's DiTs): ComfyUI lists diffusion_models with its own extensions,
+# which do not include .gguf; ComfyUI-GGUF, where installed, registers "unet_gguf" for the same folders.
+GGUF_FOLDERS = {"diffusion_models": ("diffusion_models", "unet_gguf")}
+
+
 def list_models(folder: str) -> list[str]:
     if IN_COMFYUI:
-        return _folder_paths.get_filename_list(folder)
+        names = list(_folder_paths.get_filename_list(folder))
+        for extra in GGUF_FOLDERS.get(folder, ()):
+            if extra in _folder_paths.folder_names_and_paths:
+                roots = [Path(p) for p in _folder_paths.get_folder_paths(extra)]
+                names += [str(f.relative_to(r)).replace(os.sep, "/") for r in roots if r.is_dir()
+                          for f in r.rglob("*.gguf")]
+        return sorted(dict.fromkeys(names))
     root = _models_dir() / folder
     if not root.is_dir():
         return []
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors"))
+    patterns = ("*.safetensors", "*.gguf") if folder in GGUF_FOLDERS else ("*.safetensors",)
+    return sorted(str(p.relative_to(root)) for pattern in patterns for p in root.rglob(pattern))
 
 
 def model_path(folder: str, name: str) -> str:
     if IN_COMFYUI:
+        for extra in GGUF_FOLDERS.get(folder, ()):  # a .gguf name may come from either folder's paths
+            if name.endswith(".gguf") and extra in _folder_paths.folder_names_and_paths:
+                found = _folder_paths.get_full_path(extra, name)
+                if found:
+                    return found
         return _folder_paths.get_full_path_or_raise(folder, name)
     path = _models_dir() / folder / name
     if not path.exists():

@@ -169,7 +169,7 @@ def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder
     engine = make_engine(rank, world_size, ulysses, ring, shard_weights="on")
     model = engine.dit(dit_path)
     assert engine.sharded["dit"]
-    read = TensorFile.bytes_read  # what this rank read of the DiT's file
+    read = TensorFile.read_from.get(str(Path(dit_path)), 0)  # what this rank read of the DiT's file
     if family == "wan":
         out = dit_forward(engine, dit_path, (5, 2, 14))
     else:

@@ -16,13 +16,17 @@ class CheckpointError(ValueError):
 
 
 def read_header(path: str | Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
-    """Shapes and dtypes of every tensor in a .safetensors file, and its metadata, without
-    reading the tensors. Raises CheckpointError for anything that is not a whole safetensors file."""
+    """Shapes and dtypes of every tensor in a .safetensors (or GGUF) file, and its metadata, without
+    reading the tensors. Raises CheckpointError for anything that is not a whole safetensors or GGUF file."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
+    from . import gguf_weights
+
+    if gguf_weights.is_gguf(path):  # a GGUF DiT: {name: (shape, ggml type such as "Q4_K")}, its metadata
+        return gguf_weights.read_header(path)
     if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
         raise CheckpointError(f"{path.name}: pickle checkpoints ({path.suffix}) are not loaded; "
                               "use the .safetensors file of the same model (ComfyUI's repackaged files are)")
@@ -39,6 +43,11 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[list[int], str]], dic
 def load_state_dict(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from .gguf_weights import is_gguf
+
+    if is_gguf(path):
+        raise CheckpointError(f"{Path(path).name} is a GGUF file: GGUF is read for diffusion models (the DiT) only; "
+                              "use the .safetensors file of this model")
     try:
         state = load_file(str(path))
     except Exception as exc:

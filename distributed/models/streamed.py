@@ -26,7 +26,8 @@ from typing import Callable
 
 import torch
 
-from . import fp8
+from . import fp8, gguf_weights
+from .gguf_weights import GGUFFile
 from .checkpoint import DIT_PREFIXES, CheckpointError, comfy_rounded_biases, keeps_fp32, strip_prefix
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -63,48 +64,71 @@ class TensorFile:
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start..stop of a tensor (all of a 0-d one), in the file's dtype, on the CPU."""
         dtype, shape, begin, end = self.entries[name]
-        if not shape:
-            start, stop, row_shape = 0, 1, []
-        else:
-            stop = shape[0] if stop is None else min(stop, shape[0])
-            start, row_shape = min(start, stop), shape[1:]
-        row_bytes = math.prod(row_shape) * torch.empty((), dtype=dtype).element_size()
-        size = (stop - start) * row_bytes
-        out = torch.empty((stop - start, *row_shape) if shape else (), dtype=dtype)
-        if size:
-            buffer = memoryview((out.view(-1) if shape else out.reshape(1)).view(torch.uint8).numpy())
-            offset, done = self.start + begin + start * row_bytes, 0
-            with open(self.path, "rb", buffering=0) as f:
-                while done < size:  # a read returns at most ~2 GiB, and network file systems return less
-                    got = os.preadv(f.fileno(), [buffer[done:]], offset + done)
-                    if got == 0:
-                        raise CheckpointError(f"{self.path.name}: tensor {name} is cut short; the file may be "
-                                              "truncated")
-                    done += got
-            TensorFile.bytes_read += size
-            TensorFile.read_from[str(self.path)] = TensorFile.read_from.get(str(self.path), 0) + size
-        return out
+        return read_rows(self.path, name, dtype, shape, self.start + begin, start, stop)
 
 
-def load_peak_bytes(path: str | Path, dtype: torch.dtype, shares: int, fp8_within: tuple[str, ...] = ()) -> int:
-    """What `load` adds to one rank's memory at its peak, predicted from the file's header (peak_bytes)."""
-    tensors = TensorFile(path)
-    return peak_bytes({name: (d, shape) for name, (d, shape, *_) in tensors.entries.items()}, dtype, shares, fp8_within)
+def read_rows(path: Path, name: str, dtype: torch.dtype, shape: list[int], offset: int, start: int = 0,
+              stop: int | None = None) -> torch.Tensor:
+    """Rows start..stop (all of a 0-d tensor) of the tensor `name` of shape `shape` stored row-major at byte
+    `offset` of the file, read with positional reads (counted in TensorFile.bytes_read and read_from)."""
+    if not shape:
+        start, stop, row_shape = 0, 1, []
+    else:
+        stop = shape[0] if stop is None else min(stop, shape[0])
+        start, row_shape = min(start, stop), shape[1:]
+    row_bytes = math.prod(row_shape) * dtype.itemsize
+    size = (stop - start) * row_bytes
+    out = torch.empty((stop - start, *row_shape) if shape else (), dtype=dtype)
+    if size:
+        buffer = memoryview((out.view(-1) if shape else out.reshape(1)).view(torch.uint8).numpy())
+        offset, done = offset + start * row_bytes, 0
+        with open(path, "rb", buffering=0) as f:
+            while done < size:  # a read returns at most ~2 GiB, and network file systems return less
+                got = os.preadv(f.fileno(), [buffer[done:]], offset + done)
+                if got == 0:
+                    raise CheckpointError(f"{path.name}: tensor {name} is cut short; the file may be truncated")
+                done += got
+        TensorFile.bytes_read += size
+        TensorFile.read_from[str(path)] = TensorFile.read_from.get(str(path), 0) + size
+    return out
+
+
+def open_tensors(path: str | Path):
+    """The tensors of a single file, read on demand: a TensorFile (.safetensors) or a GGUFFile (.gguf)."""
+    return GGUFFile(path) if gguf_weights.is_gguf(path) else TensorFile(path)
+
+
+def load_peak_bytes(path: str | Path, dtype: torch.dtype, shares: int, keep_within: tuple[str, ...] = ()) -> int:
+    """What `load` adds to one rank's memory at its peak, predicted from the file's header (peak_bytes).
+    A GGUF file's quantized tensors count as their bytes where they stay quantized, else as their values."""
+    tensors = open_tensors(path)
+    entries = {}
+    for name, (file_dtype, shape, *_) in tensors.entries.items():
+        if getattr(tensors, "is_quantized", lambda _: False)(name) and not (
+                _within(name, keep_within) and tensors.row_selectable(name) and len(shape) == 2):
+            file_dtype, shape = torch.float32, tensors.shape(name)  # dequantized at load
+        entries[name] = (file_dtype, shape)
+    return peak_bytes(entries, dtype, shares, keep_within)
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return bool(prefixes) and name.split("diffusion_model.")[-1].startswith(prefixes)
 
 
 def peak_bytes(tensors: dict[str, tuple[torch.dtype, list[int]]], dtype: torch.dtype, shares: int,
-               fp8_within: tuple[str, ...] = ()) -> int:
+               keep_within: tuple[str, ...] = ()) -> int:
     """The streamed load's peak on one rank for a file of these tensors ({name: (file dtype, shape)}):
-    the rank's share of the weights (at the compute dtype; 1 byte for the fp8 Linear weights kept as fp8,
-    those of 2-D fp8 tensors whose names start with fp8_within) plus the largest tensor's slice read and
-    converted, and a margin for the allocator and the model's small buffers."""
-    size = torch.empty((), dtype=dtype).element_size()
+    the rank's share of the weights (at the compute dtype; 1 byte per stored byte for the Linear weights that
+    keep the file's compact storage: 2-D fp8 tensors, or a GGUF file's quantized rows (uint8), whose names
+    start with keep_within) plus the largest tensor's slice read and converted, and a margin for the
+    allocator and the model's small buffers."""
+    size = dtype.itemsize
     total = largest = 0
     for name, (file_dtype, shape) in tensors.items():
         count = math.prod(shape)
-        kept_fp8 = bool(fp8_within) and file_dtype.is_floating_point and file_dtype.itemsize == 1 and \
-            len(shape) == 2 and name.split("diffusion_model.")[-1].startswith(fp8_within)
-        total += count * (1 if kept_fp8 else size)
+        compact = file_dtype.itemsize == 1 and (file_dtype.is_floating_point or file_dtype == torch.uint8)
+        kept = compact and len(shape) == 2 and _within(name, keep_within)
+        total += count * (1 if kept else size)
         largest = max(largest, count * (file_dtype.itemsize + size))
     return int(total / shares + largest / shares + LOAD_MARGIN)
 
@@ -167,20 +191,25 @@ def _my_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callable[[dict], dict], dtype: torch.dtype,
-         device: torch.device | str, what: str, *, fp8_within: tuple[str, ...] = (),
+         device: torch.device | str, what: str, *, keep_within: tuple[str, ...] = (),
          shard: Callable[[torch.nn.Module], object] | None = None, ignore_unexpected: tuple[str, ...] = (),
          prefixes: tuple[str, ...] = DIT_PREFIXES, comfy_dit: bool = False):
     """make()'s model with the tensors of the single file at path, loaded as the module docstring says.
 
     convert: the family's key conversion (file names, less the container prefixes, -> model names; renames
-    and row selections, see source_map; names it leaves out are not read); fp8_within: the module prefixes
-    whose Linear layers keep an fp8 file's fp8 weights (fp8.keep_fp8; not those the class keeps in float32);
+    and row selections, see source_map; names it leaves out are not read); keep_within: the module prefixes
+    whose Linear layers keep the file's compact weights: an fp8 file's fp8 weights (fp8.keep_fp8), a GGUF
+    file's quantized rows (gguf_weights.keep_quantized); not the layers the class keeps in float32;
     shard(model): shards the meta model's parameters (FSDP2), or None for a whole model. Tied parameters
     (one Parameter under two names) are read once and stay one. Non-persistent buffers are left
     uninitialised: the caller builds them (Wan's RoPE tables). comfy_dit: the file is a diffusion model, whose
     Linear biases ComfyUI rounds to fp8 in a scaled-fp8 file; they are rounded the same way
     (checkpoint.comfy_rounded_biases)."""
-    tensors = TensorFile(path)
+    tensors = open_tensors(path)
+    quantized = isinstance(tensors, GGUFFile)
+    if quantized and not comfy_dit:
+        raise CheckpointError(f"{Path(path).name} is a GGUF file: GGUF is read for diffusion models (the DiT) "
+                              f"only; load {what} from its .safetensors file")
     names = [n for n in tensors.entries if not (n == "scaled_fp8" or n.endswith((".scale_weight", ".scale_input")))]
     source = source_map({n: tensors.shape(n) for n in names}, lambda state: convert(strip_prefix(state, prefixes)),
                         Path(path).name)
@@ -191,17 +220,21 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
     keep = keeps_fp32(type(model))
     for name, param in model.named_parameters():
         param.data = param.data.to(torch.float32 if keep(name) else dtype)
-    if fp8_within and any(tensors.dtype(n).is_floating_point and tensors.dtype(n).itemsize == 1 for n in names):
+    if keep_within and any(tensors.dtype(n).is_floating_point and tensors.dtype(n).itemsize == 1 for n in names):
         # the layers keep the file's own fp8 format (e4m3fn or e5m2): never re-rounded to another
         fp8_dtype = next(tensors.dtype(n) for n in names if tensors.dtype(n).is_floating_point
                          and tensors.dtype(n).itemsize == 1)
-        fp8.keep_fp8(model, _fp8_markers(tensors, names, scales, source), fp8_within, fp8_dtype=fp8_dtype, skip=keep)
+        fp8.keep_fp8(model, _fp8_markers(tensors, names, scales, source), keep_within, fp8_dtype=fp8_dtype, skip=keep)
+    if quantized and keep_within:
+        gguf_weights.keep_quantized(model, _quantized_sources(tensors, source), keep_within, skip=keep)
     state = model.state_dict(keep_vars=True)
     unexpected = [k for k in source if k not in state and not any(part in k for part in ignore_unexpected)]
     missing = [k for k in state if k not in source]
     if missing or unexpected:
         raise CheckpointError(f"{Path(path).name} does not fit {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    _check_rows(tensors, state, source, Path(path).name)
+    _check_rows(tensors, state, source, Path(path).name, {f"{name}.weight": [m.out_features, m.in_features]
+                                                          for name, m in model.named_modules()
+                                                          if isinstance(m, gguf_weights.QuantizedLinear)})
     rounded = comfy_rounded_biases({n: (tensors.dtype(n), tensors.shape(n)) for n in tensors.entries}) \
         if comfy_dit else {}
     tied = _tied_names(model)
@@ -218,18 +251,38 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
             local, first = _my_rows(target)
             if local.dim() == 0:
                 (file_name, _, _), = source[name]
-                local.copy_(_converted(tensors.read(file_name), local.dtype, scales.get(file_name, 1.0),
-                                       rounded.get(file_name)).reshape(()))
+                local.copy_(_converted(_file_rows(tensors, file_name, 0, None, local.dtype), local.dtype,
+                                       scales.get(file_name, 1.0), rounded.get(file_name)).reshape(()))
                 continue
             stop, at = first + local.shape[0], 0  # at: the model row where a range starts
             for file_name, begin, end in source[name]:
                 lo, hi = max(first, at), min(stop, at + end - begin)  # this range's rows that are mine
                 if lo < hi:
-                    value = _converted(tensors.read(file_name, begin + lo - at, begin + hi - at), local.dtype,
-                                       scales.get(file_name, 1.0), rounded.get(file_name))
+                    value = _converted(_file_rows(tensors, file_name, begin + lo - at, begin + hi - at, local.dtype),
+                                       local.dtype, scales.get(file_name, 1.0), rounded.get(file_name))
                     local[lo - first: hi - first].copy_(value.reshape(hi - lo, *local.shape[1:]))
                 at += end - begin
     return model.eval()
+
+
+def _file_rows(tensors, name: str, start: int, stop: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a file tensor as read for a model tensor of dtype: a GGUF quantized tensor's bytes where the
+    model keeps them quantized (uint8), else its values (float32); any other tensor as stored."""
+    if isinstance(tensors, GGUFFile) and tensors.is_quantized(name) and dtype != torch.uint8:
+        return tensors.values(name, start, stop)
+    return tensors.read(name, start, stop)
+
+
+def _quantized_sources(tensors: GGUFFile, source: dict[str, list[Rows]]) -> dict[str, str]:
+    """{model tensor: ggml type} of the model tensors made of whole rows of quantized file tensors of one type
+    (those that can stay quantized)."""
+    out = {}
+    for key, ranges in source.items():
+        kinds = {tensors.qtype(f) if tensors.is_quantized(f) and tensors.row_selectable(f) else None
+                 for f, _, _ in ranges}
+        if len(kinds) == 1 and None not in kinds:
+            out[key] = kinds.pop()
+    return out
 
 
 def _converted(value: torch.Tensor, dtype: torch.dtype, scale: float, rounded: torch.dtype | None = None) -> torch.Tensor:
@@ -259,19 +312,22 @@ def _fp8_markers(tensors: TensorFile, names: list[str], scales: dict[str, float]
     return markers
 
 
-def _check_rows(tensors: TensorFile, state: dict[str, torch.Tensor], source: dict[str, list[Rows]], what: str) -> None:
-    """Every model tensor is made of whole rows of its file tensors, as many as it has."""
+def _check_rows(tensors, state: dict[str, torch.Tensor], source: dict[str, list[Rows]], what: str,
+                logical: dict[str, list[int]]) -> None:
+    """Every model tensor is made of whole rows of its file tensors, as many as it has. logical: the shapes
+    of the values of model tensors stored otherwise (a QuantizedLinear's weight holds bytes)."""
     for key, target in state.items():
         ranges = source[key]
-        if target.dim() == 0:
+        shape = logical.get(key, list(target.shape))
+        if not shape:
             fits = len(ranges) == 1 and math.prod(tensors.shape(ranges[0][0])) == 1
         else:
-            row_size = math.prod(target.shape[1:])
-            fits = sum(end - begin for _, begin, end in ranges) == target.shape[0] and \
+            row_size = math.prod(shape[1:])
+            fits = sum(end - begin for _, begin, end in ranges) == shape[0] and \
                 all(math.prod(tensors.shape(f)[1:]) == row_size for f, _, _ in ranges)
         if not fits:
             parts = ", ".join(f"{f} {tensors.shape(f)} rows {begin}..{end}" for f, begin, end in ranges)
-            raise CheckpointError(f"{what}: the model's {key} {list(target.shape)} does not fit the file's {parts}")
+            raise CheckpointError(f"{what}: the model's {key} {shape} does not fit the file's {parts}")
 
 
 def _tied_names(model: torch.nn.Module) -> list[list[str]]:

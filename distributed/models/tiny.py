@@ -28,3 +28,63 @@ def make_all(root: str | Path) -> dict[str, dict[str, Path]]:
     from . import FAMILIES
 
     return {name: family.make_tiny(root) for name, family in FAMILIES.items()}
+
+
+# city96's rules for what stays unquantized (ComfyUI-GGUF tools/convert.py): 1-D and small tensors, and
+# the modulation tables, stay F32.
+_GGUF_SMALL = 1024
+_GGUF_F32_KEYS = (".modulation", "scale_shift_table")
+# For random K-quant blocks (the gguf package cannot write them): the fp16 scale fields of each type, and a
+# scale that keeps the weights' magnitudes below about 0.1 (as a trained model's are).
+_RANDOM_BLOCK_SCALES = {"Q2_K": ((80, 82), 0.1 / 45), "Q3_K": ((108,), 0.1 / 128), "Q4_K": ((0, 2), 0.1 / 945),
+                        "Q5_K": ((0, 2), 0.1 / 1953), "Q6_K": ((208,), 0.1 / 4064)}
+
+
+def save_gguf(state: dict, path: str | Path, arch: str, qtype: str, seed: int = 0,
+              metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """Write a DiT state dict (original / ComfyUI key names) as city96's GGUF files are written: `arch` in
+    general.architecture ("wan", "hyvid"); 1-D, small and modulation tensors in F32; the others in qtype
+    (F16 where their rows are not whole blocks of qtype and cannot be reshaped into 256-value rows; city96
+    reshapes such a tensor to rows of 256 values, with its shape in `comfy.gguf.orig_shape.<name>`, as it
+    does for Wan's 5-D patch_embedding). K-quants, which the gguf package cannot write, are random blocks
+    (the file then holds other weights than `state`: a tiny test model's weights are random anyway).
+    metadata: string fields to add (a tiny model's config, as its .safetensors file carries it).
+    Returns {name: ggml type written}."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    kind = gguf.GGMLQuantizationType
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in (metadata or {}).items():
+        writer.add_string(key, value)
+    written = {}
+    for name, tensor in state.items():
+        data = tensor.float().numpy()
+        target = qtype
+        if data.ndim <= 1 or data.size <= _GGUF_SMALL or any(k in name for k in _GGUF_F32_KEYS):
+            target = "F32"
+        block = gguf.GGML_QUANT_SIZES[kind[target]][0]
+        if data.ndim > 4 or (data.ndim > 1 and data.shape[-1] % block and data.size % 256 == 0):
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", [int(d) for d in data.shape])
+            data = data.reshape(-1, 256) if data.size % 256 == 0 else data.reshape(data.shape[0], -1)
+        if data.shape[-1] % block:
+            target = "F16"
+        if target in _RANDOM_BLOCK_SCALES:
+            fields, scale = _RANDOM_BLOCK_SCALES[target]
+            size = gguf.GGML_QUANT_SIZES[kind[target]][1]
+            blocks = rng.integers(0, 256, size=(data.size // block, size), dtype=np.uint8)
+            for at in fields:
+                values = (rng.uniform(0.2, 1.0, size=len(blocks)) * scale).astype(np.float16)
+                blocks[:, at:at + 2] = values.view(np.uint8).reshape(-1, 2)
+            raw = blocks.reshape(*data.shape[:-1], data.shape[-1] // block * size)
+        else:
+            raw = gguf.quants.quantize(data, kind[target])
+        writer.add_tensor(name, raw, raw_dtype=kind[target])
+        written[name] = target
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return written

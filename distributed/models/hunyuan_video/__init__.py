@@ -56,7 +56,7 @@ class HunyuanVideo(ModelFamily):
     def dit_load_bytes(self, path, dtype, shares):
         if Path(path).is_dir():
             return super().dit_load_bytes(path, dtype, shares)
-        return streamed.load_peak_bytes(path, dtype, shares, fp8_within=dit.FP8_WITHIN_FILE)
+        return streamed.load_peak_bytes(path, dtype, shares, keep_within=dit.FP8_WITHIN_FILE)
 
     def parallelize(self, model, sp, backend):
         return dit.parallelize_hunyuan(model, sp, backend)

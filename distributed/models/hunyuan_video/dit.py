@@ -124,7 +124,7 @@ def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float3
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     return streamed.load(lambda: HunyuanVideoTransformer3DModel(**config), path,
                          lambda state: convert_to_diffusers(state, hidden), dtype, device,
-                         "the HunyuanVideo architecture", fp8_within=FP8_WITHIN if keep_fp8 else (), shard=shard,
+                         "the HunyuanVideo architecture", keep_within=FP8_WITHIN if keep_fp8 else (), shard=shard,
                          comfy_dit=True)
 
 

@@ -71,7 +71,7 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
                       intermediate_size=inter, num_attention_heads=hidden // 128, num_key_value_heads=kv // 128)
     model = streamed.load(lambda: LlamaModel(LlamaConfig(**config)), path,
                           lambda state: {k: v for k, v in state.items() if not k.startswith("lm_head.")}, dtype,
-                          device, "a Llama text model", fp8_within=("layers.",) if keep_fp8 else (), shard=shard,
+                          device, "a Llama text model", keep_within=("layers.",) if keep_fp8 else (), shard=shard,
                           prefixes=("model.",))
     model.rotary_emb = type(model.rotary_emb)(model.config).to(device)  # non-persistent buffers: not in the file
     return model

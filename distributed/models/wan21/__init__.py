@@ -61,7 +61,7 @@ class Wan21(ModelFamily):
     def dit_load_bytes(self, path, dtype, shares):
         if Path(path).is_dir():
             return super().dit_load_bytes(path, dtype, shares)
-        return streamed.load_peak_bytes(path, dtype, shares, fp8_within=("blocks.",))
+        return streamed.load_peak_bytes(path, dtype, shares, keep_within=("blocks.",))
 
     def parallelize(self, model, sp, backend):
         return dit.parallelize_wan(model, sp, backend)

@@ -98,7 +98,7 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
     shapes, metadata = read_header(path)
     config = infer_wan_config(path, shapes, metadata)
     model = streamed.load(lambda: WanTransformer3DModel(**config), path, convert_wan_transformer_to_diffusers,
-                          dtype, device, "the Wan architecture", fp8_within=("blocks.",) if keep_fp8 else (),
+                          dtype, device, "the Wan architecture", keep_within=("blocks.",) if keep_fp8 else (),
                           shard=shard, ignore_unexpected=("norm_added_q",), comfy_dit=True)
     # The RoPE tables are non-persistent buffers, not in the file: build them for real.
     model.rope = type(model.rope)(model.config.attention_head_dim, model.config.patch_size,

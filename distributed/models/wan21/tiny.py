@@ -4,6 +4,7 @@
     diffusion_models/tiny_wan2.1_t2v.safetensors   Wan 2.1 DiT, original/ComfyUI key names
     text_encoders/tiny_umt5.safetensors            UMT5 encoder + "spiece_model" tokenizer bytes
     vae/tiny_wan_2.1_vae.safetensors               Wan-VAE, original key names
+    diffusion_models/tiny_wan2.1_t2v_Q8_0.gguf     the same DiT as city96's GGUF files are (Q8_0)
 Each file carries its config in the safetensors metadata because tiny shapes match no released variant.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import save_safetensors as _save
-from ..tiny import CORPUS as _CORPUS
+from ..tiny import CORPUS as _CORPUS, save_gguf
 from . import dit as wan, vae as wan_vae
 
 TINY_WAN_CONFIG = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=12, attention_head_dim=8,
@@ -28,8 +29,9 @@ FILES = {
     "dit": "diffusion_models/tiny_wan2.1_t2v.safetensors",
     "text_encoder": "text_encoders/tiny_umt5.safetensors",
     "vae": "vae/tiny_wan_2.1_vae.safetensors",
+    "dit_gguf": "diffusion_models/tiny_wan2.1_t2v_Q8_0.gguf",
 }
-_VERSION = "1"
+_VERSION = "2"
 
 
 def wan_to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -122,6 +124,8 @@ def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch
     dit = WanTransformer3DModel(**TINY_WAN_CONFIG)
     _save({k: v.to(dtype) for k, v in wan_to_original_keys(dit.state_dict()).items()}, paths["dit"],
           {wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_CONFIG)})
+    save_gguf(wan_to_original_keys(dit.state_dict()), paths["dit_gguf"], "wan", "Q8_0",
+              metadata={wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_CONFIG)})
 
     spiece = train_tiny_spiece()
     import sentencepiece

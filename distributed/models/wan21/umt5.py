@@ -97,7 +97,7 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
     spiece = streamed.TensorFile(path).read("spiece_model").numpy().tobytes()
     config = UMT5Config(**umt5_config_from_shapes(shapes))
     model = streamed.load(lambda: UMT5EncoderModel(config), path, _convert, dtype, device, "UMT5",
-                          fp8_within=("encoder.block.",) if keep_fp8 else (), shard=shard, prefixes=())
+                          keep_within=("encoder.block.",) if keep_fp8 else (), shard=shard, prefixes=())
     return Umt5TextEncoder(model, spiece)
 
 
