@@ -107,6 +107,19 @@ def test_shipped_api_workflow_runs_over_http(server, tiny_models, tmp_path):
         assert image.size == (64, 48) and image.n_frames == 9
 
 
+def test_a_gguf_dit_is_listed_and_runs_over_http(server, tiny_models, tmp_path):
+    """ComfyUI's own diffusion_models list leaves .gguf out; the pack's loaders list them, and a prompt runs."""
+    url, work = server
+    gguf_name = Path(tiny_models["dit_gguf"]).name
+    with urllib.request.urlopen(url + "/object_info/UspWanModelLoader") as response:
+        listed = json.load(response)["UspWanModelLoader"]["input"]["required"]["model_name"][0]
+    assert gguf_name in listed and Path(tiny_models["dit"]).name in listed
+    result = queue(url, tmp_path, *tiny_overrides(tiny_models, steps=2, width=32, height=32, length=5),
+                   "--set", f"2.model_name={gguf_name}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "20 layers stay quantized (Q8_0 20)" in log_text(work)  # the loader's info
+
+
 def test_wan22_two_sampler_workflow_runs_over_http(server, tiny_models, tmp_path):
     """ComfyUI runs the shipped two-sampler layout: the Wan 2.2 loader's expert outputs feed two USP
     Sampler Advanced nodes, the second taking the first's latent with its leftover noise."""
