@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from conftest import rel_error
 from parity_targets import dit_forward, hunyuan_forward, make_engine
 from test_fp8 import forward
+from test_wan22 import tiny_wan22  # noqa: F401 (fixture)
+from test_wan22_5b import tiny_5b  # noqa: F401 (fixture)
 from usp_video.distributed.models import CheckpointError, detect_dit, gguf_weights, streamed
 from usp_video.distributed.models.hunyuan_video import dit as hunyuan
 from usp_video.distributed.models.tiny import save_gguf
@@ -214,3 +216,26 @@ def test_bad_gguf_files_are_named(gguf_files, tmp_path):
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     with pytest.raises(CheckpointError, match="llama.gguf is"):
         detect_dit(other)
+
+
+def test_wan22_experts_and_5b_load_from_gguf(tiny_wan22, tiny_5b, tmp_path):
+    """city96's Wan 2.2 files: each A14B expert, and the TI2V-5B (48 channels: its own family claims it), from
+    GGUF through the engine, quantized, equal to the same files dequantized at load."""
+    from parity_targets import dit_inputs, ti2v_inputs
+
+    cases = [("wan2.2-a14b", tiny_wan22["high_noise"], dit_inputs), ("wan2.2-a14b", tiny_wan22["low_noise"], dit_inputs),
+             ("wan2.2-ti2v-5b", tiny_5b["dit"], ti2v_inputs)]
+    for family, source, inputs in cases:
+        with safe_open(source, "pt") as f:
+            meta = f.metadata()
+        path = str(tmp_path / (Path(source).stem + "_Q8_0.gguf"))
+        save_gguf(load_file(source), path, "wan", "Q8_0", metadata=meta)
+        assert detect_dit(path, family).name == family
+        engine = make_engine()
+        layers = engine._dit_info([path], family)["quantized_layers"]
+        assert layers and set(layers.values()) == {"Q8_0"}, family
+        x, t, context = inputs((3, 4, 6))
+        with torch.no_grad():
+            out = engine.dit(path, family)(x, t, context, return_dict=False)[0]
+            expected = wan.load_wan_transformer(path, keep_fp8=False)(x, t, context, return_dict=False)[0]
+        assert rel_error(out, expected) <= 1e-6, family
