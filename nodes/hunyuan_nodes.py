@@ -86,6 +86,10 @@ class UspHunyuanTextEncode:
         return ([[cond["tokens"], {"pooled_output": cond["pooled"]}]],)
 
 
+# The conditioning keys the HunyuanVideo sampler applies (CLIP-L's pooled text, FluxGuidance's guidance).
+APPLIED_KEYS = ("pooled_output", "guidance")
+
+
 def _pooled(extra: dict, name: str):
     pooled = extra.get("pooled_output")
     if pooled is None:
@@ -128,10 +132,13 @@ class UspHunyuanSampler:
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, guidance, shift, sampler_name,
                denoise, node_id=None, step_cache=None):
-        pos, pos_extra = conditioning_parts(positive, "positive")
-        neg, neg_extra = conditioning_parts(negative, "negative")
+        pos, pos_extra = conditioning_parts(positive, "positive", APPLIED_KEYS)
+        neg, neg_extra = conditioning_parts(negative, "negative", APPLIED_KEYS)
         if pos_extra.get("guidance") is not None:
             guidance = float(pos_extra["guidance"])
+        if neg_extra.get("guidance") is not None and float(neg_extra["guidance"]) != guidance:
+            raise ValueError(f"negative: its FluxGuidance ({float(neg_extra['guidance'])}) differs from the positive's "
+                             f"({guidance}); HunyuanVideo's guidance is one per step: set it on the positive only")
         use_negative = cfg != 1.0
         return run_sampler(model, latent_image, node_id, cache=step_cache or {},
                            seed=seed, steps=steps, cfg=cfg, shift=shift,

@@ -185,3 +185,30 @@ def test_hunyuan_empty_and_very_long_prompts_encode(tiny_hunyuan, running):
                                                tiny_hunyuan["tokenizers"], prompt)
         assert 1 <= cond.shape[1] <= 256 and cond.shape[2] == 32 and pooled.shape == (1, 16)
         assert cond.isfinite().all() and pooled.isfinite().all()
+
+
+@pytest.mark.parametrize("extra,named", [
+    ({"start_percent": 0.0, "end_percent": 0.5}, "end_percent (from ConditioningSetTimestepRange)"),
+    ({"start_percent": 0.3, "end_percent": 1.0}, "start_percent (from ConditioningSetTimestepRange)"),
+    ({"area": (8, 8, 0, 0), "strength": 1.0}, "area (from ConditioningSetArea)"),
+    ({"mask": torch.ones(1, 8, 8)}, "mask (from ConditioningSetMask)"),
+    ({"control": object()}, "control (from a ControlNet apply node)"),
+    ({"concat_latent_image": torch.zeros(1, 16, 1, 2, 2)}, "concat_latent_image (from an image-to-video node"),
+    ({"some_new_key": 1}, "some_new_key, which"),
+    ({"guidance": 6.0}, "guidance"),  # HunyuanVideo's, not Wan's
+])
+def test_conditioning_the_sampler_would_ignore_is_refused(extra, named):
+    """Native conditioning nodes put their settings in the conditioning's dict; the USP samplers apply plain
+    text (and HunyuanVideo's pooled_output and guidance): anything else is refused by name, never ignored."""
+    from usp_video.nodes.common import conditioning_parts
+
+    tokens = torch.zeros(1, 4, 32)
+    with pytest.raises(ValueError, match="positive: this conditioning carries .*" + named.replace("(", r"\(")
+                       .replace(")", r"\)")):
+        conditioning_parts([[tokens, {"pooled_output": None, **extra}]], "positive")
+    # what is applied, or changes nothing, passes: the whole timestep range, None values, the attention mask
+    whole = {"start_percent": 0.0, "end_percent": 1.0, "pooled_output": None,
+             "attention_mask": torch.tensor([[1, 1, 1, 0]])}
+    assert conditioning_parts([[tokens, whole]], "positive")[0].shape == (1, 3, 32)
+    assert conditioning_parts([[tokens, {"guidance": 6.0, "pooled_output": torch.zeros(1, 16)}]], "positive",
+                              ("pooled_output", "guidance"))[1]["guidance"] == 6.0
