@@ -77,7 +77,8 @@ def _group_for(args: argparse.Namespace):
                          shard_weights=getattr(args, "shard_weights", "auto"),
                          vae_split=getattr(args, "vae_split", "on") == "on",
                          placement=getattr(args, "placement", "offload"),
-                         dit_offload=getattr(args, "dit_offload", "off") == "on")
+                         dit_offload=getattr(args, "dit_offload", "off") == "on",
+                         compile=getattr(args, "compile", "off"), fp8_compute=getattr(args, "fp8_compute", "off") == "on")
     return config, ranks
 
 
@@ -251,6 +252,7 @@ def queue(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .config import DTYPES, PLACEMENTS, SHARD_WEIGHTS
     from .models import FAMILIES
+    from .parallel.compile import COMPILE
     from .parallel.usp_attention import BACKENDS
     from .sampling.samplers import SAMPLERS
 
@@ -319,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ulysses", default="auto")
     p.add_argument("--ring", default="auto")
     p.add_argument("--dtype", choices=list(DTYPES))
-    p.add_argument("--attention", default="sdpa", choices=list(BACKENDS))
+    p.add_argument("--attention", default="sdpa", choices=list(BACKENDS),
+                   help="attention kernel (auto: the fastest available, sdpa on CPU; sageattention only with ring 1)")
     p.add_argument("--threads-per-rank", type=int, default=0)
     p.add_argument("--cfg-parallel", action="store_true",
                    help="run the conditional and unconditional passes on the two halves of the ranks")
@@ -333,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit-offload", default="off", choices=["on", "off"],
                    help="the DiT's weight shards wait in host memory and each block's are copied to the GPU just "
                         "before it runs (for a DiT whose per-rank share does not fit a GPU; slower)")
+    p.add_argument("--compile", default="off", choices=list(COMPILE),
+                   help="torch.compile each DiT block: on (inductor), aot_eager (checks compilation, no speed gain)")
+    p.add_argument("--fp8-compute", default="off", choices=["on", "off"],
+                   help="an fp8 file's layers multiply in fp8 (torch._scaled_mm; CUDA GPUs of capability >= 8.9)")
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--out", help="video file to write (.webp or .gif)")
     p.add_argument("--save-latent", help="write the sampled latent (ComfyUI SaveLatent format)")

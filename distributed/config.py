@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from .parallel.compile import COMPILE
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("cpu", "cuda")
 SHARD_WEIGHTS = ("auto", "off", "on")
@@ -71,8 +73,11 @@ class GroupConfig:
     # the DiT's FSDP shards wait in host memory, copied to the GPU block by block (fsdp.py); the DiT is then always
     # sharded (shard_weights auto counts as on for it; off is refused), on one rank too
     dit_offload: bool = False
+    compile: str = "off"  # torch.compile of each DiT block: off, on (inductor), aot_eager (parallel/compile.py)
+    fp8_compute: bool = False  # fp8 layers multiply in fp8 (torch._scaled_mm) on GPUs of capability >= 8.9 (models/fp8.py)
 
     def __post_init__(self):
+        from .parallel.kernels import PACKAGES
         from .parallel.usp_attention import BACKENDS
 
         problems = []
@@ -105,8 +110,15 @@ class GroupConfig:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.attention not in BACKENDS:
             problems.append(f"attention must be one of {', '.join(BACKENDS)}, got {self.attention!r}")
-        elif self.attention == "flash_attn" and self.device != "cuda":
-            problems.append("attention 'flash_attn' needs CUDA GPUs; use 'auto' or 'sdpa' on CPU")
+        elif self.attention in PACKAGES and self.device != "cuda":
+            problems.append(f"attention '{self.attention}' needs CUDA GPUs; use 'auto' or 'sdpa' on CPU")
+        if self.compile not in COMPILE:
+            problems.append(f"compile must be one of {', '.join(COMPILE)}, got {self.compile!r}")
+        if not isinstance(self.fp8_compute, bool):
+            problems.append(f"fp8_compute must be True or False, got {self.fp8_compute!r}")
+        elif self.fp8_compute and self.device != "cuda":
+            problems.append("fp8_compute 'on' multiplies in fp8 (torch._scaled_mm) on CUDA GPUs of compute capability "
+                            ">= 8.9 (Ada, Hopper, Blackwell), not on CPU: use fp8_compute 'off' here")
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             problems.append(f"timeout must be > 0 seconds, got {self.timeout}")
         if not isinstance(self.threads_per_rank, int) or self.threads_per_rank < 0:
@@ -133,7 +145,9 @@ class GroupConfig:
     def describe(self) -> str:
         where = f"GPUs {','.join(map(str, self.gpus))}" if self.device == "cuda" else f"{self.ranks} CPU ranks"
         cfg = ", cfg-parallel 2" if self.cfg_parallel == 2 else ""
-        return f"{where}, ulysses={self.ulysses}, ring={self.ring}{cfg}, {self.dtype}"
+        extras = "".join([f", compile {self.compile}" if self.compile != "off" else "",
+                          ", fp8 compute" if self.fp8_compute else ""])
+        return f"{where}, ulysses={self.ulysses}, ring={self.ring}{cfg}, {self.dtype}, attention {self.attention}{extras}"
 
     # -- as JSON (the launcher -> the ranks) -----------------------------------------------------
 
@@ -204,4 +218,8 @@ FLAGS = {
                   "device), offload (host memory), cpu (text encoders run on the CPU)"),
     "dit_offload": (_flag_bool, "on/off: the DiT's weight shards wait in host memory and each block's are copied "
                     "to the GPU just before it runs (FSDP2 CPU offload; for a DiT whose shares do not fit the GPUs)"),
+    "compile": (_choice("compile", COMPILE), "torch.compile each DiT block: off, on (inductor), "
+                "aot_eager (checks compilation, no speed gain)"),
+    "fp8_compute": (_flag_bool, "on/off: an fp8 file's layers multiply in fp8 (torch._scaled_mm; CUDA GPUs of "
+                    "compute capability >= 8.9)"),
 }

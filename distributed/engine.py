@@ -22,6 +22,7 @@ from .config import GroupConfig
 from .models import fp8, gguf_weights
 from .models.checkpoint import CheckpointError
 from .parallel import fsdp
+from .parallel.compile import check_compile, compile_blocks
 from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
 from .parallel.usp_attention import resolve_backend
 from .parallel.vae_split import VaeSplit
@@ -151,7 +152,11 @@ class Engine:
         self.requested_degrees = (config.ulysses, config.ring)
         self.device = torch.device(f"cuda:{local_rank}" if config.device == "cuda" else "cpu")
         self.dtype = config.torch_dtype
-        self.backend = resolve_backend(config.attention, self.device)
+        # checked before anything loads; the backend is resolved again for each DiT, once its ring degree is known
+        self.backend = resolve_backend(config.attention, self.device, self.dtype)
+        check_compile(config.compile, self.device)
+        if config.fp8_compute and (reason := fp8.fp8_compute_unavailable(self.device)):
+            raise ValueError(f"{reason}: use fp8_compute 'off'")
         self.load_counts: Counter[str] = Counter()
         self._loaded: dict[str, tuple[tuple, object]] = {}  # slot -> (file key, model)
         self._meshes: dict[tuple[int, int], SequenceParallel] = {}
@@ -309,7 +314,11 @@ class Engine:
         if self.dit_offload:  # ... and what FSDP does not manage (Wan's RoPE tables) runs on the device
             fsdp.buffers_to(model, self.device)
         self.sp = self._mesh(model, family)
-        model = family.parallelize(model, self.sp, self.backend)
+        backend = resolve_backend(self.config.attention, self.device, self.dtype, self.sp.ring_degree)
+        model = family.parallelize(model, self.sp, backend)
+        model.usp_backend = backend
+        model.usp_fp8_compute_layers = fp8.use_scaled_mm(model) if self.config.fp8_compute else 0
+        model.usp_compiled_blocks = compile_blocks(family.blocks(model), self.config.compile)  # after USP and FSDP
         model.usp_family = family
         model.usp_sp = self.sp
         return model
@@ -391,6 +400,8 @@ class Engine:
                 "sharded": self.sharded.get("dit", False), "parameter_bytes": fsdp.parameter_bytes(model),
                 "fp8_layers": fp8.count_fp8_layers(model), "quantized_layers": gguf_weights.quantized_layers(model),
                 "placement": self.placement.mode,
+                "attention": model.usp_backend, "compiled_blocks": model.usp_compiled_blocks,
+                "compile": self.config.compile, "fp8_compute_layers": model.usp_fp8_compute_layers,
                 "dit_offload": self.dit_offload}
 
     def _free_memory_per_rank(self, failed: bool = False) -> dict:

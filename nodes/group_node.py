@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..distributed.client import free_group, get_group
 from ..distributed.config import DTYPES, PLACEMENTS, SHARD_WEIGHTS, GroupConfig, parse_bool, parse_degree
+from ..distributed.parallel.compile import COMPILE
 from ..distributed.parallel.usp_attention import BACKENDS
 from . import services
 
@@ -52,7 +53,11 @@ class UspGroupNode:
             "ulysses": (DEGREES, {"tooltip": "Ulysses (all-to-all) degree; must divide the attention heads "
                                              "(12 for Wan 1.3B, 40 for 14B). Best within one node."}),
             "ring": (DEGREES, {"tooltip": "Ring attention degree; works for any head count."}),
-            "attention": (list(BACKENDS), {"tooltip": "Attention kernel: sdpa (torch), flash_attn, math."}),
+            "attention": (list(BACKENDS), {"tooltip": (
+                "Attention kernel. auto: the fastest available (sdpa on CPU; on GPUs sageattention where ring is 1, "
+                "then flash_attn, then sdpa; the loader's info says which ran). sdpa: torch's own. flash_attn and "
+                "sageattention need their package, a GPU and bf16/fp16; sageattention returns no log-sum-exp, so "
+                "it runs only with ring 1. math: the slow exact reference.")}),
             "dtype": (["auto", *DTYPES], {"tooltip": "Compute precision; auto: bf16 on GPU, fp32 on CPU."}),
             "timeout_s": ("INT", {"default": 600, "min": 10, "max": 86400,
                                   "tooltip": "A collective stuck this long fails instead of hanging."}),
@@ -78,6 +83,14 @@ class UspGroupNode:
                 "are sharded and each rank's shards wait in host memory; each block's are copied to the GPU "
                 "just before it runs, so a GPU holds about two blocks. Slower (every step copies the whole "
                 "share over PCIe) and takes host memory; shard_weights must not be off.")}),
+            "compile": (list(COMPILE), {"tooltip": (
+                "torch.compile each DiT block (after sequence parallelism and weight sharding, which stay as "
+                "they are). on: inductor (GPUs: needs triton; CPU: needs a C++ compiler); the first steps of a "
+                "new size are slow while it compiles. aot_eager: checks compilation, no speed gain. off: the default.")}),
+            "fp8_compute": (["off", "on"], {"tooltip": (
+                "on: with an fp8 model file, its layers multiply in fp8 (torch._scaled_mm, the input rounded to "
+                "fp8 per tensor) instead of casting the weights up: faster on GPUs of compute capability >= 8.9 "
+                "(RTX 40xx/50xx, L40, H100, B200), slightly less exact. Refused elsewhere.")}),
         }}
 
     RETURN_TYPES = ("USP_GROUP", "STRING")
@@ -86,9 +99,10 @@ class UspGroupNode:
     CATEGORY = CATEGORY
 
     def start(self, device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",
-              shard_weights="auto", vae_split="on", placement="offload", dit_offload="off"):
+              shard_weights="auto", vae_split="on", placement="offload", dit_offload="off", compile="off",
+              fp8_compute="off"):
         config = make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel,
-                             shard_weights, vae_split, placement, dit_offload)
+                             shard_weights, vae_split, placement, dit_offload, compile, fp8_compute)
         if config.device == "cuda":
             services.free_comfy_models()
         services.note_group(get_group(config), config)
@@ -96,7 +110,8 @@ class UspGroupNode:
 
 
 def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",
-                shard_weights="auto", vae_split="on", placement="offload", dit_offload="off") -> GroupConfig:
+                shard_weights="auto", vae_split="on", placement="offload", dit_offload="off", compile="off",
+                fp8_compute="off") -> GroupConfig:
     if device == "auto":
         device = "cuda" if _cuda_count() else "cpu"
     gpu_list = parse_gpus(gpus, _cuda_count()) if device == "cuda" else ()
@@ -106,7 +121,8 @@ def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeou
     return GroupConfig(ranks=ranks, device=device, gpus=gpu_list, ulysses=parse_degree(ulysses),
                        ring=parse_degree(ring), dtype=dtype, attention=attention, timeout=float(timeout_s),
                        cfg_parallel=2 if parse_bool(cfg_parallel) else 1, shard_weights=shard_weights,
-                       vae_split=parse_bool(vae_split), placement=placement, dit_offload=parse_bool(dit_offload))
+                       vae_split=parse_bool(vae_split), placement=placement, dit_offload=parse_bool(dit_offload),
+                       compile=compile, fp8_compute=parse_bool(fp8_compute))
 
 
 class _AnyType(str):

@@ -49,13 +49,13 @@ def dit_inputs(shape, text_len=20, text_dim=32, seed=1):
 
 
 def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto", cfg_degree=1, shard_weights="off",
-                vae_split=False, dit_offload=False, placement="offload"):
+                vae_split=False, dit_offload=False, placement="offload", compile="off"):
     from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.engine import Engine
 
     return Engine(GroupConfig(ranks=world_size, ulysses=ulysses, ring=ring, cfg_parallel=cfg_degree,
                               shard_weights=shard_weights, vae_split=vae_split, dit_offload=dit_offload,
-                              placement=placement), rank=rank)
+                              placement=placement, compile=compile), rank=rank)
 
 
 def dit_forward(engine, dit_path, shape):
@@ -64,11 +64,48 @@ def dit_forward(engine, dit_path, shape):
         return engine.dit(dit_path)(x, t, context, return_dict=False)[0]
 
 
-def dit_forward_rank(rank, world_size, ulysses, ring, dit_path, shape):
+def dit_forward_rank(rank, world_size, ulysses, ring, dit_path, shape, compile="off", shard_weights="off"):
+    if compile != "off":
+        return compiled_forward(rank, world_size, ulysses, ring, dit_path, shape, shard_weights)
     engine = make_engine(rank, world_size, ulysses, ring)
     out = dit_forward(engine, dit_path, shape)
     assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
     return {"out": out}
+
+
+def compiled_forward(rank, world_size, ulysses, ring, dit_path, shape, shard_weights="off"):
+    """The DiT forward with every block compiled (compile aot_eager) after USP and FSDP, through the engine;
+    also how many times compiled graphs ran (a counting backend around aot_eager: a block that fell back to
+    eager, or was never compiled, adds nothing) and how many blocks are compiled and FSDP's."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch.distributed.fsdp import FSDPModule
+
+    from usp_video.distributed.parallel import compile as compile_mod
+
+    runs = [0]
+
+    def counting(gm, example_inputs):
+        compiled = lookup_backend("aot_eager")(gm, example_inputs)
+
+        def run(*args):
+            runs[0] += 1
+            return compiled(*args)
+        run._boxed_call = getattr(compiled, "_boxed_call", False)
+        return run
+
+    torch._dynamo.reset()  # each case compiles afresh (the cases share the ranks)
+    saved, compile_mod.BACKEND_OF["aot_eager"] = compile_mod.BACKEND_OF["aot_eager"], counting
+    try:
+        engine = make_engine(rank, world_size, ulysses, ring, shard_weights=shard_weights, compile="aot_eager")
+        out = dit_forward(engine, dit_path, shape)
+    finally:
+        compile_mod.BACKEND_OF["aot_eager"] = saved
+    assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
+    model = engine.dit(dit_path)
+    blocks = model.usp_family.blocks(model)
+    return {"out": out, "graph_runs": torch.tensor(runs[0]), "blocks": torch.tensor(len(blocks)),
+            "compiled": torch.tensor(sum(compile_mod.is_compiled(b) for b in blocks)),
+            "fsdp": torch.tensor(sum(isinstance(b, FSDPModule) for b in blocks))}
 
 
 def sample_request(dit_path, shape, steps=4, sampler="unipc", seed=7, cfg=5.0):

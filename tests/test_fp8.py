@@ -158,3 +158,38 @@ def test_an_e5m2_file_keeps_its_own_fp8_values(tiny_models, tmp_path):
     weight = model.blocks[0].attn1.to_q.weight
     assert weight.dtype == torch.float8_e5m2 and fp8.count_fp8_layers(model) > 0
     assert torch.equal(weight.float(), state["blocks.0.self_attn.q.weight"].float())
+
+
+# -- fp8 compute (the group's fp8_compute: torch._scaled_mm) ---------------------------------------------------------
+# torch._scaled_mm runs on CPU in torch 2.13, so the path's arithmetic is checked here; the option itself is refused
+# off CUDA GPUs of capability >= 8.9 (where it would be used), before anything loads.
+
+FP8_COMPUTE_TOLERANCE = 1e-2  # the DiT output vs the cast path (README); measured 4.6e-3 / 4.7e-3 (bf16 vs fp32: 5.3e-3)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_scaled"])
+def test_fp8_compute_is_within_its_tolerance_of_the_cast_path(fp8_files, scaled):
+    model = wan.load_wan_transformer(fp8_files[("wan", scaled)])
+    cast = forward("wan", model)
+    assert fp8.use_scaled_mm(model) == fp8.count_fp8_layers(model) > 0  # every fp8 layer (sizes multiples of 16)
+    err = rel_error(forward("wan", model), cast)
+    assert 0 < err <= FP8_COMPUTE_TOLERANCE, f"fp8 compute vs the cast path: relative error {err:.2e}"
+
+
+def test_fp8_compute_quantizes_the_input_per_tensor():
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 3
+    q, scale = fp8.quantize_per_tensor(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == ()
+    assert float(q.float().abs().max()) == 448.0  # the largest |x| lands on e4m3fn's largest value
+    assert float(scale) == pytest.approx(float(x.abs().max()) / 448.0)
+    assert rel_error(q.float() * scale, x) <= 2 ** -4  # 3 mantissa bits
+    zeros, one = fp8.quantize_per_tensor(torch.zeros(4, 16))
+    assert float(one) == 1.0 and not zeros.float().any()
+
+
+def test_fp8_compute_is_refused_off_cuda_before_loading():
+    from usp_video.distributed.config import GroupConfig
+
+    with pytest.raises(ValueError, match="fp8_compute 'on' .* compute capability >= 8.9.*use fp8_compute 'off'"):
+        GroupConfig(device="cpu", fp8_compute=True)
+    assert "compute capability >= 8.9" in fp8.fp8_compute_unavailable("cpu")

@@ -5,7 +5,7 @@ from batched import Batched
 from conftest import rel_error
 from parity_targets import attention_inputs
 from usp_video.distributed.parallel.mesh import resolve_degrees, valid_factorizations
-from usp_video.distributed.parallel.usp_attention import attention, attention_with_lse
+from usp_video.distributed.parallel.usp_attention import attention, attention_with_lse, resolve_backend
 
 HEADS = 12
 
@@ -25,10 +25,54 @@ CASES = [(n, u, r) for n in (2, 3, 4) for u, r in valid_factorizations(n, HEADS)
 SEQ_LENS = [24, 37]  # 37 divides none of 2, 3, 4
 
 
+# The other backends that run on CPU ("auto" resolves to sdpa there): math on Ulysses, Ring and both, padded shards.
+MATH_CASES = [(2, 2, 1), (2, 1, 2), (4, 2, 2)]
+
+
 @pytest.fixture(scope="module")
 def attention_runs(tests_dir):
     return Batched(tests_dir, "usp_attention_rank", [(n, dict(ulysses=u, ring=r, seq_len=s, heads=HEADS))
-                                                      for n, u, r in CASES for s in SEQ_LENS])
+                                                      for n, u, r in CASES for s in SEQ_LENS]
+                   + [(n, dict(ulysses=u, ring=r, seq_len=37, heads=HEADS, backend="math")) for n, u, r in MATH_CASES])
+
+
+@pytest.mark.parametrize("world_size,ulysses,ring", MATH_CASES)
+def test_math_backend_usp_attention_matches_one_process(attention_runs, world_size, ulysses, ring):
+    q, k, v = attention_inputs(37, HEADS)
+    expected = attention(q, k, v, "sdpa")
+    for rank, result in enumerate(attention_runs(world_size, ulysses=ulysses, ring=ring, seq_len=37, heads=HEADS,
+                                                 backend="math")):
+        err = rel_error(result["out"], expected)
+        assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} (math, ulysses={ulysses} ring={ring})"
+
+
+def test_auto_backend_is_sdpa_on_cpu_and_gpu_only_kernels_are_refused():
+    assert resolve_backend("auto", "cpu") == "sdpa"
+    for backend in ("flash_attn", "sageattention"):
+        with pytest.raises(ValueError, match=f"'{backend}' needs a CUDA GPU.*use attention 'auto' or one of sdpa, math"):
+            resolve_backend(backend, "cpu")
+    with pytest.raises(ValueError, match="must be one of auto, sdpa, flash_attn, sageattention, math, got 'xformers'"):
+        resolve_backend("xformers", "cpu")
+
+
+def test_backend_choice_on_gpus(monkeypatch):
+    """Where the packages are installed (pretended here: nothing runs), sageattention only with ring 1."""
+    from usp_video.distributed.parallel import kernels
+
+    monkeypatch.setattr(kernels, "installed", lambda backend: True)
+    bf16 = torch.bfloat16
+    assert resolve_backend("auto", "cuda", bf16, ring_degree=1) == "sageattention"
+    assert resolve_backend("auto", "cuda", bf16, ring_degree=2) == "flash_attn"
+    assert resolve_backend("auto", "cuda", torch.float32, ring_degree=1) == "sdpa"  # the others need bf16 / fp16
+    assert resolve_backend("sageattention", "cuda", bf16, ring_degree=1) == "sageattention"
+    with pytest.raises(ValueError, match="no log-sum-exp.*ring 1.*not ring 2.*one of sdpa, flash_attn, math"):
+        resolve_backend("sageattention", "cuda", bf16, ring_degree=2)
+    with pytest.raises(ValueError, match="bf16 or fp16 only, not float32"):
+        resolve_backend("flash_attn", "cuda", torch.float32)
+    monkeypatch.setattr(kernels, "installed", lambda backend: backend != "sageattention")
+    assert resolve_backend("auto", "cuda", bf16, ring_degree=1) == "flash_attn"
+    with pytest.raises(ValueError, match=r"needs the sageattention package \(pip install sageattention\)"):
+        resolve_backend("sageattention", "cuda", bf16)
 
 
 @pytest.mark.parametrize("seq_len", SEQ_LENS)

@@ -31,10 +31,20 @@ def test_world_size_one_matches_stock_diffusers(tiny_models, reference):
     assert rel_error(reference[UNEVEN], expected) <= 1e-6
 
 
+# Compiled blocks (compile aot_eager) on Ulysses and Ring factorizations, with and without FSDP sharding,
+# run in the same spawned ranks as the plain forwards.
+COMPILED = [(2, 2, 1, "off"), (2, 1, 2, "on"), (4, 1, 4, "off"), (4, 2, 2, "on")]
+
+
+def compiled_case(dit_path, ulysses, ring, shard):
+    return dict(ulysses=ulysses, ring=ring, dit_path=dit_path, shape=UNEVEN, compile="aot_eager", shard_weights=shard)
+
+
 @pytest.fixture(scope="module")
 def forward_runs(tests_dir, tiny_models):
     return Batched(tests_dir, "dit_forward_rank", [(n, dict(ulysses=u, ring=r, dit_path=tiny_models["dit"], shape=s))
-                                                    for n, u, r in CASES for s in (UNEVEN, EVEN)])
+                                                    for n, u, r in CASES for s in (UNEVEN, EVEN)]
+                   + [(n, compiled_case(tiny_models["dit"], u, r, sh)) for n, u, r, sh in COMPILED])
 
 
 @pytest.mark.parametrize("shape", [UNEVEN, EVEN], ids=["35-tokens", "24-tokens"])
@@ -44,6 +54,25 @@ def test_dit_forward_parity(forward_runs, tiny_models, reference, world_size, ul
     for rank, result in enumerate(results):
         err = rel_error(result["out"], reference[shape])
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("world_size,ulysses,ring,shard", [(1, 1, 1, "off")] + COMPILED)
+def test_compiled_blocks_match_one_process(forward_runs, tiny_models, reference, world_size, ulysses, ring, shard):
+    """N ranks with every block compiled == one process without compile (35 tokens: padded shards)."""
+    from parity_targets import compiled_forward
+
+    if world_size == 1:
+        results = [compiled_forward(0, 1, 1, 1, tiny_models["dit"], UNEVEN)]
+    else:
+        results = forward_runs(world_size, **compiled_case(tiny_models["dit"], ulysses, ring, shard))
+    for rank, result in enumerate(results):
+        blocks = int(result["blocks"])
+        assert int(result["compiled"]) == blocks, f"rank {rank}: {int(result['compiled'])} of {blocks} blocks compiled"
+        # every block ran compiled graphs (with several ranks, one before and one after each attention's collectives)
+        assert int(result["graph_runs"]) >= blocks, f"rank {rank}: compiled graphs ran {int(result['graph_runs'])} times"
+        assert int(result["fsdp"]) == (blocks if shard == "on" else 0), f"rank {rank}: FSDP sharding lost"
+        err = rel_error(result["out"], reference[UNEVEN])
+        assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} (ulysses={ulysses} ring={ring} shard={shard})"
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,7 @@ def test_api_workflow_runs_through_the_nodes_and_reuses_the_model(tiny_models, t
         # the state the USP Group node shows in the page (web/js/usp_status.js)
         shown = services.current_status()
         assert shown["state"] == "ready" and shown["group"].startswith("2 CPU ranks")
-        assert shown["model"] == Path(tiny_models["dit"]).name and shown["degrees"] == "ulysses 2 x ring 1"
+        assert shown["model"] == Path(tiny_models["dit"]).name and shown["degrees"] == "ulysses 2 x ring 1, attention sdpa"
         assert len(shown["free"]) == 2 and all(free > 0 for free in shown["free"])
         assert shown["last_run"].startswith("3 steps, ") and "s/step" in shown["last_run"]
         assert "weights per rank: " in shown["text"] and "rank 1 " in shown["text"]

@@ -30,7 +30,8 @@ NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风�
 
 # id: (class_type, title, widget values in widget order, {input: (src_id, slot)}, outputs [(name, type)], pos)
 WAN_T2V = {
-    1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600, "off", "auto", "on", "offload", "off"], {},
+    1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600, "off", "auto", "on", "offload", "off",
+                                 "off", "off"], {},
         [("group", "USP_GROUP"), ("info", "STRING")], (40, 60)),
     2: ("UspWanModelLoader", None, ["wan2.1_t2v_1.3B_fp16.safetensors"], {"group": (1, 0)},
         [("model", "USP_WAN_MODEL"), ("info", "STRING")], (440, 60)),
@@ -52,7 +53,8 @@ WAN_T2V = {
 }
 
 HUNYUAN_T2V = {
-    1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600, "off", "auto", "on", "offload", "off"], {},
+    1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600, "off", "auto", "on", "offload", "off",
+                                 "off", "off"], {},
         [("group", "USP_GROUP"), ("info", "STRING")], (40, 60)),
     2: ("UspHunyuanModelLoader", None, ["hunyuan_video_t2v_720p_bf16.safetensors"], {"group": (1, 0)},
         [("model", "USP_HUNYUAN_MODEL"), ("info", "STRING")], (440, 60)),
@@ -156,7 +158,7 @@ SOCKETS = {
 
 # Node sizes: wide enough that no label or value is cut short with the default model names (checked in
 # the page by tests/test_browser.py); USP Group leaves room for its state box (web/js/usp_status.js).
-SIZES = {"UspGroup": (360, 490), "UspWanModelLoader": (420, 90), "UspTextEncoderLoader": (420, 90),
+SIZES = {"UspGroup": (360, 540), "UspWanModelLoader": (420, 90), "UspTextEncoderLoader": (420, 90),
          "UspVaeLoader": (400, 90), "UspWan22TI2V5BModelLoader": (420, 90), "UspWan22ModelLoader": (460, 150),
          "UspHunyuanModelLoader": (440, 90), "UspHunyuanTextEncoderLoader": (420, 150),
          "UspWan22TI2V5BSampler": (340, 290), "UspEmptyWan22Latent": (340, 170), "UspWan22Sampler": (340, 340),
@@ -167,7 +169,7 @@ SIZES = {"UspGroup": (360, 490), "UspWanModelLoader": (420, 90), "UspTextEncoder
 # Widget names in order, for converting to API format (ours are checked against INPUT_TYPES in a test).
 WIDGETS = {
     "UspGroup": ["device", "gpus", "cpu_ranks", "ulysses", "ring", "attention", "dtype", "timeout_s", "cfg_parallel",
-                 "shard_weights", "vae_split", "placement", "dit_offload"],
+                 "shard_weights", "vae_split", "placement", "dit_offload", "compile", "fp8_compute"],
     "UspWanModelLoader": ["model_name"], "UspTextEncoderLoader": ["text_encoder_name"], "UspTextEncode": ["text"],
     "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],
     "UspWanSampler": ["seed", "control_after_generate", "steps", "cfg", "shift", "sampler_name", "denoise"],

@@ -17,72 +17,9 @@ length are sliced off before the kernel runs; the result equals unpadded attenti
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .kernels import BACKENDS, attention, attention_with_lse, resolve_backend  # noqa: F401 (re-exported)
 from .mesh import SequenceParallel
-
-BACKENDS = ("auto", "sdpa", "flash_attn", "math")
-
-
-def _flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """Pick a concrete attention backend; raises ValueError for an unknown or unusable one."""
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    device = torch.device(device)
-    if backend == "auto":
-        return "sdpa"
-    if backend == "flash_attn" and (device.type != "cuda" or not _flash_attn_available()):
-        raise ValueError("attention backend 'flash_attn' needs the flash-attn package and a CUDA device; "
-                         "use 'sdpa' or 'auto'")
-    return backend
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-    """Plain softmax attention. q: (B, Sq, H, D), k/v: (B, Sk, H, D) -> (B, Sq, H, D)."""
-    if backend == "flash_attn":
-        from flash_attn import flash_attn_func
-        return flash_attn_func(q, k, v)
-    if backend == "math":
-        out, _ = attention_with_lse(q, k, v, "math")
-        return out.to(q.dtype)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention and its log-sum-exp, for merging ring blocks.
-
-    q: (B, Sq, H, D), k/v: (B, Sk, H, D) -> out (B, Sq, H, D), lse (B, H, Sq) in float32.
-    """
-    if backend == "flash_attn":
-        from flash_attn import flash_attn_func
-        out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
-        return out, lse.float()
-    if backend == "math":
-        # (B, H, Sq, Sk) scores in float32: exact reference, memory heavy.
-        scale = q.shape[-1] ** -0.5
-        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-        lse = torch.logsumexp(scores, dim=-1)
-        out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(scores - lse.unsqueeze(-1)), v.float())
-        return out, lse
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False)[:2]
-    elif q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
-        lse = lse[..., : q.shape[1]]  # the efficient kernel pads the LSE to a multiple of 32
-    return out.transpose(1, 2), lse.float()
 
 
 def _valid_in_chunk(chunk: int, chunk_len: int, valid_len: int) -> int:
@@ -178,6 +115,17 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: Sequen
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: SequenceParallel,
                   valid: int | KeyLayout, backend: str = "sdpa",
                   joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+    """Self-attention over a sequence sharded across sp.degree ranks (see _usp_attention). Under
+    torch.compile (compile.py) one process's attention joins the compiled graph; with several ranks
+    the collectives, the ring's point-to-point passes and the key layout run eagerly, between graphs."""
+    if sp.degree == 1 and joint is None:  # no collectives, no merge (yunchang's is TorchScript): traceable
+        return _usp_attention(q, k, v, sp, valid, backend, joint)
+    return _usp_attention_eager(q, k, v, sp, valid, backend, joint)
+
+
+def _usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: SequenceParallel,
+                   valid: int | KeyLayout, backend: str = "sdpa",
+                   joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
     """Self-attention over a sequence sharded across sp.degree ranks.
 
     q/k/v: (B, S/N, H, D), this rank's shard (shard index = global SP rank). `valid` is either
@@ -212,6 +160,9 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: Sequenc
         out = SeqAllToAll4D.apply(sp.ulysses_group, out.contiguous(), 1, 2)
     assert out.shape[1] == local_len
     return out if joint is None else (out, joint_out)
+
+
+_usp_attention_eager = torch.compiler.disable(_usp_attention)
 
 
 def _gather_heads(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
