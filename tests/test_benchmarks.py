@@ -40,6 +40,14 @@ def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
     fp32 = [r for r in report["kernels"] if r["dtype"] == "float32"]
     assert fp32 and all(r["out_rel_err"] < 1e-5 and r["ring_merge_rel_err"] < 1e-5 for r in fp32)
     assert report["fp8"]["rel_err"] < 1e-6 and report["fp8"]["bytes_ratio"] < 0.9  # fp8 storage, same result
+    # kernels and compile (#22): every row measured (no errors), compiled blocks exact, fp8 compute near the cast path
+    timing = report["kernel_timing"]
+    assert timing and all("forward_s" in r for r in timing), timing
+    compiled = [r for r in timing if r["compile"] != "off"]
+    assert len(compiled) == 2 and all(r["rel_err_vs_sdpa"] < 1e-6 for r in compiled)
+    fp8_rows = [r for r in timing if r["kind"] == "fp8 compute"]
+    assert fp8_rows and all(r["fp8_compute_layers"] > 0 and r["rel_err_vs_fp8 weights, cast"] < 1e-2 for r in fp8_rows)
+    assert "errors" not in report and ("COMFYUI_DIR is not set" in result.stdout or "ours_forward_s" in report["comfyui"])
 
 
 def test_memory_bench_runs_and_meets_the_sharding_target(tmp_path):
