@@ -19,7 +19,7 @@ import torch
 
 from . import memory, models, planner
 from .config import GroupConfig
-from .models import fp8, gguf_weights
+from .models import fp8, gguf_weights, lora
 from .models.checkpoint import CheckpointError
 from .parallel import fsdp
 from .parallel.compile import check_compile, compile_blocks
@@ -159,6 +159,7 @@ class Engine:
         if config.fp8_compute and (reason := fp8.fp8_compute_unavailable(self.device)):
             raise ValueError(f"{reason}: use fp8_compute 'off'")
         self.load_counts: Counter[str] = Counter()
+        self.lora_warnings: list[str] = []  # the last sample's LoRAs that matched only part of the model
         self._loaded: dict[str, tuple[tuple, object]] = {}  # slot -> (file key, model)
         self._meshes: dict[tuple[int, int], SequenceParallel] = {}
         self.sp = SequenceParallel()
@@ -405,6 +406,33 @@ class Engine:
                 "compile": self.config.compile, "fp8_compute_layers": model.usp_fp8_compute_layers,
                 "dit_offload": self.dit_offload}
 
+    def _apply_loras(self, experts: list, req: SampleRequest) -> list[str]:
+        """Give each expert the LoRAs the request lists for it (req.loras), unless it has them already: the
+        old ones removed, the new ones read (their files only: the base model stays as loaded) and applied
+        unmerged (models/lora.py). The same list twice changes nothing. Returns warnings for LoRAs that match
+        only part of the model (applied to the layers they match)."""
+        warnings = []
+        for model, path, wanted in zip(experts, req.experts, req.loras or [[] for _ in experts]):
+            key = tuple((_file_key(p), float(s)) for p, s in wanted)
+            if getattr(model, "usp_lora_key", ()) == key:
+                continue
+            lora.remove(model)
+            model.usp_lora_key = ()
+            if wanted:
+                family = model.usp_family
+                source, shapes = family.dit_source_map(path)
+                patches = []
+                for lora_path, strength in wanted:
+                    found, report = lora.read_lora(lora_path, float(strength), shapes, family.lora_aliases,
+                                                   f"{family.label} ({Path(path).name})")
+                    self.load_counts["lora"] += 1
+                    patches += found
+                    if report.warning():
+                        warnings.append(report.warning())
+                lora.apply(model, source, patches, self.device, self.dtype)
+            model.usp_lora_key = key
+        return warnings
+
     def _free_memory_per_rank(self, failed: bool = False) -> dict:
         """{"free_bytes": this rank's free memory (_rank_free_memory: its GPU's, or its share of the host's),
         "free_bytes_per_rank": every rank's}. Collective; a rank that failed takes part with -1."""
@@ -589,6 +617,7 @@ class Engine:
         if any(m.usp_family is not family for m in experts):
             raise ValueError("the experts of one sampler call must be of one model family, got "
                              + ", ".join(m.usp_family.label for m in experts))
+        self.lora_warnings = self._apply_loras(experts, req)
         options = check_sample_request(req, family, family.describe_dit(experts[0])["text_dim"])
         if sigmas is None:  # start_at_step is past the last step: nothing to do (as in ComfyUI)
             return req.latent.float().clone()

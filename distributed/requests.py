@@ -9,6 +9,7 @@ Family-defined sampler inputs travel in "options" and are checked by the family.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -103,7 +104,9 @@ class SampleRequest:
     schedule only steps start_step..end_step run; without add_noise the latent is taken as already
     noised to the first sigma; with leftover_noise the result keeps the noise of its last sigma (in
     ComfyUI's LATENT convention, so a native sampler can go on from it).
-    cache: a step cache for this run (sampling/step_cache.py CacheSettings), {} for none."""
+    cache: a step cache for this run (sampling/step_cache.py CacheSettings), {} for none.
+    loras: per expert (in the order of `experts`), its LoRAs as [[LoRA file, strength], ...], applied on every
+    rank (models/lora.py); [] for none."""
 
     experts: list[str]
     positive: Cond
@@ -124,6 +127,7 @@ class SampleRequest:
     end_step: int | None = None
     add_noise: bool = True
     leftover_noise: bool = False
+    loras: list = field(default_factory=list)  # per expert: [[LoRA file, strength], ...]
     cache: dict = field(default_factory=dict)  # a step cache: {"method", "threshold", "start", "end"} (step_cache.py)
     fault: dict | None = None  # test-only fault injection (honoured only by groups started to allow it)
     type: str = field(default="sample", init=False)
@@ -168,6 +172,13 @@ class SampleRequest:
         if self.end_step is not None and (not isinstance(self.end_step, int) or isinstance(self.end_step, bool)
                                           or self.end_step < 0):
             problems.append(f"end_at_step must be an integer >= 0, got {self.end_step!r}")
+        if not isinstance(self.loras, list) or (self.loras and len(self.loras) != len(self.experts)) or not all(
+                isinstance(chain, list) and all(isinstance(item, (list, tuple)) and len(item) == 2
+                                                and isinstance(item[0], str) and isinstance(item[1], (int, float))
+                                                and not isinstance(item[1], bool) and math.isfinite(item[1])
+                                                for item in chain) for chain in self.loras):
+            problems.append("loras must give each expert a list of [LoRA file, finite strength] pairs, got "
+                            f"{str(self.loras)[:200]}")
         for name in ("add_noise", "leftover_noise"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -180,7 +191,8 @@ class SampleRequest:
                   "sampler": self.sampler, "denoise": self.denoise, "options": dict(self.options),
                   "preview": bool(self.preview), "family": self.family, "keep": list(self.keep),
                   "start_step": self.start_step, "end_step": self.end_step, "add_noise": self.add_noise,
-                  "leftover_noise": self.leftover_noise, "cache": dict(self.cache)}
+                  "leftover_noise": self.leftover_noise, "cache": dict(self.cache),
+                  "loras": [[[os.fspath(p), s] for p, s in chain] for chain in self.loras]}
         if self.fault is not None:
             header["fault"] = self.fault
         tensors = {"latent": self.latent.float(), **cond_tensors("positive", self.positive),
@@ -204,7 +216,8 @@ class SampleRequest:
                    end_step=_field(header, "end_step", (int, type(None)), None),
                    add_noise=_field(header, "add_noise", bool, True),
                    leftover_noise=_field(header, "leftover_noise", bool, False),
-                   cache=_field(header, "cache", dict, {}), fault=header.get("fault"))
+                   cache=_field(header, "cache", dict, {}), loras=_field(header, "loras", list, []),
+                   fault=header.get("fault"))
 
 
 @dataclass(kw_only=True)

@@ -314,6 +314,9 @@ class Worker:
                  "cfg_parallel": self.engine.sp.cfg_degree}
         if self.engine.step_cache is not None:
             reply["cache"] = self.engine.step_cache.report()
+        if self.engine.lora_warnings:
+            reply["warnings"] = self.engine.lora_warnings
+        reply["load_counts"] = dict(self.engine.load_counts)  # how often each kind of file was read: "dit", "lora"
         return reply, {"latent": latent}
 
 

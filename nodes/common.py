@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from ..distributed import api, models
 from ..distributed.client import Interrupted, get_group
@@ -182,6 +183,8 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
         services.publish_status(state=f"sampling step {event['step']}/{event['total']} ({per_step:.2f} s/step{skipped})")
 
     request.setdefault("experts", model.get("experts", [model["path"]]))
+    chains = model.get("loras", {})  # the USP LoRA nodes' chains, per expert file
+    request.setdefault("loras", [chains.get(path, []) for path in request["experts"]] if chains else [])
     sample_request = api.SampleRequest(positive=positive, negative=negative, latent=latent_image["samples"],
                                        preview=progress.wants_preview, family=model_info["family"],
                                        keep=[p for p in model.get("keep", []) if p not in request["experts"]],
@@ -196,6 +199,12 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
     except BaseException:  # ComfyUI's Cancel arrives as its own exception, raised by the progress hook
         services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
         raise
+    for warning in info.get("warnings", []):
+        log.warning("usp-video: %s", warning)
+    if chains:
+        log.info("usp-video: LoRAs %s; files read so far by the group: %s",
+                 "; ".join(f"{Path(p).name}: " + ", ".join(f"{Path(f).name} x{s:g}" for f, s in chain)
+                           for p, chain in chains.items()), info.get("load_counts"))
     ran = progress.value  # the steps actually run (a step range may run fewer than `steps`, or none)
     log.info("usp-video: sampled %d steps in %.1f s (ulysses=%d ring=%d)", ran, time.monotonic() - started,
              info["ulysses"], info["ring"])

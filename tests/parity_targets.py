@@ -413,3 +413,21 @@ def cached_cfg_parallel_rank(rank, world_size, dit_path, threshold, shard="off")
     request = cached_request(dit_path, "wan", "fbcache", threshold)
     request.negative = {"tokens": request.negative["tokens"][:, :9]}
     return cached_run(engine, request)
+
+
+# -- LoRAs (test_lora.py) ------------------------------------------------------------------------------
+
+def lora_request(dit_path, family, loras, shape=(3, 4, 6), steps=3):
+    """A short sample with LoRAs ([[file, strength], ...]) on a Wan (cfg 1: a distillation LoRA's setting) or
+    HunyuanVideo DiT."""
+    req = sample_request(dit_path, shape, steps=steps, sampler="euler", cfg=1.0) if family == "wan" else \
+        hunyuan_request(dit_path, shape, cfg=1.0, steps=steps)
+    req.negative, req.loras = None, [loras]
+    return req
+
+
+def lora_rank(rank, world_size, ulysses, ring, dit_path, family, loras, shard_weights="off"):
+    engine = make_engine(rank, world_size, ulysses, ring, shard_weights=shard_weights)
+    out = {"latent": engine.sample(lora_request(dit_path, family, loras))}
+    assert engine.sharded["dit"] == (shard_weights == "on")
+    return out

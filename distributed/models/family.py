@@ -129,6 +129,17 @@ class ModelFamily:
         (models/streamed.py), else sharded once loaded."""
         raise NotImplementedError
 
+    def dit_source_map(self, path: str) -> tuple[dict, dict[str, list[int]]]:
+        """(streamed.file_source_map of a single DiT file under this family's key conversion: which rows of which
+        file tensor each model tensor is made of; the file's tensor shapes), for LoRAs (models/lora.py).
+        A family without it takes no LoRA."""
+        raise CheckpointError(f"LoRAs are not supported for {self.label} models yet")
+
+    def lora_aliases(self, stem: str) -> list[str]:
+        """Other names LoRAs give a layer (stem: its name in the model's file, less `.weight`), beyond
+        ComfyUI's `diffusion_model.` and `lora_unet_` forms (models/lora.py)."""
+        return []
+
     def dit_load_bytes(self, path: str, dtype: torch.dtype, shares: int) -> int:
         """What loading this DiT file adds to one rank's memory at its peak, its weights split into
         `shares` (1: a whole copy), predicted from the header (the memory pre-flight). This default is

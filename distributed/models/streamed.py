@@ -210,7 +210,7 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
     if quantized and not comfy_dit:
         raise CheckpointError(f"{Path(path).name} is a GGUF file: GGUF is read for diffusion models (the DiT) "
                               f"only; load {what} from its .safetensors file")
-    names = [n for n in tensors.entries if not (n == "scaled_fp8" or n.endswith((".scale_weight", ".scale_input")))]
+    names = _weight_names(tensors)
     source = source_map({n: tensors.shape(n) for n in names}, lambda state: convert(strip_prefix(state, prefixes)),
                         Path(path).name)
     scales = {name[: -len("scale_weight")] + "weight": float(tensors.read(name).float().reshape(-1)[0])
@@ -263,6 +263,26 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
                     local[lo - first: hi - first].copy_(value.reshape(hi - lo, *local.shape[1:]))
                 at += end - begin
     return model.eval()
+
+
+def _weight_names(tensors) -> list[str]:
+    """The file's tensors that are weights (not ComfyUI's fp8 scales and marker)."""
+    return [n for n in tensors.entries if not (n == "scaled_fp8" or n.endswith((".scale_weight", ".scale_input")))]
+
+
+def file_source_map(path: str | Path, convert: Callable[[dict], dict],
+                    prefixes: tuple[str, ...] = DIT_PREFIXES) -> tuple[dict[str, list[Rows]], dict[str, list[int]]]:
+    """(source_map of a single file under a family's key conversion, {file tensor name less its container
+    prefix: shape}): which rows of which file tensor each model tensor is made of, from the header alone
+    (what `load` reads; what a LoRA's layers map through: models/lora.py)."""
+    tensors = open_tensors(path)
+    names = _weight_names(tensors)
+    stripped = {original: name for name, original in strip_prefix({n: n for n in names}, prefixes).items()}
+    source = source_map({n: tensors.shape(n) for n in names}, lambda state: convert(strip_prefix(state, prefixes)),
+                        Path(path).name)
+    # name the file tensors without their container prefix, as LoRAs name them
+    source = {key: [(stripped[f], b, e) for f, b, e in ranges] for key, ranges in source.items()}
+    return source, {stripped[n]: tensors.shape(n) for n in names}
 
 
 def _file_rows(tensors, name: str, start: int, stop: int | None, dtype: torch.dtype) -> torch.Tensor:

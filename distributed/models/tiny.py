@@ -88,3 +88,48 @@ def save_gguf(state: dict, path: str | Path, arch: str, qtype: str, seed: int = 
     writer.write_tensors_to_file()
     writer.close()
     return written
+
+
+# The LoRA layouts the tiny sets carry (ComfyUI 0.3.64 reads each): kohya's (diffusion_model., lora_up/down,
+# alpha), peft's under lora_unet_ (lora_A/lora_B, no alpha), a distillation LoRA's (pairs plus diff_b on the
+# biases and diff on the q/k norms), and diffusion-pipe's for HunyuanVideo (transformer., the original names).
+LORA_LAYOUTS = ("kohya", "peft", "distill", "diffusion_pipe")
+
+
+def save_tiny_lora(shapes: dict[str, list[int]], path: str | Path, layout: str, within: tuple[str, ...],
+                   seed: int = 0, rank: int = 4, aliases=None) -> Path:
+    """A random LoRA, in one of LORA_LAYOUTS, for the 2-D weights of a DiT file (shapes: {original name:
+    shape}) inside the modules named by `within` (the blocks). aliases(stem) -> [names]: the family's other
+    LoRA names (diffusion_pipe takes its `transformer.` one)."""
+    from safetensors.torch import save_file
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in sorted(shapes.items()):
+        if not key.startswith(within) or len(shape) != 2 or not key.endswith(".weight"):
+            continue
+        stem = key[: -len(".weight")]
+        down = torch.randn(rank, shape[1], generator=g) * 0.2
+        up = torch.randn(shape[0], rank, generator=g) * 0.2
+        if layout == "kohya" or layout == "distill":
+            out[f"diffusion_model.{stem}.lora_down.weight"], out[f"diffusion_model.{stem}.lora_up.weight"] = down, up
+            out[f"diffusion_model.{stem}.alpha"] = torch.tensor(float(rank) / 2)
+            if layout == "distill" and f"{stem}.bias" in shapes:
+                out[f"diffusion_model.{stem}.diff_b"] = torch.randn(shape[0], generator=g) * 0.05
+        elif layout == "peft":
+            name = f"lora_unet_{stem.replace('.', '_')}"
+            out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = down, up
+        elif layout == "diffusion_pipe":
+            name = next(a for a in aliases(stem) if a.startswith("transformer."))
+            out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = down, up
+        else:
+            raise ValueError(f"layout must be one of {', '.join(LORA_LAYOUTS)}, got {layout!r}")
+    if layout == "distill":  # a full difference on the 1-D q/k norm weights, as distillation LoRAs carry
+        for key, shape in sorted(shapes.items()):
+            if key.startswith(within) and key.endswith(("norm_q.weight", "norm_k.weight")):
+                out[f"diffusion_model.{key[: -len('.weight')]}.diff"] = torch.randn(shape, generator=g) * 0.05
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    return path

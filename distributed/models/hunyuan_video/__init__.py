@@ -11,7 +11,8 @@ import torch
 
 from ..family import Defaults, ModelFamily, Option, TextPart
 from ...parallel.vae_split import VaeSplit
-from .. import streamed
+from .. import lora, streamed
+from ..checkpoint import read_header
 from . import dit, text, vae
 
 
@@ -57,6 +58,17 @@ class HunyuanVideo(ModelFamily):
         if Path(path).is_dir():
             return super().dit_load_bytes(path, dtype, shares)
         return streamed.load_peak_bytes(path, dtype, shares, keep_within=dit.FP8_WITHIN_FILE)
+
+    def dit_source_map(self, path):
+        if Path(path).is_dir():
+            return super().dit_source_map(path)
+        shapes, metadata = read_header(path)
+        config = dit.infer_hunyuan_config(Path(path), shapes, metadata)
+        hidden = config["num_attention_heads"] * config["attention_head_dim"]
+        return streamed.file_source_map(path, lambda state: dit.convert_to_diffusers(state, hidden))
+
+    def lora_aliases(self, stem):
+        return lora.hunyuan_aliases(stem)
 
     def parallelize(self, model, sp, backend):
         return dit.parallelize_hunyuan(model, sp, backend)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import save_safetensors as _save
-from ..tiny import CORPUS as _CORPUS
+from .. import lora
+from ..tiny import CORPUS as _CORPUS, save_tiny_lora
 from . import dit as hunyuan, text as hunyuan_text, vae as hunyuan_vae
 
 # HunyuanVideo, shrunk: 12 heads (so every ulysses degree 1-4 divides them), both block types.
@@ -30,6 +31,7 @@ HUNYUAN_FILES = {
     "clip": "text_encoders/tiny_clip_l.safetensors",
     "tokenizers": "text_encoders/tiny_hunyuan_tokenizers",
     "vae": "vae/tiny_hunyuan_video_vae.safetensors",
+    "lora": "loras/tiny_hunyuan_lora_diffusion_pipe.safetensors",
 }
 TINY_HUNYUAN_VAE = dict(block_out_channels=[8, 8, 16, 16], norm_num_groups=4, layers_per_block=1)
 # Tiles of 32x32 pixels and 8 frames, overlapping by 8 pixels and 4 frames, for AutoencoderKLHunyuanVideo
@@ -37,7 +39,7 @@ TINY_HUNYUAN_VAE = dict(block_out_channels=[8, 8, 16, 16], norm_num_groups=4, la
 TINY_HUNYUAN_VAE_TILES = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_min_num_frames=8,
                               tile_sample_stride_height=24, tile_sample_stride_width=24,
                               tile_sample_stride_num_frames=4)
-_HUNYUAN_VERSION = "2"
+_HUNYUAN_VERSION = "3"
 
 
 def make_tiny_hunyuan_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
@@ -53,6 +55,9 @@ def make_tiny_hunyuan_models(root: str | Path, seed: int = 0, dtype: torch.dtype
     dit = HunyuanVideoTransformer3DModel(**TINY_HUNYUAN_CONFIG)
     _save({k: v.to(dtype) for k, v in hunyuan.hunyuan_to_original_keys(dit.state_dict()).items()}, paths["dit"],
           {hunyuan.CONFIG_METADATA_KEY: json.dumps(TINY_HUNYUAN_CONFIG)})
+    shapes = {k: list(v.shape) for k, v in hunyuan.hunyuan_to_original_keys(dit.state_dict()).items()}
+    save_tiny_lora(shapes, paths["lora"], "diffusion_pipe", ("double_blocks.", "single_blocks."), seed=200,
+                   aliases=lora.hunyuan_aliases)
 
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 

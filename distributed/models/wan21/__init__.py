@@ -63,6 +63,13 @@ class Wan21(ModelFamily):
             return super().dit_load_bytes(path, dtype, shares)
         return streamed.load_peak_bytes(path, dtype, shares, keep_within=("blocks.",))
 
+    def dit_source_map(self, path):
+        if Path(path).is_dir():
+            return super().dit_source_map(path)
+        from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+        return streamed.file_source_map(path, convert_wan_transformer_to_diffusers)
+
     def parallelize(self, model, sp, backend):
         return dit.parallelize_wan(model, sp, backend)
 

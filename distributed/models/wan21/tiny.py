@@ -5,6 +5,7 @@
     text_encoders/tiny_umt5.safetensors            UMT5 encoder + "spiece_model" tokenizer bytes
     vae/tiny_wan_2.1_vae.safetensors               Wan-VAE, original key names
     diffusion_models/tiny_wan2.1_t2v_Q8_0.gguf     the same DiT as city96's GGUF files are (Q8_0)
+    loras/tiny_wan_lora_{kohya,peft,distill}.safetensors   LoRAs for it in three layouts (models/tiny.py)
 Each file carries its config in the safetensors metadata because tiny shapes match no released variant.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import save_safetensors as _save
-from ..tiny import CORPUS as _CORPUS, save_gguf
+from ..tiny import CORPUS as _CORPUS, save_gguf, save_tiny_lora
 from . import dit as wan, vae as wan_vae
 
 TINY_WAN_CONFIG = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=12, attention_head_dim=8,
@@ -30,8 +31,9 @@ FILES = {
     "text_encoder": "text_encoders/tiny_umt5.safetensors",
     "vae": "vae/tiny_wan_2.1_vae.safetensors",
     "dit_gguf": "diffusion_models/tiny_wan2.1_t2v_Q8_0.gguf",
+    **{f"lora_{layout}": f"loras/tiny_wan_lora_{layout}.safetensors" for layout in ("kohya", "peft", "distill")},
 }
-_VERSION = "2"
+_VERSION = "3"
 
 
 def wan_to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,6 +128,9 @@ def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch
           {wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_CONFIG)})
     save_gguf(wan_to_original_keys(dit.state_dict()), paths["dit_gguf"], "wan", "Q8_0",
               metadata={wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_CONFIG)})
+    shapes = {k: list(v.shape) for k, v in wan_to_original_keys(dit.state_dict()).items()}
+    for i, layout in enumerate(("kohya", "peft", "distill")):
+        save_tiny_lora(shapes, paths[f"lora_{layout}"], layout, ("blocks.",), seed=100 + i)
 
     spiece = train_tiny_spiece()
     import sentencepiece

@@ -1,0 +1,323 @@
+"""LoRAs on a loaded DiT, on every rank: read from the file names ComfyUI 0.3.64 accepts, applied unmerged.
+
+Which files. A LoRA names the layers it changes after the base model's file (the original / ComfyUI key
+names), in the layouts ComfyUI 0.3.64's comfy/lora.py maps for these models: `diffusion_model.<name>` and
+`lora_unet_<name with _ for .>` for every model (Wan Fun's `lora_unet__` too), and for HunyuanVideo also
+`transformer.<name>` in diffusion-pipe's names (`img_attn_qkv`, `img_mod.linear`, `img_mlp.fc1`: the
+family's `lora_aliases`). Per layer: `lora_up` / `lora_down` (or `lora_B` / `lora_A`, `lora.up` / `lora.down`,
+`lora_linear_layer.up` / `.down`) with an optional `alpha` (scale alpha / rank, else 1); `diff` (a full
+difference of the weight) and `diff_b` (of its bias), as distillation LoRAs carry them. LoHa, LoKr, GLoRA, OFT,
+BOFT, DoRA, LoCon's `lora_mid` and `set_weight` are refused by name.
+
+Where it goes. The family's key conversion (the loader's source map: model tensor <- rows of file tensors)
+says which rows of which model tensor each file tensor became, so a LoRA on HunyuanVideo's fused q/k/v
+(or linear1: q/k/v/mlp) is split by rows exactly as its loader splits the weight.
+
+How it is applied, and why unmerged. A Linear layer gets a forward hook that adds
+scale * up(down(x)) (and diff x, diff_b) to its output: the stored weight never changes. That is what lets
+a LoRA apply to fp8 and GGUF weights (no permanent dequantization, no rounding back into fp8) and to
+FSDP-sharded weights (the hook runs where the layer runs, on the gathered weight's output), and a new
+strength or list replaces the hooks without reading the base model again. The cost is two rank-r
+matmuls per layer (about 2 x r / width of the layer's own: 2.5% at rank 64 on Wan 14B). Other tensors
+(norm weights, modulation tables: small) are merged, with a backup of the rank's rows to restore.
+In fp32 the result equals ComfyUI's merged weights to float rounding (tests/comfyui_reference_lora.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError
+
+# (up, down) tensor name suffixes of the plain LoRA layouts ComfyUI reads (comfy/weight_adapter/lora.py)
+PAIRS = (("lora_up.weight", "lora_down.weight"), ("lora_B.weight", "lora_A.weight"),
+         ("lora.up.weight", "lora.down.weight"), ("lora_linear_layer.up.weight", "lora_linear_layer.down.weight"))
+FULL = ("diff", "diff_b")
+# Adapter kinds ComfyUI knows that are not implemented here: refused by name, never half applied.
+UNSUPPORTED = {"hada_w1_a": "LoHa", "hada_w1_b": "LoHa", "hada_w2_a": "LoHa", "hada_w2_b": "LoHa", "hada_t1": "LoHa",
+               "hada_t2": "LoHa", "lokr_w1": "LoKr", "lokr_w2": "LoKr", "lokr_w1_a": "LoKr", "lokr_w1_b": "LoKr",
+               "lokr_w2_a": "LoKr", "lokr_w2_b": "LoKr", "lokr_t2": "LoKr", "a1.weight": "GLoRA",
+               "a2.weight": "GLoRA", "b1.weight": "GLoRA", "b2.weight": "GLoRA", "oft_blocks": "OFT", "oft_diag": "OFT",
+               "rescale": "OFT", "boft_blocks": "BOFT", "dora_scale": "DoRA", "lora_mid.weight": "LoCon (lora_mid)",
+               "set_weight": "set_weight (a replaced weight)", "reshape_weight": "reshape_weight",
+               "w_norm": "a norm LoRA (w_norm)", "b_norm": "a norm LoRA (b_norm)"}
+
+Rows = tuple[str, int, int]
+
+
+@dataclass
+class Patch:
+    """One change a LoRA makes to one tensor of the base file (file_key: its unprefixed original name).
+    kind "lora": scale x up @ down; kind "diff": scale x diff."""
+    file_key: str
+    kind: str
+    tensors: tuple[torch.Tensor, ...]
+    scale: float
+
+
+@dataclass
+class LoraReport:
+    """What a LoRA file matched: keys in all, layers changed, and the keys that matched nothing."""
+    name: str
+    keys: int = 0
+    layers: int = 0
+    unmatched: list[str] = field(default_factory=list)
+
+    def warning(self) -> str | None:
+        if not self.unmatched:
+            return None
+        return (f"LoRA {self.name}: {len(self.unmatched)} of {self.keys} keys match no layer of the model and are not "
+                f"applied (e.g. {', '.join(self.unmatched[:3])}); {self.layers} layers are changed")
+
+
+def stem_lookup(file_keys: list[str], aliases: Callable[[str], list[str]] = lambda stem: []) -> dict[str, str]:
+    """{LoRA key stem: the base file tensor it changes} for the layouts ComfyUI 0.3.64 accepts (module
+    docstring): a weight's stem (its name less `.weight`) under `diffusion_model.` and `lora_unet_`, and the
+    family's aliases; any other tensor (a bias, a modulation table) under `diffusion_model.<name>`."""
+    lookup = {}
+    for key in file_keys:
+        if key.endswith(".weight"):
+            stem = key[: -len(".weight")]
+            lookup[f"diffusion_model.{stem}"] = key
+            lookup[f"lora_unet_{stem.replace('.', '_')}"] = key
+            for alias in aliases(stem):
+                lookup[alias] = key
+        else:
+            lookup[f"diffusion_model.{key}"] = key
+    return lookup
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    """A LoRA tensor name -> (stem, suffix) for the suffixes this reader knows (the pairs, alpha, diff), or
+    None."""
+    for up, down in PAIRS:
+        for suffix in (up, down):
+            if key.endswith("." + suffix):
+                return key[: -len(suffix) - 1], suffix
+    for suffix in ("alpha", *FULL):
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    for suffix in ("_lora.up.weight", "_lora.down.weight"):  # diffusers' old layout: <stem>_lora.up.weight
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix.replace("_lora.", "lora.")
+    return None
+
+
+def read_lora(path: str | Path, strength: float, file_shapes: dict[str, list[int]],
+              aliases: Callable[[str], list[str]] = lambda stem: [], what: str = "the model") -> tuple[list[Patch], LoraReport]:
+    """The patches a LoRA file makes to a base model whose file holds file_shapes ({unprefixed name: shape}),
+    at this strength. Raises CheckpointError, naming the file, for an adapter kind not implemented, a LoRA
+    that matches no layer of the model, or shapes that do not fit."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"LoRA {path.name}: only .safetensors LoRA files are read")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own types for truncated or foreign files
+        raise CheckpointError(f"LoRA {path.name} is not a readable .safetensors file ({exc})") from exc
+    state = {("lora_unet_" + k[len("lora_unet__"):] if k.startswith("lora_unet__") else k): v
+             for k, v in state.items()}  # Wan Fun's LoRAs (ComfyUI's convert_lora_wan_fun)
+    kinds = sorted({UNSUPPORTED[s] for k in state for s in UNSUPPORTED if k.endswith("." + s)})
+    if kinds:
+        raise CheckpointError(f"LoRA {path.name} is a {' / '.join(kinds)} adapter, which is not implemented; "
+                              "use a plain LoRA (lora_up/lora_down or lora_A/lora_B, with diff/diff_b)")
+    lookup = stem_lookup(list(file_shapes), aliases)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    report = LoraReport(path.name, keys=len(state))
+    for key, value in state.items():
+        parts = _split(key)
+        if parts is None or parts[0] not in lookup:
+            report.unmatched.append(key)
+            continue
+        groups.setdefault(parts[0], {})[parts[1]] = value
+    if not groups:
+        sample = ", ".join(list(state)[:2]) or "none"
+        raise CheckpointError(f"LoRA {path.name}: none of its {len(state)} keys names a layer of {what} (its keys: "
+                              f"{sample}, ...); is it a LoRA for another model?")
+    patches = []
+    for stem, parts in groups.items():
+        file_key = lookup[stem]
+        patches += _patches(path.name, stem, parts, file_key, file_shapes, strength, report)
+    report.layers = len({p.file_key for p in patches})
+    return patches, report
+
+
+def _patches(name: str, stem: str, parts: dict[str, torch.Tensor], file_key: str,
+             file_shapes: dict[str, list[int]], strength: float, report: LoraReport) -> list[Patch]:
+    shape = list(file_shapes[file_key])
+    out = []
+    for up_name, down_name in PAIRS:
+        if up_name in parts or down_name in parts:
+            if up_name not in parts or down_name not in parts:
+                raise CheckpointError(f"LoRA {name}: {stem} has {up_name if up_name in parts else down_name} "
+                                      "without its pair")
+            up, down = parts[up_name].float(), parts[down_name].float()
+            up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+            rank = down.shape[0]
+            if up.shape[1] != rank or [up.shape[0], down.shape[1]] != [shape[0], _row_size(shape)]:
+                raise CheckpointError(f"LoRA {name}: {stem} is up {list(up.shape)} x down {list(down.shape)}, which "
+                                      f"does not fit the model's {file_key} {shape}; a LoRA for another size of "
+                                      "this model?")
+            alpha = parts.get("alpha")
+            scale = strength * (float(alpha) / rank if alpha is not None else 1.0)
+            out.append(Patch(file_key, "lora", (up, down), scale))
+    if "diff" in parts:
+        diff = parts["diff"].float()
+        if diff.numel() != _numel(shape):
+            raise CheckpointError(f"LoRA {name}: {stem}.diff {list(diff.shape)} does not fit the model's {file_key} "
+                                  f"{shape}")
+        out.append(Patch(file_key, "diff", (diff.reshape(shape),), strength))
+    if "diff_b" in parts:
+        bias = file_key[: -len("weight")] + "bias" if file_key.endswith(".weight") else None
+        if bias is None or bias not in file_shapes:
+            report.unmatched.append(f"{stem}.diff_b")
+        else:
+            diff = parts["diff_b"].float()
+            if diff.numel() != _numel(file_shapes[bias]):
+                raise CheckpointError(f"LoRA {name}: {stem}.diff_b {list(diff.shape)} does not fit the model's {bias} "
+                                      f"{list(file_shapes[bias])}")
+            out.append(Patch(bias, "diff", (diff.reshape(file_shapes[bias]),), strength))
+    if "alpha" in parts and not any(p.kind == "lora" for p in out):
+        report.unmatched.append(f"{stem}.alpha")
+    return out
+
+
+def _row_size(shape: list[int]) -> int:
+    return _numel(shape[1:]) if len(shape) > 1 else 1
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying the patches to a model.
+
+def inverse_source(source: dict[str, list[Rows]]) -> dict[str, list[tuple[str, int, int, int]]]:
+    """{file tensor: [(model tensor, its first model row, first file row, stop file row)]} from a loader's
+    source map ({model tensor: [(file tensor, first row, stop row)]})."""
+    out: dict[str, list[tuple[str, int, int, int]]] = {}
+    for model_key, ranges in source.items():
+        at = 0
+        for file_key, begin, end in ranges:
+            out.setdefault(file_key, []).append((model_key, at, begin, end))
+            at += end - begin
+    return out
+
+
+class _Adapters:
+    """The unmerged changes of one Linear layer: low-rank pairs, full weight differences and bias differences,
+    each already placed at the layer's output rows and scaled."""
+
+    def __init__(self):
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (down [r, in], scaled up [out, r])
+        self.weights: list[torch.Tensor] = []
+        self.bias: torch.Tensor | None = None
+
+    def __call__(self, module, args, output):
+        x = args[0]
+        for down, up in self.pairs:
+            output = output + F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
+        for weight in self.weights:
+            output = output + F.linear(x, weight.to(x.dtype))
+        if self.bias is not None:
+            output = output + self.bias.to(output.dtype)
+        return output
+
+
+def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[Patch],
+          device: torch.device | str, dtype: torch.dtype) -> int:
+    """Apply patches (read_lora's, of any number of LoRAs) to a model loaded from the file whose source map
+    this is (the rows of each model tensor in the file). Linear layers: forward hooks (unmerged); other
+    tensors: merged into this rank's rows, with a backup. Returns the number of model tensors changed.
+    remove(model) undoes it all."""
+    from .streamed import _my_rows
+
+    remove(model)
+    inverse = inverse_source(source)
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    adapters: dict[str, _Adapters] = {}
+    merged: dict[str, torch.Tensor] = {}  # model tensor -> the whole difference to add
+    for patch in patches:
+        for model_key, at, begin, end in inverse.get(patch.file_key, []):
+            owner, _, kind = model_key.rpartition(".")
+            module, param = modules.get(owner), params[model_key]
+            rows = end - begin
+            if isinstance(module, torch.nn.Linear) and kind in ("weight", "bias"):
+                layer = adapters.setdefault(owner, _Adapters())
+                if kind == "bias":
+                    delta = torch.zeros(module.out_features)
+                    delta[at:at + rows] = patch.scale * patch.tensors[0].reshape(-1)[begin:end]
+                    layer.bias = delta if layer.bias is None else layer.bias + delta
+                elif patch.kind == "lora":
+                    up, down = patch.tensors
+                    placed = torch.zeros(module.out_features, up.shape[1])
+                    placed[at:at + rows] = patch.scale * up[begin:end]
+                    layer.pairs.append((down, placed))
+                else:
+                    placed = torch.zeros(module.out_features, module.in_features)
+                    placed[at:at + rows] = patch.scale * patch.tensors[0].reshape(-1, module.in_features)[begin:end]
+                    layer.weights.append(placed)
+                continue
+            whole = merged.setdefault(model_key, torch.zeros(param.shape))
+            delta = patch.tensors[0] @ patch.tensors[1] if patch.kind == "lora" else patch.tensors[0]
+            delta = (patch.scale * delta).reshape(-1, *param.shape[1:]) if param.dim() else patch.scale * delta
+            if param.dim():
+                whole[at:at + rows] += delta[begin:end]
+            else:
+                whole += delta.reshape(())
+    handles = []
+    for owner, layer in adapters.items():
+        layer.pairs = [(d.to(device, dtype), u.to(device, dtype)) for d, u in layer.pairs]
+        layer.weights = [w.to(device, dtype) for w in layer.weights]
+        layer.bias = None if layer.bias is None else layer.bias.to(device, dtype)
+        handles.append(modules[owner].register_forward_hook(layer))
+    backups = {}
+    with torch.no_grad():
+        for model_key, delta in merged.items():
+            local, first = _my_rows(params[model_key])
+            backups[model_key] = local.detach().to("cpu", copy=True)
+            rows = delta[first:first + local.shape[0]] if local.dim() else delta
+            local.copy_((local.float() + rows.to(local.device)).to(local.dtype))
+    model.usp_lora_state = (handles, backups)
+    return len(adapters) + len(merged)
+
+
+def remove(model: torch.nn.Module) -> None:
+    """Undo apply(): the hooks removed, the merged tensors' rows restored from their backups."""
+    from .streamed import _my_rows
+
+    handles, backups = getattr(model, "usp_lora_state", ([], {}))
+    for handle in handles:
+        handle.remove()
+    if backups:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for model_key, backup in backups.items():
+                local, _ = _my_rows(params[model_key])
+                local.copy_(backup.to(local.device))
+    model.usp_lora_state = ([], {})
+
+
+def hunyuan_aliases(stem: str) -> list[str]:
+    """diffusion-pipe's names for a HunyuanVideo layer (ComfyUI's lora.py, HunyuanVideo): `transformer.` and
+    `diffusion_model.` before the original checkpoint's names (img_attn_qkv, img_mod.linear, img_mlp.fc1...)."""
+    renamed = (stem.replace("_mod.lin", "_mod.linear").replace("_attn.qkv", "_attn_qkv")
+               .replace("_attn.proj", "_attn_proj").replace(".modulation.lin", ".modulation.linear"))
+    renamed = re.sub(r"mlp\.0$", "mlp.fc1", re.sub(r"mlp\.2$", "mlp.fc2", renamed))
+    return [f"transformer.{renamed}", f"diffusion_model.{renamed}"]
+
+
+__all__ = ["Patch", "LoraReport", "read_lora", "apply", "remove", "stem_lookup", "inverse_source", "hunyuan_aliases"]
