@@ -2,6 +2,7 @@
 
     wan21_t2v_usp.json                   UI format (drag into the ComfyUI page / template browser)
     api/wan21_t2v_usp_api.json           API format (POST /prompt, `usp-video queue`)
+    wan21_t2v_lora_usp.json              Wan 2.1 14B with a step-distillation LoRA: 4 steps at cfg 1
     hunyuan_video_t2v_usp.json           the same for HunyuanVideo
     api/hunyuan_video_t2v_usp_api.json
     wan22_t2v_usp.json                   Wan 2.2 A14B, one sampler switching expert at the boundary
@@ -132,7 +133,24 @@ WAN22_5B.update({
          (1780, 240)),
 })
 
-WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
+# Wan 2.1 14B with a step-distillation LoRA (lightx2v's, the 2026 default for fast Wan): 4 steps at cfg 1, where
+# ComfyUI's own CFG split across GPUs has nothing to split and sequence parallelism does the work.
+WAN_T2V_LORA = {k: v for k, v in WAN_T2V.items()}
+WAN_T2V_LORA.update({
+    2: ("UspWanModelLoader", None, ["wan2.1_t2v_14B_fp16.safetensors"], {"group": (1, 0)},
+        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (440, 60)),
+    5: ("UspTextEncode", "Negative prompt (unused at cfg 1)", [NEGATIVE], {"text_encoder": (3, 0)},
+        [("CONDITIONING", "CONDITIONING")], (920, 300)),
+    7: ("UspWanSampler", None, [42, "fixed", 4, 1.0, 8.0, "euler", 1.0],
+        {"model": (11, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+        [("LATENT", "LATENT")], (1340, 60)),
+    10: ("SaveAnimatedWEBP", None, ["usp_video/wan21_lora", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
+         (1780, 240)),
+    11: ("UspLora", None, ["Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors", 1.0], {"model": (2, 0)},
+         [("model", "USP_WAN_MODEL")], (440, 380)),
+})
+
+WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
              "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
@@ -149,6 +167,7 @@ SOCKETS = {
     "UspWanSamplerAdvanced": [("model", "USP_WAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                               ("latent_image", "LATENT")],
     "UspVaeLoader": [("group", "USP_GROUP")], "UspVaeDecode": [("vae", "USP_VAE"), ("samples", "LATENT")],
+    "UspLora": [("model", "USP_WAN_MODEL")],
     "SaveAnimatedWEBP": [("images", "IMAGE")],
     "UspHunyuanModelLoader": [("group", "USP_GROUP")], "UspHunyuanTextEncoderLoader": [("group", "USP_GROUP")],
     "UspHunyuanTextEncode": [("text_encoder", "USP_HUNYUAN_TEXT_ENCODER")],
@@ -164,7 +183,8 @@ SIZES = {"UspGroup": (360, 540), "UspWanModelLoader": (420, 90), "UspTextEncoder
          "UspWan22TI2V5BSampler": (340, 290), "UspEmptyWan22Latent": (340, 170), "UspWan22Sampler": (340, 340),
          "UspWanSamplerAdvanced": (340, 370), "UspTextEncode": (380, 200), "UspWanSampler": (340, 290),
          "UspHunyuanTextEncode": (380, 200), "UspHunyuanSampler": (340, 320),
-         "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80)}
+         "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
+         "UspLora": (420, 110)}
 
 # Widget names in order, for converting to API format (ours are checked against INPUT_TYPES in a test).
 WIDGETS = {
@@ -180,7 +200,7 @@ WIDGETS = {
                         "boundary", "sampler_name", "denoise"],
     "UspWanSamplerAdvanced": ["add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "shift",
                               "sampler_name", "start_at_step", "end_at_step", "return_with_leftover_noise"],
-    "UspVaeLoader": ["vae_name"], "UspVaeDecode": [],
+    "UspVaeLoader": ["vae_name"], "UspVaeDecode": [], "UspLora": ["lora_name", "strength"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
     "UspHunyuanModelLoader": ["model_name"], "UspHunyuanTextEncode": ["text"],
     "UspHunyuanTextEncoderLoader": ["llama_name", "clip_name", "tokenizer_folder"],
