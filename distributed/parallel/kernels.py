@@ -12,8 +12,10 @@ kernels' published speeds, not yet measured by us on a GPU (benchmarks/gpu_check
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +65,24 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     return backend
 
 
+def eager_outside_compile(fn):
+    """fn, kept out of torch.compile's graphs (torch.compiler.disable) when anything may be compiling. The
+    disabled wrapper is built on the first call made once torch._dynamo is imported: importing it costs about
+    1 s, which a process that never compiles (every rank without `compile`, ComfyUI itself) never pays."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:  # torch.compile never imported: nothing can be compiling
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+    return call
+
+
 # The third-party kernels run outside torch.compile's graphs (compile.py compiles the blocks around them).
-@torch.compiler.disable
+@eager_outside_compile
 def _flash_attn(q, k, v, with_lse: bool):
     from flash_attn import flash_attn_func
 
@@ -74,7 +92,7 @@ def _flash_attn(q, k, v, with_lse: bool):
     return out, lse.float()
 
 
-@torch.compiler.disable
+@eager_outside_compile
 def _sageattention(q, k, v):
     from sageattention import sageattn
 

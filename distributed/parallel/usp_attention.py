@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import BACKENDS, attention, attention_with_lse, resolve_backend  # noqa: F401 (re-exported)
+from .kernels import BACKENDS, attention, attention_with_lse, eager_outside_compile, resolve_backend  # noqa: F401
 from .mesh import SequenceParallel
 
 
@@ -120,7 +120,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: Sequenc
     the collectives, the ring's point-to-point passes and the key layout run eagerly, between graphs."""
     if sp.degree == 1 and joint is None:  # no collectives, no merge (yunchang's is TorchScript): traceable
         return _usp_attention(q, k, v, sp, valid, backend, joint)
-    return _usp_attention_eager(q, k, v, sp, valid, backend, joint)
+    return _eager_usp_attention(q, k, v, sp, valid, backend, joint)
 
 
 def _usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: SequenceParallel,
@@ -162,7 +162,7 @@ def _usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: Sequen
     return out if joint is None else (out, joint_out)
 
 
-_usp_attention_eager = torch.compiler.disable(_usp_attention)
+_eager_usp_attention = eager_outside_compile(_usp_attention)
 
 
 def _gather_heads(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
