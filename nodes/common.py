@@ -162,6 +162,10 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
     options, experts and boundaries, the KSamplerAdvanced step range)."""
     if "noise_mask" in latent_image:
         raise ValueError("latent_image has a noise mask; masked (inpainting) sampling is not supported")
+    native_shift = model.get("native_shift")  # a native MODEL's shift (nodes/native_nodes.py): never ignored
+    if native_shift is not None and abs(request["shift"] - native_shift) > 1e-6 * max(1.0, native_shift):
+        raise ValueError(f"shift: this sampler's shift is {request['shift']:g}, its native MODEL's is {native_shift:g} "
+                         "(its ModelSamplingSD3, else ComfyUI's default for the model): set them equal")
     steps = request["steps"]
     model_info = model["info"]
     made_by = latent_image.get(LATENT_TAG)

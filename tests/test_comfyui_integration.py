@@ -296,3 +296,160 @@ def test_template_browser_lists_only_workflows_the_page_can_open(server):
         assert thumbnail.headers["Content-Type"] == "image/jpeg", name
         with Image.open(io.BytesIO(thumbnail.read())) as image:  # the card's picture, not a 404
             assert image.format == "JPEG" and image.width >= 256 and image.height >= 128, (name, image.size)
+
+
+# -- native MODEL chains (UNETLoader -> LoraLoaderModelOnly -> ModelSamplingSD3) into the USP samplers ------------
+
+def make_native_chain_models(root: Path) -> dict[str, str]:
+    """Tiny Wan DiTs that ComfyUI's own UNETLoader detects (its Wan detection fixes 128-wide heads, freq_dim 256
+    and text_dim 4096), two LoRAs for them (kohya and PEFT names) and a UMT5 of width 4096 to condition them."""
+    import json as _json
+
+    import torch
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from usp_video.distributed.models.checkpoint import save_safetensors
+    from usp_video.distributed.models.tiny import save_tiny_lora
+    from usp_video.distributed.models.wan21 import dit as wan
+    from usp_video.distributed.models.wan21.tiny import train_tiny_spiece, wan_to_original_keys
+
+    config = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=2, attention_head_dim=128, ffn_dim=64,
+                  num_layers=2, text_dim=4096, freq_dim=256)
+    files = {name: root / "diffusion_models" / f"tiny_native_{name}.safetensors" for name in ("wan21", "high", "low")}
+    files.update(lora_a=root / "loras" / "tiny_native_lora_a.safetensors",
+                 lora_b=root / "loras" / "tiny_native_lora_b.safetensors",
+                 umt5=root / "text_encoders" / "tiny_native_umt5_4096.safetensors")
+    if not all(p.is_file() for p in files.values()):
+        for seed, name in enumerate(("wan21", "high", "low"), start=31):
+            torch.manual_seed(seed)
+            state = wan_to_original_keys(WanTransformer3DModel(**config).state_dict())
+            save_safetensors(state, files[name], {wan.CONFIG_METADATA_KEY: _json.dumps(config)})
+        shapes = {k: list(v.shape) for k, v in state.items()}
+        save_tiny_lora(shapes, files["lora_a"], "kohya", ("blocks.",), seed=41)
+        save_tiny_lora(shapes, files["lora_b"], "peft", ("blocks.",), seed=42)
+        spiece = train_tiny_spiece()
+        import sentencepiece
+
+        vocab = sentencepiece.SentencePieceProcessor(model_proto=spiece).get_piece_size()
+        torch.manual_seed(43)
+        encoder = UMT5EncoderModel(UMT5Config(vocab_size=vocab, feed_forward_proj="gated-gelu", d_model=4096, d_kv=8,
+                                              d_ff=64, num_layers=2, num_heads=4))
+        umt5 = {k: v for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+        umt5["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
+        save_safetensors(umt5, files["umt5"], {})
+    return {name: path.name for name, path in files.items()}
+
+
+def _group_and_text(names: dict) -> dict:
+    return {
+        "1": {"class_type": "UspGroup", "inputs": {**json.loads(WORKFLOW.read_text())["1"]["inputs"], "device": "cpu",
+                                                   "cpu_ranks": 2}},
+        "3": {"class_type": "UspTextEncoderLoader", "inputs": {"group": ["1", 0], "text_encoder_name": names["umt5"]}},
+        "4": {"class_type": "UspTextEncode", "inputs": {"text_encoder": ["3", 0], "text": "a red fox"}},
+        "5": {"class_type": "UspTextEncode", "inputs": {"text_encoder": ["3", 0], "text": "blurry"}},
+        "6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 48, "length": 5,
+                                                                  "batch_size": 1}},
+    }
+
+
+def _chain(first: str, unet: str, loras: list, shift: float) -> dict:
+    """UNETLoader `first` -> a LoraLoaderModelOnly per (file, strength) -> ModelSamplingSD3, ids first, first+1..."""
+    nodes = {first: {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}}}
+    previous = first
+    for name, strength in loras:
+        node = str(int(previous) + 1)
+        nodes[node] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": [previous, 0], "lora_name": name,
+                                                                       "strength_model": strength}}
+        previous = node
+    nodes[str(int(previous) + 1)] = {"class_type": "ModelSamplingSD3", "inputs": {"model": [previous, 0],
+                                                                                  "shift": shift}}
+    return nodes
+
+
+def _saved_latent(work: Path, prefix: str):
+    from safetensors.torch import load_file
+
+    files = sorted((work / "output").glob(f"{prefix}_*.latent"))
+    assert len(files) == 1, files
+    return load_file(str(files[0]))["latent_tensor"]
+
+
+def _file_loads(log: str) -> dict:
+    """The group's file-load counts that the USP sampler logged last (with its LoRA chain)."""
+    import ast
+
+    line = [l for l in log.splitlines() if "files read so far by the group" in l][-1]
+    return ast.literal_eval(line.split("files read so far by the group: ")[1].strip())
+
+
+def _run_prompt(url, tmp_path, prompt: dict, name: str):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(prompt))
+    return queue(url, tmp_path / name, workflow=path)
+
+
+def test_native_wan21_chain_runs_on_the_group_and_matches_native_ksampler(server, tiny_models, tmp_path):
+    """UNETLoader -> LoraLoaderModelOnly (1.0) -> LoraLoaderModelOnly (0.6) -> ModelSamplingSD3 feeds both native
+    KSampler and USP Model from native MODEL -> USP Sampler (Wan 2.1), cfg 1 (distillation LoRAs): the same latent
+    (fp32). A second prompt with another strength matches again and reads no DiT file again (only the LoRAs)."""
+    url, work = server
+    names = make_native_chain_models(Path(tiny_models["dit"]).parents[1])
+    prompt = {**_group_and_text(names),
+              **_chain("20", names["wan21"], [(names["lora_a"], 1.0), (names["lora_b"], 0.6)], 5.0),
+              "2": {"class_type": "UspNativeWanModel", "inputs": {"group": ["1", 0], "model": ["23", 0]}},
+              "7": {"class_type": "UspWanSampler", "inputs": {"model": ["2", 0], "positive": ["4", 0],
+                                                              "negative": ["5", 0], "latent_image": ["6", 0],
+                                                              "seed": 7, "steps": 3, "cfg": 1.0, "shift": 5.0,
+                                                              "sampler_name": "euler", "denoise": 1.0}},
+              "30": {"class_type": "KSampler", "inputs": {"model": ["23", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                          "latent_image": ["6", 0], "seed": 7, "steps": 3, "cfg": 1.0,
+                                                          "sampler_name": "euler", "scheduler": "simple",
+                                                          "denoise": 1.0}}}
+    loads = []
+    for run, strength in enumerate((0.6, 0.3)):
+        prompt["22"]["inputs"]["strength_model"] = strength
+        prompt["31"] = {"class_type": "SaveLatent", "inputs": {"samples": ["30", 0],
+                                                               "filename_prefix": f"native21_{run}/ksampler"}}
+        prompt["32"] = {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0],
+                                                               "filename_prefix": f"native21_{run}/usp"}}
+        result = _run_prompt(url, tmp_path, prompt, f"wan21_{run}")
+        assert result.returncode == 0, result.stdout + result.stderr
+        native, ours = _saved_latent(work, f"native21_{run}/ksampler"), _saved_latent(work, f"native21_{run}/usp")
+        error = float((ours.double() - native.double()).norm() / native.double().norm())
+        assert error <= 1e-5, f"strength {strength}: relative error {error:.2e} against native KSampler"
+        loads.append(_file_loads(log_text(work)))
+    assert loads[1]["dit"] == loads[0]["dit"], loads  # the base file was not read again
+    assert loads[1]["lora"] > loads[0]["lora"], loads  # the new strength re-read the LoRAs
+    assert "UNETLoader still holds the whole model in ComfyUI's own memory" in log_text(work)
+
+
+def test_native_wan22_chains_match_two_native_ksampler_advanced(server, tiny_models, tmp_path):
+    """Wan 2.2 A14B: a native chain per expert (high: two LoRAs 1.0 and 0.6; low: one) into USP Models from native
+    MODELs, whose expert outputs feed two USP Sampler Advanced; the same chains into two native KSamplerAdvanced
+    (euler, split at step 2 with the leftover noise): the same latent (fp32)."""
+    url, work = server
+    names = make_native_chain_models(Path(tiny_models["dit"]).parents[1])
+    common = {"positive": ["4", 0], "negative": ["5", 0], "steps": 4, "cfg": 3.0, "sampler_name": "euler"}
+    first = {"add_noise": "enable", "noise_seed": 9, "start_at_step": 0, "end_at_step": 2,
+             "return_with_leftover_noise": "enable", "latent_image": ["6", 0], **common}
+    second = {"add_noise": "disable", "noise_seed": 9, "start_at_step": 2, "end_at_step": 10000,
+              "return_with_leftover_noise": "disable", **common}
+    prompt = {**_group_and_text(names),
+              **_chain("20", names["high"], [(names["lora_a"], 1.0), (names["lora_b"], 0.6)], 5.0),
+              **_chain("40", names["low"], [(names["lora_b"], 1.0)], 5.0),
+              "2": {"class_type": "UspNativeWan22Model", "inputs": {"group": ["1", 0], "high_noise_model": ["23", 0],
+                                                                    "low_noise_model": ["42", 0]}},
+              "7": {"class_type": "UspWanSamplerAdvanced", "inputs": {"model": ["2", 1], "shift": 5.0, **first}},
+              "11": {"class_type": "UspWanSamplerAdvanced", "inputs": {"model": ["2", 2], "shift": 5.0,
+                                                                       "latent_image": ["7", 0], **second}},
+              "30": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["23", 0], "scheduler": "simple", **first}},
+              "33": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["42", 0], "scheduler": "simple",
+                                                                  "latent_image": ["30", 0], **second}},
+              "31": {"class_type": "SaveLatent", "inputs": {"samples": ["33", 0], "filename_prefix": "native22/ksampler"}},
+              "32": {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": "native22/usp"}}}
+    result = _run_prompt(url, tmp_path, prompt, "wan22")
+    assert result.returncode == 0, result.stdout + result.stderr
+    native, ours = _saved_latent(work, "native22/ksampler"), _saved_latent(work, "native22/usp")
+    error = float((ours.double() - native.double()).norm() / native.double().norm())
+    assert error <= 1e-5, f"relative error {error:.2e} against two native KSamplerAdvanced"
