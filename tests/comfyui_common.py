@@ -43,3 +43,67 @@ def comfy_wan_model(path: str, config: dict, shift: float, model_class: str = "W
     cpu = torch.device("cpu")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
     return ModelSamplingSD3().patch(patcher, shift)[0]
+
+
+def detectable_wan_config() -> dict:
+    """A tiny Wan 2.1 DiT config that ComfyUI's model detection reads right from the file alone
+    (comfy/model_detection.py: heads = dim // 128, freq_dim 256, text_dim 4096, patch (1, 2, 2)): for checks
+    that load through ComfyUI's own UNETLoader rather than being given the config. 2 heads of 128."""
+    from usp_video.distributed.models.wan21.dit import WAN_VARIANTS
+
+    return dict(WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=2, ffn_dim=256, num_layers=2)
+
+
+def make_detectable_wan(root, names_seeds: dict[str, int],
+                        lora_layouts: dict[str, tuple[str, int]]) -> dict[str, str]:
+    """Tiny detectable Wan DiTs (original key names, our config in the metadata) under root/diffusion_models,
+    {name: seed}, and random LoRAs for their shape under root/loras, {name: (layout, seed)}
+    (models/tiny.py save_tiny_lora). Returns {name: path} of both."""
+    import json
+    from pathlib import Path
+
+    from diffusers import WanTransformer3DModel
+    from usp_video.distributed.models.checkpoint import save_safetensors
+    from usp_video.distributed.models.tiny import save_tiny_lora
+    from usp_video.distributed.models.wan21 import dit as wan
+    from usp_video.distributed.models.wan21.tiny import wan_to_original_keys
+
+    root, config, paths, shapes = Path(root), detectable_wan_config(), {}, None
+    (root / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    for name, seed in names_seeds.items():
+        torch.manual_seed(seed)
+        state = wan_to_original_keys(WanTransformer3DModel(**config).state_dict())
+        paths[name] = root / "diffusion_models" / f"{name}.safetensors"
+        save_safetensors(state, paths[name], {wan.CONFIG_METADATA_KEY: json.dumps(config)})
+        shapes = {k: list(v.shape) for k, v in state.items()}
+    for name, (layout, seed) in lora_layouts.items():
+        paths[name] = save_tiny_lora(shapes, root / "loras" / f"{name}.safetensors", layout, ("blocks.",), seed=seed)
+        if layout == "distill":
+            _add_beyond_block_linears(paths[name], shapes, seed)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _add_beyond_block_linears(path, shapes: dict[str, list[int]], seed: int) -> None:
+    """Add to a distillation LoRA what changes tensors outside the blocks' Linear layers: pairs (alpha, diff_b)
+    on the embeddings, the time projection, the head and the 5-D patch embedding (ComfyUI reshapes up @ down to
+    the conv's shape), and full differences of the cross-attention norm (weight and bias: merged on our side)
+    and of the modulation tables (ComfyUI 0.3.64 reads but never applies those: lora.py). Their scale keeps
+    each layer's change moderate (down ~ 1 / sqrt(fan-in)), as a trained LoRA's is."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    state = load_file(str(path))
+    for key, shape in sorted(shapes.items()):
+        stem, _, kind = key.rpartition(".")
+        if kind == "weight" and not key.startswith("blocks.") and len(shape) >= 2:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            state[f"diffusion_model.{stem}.lora_down.weight"] = torch.randn(4, fan_in, generator=g) / fan_in ** 0.5
+            state[f"diffusion_model.{stem}.lora_up.weight"] = torch.randn(shape[0], 4, generator=g) * 0.1
+            state[f"diffusion_model.{stem}.alpha"] = torch.tensor(2.0)
+            state[f"diffusion_model.{stem}.diff_b"] = torch.randn(shape[0], generator=g) * 0.02
+        elif ".norm3." in key:
+            suffix = "diff" if kind == "weight" else "diff_b"
+            state[f"diffusion_model.{stem}.{suffix}"] = torch.randn(shape, generator=g) * 0.05
+        elif key.endswith("modulation"):
+            state[f"diffusion_model.{key}.diff"] = torch.randn(shape, generator=g) * 0.05
+    save_file(state, str(path))

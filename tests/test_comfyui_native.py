@@ -117,3 +117,36 @@ def test_fp8_files_match_comfyuis_own_loader(fp8_comparison, storage):
     assert fp8_comparison[storage] <= 1e-5, f"{storage}: relative error {fp8_comparison[storage]:.2e} against ComfyUI"
     if storage == "fp8_scaled":
         assert fp8_comparison["fp8_scaled_comfy_fp8_params"] > 0
+
+
+@pytest.fixture(scope="module")
+def lora_comparison(tests_dir, tmp_path_factory):
+    """ComfyUI's UNETLoader + two LoraLoaderModelOnly + KSampler / two KSamplerAdvanced on detectable tiny Wan
+    DiTs (comfyui_reference_lora.py), against our engine and our LoRA nodes: one ComfyUI process for all."""
+    from comfyui_common import make_detectable_wan
+    from comfyui_reference_lora import DITS, LORAS
+
+    return run_reference(tests_dir / "comfyui_reference_lora.py",
+                         make_detectable_wan(tmp_path_factory.mktemp("lora_native"), DITS, LORAS))
+
+
+@pytest.mark.parametrize("what", ["wan21_no_lora", "wan21_engine", "wan21_nodes", "wan21_engine_after_no_lora",
+                                  "wan22_switch_engine", "wan22_two_advanced_engine", "wan22_high_leftover_latent",
+                                  "wan22_switch_nodes", "wan22_two_advanced_nodes"])
+def test_loras_match_comfyuis_lora_loader(lora_comparison, what):
+    """Two stacked LoRAs (kohya's then a distillation LoRA's: pairs with alpha, diff_b, diff on norms, a 5-D
+    patch embedding pair; peft's on one Wan 2.2 expert), strengths 1.0 and 0.6, fp32: ComfyUI's UNETLoader,
+    LoraLoaderModelOnly x2 and KSampler (Wan 2.1) or a chain per expert and two KSamplerAdvanced (Wan 2.2 A14B)
+    against our engine with SampleRequest.loras and against our USP LoRA nodes feeding our samplers."""
+    assert 0 < lora_comparison["wan22_k"] < 4
+    for changed in ("wan21_lora_changes_result", "wan22_lora_changes_result", "wan22_low_lora_changes_result"):
+        assert lora_comparison[changed] > 0.05, changed  # each chain (the low-noise one too) changes the video
+    assert lora_comparison[what] <= 1e-5, f"{what}: relative error {lora_comparison[what]:.2e} against ComfyUI"
+
+
+def test_lora_modulation_diffs_left_alone_as_comfyui_leaves_them(lora_comparison):
+    """ComfyUI 0.3.64 reads a `diff` on Wan's modulation tables but never patches them (its ModelPatcher skips
+    parameters of non-leaf modules), while it does patch the norms: lora.py leaves them too, and says so."""
+    assert lora_comparison["comfyui_modulation_change"] == 0.0
+    assert lora_comparison["comfyui_norm3_change"] > 1e-3
+    assert lora_comparison["wan21_modulation_warned"]

@@ -19,7 +19,8 @@ a LoRA apply to fp8 and GGUF weights (no permanent dequantization, no rounding b
 FSDP-sharded weights (the hook runs where the layer runs, on the gathered weight's output), and a new
 strength or list replaces the hooks without reading the base model again. The cost is two rank-r
 matmuls per layer (about 2 x r / width of the layer's own: 2.5% at rank 64 on Wan 14B). Other tensors
-(norm weights, modulation tables: small) are merged, with a backup of the rank's rows to restore.
+(norm weights, biases: small) are merged, with a backup of the rank's rows to restore. Wan's modulation tables
+are left alone, with a warning, as ComfyUI 0.3.64 leaves them (_comfyui_never_patches).
 In fp32 the result equals ComfyUI's merged weights to float rounding (tests/comfyui_reference_lora.py).
 """
 
@@ -68,12 +69,18 @@ class LoraReport:
     keys: int = 0
     layers: int = 0
     unmatched: list[str] = field(default_factory=list)
+    not_applied: list[str] = field(default_factory=list)  # matched, but left alone as ComfyUI leaves them
 
     def warning(self) -> str | None:
-        if not self.unmatched:
-            return None
-        return (f"LoRA {self.name}: {len(self.unmatched)} of {self.keys} keys match no layer of the model and are not "
-                f"applied (e.g. {', '.join(self.unmatched[:3])}); {self.layers} layers are changed")
+        said = []
+        if self.unmatched:
+            said.append(f"LoRA {self.name}: {len(self.unmatched)} of {self.keys} keys match no layer of the model and "
+                        f"are not applied (e.g. {', '.join(self.unmatched[:3])}); {self.layers} layers are changed")
+        if self.not_applied:
+            said.append(f"LoRA {self.name}: {len(self.not_applied)} of its tensors change modulation tables (e.g. "
+                        f"{', '.join(self.not_applied[:2])}), which ComfyUI 0.3.64 reads but never applies; not "
+                        "applied here either, so that the video is ComfyUI's")
+        return "; ".join(said) or None
 
 
 def stem_lookup(file_keys: list[str], aliases: Callable[[str], list[str]] = lambda stem: []) -> dict[str, str]:
@@ -145,6 +152,9 @@ def read_lora(path: str | Path, strength: float, file_shapes: dict[str, list[int
     patches = []
     for stem, parts in groups.items():
         file_key = lookup[stem]
+        if _comfyui_never_patches(file_key):
+            report.not_applied.append(stem)
+            continue
         patches += _patches(path.name, stem, parts, file_key, file_shapes, strength, report)
     report.layers = len({p.file_key for p in patches})
     return patches, report
@@ -188,6 +198,14 @@ def _patches(name: str, stem: str, parts: dict[str, torch.Tensor], file_key: str
     if "alpha" in parts and not any(p.kind == "lora" for p in out):
         report.unmatched.append(f"{stem}.alpha")
     return out
+
+
+def _comfyui_never_patches(file_key: str) -> bool:
+    """ComfyUI 0.3.64 maps a LoRA's key for every tensor but patches only the parameters of modules that hold
+    no submodule parameters (model_patcher.py _load_list: "skip random weights in non leaf modules"). Of these
+    families' tensors that leaves out exactly Wan's modulation tables (blocks.N.modulation, head.modulation:
+    listed from ComfyUI's WanModel and HunyuanVideo); a `diff` on them would change our video, not ComfyUI's."""
+    return file_key.endswith(".modulation")
 
 
 def _row_size(shape: list[int]) -> int:
