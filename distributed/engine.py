@@ -648,9 +648,11 @@ class Engine:
                 out[name] = t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
             return out
 
-        positive = expand(req.positive)
+        shape = tuple(req.latent.shape)
+        positive = expand(family.model_conditioning(experts[0], req.positive, shape, "positive"))
         uses_negative = req.negative is not None and any(req.cfg_for(i) != 1.0 for i in range(len(experts)))
-        negative = expand(req.negative) if uses_negative else None
+        negative = expand(family.model_conditioning(experts[0], req.negative, shape, "negative")) if uses_negative \
+            else None
 
         def velocity(model, x_in: torch.Tensor, sigma: torch.Tensor, cond: Cond, side: str) -> torch.Tensor:
             t = torch.full((x_in.shape[0],), float(timestep(sigma)), device=self.device)

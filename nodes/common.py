@@ -152,6 +152,30 @@ def conditioning_parts(conditioning, name: str, applies: tuple[str, ...] = ()):
     return tensor, extra
 
 
+# Native image-to-video conditioning (WanImageToVideo, WanFirstLastFrameToVideo, CLIPVisionEncode) that the Wan
+# samplers apply: the start video's latent and mask, and CLIP vision's penultimate hidden states.
+WAN_IMAGE_KEYS = ("concat_latent_image", "concat_mask", "clip_vision_output")
+
+
+def wan_conditioning(conditioning, name: str) -> dict:
+    """A Wan sampler's side of the conditioning as the request carries it: {"tokens"} and, from a native
+    image-to-video node, "concat_latent_image", "concat_mask" and "clip_vision" (the model checks that they fit
+    it: distributed/models/wan21)."""
+    tokens, extra = conditioning_parts(conditioning, name, WAN_IMAGE_KEYS)
+    cond = {"tokens": tokens}
+    for key in ("concat_latent_image", "concat_mask"):
+        if extra.get(key) is not None:
+            cond[key] = extra[key]
+    vision = extra.get("clip_vision_output")
+    if vision is not None:
+        hidden = getattr(vision, "penultimate_hidden_states", None)
+        if hidden is None:
+            raise ValueError(f"{name}: its clip_vision_output has no penultimate_hidden_states (not a CLIPVisionEncode "
+                             "output?)")
+        cond["clip_vision"] = hidden
+    return cond
+
+
 def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, negative: dict | None,
                 **request) -> tuple[dict]:
     """Sample on the group with the page's progress bar, previews and Cancel; returns (LATENT,).

@@ -8,7 +8,7 @@ from ..distributed import api
 from ..distributed.models import FAMILIES
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
-from .common import (TIP_DENOISE, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS, conditioning_parts, expert_socket, load_model,
+from .common import (TIP_DENOISE, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS, wan_conditioning, expert_socket, load_model,
                      run_sampler)
 from .cache_node import TIP_STEP_CACHE
 from .group_node import CATEGORY
@@ -87,8 +87,8 @@ class UspWan22Sampler:
         return run_sampler(model, latent_image, node_id, cache=step_cache or {},
                            seed=seed, steps=steps, cfg=[cfg_high_noise, cfg_low_noise],
                            shift=shift, sampler=sampler_name, denoise=denoise, boundaries=[boundary],
-                           positive={"tokens": conditioning_parts(positive, "positive")[0]},
-                           negative={"tokens": conditioning_parts(negative, "negative")[0]})
+                           positive=wan_conditioning(positive, "positive"),
+                           negative=wan_conditioning(negative, "negative"))
 
 
 # the nodes of this file: {ComfyUI type name: (class, display name)} (collected by nodes/__init__.py)

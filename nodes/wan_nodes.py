@@ -8,7 +8,7 @@ from ..distributed import api
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
 from .common import (LATENT_TAG, TIP_DENOISE, TIP_GROUP, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS, TIP_TEXT,
-                     conditioning_parts, load_model, run_sampler, show_group)
+                     wan_conditioning, load_model, run_sampler, show_group)
 from .cache_node import TIP_STEP_CACHE
 from .group_node import CATEGORY
 
@@ -108,8 +108,8 @@ class UspWanSampler:
         return run_sampler(model, latent_image, node_id, cache=step_cache or {},
                            seed=seed, steps=steps, cfg=cfg, shift=shift,
                            sampler=sampler_name, denoise=denoise,
-                           positive={"tokens": conditioning_parts(positive, "positive")[0]},
-                           negative={"tokens": conditioning_parts(negative, "negative")[0]})
+                           positive=wan_conditioning(positive, "positive"),
+                           negative=wan_conditioning(negative, "negative"))
 
 
 class UspWanSamplerAdvanced:
@@ -162,8 +162,8 @@ class UspWanSamplerAdvanced:
                            seed=noise_seed, steps=steps, cfg=cfg, shift=shift,
                            sampler=sampler_name, add_noise=add_noise == "enable", start_step=start_at_step,
                            end_step=end_at_step, leftover_noise=return_with_leftover_noise == "enable",
-                           positive={"tokens": conditioning_parts(positive, "positive")[0]},
-                           negative={"tokens": conditioning_parts(negative, "negative")[0]})
+                           positive=wan_conditioning(positive, "positive"),
+                           negative=wan_conditioning(negative, "negative"))
 
 
 class UspVaeLoader:

@@ -431,3 +431,44 @@ def lora_rank(rank, world_size, ulysses, ring, dit_path, family, loras, shard_we
     out = {"latent": engine.sample(lora_request(dit_path, family, loras))}
     assert engine.sharded["dit"] == (shard_weights == "on")
     return out
+
+
+# -- image to video (test_wan_i2v.py) -----------------------------------------------------------------
+
+def i2v_conditioning(shape, clip_vision=True, start_frames=1, seed=4):
+    """A side of Wan image-to-video conditioning as native WanImageToVideo (+ CLIPVisionEncode) make it: the
+    start video's raw latent, its mask (0 on the start image's latent frames) and CLIP vision features."""
+    g = torch.Generator().manual_seed(seed)
+    cond = {"tokens": torch.randn(1, 24, 32, generator=g), "concat_latent_image": torch.randn(1, 16, *shape, generator=g),
+            "concat_mask": torch.ones(1, 1, *shape)}
+    cond["concat_mask"][:, :, :start_frames] = 0.0
+    if clip_vision:
+        cond["clip_vision"] = torch.randn(1, 257, 1280, generator=g)
+    return cond
+
+
+def i2v_request(experts, shape, clip_vision=True, cfg=5.0, steps=3):
+    from usp_video.distributed.requests import SampleRequest
+
+    negative = i2v_conditioning(shape, clip_vision, seed=5)
+    negative["concat_latent_image"] = i2v_conditioning(shape, clip_vision)["concat_latent_image"]  # one start video
+    return SampleRequest(experts=list(experts), boundaries=[0.9] if len(experts) == 2 else [],
+                         positive=i2v_conditioning(shape, clip_vision), negative=negative,
+                         latent=torch.zeros(1, 16, *shape), seed=3, steps=steps, cfg=cfg, shift=5.0, sampler="euler")
+
+
+def i2v_forward(engine, request, family=None):
+    """The first expert's velocity for the request's positive side at timestep 700 (the engine's own path)."""
+    model = engine.dit(request.experts[0], family)
+    shape = tuple(request.latent.shape)
+    cond = model.usp_family.model_conditioning(model, request.positive, shape, "positive")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        return model.usp_family.velocity(model, x, torch.tensor([700.0]), cond, {})
+
+
+def i2v_rank(rank, world_size, ulysses, ring, experts, shape, clip_vision, family=None):
+    engine = make_engine(rank, world_size, ulysses, ring)
+    request = i2v_request(experts, shape, clip_vision)
+    request.family = family
+    return {"forward": i2v_forward(engine, request, family), "latent": engine.sample(request)}

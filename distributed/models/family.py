@@ -210,6 +210,13 @@ class ModelFamily:
         """Family checks of a conditioning beyond the generic ones (validation.check_conditioning)."""
 
     # -- the VAE ----------------------------------------------------------------------------------
+    def model_conditioning(self, model: torch.nn.Module, cond: dict[str, torch.Tensor], latent_shape: tuple[int, ...],
+                           name: str) -> dict[str, torch.Tensor]:
+        """One side's conditioning as the loaded DiT takes it, once per sampler call (on the CPU): the family
+        turns what the request carries (a start video, say) into the tensors its velocity() uses, and refuses
+        what this DiT cannot use (a start image for a text-to-video model). This default passes it on."""
+        return cond
+
 
     def load_vae(self, path: str, dtype: torch.dtype, device: torch.device):
         raise NotImplementedError

@@ -13,3 +13,50 @@ def decode_video(vae, latent: torch.Tensor) -> torch.Tensor:
     video = vae.decode(latent.to(device=param.device, dtype=param.dtype)).sample  # (B, 3, T', H', W') in -1..1
     frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)  # (B, T', H', W', 3)
     return frames.flatten(0, 1).cpu()
+
+
+def comfy_upscale(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """A [B, C, T, H, W] (or [B, C, H, W]) tensor at width x height as ComfyUI's common_upscale(..., "bilinear",
+    "center") makes it: the aspect ratio matched by a centred crop, then bilinear interpolation per frame
+    (nothing changes at the same size)."""
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    shape = tuple(x.shape)
+    frames = x.movedim(1, -3).reshape(-1, shape[1], *shape[-2:]) if x.dim() == 5 else x  # (B*T, C, H, W)
+    old_height, old_width = frames.shape[-2:]
+    old_aspect, new_aspect = old_width / old_height, width / height
+    left = round((old_width - old_width * (new_aspect / old_aspect)) / 2) if old_aspect > new_aspect else 0
+    top = round((old_height - old_height * (old_aspect / new_aspect)) / 2) if old_aspect < new_aspect else 0
+    frames = frames.narrow(-2, top, old_height - 2 * top).narrow(-1, left, old_width - 2 * left)
+    out = torch.nn.functional.interpolate(frames, size=(height, width), mode="bilinear")
+    if x.dim() == 4:
+        return out
+    return out.reshape(shape[0], shape[2], shape[1], height, width).movedim(1, 2)
+
+
+def resize_to_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """x with `batch` entries along dimension 0, as ComfyUI's resize_to_batch_size picks them (repeating or
+    spreading the ones there are)."""
+    have = x.shape[0]
+    if have == batch:
+        return x
+    if batch <= 1:
+        return x[:batch]
+    if batch < have:
+        scale = (have - 1) / (batch - 1)
+        picks = [min(round(i * scale), have - 1) for i in range(batch)]
+    else:
+        scale = have / batch
+        picks = [min(int((i + 0.5) * scale), have - 1) for i in range(batch)]
+    return x[picks]
+
+
+@torch.no_grad()
+def encode_video(vae, frames: torch.Tensor) -> torch.Tensor:
+    """IMAGE frames [F, H, W, 3] in 0..1 (one video) -> its raw-space latent [1, C, T, H/s, W/s] on the CPU:
+    the mean of diffusers' latent distribution (vae.encode), which is what ComfyUI's VAEEncode returns (the
+    encoder's mu, no scaling)."""
+    param = next(vae.parameters())
+    # -1..1 before the cast to the VAE's dtype, as ComfyUI's process_input does
+    video = (frames.float() * 2 - 1).to(device=param.device, dtype=param.dtype).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, F, H, W)
+    return vae.encode(video).latent_dist.mode().float().cpu()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import CheckpointError
 from ..family import Defaults, ModelFamily, TextPart
 from ...parallel.vae_split import VaeSplit
 from .. import streamed
@@ -24,6 +25,7 @@ class Wan21(ModelFamily):
     order = 10
     dit_class, vae_class = "WanTransformer3DModel", "AutoencoderKLWan"
     latent_format = "Wan21"
+    cond_keys = ("tokens", "concat_latent_image", "concat_mask", "clip_vision")
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
     text_parts = (TextPart("text_encoder", "umt5_xxl .safetensors file or diffusers folder",
                            load=lambda path, dtype, device, shard: umt5.load_umt5(path, dtype, device, shard=shard),
@@ -46,14 +48,27 @@ class Wan21(ModelFamily):
             return "looks like the Wan 2.2 VAE (48 channels)"
         return None
 
+    # Its image-to-video DiT (36 input channels) attends to CLIP vision features; Wan 2.2 A14B's does not.
+    i2v_clip_vision = True
+
     def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
         config = dit.infer_wan_config(path, shapes, metadata)
-        dit.check_input_channels(path.name, config, 16, "a Wan 2.1 text-to-video model")
+        self._check_channels(path.name, config)
         return config
 
     def check_dit_folder(self, path: Path) -> None:
-        config = json.loads((path / "config.json").read_text())
-        dit.check_input_channels(path.name, config, 16, "a Wan 2.1 text-to-video model")
+        self._check_channels(path.name, json.loads((path / "config.json").read_text()))
+
+    def _check_channels(self, name: str, config: dict) -> None:
+        dit.check_input_channels(name, config, (16, dit.I2V_CHANNELS), f"a {self.label} text- or image-to-video model")
+        if config.get("in_channels", 16) == dit.I2V_CHANNELS and bool(config.get("image_dim")) != self.i2v_clip_vision:
+            raise CheckpointError(
+                f"{name} is {'Wan 2.1 I2V (it has a CLIP vision image embedder)' if config.get('image_dim') else 'Wan 2.2 I2V A14B (an image-to-video expert without CLIP vision)'}, "
+                f"not a {self.label} model: load it with the {'Wan 2.1' if config.get('image_dim') else 'Wan 2.2 A14B'} loader")
+
+    def is_image_to_video(self, model) -> bool:
+        """Does this loaded DiT take a start video beside the noise (36 input channels)?"""
+        return model.config.in_channels == dit.I2V_CHANNELS
 
     def load_dit(self, path, dtype, device, shard=None):
         return dit.load_wan_transformer(path, dtype, device, shard=shard)
@@ -97,7 +112,74 @@ class Wan21(ModelFamily):
                 torch.tensor(self.latents_std).view(1, -1, 1, 1, 1))
 
     def velocity(self, model, x, t, cond, options):
-        return model(x, t, cond["tokens"], return_dict=False)[0]
+        if "concat" in cond:  # image to video: the start video (mask, latent) beside the noise, as ComfyUI does
+            x = torch.cat([x, cond["concat"].to(x.dtype)], dim=1)
+        return model(x, t, cond["tokens"], encoder_hidden_states_image=cond.get("clip_vision"), return_dict=False)[0]
+
+    # Image to video, in ComfyUI's terms (nodes_wan.WanImageToVideo; model_base.WAN21.concat_cond / extra_conds):
+    # concat_latent_image: the start video's raw latent (start frames, then gray), [B, 16, T, H, W];
+    # concat_mask: [1, 1, T, H, W], 0 where the start video holds (ComfyUI inverts it); clip_vision: CLIP vision's
+    # penultimate hidden states [B, 257, 1280] (clip_vision_output.penultimate_hidden_states), Wan 2.1 I2V only.
+    IMAGE_KEYS = ("concat_latent_image", "concat_mask", "clip_vision")
+
+    def check_conditioning(self, cond, name):
+        for key, dims in (("concat_latent_image", 5), ("concat_mask", 5), ("clip_vision", 3)):
+            value = cond.get(key)
+            if value is None:
+                continue
+            if value.dim() != dims or not value.is_floating_point() or not torch.isfinite(value).all():
+                raise ValueError(f"{name}.{key} must be a finite {dims}-D float tensor, got {tuple(value.shape)} "
+                                 f"{value.dtype}")
+        if "concat_mask" in cond and "concat_latent_image" not in cond:
+            raise ValueError(f"{name}.concat_mask comes without its concat_latent_image")
+        image = cond.get("clip_vision")
+        if image is not None and image.shape[-1] != dit.CLIP_VISION_DIM:
+            raise ValueError(f"{name}.clip_vision has width {image.shape[-1]}; Wan's image embedder takes CLIP ViT-H's "
+                             f"penultimate hidden states, {dit.CLIP_VISION_DIM} wide (clip_vision_h.safetensors)")
+
+    def model_conditioning(self, model, cond, latent_shape, name):
+        given = [key for key in self.IMAGE_KEYS if key in cond]
+        if not self.is_image_to_video(model):
+            if given:
+                raise ValueError(f"{name} carries a start image ({', '.join(given)}), and this is a text-to-video "
+                                 "model: load an image-to-video (I2V) model, or remove the image-to-video node")
+            return cond
+        if "concat_latent_image" not in cond:
+            raise ValueError(f"{name}: this is an image-to-video model and has no start image: connect "
+                             "WanImageToVideo (or WanFirstLastFrameToVideo) between the text encode and the sampler")
+        if self.i2v_clip_vision and "clip_vision" not in cond:
+            raise ValueError(f"{name}: Wan 2.1 I2V needs the start image's CLIP vision features: CLIPVisionEncode "
+                             "(clip_vision_h.safetensors, crop none) into WanImageToVideo's clip_vision_output")
+        if not self.i2v_clip_vision and "clip_vision" in cond:
+            raise ValueError(f"{name}: {self.label}'s image-to-video model takes no CLIP vision features: disconnect "
+                             "clip_vision_output (it would not be used)")
+        out = {key: value for key, value in cond.items() if key not in ("concat_latent_image", "concat_mask")}
+        out["concat"] = self._start_video(cond["concat_latent_image"], cond.get("concat_mask"), latent_shape, name)
+        return out
+
+    def _start_video(self, image, mask, latent_shape, name):
+        """ComfyUI's WAN21.concat_cond for a 36-channel DiT: [B, 4 + 16, T, H, W], the mask (1 where the start
+        video holds, on 4 channels) then the start video's latent in the model's space (process_in)."""
+        from ..video import comfy_upscale, resize_to_batch
+
+        batch, channels, frames, height, width = latent_shape
+        image = comfy_upscale(image.float(), width, height)
+        if image.shape[2] != frames or image.shape[1] < channels:
+            raise ValueError(f"{name}.concat_latent_image is {tuple(image.shape)}; the latent is {tuple(latent_shape)}: "
+                             "make both with the same width, height and length")
+        image = self.process_in(image[:, :channels])
+        if mask is None:
+            mask = torch.zeros(1, 4, frames, height, width)
+        else:
+            mask = mask.float()
+            if mask.shape[1] != 4:
+                mask = mask.mean(dim=1, keepdim=True)
+            mask = comfy_upscale(1.0 - mask, width, height)
+            if mask.shape[2] < frames:
+                mask = torch.nn.functional.pad(mask, (0, 0, 0, 0, 0, frames - mask.shape[2]))
+            if mask.shape[1] == 1:
+                mask = mask.repeat(1, 4, 1, 1, 1)
+        return torch.cat([resize_to_batch(mask[:, :, :frames], batch), resize_to_batch(image, batch)], dim=1)
 
     def teacache_coefficients(self, model) -> tuple[list[float] | None, str]:
         """TeaCache's published polynomial for this model (TeaCache4Wan2.1, the e0 / "ret_steps" variant,

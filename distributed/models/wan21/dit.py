@@ -33,6 +33,11 @@ WAN_VARIANTS = {
     "wan2.2-ti2v-5b": dict(_COMMON, num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
                            out_channels=48),
 }
+# Image to video (Wan 2.1 I2V 14B, 480p and 720p; Wan 2.2 I2V A14B): 36 input channels, the noisy latent then
+# the start video's (4 mask channels, 16 latent channels). Wan 2.1's also attends to CLIP vision features
+# (ViT-H's penultimate hidden states, 257 x 1280) through an image embedder and its own keys in cross-attention.
+I2V_CHANNELS = 36
+CLIP_VISION_DIM = 1280
 
 # Wan 2.1 latent normalisation (ComfyUI latent_format.Wan21, diffusers AutoencoderKLWan config).
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -50,10 +55,11 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
         family = describe_keys(shapes)
         raise CheckpointError(f"{path.name} is not a Wan 2.1 diffusion model ({family}); "
                               "pick a Wan 2.1 T2V file such as wan2.1_t2v_1.3B_fp16.safetensors")
-    if any(".k_img." in k for k in keys) or "img_emb.proj.0.weight" in keys:
-        raise CheckpointError(f"{path.name} is a Wan image-to-video model; only text-to-video (T2V) is supported")
+    if "img_emb.emb_pos" in keys:
+        raise CheckpointError(f"{path.name} is Wan 2.1 FLF2V (first and last frame, two CLIP vision images), which is "
+                              "not supported yet; Wan 2.1 I2V and Wan 2.2 I2V A14B are (a last frame too, for the latter)")
     if any(k.startswith("vace_") for k in keys):
-        raise CheckpointError(f"{path.name} is a Wan VACE model; only text-to-video (T2V) is supported")
+        raise CheckpointError(f"{path.name} is a Wan VACE model; only text- and image-to-video are supported")
     config = config_from_metadata(metadata, CONFIG_METADATA_KEY)
     if config is not None:
         return config
@@ -62,15 +68,18 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
     for variant in WAN_VARIANTS.values():
         if (variant["num_attention_heads"] * 128, variant["num_layers"]) == (hidden, layers):
             # the input channels tell T2V (16) from I2V (36) of one size; the families check them
-            return dict(variant, in_channels=channels)
+            config = dict(variant, in_channels=channels)
+            if "img_emb.proj.0.weight" in keys:  # Wan 2.1 I2V: the CLIP vision image embedder
+                config.update(image_dim=shapes["img_emb.proj.0.weight"][0][0], added_kv_proj_dim=hidden)
+            return config
     raise CheckpointError(f"{path.name}: a Wan DiT with hidden size {hidden}, {layers} layers and {channels} input "
                           f"channels matches no known variant ({', '.join(WAN_VARIANTS)})")
 
 
-def check_input_channels(name: str, config: dict, expected: int, label: str) -> None:
-    """CheckpointError when a Wan DiT's input channels are not those of the family loading it."""
+def check_input_channels(name: str, config: dict, expected: int | tuple[int, ...], label: str) -> None:
+    """CheckpointError when a Wan DiT's input channels are not (one of) those of the family loading it."""
     channels = config.get("in_channels", 16)
-    if channels == expected:
+    if channels in (expected if isinstance(expected, tuple) else (expected,)):
         return
     kinds = {16: "a Wan 2.1 / Wan 2.2 A14B text-to-video model (16 input channels)",
              36: "a Wan image-to-video model (36 input channels: latent, mask and image)",
@@ -150,19 +159,28 @@ class _ShardState:
     valid_len: int = 0
     layout: KeyLayout | None = None  # which keys are real, computed once per forward
     entered: torch.Tensor | None = None  # tokens already sharded before the first block (by a step cache)
+    image_len: int = 0  # image-to-video: the CLIP vision tokens in front of the text (the image embedder's output)
 
 
 class UspWanAttnProcessor:
-    """WanAttention processor: USP attention for self-attention, local attention for text."""
+    """WanAttention processor: USP attention for self-attention, local attention for text (and, in Wan 2.1
+    I2V, for the CLIP vision tokens, which every rank holds whole like the text). The image tokens are split
+    from the text by their count (state.image_len), as ComfyUI's WanModel does, not by assuming 512 text
+    tokens as diffusers' own processor does (a longer prompt would shift its split)."""
 
     def __init__(self, sp: SequenceParallel, backend: str, state: _ShardState):
         self.sp, self.backend, self.state = sp, backend, state
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+        from diffusers.models.transformers.transformer_wan import _get_added_kv_projections, _get_qkv_projections
 
+        image = None
         if attn.add_k_proj is not None:
-            raise NotImplementedError("Wan image-to-video attention is not supported")
+            if not self.state.image_len:
+                raise ValueError("this Wan image-to-video model needs CLIP vision features of the start image "
+                                 "(clip_vision_output)")
+            image, encoder_hidden_states = (encoder_hidden_states[:, :self.state.image_len],
+                                            encoder_hidden_states[:, self.state.image_len:])
         query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
         # (B, S, H*D) -> (B, S, H, D)
@@ -174,6 +192,11 @@ class UspWanAttnProcessor:
         else:
             out = attention(query, key, value, self.backend)
         out = out.flatten(2, 3).type_as(query)
+        if image is not None:  # the image's own keys and values, attended by the same queries, added
+            key_image, value_image = _get_added_kv_projections(attn, image)
+            key_image = attn.norm_added_k(key_image)
+            key_image, value_image = (t.unflatten(2, (attn.heads, -1)) for t in (key_image, value_image))
+            out = out + attention(query, key_image, value_image, self.backend).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -208,6 +231,11 @@ def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa"):
     def gather_tokens(module, args, output):
         return gather_sequence(output, 1, sp, state.valid_len)  # (B, S/N, C') -> (B, S, C')
 
+    def image_tokens(module, args, output):
+        image = output[3]  # (temb, timestep_proj, text, image): the image embedder's tokens, or None
+        state.image_len = 0 if image is None else image.shape[1]
+
+    model.condition_embedder.register_forward_hook(image_tokens)
     model.rope.register_forward_hook(shard_rope)
     model.blocks[0].register_forward_pre_hook(shard_tokens)
     model.proj_out.register_forward_hook(gather_tokens)

@@ -5,6 +5,7 @@
     text_encoders/tiny_umt5.safetensors            UMT5 encoder + "spiece_model" tokenizer bytes
     vae/tiny_wan_2.1_vae.safetensors               Wan-VAE, original key names
     diffusion_models/tiny_wan2.1_t2v_Q8_0.gguf     the same DiT as city96's GGUF files are (Q8_0)
+    diffusion_models/tiny_wan2.1_i2v.safetensors   Wan 2.1 I2V (36 input channels, CLIP vision image embedder)
     loras/tiny_wan_lora_{kohya,peft,distill}.safetensors   LoRAs for it in three layouts (models/tiny.py)
 Each file carries its config in the safetensors metadata because tiny shapes match no released variant.
 """
@@ -24,6 +25,10 @@ from . import dit as wan, vae as wan_vae
 
 TINY_WAN_CONFIG = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=12, attention_head_dim=8,
                        ffn_dim=64, num_layers=2, text_dim=32, freq_dim=32)
+# Wan 2.1 I2V, shrunk: the start video's 20 channels beside the noise, CLIP ViT-H features (1280 wide) through
+# the image embedder and the image keys of cross-attention.
+TINY_WAN_I2V_CONFIG = dict(TINY_WAN_CONFIG, in_channels=36, image_dim=1280,
+                           added_kv_proj_dim=TINY_WAN_CONFIG["num_attention_heads"] * TINY_WAN_CONFIG["attention_head_dim"])
 TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 TINY_VAE_CONFIG = dict(base_dim=8, z_dim=16)
 FILES = {
@@ -31,14 +36,21 @@ FILES = {
     "text_encoder": "text_encoders/tiny_umt5.safetensors",
     "vae": "vae/tiny_wan_2.1_vae.safetensors",
     "dit_gguf": "diffusion_models/tiny_wan2.1_t2v_Q8_0.gguf",
+    "dit_i2v": "diffusion_models/tiny_wan2.1_i2v.safetensors",
     **{f"lora_{layout}": f"loras/tiny_wan_lora_{layout}.safetensors" for layout in ("kohya", "peft", "distill")},
 }
-_VERSION = "3"
+_VERSION = "4"
 
 
 def wan_to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers WanTransformer3DModel names -> the original Wan / ComfyUI names."""
     renames = [
+        # the I2V image embedder and image keys first (its norm2 is not a block's norm2)
+        ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
+        ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+        ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+        ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+        (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."), (".norm_added_k.", ".norm_k_img."),
         ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
         ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
         ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
@@ -128,6 +140,9 @@ def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch
           {wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_CONFIG)})
     save_gguf(wan_to_original_keys(dit.state_dict()), paths["dit_gguf"], "wan", "Q8_0",
               metadata={wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_CONFIG)})
+    i2v = WanTransformer3DModel(**TINY_WAN_I2V_CONFIG)
+    _save({k: v.to(dtype) for k, v in wan_to_original_keys(i2v.state_dict()).items()}, paths["dit_i2v"],
+          {wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_I2V_CONFIG)})
     shapes = {k: list(v.shape) for k, v in wan_to_original_keys(dit.state_dict()).items()}
     for i, layout in enumerate(("kohya", "peft", "distill")):
         save_tiny_lora(shapes, paths[f"lora_{layout}"], layout, ("blocks.",), seed=100 + i)

@@ -25,6 +25,7 @@ class Wan22A14B(Wan21):
                         boundaries=(0.875,))
     experts = ("high_noise", "low_noise")
     claims_files = False
+    i2v_clip_vision = False  # Wan 2.2 I2V A14B's experts take the start video alone
 
     def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
         experts.check_expert_shapes(path, shapes, metadata)

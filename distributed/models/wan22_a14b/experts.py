@@ -4,7 +4,7 @@ The two experts (and a Wan 2.1 14B file) have the same tensor names and shapes, 
 which is which: ComfyUI's repackaged files are called wan2.2_t2v_high_noise_14B_fp16.safetensors and
 wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors; a diffusers Wan 2.2 pipeline keeps the high-noise expert
 in transformer/ and the low-noise one in transformer_2/. Shapes do tell a TI2V-5B file (48 input
-channels, hidden size 3072) and an image-to-video expert (36 input channels) from a T2V one.
+channels, hidden size 3072) from an expert, text-to-video (16 input channels) or image-to-video (36).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, unprefixed
-from ..wan21.dit import CONFIG_METADATA_KEY
+from ..wan21.dit import CONFIG_METADATA_KEY, I2V_CHANNELS
 
 T2V_CHANNELS = 16
 HIDDEN_14B = 5120
@@ -28,11 +28,9 @@ def _input_channels_problem(name: str, channels: int, hidden: int | None) -> str
     if channels == 48 or hidden == 3072:
         return (f"{name} looks like Wan 2.2 TI2V-5B ({channels} input channels, hidden size {hidden}), not an "
                 "A14B expert; Wan 2.2 A14B experts are 14B text-to-video models")
-    if channels == 36:
-        return (f"{name} is an image-to-video (I2V) expert (36 input channels); this loader takes the "
-                "text-to-video (T2V) experts, e.g. wan2.2_t2v_high_noise_14B_fp16.safetensors")
-    if channels != T2V_CHANNELS:
-        return f"{name} has {channels} input channels; a Wan 2.2 A14B T2V expert has {T2V_CHANNELS}"
+    if channels not in (T2V_CHANNELS, I2V_CHANNELS):
+        return (f"{name} has {channels} input channels; a Wan 2.2 A14B expert has {T2V_CHANNELS} (text to video) or "
+                f"{I2V_CHANNELS} (image to video)")
     return None
 
 
@@ -59,8 +57,8 @@ def check_expert_folder(path: Path) -> None:
     if problem:
         raise CheckpointError(problem)
     if config.get("image_dim"):
-        raise CheckpointError(f"{path} is a Wan image-to-video model (image cross-attention); "
-                              "Wan 2.2 A14B T2V experts have none")
+        raise CheckpointError(f"{path} is a Wan 2.1 image-to-video model (CLIP vision cross-attention); "
+                              "Wan 2.2 A14B experts have none")
 
 
 def says(path: str) -> str | None:
@@ -82,7 +80,8 @@ def check_pair(paths: list[str], configs: list[dict]) -> list[str]:
     if configs[0] and configs[1] and configs[0] != configs[1]:
         changed = sorted(k for k in set(configs[0]) | set(configs[1]) if configs[0].get(k) != configs[1].get(k))
         raise CheckpointError(f"the experts are of different architectures ({Path(high).name} and {Path(low).name} "
-                              f"differ in {', '.join(changed)}); both must be Wan 2.2 A14B T2V experts")
+                              f"differ in {', '.join(changed)}); both must be the experts of one Wan 2.2 A14B model "
+                              "(both text-to-video, or both image-to-video)")
     warnings = []
     for slot, path in zip(SLOTS, paths):
         if _WAN21.search(Path(path).name):

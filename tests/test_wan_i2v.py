@@ -1,0 +1,156 @@
+"""Wan image to video on N ranks: Wan 2.1 I2V (start video + CLIP vision through its image embedder) and
+Wan 2.2 I2V A14B (two 36-channel experts, no CLIP vision), from the conditioning native WanImageToVideo makes.
+One process against diffusers' stock model; N ranks (uneven tokens) against one process, forward and full run;
+the inputs that do not fit refused before sampling. Against ComfyUI's own WanImageToVideo + KSampler:
+tests/comfyui_reference_i2v.py (test_comfyui_native.py)."""
+
+import json
+
+import pytest
+import torch
+
+from batched import Batched
+from conftest import rel_error
+from parity_targets import i2v_conditioning, i2v_forward, i2v_request, make_engine
+from usp_video.distributed.models.checkpoint import save_safetensors
+from usp_video.distributed.models.wan21 import dit as wan
+from usp_video.distributed.models.wan21.tiny import TINY_WAN_CONFIG, wan_to_original_keys
+
+UNEVEN = (3, 4, 6)  # 18 tokens: uneven over 4 ranks
+CASES = [(2, 2, 1), (4, 2, 2)]  # 18 tokens: 9 each on 2 ranks, uneven on 4
+
+
+@pytest.fixture(scope="module")
+def wan22_i2v(tmp_path_factory):
+    """Two tiny Wan 2.2 I2V A14B experts: 36 input channels, no image embedder."""
+    from diffusers import WanTransformer3DModel
+
+    root = tmp_path_factory.mktemp("wan22_i2v")
+    config = dict(TINY_WAN_CONFIG, in_channels=36)
+    paths = []
+    for name, seed in (("high_noise", 32), ("low_noise", 33)):
+        torch.manual_seed(seed)
+        state = wan_to_original_keys(WanTransformer3DModel(**config).state_dict())
+        path = root / f"tiny_wan2.2_i2v_{name}_14B.safetensors"
+        save_safetensors(state, path, {wan.CONFIG_METADATA_KEY: json.dumps(config)})
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def runs(tests_dir, tiny_models, wan22_i2v):
+    cases = [(n, dict(ulysses=u, ring=r, experts=[tiny_models["dit_i2v"]], shape=UNEVEN, clip_vision=True))
+             for n, u, r in CASES]
+    cases += [(2, dict(ulysses=1, ring=2, experts=wan22_i2v, shape=UNEVEN, clip_vision=False, family="wan2.2-a14b"))]
+    return Batched(tests_dir, "i2v_rank", cases, timeout_per_case=90)
+
+
+def test_wan21_i2v_forward_equals_diffusers_stock_model(tiny_models):
+    """Our processor splits the CLIP vision tokens by their count; diffusers' own assumes 512 text tokens, so the
+    stock model is the reference with a 512-token text."""
+    from diffusers import WanTransformer3DModel
+
+    engine = make_engine()
+    request = i2v_request([tiny_models["dit_i2v"]], UNEVEN)
+    request.positive["tokens"] = torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(8))
+    ours = i2v_forward(engine, request)
+    stock = WanTransformer3DModel(**json.loads(json.dumps(wan.infer_wan_config(
+        __import__("pathlib").Path(tiny_models["dit_i2v"]), *wan.read_header(tiny_models["dit_i2v"])))))
+    stock.load_state_dict(wan.load_wan_transformer(tiny_models["dit_i2v"]).state_dict())
+    model = engine.dit(tiny_models["dit_i2v"])
+    cond = model.usp_family.model_conditioning(model, request.positive, tuple(request.latent.shape), "positive")
+    x = torch.randn(tuple(request.latent.shape), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = stock(torch.cat([x, cond["concat"]], dim=1), torch.tensor([700.0]), cond["tokens"],
+                         encoder_hidden_states_image=cond["clip_vision"], return_dict=False)[0]
+    assert rel_error(ours, expected) <= 1e-5
+    # the image matters: without the CLIP vision tokens' attention the output differs
+    assert model.blocks[0].attn2.add_k_proj is not None
+
+
+@pytest.mark.parametrize("world_size,ulysses,ring", CASES)
+def test_wan21_i2v_n_ranks_equal_one_process(runs, tiny_models, world_size, ulysses, ring):
+    engine = make_engine()
+    request = i2v_request([tiny_models["dit_i2v"]], UNEVEN)
+    expected = {"forward": i2v_forward(engine, request), "latent": engine.sample(request)}
+    for rank, result in enumerate(runs(world_size, ulysses=ulysses, ring=ring, experts=[tiny_models["dit_i2v"]],
+                                       shape=UNEVEN, clip_vision=True)):
+        for key in ("forward", "latent"):
+            assert rel_error(result[key], expected[key]) <= 1e-5, f"rank {rank} {key}"
+
+
+def test_wan22_i2v_experts_n_ranks_equal_one_process(runs, wan22_i2v):
+    request = i2v_request(wan22_i2v, UNEVEN, clip_vision=False)
+    request.family = "wan2.2-a14b"
+    engine = make_engine()
+    expected = {"forward": i2v_forward(engine, request, "wan2.2-a14b"), "latent": engine.sample(request)}
+    for rank, result in enumerate(runs(2, ulysses=1, ring=2, experts=wan22_i2v, shape=UNEVEN, clip_vision=False,
+                                       family="wan2.2-a14b")):
+        for key in ("forward", "latent"):
+            assert rel_error(result[key], expected[key]) <= 1e-5, f"rank {rank} {key}"
+
+
+def test_the_start_video_is_used(tiny_models):
+    """The start video and the CLIP vision features change the video (a model that ignored them would pass the
+    parity tests)."""
+    engine = make_engine()
+    base = engine.sample(i2v_request([tiny_models["dit_i2v"]], UNEVEN))
+    for key in ("concat_latent_image", "clip_vision"):  # other values (a scale alone: the embedder's LayerNorm)
+        request = i2v_request([tiny_models["dit_i2v"]], UNEVEN)
+        other = torch.randn(request.positive[key].shape, generator=torch.Generator().manual_seed(9))
+        for side in (request.positive, request.negative):
+            side[key] = other
+        assert rel_error(engine.sample(request), base) > 1e-3, key
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no image", "this is an image-to-video model and has no start image: connect WanImageToVideo"),
+    ("no clip vision", "Wan 2.1 I2V needs the start image's CLIP vision features"),
+    ("t2v given an image", "carries a start image .* and this is a text-to-video model"),
+    ("wan22 given clip vision", "takes no CLIP vision features: disconnect clip_vision_output"),
+    ("other length", "concat_latent_image is .*make both with the same width, height and length"),
+    ("clip vision width", "clip_vision has width 768"),
+])
+def test_image_inputs_that_do_not_fit_are_refused(case, message, tiny_models, wan22_i2v):
+    experts, family = [tiny_models["dit_i2v"]], None
+    request = i2v_request(experts, UNEVEN)
+    if case == "no image":
+        request.positive = {"tokens": request.positive["tokens"]}
+    elif case == "no clip vision":
+        del request.positive["clip_vision"]
+    elif case == "t2v given an image":
+        request.experts = [tiny_models["dit"]]
+    elif case == "wan22 given clip vision":
+        request.experts, request.boundaries, family = wan22_i2v, [0.9], "wan2.2-a14b"
+    elif case == "other length":
+        request.positive["concat_latent_image"] = request.positive["concat_latent_image"][:, :, :2]
+    elif case == "clip vision width":
+        request.positive["clip_vision"] = torch.zeros(1, 257, 768)
+    request.family = family
+    with pytest.raises(ValueError, match=message):
+        make_engine().sample(request)
+
+
+def test_wan22_i2v_expert_refused_by_the_wan21_loader(wan22_i2v):
+    from usp_video.distributed.models import CheckpointError, check_dit_file
+
+    with pytest.raises(CheckpointError, match="is Wan 2.2 I2V A14B .* load it with the Wan 2.2 A14B loader"):
+        check_dit_file(wan22_i2v[0], "wan2.1")
+
+
+def test_native_image_conditioning_reaches_the_request():
+    """The Wan samplers read native WanImageToVideo / CLIPVisionEncode conditioning (a ClipVisionOutput's
+    penultimate_hidden_states)."""
+    from types import SimpleNamespace
+
+    from usp_video.nodes.common import wan_conditioning
+
+    cond = i2v_conditioning(UNEVEN)
+    vision = SimpleNamespace(penultimate_hidden_states=cond["clip_vision"], image_embeds=torch.zeros(1, 1024))
+    native = [[cond["tokens"], {"pooled_output": None, "concat_latent_image": cond["concat_latent_image"],
+                                "concat_mask": cond["concat_mask"], "clip_vision_output": vision}]]
+    out = wan_conditioning(native, "positive")
+    assert set(out) == {"tokens", "concat_latent_image", "concat_mask", "clip_vision"}
+    assert out["clip_vision"] is cond["clip_vision"]
+    with pytest.raises(ValueError, match="no penultimate_hidden_states"):
+        wan_conditioning([[cond["tokens"], {"clip_vision_output": object()}]], "positive")
