@@ -15,10 +15,11 @@ import torch
 
 from . import models
 from .client import GroupConfig, UspGroup, get_group
-from .requests import Cond, DecodeRequest, EncodeRequest, LoadRequest, SampleRequest
-from .validation import MAX_SEED, check_latent, check_sample_request
+from .requests import Cond, DecodeRequest, EncodeRequest, EncodeVideoRequest, LoadRequest, SampleRequest
+from .validation import MAX_SEED, check_frames, check_latent, check_sample_request
 
-__all__ = ["MAX_SEED", "load_dit", "encode", "sample", "decode", "check_dit_file", "check_model_files", "SampleRequest"]
+__all__ = ["MAX_SEED", "load_dit", "encode", "sample", "decode", "encode_video", "check_dit_file", "check_model_files",
+           "SampleRequest"]
 
 
 def _group(group: GroupConfig | UspGroup) -> UspGroup:
@@ -108,3 +109,17 @@ def decode(group: GroupConfig | UspGroup, vae: str | Path, latent: torch.Tensor,
     _, out = _group(group).request(*DecodeRequest(path=str(vae), latent=latent).to_frame(), on_progress=on_progress)
     return out["frames"]
 
+
+
+def encode_video(group: GroupConfig | UspGroup, vae: str | Path, frames: torch.Tensor,
+                 on_progress: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, str]:
+    """IMAGE frames [F, H, W, 3] in 0..1 (one video; F = 1 + 4k, sizes in multiples of the VAE's pixels per
+    latent row) -> (its raw-space latent [1, C, (F - 1) / 4 + 1, H / s, W / s], the VAE's family name). The
+    latent is the one ComfyUI's VAE Encode gives with the same VAE file. on_progress gets {"step", "total",
+    "elapsed"} after each latent frame."""
+    family = models.detect_vae(vae)
+    if not family.vae_encodes:
+        family.encode(None, frames, None)  # its refusal, by name
+    check_frames(frames, "pixels", family)
+    _, out = _group(group).request(*EncodeVideoRequest(path=str(vae), frames=frames).to_frame(), on_progress=on_progress)
+    return out["latent"], family.name

@@ -528,6 +528,25 @@ class Engine:
                 return family.decode(vae, latent, None) if self.rank == 0 else None
             return family.decode(vae, latent, VaeSplit(self.rank, self.world_size, self.device, self.world_group))
 
+    @torch.no_grad()
+    def encode_video(self, path: str, frames: torch.Tensor,
+                     on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor | None:
+        """The raw latent [1, C, T, H/s, W/s] of IMAGE frames [F, H, W, 3] (one video) on rank 0 (None on
+        the others). With vae_split the ranks share the encode by rows, as the VAE's family splits it (exact);
+        otherwise rank 0 encodes alone. on_progress(done, total) runs on rank 0 after each call of the VAE's
+        encoder (a latent frame)."""
+        from .validation import check_frames
+
+        vae = self.vae(path)
+        family = vae.usp_family
+        if not family.vae_encodes:
+            family.encode(vae, frames, None)  # its refusal, by name
+        check_frames(frames, "pixels", family)
+        with _counting_calls(vae.encoder, family.encoder_calls(vae, frames), on_progress if self.rank == 0 else None):
+            if not self.vae_split:
+                return family.encode(vae, frames, None) if self.rank == 0 else None
+            return family.encode(vae, frames, VaeSplit(self.rank, self.world_size, self.device, self.world_group))
+
     # -- sampling ---------------------------------------------------------------------------------
 
     def activation_bytes(self, family: models.ModelFamily, experts: list, latent_shape: tuple[int, ...],

@@ -28,8 +28,9 @@ MAX_PAYLOAD_BYTES = 32 << 30
 # The tensors a request frame of each type may carry, checked from its header before its payload is read;
 # requests of other types (load, encode, cancel, shutdown) carry none. A sample carries a latent and its
 # conditionings, a decode a latent: 4 GiB holds a float32 1080p x 257-frame latent (135 MB) many times over,
-# with batches and long conditionings. Replies (rank 0 -> the client) keep MAX_PAYLOAD_BYTES: decoded video.
-REQUEST_PAYLOAD_LIMITS = {"sample": 4 << 30, "decode": 4 << 30}
+# with batches and long conditionings. An encode_video carries float32 frames: 16 GiB holds 257 frames at
+# 1920x1088 (6.4 GB) twice over. Replies (rank 0 -> the client) keep MAX_PAYLOAD_BYTES: decoded video.
+REQUEST_PAYLOAD_LIMITS = {"sample": 4 << 30, "decode": 4 << 30, "encode_video": 16 << 30}
 NONCE_BYTES = 32
 
 

@@ -236,4 +236,21 @@ class DecodeRequest:
         return cls(path=_field(header, "path", str), latent=_tensor(tensors, "latent"))
 
 
-REQUESTS = {r.__dataclass_fields__["type"].default: r for r in (LoadRequest, EncodeRequest, SampleRequest, DecodeRequest)}
+@dataclass(kw_only=True)
+class EncodeVideoRequest:
+    """Encode IMAGE frames [F, H, W, 3] in 0..1 (one video) to a raw latent with a VAE file."""
+
+    path: str
+    frames: torch.Tensor
+    type: str = field(default="encode_video", init=False)
+
+    def to_frame(self) -> tuple[dict, dict]:
+        return {"type": self.type, "path": self.path}, {"frames": self.frames.float()}
+
+    @classmethod
+    def from_frame(cls, header: dict, tensors: dict) -> "EncodeVideoRequest":
+        return cls(path=_field(header, "path", str), frames=_tensor(tensors, "frames"))
+
+
+REQUESTS = {r.__dataclass_fields__["type"].default: r
+            for r in (LoadRequest, EncodeRequest, SampleRequest, DecodeRequest, EncodeVideoRequest)}

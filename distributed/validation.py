@@ -40,6 +40,30 @@ def check_latent(latent: torch.Tensor, name: str = "latent", family=None, check_
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def check_frames(frames: torch.Tensor, name: str, family) -> None:
+    """IMAGE frames to encode as one video [F, H, W, 3] in 0..1 with a family's VAE: F = 1 + 4k (the Wan VAEs
+    take the first frame, then 4 at a time: ComfyUI's VAE Encode drops the frames past the last whole 4),
+    H and W multiples of the VAE's pixels per latent row (ComfyUI's crops them), floating and finite."""
+    if isinstance(frames, torch.Tensor) and not frames.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point IMAGE, got {frames.dtype}")
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[-1] != 3:
+        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise ValueError(f"{name} must be video frames [frames, height, width, 3] (an IMAGE), got {shape}")
+    count, height, width = frames.shape[:3]
+    if count % 4 != 1:
+        lower = count - (count - 1) % 4  # the whole 1 + 4k frames ComfyUI would encode of them
+        fix = f"trim to {lower} or extend to {lower + 4} frames" if count else "give at least 1 frame"
+        raise ValueError(f"{name} has {count} frames; the {family.label} VAE encodes 1 + 4k frames (1, 5, 9, ..., 81): "
+                         f"{fix} (ComfyUI's VAE Encode would drop the frames past the last whole 4)")
+    s = family.spatial_compression
+    if height % s or width % s or not height or not width:
+        fit = f"{width // s * s}x{height // s * s}" if height >= s and width >= s else f"at least {s}x{s}"
+        raise ValueError(f"{name} is {width}x{height} pixels; the {family.label} VAE encodes widths and heights in "
+                         f"multiples of {s}: crop or scale to {fit} (ComfyUI's VAE Encode would crop)")
+    if not torch.isfinite(frames).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
 def check_conditioning(cond: dict, name: str, family=None, text_dim: int | None = None) -> None:
     """One side of the conditioning: {"tokens": [batch, tokens, dim], ...the family's other tensors}."""
     if not isinstance(cond, dict) or "tokens" not in cond:

@@ -35,7 +35,7 @@ from . import protocol
 from .config import GroupConfig
 from .engine import Engine, SamplingInterrupted
 from .parallel.teardown import exit_rank
-from .requests import REQUESTS, DecodeRequest, EncodeRequest, LoadRequest, SampleRequest
+from .requests import REQUESTS, DecodeRequest, EncodeRequest, EncodeVideoRequest, LoadRequest, SampleRequest
 from .validation import check_latent
 
 SECRET_ENV = "USP_VIDEO_SECRET"
@@ -282,6 +282,17 @@ class Worker:
             # with vae_split every rank decodes a part
             frames = engine.decode(request.path, request.latent, on_progress)
             return ({"type": "ok"}, {"frames": frames}) if self.rank == 0 else None
+        if isinstance(request, EncodeVideoRequest):
+            if self.rank != 0 and not engine.vae_split:
+                return None
+            started = time.monotonic()
+
+            def on_encoded(done: int, total: int) -> None:  # rank 0 only
+                self.reply({"type": "progress", "step": done, "total": total, "elapsed": time.monotonic() - started})
+
+            # with vae_split every rank encodes some rows (the engine checks the frames on every rank)
+            latent = engine.encode_video(request.path, request.frames, on_encoded)
+            return ({"type": "ok"}, {"latent": latent}) if self.rank == 0 else None
         return self.sample(request)
 
     def sample(self, request: SampleRequest) -> tuple[dict, dict | None]:

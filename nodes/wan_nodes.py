@@ -221,6 +221,45 @@ class UspVaeDecode:
         return (frames,)
 
 
+class UspVaeEncode:
+    DESCRIPTION = ("Encodes a video (IMAGE frames) to a latent with the Wan 2.1 or Wan 2.2 VAE on the USP group, "
+                   "its rows split across the ranks: the latent ComfyUI's VAE Encode gives (a start video, or a "
+                   "video to re-sample with denoise < 1).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pixels": ("IMAGE", {"tooltip": "The video: 1 + 4k frames (1, 5, ..., 81), width and height in multiples "
+                                            "of 8 (Wan 2.1 VAE) or 16 (Wan 2.2 VAE)."}),
+            "vae": ("USP_VAE", {"tooltip": "From USP Load VAE: the Wan 2.1 VAE (Wan 2.1, Wan 2.2 A14B) or the "
+                                           "Wan 2.2 VAE (TI2V-5B)."}),
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, pixels, vae, node_id=None):
+        progress = services.Progress(1, node_id)
+
+        def on_progress(event: dict) -> None:
+            if event["step"] == 1:
+                show_group(vae["group"])
+            progress.update(event["step"], event["total"])
+            services.publish_status(state=f"encoding {event['step']}/{event['total']}")
+
+        try:
+            # the first 3 channels, as VAE Encode takes them (an RGBA IMAGE too); a view: pixels stay unchanged
+            latent, family = api.encode_video(vae["group"], vae["path"], pixels[..., :3], on_progress=on_progress)
+        except BaseException:
+            services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
+            raise
+        services.publish_status(state="ready")
+        if progress.value == 0:
+            progress.update(1)
+        return ({"samples": latent, LATENT_TAG: family},)
+
+
 # the nodes of this file: {ComfyUI type name: (class, display name)} (collected by nodes/__init__.py)
 NODES = {
     "UspWanModelLoader": (UspWanModelLoader, "USP Load Wan 2.1 Model"),
@@ -230,4 +269,5 @@ NODES = {
     "UspWanSamplerAdvanced": (UspWanSamplerAdvanced, "USP Sampler Advanced (Wan)"),
     "UspVaeLoader": (UspVaeLoader, "USP Load VAE (Wan / HunyuanVideo)"),
     "UspVaeDecode": (UspVaeDecode, "USP VAE Decode"),
+    "UspVaeEncode": (UspVaeEncode, "USP VAE Encode"),
 }

@@ -98,6 +98,23 @@ def test_wan22_vae_matches_comfyui(ti2v_comparison):
 
 
 @pytest.fixture(scope="module")
+def vae_encode_comparison(tests_dir, tiny_models, tmp_path_factory):
+    from usp_video.distributed.models import FAMILIES
+
+    ti2v = FAMILIES["wan2.2-ti2v-5b"].make_tiny(tmp_path_factory.mktemp("wan22_5b_encode"))
+    return run_reference(tests_dir / "comfyui_reference_vae_encode.py",
+                         {"wan21": tiny_models["vae"], "wan22": str(ti2v["vae"])})
+
+
+@pytest.mark.parametrize("case", ["wan21_9x40x24", "wan21_1x16x32", "wan22_5x48x32"])
+def test_vae_encode_matches_comfyuis_vae_encode(vae_encode_comparison, case):
+    """ComfyUI's VAE Encode node (comfy.sd.VAE with its WanVAE at the tiny width, our tiny file loaded
+    strictly) on the same IMAGE gives our encode's latent."""
+    assert vae_encode_comparison[case + "_magnitude"] > 0.1  # a latent worth comparing
+    assert vae_encode_comparison[case] <= 1e-4, f"{case}: max abs error {vae_encode_comparison[case]:.2e}"
+
+
+@pytest.fixture(scope="module")
 def fp8_comparison(tests_dir, tiny_models, tmp_path_factory):
     """ComfyUI's own loader and fp8 layers (comfyui_reference_fp8.py) on fp8 files of the tiny Wan DiT."""
     from test_fp8 import write_fp8

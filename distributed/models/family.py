@@ -79,6 +79,7 @@ class ModelFamily:
     latent_channels: int = 16
     pixel_multiple: int = 16    # width and height must be multiples of this
     spatial_compression: int = 8  # pixels per latent row / column (its VAE's); frames: 4k + 1 -> k + 1
+    vae_encodes: bool = False   # does its VAE encode video (encode())?
     defaults: Defaults
     text_parts: tuple[TextPart, ...]
     cond_keys: tuple[str, ...] = ("tokens",)  # the tensors of its conditioning ("tokens" first)
@@ -209,7 +210,6 @@ class ModelFamily:
     def check_conditioning(self, cond: dict[str, torch.Tensor], name: str) -> None:
         """Family checks of a conditioning beyond the generic ones (validation.check_conditioning)."""
 
-    # -- the VAE ----------------------------------------------------------------------------------
     def model_conditioning(self, model: torch.nn.Module, cond: dict[str, torch.Tensor], latent_shape: tuple[int, ...],
                            name: str) -> dict[str, torch.Tensor]:
         """One side's conditioning as the loaded DiT takes it, once per sampler call (on the CPU): the family
@@ -217,6 +217,7 @@ class ModelFamily:
         what this DiT cannot use (a start image for a text-to-video model). This default passes it on."""
         return cond
 
+    # -- the VAE ----------------------------------------------------------------------------------
 
     def load_vae(self, path: str, dtype: torch.dtype, device: torch.device):
         raise NotImplementedError
@@ -225,6 +226,19 @@ class ModelFamily:
         """Raw latent [B, C, T, H, W] -> IMAGE frames [F, H', W', 3] in 0..1 on the CPU: on every rank
         when split is None; with a split, every rank of it calls this and rank 0 gets the frames."""
         raise NotImplementedError
+
+    def encode(self, vae, frames: torch.Tensor, split: VaeSplit | None) -> torch.Tensor | None:
+        """IMAGE frames [F, H, W, 3] in 0..1, one video (validation.check_frames passed) -> its raw latent
+        [1, C, (F - 1) / 4 + 1, H / s, W / s] on the CPU, the mean of the VAE's latent distribution (what
+        ComfyUI's VAEEncode gives): on every rank when split is None; with a split, every rank of it calls
+        this and rank 0 gets the latent. Families whose VAE does not encode leave vae_encodes False."""
+        raise ValueError(f"the {self.label} VAE does not encode video here yet (USP VAE Encode takes the Wan 2.1 "
+                         "and Wan 2.2 VAEs); use ComfyUI's own VAE Encode")
+
+    def encoder_calls(self, vae, frames: torch.Tensor) -> int:
+        """How many times an encode of `frames` ([F, H, W, 3]) calls vae.encoder (its progress is counted in
+        them). The Wan VAEs call it for the first frame, then for every 4 frames: once per latent frame."""
+        return (frames.shape[0] - 1) // 4 + 1
 
     def decoder_calls(self, vae, latent: torch.Tensor) -> int:
         """How many times a decode of `latent` calls vae.decoder (the decode's progress is counted in

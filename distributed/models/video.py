@@ -1,4 +1,4 @@
-"""What every video VAE's decode shares: a raw latent in, ComfyUI IMAGE frames out."""
+"""What every video VAE's decode and encode share: a raw latent in, ComfyUI IMAGE frames out, and back."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Parallel VAE decode: every rank decodes a part of the video, rank 0 gets the frames.
+"""Parallel VAE decode and encode: every rank does a part of the video, rank 0 gets the result.
 
-Two ways, each exact with respect to its one-process decode; a model family picks one for its VAE:
+Two ways to decode, each exact with respect to its one-process decode; a model family picks one for its VAE:
 
 - By rows (`decode_rows`): rank r decodes latent rows [a_r, b_r) of every frame. A decoder that is
   local in space except for its padded convolutions and a whole-frame attention is patched by the
@@ -12,7 +12,12 @@ Two ways, each exact with respect to its one-process decode; a model family pick
   tiled decode) has its tiles shared out among the ranks (TileDecoder) and rank 0 blends them: the
   result is the one-process tiled decode's, time about 1/N (HunyuanVideo VAE).
 
-Every rank of the split must call with the same latent. Collectives run on split.group.
+The encode splits by rows too (`encode_rows`): rank r encodes pixel rows [a_r * s, b_r * s) of every
+frame, s being the VAE's pixels per latent row, so that at each stride-2 downsampling every rank's rows
+start at an even row and are even in number: a downsampling convolution (padded at the bottom only) then
+needs one row from the rank below (RowSplit.halo with no rows from above), and the rest is as the decode.
+
+Every rank of the split must call with the same input. Collectives run on split.group.
 """
 
 from __future__ import annotations
@@ -59,25 +64,35 @@ class RowSplit:
         self.split, self.counts = split, counts
         self.rank, self.ranks, self.device = split.rank, split.ranks, split.device
 
-    def halo(self, x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
-        """x with `pad` rows of each neighbour added along dim (zeros at the frame's edges)."""
-        if pad == 0:
+    def halo(self, x: torch.Tensor, pad: int, dim: int, bottom: int | None = None) -> torch.Tensor:
+        """x with `pad` rows of the neighbour above and `bottom` rows (default: pad) of the one below added
+        along dim (zeros at the frame's edges, as a layer's own zero padding)."""
+        top = pad
+        bottom = pad if bottom is None else bottom
+        if top == 0 and bottom == 0:
             return x
         size = list(x.shape)
-        size[dim] = pad
-        top, bottom = x.new_zeros(size), x.new_zeros(size)
-        ops = []
-        if self.rank > 0:
+        size[dim] = top
+        above_rows = x.new_zeros(size)
+        size[dim] = bottom
+        below_rows = x.new_zeros(size)
+        ops, group = [], self.split.group
+        if self.rank > 0:  # the rank above takes my first rows as its bottom halo
             above = self.split.peer(self.rank - 1)
-            ops += [dist.P2POp(dist.isend, x.narrow(dim, 0, pad).contiguous(), above, self.split.group),
-                    dist.P2POp(dist.irecv, top, above, self.split.group)]
-        if self.rank < self.ranks - 1:
+            if bottom:
+                ops.append(dist.P2POp(dist.isend, x.narrow(dim, 0, bottom).contiguous(), above, group))
+            if top:
+                ops.append(dist.P2POp(dist.irecv, above_rows, above, group))
+        if self.rank < self.ranks - 1:  # the rank below takes my last rows as its top halo
             below = self.split.peer(self.rank + 1)
-            ops += [dist.P2POp(dist.isend, x.narrow(dim, x.shape[dim] - pad, pad).contiguous(), below, self.split.group),
-                    dist.P2POp(dist.irecv, bottom, below, self.split.group)]
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-        return torch.cat([top, x, bottom], dim=dim)
+            if top:
+                ops.append(dist.P2POp(dist.isend, x.narrow(dim, x.shape[dim] - top, top).contiguous(), below, group))
+            if bottom:
+                ops.append(dist.P2POp(dist.irecv, below_rows, below, group))
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        return torch.cat([above_rows, x, below_rows], dim=dim)
 
     def gather_rows(self, x: torch.Tensor, dim: int, scale: int) -> torch.Tensor:
         """All ranks' rows along dim (each rank holds counts[r] * scale rows)."""
@@ -169,3 +184,21 @@ def decode_rows(vae, decode: Callable[[object, torch.Tensor], torch.Tensor], lat
         mine = decode(vae, latent[:, :, :, start:end])  # (F, rows * scale, W, 3)
     frames = rows.gather_rows(mine.to(split.device), 1, scale)
     return frames.cpu() if split.rank == 0 else None
+
+
+def encode_rows(vae, encode: Callable[[object, torch.Tensor], torch.Tensor], frames: torch.Tensor, split: VaeSplit,
+                patch: Callable[[object, RowSplit], AbstractContextManager], scale: int = 8) -> torch.Tensor | None:
+    """encode(vae, frames) -> raw latent [1, C, T, H / scale, W / scale] (CPU), frames [F, H, W, 3] (H a multiple
+    of scale), with the latent rows shared out among the ranks (rank r encodes pixel rows [a_r * scale, b_r *
+    scale)) and vae's encoder patched by patch(vae, rows); the latent on rank 0, None elsewhere. Frames with
+    fewer latent rows than ranks are encoded by rank 0 alone (the other ranks wait)."""
+    height = frames.shape[1] // scale
+    if split.ranks == 1 or height < split.ranks:
+        return encode(vae, frames) if split.rank == 0 else None
+    bounds = row_split(height, split.ranks)
+    rows = RowSplit(split, [b - a for a, b in bounds])
+    start, end = bounds[split.rank]
+    with patch(vae, rows):
+        mine = encode(vae, frames[:, start * scale:end * scale])  # (1, C, T, rows, W / scale)
+    latent = rows.gather_rows(mine.to(split.device), 3, 1)
+    return latent.cpu() if split.rank == 0 else None

@@ -226,6 +226,11 @@ class Wan21(ModelFamily):
     def decode(self, loaded_vae, latent: torch.Tensor, split: VaeSplit | None):
         return vae.decode(loaded_vae, latent, split)
 
+    vae_encodes = True
+
+    def encode(self, loaded_vae, frames: torch.Tensor, split: VaeSplit | None):
+        return vae.encode(loaded_vae, frames, split)
+
     def make_tiny(self, root):
         from .tiny import make_tiny_models
 

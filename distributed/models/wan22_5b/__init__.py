@@ -69,6 +69,9 @@ class Wan22TI2V5B(Wan21):
     def decode(self, loaded_vae, latent: torch.Tensor, split: VaeSplit | None):
         return vae.decode(loaded_vae, latent, split)
 
+    def encode(self, loaded_vae, frames: torch.Tensor, split: VaeSplit | None):
+        return vae.encode(loaded_vae, frames, split)
+
     def teacache_coefficients(self, model):
         return None, ("TeaCache has no published coefficients for Wan 2.2 TI2V-5B; use the first-block cache "
                       "(fbcache), which needs none")

@@ -1,7 +1,8 @@
 """The Wan 2.2 VAE (z 48, 4x time, 16x16 space: 8x in its convolutions, then 2x2 patches) as diffusers'
 AutoencoderKLWan, from ComfyUI's wan2.2_vae.safetensors (key names: vae_keys.py) or a diffusers folder,
-and its decode split by rows across the ranks: the Wan 2.1 VAE's split (halo exchange before every
-padded convolution, attention on the gathered rows; exact), at 16 pixels per latent row."""
+and its decode and encode split by rows across the ranks: the Wan 2.1 VAE's split (halo exchange before every
+padded convolution, attention on the gathered rows; exact), at 16 pixels per latent row (the encode's 2x2
+patches then stay within a rank's rows)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from ...parallel.vae_split import VaeSplit, decode_rows
+from ...parallel.vae_split import VaeSplit, decode_rows, encode_rows
 from ..checkpoint import CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, load_state_dict
 from ..checkpoint import read_header
-from ..video import decode_video
-from ..wan21.vae import split_decoder
+from ..video import decode_video, encode_video
+from ..wan21.vae import split_decoder, split_encoder
 from . import vae_keys
 
 CONFIG_METADATA_KEY = "usp_video.wan22_vae_config"
@@ -47,3 +48,11 @@ def decode(vae, latent: torch.Tensor, split: VaeSplit | None) -> torch.Tensor | 
     if split is None:
         return decode_video(vae, latent)
     return decode_rows(vae, decode_video, latent, split, split_decoder, scale=PIXELS_PER_ROW)
+
+
+def encode(vae, frames: torch.Tensor, split: VaeSplit | None) -> torch.Tensor | None:
+    """The raw Wan 2.2 latent of IMAGE frames [F, H, W, 3] (F = 1 + 4k, H and W multiples of 16): whole in
+    this process, or rows shared out across the split's ranks (the latent on rank 0)."""
+    if split is None:
+        return encode_video(vae, frames)
+    return encode_rows(vae, encode_video, frames, split, split_encoder, scale=PIXELS_PER_ROW)
