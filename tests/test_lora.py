@@ -119,10 +119,16 @@ def test_loras_on_fp8_and_gguf_weights(tiny_models, tmp_path):
 
 def test_sharded_ranks_with_loras_equal_one_process(tests_dir, tiny_models, tiny_hunyuan, tmp_path):
     """N ranks with sharded weights (2, and 3: uneven shards and tokens) == one process, with stacked LoRAs,
-    on Wan (plain and GGUF weights) and HunyuanVideo (its fused layers)."""
+    on Wan (plain, fp8 and GGUF weights) and HunyuanVideo (its fused layers)."""
+    from test_fp8 import write_fp8
+    from usp_video.distributed.models.wan21 import dit as wan, tiny
+
+    fp8_file = write_fp8(tiny_models["dit"], tmp_path / "fp8.safetensors",
+                         {wan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_WAN_CONFIG)}, scaled=True)
     wan_loras = [[tiny_models["lora_peft"], 1.0], [tiny_models["lora_distill"], 0.6]]
     cases = {2: [("wan", tiny_models["dit"], wan_loras, 2, 1), ("hunyuan", tiny_hunyuan["dit"],
-                                                                [[tiny_hunyuan["lora"], 1.0]], 2, 1)],
+                                                                [[tiny_hunyuan["lora"], 1.0]], 2, 1),
+                 ("wan", fp8_file, wan_loras, 1, 2)],
              3: [("wan", tiny_models["dit_gguf"], wan_loras, 1, 3)]}
     for world_size, runs in cases.items():
         args = [dict(ulysses=u, ring=r, dit_path=d, family=f, loras=l, shard_weights="on") for f, d, l, u, r in runs]
