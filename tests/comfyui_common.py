@@ -54,11 +54,22 @@ def detectable_wan_config() -> dict:
     return dict(WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=2, ffn_dim=256, num_layers=2)
 
 
+def detectable_wan_i2v_config(clip_vision: bool) -> dict:
+    """detectable_wan_config as an image-to-video DiT (36 input channels): Wan 2.1 I2V's with the CLIP vision image
+    embedder (img_emb.*: ComfyUI detects model_type "i2v"), or a Wan 2.2 I2V A14B expert's without it ("t2v" with
+    in_dim 36)."""
+    config = dict(detectable_wan_config(), in_channels=36)
+    if clip_vision:
+        config.update(image_dim=1280, added_kv_proj_dim=config["num_attention_heads"] * config["attention_head_dim"])
+    return config
+
+
 def make_detectable_wan(root, names_seeds: dict[str, int],
-                        lora_layouts: dict[str, tuple[str, int]]) -> dict[str, str]:
+                        lora_layouts: dict[str, tuple[str, int]], configs: dict[str, dict] | None = None) -> dict[str, str]:
     """Tiny detectable Wan DiTs (original key names, our config in the metadata) under root/diffusion_models,
     {name: seed}, and random LoRAs for their shape under root/loras, {name: (layout, seed)}
-    (models/tiny.py save_tiny_lora). Returns {name: path} of both."""
+    (models/tiny.py save_tiny_lora). configs: {name: config} for DiTs other than detectable_wan_config's.
+    Returns {name: path} of both."""
     import json
     from pathlib import Path
 
@@ -72,9 +83,10 @@ def make_detectable_wan(root, names_seeds: dict[str, int],
     (root / "diffusion_models").mkdir(parents=True, exist_ok=True)
     for name, seed in names_seeds.items():
         torch.manual_seed(seed)
-        state = wan_to_original_keys(WanTransformer3DModel(**config).state_dict())
+        dit_config = (configs or {}).get(name, config)
+        state = wan_to_original_keys(WanTransformer3DModel(**dit_config).state_dict())
         paths[name] = root / "diffusion_models" / f"{name}.safetensors"
-        save_safetensors(state, paths[name], {wan.CONFIG_METADATA_KEY: json.dumps(config)})
+        save_safetensors(state, paths[name], {wan.CONFIG_METADATA_KEY: json.dumps(dit_config)})
         shapes = {k: list(v.shape) for k, v in state.items()}
     for name, (layout, seed) in lora_layouts.items():
         paths[name] = save_tiny_lora(shapes, root / "loras" / f"{name}.safetensors", layout, ("blocks.",), seed=seed)
@@ -107,3 +119,18 @@ def _add_beyond_block_linears(path, shapes: dict[str, list[int]], seed: int) -> 
         elif key.endswith("modulation"):
             state[f"diffusion_model.{key}.diff"] = torch.randn(shape, generator=g) * 0.05
     save_file(state, str(path))
+
+
+def route_api_sample(engine) -> None:
+    """Our sampler nodes' api.sample (common.run_sampler calls it) as a group would run it, in this process: its
+    checks, the request through the wire frame, our engine."""
+    from usp_video.distributed import api, protocol
+    from usp_video.distributed.requests import SampleRequest
+
+    def via_wire(group, request, text_dim=None, **_):
+        request.check_experts()
+        api.check_sample_request(request, api.check_dit_file(request.experts[0], request.family)[0], text_dim)
+        request = SampleRequest.from_frame(*protocol.decode_frame(protocol.encode_frame(*request.to_frame())))
+        return engine.sample(request), {"ulysses": 1, "ring": 1}
+
+    api.sample = via_wire

@@ -167,3 +167,32 @@ def test_lora_modulation_diffs_left_alone_as_comfyui_leaves_them(lora_comparison
     assert lora_comparison["comfyui_modulation_change"] == 0.0
     assert lora_comparison["comfyui_norm3_change"] > 1e-3
     assert lora_comparison["wan21_modulation_warned"]
+
+
+@pytest.fixture(scope="module")
+def i2v_comparison(tests_dir, tiny_models, tmp_path_factory):
+    """ComfyUI's UNETLoader, WanImageToVideo / WanFirstLastFrameToVideo (its VAE Encode) and KSampler /
+    KSamplerAdvanced on detectable tiny I2V DiTs (comfyui_reference_i2v.py), against our engine and our samplers:
+    one ComfyUI process for all."""
+    from comfyui_common import make_detectable_wan
+    from comfyui_reference_i2v import DITS, dit_configs
+
+    files = make_detectable_wan(tmp_path_factory.mktemp("i2v_native"), DITS, {}, dit_configs())
+    return run_reference(tests_dir / "comfyui_reference_i2v.py", dict(files, vae=tiny_models["vae"]))
+
+
+@pytest.mark.parametrize("what", ["wan21_i2v_len5_cfg1_engine", "wan21_i2v_len5_cfg1_nodes",
+                                  "wan21_i2v_len9_cfg4_engine", "wan21_i2v_len9_cfg4_nodes",
+                                  "wan21_i2v_resized_to_latent_engine", "wan22_i2v_switch_engine",
+                                  "wan22_i2v_switch_nodes", "wan22_i2v_two_advanced_nodes", "wan22_flf_switch_engine"])
+def test_i2v_matches_comfyuis_wan_image_to_video(i2v_comparison, what):
+    """Native WanImageToVideo (a start image of another size: its centre-crop resize, VAE Encode; a synthetic
+    clip_vision_output for Wan 2.1 I2V) or WanFirstLastFrameToVideo, then KSampler (cfg 1 and 4) or two
+    KSamplerAdvanced (Wan 2.2 I2V A14B), fp32: our engine given the tensors those nodes made (also on a latent of
+    another size than the start video's: resized to it), and our samplers given the native conditioning."""
+    assert i2v_comparison["wan21_i2v_len5_cfg1_start_frames"] == i2v_comparison["wan21_i2v_len9_cfg4_start_frames"] == 1
+    assert i2v_comparison["flf_mask_shape"] == [1, 4, 3, 4, 6]  # the first-last mask per pixel frame, 4 channels
+    assert 0 < i2v_comparison["wan22_k"] < 4
+    for changed in ("wan21_i2v_clip_vision_changes_result", "wan22_flf_changes_result"):
+        assert i2v_comparison[changed] > 1e-2, changed  # the image embedder and the end frame are used
+    assert i2v_comparison[what] <= 1e-5, f"{what}: relative error {i2v_comparison[what]:.2e} against ComfyUI"

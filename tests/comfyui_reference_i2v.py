@@ -1,0 +1,160 @@
+"""Image to video against ComfyUI's own code: its UNETLoader (tiny detectable Wan DiTs: Wan 2.1 I2V with the CLIP
+vision image embedder, two Wan 2.2 I2V A14B experts without it), VAE Encode inside native WanImageToVideo /
+WanFirstLastFrameToVideo (start and end images of another size than the video: their bilinear centre-crop
+resize), then KSampler (Wan 2.1, cfg 1 and cfg > 1) or two KSamplerAdvanced (Wan 2.2 A14B), all fp32; against
+our engine given the conditioning tensors those nodes made (SampleRequest) and against our Wan samplers given
+the native conditioning lists (nodes/common.wan_conditioning; api.sample's checks and wire frame).
+ComfyUI's CLIP vision loader takes only full-size models: both sides get one synthetic clip_vision_output
+(comfy.clip_vision.Output holding random [1, 257, 1280] penultimate hidden states).
+
+Usage: python comfyui_reference_i2v.py COMFYUI_DIR FILES_JSON -> one JSON object of relative errors.
+FILES_JSON: comfyui_common.make_detectable_wan's paths of DITS (configs: dit_configs()) and "vae", the tiny
+Wan 2.1 VAE.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from comfyui_common import detectable_wan_i2v_config, rel, route_api_sample, start_comfy
+
+DITS = {"wan21_i2v": 51, "high_noise": 52, "low_noise": 53}
+
+
+def dit_configs() -> dict[str, dict]:
+    return {"wan21_i2v": detectable_wan_i2v_config(True), "high_noise": detectable_wan_i2v_config(False),
+            "low_noise": detectable_wan_i2v_config(False)}
+
+
+def main(comfy_dir: str, files_json: str) -> None:
+    start_comfy(comfy_dir)
+    import comfy.clip_vision
+    import comfy.ldm.wan.vae
+    import folder_paths
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from comfy_extras.nodes_wan import WanFirstLastFrameToVideo, WanImageToVideo
+
+    from comfyui_reference_vae_encode import comfy_vae
+    from usp_video.distributed.engine import Engine
+    from usp_video.distributed.models.wan21.tiny import TINY_VAE_CONFIG
+    from usp_video.distributed.requests import SampleRequest
+    from usp_video.distributed.sampling.schedules import sampling_sigmas
+    from usp_video.nodes import common, wan22_nodes, wan_nodes
+
+    paths = json.loads(files_json)
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(paths["wan21_i2v"]).parent), is_default=True)
+    vae = comfy_vae(paths["vae"], comfy.ldm.wan.vae, {"dim": TINY_VAE_CONFIG["base_dim"]})
+    engine = Engine()
+    route_api_sample(engine)  # our sampler nodes' requests: api.sample's checks and wire frame, this engine
+
+    def native_model(dit, shift):
+        model = comfy_nodes.UNETLoader().load_unet(Path(paths[dit]).name, "default")[0]
+        inner = model.model.diffusion_model
+        assert inner.patch_embedding.weight.shape[1] == 36 and inner.patch_embedding.weight.dtype == torch.float32
+        assert (inner.img_emb is not None) == (dit == "wan21_i2v"), dit  # detected as Wan 2.1 I2V / an A14B expert
+        return ModelSamplingSD3().patch(model, shift)[0]
+
+    def socket(experts, family):  # a USP loader's model socket (nodes/common.py load_model)
+        return {"group": None, "path": paths[experts[0]], "experts": [paths[e] for e in experts],
+                "info": {"family": family, "latent_format": "Wan21", "model": family}}
+
+    def tensors(conditioning):  # what the native conditioning carries, as our request's side (not via our node code)
+        tokens, extra = conditioning[0]
+        cond = {"tokens": tokens, "concat_latent_image": extra["concat_latent_image"],
+                "concat_mask": extra["concat_mask"]}
+        if "clip_vision_output" in extra:
+            cond["clip_vision"] = extra["clip_vision_output"].penultimate_hidden_states
+        return cond
+
+    g = torch.Generator().manual_seed(6)
+    text = [[[torch.randn(1, 12, 4096, generator=g), {}]] for _ in range(2)]
+    vision = comfy.clip_vision.Output()
+    vision.penultimate_hidden_states = torch.randn(1, 257, 1280, generator=g)
+    start = torch.rand(1, 36, 60, 3, generator=g)  # 5:3, the video 3:2: cropped left and right, then bilinear
+    end = torch.rand(1, 40, 40, 3, generator=g)
+    width, height, out = 48, 32, {}
+
+    # Wan 2.1 I2V: WanImageToVideo (CLIP vision) -> KSampler, cfg 1 (no negative pass) and cfg 4
+    seed, steps, shift = 11, 3, 5.0
+    wan21 = native_model("wan21_i2v", shift)
+    for length, scale in ((5, 1.0), (9, 4.0)):
+        case = f"wan21_i2v_len{length}_cfg{scale:g}"
+        with torch.inference_mode():
+            pos, neg, latent = WanImageToVideo.execute(*text, vae, width, height, length, 1, start_image=start,
+                                                       clip_vision_output=vision).result
+        made = pos[0][1]
+        assert made["concat_latent_image"].shape == latent["samples"].shape == (1, 16, (length + 3) // 4, 4, 6)
+        out[case + "_start_frames"] = int((made["concat_mask"] == 0).sum() // 24)  # latent frames held, 0 in the mask
+        with torch.no_grad():
+            native = comfy_nodes.KSampler().sample(wan21, seed, steps, scale, "euler", "simple", pos, neg,
+                                                   latent)[0]["samples"]
+            ours = engine.sample(SampleRequest(experts=[paths["wan21_i2v"]], positive=tensors(pos),
+                                               negative=tensors(neg), latent=latent["samples"], seed=seed, steps=steps,
+                                               cfg=scale, shift=shift, sampler="euler"))
+            out[case + "_engine"] = rel(ours, native)
+            node = wan_nodes.UspWanSampler().sample(socket(["wan21_i2v"], "wan2.1"), pos, neg, latent, seed, steps,
+                                                    scale, shift, "euler", 1.0)[0]["samples"]
+            out[case + "_nodes"] = rel(node, native)
+            if length == 5:  # the image's part: the same run with another clip_vision_output
+                other = comfy.clip_vision.Output()
+                other.penultimate_hidden_states = torch.randn(1, 257, 1280, generator=g)
+                changed = [[pos[0][0], dict(made, clip_vision_output=other)]]
+                out["wan21_i2v_clip_vision_changes_result"] = rel(comfy_nodes.KSampler().sample(
+                    wan21, seed, steps, scale, "euler", "simple", changed, neg, latent)[0]["samples"], native)
+                # a latent of twice the size: the start video and mask resized to it (bilinear) on both sides
+                big = {"samples": torch.zeros(1, 16, 2, 8, 12)}
+                native = comfy_nodes.KSampler().sample(wan21, seed, steps, scale, "euler", "simple", pos, neg,
+                                                       big)[0]["samples"]
+                ours = engine.sample(SampleRequest(experts=[paths["wan21_i2v"]], positive=tensors(pos),
+                                                   negative=tensors(neg), latent=big["samples"], seed=seed,
+                                                   steps=steps, cfg=scale, shift=shift, sampler="euler"))
+                out["wan21_i2v_resized_to_latent_engine"] = rel(ours, native)
+
+    # Wan 2.2 I2V A14B: two 36-channel experts, no CLIP vision; two KSamplerAdvanced split at the boundary
+    seed, steps, scale, shift, boundary = 21, 4, 3.5, 8.0, 0.9
+    sigmas = sampling_sigmas(steps, shift)
+    k = next(i for i in range(steps) if float(sigmas[i]) < boundary)
+    out["wan22_k"] = k
+    high, low = native_model("high_noise", shift), native_model("low_noise", shift)
+    pair = socket(["high_noise", "low_noise"], "wan2.2-a14b")
+
+    def two_advanced(pos, neg, latent):
+        first = comfy_nodes.KSamplerAdvanced().sample(high, "enable", seed, steps, scale, "euler", "simple", pos, neg,
+                                                      latent, 0, k, "enable")[0]
+        return comfy_nodes.KSamplerAdvanced().sample(low, "disable", seed, steps, scale, "euler", "simple", pos, neg,
+                                                     first, k, 10000, "disable")[0]["samples"]
+
+    def switch_engine(pos, neg, latent):
+        return engine.sample(SampleRequest(experts=[paths["high_noise"], paths["low_noise"]], boundaries=[boundary],
+                                           family="wan2.2-a14b", positive=tensors(pos), negative=tensors(neg),
+                                           latent=latent["samples"], seed=seed, steps=steps, cfg=[scale, scale],
+                                           shift=shift, sampler="euler"))
+
+    with torch.inference_mode():
+        i2v = WanImageToVideo.execute(*text, vae, width, height, 9, 1, start_image=start).result
+        flf = WanFirstLastFrameToVideo.execute(*text, vae, width, height, 9, 1, start_image=start,
+                                               end_image=end).result
+    out["flf_mask_shape"] = list(flf[0][0][1]["concat_mask"].shape)  # [1, 4, T, H, W]: per pixel frame
+    with torch.no_grad():
+        native = two_advanced(*i2v)
+        out["wan22_i2v_switch_engine"] = rel(switch_engine(*i2v), native)
+        out["wan22_i2v_switch_nodes"] = rel(wan22_nodes.UspWan22Sampler().sample(
+            pair, i2v[0], i2v[1], i2v[2], seed, steps, scale, scale, shift, boundary, "euler", 1.0)[0]["samples"],
+            native)
+        sampler = wan_nodes.UspWanSamplerAdvanced()
+        first = sampler.sample(common.expert_socket(pair, 0), "enable", seed, steps, scale, shift, "euler", i2v[0],
+                               i2v[1], i2v[2], 0, k, "enable")[0]
+        second = sampler.sample(common.expert_socket(pair, 1), "disable", seed, steps, scale, shift, "euler", i2v[0],
+                                i2v[1], first, k, 10000, "disable")[0]
+        out["wan22_i2v_two_advanced_nodes"] = rel(second["samples"], native)
+        native_flf = two_advanced(*flf)
+        out["wan22_flf_switch_engine"] = rel(switch_engine(*flf), native_flf)
+        out["wan22_flf_changes_result"] = rel(native_flf, native)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
