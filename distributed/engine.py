@@ -657,6 +657,8 @@ class Engine:
         latent_in = family.process_in(latent) if torch.count_nonzero(latent) > 0 else latent
         x = sigmas[0] * noise + (1.0 - sigmas[0]) * latent_in
         batch = x.shape[0]
+        # ComfyUI's denoise mask (prepare_mask): the LATENT's noise_mask at the latent's shape, 1 where it samples
+        mask = None if req.noise_mask is None else torch.broadcast_to(req.noise_mask.float(), x.shape).contiguous()
 
         def expand(cond: Cond | None) -> Cond | None:
             if cond is None:
@@ -675,6 +677,8 @@ class Engine:
 
         def velocity(model, x_in: torch.Tensor, sigma: torch.Tensor, cond: Cond, side: str) -> torch.Tensor:
             t = torch.full((x_in.shape[0],), float(timestep(sigma)), device=self.device)
+            if mask is not None:  # a family may time the kept tokens apart (ComfyUI's process_timestep)
+                t = family.masked_timestep(model, t, mask.repeat(x_in.shape[0] // batch, 1, 1, 1, 1).to(self.device))
             if cache is None:
                 out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, options)
             else:  # side: which pass of the step (each keeps its own cache)
@@ -688,6 +692,15 @@ class Engine:
         running = experts[first]
 
         def denoise(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if mask is None:
+                return denoise_whole(x_t, sigma)
+            # ComfyUI's KSamplerX0Inpaint: where the mask is 0 the model sees the family's inpaint latent and
+            # the estimate is the latent itself
+            kept = 1.0 - mask
+            x_t = x_t * mask + family.inpaint_latent(latent_in, noise, sigma) * kept
+            return denoise_whole(x_t, sigma) * mask + latent_in * kept
+
+        def denoise_whole(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             nonlocal running
             expert = req.expert_at(float(sigma))
             model, cfg = experts[expert], req.cfg_for(expert)

@@ -106,7 +106,9 @@ class SampleRequest:
     ComfyUI's LATENT convention, so a native sampler can go on from it).
     cache: a step cache for this run (sampling/step_cache.py CacheSettings), {} for none.
     loras: per expert (in the order of `experts`), its LoRAs as [[LoRA file, strength], ...], applied on every
-    rank (models/lora.py); [] for none."""
+    rank (models/lora.py); [] for none.
+    noise_mask: a LATENT's noise_mask (1 where the sampler samples, 0 where the latent stays: a start image), as
+    ComfyUI's KSampler applies it (KSamplerX0Inpaint), for families that take one (ModelFamily.takes_noise_mask)."""
 
     experts: list[str]
     positive: Cond
@@ -129,6 +131,7 @@ class SampleRequest:
     leftover_noise: bool = False
     loras: list = field(default_factory=list)  # per expert: [[LoRA file, strength], ...]
     cache: dict = field(default_factory=dict)  # a step cache: {"method", "threshold", "start", "end"} (step_cache.py)
+    noise_mask: torch.Tensor | None = None  # a LATENT's noise_mask [1|B, 1|C, T, H, W] (validation.check_noise_mask)
     fault: dict | None = None  # test-only fault injection (honoured only by groups started to allow it)
     type: str = field(default="sample", init=False)
 
@@ -197,6 +200,8 @@ class SampleRequest:
             header["fault"] = self.fault
         tensors = {"latent": self.latent.float(), **cond_tensors("positive", self.positive),
                    **cond_tensors("negative", self.negative)}
+        if self.noise_mask is not None:
+            tensors["noise_mask"] = self.noise_mask.float()
         return header, tensors
 
     @classmethod
@@ -217,7 +222,7 @@ class SampleRequest:
                    add_noise=_field(header, "add_noise", bool, True),
                    leftover_noise=_field(header, "leftover_noise", bool, False),
                    cache=_field(header, "cache", dict, {}), loras=_field(header, "loras", list, []),
-                   fault=header.get("fault"))
+                   fault=header.get("fault"), noise_mask=tensors.get("noise_mask"))
 
 
 @dataclass(kw_only=True)

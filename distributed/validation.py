@@ -40,6 +40,28 @@ def check_latent(latent: torch.Tensor, name: str = "latent", family=None, check_
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def check_noise_mask(mask, latent_shape: tuple[int, ...], family) -> None:
+    """A LATENT's noise_mask for a sampler: a family that takes one (ModelFamily.takes_noise_mask), a float
+    tensor [1 or B, 1 or C, T, H, W] at the latent's frames, rows and columns (what Wan22ImageToVideoLatent
+    makes; ComfyUI would resample another size, which is not done here), values in 0..1."""
+    if not family.takes_noise_mask:
+        raise ValueError(f"latent_image has a noise_mask (masked sampling: Wan22ImageToVideoLatent's start image, "
+                         f"SetLatentNoiseMask, ...), and {family.label} samplers do not take one (Wan 2.2 TI2V-5B's "
+                         "do). For a start image use WanImageToVideo with an image-to-video model; else sample an "
+                         "empty latent without a mask")
+    batch, channels, *size = latent_shape
+    shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+    if not isinstance(mask, torch.Tensor) or not mask.is_floating_point() or mask.dim() != 5 or \
+            mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, channels) or list(mask.shape[2:]) != size:
+        raise ValueError(f"latent_image's noise_mask is {shape} for a latent of {tuple(latent_shape)}: the "
+                         f"{family.label} sampler takes a float mask [1 or {batch}, 1 or {channels}, "
+                         f"{', '.join(map(str, size))}] (the latent's frames, rows and columns), as "
+                         "Wan22ImageToVideoLatent makes it with the latent's width, height and length")
+    if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise ValueError("latent_image's noise_mask must hold values in 0..1 (1: sample, 0: keep the latent), got "
+                         f"{float(mask.min()):g}..{float(mask.max()):g}")
+
+
 def check_frames(frames: torch.Tensor, name: str, family) -> None:
     """IMAGE frames to encode as one video [F, H, W, 3] in 0..1 with a family's VAE: F = 1 + 4k (the Wan VAEs
     take the first frame, then 4 at a time: ComfyUI's VAE Encode drops the frames past the last whole 4),
@@ -117,6 +139,8 @@ def check_sample_request(request, family, text_dim: int | None = None) -> dict[s
     for name, cond in (("positive", request.positive), ("negative", request.negative)):
         if cond is not None and cond["tokens"].shape[0] not in (1, request.latent.shape[0]):
             raise ValueError(f"{name} has batch {cond['tokens'].shape[0]} for a latent batch of {request.latent.shape[0]}")
+    if request.noise_mask is not None:
+        check_noise_mask(request.noise_mask, tuple(request.latent.shape), family)
     check_sampling(seed=request.seed, steps=request.steps, cfg=request.cfg, shift=request.shift,
                    sampler=request.sampler, denoise=request.denoise)
     CacheSettings.from_dict(request.cache)

@@ -184,8 +184,8 @@ def run_sampler(model: dict, latent_image: dict, node_id, *, positive: dict, neg
     kept loaded); positive/negative: conditionings as the family's tensors ({"tokens": ..., ...});
     request: the other fields of requests.SampleRequest (seed, steps, cfg, shift, sampler, denoise,
     options, experts and boundaries, the KSamplerAdvanced step range)."""
-    if "noise_mask" in latent_image:
-        raise ValueError("latent_image has a noise mask; masked (inpainting) sampling is not supported")
+    if latent_image.get("noise_mask") is not None:  # checked against the model with the request
+        request["noise_mask"] = latent_image["noise_mask"]
     native_shift = model.get("native_shift")  # a native MODEL's shift (nodes/native_nodes.py): never ignored
     if native_shift is not None and abs(request["shift"] - native_shift) > 1e-6 * max(1.0, native_shift):
         raise ValueError(f"shift: this sampler's shift is {request['shift']:g}, its native MODEL's is {native_shift:g} "

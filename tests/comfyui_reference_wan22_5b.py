@@ -1,6 +1,8 @@
 """Wan 2.2 TI2V-5B against ComfyUI's own code: its Wan 2.2 model (WAN22_T2V, the 48-channel latent
 format) loading our tiny file, its KSampler (euler, simple, ModelSamplingSD3 shift 5), and its Wan 2.2
 VAE (comfy.ldm.wan.vae2_2.WanVAE, built at the tiny size: ComfyUI's VAE loader fixes the width at 160).
+Image to video: its Wan22ImageToVideoLatent (a start image encoded by its VAE with our tiny file) into its
+KSampler (the noise_mask: KSamplerX0Inpaint, WAN22.process_timestep) against our sampler given that LATENT.
 
 Usage: python comfyui_reference_wan22_5b.py COMFYUI_DIR MODELS_JSON -> one JSON object of relative errors.
 """
@@ -17,6 +19,9 @@ def main(comfy_dir: str, models_json: str) -> None:
     start_comfy(comfy_dir)
     import comfy.ldm.wan.vae2_2
     import comfy.sample
+    import nodes
+    from comfy_extras.nodes_wan import Wan22ImageToVideoLatent
+    from comfyui_reference_vae_encode import comfy_vae as comfy_vae_of
     from safetensors.torch import load_file
 
     from usp_video.distributed.engine import Engine
@@ -43,6 +48,25 @@ def main(comfy_dir: str, models_json: str) -> None:
 
     out["ti2v_ksampler_euler"] = both(torch.zeros(1, 48, 3, 4, 6), 123, 4, 5.0, 1.0)
     out["ti2v_ksampler_euler_denoise"] = both(torch.randn(1, 48, 3, 4, 6, generator=g), 9, 4, 3.0, 0.6)
+
+    # image to video: native Wan22ImageToVideoLatent with a start image encoded by ComfyUI's VAE (the tiny Wan 2.2
+    # file) and native KSampler, against our engine given the same LATENT (samples and noise_mask)
+    v = tiny.TINY_VAE_CONFIG
+    comfy_vae = comfy_vae_of(paths["vae"], comfy.ldm.wan.vae2_2, {"dim": v["base_dim"], "dec_dim": v["decoder_base_dim"]})
+    for name, (batch, seed, scale, image_size) in {"ti2v_start_image_ksampler_euler": (1, 21, 5.0, (64, 96)),
+                                                   "ti2v_start_image_batch2_resized": (2, 5, 3.0, (80, 112))}.items():
+        image = torch.rand(1, *image_size, 3, generator=g)
+        with torch.inference_mode():  # as ComfyUI runs its nodes
+            latent = Wan22ImageToVideoLatent.execute(comfy_vae, 96, 64, 9, batch, start_image=image)[0]
+        latent = {k: t.clone() for k, t in latent.items()}  # out of inference mode
+        native = nodes.KSampler().sample(patcher, seed, 4, scale, "euler", "simple", [[pos, {}]], [[neg, {}]],
+                                         latent)[0]["samples"]
+        ours = Engine().sample(SampleRequest(experts=[paths["dit"]], positive=pos, negative=neg,
+                                             latent=latent["samples"], noise_mask=latent["noise_mask"], seed=seed,
+                                             steps=4, cfg=scale, shift=5.0, sampler="euler"))
+        out[name] = rel(ours, native)
+        out[name + "_first_frame_kept"] = float((native[:, :, 0] - latent["samples"][:, :, 0]).abs().max())
+        out[name + "_mask_zeros"] = float((latent["noise_mask"] == 0).float().mean())
 
     v = tiny.TINY_VAE_CONFIG
     vae = comfy.ldm.wan.vae2_2.WanVAE(dim=v["base_dim"], dec_dim=v["decoder_base_dim"], z_dim=v["z_dim"],

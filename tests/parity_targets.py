@@ -365,11 +365,49 @@ def ti2v_request(dit_path, shape, sampler, steps=4):
     return request
 
 
+def ti2v_token_timesteps(model, shape):
+    """Per-token timesteps [2, S] as the 5B takes them under a noise mask, each frame its own (mask means 0..1)."""
+    from usp_video.distributed.models import FAMILIES
+
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(2, 1, shape[0], 1, 1, generator=g).expand(2, 48, *shape)
+    return FAMILIES["wan2.2-ti2v-5b"].masked_timestep(model, torch.tensor([900.0, 250.0]), mask)
+
+
+def ti2v_masked_forward(engine, dit_path, shape):
+    x, _, context = ti2v_inputs(shape)
+    model = engine.dit(dit_path)
+    with torch.no_grad():
+        return model(x, ti2v_token_timesteps(model, shape), context, return_dict=False)[0]
+
+
+def ti2v_start_image(shape, batch=1, seed=4):
+    """A LATENT as ComfyUI's Wan22ImageToVideoLatent makes it from a start image: raw space, the image's latent
+    in the first frame, process_out(0) (the means) after it; noise_mask [B, 1, T, H, W], 0 on the first frame."""
+    from usp_video.distributed.models import FAMILIES
+
+    g = torch.Generator().manual_seed(seed)
+    family = FAMILIES["wan2.2-ti2v-5b"]
+    latent = family.process_out(torch.zeros(batch, 48, *shape))
+    latent[:, :, :1] = torch.randn(1, 48, 1, *shape[1:], generator=g)
+    mask = torch.ones(batch, 1, *shape)
+    mask[:, :, :1] = 0.0
+    return latent, mask
+
+
+def ti2v_image_request(dit_path, shape, sampler, steps=4):
+    request = ti2v_request(dit_path, shape, sampler, steps=steps)
+    request.latent, request.noise_mask = ti2v_start_image(shape)
+    return request
+
+
 def ti2v_rank(rank, world_size, ulysses, ring, dit_path, shape, sampler):
     engine = make_engine(rank, world_size, ulysses, ring)
     out = {"forward": ti2v_forward(engine, dit_path, shape)}
     assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
     out["latent"] = engine.sample(ti2v_request(dit_path, shape, sampler))
+    out["masked_forward"] = ti2v_masked_forward(engine, dit_path, shape)
+    out["image_latent"] = engine.sample(ti2v_image_request(dit_path, shape, sampler))
     return out
 
 

@@ -90,6 +90,16 @@ def test_ti2v_5b_matches_comfyui(ti2v_comparison, what):
     assert ti2v_comparison[what] <= 1e-5, f"{what}: relative error {ti2v_comparison[what]:.2e} against ComfyUI"
 
 
+@pytest.mark.parametrize("what", ["ti2v_start_image_ksampler_euler", "ti2v_start_image_batch2_resized"])
+def test_ti2v_5b_start_image_matches_comfyui(ti2v_comparison, what):
+    """Native Wan22ImageToVideoLatent (a start image through ComfyUI's VAE with our tiny file; batch 2 and an image
+    of another size, resized by the node) into native KSampler (euler, cfg 5 / 3), against our sampler given that
+    LATENT: its noise_mask as KSamplerX0Inpaint and WAN22.process_timestep apply it (per-frame timesteps)."""
+    assert ti2v_comparison[what + "_mask_zeros"] == pytest.approx(1 / 3)  # the first of 3 latent frames is kept
+    assert ti2v_comparison[what + "_first_frame_kept"] <= 1e-5
+    assert ti2v_comparison[what] <= 1e-5, f"{what}: relative error {ti2v_comparison[what]:.2e} against ComfyUI"
+
+
 def test_wan22_vae_matches_comfyui(ti2v_comparison):
     """ComfyUI's Wan 2.2 VAE (vae2_2.WanVAE at the tiny size) loads our tiny file in its key names and
     decodes to our frames; few of its outputs are clamped, so the clamp hides nothing."""

@@ -14,7 +14,8 @@ import torch
 
 from batched import Batched
 from conftest import rel_error
-from parity_targets import make_engine, ti2v_forward, ti2v_inputs, ti2v_request
+from parity_targets import (make_engine, ti2v_forward, ti2v_image_request, ti2v_inputs, ti2v_masked_forward,
+                             ti2v_request, ti2v_start_image, ti2v_token_timesteps)
 from usp_video.distributed.models import FAMILIES
 from usp_video.distributed.parallel.mesh import valid_factorizations
 from usp_video.distributed.parallel.spawn import run_ranks
@@ -51,10 +52,36 @@ def test_forward_matches_stock_diffusers(tiny_5b):
     assert rel_error(ti2v_forward(make_engine(), tiny_5b["dit"], UNEVEN), expected) <= 1e-6
 
 
+def test_per_token_timesteps_match_stock_diffusers(tiny_5b):
+    """Under a noise mask the 5B takes a timestep per token (ComfyUI's WAN22.process_timestep: per frame, t x the
+    frame's mean mask); our parallelized model gives diffusers' stock one's output for them."""
+    from usp_video.distributed.models.wan21.dit import load_wan_transformer
+
+    x, _, context = ti2v_inputs(UNEVEN)
+    stock = load_wan_transformer(tiny_5b["dit"])
+    timesteps = ti2v_token_timesteps(stock, UNEVEN)
+    assert timesteps.shape == (2, 35) and timesteps[0, :7].unique().numel() == 1 and timesteps[0, 6] != timesteps[0, 7]
+    with torch.no_grad():
+        expected = stock(x, timesteps, context, return_dict=False)[0]
+    assert rel_error(ti2v_masked_forward(make_engine(), tiny_5b["dit"], UNEVEN), expected) <= 1e-6
+
+
+def test_start_image_frame_is_kept(tiny_5b, reference):
+    """Wan22ImageToVideoLatent's LATENT: the first frame (noise_mask 0) comes back as the image's latent, the
+    others are sampled, and differ from the text-to-video run."""
+    latent, _ = ti2v_start_image(UNEVEN)
+    out = reference["image_euler"]
+    assert (out[:, :, :1] - latent[:, :, :1]).abs().max() <= 1e-5
+    assert (out[:, :, 1:] - reference["euler"][:, :, 1:]).abs().max() > 1e-3
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_5b):
     return {"forward": ti2v_forward(make_engine(), tiny_5b["dit"], UNEVEN),
-            **{s: make_engine().sample(ti2v_request(tiny_5b["dit"], UNEVEN, s)) for s in ("unipc", "euler")}}
+            "masked_forward": ti2v_masked_forward(make_engine(), tiny_5b["dit"], UNEVEN),
+            **{s: make_engine().sample(ti2v_request(tiny_5b["dit"], UNEVEN, s)) for s in ("unipc", "euler")},
+            **{f"image_{s}": make_engine().sample(ti2v_image_request(tiny_5b["dit"], UNEVEN, s))
+               for s in ("unipc", "euler")}}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +101,10 @@ def test_parity(runs, tiny_5b, reference, world_size, ulysses, ring):
         assert err <= 1e-5, f"rank {rank} forward: relative error {err:.2e}"
         err = rel_error(result["latent"], reference[sampler])
         assert err <= 1e-5, f"rank {rank}: relative error {err:.2e} ({sampler})"
+        err = rel_error(result["masked_forward"], reference["masked_forward"])
+        assert err <= 1e-5, f"rank {rank} forward with per-token timesteps: relative error {err:.2e}"
+        err = rel_error(result["image_latent"], reference[f"image_{sampler}"])
+        assert err <= 1e-5, f"rank {rank} start image: relative error {err:.2e} ({sampler})"
 
 
 @pytest.mark.parametrize("world_size,shape", [(2, (2, 4, 6)), (3, (3, 5, 4)), (4, (2, 7, 6))],
@@ -112,6 +143,31 @@ def test_wrong_vae_and_sizes_are_named(tiny_5b, tiny_models):
         api.check_dit_file(tiny_5b["dit"], "wan2.1")  # what the ranks say when asked to load it as Wan 2.1
     with pytest.raises(ValueError, match="tiny_wan2.1_t2v.safetensors is a Wan 2.1 model, not Wan 2.2 TI2V-5B"):
         api.check_model_files([tiny_models["dit"]], FAMILY.name)
+
+
+def test_bad_noise_masks_are_refused_before_sampling(tiny_5b, tiny_models):
+    from usp_video.distributed import api
+    from usp_video.nodes.common import run_sampler
+
+    def request(dit, mask, channels=48):
+        return api.SampleRequest(experts=[dit], positive=torch.zeros(1, 4, 32), negative=None, seed=1, steps=2,
+                                 cfg=1.0, shift=5.0, latent=torch.zeros(1, channels, 2, 2, 2), noise_mask=mask)
+
+    with pytest.raises(ValueError, match="has a noise_mask .*, and Wan 2.1 samplers do not take one .*use "
+                                         "WanImageToVideo with an image-to-video model"):
+        api.sample(None, request(tiny_models["dit"], torch.ones(1, 1, 2, 2, 2), channels=16))
+    with pytest.raises(ValueError, match=r"noise_mask is \(1, 1, 2, 32, 32\) for a latent of \(1, 48, 2, 2, 2\): .* "
+                                         r"\[1 or 1, 1 or 48, 2, 2, 2\] .*Wan22ImageToVideoLatent"):
+        api.sample(None, request(tiny_5b["dit"], torch.ones(1, 1, 2, 32, 32)))
+    with pytest.raises(ValueError, match="noise_mask must hold values in 0..1 .*got 0..2"):
+        api.sample(None, request(tiny_5b["dit"], torch.tensor([0.0, 2.0]).view(1, 1, 2, 1, 1).expand(1, 1, 2, 2, 2)))
+    sent = request(tiny_5b["dit"], ti2v_start_image((2, 2, 2))[1])  # the mask crosses to the ranks
+    assert torch.equal(api.SampleRequest.from_frame(*sent.to_frame()).noise_mask, sent.noise_mask)
+    # the node passes the LATENT's mask on, so the same refusal reaches the user from a Wan 2.1 sampler
+    model = {"group": None, "path": tiny_models["dit"], "info": {"family": "wan2.1", "latent_format": "Wan21"}}
+    with pytest.raises(ValueError, match="Wan 2.1 samplers do not take one"):
+        run_sampler(model, {"samples": torch.zeros(1, 16, 2, 2, 2), "noise_mask": torch.ones(1, 1, 2, 2, 2)}, None,
+                    positive={"tokens": torch.zeros(1, 4, 32)}, negative=None, seed=1, steps=2, cfg=1.0, shift=5.0)
 
 
 def test_empty_latent_node_checks_sizes():

@@ -88,6 +88,7 @@ class ModelFamily:
     experts: tuple[str, ...] = ()   # the expert slots of a model made of several DiTs, first to last
     claims_files: bool = True       # may detection pick it from a file alone? (models.detect_dit)
     order: int = 100                # where it stands in lists and detection (lower first)
+    takes_noise_mask: bool = False  # does its sampler honour a LATENT's noise_mask (checked against ComfyUI)?
 
     # -- files (header only: cheap, runs in the ComfyUI process too) -------------------------------
 
@@ -180,6 +181,19 @@ class ModelFamily:
         """The DiT's flow velocity for x at timestep t (sigma * 1000), with one side's conditioning
         (cond["tokens"] [B, L, D] and the family's other tensors) and its sampler options."""
         raise NotImplementedError
+
+    # A LATENT's noise_mask, as ComfyUI's KSamplerX0Inpaint applies it (the engine does the blend; these two
+    # are ComfyUI's model_base hooks, here with its BaseModel's defaults; only takes_noise_mask families get one).
+
+    def masked_timestep(self, model: torch.nn.Module, t: torch.Tensor, denoise_mask: torch.Tensor) -> torch.Tensor:
+        """The timestep velocity() gets under a denoise mask [B, C, T, H, W] (1: sample, 0: keep the latent);
+        t is [B]. ComfyUI's process_timestep: BaseModel ignores the mask."""
+        return t
+
+    def inpaint_latent(self, latent: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """What the kept part of the model's input is at sigma (ComfyUI's scale_latent_inpaint: BaseModel's
+        is the latent noised to sigma, as a flow model's noise scaling)."""
+        return sigma * noise + (1.0 - sigma) * latent
 
     def step_cache_spec(self, model: torch.nn.Module, latent_shape: tuple[int, ...]):
         """Where the step caches (sampling/step_cache.py) find this DiT's blocks, what TeaCache measures

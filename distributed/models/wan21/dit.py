@@ -2,7 +2,8 @@
 
 The model definition is diffusers' WanTransformer3DModel, unchanged. `parallelize_wan` applies
 sequence parallelism from outside, torchtitan-style:
-  - the RoPE tables and the patch tokens entering block 0 are padded and sliced per rank,
+  - the RoPE tables and the patch tokens entering block 0 are padded and sliced per rank (per-token
+    timesteps, the 5B's under a noise mask, too, before their embedding),
   - self-attention (attn1) runs USP attention over the shards; text cross-attention (attn2)
     stays local, every rank holding the whole text,
   - the output of proj_out is all-gathered and unpadded before unpatchify.
@@ -231,10 +232,22 @@ def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa"):
     def gather_tokens(module, args, output):
         return gather_sequence(output, 1, sp, state.valid_len)  # (B, S/N, C') -> (B, S, C')
 
+    def shard_timesteps(module, args, kwargs):
+        """Per-token timesteps (Wan 2.2 TI2V-5B under a noise mask: [B*S], timestep_seq_len S) are sharded as the
+        tokens are, padding included, before they are embedded: each rank embeds its own tokens' (the blocks'
+        timestep_proj and the output norm's temb then match the token shard)."""
+        seq_len = kwargs.get("timestep_seq_len")
+        if seq_len is None:  # one timestep per sample
+            return None
+        timestep, *rest = args
+        local = shard_sequence(timestep.unflatten(0, (-1, seq_len)), 1, sp)  # (B, S) -> (B, S/N)
+        return (local.flatten(), *rest), {**kwargs, "timestep_seq_len": local.shape[1]}
+
     def image_tokens(module, args, output):
         image = output[3]  # (temb, timestep_proj, text, image): the image embedder's tokens, or None
         state.image_len = 0 if image is None else image.shape[1]
 
+    model.condition_embedder.register_forward_pre_hook(shard_timesteps, with_kwargs=True)
     model.condition_embedder.register_forward_hook(image_tokens)
     model.rope.register_forward_hook(shard_rope)
     model.blocks[0].register_forward_pre_hook(shard_tokens)

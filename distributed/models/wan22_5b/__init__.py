@@ -1,5 +1,6 @@
-"""Wan 2.2 TI2V-5B, text to video: diffusers' WanTransformer3DModel at 3072 / 24 heads x 128, 30 layers,
-ffn 14336, 48 input channels (the Wan 2.2 VAE's latent), run by the Wan 2.1 package's code (dit, umt5).
+"""Wan 2.2 TI2V-5B, text (or a start image: a LATENT's noise_mask) to video: diffusers' WanTransformer3DModel
+at 3072 / 24 heads x 128, 30 layers, ffn 14336, 48 input channels (the Wan 2.2 VAE's latent), run by the Wan 2.1
+package's code (dit, umt5).
 What is its own: the Wan 2.2 VAE (z 48, 4x time, 16x16 space; vae.py, its key names in vae_keys.py),
 the latent format (ComfyUI's Wan22 means and stds), sizes in multiples of 32, the tiny set (tiny.py).
 Its files have Wan 2.1's tensor names; the shapes (48 input channels) tell them apart.
@@ -71,6 +72,21 @@ class Wan22TI2V5B(Wan21):
 
     def encode(self, loaded_vae, frames: torch.Tensor, split: VaeSplit | None):
         return vae.encode(loaded_vae, frames, split)
+
+    # Start image (ComfyUI's Wan22ImageToVideoLatent): its latent is the LATENT's first frame, its noise_mask 0
+    # there. The engine blends as KSamplerX0Inpaint; these are ComfyUI's WAN22 hooks.
+    takes_noise_mask = True
+
+    def masked_timestep(self, model, t, denoise_mask):
+        """ComfyUI's WAN22.process_timestep: each latent frame's timestep is t times the frame's mean mask
+        (over channels, rows and columns; 0 on the start image's frame), and the 5B embeds one per token: [B, S],
+        frame after frame (diffusers' 2-D timestep; parallelize_wan shards its embedding with the tokens)."""
+        per_frame = denoise_mask.mean(dim=(1, 3, 4)) * t.view(-1, 1)  # [B, T]
+        _, p_h, p_w = model.config.patch_size  # the 5B's time patch is 1: a frame's tokens follow each other
+        return per_frame.repeat_interleave((denoise_mask.shape[3] // p_h) * (denoise_mask.shape[4] // p_w), dim=1)
+
+    def inpaint_latent(self, latent, noise, sigma):
+        return latent  # ComfyUI's WAN22.scale_latent_inpaint: the kept frames enter clean (their timestep is 0)
 
     def teacache_coefficients(self, model):
         return None, ("TeaCache has no published coefficients for Wan 2.2 TI2V-5B; use the first-block cache "
