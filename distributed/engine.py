@@ -40,15 +40,15 @@ class SamplingInterrupted(Exception):
         self.step = step
 
 
-def _file_key(path: str) -> tuple:
+def _file_key(path: str, what: str = "model file") -> tuple:
     """Identifies a model file's contents: a changed file is a different model."""
     try:
         p = Path(path).resolve()
         if not p.exists():
-            raise CheckpointError(f"model file not found on rank: {p}")
+            raise CheckpointError(f"{what} not found on rank: {p}")
         stat = p.stat()
     except OSError as exc:  # a path too long, a loop of links, no permission: a bad input, not a crash
-        raise CheckpointError(f"model file {path!r} cannot be read: {exc}") from None
+        raise CheckpointError(f"{what} {path!r} cannot be read: {exc}") from None
     return str(p), stat.st_mtime_ns, stat.st_size
 
 
@@ -403,21 +403,23 @@ class Engine:
                 "fp8_layers": fp8.count_fp8_layers(model), "quantized_layers": gguf_weights.quantized_layers(model),
                 "placement": self.placement.mode,
                 "attention": model.usp_backend, "compiled_blocks": model.usp_compiled_blocks,
-                "compile": self.config.compile, "fp8_compute_layers": model.usp_fp8_compute_layers,
+                "compile": self.config.compile, "fp8_compute": self.config.fp8_compute,
+                "fp8_compute_layers": model.usp_fp8_compute_layers,
                 "dit_offload": self.dit_offload}
 
     def _apply_loras(self, experts: list, req: SampleRequest) -> list[str]:
         """Give each expert the LoRAs the request lists for it (req.loras), unless it has them already: the
         old ones removed, the new ones read (their files only: the base model stays as loaded) and applied
         unmerged (models/lora.py). The same list twice changes nothing. Returns warnings for LoRAs that match
-        only part of the model (applied to the layers they match)."""
+        only part of the model (applied to the layers they match), every time the LoRAs run, not only when read."""
         warnings = []
         for model, path, wanted in zip(experts, req.experts, req.loras or [[] for _ in experts]):
-            key = tuple((_file_key(p), float(s)) for p, s in wanted)
+            key = tuple((_file_key(p, "LoRA file"), float(s)) for p, s in wanted)
             if getattr(model, "usp_lora_key", ()) == key:
+                warnings += getattr(model, "usp_lora_warnings", [])
                 continue
             lora.remove(model)
-            model.usp_lora_key = ()
+            model.usp_lora_key, model.usp_lora_warnings = (), []
             if wanted:
                 family = model.usp_family
                 source, shapes = family.dit_source_map(path)
@@ -428,8 +430,9 @@ class Engine:
                     self.load_counts["lora"] += 1
                     patches += found
                     if report.warning():
-                        warnings.append(report.warning())
-                lora.apply(model, source, patches, self.device, self.dtype)
+                        model.usp_lora_warnings.append(report.warning())
+                lora.apply(model, source, patches, self.dtype)
+                warnings += model.usp_lora_warnings
             model.usp_lora_key = key
         return warnings
 

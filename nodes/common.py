@@ -69,7 +69,11 @@ def load_model(group, model_name: str | list[str], family: str) -> tuple[dict, s
         text += f"; {kernels}"
     if info.get("quantized_layers"):
         text += "\n" + quantization_text(info["quantized_layers"])
-    for warning in info.get("warnings", []):
+    warnings = list(info.get("warnings", []))
+    if info.get("fp8_compute") and not info.get("fp8_compute_layers"):
+        warnings.append("fp8_compute is on, but this model has no fp8 layers (a bf16/fp16 or GGUF file): nothing "
+                        "multiplies in fp8; pick an fp8 file to use it")
+    for warning in warnings:
         log.warning("usp-video: %s", warning)
         text += f"\nwarning: {warning}"
     log.info("usp-video: %s", text)

@@ -189,3 +189,12 @@ def test_lora_nodes_chain_per_expert(tiny_models, monkeypatch):
     assert [s for _, s in two["loras"]["low.safetensors"]] == [0.5] and "loras" not in socket  # inputs unchanged
     with pytest.raises(ValueError, match="strength must be a finite number"):
         lora_nodes.UspLora().apply(socket, "tiny_wan_lora_kohya.safetensors", float("nan"))
+
+
+def test_loras_added_changed_and_removed_under_compile(tiny_models):
+    """Compiled blocks (aot_eager) see LoRAs come, change strength and go between runs: each run equals the
+    uncompiled one (a graph compiled without the hooks would silently ignore them)."""
+    eager, compiled = make_engine(), make_engine(compile="aot_eager")
+    for loras in ([], [(tiny_models["lora_kohya"], 1.0)], [(tiny_models["lora_kohya"], 0.3)], []):
+        expected = sample(tiny_models["dit"], "wan", loras, eager)
+        assert rel_error(sample(tiny_models["dit"], "wan", loras, compiled), expected) <= 1e-5, loras

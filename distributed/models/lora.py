@@ -235,38 +235,39 @@ def inverse_source(source: dict[str, list[Rows]]) -> dict[str, list[tuple[str, i
 
 
 class _Adapters:
-    """The unmerged changes of one Linear layer: low-rank pairs, full weight differences and bias differences,
-    each already placed at the layer's output rows and scaled."""
+    """The unmerged changes of one Linear layer, kept as buffers of the layer (so that they move with it when
+    the placement parks a model in host memory or brings it back): `pairs` low-rank pairs (down [r, in], scaled
+    up [out, r], placed at the layer's output rows), `weights` full weight differences, and a bias difference."""
 
-    def __init__(self):
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (down [r, in], scaled up [out, r])
-        self.weights: list[torch.Tensor] = []
-        self.bias: torch.Tensor | None = None
+    def __init__(self, pairs: int, weights: int, bias: bool):
+        self.pairs, self.weights, self.bias = pairs, weights, bias
 
     def __call__(self, module, args, output):
-        x = args[0]
-        for down, up in self.pairs:
-            output = output + F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype))
-        for weight in self.weights:
-            output = output + F.linear(x, weight.to(x.dtype))
-        if self.bias is not None:
-            output = output + self.bias.to(output.dtype)
+        x, held = args[0], module._buffers
+        for i in range(self.pairs):
+            down, up = held[f"usp_lora_down_{i}"], held[f"usp_lora_up_{i}"]
+            output = output + F.linear(F.linear(x, down.to(x.device, x.dtype)), up.to(x.device, x.dtype))
+        for i in range(self.weights):
+            output = output + F.linear(x, held[f"usp_lora_weight_{i}"].to(x.device, x.dtype))
+        if self.bias:
+            output = output + held["usp_lora_bias"].to(output.device, output.dtype)
         return output
 
 
-def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[Patch],
-          device: torch.device | str, dtype: torch.dtype) -> int:
+def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[Patch], dtype: torch.dtype) -> int:
     """Apply patches (read_lora's, of any number of LoRAs) to a model loaded from the file whose source map
-    this is (the rows of each model tensor in the file). Linear layers: forward hooks (unmerged); other
-    tensors: merged into this rank's rows, with a backup. Returns the number of model tensors changed.
-    remove(model) undoes it all."""
+    this is (the rows of each model tensor in the file). Linear layers: forward hooks (unmerged) whose tensors
+    are buffers of the layer, in `dtype` on the layer's device; other tensors: merged into this rank's rows,
+    with a backup. Returns the number of model tensors changed. remove(model) undoes it all."""
     from .streamed import _my_rows
 
     remove(model)
     inverse = inverse_source(source)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    adapters: dict[str, _Adapters] = {}
+    pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    weights: dict[str, list[torch.Tensor]] = {}
+    biases: dict[str, torch.Tensor] = {}
     merged: dict[str, torch.Tensor] = {}  # model tensor -> the whole difference to add
     for patch in patches:
         for model_key, at, begin, end in inverse.get(patch.file_key, []):
@@ -274,20 +275,18 @@ def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[P
             module, param = modules.get(owner), params[model_key]
             rows = end - begin
             if isinstance(module, torch.nn.Linear) and kind in ("weight", "bias"):
-                layer = adapters.setdefault(owner, _Adapters())
                 if kind == "bias":
-                    delta = torch.zeros(module.out_features)
-                    delta[at:at + rows] = patch.scale * patch.tensors[0].reshape(-1)[begin:end]
-                    layer.bias = delta if layer.bias is None else layer.bias + delta
+                    delta = biases.setdefault(owner, torch.zeros(module.out_features))
+                    delta[at:at + rows] += patch.scale * patch.tensors[0].reshape(-1)[begin:end]
                 elif patch.kind == "lora":
                     up, down = patch.tensors
                     placed = torch.zeros(module.out_features, up.shape[1])
                     placed[at:at + rows] = patch.scale * up[begin:end]
-                    layer.pairs.append((down, placed))
+                    pairs.setdefault(owner, []).append((down, placed))
                 else:
                     placed = torch.zeros(module.out_features, module.in_features)
                     placed[at:at + rows] = patch.scale * patch.tensors[0].reshape(-1, module.in_features)[begin:end]
-                    layer.weights.append(placed)
+                    weights.setdefault(owner, []).append(placed)
                 continue
             whole = merged.setdefault(model_key, torch.zeros(param.shape))
             delta = patch.tensors[0] @ patch.tensors[1] if patch.kind == "lora" else patch.tensors[0]
@@ -296,12 +295,22 @@ def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[P
                 whole[at:at + rows] += delta[begin:end]
             else:
                 whole += delta.reshape(())
-    handles = []
-    for owner, layer in adapters.items():
-        layer.pairs = [(d.to(device, dtype), u.to(device, dtype)) for d, u in layer.pairs]
-        layer.weights = [w.to(device, dtype) for w in layer.weights]
-        layer.bias = None if layer.bias is None else layer.bias.to(device, dtype)
-        handles.append(modules[owner].register_forward_hook(layer))
+    handles, buffers = [], []
+    for owner in dict.fromkeys([*pairs, *weights, *biases]):
+        module = modules[owner]
+        device = _device_of(module)  # dit_offload: the host, where the layer's shards wait (copied per call)
+        held = {}
+        for i, (down, up) in enumerate(pairs.get(owner, [])):
+            held[f"usp_lora_down_{i}"], held[f"usp_lora_up_{i}"] = down, up
+        for i, weight in enumerate(weights.get(owner, [])):
+            held[f"usp_lora_weight_{i}"] = weight
+        if owner in biases:
+            held["usp_lora_bias"] = biases[owner]
+        for name, tensor in held.items():
+            module.register_buffer(name, tensor.to(device, dtype), persistent=False)
+            buffers.append((owner, name))
+        handles.append(module.register_forward_hook(
+            _Adapters(len(pairs.get(owner, [])), len(weights.get(owner, [])), owner in biases)))
     backups = {}
     with torch.no_grad():
         for model_key, delta in merged.items():
@@ -309,24 +318,34 @@ def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[P
             backups[model_key] = local.detach().to("cpu", copy=True)
             rows = delta[first:first + local.shape[0]] if local.dim() else delta
             local.copy_((local.float() + rows.to(local.device)).to(local.dtype))
-    model.usp_lora_state = (handles, backups)
-    return len(adapters) + len(merged)
+    model.usp_lora_state = (handles, backups, buffers)
+    return len(handles) + len(merged)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    """Where a layer's weight is held (an FSDP shard's local device, for a sharded one)."""
+    weight = module.weight
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    return local.device
 
 
 def remove(model: torch.nn.Module) -> None:
     """Undo apply(): the hooks removed, the merged tensors' rows restored from their backups."""
     from .streamed import _my_rows
 
-    handles, backups = getattr(model, "usp_lora_state", ([], {}))
+    handles, backups, buffers = getattr(model, "usp_lora_state", ([], {}, []))
     for handle in handles:
         handle.remove()
+    modules = dict(model.named_modules())
+    for owner, name in buffers:
+        modules[owner]._buffers.pop(name, None)
     if backups:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for model_key, backup in backups.items():
                 local, _ = _my_rows(params[model_key])
                 local.copy_(backup.to(local.device))
-    model.usp_lora_state = ([], {})
+    model.usp_lora_state = ([], {}, [])
 
 
 def hunyuan_aliases(stem: str) -> list[str]:
