@@ -154,3 +154,39 @@ def test_native_image_conditioning_reaches_the_request():
     assert out["clip_vision"] is cond["clip_vision"]
     with pytest.raises(ValueError, match="no penultimate_hidden_states"):
         wan_conditioning([[cond["tokens"], {"clip_vision_output": object()}]], "positive")
+
+
+def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
+    """USP Wan Image To Video on a 2-rank group: the start image resized and padded with gray frames as
+    WanImageToVideo does, encoded by the split VAE encode (== one process), its mask on the start frame, set on
+    both conditionings with the CLIP vision output; then the tiny Wan 2.1 I2V samples from them."""
+    from types import SimpleNamespace
+
+    from usp_video.distributed import api
+    from usp_video.distributed.client import GroupConfig, free_group
+    from usp_video.nodes.common import wan_conditioning
+    from usp_video.nodes.i2v_nodes import UspWanImageToVideo, start_video
+
+    g = torch.Generator().manual_seed(11)
+    image = torch.rand(1, 40, 60, 3, generator=g)  # another size and aspect than the 48x32 video
+    vision = SimpleNamespace(penultimate_hidden_states=torch.randn(1, 257, 1280, generator=g))
+    text = [[torch.randn(1, 24, 32, generator=g), {"pooled_output": None}]]
+    group = GroupConfig(ranks=2)
+    try:
+        positive, negative, latent = UspWanImageToVideo().apply(
+            text, text, {"group": group, "path": tiny_models["vae"]}, 48, 32, 5, 1, image, vision)
+    finally:
+        free_group()
+    video = start_video(image, 48, 32, 5)
+    assert video.shape == (5, 32, 48, 3) and torch.equal(video[1:], torch.full((4, 32, 48, 3), 0.5))
+    expected = make_engine().encode_video(tiny_models["vae"], video)
+    extra = positive[0][1]
+    assert float((extra["concat_latent_image"] - expected).abs().max()) <= 1e-4
+    assert extra["concat_mask"].shape == (1, 1, 2, 4, 6) and extra["concat_mask"][:, :, 0].sum() == 0
+    assert extra["concat_mask"][:, :, 1].min() == 1 and extra["clip_vision_output"] is vision
+    assert negative[0][1]["concat_latent_image"] is extra["concat_latent_image"] and "concat_mask" not in text[0][1]
+    assert latent["samples"].shape == (1, 16, 2, 4, 6)
+    request = i2v_request([tiny_models["dit_i2v"]], (2, 4, 6))
+    request.positive, request.negative = wan_conditioning(positive, "positive"), wan_conditioning(negative, "negative")
+    request.latent = latent["samples"]
+    assert torch.isfinite(make_engine().sample(request)).all()

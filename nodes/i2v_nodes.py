@@ -1,0 +1,80 @@
+"""USP Wan Image To Video: native WanImageToVideo's conditioning and latent, with the start video encoded by the
+USP group's split VAE encode (distributed/parallel/vae_split.py: exact, each rank its rows) instead of ComfyUI's
+own VAE. Its outputs are what WanImageToVideo gives, so either node feeds the USP samplers (and native ones)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..distributed import api
+from ..distributed.models.video import comfy_upscale
+from .common import LATENT_TAG
+from .group_node import CATEGORY
+from . import services
+
+
+def with_values(conditioning: list, values: dict) -> list:
+    """A copy of a CONDITIONING with these keys set on every entry (ComfyUI's conditioning_set_values)."""
+    return [[tensor, {**extra, **values}] for tensor, extra in conditioning]
+
+
+def start_video(start_image: torch.Tensor, width: int, height: int, length: int) -> torch.Tensor:
+    """The video WanImageToVideo encodes: the start frames resized to width x height (bilinear, after a centred
+    crop to the aspect ratio, as ComfyUI's common_upscale), then gray (0.5) frames up to `length`."""
+    frames = comfy_upscale(start_image[:length].movedim(-1, 1), width, height).movedim(1, -1)
+    video = torch.full((length, height, width, frames.shape[-1]), 0.5, dtype=frames.dtype)
+    video[:frames.shape[0]] = frames
+    return video[..., :3]
+
+
+class UspWanImageToVideo:
+    DESCRIPTION = ("Native WanImageToVideo on the USP group: the start image (resized to the video, then gray frames) "
+                   "is encoded by the Wan 2.1 VAE split across the ranks, and set with its mask (and the CLIP vision "
+                   "output) on both conditionings; the empty latent to sample. For Wan 2.1 I2V and Wan 2.2 I2V A14B.")
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("positive", "negative", "latent")
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "positive": ("CONDITIONING", {"tooltip": "The prompt's conditioning (USP Text Encode, or native)."}),
+            "negative": ("CONDITIONING", {"tooltip": "The negative prompt's conditioning."}),
+            "vae": ("USP_VAE", {"tooltip": "USP Load VAE with wan_2.1_vae.safetensors (Wan 2.1 I2V and Wan 2.2 I2V "
+                                           "A14B use the Wan 2.1 VAE)."}),
+            "width": ("INT", {"default": 832, "min": 16, "max": 8192, "step": 16, "tooltip": "Video width (pixels)."}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 8192, "step": 16, "tooltip": "Video height (pixels)."}),
+            "length": ("INT", {"default": 81, "min": 1, "max": 8192, "step": 4,
+                               "tooltip": "Frames: 1 + 4k (81 at 16 fps is 5 s)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."}),
+        }, "optional": {
+            "start_image": ("IMAGE", {"tooltip": "The first frame(s); resized to the video after a centred crop."}),
+            "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "CLIP Vision Encode of the start image "
+                                                                     "(clip_vision_h, crop none): Wan 2.1 I2V needs "
+                                                                     "it, Wan 2.2 I2V takes none."}),
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
+
+    def apply(self, positive, negative, vae, width, height, length, batch_size, start_image=None,
+              clip_vision_output=None, node_id=None):
+        if width % 16 or height % 16 or (length - 1) % 4:
+            raise ValueError(f"width and height must be multiples of 16 and length 1 + 4k, got {width}x{height}x{length}")
+        frames = (length - 1) // 4 + 1
+        latent = torch.zeros(batch_size, 16, frames, height // 8, width // 8)
+        values = {}
+        if start_image is not None:
+            video = start_video(start_image, width, height, length)
+            concat, family = api.encode_video(vae["group"], vae["path"], video)
+            if concat.shape[1] != 16:
+                raise ValueError(f"vae: {family} latents have {concat.shape[1]} channels; Wan image to video uses the "
+                                 "Wan 2.1 VAE (16 channels): load wan_2.1_vae.safetensors")
+            mask = torch.ones(1, 1, frames, concat.shape[-2], concat.shape[-1])
+            mask[:, :, :(min(start_image.shape[0], length) - 1) // 4 + 1] = 0.0
+            values.update(concat_latent_image=concat, concat_mask=mask)
+        if clip_vision_output is not None:
+            values["clip_vision_output"] = clip_vision_output
+        services.publish_status(state="ready")
+        return with_values(positive, values), with_values(negative, values), {"samples": latent, LATENT_TAG: "wan2.1"}
+
+
+NODES = {"UspWanImageToVideo": (UspWanImageToVideo, "USP Wan Image To Video (start image, split VAE encode)")}
