@@ -3,6 +3,7 @@
     wan21_t2v_usp.json                   UI format (drag into the ComfyUI page / template browser)
     api/wan21_t2v_usp_api.json           API format (POST /prompt, `usp-video queue`)
     wan21_t2v_lora_usp.json              Wan 2.1 14B with a step-distillation LoRA: 4 steps at cfg 1
+    wan21_i2v_usp.json                   Wan 2.1 I2V 14B from a start image (native CLIP vision, USP image to video)
     hunyuan_video_t2v_usp.json           the same for HunyuanVideo
     api/hunyuan_video_t2v_usp_api.json
     wan22_t2v_usp.json                   Wan 2.2 A14B, one sampler switching expert at the boundary
@@ -150,7 +151,31 @@ WAN_T2V_LORA.update({
          [("model", "USP_WAN_MODEL")], (440, 380)),
 })
 
-WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
+# Wan 2.1 image to video (480p I2V 14B): the start image through native LoadImage and CLIP vision, the pack's
+# image-to-video node (the start video encoded by the group's split VAE encode), the Wan sampler.
+WAN_I2V = {k: v for k, v in WAN_T2V.items() if k != 6}
+WAN_I2V.update({
+    2: ("UspWanModelLoader", None, ["wan2.1_i2v_480p_14B_fp16.safetensors"], {"group": (1, 0)},
+        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (440, 60)),
+    4: ("UspTextEncode", "Positive prompt",
+        ["The fox turns its head toward the camera and trots away through the snow, soft morning light"],
+        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (920, 60)),
+    7: ("UspWanSampler", None, [42, "fixed", 30, 5.0, 5.0, "unipc", 1.0],
+        {"model": (2, 0), "positive": (15, 0), "negative": (15, 1), "latent_image": (15, 2)},
+        [("LATENT", "LATENT")], (1340, 60)),
+    10: ("SaveAnimatedWEBP", None, ["usp_video/wan21_i2v", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
+         (1780, 240)),
+    12: ("LoadImage", "Start image", ["example.png", "image"], {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+         (40, 660)),
+    13: ("CLIPVisionLoader", None, ["clip_vision_h.safetensors"], {}, [("CLIP_VISION", "CLIP_VISION")], (440, 380)),
+    14: ("CLIPVisionEncode", None, ["none"], {"clip_vision": (13, 0), "image": (12, 0)},
+         [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")], (440, 520)),
+    15: ("UspWanImageToVideo", None, [832, 480, 81, 1],
+         {"positive": (4, 0), "negative": (5, 0), "vae": (8, 0), "start_image": (12, 0), "clip_vision_output": (14, 0)},
+         [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (920, 560)),
+})
+
+WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan21_i2v_usp": WAN_I2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
              "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
@@ -168,6 +193,9 @@ SOCKETS = {
                               ("latent_image", "LATENT")],
     "UspVaeLoader": [("group", "USP_GROUP")], "UspVaeDecode": [("vae", "USP_VAE"), ("samples", "LATENT")],
     "UspLora": [("model", "USP_WAN_MODEL")],
+    "CLIPVisionEncode": [("clip_vision", "CLIP_VISION"), ("image", "IMAGE")],
+    "UspWanImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
+                           ("start_image", "IMAGE"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
     "SaveAnimatedWEBP": [("images", "IMAGE")],
     "UspHunyuanModelLoader": [("group", "USP_GROUP")], "UspHunyuanTextEncoderLoader": [("group", "USP_GROUP")],
     "UspHunyuanTextEncode": [("text_encoder", "USP_HUNYUAN_TEXT_ENCODER")],
@@ -184,7 +212,8 @@ SIZES = {"UspGroup": (360, 540), "UspWanModelLoader": (420, 90), "UspTextEncoder
          "UspWanSamplerAdvanced": (340, 370), "UspTextEncode": (380, 200), "UspWanSampler": (340, 290),
          "UspHunyuanTextEncode": (380, 200), "UspHunyuanSampler": (340, 320),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
-         "UspLora": (420, 110)}
+         "UspLora": (420, 110), "LoadImage": (340, 340), "CLIPVisionLoader": (420, 90),
+         "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250)}
 
 # Widget names in order, for converting to API format (ours are checked against INPUT_TYPES in a test).
 WIDGETS = {
@@ -201,6 +230,8 @@ WIDGETS = {
     "UspWanSamplerAdvanced": ["add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "shift",
                               "sampler_name", "start_at_step", "end_at_step", "return_with_leftover_noise"],
     "UspVaeLoader": ["vae_name"], "UspVaeDecode": [], "UspLora": ["lora_name", "strength"],
+    "LoadImage": ["image", "upload"], "CLIPVisionLoader": ["clip_name"], "CLIPVisionEncode": ["crop"],
+    "UspWanImageToVideo": ["width", "height", "length", "batch_size"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
     "UspHunyuanModelLoader": ["model_name"], "UspHunyuanTextEncode": ["text"],
     "UspHunyuanTextEncoderLoader": ["llama_name", "clip_name", "tokenizer_folder"],
@@ -213,7 +244,7 @@ def to_api(graph: dict) -> dict:
     prompt = {}
     for node_id, (class_type, title, widgets, links, _, _) in graph.items():
         names = [n for n in WIDGETS[class_type]]
-        inputs = {name: value for name, value in zip(names, widgets) if name != "control_after_generate"}
+        inputs = {name: value for name, value in zip(names, widgets) if name not in ("control_after_generate", "upload")}
         inputs.update({name: [str(src), slot] for name, (src, slot) in links.items()})
         entry = {"class_type": class_type, "inputs": inputs}
         if title:
