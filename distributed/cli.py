@@ -130,6 +130,10 @@ def generate(args: argparse.Namespace) -> Path | None:
         pixels = family.spatial_compression
         latent = torch.zeros(1, family.latent_channels, (args.frames - 1) // 4 + 1, args.height // pixels,
                              args.width // pixels)
+        if getattr(args, "image", None):
+            start = start_conditioning(group, args, paths[0], family, latent.shape)
+            positive = {**positive, **start}
+            negative = None if negative is None else {**negative, **start}
 
         def progress(event: dict) -> None:
             per_step = event["elapsed"] / event["step"]
@@ -162,6 +166,35 @@ def generate(args: argparse.Namespace) -> Path | None:
         return out
     finally:
         group.close() if isinstance(group, UspGroup) else free_group()
+
+
+def start_conditioning(group, args: argparse.Namespace, dit: str, family, latent_shape) -> dict:
+    """--image: the start video's conditioning as WanImageToVideo makes it (the image resized with a centred crop,
+    gray frames after it, encoded by the group's split VAE encode; its mask). For image-to-video models that need
+    no CLIP vision features (Wan 2.2 I2V A14B): the CLI does not compute them."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from . import api, models
+    from .models.video import start_mask, start_video
+
+    config = models.check_dit_file(dit, family.name)[1]
+    if config.get("in_channels") != 36:
+        raise ValueError(f"--image: {Path(dit).name} is a text-to-video model; give an image-to-video (I2V) model")
+    if config.get("image_dim"):
+        raise ValueError("--image: Wan 2.1 I2V needs the start image's CLIP ViT-H features, which the command line "
+                         "does not compute; use ComfyUI (CLIP Vision Encode into WanImageToVideo), or Wan 2.2 I2V A14B")
+    if not args.vae:
+        raise ValueError("--image needs the VAE (--vae) to encode the start image")
+    try:
+        with Image.open(args.image) as image:
+            pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--image: cannot read {args.image} as an image ({exc})") from None
+    video = start_video(pixels, args.width, args.height, args.frames)
+    concat, _ = api.encode_video(group, args.vae, video)
+    return {"concat_latent_image": concat, "concat_mask": start_mask(1, latent_shape[2], *concat.shape[-2:])}
 
 
 def _cache(text: str | None) -> dict:
@@ -295,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
             text_inputs.setdefault(part.input, []).append(f"{family.label}: {part.help}")
     for name, helps in text_inputs.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, help="; ".join(helps))
-    p.add_argument("--vae", help="the model's VAE .safetensors file or diffusers folder (needed for --out)")
+    p.add_argument("--vae", help="the model's VAE .safetensors file or diffusers folder (needed for --out and --image)")
+    p.add_argument("--image", help="start image (png/jpg) for an image-to-video model that takes no CLIP vision "
+                                   "(Wan 2.2 I2V A14B), resized as ComfyUI's WanImageToVideo resizes it")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default=None, help="negative prompt (used when cfg != 1; default: the model's)")
     for family in FAMILIES.values():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import api
-from ..distributed.models.video import comfy_upscale
+from ..distributed.models.video import start_mask, start_video
 from .common import LATENT_TAG
 from .group_node import CATEGORY
 from . import services
@@ -16,15 +16,6 @@ from . import services
 def with_values(conditioning: list, values: dict) -> list:
     """A copy of a CONDITIONING with these keys set on every entry (ComfyUI's conditioning_set_values)."""
     return [[tensor, {**extra, **values}] for tensor, extra in conditioning]
-
-
-def start_video(start_image: torch.Tensor, width: int, height: int, length: int) -> torch.Tensor:
-    """The video WanImageToVideo encodes: the start frames resized to width x height (bilinear, after a centred
-    crop to the aspect ratio, as ComfyUI's common_upscale), then gray (0.5) frames up to `length`."""
-    frames = comfy_upscale(start_image[:length].movedim(-1, 1), width, height).movedim(1, -1)
-    video = torch.full((length, height, width, frames.shape[-1]), 0.5, dtype=frames.dtype)
-    video[:frames.shape[0]] = frames
-    return video[..., :3]
 
 
 class UspWanImageToVideo:
@@ -68,9 +59,8 @@ class UspWanImageToVideo:
             if concat.shape[1] != 16:
                 raise ValueError(f"vae: {family} latents have {concat.shape[1]} channels; Wan image to video uses the "
                                  "Wan 2.1 VAE (16 channels): load wan_2.1_vae.safetensors")
-            mask = torch.ones(1, 1, frames, concat.shape[-2], concat.shape[-1])
-            mask[:, :, :(min(start_image.shape[0], length) - 1) // 4 + 1] = 0.0
-            values.update(concat_latent_image=concat, concat_mask=mask)
+            values.update(concat_latent_image=concat, concat_mask=start_mask(min(start_image.shape[0], length), frames,
+                                                                             *concat.shape[-2:]))
         if clip_vision_output is not None:
             values["clip_vision_output"] = clip_vision_output
         services.publish_status(state="ready")

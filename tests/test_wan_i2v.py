@@ -165,7 +165,8 @@ def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
     from usp_video.distributed import api
     from usp_video.distributed.client import GroupConfig, free_group
     from usp_video.nodes.common import wan_conditioning
-    from usp_video.nodes.i2v_nodes import UspWanImageToVideo, start_video
+    from usp_video.distributed.models.video import start_video
+    from usp_video.nodes.i2v_nodes import UspWanImageToVideo
 
     g = torch.Generator().manual_seed(11)
     image = torch.rand(1, 40, 60, 3, generator=g)  # another size and aspect than the 48x32 video
@@ -190,3 +191,46 @@ def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
     request.positive, request.negative = wan_conditioning(positive, "positive"), wan_conditioning(negative, "negative")
     request.latent = latent["samples"]
     assert torch.isfinite(make_engine().sample(request)).all()
+
+
+def test_cli_generate_from_a_start_image(tmp_path, tiny_models, wan22_i2v):
+    """generate --image with the Wan 2.2 I2V experts on 2 ranks: the start image resized and encoded as
+    WanImageToVideo does; the same run as the engine given that conditioning. A text-to-video model and Wan 2.1
+    I2V (CLIP vision) are refused by name."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from usp_video.distributed.models.video import start_mask, start_video
+
+    rng = torch.Generator().manual_seed(12)
+    pixels = (torch.rand(24, 40, 3, generator=rng) * 255).to(torch.uint8)
+    Image.fromarray(pixels.numpy()).save(tmp_path / "start.png")
+    common = [sys.executable, "-m", "usp_video.distributed.cli", "generate", "--text-encoder",
+              tiny_models["text_encoder"], "--vae", tiny_models["vae"], "--prompt", "a cat", "--image",
+              str(tmp_path / "start.png"), "--width", "48", "--height", "32", "--frames", "5", "--steps", "2",
+              "--cfg", "1.0", "--sampler", "euler"]
+    run = subprocess.run(common + ["--model", "wan2.2", "--high-noise", wan22_i2v[0], "--low-noise", wan22_i2v[1],
+                                   "--ranks", "2", "--save-latent", str(tmp_path / "out.latent")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    from safetensors.torch import load_file
+
+    latent = load_file(str(tmp_path / "out.latent"))["latent_tensor"]
+    engine = make_engine()
+    video = start_video(pixels.float()[None] / 255.0, 48, 32, 5)
+    concat = engine.encode_video(tiny_models["vae"], video)
+    request = i2v_request(wan22_i2v, (2, 4, 6), clip_vision=False, cfg=1.0, steps=2)
+    request.family, request.negative, request.seed, request.shift = "wan2.2-a14b", None, 0, 12.0  # the CLI's defaults
+    from usp_video.distributed.requests import EncodeRequest
+
+    tokens = engine.encode(EncodeRequest(family="wan2.2-a14b", files={"text_encoder": tiny_models["text_encoder"]},
+                                         prompt="a cat"))["tokens"]
+    request.positive = {"tokens": tokens, "concat_latent_image": concat, "concat_mask": start_mask(1, 2, 4, 6)}
+    request.boundaries = [0.875]
+    assert rel_error(latent, engine.sample(request)) <= 1e-5
+    for dit, message in ((["--dit", tiny_models["dit"]], "is a text-to-video model; give an image-to-video"),
+                         (["--dit", tiny_models["dit_i2v"]], "Wan 2.1 I2V needs the start image's CLIP ViT-H")):
+        refused = subprocess.run(common + dit, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr

@@ -60,3 +60,20 @@ def encode_video(vae, frames: torch.Tensor) -> torch.Tensor:
     # -1..1 before the cast to the VAE's dtype, as ComfyUI's process_input does
     video = (frames.float() * 2 - 1).to(device=param.device, dtype=param.dtype).permute(3, 0, 1, 2).unsqueeze(0)  # (1, 3, F, H, W)
     return vae.encode(video).latent_dist.mode().float().cpu()
+
+
+def start_video(start_image: torch.Tensor, width: int, height: int, length: int) -> torch.Tensor:
+    """The video ComfyUI's WanImageToVideo encodes from IMAGE start frames [n, H, W, C]: the first `length` of them
+    resized to width x height (bilinear, after a centred crop to the aspect ratio: common_upscale), then gray
+    (0.5) frames up to `length`; [length, height, width, 3]."""
+    frames = comfy_upscale(start_image[:length].movedim(-1, 1), width, height).movedim(1, -1)
+    video = torch.full((length, height, width, frames.shape[-1]), 0.5, dtype=frames.dtype)
+    video[:frames.shape[0]] = frames
+    return video[..., :3]
+
+
+def start_mask(start_frames: int, latent_frames: int, height: int, width: int) -> torch.Tensor:
+    """WanImageToVideo's concat_mask [1, 1, T, h, w]: 0 on the latent frames the start frames cover, 1 after."""
+    mask = torch.ones(1, 1, latent_frames, height, width)
+    mask[:, :, :(start_frames - 1) // 4 + 1] = 0.0
+    return mask
