@@ -444,10 +444,15 @@ def compare_comfyui(device: torch.device, small: bool, repeats: int, deadline: f
     from comfyui_common import wan_unet_config
 
     sys.path.insert(0, comfy_dir)
-    import comfy.cli_args
+    try:
+        import comfy.cli_args
 
-    comfy.cli_args.args.cpu = device.type == "cpu"
-    import comfy.supported_models
+        comfy.cli_args.args.cpu = device.type == "cpu"
+        import comfy.supported_models
+    except ModuleNotFoundError as exc:  # ComfyUI's own requirements (einops, ...) are not in this Python
+        print(f"skipped: ComfyUI's own Wan model: its requirements are not installed in this Python ({exc}); run "
+              f"this script with ComfyUI's Python, or pip install -r {comfy_dir}/requirements.txt")
+        return {"skipped": f"ComfyUI's requirements missing: {exc}"}
     from safetensors.torch import load_file
 
     from usp_video.distributed.models.wan21.dit import load_wan_transformer, parallelize_wan

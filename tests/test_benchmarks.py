@@ -47,7 +47,9 @@ def test_gpu_check_script_runs_in_smoke_mode(tmp_path):
     assert len(compiled) == 2 and all(r["rel_err_vs_sdpa"] < 1e-6 for r in compiled)
     fp8_rows = [r for r in timing if r["kind"] == "fp8 compute"]
     assert fp8_rows and all(r["fp8_compute_layers"] > 0 and r["rel_err_vs_fp8 weights, cast"] < 1e-2 for r in fp8_rows)
-    assert "errors" not in report and ("COMFYUI_DIR is not set" in result.stdout or "ours_forward_s" in report["comfyui"])
+    # ComfyUI's WanModel beside ours: run where ComfyUI's requirements import, else skipped with the reason
+    assert "errors" not in report and ("ours_forward_s" in report["comfyui"] or "COMFYUI_DIR is not set" in result.stdout
+                                       or "its requirements are not installed" in result.stdout)
 
 
 def test_memory_bench_runs_and_meets_the_sharding_target(tmp_path):
