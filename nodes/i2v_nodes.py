@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import api
-from ..distributed.models.video import start_mask, start_video
+from ..distributed.models.video import comfy_upscale, start_mask, start_video
 from .common import LATENT_TAG
 from .group_node import CATEGORY
 from . import services
@@ -67,4 +67,53 @@ class UspWanImageToVideo:
         return with_values(positive, values), with_values(negative, values), {"samples": latent, LATENT_TAG: "wan2.1"}
 
 
-NODES = {"UspWanImageToVideo": (UspWanImageToVideo, "USP Wan Image To Video (start image, split VAE encode)")}
+class UspWan22ImageToVideoLatent:
+    DESCRIPTION = ("Native Wan22ImageToVideoLatent on the USP group, for Wan 2.2 TI2V-5B: the start image (resized to "
+                   "the video) is encoded by the Wan 2.2 VAE split across the ranks and kept as the first latent "
+                   "frame(s), with the LATENT's noise_mask saying so (the USP TI2V-5B sampler honours it).")
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("USP_VAE", {"tooltip": "USP Load VAE with wan2.2_vae.safetensors (the TI2V-5B's VAE)."}),
+            "width": ("INT", {"default": 1280, "min": 32, "max": 8192, "step": 32, "tooltip": "Video width (pixels)."}),
+            "height": ("INT", {"default": 704, "min": 32, "max": 8192, "step": 32, "tooltip": "Video height (pixels)."}),
+            "length": ("INT", {"default": 49, "min": 1, "max": 8192, "step": 4,
+                               "tooltip": "Frames: 1 + 4k (121 at 24 fps is 5 s)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."}),
+        }, "optional": {
+            "start_image": ("IMAGE", {"tooltip": "The first frame (1 + 4k frames); resized to the video after a "
+                                                 "centred crop."}),
+        }}
+
+    def apply(self, vae, width, height, length, batch_size, start_image=None):
+        from ..distributed.models import get
+
+        family = get("wan2.2-ti2v-5b")
+        if width % 32 or height % 32 or (length - 1) % 4:
+            raise ValueError(f"width and height must be multiples of 32 and length 1 + 4k, got {width}x{height}x{length}")
+        latent = torch.zeros(1, family.latent_channels, (length - 1) // 4 + 1, height // 16, width // 16)
+        if start_image is None:
+            return ({"samples": latent.repeat(batch_size, 1, 1, 1, 1), LATENT_TAG: family.name},)
+        frames = comfy_upscale(start_image[:length].movedim(-1, 1), width, height).movedim(1, -1)
+        start, vae_family = api.encode_video(vae["group"], vae["path"], frames[..., :3])
+        if vae_family != family.name:
+            raise ValueError(f"vae: this is the {get(vae_family).label} VAE; the TI2V-5B's start image is encoded by "
+                             "the Wan 2.2 VAE: load wan2.2_vae.safetensors")
+        kept = start.shape[2]
+        latent[:, :, :kept] = start
+        mask = torch.ones(1, 1, latent.shape[2], *latent.shape[-2:])
+        mask[:, :, :kept] = 0.0
+        # as ComfyUI: the start frames as encoded, the rest the latent format's empty value
+        samples = family.process_out(latent) * mask + latent * (1.0 - mask)
+        return ({"samples": samples.repeat(batch_size, 1, 1, 1, 1), "noise_mask": mask.repeat(batch_size, 1, 1, 1, 1),
+                 LATENT_TAG: family.name},)
+
+
+NODES = {"UspWanImageToVideo": (UspWanImageToVideo, "USP Wan Image To Video (start image, split VAE encode)"),
+         "UspWan22ImageToVideoLatent": (UspWan22ImageToVideoLatent,
+                                        "USP Wan 2.2 Image To Video Latent (TI2V-5B start image, split VAE encode)")}

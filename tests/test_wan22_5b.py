@@ -234,3 +234,31 @@ def test_diffusers_folders_are_told_apart_and_load(tiny_5b, tiny_models, tmp_pat
     z = torch.randn(1, 48, 2, 4, 6, generator=torch.Generator().manual_seed(1))
     folder = decode_video(FAMILY.load_vae(str(tmp_path / "5b" / "vae"), torch.float32, "cpu"), z)
     assert torch.equal(folder, decode_video(load_wan22_vae(tiny_5b["vae"]), z))
+
+
+def test_usp_image_to_video_latent_node(tiny_5b):
+    """USP Wan 2.2 Image To Video Latent on a 2-rank group: the start image (another size and aspect) resized as
+    Wan22ImageToVideoLatent does and encoded by the split Wan 2.2 VAE encode (== one process) as the first latent
+    frame, the rest the latent format's empty value, the noise_mask 0 there; the 5B sampler keeps that frame."""
+    from usp_video.distributed import api
+    from usp_video.distributed.client import GroupConfig, free_group
+    from usp_video.distributed.models.video import comfy_upscale
+    from usp_video.nodes.i2v_nodes import UspWan22ImageToVideoLatent
+
+    image = torch.rand(1, 40, 70, 3, generator=torch.Generator().manual_seed(13))
+    group = GroupConfig(ranks=2)
+    try:
+        (latent,) = UspWan22ImageToVideoLatent().apply({"group": group, "path": tiny_5b["vae"]}, 64, 32, 9, 2, image)
+    finally:
+        free_group()
+    engine = make_engine()
+    start = engine.encode_video(tiny_5b["vae"], comfy_upscale(image.movedim(-1, 1), 64, 32).movedim(1, -1))
+    samples, mask = latent["samples"], latent["noise_mask"]
+    assert samples.shape == (2, 48, 3, 2, 4) and mask.shape == (2, 1, 3, 2, 4) and latent["usp_family"] == FAMILY.name
+    assert float((samples[:, :, :1] - start).abs().max()) <= 1e-4
+    assert torch.allclose(samples[:, :, 1:], FAMILY.process_out(torch.zeros(2, 48, 2, 2, 4)))
+    assert mask[:, :, 0].max() == 0 and mask[:, :, 1:].min() == 1
+    request = ti2v_request(tiny_5b["dit"], (3, 2, 4), "euler", steps=2)
+    request.latent, request.noise_mask = samples[:1], mask[:1]
+    out = engine.sample(request)
+    assert float((out[:, :, :1] - samples[:1, :, :1]).abs().max()) <= 1e-4  # the start frame stays
