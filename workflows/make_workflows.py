@@ -4,6 +4,8 @@
     api/wan21_t2v_usp_api.json           API format (POST /prompt, `usp-video queue`)
     wan21_t2v_lora_usp.json              Wan 2.1 14B with a step-distillation LoRA: 4 steps at cfg 1
     wan21_i2v_usp.json                   Wan 2.1 I2V 14B from a start image (native CLIP vision, USP image to video)
+    wan22_i2v_usp.json                   Wan 2.2 I2V A14B from a start image (no CLIP vision)
+    wan22_ti2v_5b_i2v_usp.json           Wan 2.2 TI2V-5B from a start image (its noise-masked latent)
     hunyuan_video_t2v_usp.json           the same for HunyuanVideo
     api/hunyuan_video_t2v_usp_api.json
     wan22_t2v_usp.json                   Wan 2.2 A14B, one sampler switching expert at the boundary
@@ -175,7 +177,41 @@ WAN_I2V.update({
          [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (920, 560)),
 })
 
-WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan21_i2v_usp": WAN_I2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
+# Wan 2.2 I2V A14B from a start image: both I2V experts, the start video through the pack's image-to-video node
+# (no CLIP vision: Wan 2.2 I2V takes none), the switch sampler with Wan 2.2's I2V config (40 steps, shift 5,
+# cfg 3.5 / 3.5, boundary 0.900).
+WAN22_I2V = {k: v for k, v in _wan22({
+    7: ("UspWan22Sampler", None, [42, "fixed", 40, 3.5, 3.5, 5.0, 0.9, "unipc", 1.0],
+        {"model": (2, 0), "positive": (15, 0), "negative": (15, 1), "latent_image": (15, 2)},
+        [("LATENT", "LATENT")], (1340, 60)),
+}).items() if k != 6}
+WAN22_I2V[2] = ("UspWan22ModelLoader", None, ["wan2.2_i2v_high_noise_14B_fp16.safetensors",
+                                              "wan2.2_i2v_low_noise_14B_fp16.safetensors"], {"group": (1, 0)},
+                WAN22_I2V[2][4], (440, 60))
+WAN22_I2V[4] = WAN_I2V[4]
+WAN22_I2V[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22_i2v", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
+                 (1780, 240))
+WAN22_I2V[12] = WAN_I2V[12]
+WAN22_I2V[15] = ("UspWanImageToVideo", None, [832, 480, 81, 1],
+                 {"positive": (4, 0), "negative": (5, 0), "vae": (8, 0), "start_image": (12, 0)},
+                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (920, 560))
+
+# Wan 2.2 TI2V-5B from a start image: the pack's Wan 2.2 image-to-video latent (start frame and noise_mask).
+WAN22_5B_I2V = {k: v for k, v in WAN22_5B.items() if k != 6}
+WAN22_5B_I2V.update({
+    4: WAN_I2V[4],
+    7: ("UspWan22TI2V5BSampler", None, [42, "fixed", 30, 5.0, 5.0, "unipc", 1.0],
+        {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (16, 0)},
+        [("LATENT", "LATENT")], (1340, 60)),
+    10: ("SaveAnimatedWEBP", None, ["usp_video/wan22_5b_i2v", 24.0, False, 90, "default"], {"images": (9, 0)}, [],
+         (1780, 240)),
+    12: WAN_I2V[12],
+    16: ("UspWan22ImageToVideoLatent", None, [1280, 704, 121, 1], {"vae": (8, 0), "start_image": (12, 0)},
+         [("latent", "LATENT")], (920, 560)),
+})
+
+WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan21_i2v_usp": WAN_I2V,
+             "wan22_i2v_usp": WAN22_I2V, "wan22_ti2v_5b_i2v_usp": WAN22_5B_I2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
              "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
@@ -194,6 +230,7 @@ SOCKETS = {
     "UspVaeLoader": [("group", "USP_GROUP")], "UspVaeDecode": [("vae", "USP_VAE"), ("samples", "LATENT")],
     "UspLora": [("model", "USP_WAN_MODEL")],
     "CLIPVisionEncode": [("clip_vision", "CLIP_VISION"), ("image", "IMAGE")],
+    "UspWan22ImageToVideoLatent": [("vae", "USP_VAE"), ("start_image", "IMAGE")],
     "UspWanImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
                            ("start_image", "IMAGE"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
     "SaveAnimatedWEBP": [("images", "IMAGE")],
@@ -213,7 +250,7 @@ SIZES = {"UspGroup": (360, 540), "UspWanModelLoader": (420, 90), "UspTextEncoder
          "UspHunyuanTextEncode": (380, 200), "UspHunyuanSampler": (340, 320),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
          "UspLora": (420, 110), "LoadImage": (340, 340), "CLIPVisionLoader": (420, 90),
-         "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250)}
+         "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250), "UspWan22ImageToVideoLatent": (380, 200)}
 
 # Widget names in order, for converting to API format (ours are checked against INPUT_TYPES in a test).
 WIDGETS = {
@@ -232,6 +269,7 @@ WIDGETS = {
     "UspVaeLoader": ["vae_name"], "UspVaeDecode": [], "UspLora": ["lora_name", "strength"],
     "LoadImage": ["image", "upload"], "CLIPVisionLoader": ["clip_name"], "CLIPVisionEncode": ["crop"],
     "UspWanImageToVideo": ["width", "height", "length", "batch_size"],
+    "UspWan22ImageToVideoLatent": ["width", "height", "length", "batch_size"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
     "UspHunyuanModelLoader": ["model_name"], "UspHunyuanTextEncode": ["text"],
     "UspHunyuanTextEncoderLoader": ["llama_name", "clip_name", "tokenizer_folder"],
