@@ -18,7 +18,7 @@ from .client import GroupConfig, UspGroup, get_group
 from .requests import Cond, DecodeRequest, EncodeRequest, EncodeVideoRequest, LoadRequest, SampleRequest
 from .validation import MAX_SEED, check_frames, check_latent, check_sample_request
 
-__all__ = ["MAX_SEED", "load_dit", "encode", "sample", "decode", "encode_video", "check_dit_file", "check_model_files",
+__all__ = ["MAX_SEED", "load_dit", "encode", "sample", "decode", "encode_video", "encode_start_image", "check_dit_file", "check_model_files",
            "SampleRequest"]
 
 
@@ -109,6 +109,21 @@ def decode(group: GroupConfig | UspGroup, vae: str | Path, latent: torch.Tensor,
     _, out = _group(group).request(*DecodeRequest(path=str(vae), latent=latent).to_frame(), on_progress=on_progress)
     return out["frames"]
 
+
+
+def encode_start_image(group: GroupConfig | UspGroup, vae: str | Path, image: torch.Tensor, width: int, height: int,
+                       length: int) -> dict[str, torch.Tensor]:
+    """A Wan image-to-video start image (IMAGE [n, H, W, C]) as WanImageToVideo turns it into conditioning: the
+    start video (models/video.start_video) encoded by the group's Wan 2.1 VAE, and its mask
+    ({"concat_latent_image", "concat_mask"})."""
+    from .models.video import start_mask, start_video
+
+    concat, family = encode_video(group, vae, start_video(image, width, height, length))
+    if concat.shape[1] != 16:
+        raise ValueError(f"vae: {models.get(family).label} latents have {concat.shape[1]} channels; Wan image to video "
+                         "uses the Wan 2.1 VAE (16 channels): load wan_2.1_vae.safetensors")
+    mask = start_mask(min(image.shape[0], length), concat.shape[2], *concat.shape[-2:])
+    return {"concat_latent_image": concat, "concat_mask": mask}
 
 
 def encode_video(group: GroupConfig | UspGroup, vae: str | Path, frames: torch.Tensor,

@@ -131,7 +131,7 @@ def generate(args: argparse.Namespace) -> Path | None:
         latent = torch.zeros(1, family.latent_channels, (args.frames - 1) // 4 + 1, args.height // pixels,
                              args.width // pixels)
         if getattr(args, "image", None):
-            start = start_conditioning(group, args, paths[0], family, latent.shape)
+            start = start_conditioning(group, args, paths[0], family)
             positive = {**positive, **start}
             negative = None if negative is None else {**negative, **start}
 
@@ -168,7 +168,7 @@ def generate(args: argparse.Namespace) -> Path | None:
         group.close() if isinstance(group, UspGroup) else free_group()
 
 
-def start_conditioning(group, args: argparse.Namespace, dit: str, family, latent_shape) -> dict:
+def start_conditioning(group, args: argparse.Namespace, dit: str, family) -> dict:
     """--image: the start video's conditioning as WanImageToVideo makes it (the image resized with a centred crop,
     gray frames after it, encoded by the group's split VAE encode; its mask). For image-to-video models that need
     no CLIP vision features (Wan 2.2 I2V A14B): the CLI does not compute them."""
@@ -177,7 +177,6 @@ def start_conditioning(group, args: argparse.Namespace, dit: str, family, latent
     from PIL import Image
 
     from . import api, models
-    from .models.video import start_mask, start_video
 
     config = models.check_dit_file(dit, family.name)[1]
     if config.get("in_channels") != 36:
@@ -192,9 +191,7 @@ def start_conditioning(group, args: argparse.Namespace, dit: str, family, latent
             pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
     except (OSError, ValueError) as exc:
         raise ValueError(f"--image: cannot read {args.image} as an image ({exc})") from None
-    video = start_video(pixels, args.width, args.height, args.frames)
-    concat, _ = api.encode_video(group, args.vae, video)
-    return {"concat_latent_image": concat, "concat_mask": start_mask(1, latent_shape[2], *concat.shape[-2:])}
+    return api.encode_start_image(group, args.vae, pixels, args.width, args.height, args.frames)
 
 
 def _cache(text: str | None) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import api
-from ..distributed.models.video import comfy_upscale, start_mask, start_video
+from ..distributed.models.video import resized_frames
 from .common import LATENT_TAG
 from .group_node import CATEGORY
 from . import services
@@ -16,6 +16,16 @@ from . import services
 def with_values(conditioning: list, values: dict) -> list:
     """A copy of a CONDITIONING with these keys set on every entry (ComfyUI's conditioning_set_values)."""
     return [[tensor, {**extra, **values}] for tensor, extra in conditioning]
+
+
+def video_size_inputs(width: int, height: int, length: int, step: int, example: str) -> dict:
+    """The width / height / length / batch_size widgets of an image-to-video node (sizes in multiples of step)."""
+    size = {"min": step, "max": 8192, "step": step}
+    return {"width": ("INT", {"default": width, **size, "tooltip": "Video width (pixels)."}),
+            "height": ("INT", {"default": height, **size, "tooltip": "Video height (pixels)."}),
+            "length": ("INT", {"default": length, "min": 1, "max": 8192, "step": 4,
+                               "tooltip": f"Frames: 1 + 4k ({example})."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."})}
 
 
 class UspWanImageToVideo:
@@ -34,11 +44,7 @@ class UspWanImageToVideo:
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt's conditioning."}),
             "vae": ("USP_VAE", {"tooltip": "USP Load VAE with wan_2.1_vae.safetensors (Wan 2.1 I2V and Wan 2.2 I2V "
                                            "A14B use the Wan 2.1 VAE)."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": 8192, "step": 16, "tooltip": "Video width (pixels)."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 8192, "step": 16, "tooltip": "Video height (pixels)."}),
-            "length": ("INT", {"default": 81, "min": 1, "max": 8192, "step": 4,
-                               "tooltip": "Frames: 1 + 4k (81 at 16 fps is 5 s)."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."}),
+            **video_size_inputs(832, 480, 81, 16, "81 at 16 fps is 5 s"),
         }, "optional": {
             "start_image": ("IMAGE", {"tooltip": "The first frame(s); resized to the video after a centred crop."}),
             "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "CLIP Vision Encode of the start image "
@@ -54,13 +60,7 @@ class UspWanImageToVideo:
         latent = torch.zeros(batch_size, 16, frames, height // 8, width // 8)
         values = {}
         if start_image is not None:
-            video = start_video(start_image, width, height, length)
-            concat, family = api.encode_video(vae["group"], vae["path"], video)
-            if concat.shape[1] != 16:
-                raise ValueError(f"vae: {family} latents have {concat.shape[1]} channels; Wan image to video uses the "
-                                 "Wan 2.1 VAE (16 channels): load wan_2.1_vae.safetensors")
-            values.update(concat_latent_image=concat, concat_mask=start_mask(min(start_image.shape[0], length), frames,
-                                                                             *concat.shape[-2:]))
+            values.update(api.encode_start_image(vae["group"], vae["path"], start_image, width, height, length))
         if clip_vision_output is not None:
             values["clip_vision_output"] = clip_vision_output
         services.publish_status(state="ready")
@@ -80,11 +80,7 @@ class UspWan22ImageToVideoLatent:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": ("USP_VAE", {"tooltip": "USP Load VAE with wan2.2_vae.safetensors (the TI2V-5B's VAE)."}),
-            "width": ("INT", {"default": 1280, "min": 32, "max": 8192, "step": 32, "tooltip": "Video width (pixels)."}),
-            "height": ("INT", {"default": 704, "min": 32, "max": 8192, "step": 32, "tooltip": "Video height (pixels)."}),
-            "length": ("INT", {"default": 49, "min": 1, "max": 8192, "step": 4,
-                               "tooltip": "Frames: 1 + 4k (121 at 24 fps is 5 s)."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."}),
+            **video_size_inputs(1280, 704, 49, 32, "121 at 24 fps is 5 s"),
         }, "optional": {
             "start_image": ("IMAGE", {"tooltip": "The first frame (1 + 4k frames); resized to the video after a "
                                                  "centred crop."}),
@@ -99,7 +95,7 @@ class UspWan22ImageToVideoLatent:
         latent = torch.zeros(1, family.latent_channels, (length - 1) // 4 + 1, height // 16, width // 16)
         if start_image is None:
             return ({"samples": latent.repeat(batch_size, 1, 1, 1, 1), LATENT_TAG: family.name},)
-        frames = comfy_upscale(start_image[:length].movedim(-1, 1), width, height).movedim(1, -1)
+        frames = resized_frames(start_image, width, height, length)
         start, vae_family = api.encode_video(vae["group"], vae["path"], frames[..., :3])
         if vae_family != family.name:
             raise ValueError(f"vae: this is the {get(vae_family).label} VAE; the TI2V-5B's start image is encoded by "

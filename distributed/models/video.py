@@ -62,11 +62,17 @@ def encode_video(vae, frames: torch.Tensor) -> torch.Tensor:
     return vae.encode(video).latent_dist.mode().float().cpu()
 
 
+def resized_frames(image: torch.Tensor, width: int, height: int, length: int) -> torch.Tensor:
+    """The first `length` IMAGE frames [n, H, W, C] at width x height, as ComfyUI's Wan image-to-video nodes resize
+    a start image (common_upscale, bilinear, centred crop)."""
+    return comfy_upscale(image[:length].movedim(-1, 1), width, height).movedim(1, -1)
+
+
 def start_video(start_image: torch.Tensor, width: int, height: int, length: int) -> torch.Tensor:
     """The video ComfyUI's WanImageToVideo encodes from IMAGE start frames [n, H, W, C]: the first `length` of them
     resized to width x height (bilinear, after a centred crop to the aspect ratio: common_upscale), then gray
     (0.5) frames up to `length`; [length, height, width, 3]."""
-    frames = comfy_upscale(start_image[:length].movedim(-1, 1), width, height).movedim(1, -1)
+    frames = resized_frames(start_image, width, height, length)
     video = torch.full((length, height, width, frames.shape[-1]), 0.5, dtype=frames.dtype)
     video[:frames.shape[0]] = frames
     return video[..., :3]

@@ -169,21 +169,30 @@ def decode_tiles(vae, decode: Callable, latent: torch.Tensor, split: VaeSplit,
         del decoder.forward  # back to the class's forward
 
 
+def _by_rows(vae, run: Callable, x: torch.Tensor, split: VaeSplit, patch: Callable[[object, RowSplit], AbstractContextManager],
+             rows_in: tuple[int, int], rows_out: tuple[int, int]) -> torch.Tensor | None:
+    """run(vae, x) with x's latent rows shared out among the ranks and vae patched by patch(vae, rows) for the
+    halo exchange: rows_in = (x's row dimension, its rows per latent row), rows_out = the same for run's output,
+    which is gathered on rank 0 (None elsewhere). Fewer latent rows than ranks: rank 0 runs alone."""
+    (dim_in, scale_in), (dim_out, scale_out) = rows_in, rows_out
+    height = x.shape[dim_in] // scale_in
+    if split.ranks == 1 or height < split.ranks:
+        return run(vae, x) if split.rank == 0 else None
+    bounds = row_split(height, split.ranks)
+    rows = RowSplit(split, [b - a for a, b in bounds])
+    start, end = bounds[split.rank]
+    with patch(vae, rows):
+        mine = run(vae, x.narrow(dim_in, start * scale_in, (end - start) * scale_in))
+    out = rows.gather_rows(mine.to(split.device), dim_out, scale_out)
+    return out.cpu() if split.rank == 0 else None
+
+
 def decode_rows(vae, decode: Callable[[object, torch.Tensor], torch.Tensor], latent: torch.Tensor, split: VaeSplit,
                 patch: Callable[[object, RowSplit], AbstractContextManager], scale: int = 8) -> torch.Tensor | None:
     """decode(vae, latent) -> frames [F, H, W, 3] (CPU), with the latent's rows shared out among the ranks
     and vae's decoder patched by patch(vae, rows) for the halo exchange; frames on rank 0, None elsewhere.
     A latent with fewer rows than ranks is decoded by rank 0 alone (the other ranks wait)."""
-    height = latent.shape[3]
-    if split.ranks == 1 or height < split.ranks:
-        return decode(vae, latent) if split.rank == 0 else None
-    bounds = row_split(height, split.ranks)
-    rows = RowSplit(split, [b - a for a, b in bounds])
-    start, end = bounds[split.rank]
-    with patch(vae, rows):
-        mine = decode(vae, latent[:, :, :, start:end])  # (F, rows * scale, W, 3)
-    frames = rows.gather_rows(mine.to(split.device), 1, scale)
-    return frames.cpu() if split.rank == 0 else None
+    return _by_rows(vae, decode, latent, split, patch, rows_in=(3, 1), rows_out=(1, scale))  # frames (F, H, W, 3)
 
 
 def encode_rows(vae, encode: Callable[[object, torch.Tensor], torch.Tensor], frames: torch.Tensor, split: VaeSplit,
@@ -192,13 +201,4 @@ def encode_rows(vae, encode: Callable[[object, torch.Tensor], torch.Tensor], fra
     of scale), with the latent rows shared out among the ranks (rank r encodes pixel rows [a_r * scale, b_r *
     scale)) and vae's encoder patched by patch(vae, rows); the latent on rank 0, None elsewhere. Frames with
     fewer latent rows than ranks are encoded by rank 0 alone (the other ranks wait)."""
-    height = frames.shape[1] // scale
-    if split.ranks == 1 or height < split.ranks:
-        return encode(vae, frames) if split.rank == 0 else None
-    bounds = row_split(height, split.ranks)
-    rows = RowSplit(split, [b - a for a, b in bounds])
-    start, end = bounds[split.rank]
-    with patch(vae, rows):
-        mine = encode(vae, frames[:, start * scale:end * scale])  # (1, C, T, rows, W / scale)
-    latent = rows.gather_rows(mine.to(split.device), 3, 1)
-    return latent.cpu() if split.rank == 0 else None
+    return _by_rows(vae, encode, frames, split, patch, rows_in=(1, scale), rows_out=(3, 1))  # latent (1, C, T, h, w)
