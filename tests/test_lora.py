@@ -198,3 +198,21 @@ def test_loras_added_changed_and_removed_under_compile(tiny_models):
     for loras in ([], [(tiny_models["lora_kohya"], 1.0)], [(tiny_models["lora_kohya"], 0.3)], []):
         expected = sample(tiny_models["dit"], "wan", loras, eager)
         assert rel_error(sample(tiny_models["dit"], "wan", loras, compiled), expected) <= 1e-5, loras
+
+
+def test_lora_tensors_move_with_their_model_and_warnings_repeat(tiny_models, tmp_path):
+    """The hooks' tensors are buffers of their layers, so the placement's park / bring (module.to) moves them
+    with the model; a LoRA that matches part of the model warns on every run, not only the one that read it."""
+    partial = tmp_path / "partial.safetensors"
+    save_file({**load_file(tiny_models["lora_kohya"]),
+               "diffusion_model.vace_blocks.0.proj.lora_up.weight": torch.zeros(8, 4),
+               "diffusion_model.vace_blocks.0.proj.lora_down.weight": torch.zeros(4, 8)}, str(partial))
+    engine = make_engine()
+    for _ in range(2):
+        sample(tiny_models["dit"], "wan", [(partial, 1.0)], engine)
+        assert len(engine.lora_warnings) == 1 and "2 of 62 keys match no layer" in engine.lora_warnings[0]
+    model = engine.dit(tiny_models["dit"])
+    held = [name for name, _ in model.named_buffers() if ".usp_lora_" in name]
+    assert len(held) == 40  # a down and an up for each of the 20 Linear layers of the blocks
+    model.to("meta")
+    assert all(b.is_meta for name, b in model.named_buffers() if ".usp_lora_" in name)
