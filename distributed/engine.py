@@ -662,6 +662,7 @@ class Engine:
         batch = x.shape[0]
         # ComfyUI's denoise mask (prepare_mask): the LATENT's noise_mask at the latent's shape, 1 where it samples
         mask = None if req.noise_mask is None else torch.broadcast_to(req.noise_mask.float(), x.shape).contiguous()
+        mask_on_device = None if mask is None else mask.to(self.device)  # the timesteps' copy, made once
 
         def expand(cond: Cond | None) -> Cond | None:
             if cond is None:
@@ -681,7 +682,7 @@ class Engine:
         def velocity(model, x_in: torch.Tensor, sigma: torch.Tensor, cond: Cond, side: str) -> torch.Tensor:
             t = torch.full((x_in.shape[0],), float(timestep(sigma)), device=self.device)
             if mask is not None:  # a family may time the kept tokens apart (ComfyUI's process_timestep)
-                t = family.masked_timestep(model, t, mask.repeat(x_in.shape[0] // batch, 1, 1, 1, 1).to(self.device))
+                t = family.masked_timestep(model, t, mask_on_device.repeat(x_in.shape[0] // batch, 1, 1, 1, 1))
             if cache is None:
                 out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, options)
             else:  # side: which pass of the step (each keeps its own cache)
