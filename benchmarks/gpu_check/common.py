@@ -66,7 +66,8 @@ def backends_available(ctx: Context) -> list[str]:
                 importlib.import_module(backend)
                 names.append(backend)
             except Exception as exc:  # not installed, or built for another torch/CUDA
-                why = f"{package} does not import ({type(exc).__name__}: {exc}); no wheel is carried, nothing is downloaded"
+                why = (f"{package} does not import ({type(exc).__name__}: {exc}); no wheel is carried, "
+                       "nothing is downloaded")
         if why and backend not in ctx.skips_said:
             print(f"skipped: attention '{backend}': {why}")
             ctx.skips_said.add(backend)

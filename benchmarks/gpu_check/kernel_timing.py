@@ -154,7 +154,8 @@ def _build(ctx: Context, shape: _Shape, backend: str, weights: str, compile_mode
 
 def show(rows: list[dict], ctx: Context) -> None:
     print(f"kernels and compile: {KERNEL_LAYERS}-block Wan DiTs, world size 1; step = per block x layers x 2 (cfg)")
-    print(f"{'model':<10}{'size':<7}{'kind':<24}{'compile':<10}{'forward s':>10}{'1st s':>8}{'step s':>9}{'rel err':>10}")
+    print(f"{'model':<10}{'size':<7}{'kind':<24}{'compile':<10}{'forward s':>10}{'1st s':>8}{'step s':>9}"
+          f"{'rel err':>10}")
     for r in rows:
         head = f"{r['model']:<10}{r['size']:<7}{r['kind']:<24}{r['compile']:<10}"
         if "forward_s" not in r:
