@@ -19,7 +19,8 @@ import torch
 
 from . import memory, models, planner
 from .config import GroupConfig
-from .models import fp8, gguf_weights, lora
+from .formats import lora
+from .models import fp8, gguf_weights
 from .models.checkpoint import CheckpointError
 from .parallel import fsdp
 from .parallel.compile import check_compile, compile_blocks

@@ -11,9 +11,9 @@ import torch
 
 from ..family import Defaults, ModelFamily, Option, TextPart
 from ...parallel.vae_split import VaeSplit
-from .. import lora, streamed
+from .. import streamed
 from ..checkpoint import read_header
-from . import dit, text, vae
+from . import dit, lora_names, text, vae
 
 
 class HunyuanVideo(ModelFamily):
@@ -68,7 +68,7 @@ class HunyuanVideo(ModelFamily):
         return streamed.file_source_map(path, lambda state: dit.convert_to_diffusers(state, hidden))
 
     def lora_aliases(self, stem):
-        return lora.hunyuan_aliases(stem)
+        return lora_names.lora_aliases(stem)
 
     def parallelize(self, model, sp, backend):
         return dit.parallelize_hunyuan(model, sp, backend)

@@ -26,7 +26,6 @@ In fp32 the result equals ComfyUI's merged weights to float rounding (tests/comf
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError
+from ..models.checkpoint import CheckpointError
 
 # (up, down) tensor name suffixes of the plain LoRA layouts ComfyUI reads (comfy/weight_adapter/lora.py)
 PAIRS = (("lora_up.weight", "lora_down.weight"), ("lora_B.weight", "lora_A.weight"),
@@ -259,7 +258,7 @@ def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[P
     this is (the rows of each model tensor in the file). Linear layers: forward hooks (unmerged) whose tensors
     are buffers of the layer, in `dtype` on the layer's device; other tensors: merged into this rank's rows,
     with a backup. Returns the number of model tensors changed. remove(model) undoes it all."""
-    from .streamed import _my_rows
+    from ..models.streamed import _my_rows
 
     remove(model)
     inverse = inverse_source(source)
@@ -331,7 +330,7 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 def remove(model: torch.nn.Module) -> None:
     """Undo apply(): the hooks removed, the merged tensors' rows restored from their backups."""
-    from .streamed import _my_rows
+    from ..models.streamed import _my_rows
 
     handles, backups, buffers = getattr(model, "usp_lora_state", ([], {}, []))
     for handle in handles:
@@ -348,13 +347,4 @@ def remove(model: torch.nn.Module) -> None:
     model.usp_lora_state = ([], {}, [])
 
 
-def hunyuan_aliases(stem: str) -> list[str]:
-    """diffusion-pipe's names for a HunyuanVideo layer (ComfyUI's lora.py, HunyuanVideo): `transformer.` and
-    `diffusion_model.` before the original checkpoint's names (img_attn_qkv, img_mod.linear, img_mlp.fc1...)."""
-    renamed = (stem.replace("_mod.lin", "_mod.linear").replace("_attn.qkv", "_attn_qkv")
-               .replace("_attn.proj", "_attn_proj").replace(".modulation.lin", ".modulation.linear"))
-    renamed = re.sub(r"mlp\.0$", "mlp.fc1", re.sub(r"mlp\.2$", "mlp.fc2", renamed))
-    return [f"transformer.{renamed}", f"diffusion_model.{renamed}"]
-
-
-__all__ = ["Patch", "LoraReport", "read_lora", "apply", "remove", "stem_lookup", "inverse_source", "hunyuan_aliases"]
+__all__ = ["Patch", "LoraReport", "read_lora", "apply", "remove", "stem_lookup", "inverse_source"]
