@@ -10,7 +10,7 @@ is one Wan-1.3B-size step at 480p with each attention backend, ours vs stock dif
 2. Timing: one DiT forward of a Wan 2.1 1.3B-shaped model (random weights, bf16) on 480p x 81
    frames (32,760 tokens); a sampler step at cfg > 1 is two of them. Ours at world size 1 for
    each backend, and stock diffusers WanTransformer3DModel, interleaved, medians.
-3. fp8 weights (models/fp8.py): the same forward with the blocks' Linear weights stored in fp8 and
+3. fp8 weights (formats/fp8.py): the same forward with the blocks' Linear weights stored in fp8 and
    cast layer by layer, against those weights dequantized to bf16: error, time ratio, bytes ratio.
 4. Fitting 24-48 GB cards: the memory pre-flight's prediction per rank for Wan 2.1 14B and Wan 2.2
    A14B from their released configs (no file needed), bf16 and fp8 files, sharded over 2 and 4 ranks:
@@ -174,7 +174,7 @@ def time_forwards(models: dict, inputs: tuple, device: torch.device, repeats: in
 def time_step(device: torch.device, small: bool, repeats: int) -> list[dict]:
     from diffusers import WanTransformer3DModel
 
-    from usp_video.distributed.models.checkpoint import cast_model
+    from usp_video.distributed.formats.checkpoint import cast_model
     from usp_video.distributed.models.wan21.dit import parallelize_wan
     from usp_video.distributed.parallel.mesh import SequenceParallel
 
@@ -199,8 +199,8 @@ def check_fp8(device: torch.device, small: bool, repeats: int) -> dict:
     """fp8 storage vs the same (fp8-representable) weights in the compute dtype: one forward each."""
     from diffusers import WanTransformer3DModel
 
-    from usp_video.distributed.models import fp8
-    from usp_video.distributed.models.checkpoint import cast_model
+    from usp_video.distributed.formats import fp8
+    from usp_video.distributed.formats.checkpoint import cast_model
     from usp_video.distributed.models.wan21.dit import parallelize_wan
     from usp_video.distributed.parallel.fsdp import parameter_bytes
     from usp_video.distributed.parallel.mesh import SequenceParallel
@@ -233,7 +233,7 @@ def predict_fit() -> list[dict]:
     from diffusers import WanTransformer3DModel
 
     from usp_video.distributed import planner
-    from usp_video.distributed.models.streamed import peak_bytes
+    from usp_video.distributed.formats.streamed import peak_bytes
     from usp_video.distributed.models.wan21.dit import WAN_VARIANTS
 
     with torch.device("meta"):
@@ -344,8 +344,8 @@ def time_kernels_and_compile(device: torch.device, small: bool, repeats: int, de
     Rows are appended (and the report saved) as they are measured; one that would pass the deadline is skipped."""
     from diffusers import WanTransformer3DModel
 
-    from usp_video.distributed.models import fp8
-    from usp_video.distributed.models.checkpoint import cast_model
+    from usp_video.distributed.formats import fp8
+    from usp_video.distributed.formats.checkpoint import cast_model
     from usp_video.distributed.models.wan21.dit import WAN_VARIANTS, parallelize_wan
     from usp_video.distributed.parallel.compile import BACKEND_OF, check_compile, compile_blocks
     from usp_video.distributed.parallel.mesh import SequenceParallel

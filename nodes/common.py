@@ -27,7 +27,7 @@ TIP_GROUP = ('From the USP Group node.')
 
 def quantization_text(layers: dict[str, str]) -> str:
     """The loader's lines on a GGUF model: which layers stay quantized, in which ggml type."""
-    from ..distributed.models.gguf_weights import by_layer_kind, summary
+    from ..distributed.formats.gguf import by_layer_kind, summary
 
     kinds = "; ".join(f"{kind} {types}" for kind, types in by_layer_kind(layers).items())
     return (f"GGUF: {len(layers)} layers stay quantized ({summary(layers)}), dequantized as each runs: {kinds}. "

@@ -74,7 +74,7 @@ def make_detectable_wan(root, names_seeds: dict[str, int],
     from pathlib import Path
 
     from diffusers import WanTransformer3DModel
-    from usp_video.distributed.models.checkpoint import save_safetensors
+    from usp_video.distributed.formats.checkpoint import save_safetensors
     from usp_video.distributed.models.tiny import save_tiny_lora
     from usp_video.distributed.models.wan21 import dit as wan
     from usp_video.distributed.models.wan21.tiny import wan_to_original_keys

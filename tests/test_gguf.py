@@ -16,7 +16,8 @@ from parity_targets import dit_forward, hunyuan_forward, make_engine
 from test_fp8 import forward
 from test_wan22 import tiny_wan22  # noqa: F401 (fixture)
 from test_wan22_5b import tiny_5b  # noqa: F401 (fixture)
-from usp_video.distributed.models import CheckpointError, detect_dit, gguf_weights, streamed
+from usp_video.distributed.formats import gguf as gguf_weights, streamed
+from usp_video.distributed.models import CheckpointError, detect_dit
 from usp_video.distributed.models.hunyuan_video import dit as hunyuan
 from usp_video.distributed.models.tiny import save_gguf
 from usp_video.distributed.models.wan21 import dit as wan, tiny as wan_tiny
@@ -205,7 +206,7 @@ def test_bad_gguf_files_are_named(gguf_files, tmp_path):
     with pytest.raises(CheckpointError, match="header.gguf"):
         detect_dit(header)
     # a GGUF where a VAE or text encoder is expected
-    from usp_video.distributed.models.checkpoint import load_state_dict
+    from usp_video.distributed.formats.checkpoint import load_state_dict
 
     with pytest.raises(CheckpointError, match="GGUF is read for diffusion models"):
         load_state_dict(path)

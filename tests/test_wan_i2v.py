@@ -12,7 +12,7 @@ import torch
 from batched import Batched
 from conftest import rel_error
 from parity_targets import i2v_conditioning, i2v_forward, i2v_request, make_engine
-from usp_video.distributed.models.checkpoint import save_safetensors
+from usp_video.distributed.formats.checkpoint import save_safetensors
 from usp_video.distributed.models.wan21 import dit as wan
 from usp_video.distributed.models.wan21.tiny import TINY_WAN_CONFIG, wan_to_original_keys
 

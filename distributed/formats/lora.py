@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..models.checkpoint import CheckpointError
+from .tensor_file import CheckpointError
 
 # (up, down) tensor name suffixes of the plain LoRA layouts ComfyUI reads (comfy/weight_adapter/lora.py)
 PAIRS = (("lora_up.weight", "lora_down.weight"), ("lora_B.weight", "lora_A.weight"),
@@ -258,7 +258,7 @@ def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[P
     this is (the rows of each model tensor in the file). Linear layers: forward hooks (unmerged) whose tensors
     are buffers of the layer, in `dtype` on the layer's device; other tensors: merged into this rank's rows,
     with a backup. Returns the number of model tensors changed. remove(model) undoes it all."""
-    from ..models.streamed import _my_rows
+    from .streamed import _my_rows
 
     remove(model)
     inverse = inverse_source(source)
@@ -330,7 +330,7 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 def remove(model: torch.nn.Module) -> None:
     """Undo apply(): the hooks removed, the merged tensors' rows restored from their backups."""
-    from ..models.streamed import _my_rows
+    from .streamed import _my_rows
 
     handles, backups, buffers = getattr(model, "usp_lora_state", ([], {}, []))
     for handle in handles:

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..parallel.vae_split import VaeSplit
-from .checkpoint import CheckpointError
+from ..formats.checkpoint import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class ModelFamily:
         `shares` (1: a whole copy), predicted from the header (the memory pre-flight). This default is
         for a loader that builds the whole model before sharding it: the whole model, whatever `shares`,
         at the compute dtype (fp8 weights at one byte: they may stay fp8)."""
-        from .checkpoint import read_header
+        from ..formats.checkpoint import read_header
 
         p = Path(path)
         size = torch.empty((), dtype=dtype).element_size()

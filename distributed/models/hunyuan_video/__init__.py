@@ -11,8 +11,8 @@ import torch
 
 from ..family import Defaults, ModelFamily, Option, TextPart
 from ...parallel.vae_split import VaeSplit
-from .. import streamed
-from ..checkpoint import read_header
+from ...formats import streamed
+from ...formats.checkpoint import read_header
 from . import dit, lora_names, text, vae
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_safetensors as _save
+from ...formats.checkpoint import save_safetensors as _save
 from ..tiny import CORPUS as _CORPUS, save_tiny_lora
 from .lora_names import lora_aliases
 from . import dit as hunyuan, text as hunyuan_text, vae as hunyuan_vae

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ...formats.checkpoint import CheckpointError
 from ..family import Defaults, ModelFamily, TextPart
 from ...parallel.vae_split import VaeSplit
-from .. import streamed
+from ...formats import streamed
 from . import dit, umt5, vae
 
 # The negative prompt of Wan's reference pipeline (used when cfg != 1 and none is given).

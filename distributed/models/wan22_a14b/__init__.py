@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import CheckpointError
+from ...formats.checkpoint import CheckpointError
 from ..family import Defaults
 from ..wan21 import NEGATIVE_PROMPT, Wan21
 from . import experts
