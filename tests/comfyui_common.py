@@ -122,7 +122,7 @@ def _add_beyond_block_linears(path, shapes: dict[str, list[int]], seed: int) -> 
 
 
 def route_api_sample(engine) -> None:
-    """Our sampler nodes' api.sample (common.run_sampler calls it) as a group would run it, in this process: its
+    """Our sampler nodes' api.sample (sampler_run.run_sampler calls it) as a group would run it, in this process: its
     checks, the request through the wire frame, our engine."""
     from usp_video.distributed import api, protocol
     from usp_video.distributed.requests import SampleRequest

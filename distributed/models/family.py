@@ -89,6 +89,7 @@ class ModelFamily:
     claims_files: bool = True       # may detection pick it from a file alone? (models.detect_dit)
     order: int = 100                # where it stands in lists and detection (lower first)
     takes_noise_mask: bool = False  # does its sampler honour a LATENT's noise_mask (checked against ComfyUI)?
+    comfy_model_configs: tuple[str, ...] = ()  # ComfyUI's model config classes of its native MODELs (nodes/native_nodes.py)
 
     # -- files (header only: cheap, runs in the ComfyUI process too) -------------------------------
 

@@ -21,6 +21,7 @@ class HunyuanVideo(ModelFamily):
     order = 20
     dit_class, vae_class = "HunyuanVideoTransformer3DModel", "AutoencoderKLHunyuanVideo"
     latent_format = "HunyuanVideo"
+    comfy_model_configs = ("HunyuanVideo",)
     defaults = Defaults(sampler="euler", shift=7.0, cfg=1.0)
     text_parts = (
         TextPart("llama", "llava_llama3 .safetensors file or diffusers text_encoder folder",

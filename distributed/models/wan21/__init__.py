@@ -25,6 +25,7 @@ class Wan21(ModelFamily):
     order = 10
     dit_class, vae_class = "WanTransformer3DModel", "AutoencoderKLWan"
     latent_format = "Wan21"
+    comfy_model_configs = ("WAN21_T2V",)
     cond_keys = ("tokens", "concat_latent_image", "concat_mask", "clip_vision")
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
     text_parts = (TextPart("text_encoder", "umt5_xxl .safetensors file or diffusers folder",
