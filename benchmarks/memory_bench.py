@@ -63,7 +63,7 @@ def _read_whole_file(path, device):
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    from usp_video.distributed.models.checkpoint import (DIT_PREFIXES, build_on_meta, dequantize, keeps_fp32,
+    from usp_video.distributed.formats.checkpoint import (DIT_PREFIXES, build_on_meta, dequantize, keeps_fp32,
                                                          load_state_dict, read_header, strip_prefix)
     from usp_video.distributed.models.wan21 import dit as wan
 
@@ -132,7 +132,8 @@ def load_rank(rank, world_size, path, how, kind="wan"):
 
 def _predicted(kind: str, path: Path, shares: int) -> int:
     """The pre-flight's prediction of the load's peak per rank (the Llama's by the same rule)."""
-    from usp_video.distributed.models import FAMILIES, streamed
+    from usp_video.distributed.formats import streamed
+    from usp_video.distributed.models import FAMILIES
 
     if kind == "llama":
         return streamed.load_peak_bytes(path, torch.float32, shares, keep_within=("model.layers.",))

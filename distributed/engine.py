@@ -19,8 +19,8 @@ import torch
 
 from . import memory, models, planner
 from .config import GroupConfig
-from .models import fp8, gguf_weights, lora
-from .models.checkpoint import CheckpointError
+from .formats import fp8, gguf as gguf_weights, lora
+from .formats.checkpoint import CheckpointError
 from .parallel import fsdp
 from .parallel.compile import check_compile, compile_blocks
 from .parallel.mesh import SequenceParallel, build_sequence_parallel, resolve_degrees
@@ -86,7 +86,7 @@ def _weight_bytes(path: str, dtype: torch.dtype) -> int:
     p = Path(path)
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*.safetensors"))
-    from .models.checkpoint import read_header
+    from .formats.checkpoint import read_header
 
     shapes, _ = read_header(p)
     size = torch.tensor([], dtype=dtype).element_size()
@@ -410,7 +410,7 @@ class Engine:
     def _apply_loras(self, experts: list, req: SampleRequest) -> list[str]:
         """Give each expert the LoRAs the request lists for it (req.loras), unless it has them already: the
         old ones removed, the new ones read (their files only: the base model stays as loaded) and applied
-        unmerged (models/lora.py). The same list twice changes nothing. Returns warnings for LoRAs that match
+        unmerged (formats/lora.py). The same list twice changes nothing. Returns warnings for LoRAs that match
         only part of the model (applied to the layers they match), every time the LoRAs run, not only when read."""
         warnings = []
         for model, path, wanted in zip(experts, req.experts, req.loras or [[] for _ in experts]):

@@ -1,5 +1,5 @@
 """The HunyuanVideo nodes: thin adapters between ComfyUI types and distributed.api.
-The VAE nodes are shared with Wan (wan_nodes.UspVaeLoader / UspVaeDecode)."""
+The VAE nodes are every family's (vae_nodes.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,19 @@ from __future__ import annotations
 from ..distributed import api
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
-from .common import (TIP_DENOISE, TIP_GROUP, TIP_POSITIVE, TIP_STEPS, TIP_TEXT, conditioning_parts, load_model,
-                     run_sampler)
+from .common import TIP_DENOISE, TIP_GROUP, TIP_POSITIVE, TIP_STEPS, TIP_TEXT
+from .conditioning import conditioning_parts
+from .model_socket import load_model
+from .native_nodes import TIP_SHIFT_RULE, NativeModelNode
+from .sampler_run import run_sampler
 from .cache_node import TIP_STEP_CACHE
 from .group_node import CATEGORY
+
+
+class UspNativeHunyuanModel(NativeModelNode):
+    FAMILIES = ("hunyuan-video",)
+    RETURN_TYPES = ("USP_HUNYUAN_MODEL", "STRING")
+    OUTPUT_TOOLTIPS = ("For USP Sampler (HunyuanVideo). " + TIP_SHIFT_RULE, "What was read from the graph and loaded.")
 
 
 class UspHunyuanModelLoader:
@@ -153,4 +162,5 @@ NODES = {
     "UspHunyuanTextEncoderLoader": (UspHunyuanTextEncoderLoader, "USP Load Text Encoders (HunyuanVideo)"),
     "UspHunyuanTextEncode": (UspHunyuanTextEncode, "USP Text Encode (HunyuanVideo)"),
     "UspHunyuanSampler": (UspHunyuanSampler, "USP Sampler (HunyuanVideo)"),
+    "UspNativeHunyuanModel": (UspNativeHunyuanModel, "USP Model from native MODEL (HunyuanVideo)"),
 }

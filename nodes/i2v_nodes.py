@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import api
+from ..distributed.models import get
 from ..distributed.models.video import resized_frames
 from .common import LATENT_TAG
 from .group_node import CATEGORY
@@ -28,10 +29,18 @@ def video_size_inputs(width: int, height: int, length: int, step: int, example: 
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."})}
 
 
+def _check_size(family, width: int, height: int, length: int) -> None:
+    """The family's pixel multiple for width and height, and 1 + 4k frames."""
+    step = family.pixel_multiple
+    if width % step or height % step or (length - 1) % 4:
+        raise ValueError(f"width and height must be multiples of {step} and length 1 + 4k, got {width}x{height}x{length}")
+
+
 class UspWanImageToVideo:
     DESCRIPTION = ("Native WanImageToVideo on the USP group: the start image (resized to the video, then gray frames) "
                    "is encoded by the Wan 2.1 VAE split across the ranks, and set with its mask (and the CLIP vision "
                    "output) on both conditionings; the empty latent to sample. For Wan 2.1 I2V and Wan 2.2 I2V A14B.")
+    FAMILY = "wan2.1"  # Wan 2.1 I2V's latent, which Wan 2.2 I2V A14B shares
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
     RETURN_NAMES = ("positive", "negative", "latent")
     FUNCTION = "apply"
@@ -54,23 +63,25 @@ class UspWanImageToVideo:
 
     def apply(self, positive, negative, vae, width, height, length, batch_size, start_image=None,
               clip_vision_output=None, node_id=None):
-        if width % 16 or height % 16 or (length - 1) % 4:
-            raise ValueError(f"width and height must be multiples of 16 and length 1 + 4k, got {width}x{height}x{length}")
+        family = get(self.FAMILY)
+        _check_size(family, width, height, length)
         frames = (length - 1) // 4 + 1
-        latent = torch.zeros(batch_size, 16, frames, height // 8, width // 8)
+        down = family.spatial_compression
+        latent = torch.zeros(batch_size, family.latent_channels, frames, height // down, width // down)
         values = {}
         if start_image is not None:
             values.update(api.encode_start_image(vae["group"], vae["path"], start_image, width, height, length))
         if clip_vision_output is not None:
             values["clip_vision_output"] = clip_vision_output
         services.publish_status(state="ready")
-        return with_values(positive, values), with_values(negative, values), {"samples": latent, LATENT_TAG: "wan2.1"}
+        return with_values(positive, values), with_values(negative, values), {"samples": latent, LATENT_TAG: family.name}
 
 
 class UspWan22ImageToVideoLatent:
     DESCRIPTION = ("Native Wan22ImageToVideoLatent on the USP group, for Wan 2.2 TI2V-5B: the start image (resized to "
                    "the video) is encoded by the Wan 2.2 VAE split across the ranks and kept as the first latent "
                    "frame(s), with the LATENT's noise_mask saying so (the USP TI2V-5B sampler honours it).")
+    FAMILY = "wan2.2-ti2v-5b"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     FUNCTION = "apply"
@@ -87,12 +98,10 @@ class UspWan22ImageToVideoLatent:
         }}
 
     def apply(self, vae, width, height, length, batch_size, start_image=None):
-        from ..distributed.models import get
-
-        family = get("wan2.2-ti2v-5b")
-        if width % 32 or height % 32 or (length - 1) % 4:
-            raise ValueError(f"width and height must be multiples of 32 and length 1 + 4k, got {width}x{height}x{length}")
-        latent = torch.zeros(1, family.latent_channels, (length - 1) // 4 + 1, height // 16, width // 16)
+        family = get(self.FAMILY)
+        _check_size(family, width, height, length)
+        down = family.spatial_compression
+        latent = torch.zeros(1, family.latent_channels, (length - 1) // 4 + 1, height // down, width // down)
         if start_image is None:
             return ({"samples": latent.repeat(batch_size, 1, 1, 1, 1), LATENT_TAG: family.name},)
         frames = resized_frames(start_image, width, height, length)

@@ -1,5 +1,5 @@
 """USP LoRA nodes: a LoRA (file, strength) on a loaded USP model, chainable. Nothing is read here: the model
-socket carries the list, and the sampler has every rank apply it (distributed/models/lora.py: unmerged, so a
+socket carries the list, and the sampler has every rank apply it (distributed/formats/lora.py: unmerged, so a
 new strength or list never reads the base model again). One node per model socket type; Wan 2.2 A14B's
 takes a chain per expert."""
 

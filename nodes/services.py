@@ -61,14 +61,15 @@ def model_path(folder: str, name: str) -> str:
 
 class Progress:
     """The node's progress bar in the page (ComfyUI) or nothing, with latent previews when the
-    user has previews on (ComfyUI's Latent2RGB of the model's latent format: Wan21, HunyuanVideo)."""
+    user has previews on (ComfyUI's Latent2RGB of the model's latent format, the family's `latent_format`:
+    Wan21, HunyuanVideo...). latent_format None: a bar without previews (a VAE decode or encode)."""
 
-    def __init__(self, total: int, node_id: str | None = None, latent_format: str = "Wan21"):
+    def __init__(self, total: int, node_id: str | None, latent_format: str | None):
         self.bar = _comfy_utils.ProgressBar(total, node_id=node_id) if IN_COMFYUI else None
         self.total = total
         self.value = 0
         self.previewer = None
-        if IN_COMFYUI:
+        if IN_COMFYUI and latent_format is not None:
             try:
                 import comfy.latent_formats
                 import latent_preview

@@ -7,7 +7,7 @@ import torch
 
 from ..distributed.models import FAMILIES
 from . import services
-from .common import load_model
+from .model_socket import load_model
 from .group_node import CATEGORY
 from .wan_nodes import UspWanSampler
 

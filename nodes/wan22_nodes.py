@@ -8,12 +8,16 @@ from ..distributed import api
 from ..distributed.models import FAMILIES
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
-from .common import (TIP_DENOISE, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS, wan_conditioning, expert_socket, load_model,
-                     run_sampler)
+from .common import TIP_DENOISE, TIP_GROUP, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS
+from .model_socket import expert_socket, load_model
+from .native_nodes import HIDDEN, MEMORY_NOTE, TIP_MODEL, TIP_SHIFT_RULE, replay
+from .sampler_run import run_sampler
+from .wan_nodes import wan_conditioning
 from .cache_node import TIP_STEP_CACHE
 from .group_node import CATEGORY
 
 FAMILY = FAMILIES["wan2.2-a14b"]
+EXPERTS_AS = "wan2.1"  # the family ComfyUI loads each expert as (a WAN21_T2V MODEL): the native adapter checks it
 DEFAULTS = FAMILY.defaults
 
 
@@ -91,8 +95,36 @@ class UspWan22Sampler:
                            negative=wan_conditioning(negative, "negative"))
 
 
+class UspNativeWan22Model:
+    DESCRIPTION = ("Runs Wan 2.2 A14B's two native MODEL chains (a UNETLoader per expert, each with its own LoRAs and "
+                   "ModelSamplingSD3) on the USP group, both experts loaded as by USP Load Wan 2.2 A14B Models. "
+                   + MEMORY_NOTE + " " + TIP_SHIFT_RULE)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"group": ("USP_GROUP", {"tooltip": TIP_GROUP}),
+                             "high_noise_model": ("MODEL", {"tooltip": "The high-noise expert's chain. " + TIP_MODEL}),
+                             "low_noise_model": ("MODEL", {"tooltip": "The low-noise expert's chain. " + TIP_MODEL})},
+                "hidden": dict(HIDDEN)}
+
+    RETURN_TYPES = ("USP_WAN22_MODEL", "USP_WAN_MODEL", "USP_WAN_MODEL", "STRING")
+    RETURN_NAMES = ("model", "high_noise", "low_noise", "info")
+    OUTPUT_TOOLTIPS = ("Both experts, for USP Sampler (Wan 2.2 A14B). " + TIP_SHIFT_RULE,
+                       "The high-noise expert alone, for a USP Sampler Advanced running the first steps.",
+                       "The low-noise expert alone, for a USP Sampler Advanced running the last steps.",
+                       "What was read from the graph and loaded.")
+    FUNCTION = "convert"
+    CATEGORY = CATEGORY
+
+    def convert(self, group, high_noise_model, low_noise_model, prompt=None, dynprompt=None, node_id=None):
+        model, info = replay(group, [("high_noise_model", high_noise_model), ("low_noise_model", low_noise_model)],
+                             (EXPERTS_AS,), prompt, dynprompt, node_id, family=FAMILY.name)
+        return model, expert_socket(model, 0), expert_socket(model, 1), info
+
+
 # the nodes of this file: {ComfyUI type name: (class, display name)} (collected by nodes/__init__.py)
 NODES = {
     "UspWan22ModelLoader": (UspWan22ModelLoader, "USP Load Wan 2.2 A14B Models (high + low noise)"),
     "UspWan22Sampler": (UspWan22Sampler, "USP Sampler (Wan 2.2 A14B)"),
+    "UspNativeWan22Model": (UspNativeWan22Model, "USP Models from native MODELs (Wan 2.2 A14B)"),
 }

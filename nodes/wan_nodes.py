@@ -1,5 +1,6 @@
-"""The Wan 2.1 nodes (and the VAE nodes both models use): thin adapters between ComfyUI types
-and distributed.api."""
+"""The Wan 2.1 nodes: thin adapters between ComfyUI types and distributed.api, and Wan's side of a CONDITIONING
+(`wan_conditioning`: the text and, from a native image-to-video node, the start video and CLIP vision), which
+the Wan 2.2 node files use too. The VAE nodes every family uses are in vae_nodes.py."""
 
 from __future__ import annotations
 
@@ -7,10 +8,37 @@ from __future__ import annotations
 from ..distributed import api
 from ..distributed.sampling.samplers import SAMPLERS
 from . import services
-from .common import (LATENT_TAG, TIP_DENOISE, TIP_GROUP, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS, TIP_TEXT,
-                     wan_conditioning, load_model, run_sampler, show_group)
+from .common import TIP_DENOISE, TIP_GROUP, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEPS, TIP_TEXT
+from .conditioning import conditioning_parts
+from .model_socket import load_model
+from .native_nodes import TIP_SHIFT_RULE, NativeModelNode
+from .sampler_run import run_sampler
 from .cache_node import TIP_STEP_CACHE
 from .group_node import CATEGORY
+
+
+# Native image-to-video conditioning (WanImageToVideo, WanFirstLastFrameToVideo, CLIPVisionEncode) that the Wan
+# samplers apply: the start video's latent and mask, and CLIP vision's penultimate hidden states.
+WAN_IMAGE_KEYS = ("concat_latent_image", "concat_mask", "clip_vision_output")
+
+
+def wan_conditioning(conditioning, name: str) -> dict:
+    """A Wan sampler's side of the conditioning as the request carries it: {"tokens"} and, from a native
+    image-to-video node, "concat_latent_image", "concat_mask" and "clip_vision" (the model checks that they fit
+    it: distributed/models/wan21)."""
+    tokens, extra = conditioning_parts(conditioning, name, WAN_IMAGE_KEYS)
+    cond = {"tokens": tokens}
+    for key in ("concat_latent_image", "concat_mask"):
+        if extra.get(key) is not None:
+            cond[key] = extra[key]
+    vision = extra.get("clip_vision_output")
+    if vision is not None:
+        hidden = getattr(vision, "penultimate_hidden_states", None)
+        if hidden is None:
+            raise ValueError(f"{name}: its clip_vision_output has no penultimate_hidden_states (not a CLIPVisionEncode "
+                             "output?)")
+        cond["clip_vision"] = hidden
+    return cond
 
 
 class UspWanModelLoader:
@@ -166,98 +194,11 @@ class UspWanSamplerAdvanced:
                            negative=wan_conditioning(negative, "negative"))
 
 
-class UspVaeLoader:
-    DESCRIPTION = "Loads a video VAE (Wan 2.1 or HunyuanVideo) on rank 0 of the USP group."
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "group": ("USP_GROUP", {"tooltip": TIP_GROUP}),
-            "vae_name": (services.list_models("vae"), {"tooltip": "wan_2.1_vae.safetensors or "
-                                                                  "hunyuan_video_vae_bf16.safetensors from models/vae."}),
-        }}
-
-    RETURN_TYPES = ("USP_VAE",)
-    RETURN_NAMES = ("vae",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, group, vae_name):
-        return ({"group": group, "path": services.model_path("vae", vae_name)},)
-
-
-class UspVaeDecode:
-    DESCRIPTION = "Decodes a Wan 2.1 or HunyuanVideo latent to frames on the USP group (tiled for HunyuanVideo)."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "vae": ("USP_VAE", {"tooltip": "From USP Load VAE: the VAE of the model that made the latent."}),
-            "samples": ("LATENT", {"tooltip": "A USP sampler's output (or a native video latent of the same model)."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
-
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "decode"
-    CATEGORY = CATEGORY
-
-    def decode(self, vae, samples, node_id=None):
-        progress = services.Progress(1, node_id)
-
-        def on_progress(event: dict) -> None:
-            if event["step"] == 1:  # the group answered: show it once, not every step
-                show_group(vae["group"])
-            progress.update(event["step"], event["total"])
-            services.publish_status(state=f"decoding {event['step']}/{event['total']}")
-
-        try:
-            frames = api.decode(vae["group"], vae["path"], samples["samples"], family=samples.get(LATENT_TAG),
-                                on_progress=on_progress)
-        except BaseException:
-            services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
-            raise
-        services.publish_status(state="ready")
-        if progress.value == 0:  # a decode that reported nothing still ends the bar
-            progress.update(1)
-        return (frames,)
-
-
-class UspVaeEncode:
-    DESCRIPTION = ("Encodes a video (IMAGE frames) to a latent with the Wan 2.1 or Wan 2.2 VAE on the USP group, "
-                   "its rows split across the ranks: the latent ComfyUI's VAE Encode gives (a start video, or a "
-                   "video to re-sample with denoise < 1).")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "pixels": ("IMAGE", {"tooltip": "The video: 1 + 4k frames (1, 5, ..., 81), width and height in multiples "
-                                            "of 8 (Wan 2.1 VAE) or 16 (Wan 2.2 VAE)."}),
-            "vae": ("USP_VAE", {"tooltip": "From USP Load VAE: the Wan 2.1 VAE (Wan 2.1, Wan 2.2 A14B) or the "
-                                           "Wan 2.2 VAE (TI2V-5B)."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
-
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "encode"
-    CATEGORY = CATEGORY
-
-    def encode(self, pixels, vae, node_id=None):
-        progress = services.Progress(1, node_id)
-
-        def on_progress(event: dict) -> None:
-            if event["step"] == 1:
-                show_group(vae["group"])
-            progress.update(event["step"], event["total"])
-            services.publish_status(state=f"encoding {event['step']}/{event['total']}")
-
-        try:
-            # the first 3 channels, as VAE Encode takes them (an RGBA IMAGE too); a view: pixels stay unchanged
-            latent, family = api.encode_video(vae["group"], vae["path"], pixels[..., :3], on_progress=on_progress)
-        except BaseException:
-            services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
-            raise
-        services.publish_status(state="ready")
-        if progress.value == 0:
-            progress.update(1)
-        return ({"samples": latent, LATENT_TAG: family},)
+class UspNativeWanModel(NativeModelNode):
+    FAMILIES = ("wan2.1", "wan2.2-ti2v-5b")
+    RETURN_TYPES = ("USP_WAN_MODEL", "STRING")
+    OUTPUT_TOOLTIPS = ("For the USP Wan samplers. " + TIP_SHIFT_RULE, "What was read from the graph and loaded.")
 
 
 # the nodes of this file: {ComfyUI type name: (class, display name)} (collected by nodes/__init__.py)
@@ -267,7 +208,5 @@ NODES = {
     "UspTextEncode": (UspTextEncode, "USP Text Encode (Wan)"),
     "UspWanSampler": (UspWanSampler, "USP Sampler (Wan 2.1)"),
     "UspWanSamplerAdvanced": (UspWanSamplerAdvanced, "USP Sampler Advanced (Wan)"),
-    "UspVaeLoader": (UspVaeLoader, "USP Load VAE (Wan / HunyuanVideo)"),
-    "UspVaeDecode": (UspVaeDecode, "USP VAE Decode"),
-    "UspVaeEncode": (UspVaeEncode, "USP VAE Encode"),
+    "UspNativeWanModel": (UspNativeWanModel, "USP Model from native MODEL (Wan 2.1 / 2.2 5B)"),
 }

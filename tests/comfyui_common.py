@@ -74,7 +74,7 @@ def make_detectable_wan(root, names_seeds: dict[str, int],
     from pathlib import Path
 
     from diffusers import WanTransformer3DModel
-    from usp_video.distributed.models.checkpoint import save_safetensors
+    from usp_video.distributed.formats.checkpoint import save_safetensors
     from usp_video.distributed.models.tiny import save_tiny_lora
     from usp_video.distributed.models.wan21 import dit as wan
     from usp_video.distributed.models.wan21.tiny import wan_to_original_keys
@@ -122,7 +122,7 @@ def _add_beyond_block_linears(path, shapes: dict[str, list[int]], seed: int) -> 
 
 
 def route_api_sample(engine) -> None:
-    """Our sampler nodes' api.sample (common.run_sampler calls it) as a group would run it, in this process: its
+    """Our sampler nodes' api.sample (sampler_run.run_sampler calls it) as a group would run it, in this process: its
     checks, the request through the wire frame, our engine."""
     from usp_video.distributed import api, protocol
     from usp_video.distributed.requests import SampleRequest

@@ -7,7 +7,7 @@ tiny model's configuration given rather than detected (detection assumes 128-wid
 "scaled_fp8" marker gets ComfyUI's scaled-fp8 layers (model_detection.model_config_from_unet's rule: the
 weight cast, times its scale_weight), and its own load_model_weights reads the tensors. Computing in float32
 on the CPU, its forward must equal ours, which keeps the same fp8 weights and casts them with their
-scales layer by layer (models/fp8.py).
+scales layer by layer (formats/fp8.py).
 """
 
 import json

@@ -3,7 +3,7 @@ vision image embedder, two Wan 2.2 I2V A14B experts without it), VAE Encode insi
 WanFirstLastFrameToVideo (start and end images of another size than the video: their bilinear centre-crop
 resize), then KSampler (Wan 2.1, cfg 1 and cfg > 1) or two KSamplerAdvanced (Wan 2.2 A14B), all fp32; against
 our engine given the conditioning tensors those nodes made (SampleRequest) and against our Wan samplers given
-the native conditioning lists (nodes/common.wan_conditioning; api.sample's checks and wire frame).
+the native conditioning lists (nodes/wan_nodes.wan_conditioning; api.sample's checks and wire frame).
 ComfyUI's CLIP vision loader takes only full-size models: both sides get one synthetic clip_vision_output
 (comfy.clip_vision.Output holding random [1, 257, 1280] penultimate hidden states).
 
@@ -42,7 +42,7 @@ def main(comfy_dir: str, files_json: str) -> None:
     from usp_video.distributed.models.wan21.tiny import TINY_VAE_CONFIG
     from usp_video.distributed.requests import SampleRequest
     from usp_video.distributed.sampling.schedules import sampling_sigmas
-    from usp_video.nodes import common, wan22_nodes, wan_nodes
+    from usp_video.nodes import model_socket, wan22_nodes, wan_nodes
 
     paths = json.loads(files_json)
     folder_paths.add_model_folder_path("diffusion_models", str(Path(paths["wan21_i2v"]).parent), is_default=True)
@@ -57,7 +57,7 @@ def main(comfy_dir: str, files_json: str) -> None:
         assert (inner.img_emb is not None) == (dit == "wan21_i2v"), dit  # detected as Wan 2.1 I2V / an A14B expert
         return ModelSamplingSD3().patch(model, shift)[0]
 
-    def socket(experts, family):  # a USP loader's model socket (nodes/common.py load_model)
+    def socket(experts, family):  # a USP loader's model socket (nodes/model_socket.py load_model)
         return {"group": None, "path": paths[experts[0]], "experts": [paths[e] for e in experts],
                 "info": {"family": family, "latent_format": "Wan21", "model": family}}
 
@@ -145,9 +145,9 @@ def main(comfy_dir: str, files_json: str) -> None:
             pair, i2v[0], i2v[1], i2v[2], seed, steps, scale, scale, shift, boundary, "euler", 1.0)[0]["samples"],
             native)
         sampler = wan_nodes.UspWanSamplerAdvanced()
-        first = sampler.sample(common.expert_socket(pair, 0), "enable", seed, steps, scale, shift, "euler", i2v[0],
+        first = sampler.sample(model_socket.expert_socket(pair, 0), "enable", seed, steps, scale, shift, "euler", i2v[0],
                                i2v[1], i2v[2], 0, k, "enable")[0]
-        second = sampler.sample(common.expert_socket(pair, 1), "disable", seed, steps, scale, shift, "euler", i2v[0],
+        second = sampler.sample(model_socket.expert_socket(pair, 1), "disable", seed, steps, scale, shift, "euler", i2v[0],
                                 i2v[1], first, k, 10000, "disable")[0]
         out["wan22_i2v_two_advanced_nodes"] = rel(second["samples"], native)
         native_flf = two_advanced(*flf)

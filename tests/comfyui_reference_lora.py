@@ -40,7 +40,7 @@ def main(comfy_dir: str, files_json: str) -> None:
     from usp_video.distributed.engine import Engine
     from usp_video.distributed.requests import SampleRequest
     from usp_video.distributed.sampling.schedules import sampling_sigmas
-    from usp_video.nodes import common, lora_nodes, wan22_nodes, wan_nodes
+    from usp_video.nodes import lora_nodes, model_socket, wan22_nodes, wan_nodes
 
     paths = json.loads(files_json)
     for folder in ("diffusion_models", "loras"):  # ComfyUI's model folders: the nodes on both sides look here
@@ -53,7 +53,7 @@ def main(comfy_dir: str, files_json: str) -> None:
         request = SampleRequest.from_frame(*protocol.decode_frame(protocol.encode_frame(*request.to_frame())))
         return engine.sample(request), {"ulysses": 1, "ring": 1}
 
-    api.sample = via_wire  # common.run_sampler calls api.sample
+    api.sample = via_wire  # sampler_run.run_sampler calls api.sample
 
     def native_model(dit, chain, shift):
         model = comfy_nodes.UNETLoader().load_unet(Path(paths[dit]).name, "default")[0]
@@ -66,7 +66,7 @@ def main(comfy_dir: str, files_json: str) -> None:
     def ours_chain(dit):
         return [[paths[name], strength] for name, strength in CHAINS[dit]]
 
-    def socket(experts, family):  # a USP loader's model socket (nodes/common.py load_model)
+    def socket(experts, family):  # a USP loader's model socket (nodes/model_socket.py load_model)
         return {"group": None, "path": paths[experts[0]], "experts": [paths[e] for e in experts],
                 "info": {"family": family, "latent_format": "Wan21", "model": family}}
 
@@ -158,9 +158,9 @@ def main(comfy_dir: str, files_json: str) -> None:
         out["wan22_switch_nodes"] = rel(switched["samples"], reference)
         loaded = socket(["high_noise", "low_noise"], "wan2.2-a14b")
         sampler = wan_nodes.UspWanSamplerAdvanced()
-        first = sampler.sample(with_usp_loras(common.expert_socket(loaded, 0), "high_noise"), "enable", seed, steps,
+        first = sampler.sample(with_usp_loras(model_socket.expert_socket(loaded, 0), "high_noise"), "enable", seed, steps,
                                scale, shift, "euler", pos, neg, {"samples": empty}, 0, k, "enable")[0]
-        second = sampler.sample(with_usp_loras(common.expert_socket(loaded, 1), "low_noise"), "disable", seed, steps,
+        second = sampler.sample(with_usp_loras(model_socket.expert_socket(loaded, 1), "low_noise"), "disable", seed, steps,
                                 scale, shift, "euler", pos, neg, first, k, 10000, "disable")[0]
         out["wan22_two_advanced_nodes"] = rel(second["samples"], reference)
     print(json.dumps(out))

@@ -201,7 +201,7 @@ def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder
     """FSDP-sharded DiT (and UMT5): forward outputs, and the bytes of parameters this rank holds."""
     from usp_video.distributed.parallel.fsdp import parameter_bytes
 
-    from usp_video.distributed.models.streamed import TensorFile
+    from usp_video.distributed.formats.streamed import TensorFile
 
     engine = make_engine(rank, world_size, ulysses, ring, shard_weights="on")
     model = engine.dit(dit_path)
@@ -266,7 +266,7 @@ def vae_split_rank(rank, world_size, vae_path, shape, seed=5, tiling=None, chann
 
 def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):
     """HunyuanVideo's Llama with sharded weights: every rank takes part in the encode."""
-    from usp_video.distributed.models.streamed import TensorFile
+    from usp_video.distributed.formats.streamed import TensorFile
     from usp_video.distributed.parallel.fsdp import parameter_bytes
 
     from usp_video.distributed.requests import EncodeRequest

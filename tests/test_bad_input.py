@@ -206,7 +206,7 @@ def test_hunyuan_empty_and_very_long_prompts_encode(tiny_hunyuan, running):
 def test_conditioning_the_sampler_would_ignore_is_refused(extra, named):
     """Native conditioning nodes put their settings in the conditioning's dict; the USP samplers apply plain
     text (and HunyuanVideo's pooled_output and guidance): anything else is refused by name, never ignored."""
-    from usp_video.nodes.common import conditioning_parts
+    from usp_video.nodes.conditioning import conditioning_parts
 
     tokens = torch.zeros(1, 4, 32)
     with pytest.raises(ValueError, match="positive: this conditioning carries .*" + named.replace("(", r"\(")

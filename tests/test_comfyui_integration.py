@@ -310,7 +310,7 @@ def make_native_chain_models(root: Path) -> dict[str, str]:
     from diffusers import WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from usp_video.distributed.models.checkpoint import save_safetensors
+    from usp_video.distributed.formats.checkpoint import save_safetensors
     from usp_video.distributed.models.tiny import save_tiny_lora
     from usp_video.distributed.models.wan21 import dit as wan
     from usp_video.distributed.models.wan21.tiny import train_tiny_spiece, wan_to_original_keys

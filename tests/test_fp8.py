@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import rel_error
 from parity_targets import dit_forward, hunyuan_forward, make_engine
-from usp_video.distributed.models import fp8
-from usp_video.distributed.models.checkpoint import read_header
+from usp_video.distributed.formats import fp8
+from usp_video.distributed.formats.checkpoint import read_header
 from usp_video.distributed.models.hunyuan_video import dit as hunyuan, tiny as hunyuan_tiny
 from usp_video.distributed.models.wan21 import dit as wan, tiny
 from usp_video.distributed.parallel.fsdp import parameter_bytes

@@ -11,7 +11,7 @@ from conftest import rel_error
 from parity_targets import dit_inputs
 from usp_video.distributed.models.hunyuan_video import tiny as hunyuan_tiny
 from usp_video.distributed.models.wan21 import dit as wan, tiny, umt5, vae as wan_vae
-from usp_video.distributed.models.checkpoint import CheckpointError
+from usp_video.distributed.formats.checkpoint import CheckpointError
 
 
 def test_tiny_files_use_the_original_key_names(tiny_models):

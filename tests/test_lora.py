@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import rel_error
 from parity_targets import lora_request, make_engine
-from usp_video.distributed.models import CheckpointError, lora
-from usp_video.distributed.models.lora import hunyuan_aliases
+from usp_video.distributed.formats import lora
+from usp_video.distributed.models import CheckpointError
+from usp_video.distributed.models.hunyuan_video.lora_names import lora_aliases as hunyuan_aliases
 from usp_video.distributed.parallel.spawn import run_ranks
 
 

@@ -1,4 +1,4 @@
-"""USP Model from native MODEL (nodes/native_nodes.py) without ComfyUI: the graph walk over API-format prompts,
+"""USP Model from native MODEL (nodes/native_nodes.py, nodes/native_chain.py) without ComfyUI: the graph walk over API-format prompts,
 the cross-check of the chain against a MODEL's patches, and the sampler refusing a shift that differs from the
 native MODEL's. The real server runs the chain in test_comfyui_integration.py."""
 
@@ -7,8 +7,10 @@ from collections import Counter
 import pytest
 import torch
 
-from usp_video.nodes import native_nodes as native
-from usp_video.nodes.wan_nodes import UspWanSampler
+from usp_video.nodes import native_chain as native
+from usp_video.nodes.hunyuan_nodes import UspNativeHunyuanModel
+from usp_video.nodes.wan22_nodes import UspNativeWan22Model
+from usp_video.nodes.wan_nodes import UspNativeWanModel, UspWanSampler
 
 
 def prompt(*middle, adapter_input="model"):
@@ -171,7 +173,7 @@ def test_the_sampler_refuses_a_shift_other_than_the_native_models():
 
 
 def test_the_adapter_nodes_declare_the_hidden_graph_inputs():
-    for cls in (native.UspNativeWanModel, native.UspNativeHunyuanModel, native.UspNativeWan22Model):
+    for cls in (UspNativeWanModel, UspNativeHunyuanModel, UspNativeWan22Model):
         hidden = cls.INPUT_TYPES()["hidden"]
         assert hidden == {"prompt": "PROMPT", "dynprompt": "DYNPROMPT", "node_id": "UNIQUE_ID"}
         assert "ComfyUI's own memory" in cls.DESCRIPTION

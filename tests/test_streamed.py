@@ -1,4 +1,4 @@
-"""The streamed load (models/streamed.py) against the whole-file load it replaced: the same model from
+"""The streamed load (formats/streamed.py) against the whole-file load it replaced: the same model from
 the same file (fp8 and ComfyUI's scaled fp8 included), for the loaders whose key conversion selects
 rows (HunyuanVideo's fused q/k/v) as for those that only rename. The sharded load is checked against
 one process, with the bytes each rank reads, in test_sharding.py."""
@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from conftest import rel_error
 from parity_targets import hunyuan_forward
 from test_fp8 import write_fp8
-from usp_video.distributed.models import fp8, streamed
-from usp_video.distributed.models.checkpoint import (DIT_PREFIXES, CheckpointError, build_on_meta, dequantize,
+from usp_video.distributed.formats import fp8, streamed
+from usp_video.distributed.formats.checkpoint import (DIT_PREFIXES, CheckpointError, build_on_meta, dequantize,
                                                      keeps_fp32, load_state_dict, read_header, strip_prefix)
 from usp_video.distributed.models.hunyuan_video import dit as hunyuan
 
@@ -126,7 +126,7 @@ def whole_file_llama(path, keep_fp8=True):
     """The Llama as it was loaded before the streamed load."""
     from transformers import LlamaConfig, LlamaModel
 
-    from usp_video.distributed.models.checkpoint import config_from_metadata
+    from usp_video.distributed.formats.checkpoint import config_from_metadata
     from usp_video.distributed.models.hunyuan_video import text
 
     shapes, metadata = read_header(path)
@@ -144,7 +144,7 @@ def whole_file_clip(path):
     """CLIP-L as it was loaded before the streamed load (transformers' own load_state_dict)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from usp_video.distributed.models.checkpoint import config_from_metadata
+    from usp_video.distributed.formats.checkpoint import config_from_metadata
     from usp_video.distributed.models.hunyuan_video import text
 
     model = CLIPTextModel(CLIPTextConfig(**config_from_metadata(read_header(path)[1], text.CLIP_CONFIG_KEY)))

@@ -17,7 +17,7 @@ from batched import Batched
 from conftest import rel_error
 from parity_targets import make_engine, wan22_forward, wan22_request
 from usp_video.distributed.models import FAMILIES
-from usp_video.distributed.models.checkpoint import CheckpointError
+from usp_video.distributed.formats.checkpoint import CheckpointError
 from usp_video.distributed.parallel.mesh import valid_factorizations
 
 FAMILY = FAMILIES["wan2.2-a14b"]
@@ -163,7 +163,7 @@ def _variant(tmp_path, name, **config):
     """A tiny Wan DiT file with some of its config changed."""
     from diffusers import WanTransformer3DModel
 
-    from usp_video.distributed.models.checkpoint import save_safetensors
+    from usp_video.distributed.formats.checkpoint import save_safetensors
     from usp_video.distributed.models.wan21 import dit as wan
     from usp_video.distributed.models.wan21.tiny import TINY_WAN_CONFIG, wan_to_original_keys
 

@@ -12,7 +12,7 @@ import torch
 from batched import Batched
 from conftest import rel_error
 from parity_targets import i2v_conditioning, i2v_forward, i2v_request, make_engine
-from usp_video.distributed.models.checkpoint import save_safetensors
+from usp_video.distributed.formats.checkpoint import save_safetensors
 from usp_video.distributed.models.wan21 import dit as wan
 from usp_video.distributed.models.wan21.tiny import TINY_WAN_CONFIG, wan_to_original_keys
 
@@ -143,7 +143,7 @@ def test_native_image_conditioning_reaches_the_request():
     penultimate_hidden_states)."""
     from types import SimpleNamespace
 
-    from usp_video.nodes.common import wan_conditioning
+    from usp_video.nodes.wan_nodes import wan_conditioning
 
     cond = i2v_conditioning(UNEVEN)
     vision = SimpleNamespace(penultimate_hidden_states=cond["clip_vision"], image_embeds=torch.zeros(1, 1024))
@@ -164,7 +164,7 @@ def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
 
     from usp_video.distributed import api
     from usp_video.distributed.client import GroupConfig, free_group
-    from usp_video.nodes.common import wan_conditioning
+    from usp_video.nodes.wan_nodes import wan_conditioning
     from usp_video.distributed.models.video import start_video
     from usp_video.nodes.i2v_nodes import UspWanImageToVideo
 

@@ -10,7 +10,7 @@ is one Wan-1.3B-size step at 480p with each attention backend, ours vs stock dif
 2. Timing: one DiT forward of a Wan 2.1 1.3B-shaped model (random weights, bf16) on 480p x 81
    frames (32,760 tokens); a sampler step at cfg > 1 is two of them. Ours at world size 1 for
    each backend, and stock diffusers WanTransformer3DModel, interleaved, medians.
-3. fp8 weights (models/fp8.py): the same forward with the blocks' Linear weights stored in fp8 and
+3. fp8 weights (formats/fp8.py): the same forward with the blocks' Linear weights stored in fp8 and
    cast layer by layer, against those weights dequantized to bf16: error, time ratio, bytes ratio.
 4. Fitting 24-48 GB cards: the memory pre-flight's prediction per rank for Wan 2.1 14B and Wan 2.2
    A14B from their released configs (no file needed), bf16 and fp8 files, sharded over 2 and 4 ranks:

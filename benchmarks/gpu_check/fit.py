@@ -20,7 +20,7 @@ def run(ctx: Context) -> list[dict]:
     from diffusers import WanTransformer3DModel
 
     from usp_video.distributed import planner
-    from usp_video.distributed.models.streamed import peak_bytes
+    from usp_video.distributed.formats.streamed import peak_bytes
     from usp_video.distributed.models.wan21.dit import WAN_VARIANTS
 
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""Section 3: fp8 weights (models/fp8.py). The same Wan forward with the blocks' Linear weights stored in fp8
+"""Section 3: fp8 weights (formats/fp8.py). The same Wan forward with the blocks' Linear weights stored in fp8
 and cast layer by layer, against those very weights dequantized to the compute dtype (the block weights are
 made fp8-representable first, so the two should agree): error, time ratio and parameter-bytes ratio.
 
@@ -15,8 +15,8 @@ from .common import Context, rel, time_forwards, wan_setup
 def run(ctx: Context) -> dict:
     from diffusers import WanTransformer3DModel
 
-    from usp_video.distributed.models import fp8
-    from usp_video.distributed.models.checkpoint import cast_model
+    from usp_video.distributed.formats import fp8
+    from usp_video.distributed.formats.checkpoint import cast_model
     from usp_video.distributed.models.wan21.dit import parallelize_wan
     from usp_video.distributed.parallel.fsdp import parameter_bytes
     from usp_video.distributed.parallel.mesh import SequenceParallel

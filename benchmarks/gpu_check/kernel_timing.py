@@ -41,7 +41,7 @@ class _Shape:
 
 def run(ctx: Context) -> list[dict]:
     """Per model shape and size: each backend eager, the fastest compiled, fp8 weights cast vs fp8 compute."""
-    from usp_video.distributed.models import fp8
+    from usp_video.distributed.formats import fp8
     from usp_video.distributed.parallel.compile import check_compile
 
     rows = ctx.live_rows("kernel_timing")
@@ -131,8 +131,8 @@ def _build(ctx: Context, shape: _Shape, backend: str, weights: str, compile_mode
     computing in fp8 goes into row), parallelized at world size 1 with backend, its blocks compiled on request."""
     from diffusers import WanTransformer3DModel
 
-    from usp_video.distributed.models import fp8
-    from usp_video.distributed.models.checkpoint import cast_model
+    from usp_video.distributed.formats import fp8
+    from usp_video.distributed.formats.checkpoint import cast_model
     from usp_video.distributed.models.wan21.dit import parallelize_wan
     from usp_video.distributed.parallel.compile import compile_blocks
     from usp_video.distributed.parallel.mesh import SequenceParallel

@@ -16,7 +16,7 @@ from .common import Context, backends_available, rel, time_forwards, wan_setup
 def run(ctx: Context) -> list[dict]:
     from diffusers import WanTransformer3DModel
 
-    from usp_video.distributed.models.checkpoint import cast_model
+    from usp_video.distributed.formats.checkpoint import cast_model
     from usp_video.distributed.models.wan21.dit import parallelize_wan
     from usp_video.distributed.parallel.mesh import SequenceParallel
 

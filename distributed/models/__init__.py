@@ -1,6 +1,6 @@
 """The model families, one package each (models/family.py says what a family is), and how their
-files are told apart. Shared helpers: checkpoint.py (reading files), fp8.py (fp8 storage), video.py
-(VAE frames), tiny.py (what the tiny sets share).
+files are told apart. Shared helpers: video.py (VAE frames), tiny.py (what the tiny sets share); the file formats
+(checkpoint, safetensors, GGUF, fp8, LoRA) are read by distributed/formats/.
 
 Adding a family: a package here whose FAMILY is a ModelFamily (FAMILIES finds it), a node file and its
 workflows; nothing else changes.
@@ -13,7 +13,7 @@ import json
 import pkgutil
 from pathlib import Path
 
-from .checkpoint import CheckpointError, read_header, unprefixed
+from ..formats.checkpoint import CheckpointError, read_header, unprefixed
 from .family import ModelFamily
 
 

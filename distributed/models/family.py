@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..parallel.vae_split import VaeSplit
-from .checkpoint import CheckpointError
+from ..formats.checkpoint import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ class ModelFamily:
     claims_files: bool = True       # may detection pick it from a file alone? (models.detect_dit)
     order: int = 100                # where it stands in lists and detection (lower first)
     takes_noise_mask: bool = False  # does its sampler honour a LATENT's noise_mask (checked against ComfyUI)?
+    comfy_model_configs: tuple[str, ...] = ()  # ComfyUI's model config classes of its native MODELs (nodes/native_nodes.py)
 
     # -- files (header only: cheap, runs in the ComfyUI process too) -------------------------------
 
@@ -147,7 +148,7 @@ class ModelFamily:
         `shares` (1: a whole copy), predicted from the header (the memory pre-flight). This default is
         for a loader that builds the whole model before sharding it: the whole model, whatever `shares`,
         at the compute dtype (fp8 weights at one byte: they may stay fp8)."""
-        from .checkpoint import read_header
+        from ..formats.checkpoint import read_header
 
         p = Path(path)
         size = torch.empty((), dtype=dtype).element_size()

@@ -11,9 +11,9 @@ import torch
 
 from ..family import Defaults, ModelFamily, Option, TextPart
 from ...parallel.vae_split import VaeSplit
-from .. import lora, streamed
-from ..checkpoint import read_header
-from . import dit, text, vae
+from ...formats import streamed
+from ...formats.checkpoint import read_header
+from . import dit, lora_names, text, vae
 
 
 class HunyuanVideo(ModelFamily):
@@ -21,6 +21,7 @@ class HunyuanVideo(ModelFamily):
     order = 20
     dit_class, vae_class = "HunyuanVideoTransformer3DModel", "AutoencoderKLHunyuanVideo"
     latent_format = "HunyuanVideo"
+    comfy_model_configs = ("HunyuanVideo",)
     defaults = Defaults(sampler="euler", shift=7.0, cfg=1.0)
     text_parts = (
         TextPart("llama", "llava_llama3 .safetensors file or diffusers text_encoder folder",
@@ -68,7 +69,7 @@ class HunyuanVideo(ModelFamily):
         return streamed.file_source_map(path, lambda state: dit.convert_to_diffusers(state, hidden))
 
     def lora_aliases(self, stem):
-        return lora.hunyuan_aliases(stem)
+        return lora_names.lora_aliases(stem)
 
     def parallelize(self, model, sp, backend):
         return dit.parallelize_hunyuan(model, sp, backend)

@@ -22,8 +22,8 @@ import torch
 from ...parallel.mesh import SequenceParallel
 from ...parallel.sharding import gather_sequence, shard_sequence
 from ...parallel.usp_attention import KeyLayout, tail_padding_mask, usp_attention
-from .. import streamed
-from ..checkpoint import CheckpointError, config_from_metadata, from_folder, read_header, unprefixed
+from ...formats import streamed
+from ...formats.checkpoint import CheckpointError, config_from_metadata, from_folder, read_header, unprefixed
 
 CONFIG_METADATA_KEY = "usp_video.hunyuan_config"
 
@@ -103,11 +103,11 @@ FP8_WITHIN_FILE = ("double_blocks.", "single_blocks.", "txt_in.individual_token_
 def load_hunyuan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
                              device: torch.device | str = "cpu", keep_fp8: bool = True, shard=None):
     """Load a HunyuanVideo T2V DiT from a ComfyUI/original single .safetensors file or a diffusers folder.
-    A single file is read tensor by tensor into a model built on the meta device (models/streamed.py):
+    A single file is read tensor by tensor into a model built on the meta device (formats/streamed.py):
     its key conversion splits the fused q/k/v (and q/k/v/mlp) tensors and swaps the halves of the final
     modulation table, all row selections, so each model tensor is read as rows of the file's. With
     shard(model) (FSDP2 over the ranks), each rank reads only its shards' rows. The Linear weights of an
-    fp8 file stay in fp8 (models/fp8.py) unless keep_fp8 is False. A folder loads whole through diffusers
+    fp8 file stay in fp8 (formats/fp8.py) unless keep_fp8 is False. A folder loads whole through diffusers
     (from_pretrained), then is sharded."""
     from diffusers import HunyuanVideoTransformer3DModel
 

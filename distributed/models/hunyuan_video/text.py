@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .. import streamed
-from ..checkpoint import CheckpointError, config_from_metadata, from_folder, read_header
+from ...formats import streamed
+from ...formats.checkpoint import CheckpointError, config_from_metadata, from_folder, read_header
 
 LLAMA_CONFIG_KEY = "usp_video.llama_config"
 CLIP_CONFIG_KEY = "usp_video.clip_config"
@@ -45,9 +45,9 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
                shard=None):
     """The Llama text model of LLaVA-Llama-3 from ComfyUI's llava_llama3_*.safetensors (fp16/bf16/fp8,
     scaled fp8) or a diffusers text_encoder folder. A single file is read tensor by tensor into a model
-    built on the meta device (models/streamed.py; its lm_head is not read); with shard(model) (FSDP2 over
+    built on the meta device (formats/streamed.py; its lm_head is not read); with shard(model) (FSDP2 over
     the ranks) each rank reads only its shards. The decoder layers' Linear weights of an fp8 file stay
-    in fp8 (models/fp8.py). A folder loads whole (from_pretrained), then is sharded."""
+    in fp8 (formats/fp8.py). A folder loads whole (from_pretrained), then is sharded."""
     from transformers import LlamaConfig, LlamaModel
 
     path = Path(path)
@@ -78,7 +78,7 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu
 
 
 def load_clip_l(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """CLIP-L's text model from ComfyUI's clip_l.safetensors (read tensor by tensor, models/streamed.py;
+    """CLIP-L's text model from ComfyUI's clip_l.safetensors (read tensor by tensor, formats/streamed.py;
     small: never sharded) or a diffusers text_encoder_2 folder (loaded whole, from_pretrained)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_safetensors as _save
-from .. import lora
+from ...formats.checkpoint import save_safetensors as _save
 from ..tiny import CORPUS as _CORPUS, save_tiny_lora
+from .lora_names import lora_aliases
 from . import dit as hunyuan, text as hunyuan_text, vae as hunyuan_vae
 
 # HunyuanVideo, shrunk: 12 heads (so every ulysses degree 1-4 divides them), both block types.
@@ -57,7 +57,7 @@ def make_tiny_hunyuan_models(root: str | Path, seed: int = 0, dtype: torch.dtype
           {hunyuan.CONFIG_METADATA_KEY: json.dumps(TINY_HUNYUAN_CONFIG)})
     shapes = {k: list(v.shape) for k, v in hunyuan.hunyuan_to_original_keys(dit.state_dict()).items()}
     save_tiny_lora(shapes, paths["lora"], "diffusion_pipe", ("double_blocks.", "single_blocks."), seed=200,
-                   aliases=lora.hunyuan_aliases)
+                   aliases=lora_aliases)
 
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 

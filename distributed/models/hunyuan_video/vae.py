@@ -12,7 +12,7 @@ import torch
 
 from ...parallel.vae_split import VaeSplit, decode_tiles
 from ..video import decode_video
-from ..checkpoint import (CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, load_state_dict,
+from ...formats.checkpoint import (CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, load_state_dict,
                           read_header, strip_prefix)
 
 CONFIG_METADATA_KEY = "usp_video.hunyuan_vae_config"

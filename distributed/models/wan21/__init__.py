@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ...formats.checkpoint import CheckpointError
 from ..family import Defaults, ModelFamily, TextPart
 from ...parallel.vae_split import VaeSplit
-from .. import streamed
+from ...formats import streamed
 from . import dit, umt5, vae
 
 # The negative prompt of Wan's reference pipeline (used when cfg != 1 and none is given).
@@ -25,6 +25,7 @@ class Wan21(ModelFamily):
     order = 10
     dit_class, vae_class = "WanTransformer3DModel", "AutoencoderKLWan"
     latent_format = "Wan21"
+    comfy_model_configs = ("WAN21_T2V",)
     cond_keys = ("tokens", "concat_latent_image", "concat_mask", "clip_vision")
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
     text_parts = (TextPart("text_encoder", "umt5_xxl .safetensors file or diffusers folder",

@@ -18,8 +18,8 @@ import torch
 from ...parallel.mesh import SequenceParallel
 from ...parallel.sharding import gather_sequence, shard_sequence
 from ...parallel.usp_attention import KeyLayout, attention, usp_attention
-from .. import streamed
-from ..checkpoint import CheckpointError, config_from_metadata, from_folder, read_header, unprefixed
+from ...formats import streamed
+from ...formats.checkpoint import CheckpointError, config_from_metadata, from_folder, read_header, unprefixed
 
 CONFIG_METADATA_KEY = "usp_video.wan_config"
 
@@ -91,9 +91,9 @@ def check_input_channels(name: str, config: dict, expected: int | tuple[int, ...
 def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu", keep_fp8: bool = True, shard=None):
     """Load a Wan DiT from a ComfyUI/original single .safetensors file or a diffusers folder.
-    A single file is read tensor by tensor into a model built on the meta device (models/streamed.py);
+    A single file is read tensor by tensor into a model built on the meta device (formats/streamed.py);
     with shard(model) (FSDP2 over the ranks), each rank reads only its shards. The Linear weights of an
-    fp8 file stay in fp8 (models/fp8.py) unless keep_fp8 is False."""
+    fp8 file stay in fp8 (formats/fp8.py) unless keep_fp8 is False."""
     from diffusers import WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 

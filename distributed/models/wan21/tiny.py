@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_safetensors as _save
+from ...formats.checkpoint import save_safetensors as _save
 from ..tiny import CORPUS as _CORPUS, save_gguf, save_tiny_lora
 from . import dit as wan, vae as wan_vae
 

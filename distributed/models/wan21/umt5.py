@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .. import streamed
-from ..checkpoint import CheckpointError, from_folder, read_header
+from ...formats import streamed
+from ...formats.checkpoint import CheckpointError, from_folder, read_header
 
 MIN_LENGTH = 512
 EOS_ID, PAD_ID = 1, 0
@@ -65,9 +65,9 @@ def umt5_config_from_shapes(shapes: dict) -> dict:
 def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", keep_fp8: bool = True,
               shard=None) -> Umt5TextEncoder:
     """UMT5's encoder with its tokenizer. A single file is read tensor by tensor into a model built on the
-    meta device (models/streamed.py); with shard(model) (FSDP2 over the ranks) each rank reads only its
+    meta device (formats/streamed.py); with shard(model) (FSDP2 over the ranks) each rank reads only its
     shards. The embedding is one parameter under two names (shared, encoder.embed_tokens), read once from
-    the file's shared.weight. The blocks' Linear weights of an fp8 file stay in fp8 (models/fp8.py), but
+    the file's shared.weight. The blocks' Linear weights of an fp8 file stay in fp8 (formats/fp8.py), but
     `wo`, which transformers keeps in float32. A diffusers folder loads whole (from_pretrained), then is
     sharded."""
     from transformers import UMT5Config, UMT5EncoderModel

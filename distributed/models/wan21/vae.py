@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ...parallel.vae_split import RowSplit, VaeSplit, decode_rows, encode_rows
 from ..video import decode_video, encode_video
 
-from ..checkpoint import (CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, load_state_dict,
+from ...formats.checkpoint import (CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, load_state_dict,
                           read_header)
 
 CONFIG_METADATA_KEY = "usp_video.wan_vae_config"

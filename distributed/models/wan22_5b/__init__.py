@@ -39,6 +39,7 @@ class Wan22TI2V5B(Wan21):
     name, label, short_name = "wan2.2-ti2v-5b", "Wan 2.2 TI2V-5B", "wan2.2-5b"
     order = 15  # before Wan 2.1 would not matter: the input channels decide between them
     latent_format = "Wan22"
+    comfy_model_configs = ("WAN22_T2V",)
     latent_channels = CHANNELS
     pixel_multiple = 32
     spatial_compression = 16

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from ...parallel.vae_split import VaeSplit, decode_rows, encode_rows
-from ..checkpoint import CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, load_state_dict
-from ..checkpoint import read_header
+from ...formats.checkpoint import CheckpointError, build_on_meta, config_from_metadata, dequantize, from_folder, load_state_dict
+from ...formats.checkpoint import read_header
 from ..video import decode_video, encode_video
 from ..wan21.vae import split_decoder, split_encoder
 from . import vae_keys

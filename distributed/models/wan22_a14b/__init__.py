@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint import CheckpointError
+from ...formats.checkpoint import CheckpointError
 from ..family import Defaults
 from ..wan21 import NEGATIVE_PROMPT, Wan21
 from . import experts
@@ -24,6 +24,7 @@ class Wan22A14B(Wan21):
     defaults = Defaults(sampler="unipc", shift=12.0, cfg=(4.0, 3.0), negative_prompt=NEGATIVE_PROMPT, steps=40,
                         boundaries=(0.875,))
     experts = ("high_noise", "low_noise")
+    comfy_model_configs = ()  # ComfyUI loads each expert as a Wan 2.1 MODEL (WAN21_T2V); no MODEL is a whole A14B
     claims_files = False
     i2v_clip_vision = False  # Wan 2.2 I2V A14B's experts take the start video alone
 

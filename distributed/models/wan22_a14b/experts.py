@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, unprefixed
+from ...formats.checkpoint import CheckpointError, unprefixed
 from ..wan21.dit import CONFIG_METADATA_KEY, I2V_CHANNELS
 
 T2V_CHANNELS = 16

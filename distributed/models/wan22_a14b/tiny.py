@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save_safetensors
+from ...formats.checkpoint import save_safetensors
 from ..wan21 import dit as wan
 from ..wan21.tiny import TINY_WAN_CONFIG, make_tiny_models as make_wan21_tiny, wan_to_original_keys
 

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import FP8_DTYPES
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
 def fp8_markers(shapes: dict[str, tuple[list[int], str]], scales: dict[str, float]) -> dict[str, torch.Tensor]:

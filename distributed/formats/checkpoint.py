@@ -1,4 +1,9 @@
-"""Reading checkpoint files offline, with errors that name the file and say what would be valid."""
+"""Checkpoint files read offline, whatever their format, with errors that name the file and say what would be
+valid: the format dispatch (a GGUF file by its magic bytes, a pickle refused by its suffix, else safetensors),
+and the helpers every family's loader uses (container prefixes, dequantization, building on the meta device).
+
+CheckpointError lives in the leaf tensor_file.py; it is imported from here by the families and the engine.
+"""
 
 from __future__ import annotations
 
@@ -8,44 +13,34 @@ from typing import Callable
 
 import torch
 
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+from . import gguf
+from .fp8 import FP8_DTYPES
+from .tensor_file import CheckpointError, read_safetensors_header
 
-
-class CheckpointError(ValueError):
-    """A model file that cannot be used: wrong type, truncated, or another model family."""
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
 def read_header(path: str | Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
     """Shapes and dtypes of every tensor in a .safetensors (or GGUF) file, and its metadata, without
     reading the tensors. Raises CheckpointError for anything that is not a whole safetensors or GGUF file."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
-    from . import gguf_weights
-
-    if gguf_weights.is_gguf(path):  # a GGUF DiT: {name: (shape, ggml type such as "Q4_K")}, its metadata
-        return gguf_weights.read_header(path)
-    if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
+    if gguf.is_gguf(path):  # a GGUF DiT: {name: (shape, ggml type such as "Q4_K")}, its metadata
+        return gguf.read_header(path)
+    if path.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path.name}: pickle checkpoints ({path.suffix}) are not loaded; "
                               "use the .safetensors file of the same model (ComfyUI's repackaged files are)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-            metadata = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own types for truncated or foreign files
-        raise CheckpointError(f"{path.name} is not a readable .safetensors file ({exc}); "
-                              "it may be truncated (re-download it) or of another format") from exc
-    return shapes, metadata
+    entries, metadata, _ = read_safetensors_header(path)
+    # by name, as the safetensors library lists a file's keys
+    return {name: (list(entries[name]["shape"]), entries[name]["dtype"]) for name in sorted(entries)}, metadata
 
 
 def load_state_dict(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file (or those named by keys); GGUF files are refused (DiTs only)."""
     from safetensors.torch import load_file
 
-    from .gguf_weights import is_gguf
-
-    if is_gguf(path):
+    if gguf.is_gguf(path):
         raise CheckpointError(f"{Path(path).name} is a GGUF file: GGUF is read for diffusion models (the DiT) only; "
                               "use the .safetensors file of this model")
     try:

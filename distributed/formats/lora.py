@@ -26,7 +26,6 @@ In fp32 the result equals ComfyUI's merged weights to float rounding (tests/comf
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError
+from .tensor_file import CheckpointError
 
 # (up, down) tensor name suffixes of the plain LoRA layouts ComfyUI reads (comfy/weight_adapter/lora.py)
 PAIRS = (("lora_up.weight", "lora_down.weight"), ("lora_B.weight", "lora_A.weight"),
@@ -348,13 +347,4 @@ def remove(model: torch.nn.Module) -> None:
     model.usp_lora_state = ([], {}, [])
 
 
-def hunyuan_aliases(stem: str) -> list[str]:
-    """diffusion-pipe's names for a HunyuanVideo layer (ComfyUI's lora.py, HunyuanVideo): `transformer.` and
-    `diffusion_model.` before the original checkpoint's names (img_attn_qkv, img_mod.linear, img_mlp.fc1...)."""
-    renamed = (stem.replace("_mod.lin", "_mod.linear").replace("_attn.qkv", "_attn_qkv")
-               .replace("_attn.proj", "_attn_proj").replace(".modulation.lin", ".modulation.linear"))
-    renamed = re.sub(r"mlp\.0$", "mlp.fc1", re.sub(r"mlp\.2$", "mlp.fc2", renamed))
-    return [f"transformer.{renamed}", f"diffusion_model.{renamed}"]
-
-
-__all__ = ["Patch", "LoraReport", "read_lora", "apply", "remove", "stem_lookup", "inverse_source", "hunyuan_aliases"]
+__all__ = ["Patch", "LoraReport", "read_lora", "apply", "remove", "stem_lookup", "inverse_source"]

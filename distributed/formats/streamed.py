@@ -17,85 +17,21 @@ is then read as row ranges of file tensors, and a rank reads only the rows of it
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import struct
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import fp8, gguf_weights
-from .gguf_weights import GGUFFile
-from .checkpoint import DIT_PREFIXES, CheckpointError, comfy_rounded_biases, keeps_fp32, strip_prefix
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
-class TensorFile:
-    """A .safetensors file's tensors, read on demand: whole, or a range of rows (the first dimension).
-    bytes_read counts what the process has read through it (every TensorFile), and read_from what it
-    read of each file (by path), for the tests."""
-
-    bytes_read = 0
-    read_from: dict[str, int] = {}
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        self.start = 8 + length
-        unknown = sorted({e["dtype"] for e in header.values() if e["dtype"] not in DTYPES})
-        if unknown:
-            raise CheckpointError(f"{self.path.name} holds tensors of types this loader does not read ({', '.join(unknown)})")
-        self.entries = {name: (DTYPES[e["dtype"]], list(e["shape"]), *e["data_offsets"]) for name, e in header.items()}
-
-    def shape(self, name: str) -> list[int]:
-        return self.entries[name][1]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.entries[name][0]
-
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows start..stop of a tensor (all of a 0-d one), in the file's dtype, on the CPU."""
-        dtype, shape, begin, end = self.entries[name]
-        return read_rows(self.path, name, dtype, shape, self.start + begin, start, stop)
-
-
-def read_rows(path: Path, name: str, dtype: torch.dtype, shape: list[int], offset: int, start: int = 0,
-              stop: int | None = None) -> torch.Tensor:
-    """Rows start..stop (all of a 0-d tensor) of the tensor `name` of shape `shape` stored row-major at byte
-    `offset` of the file, read with positional reads (counted in TensorFile.bytes_read and read_from)."""
-    if not shape:
-        start, stop, row_shape = 0, 1, []
-    else:
-        stop = shape[0] if stop is None else min(stop, shape[0])
-        start, row_shape = min(start, stop), shape[1:]
-    row_bytes = math.prod(row_shape) * dtype.itemsize
-    size = (stop - start) * row_bytes
-    out = torch.empty((stop - start, *row_shape) if shape else (), dtype=dtype)
-    if size:
-        buffer = memoryview((out.view(-1) if shape else out.reshape(1)).view(torch.uint8).numpy())
-        offset, done = offset + start * row_bytes, 0
-        with open(path, "rb", buffering=0) as f:
-            while done < size:  # a read returns at most ~2 GiB, and network file systems return less
-                got = os.preadv(f.fileno(), [buffer[done:]], offset + done)
-                if got == 0:
-                    raise CheckpointError(f"{path.name}: tensor {name} is cut short; the file may be truncated")
-                done += got
-        TensorFile.bytes_read += size
-        TensorFile.read_from[str(path)] = TensorFile.read_from.get(str(path), 0) + size
-    return out
+from . import fp8, gguf
+from .checkpoint import DIT_PREFIXES, comfy_rounded_biases, keeps_fp32, strip_prefix
+from .gguf import GGUFFile
+from .tensor_file import CheckpointError, TensorFile
 
 
 def open_tensors(path: str | Path):
     """The tensors of a single file, read on demand: a TensorFile (.safetensors) or a GGUFFile (.gguf)."""
-    return GGUFFile(path) if gguf_weights.is_gguf(path) else TensorFile(path)
+    return GGUFFile(path) if gguf.is_gguf(path) else TensorFile(path)
 
 
 def load_peak_bytes(path: str | Path, dtype: torch.dtype, shares: int, keep_within: tuple[str, ...] = ()) -> int:
@@ -199,15 +135,14 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
     convert: the family's key conversion (file names, less the container prefixes, -> model names; renames
     and row selections, see source_map; names it leaves out are not read); keep_within: the module prefixes
     whose Linear layers keep the file's compact weights: an fp8 file's fp8 weights (fp8.keep_fp8), a GGUF
-    file's quantized rows (gguf_weights.keep_quantized); not the layers the class keeps in float32;
+    file's quantized rows (gguf.keep_quantized); not the layers the class keeps in float32;
     shard(model): shards the meta model's parameters (FSDP2), or None for a whole model. Tied parameters
     (one Parameter under two names) are read once and stay one. Non-persistent buffers are left
     uninitialised: the caller builds them (Wan's RoPE tables). comfy_dit: the file is a diffusion model, whose
     Linear biases ComfyUI rounds to fp8 in a scaled-fp8 file; they are rounded the same way
     (checkpoint.comfy_rounded_biases)."""
     tensors = open_tensors(path)
-    quantized = isinstance(tensors, GGUFFile)
-    if quantized and not comfy_dit:
+    if isinstance(tensors, GGUFFile) and not comfy_dit:
         raise CheckpointError(f"{Path(path).name} is a GGUF file: GGUF is read for diffusion models (the DiT) "
                               f"only; load {what} from its .safetensors file")
     names = _weight_names(tensors)
@@ -215,26 +150,8 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
                         Path(path).name)
     scales = {name[: -len("scale_weight")] + "weight": float(tensors.read(name).float().reshape(-1)[0])
               for name in tensors.entries if name.endswith(".scale_weight")}
-    with torch.device("meta"):
-        model = make()
-    keep = keeps_fp32(type(model))
-    for name, param in model.named_parameters():
-        param.data = param.data.to(torch.float32 if keep(name) else dtype)
-    if keep_within and any(tensors.dtype(n).is_floating_point and tensors.dtype(n).itemsize == 1 for n in names):
-        # the layers keep the file's own fp8 format (e4m3fn or e5m2): never re-rounded to another
-        fp8_dtype = next(tensors.dtype(n) for n in names if tensors.dtype(n).is_floating_point
-                         and tensors.dtype(n).itemsize == 1)
-        fp8.keep_fp8(model, _fp8_markers(tensors, names, scales, source), keep_within, fp8_dtype=fp8_dtype, skip=keep)
-    if quantized and keep_within:
-        gguf_weights.keep_quantized(model, _quantized_sources(tensors, source), keep_within, skip=keep)
-    state = model.state_dict(keep_vars=True)
-    unexpected = [k for k in source if k not in state and not any(part in k for part in ignore_unexpected)]
-    missing = [k for k in state if k not in source]
-    if missing or unexpected:
-        raise CheckpointError(f"{Path(path).name} does not fit {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    _check_rows(tensors, state, source, Path(path).name, {f"{name}.weight": [m.out_features, m.in_features]
-                                                          for name, m in model.named_modules()
-                                                          if isinstance(m, gguf_weights.QuantizedLinear)})
+    model = _meta_model(make, tensors, names, source, scales, dtype, keep_within)
+    _check_fit(model, tensors, source, Path(path).name, what, ignore_unexpected)
     rounded = comfy_rounded_biases({n: (tensors.dtype(n), tensors.shape(n)) for n in tensors.entries}) \
         if comfy_dit else {}
     tied = _tied_names(model)
@@ -242,6 +159,46 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
         shard(model)
     model.to_empty(device=device)
     _retie(model, tied)  # to_empty gives each module its own tensor (FSDP keeps its shared parameters shared)
+    _fill(model, tensors, source, scales, rounded)
+    return model.eval()
+
+
+def _meta_model(make: Callable[[], torch.nn.Module], tensors, names: list[str], source: dict[str, list[Rows]],
+                scales: dict[str, float], dtype: torch.dtype, keep_within: tuple[str, ...]) -> torch.nn.Module:
+    """make()'s model on the meta device with its parameters' dtypes: the compute dtype, float32 where its class
+    keeps them so, and the file's compact storage (fp8, GGUF rows) for the Linear layers inside keep_within."""
+    with torch.device("meta"):
+        model = make()
+    keep = keeps_fp32(type(model))
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if keep(name) else dtype)
+    fp8_names = [n for n in names if tensors.dtype(n).is_floating_point and tensors.dtype(n).itemsize == 1]
+    if keep_within and fp8_names:
+        # the layers keep the file's own fp8 format (e4m3fn or e5m2): never re-rounded to another
+        fp8.keep_fp8(model, _fp8_markers(tensors, names, scales, source), keep_within,
+                     fp8_dtype=tensors.dtype(fp8_names[0]), skip=keep)
+    if isinstance(tensors, GGUFFile) and keep_within:
+        gguf.keep_quantized(model, _quantized_sources(tensors, source), keep_within, skip=keep)
+    return model
+
+
+def _check_fit(model: torch.nn.Module, tensors, source: dict[str, list[Rows]], what_file: str, what: str,
+               ignore_unexpected: tuple[str, ...]) -> None:
+    """CheckpointError unless the file's tensors, under the key conversion, are exactly the model's, row for row."""
+    state = model.state_dict(keep_vars=True)
+    unexpected = [k for k in source if k not in state and not any(part in k for part in ignore_unexpected)]
+    missing = [k for k in state if k not in source]
+    if missing or unexpected:
+        raise CheckpointError(f"{what_file} does not fit {what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _check_rows(tensors, state, source, what_file, {f"{name}.weight": [m.out_features, m.in_features]
+                                                    for name, m in model.named_modules()
+                                                    if isinstance(m, gguf.QuantizedLinear)})
+
+
+def _fill(model: torch.nn.Module, tensors, source: dict[str, list[Rows]], scales: dict[str, float],
+          rounded: dict[str, torch.dtype]) -> None:
+    """Fill each of this rank's (allocated, maybe sharded) tensors from the file: only the rows of its shard of each
+    row range; a tensor held under several names once."""
     filled = set()
     with torch.no_grad():
         for name, target in model.state_dict(keep_vars=True).items():
@@ -262,7 +219,6 @@ def load(make: Callable[[], torch.nn.Module], path: str | Path, convert: Callabl
                                        local.dtype, scales.get(file_name, 1.0), rounded.get(file_name))
                     local[lo - first: hi - first].copy_(value.reshape(hi - lo, *local.shape[1:]))
                 at += end - begin
-    return model.eval()
 
 
 def _weight_names(tensors) -> list[str]:
@@ -274,7 +230,7 @@ def file_source_map(path: str | Path, convert: Callable[[dict], dict],
                     prefixes: tuple[str, ...] = DIT_PREFIXES) -> tuple[dict[str, list[Rows]], dict[str, list[int]]]:
     """(source_map of a single file under a family's key conversion, {file tensor name less its container
     prefix: shape}): which rows of which file tensor each model tensor is made of, from the header alone
-    (what `load` reads; what a LoRA's layers map through: models/lora.py)."""
+    (what `load` reads; what a LoRA's layers map through: formats/lora.py)."""
     tensors = open_tensors(path)
     names = _weight_names(tensors)
     stripped = {original: name for name, original in strip_prefix({n: n for n in names}, prefixes).items()}

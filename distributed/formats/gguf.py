@@ -8,7 +8,7 @@ innermost dimension first) and the tensors' bytes. city96's files keep the origi
 four dimensions (Wan's 5-D patch_embedding) or one whose rows are not a whole number of 256-value blocks is
 stored reshaped, with its real shape in the metadata key `comfy.gguf.orig_shape.<name>`.
 
-How the loader uses it. `GGUFFile` offers what the streamed loader (models/streamed.py) reads from a
+How the loader uses it. `GGUFFile` offers what the streamed loader (formats/streamed.py) reads from a
 .safetensors file: each tensor's (logical) shape and rows read on demand with positional reads. A quantized
 tensor's row of `n` values is `n / block` blocks of bytes; so a rank reads only the rows of its shards of a
 quantized weight too, and a fused tensor (HunyuanVideo's q/k/v) splits by rows as a float one does.
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError
+from .tensor_file import CheckpointError, read_rows
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 
@@ -205,7 +205,7 @@ def dequantize(raw: torch.Tensor, qtype: str, dtype: torch.dtype = torch.float32
 # The file.
 
 class GGUFFile:
-    """A .gguf file's tensors, read on demand, with the interface of streamed.TensorFile: shape(name) (the
+    """A .gguf file's tensors, read on demand, with the interface of tensor_file.TensorFile: shape(name) (the
     tensor's real shape: `comfy.gguf.orig_shape` or the ggml shape reversed), dtype(name) (the torch dtype its
     rows are read in: uint8 for a quantized tensor), read(name, start, stop) (rows start..stop as stored: a
     quantized row is its bytes) and values(name, start, stop, dtype) (rows as numbers).
@@ -265,8 +265,6 @@ class GGUFFile:
         return self.entries[name][0]
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        from .streamed import read_rows
-
         dtype, stored, begin, end = self.entries[name]
         return read_rows(self.path, name, dtype, stored, begin, start, stop)
 

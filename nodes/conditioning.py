@@ -1,0 +1,52 @@
+"""CONDITIONING as the USP samplers read it: ComfyUI's [[tensor, dict]] -> the text tensor and the dict, with every
+key the sampler would not apply refused by name (a family's node file takes the keys its model applies: Wan's
+image-to-video inputs in wan_nodes.py, HunyuanVideo's pooled output and guidance in hunyuan_nodes.py)."""
+
+from __future__ import annotations
+
+# What a native conditioning's dict may carry that the USP samplers do not apply, and the node that puts it
+# there (for the message). Anything else unknown is refused too, under its own name.
+_NOT_APPLIED = {
+    "start_percent": "ConditioningSetTimestepRange", "end_percent": "ConditioningSetTimestepRange",
+    "area": "ConditioningSetArea", "strength": "ConditioningSetArea / ConditioningSetMask",
+    "set_area_to_bounds": "ConditioningSetMask", "mask": "ConditioningSetMask", "mask_strength": "ConditioningSetMask",
+    "control": "a ControlNet apply node", "control_apply_to_uncond": "a ControlNet apply node",
+    "gligen": "GLIGENTextBoxApply", "hooks": "a hook node (SetClipHooks, CreateHookLora...)",
+    "concat_latent_image": "an image-to-video node (WanImageToVideo...)",
+    "concat_mask": "an image-to-video node (WanImageToVideo...)",
+    "clip_vision_output": "CLIPVisionEncode / an image-to-video node",
+    "reference_latents": "ReferenceLatent", "noise_augmentation": "an unCLIP node",
+}
+# Keys whose value is applied whatever the family (the text's own attention mask) or means nothing here.
+_ALWAYS = {"attention_mask"}
+# A timestep range covering every step changes nothing: accepted.
+_WHOLE_RANGE = {"start_percent": 0.0, "end_percent": 1.0}
+
+
+def conditioning_parts(conditioning, name: str, applies: tuple[str, ...] = ()):
+    """CONDITIONING ([[tensor, dict]]) -> (tensor, dict); only plain text conditioning is supported.
+
+    A native conditioning whose dict carries an attention_mask (ComfyUI drops it when nothing is
+    masked) keeps only its unmasked tokens, which is what the model attends to. applies: the other keys
+    of the dict the calling sampler uses (HunyuanVideo's pooled_output and guidance). Any other key set
+    (a timestep range, an area or mask, a ControlNet, image-to-video inputs...) is refused by name: the
+    sampler would ignore it, and the video would silently not be what the graph asks for."""
+    if not isinstance(conditioning, list) or not conditioning:
+        raise ValueError(f"{name}: expected CONDITIONING from a text-encode node")
+    if len(conditioning) > 1:
+        raise ValueError(f"{name}: combined/area conditioning ({len(conditioning)} entries) is not supported; "
+                         "connect a single text encode")
+    tensor, extra = conditioning[0][0], conditioning[0][1] if len(conditioning[0]) > 1 else {}
+    extra = extra if isinstance(extra, dict) else {}
+    ignored = [key for key, value in extra.items()
+               if value is not None and key not in _ALWAYS and key not in applies
+               and not (key in _WHOLE_RANGE and value == _WHOLE_RANGE[key])]
+    if ignored:
+        named = ", ".join(f"{key} (from {_NOT_APPLIED[key]})" if key in _NOT_APPLIED else key for key in ignored)
+        raise ValueError(f"{name}: this conditioning carries {named}, which the USP sampler does not apply; "
+                         "remove that node between the text encode and the sampler (the USP sampler takes plain "
+                         "text conditioning" + (f", with {', '.join(applies)}" if applies else "") + ")")
+    mask = extra.get("attention_mask")
+    if mask is not None and tensor.shape[0] == 1:
+        tensor = tensor[:, mask[0].bool()]
+    return tensor, extra
