@@ -9,7 +9,7 @@ import torch
 
 from hardening import HARDENING
 from usp_video.distributed import api
-from usp_video.distributed.cli import check_video_size
+from usp_video.distributed.validation import check_video_size
 from usp_video.distributed.client import GroupConfig, free_group, get_group
 from usp_video.nodes.group_node import make_config, parse_gpus
 import calls
@@ -67,9 +67,9 @@ CASES = {
                                 "is not a Wan 2.1 VAE"),
     "missing text encoder": (lambda m, f: calls.encode_text(GROUP, f["missing"], "a cat"), "model file not found"),
     # video size
-    "width not a multiple of 16": (lambda m, f: check_video_size(72, 48, 9), "--width 72 must be a positive multiple of 16"),
-    "height zero": (lambda m, f: check_video_size(64, 0, 9), "--height 0 must be a positive multiple of 16"),
-    "frames not 4k+1": (lambda m, f: check_video_size(64, 48, 8), "--frames 8 must be 4k+1"),
+    "width not a multiple of 16": (lambda m, f: check_video_size(72, 48, 9, 16), "--width 72 must be a positive multiple of 16"),
+    "height zero": (lambda m, f: check_video_size(64, 0, 9, 16), "--height 0 must be a positive multiple of 16"),
+    "frames not 4k+1": (lambda m, f: check_video_size(64, 48, 8, 16), "--frames 8 must be 4k+1"),
     "latent not a multiple of 16 pixels": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(
         latent=torch.zeros(1, 16, 2, 5, 4))), "width and height must be multiples of 16"),
     # sampler settings

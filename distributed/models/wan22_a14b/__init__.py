@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..checkpoint import CheckpointError
 from ..family import Defaults
-from ..wan21 import NEGATIVE_PROMPT, Wan21
+from ..wan21 import NEGATIVE_PROMPT, Wan21, plan_variant
 from . import experts
 
 
@@ -26,6 +26,10 @@ class Wan22A14B(Wan21):
     experts = ("high_noise", "low_noise")
     claims_files = False
     i2v_clip_vision = False  # Wan 2.2 I2V A14B's experts take the start video alone
+    # the planner costs the expert on the GPU (Wan 2.1 14B's architecture); `--model wan2.2` names it too
+    plan_variants = {"wan2.2-a14b": plan_variant("Wan 2.2 T2V A14B (one expert on the GPU)", "wan2.1-t2v-14b", 14.0e9)}
+    plan_aliases = {"wan2.2": "wan2.2-a14b"}
+    reference_times = {}
 
     def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
         experts.check_expert_shapes(path, shapes, metadata)
