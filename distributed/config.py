@@ -169,7 +169,8 @@ class GroupConfig:
     # -- as flags (a hand-started torchrun command, the `usp-video generate` command line) -------------
 
     @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None, skip: tuple[str, ...] = ()) -> None:
+    def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
+                      skip: tuple[str, ...] = ()) -> None:
         """The fields as flags; `from_args` turns the parsed flags into a GroupConfig. defaults: other
         defaults than the fields' ({name: value}; None: the caller decides, e.g. the CLI's dtype by device);
         skip: fields that are not flags there."""
@@ -251,7 +252,8 @@ FLAGS = {
     "cfg_parallel": _Flag(int, "2 (or the flag alone): run the conditional and unconditional passes on the two "
                           "halves of the ranks", const=2),
     "shard_weights": _Flag(_choice("shard-weights", SHARD_WEIGHTS), "FSDP weight sharding of the DiT and the text "
-                           "encoder (auto: when one device's memory is short)", metavar="{" + ",".join(SHARD_WEIGHTS) + "}"),
+                           "encoder (auto: when one device's memory is short)",
+                           metavar="{" + ",".join(SHARD_WEIGHTS) + "}"),
     "vae_split": _Flag(_flag_bool, "split the VAE decode across the ranks (exact)", metavar="{on,off}"),
     "placement": _Flag(_choice("placement", PLACEMENTS), "where idle models wait: offload (text encoders and the idle "
                        "expert in host memory), keep (on the GPUs), cpu (text encoders run on the CPU)",

@@ -3,8 +3,8 @@
 A small cost model, stated so that it can be checked:
   compute per forward = 2 * tokens * params + 4 * attention_layers * tokens^2 * hidden  (FLOPs)
   sustained throughput per GPU: calibrated so that the model reproduces the published 1-GPU
-      times in PUBLISHED below (each family's reference_times) (Wan 2.1 14B 720p: 1838 s, HunyuanVideo 720p: 1904 s, both on
-      H100-class GPUs: about 360 TFLOP/s), shared equally by the ranks;
+      times in PUBLISHED, the families' reference_times (Wan 2.1 14B 720p: 1838 s, HunyuanVideo
+      720p: 1904 s, both on H100-class GPUs: about 360 TFLOP/s), shared equally by the ranks;
   Ulysses: 4 all-to-alls per attention layer, each rank sending (u-1)/u of its (S/N x hidden)
       shard, at the link's aggregate bandwidth; not overlapped with compute;
   Ring: r-1 K/V passes per attention layer of (S/r x hidden/u) each, at the per-peer bandwidth,
@@ -14,6 +14,9 @@ A small cost model, stated so that it can be checked:
   CFG: with cfg_degree 2 the two passes run on the two halves of the group at once.
 The sidecar's own overhead per step (measured by benchmarks/cpu_bench.py) is a few milliseconds
 and is left out. Link bandwidths are stated assumptions, listed in LINKS.
+
+The models are the families' (ModelFamily.plan_variants: their shapes, from the configs each family
+carries); a model's tokens come from its family's VAE compression and its DiT's patch.
 
 Memory per GPU (what decides whether a plan fits a 24, 48 or 80 GB card): the bf16 weights of the
 expert that runs (a whole copy, or 1/N of it with shard_weights on, plus the two blocks FSDP gathers
@@ -299,4 +302,5 @@ def add_parser(sub) -> None:
                                                      a.card_gb, a.shard_weights)))
 
 
-__all__ = ["MODELS", "ALIASES", "PUBLISHED", "LINKS", "model_spec", "candidates", "recommend", "auto_degrees", "format_table", "add_parser"]
+__all__ = ["MODELS", "ALIASES", "PUBLISHED", "LINKS", "model_spec", "candidates", "recommend", "auto_degrees",
+           "format_table", "add_parser"]

@@ -46,7 +46,7 @@ class HunyuanVideo(ModelFamily):
     )
     text_encoder_hint = "HunyuanVideo uses the llava-llama-3 text encoder with CLIP-L"
     options = {"guidance": Option(default=6.0, low=0.0, high=100.0, help="HunyuanVideo's embedded guidance")}
-    cond_keys = ("tokens", "pooled")
+    cond_keys = ("tokens", "pooled_output")  # ComfyUI's name for CLIP-L's pooled text, end to end
     plan_variants = {"hunyuan": _plan_variant("HunyuanVideo T2V", "hunyuan-video-t2v-720p", 12.8e9)}
     # HunyuanVideo, 1280x720, 129 frames, 50 steps, Ulysses on H100 (xDiT's HunyuanVideo results)
     reference_times = {("hunyuan", "1280x720x129"): {1: 1904, 2: 925, 4: 514, 8: 338}}
@@ -114,7 +114,7 @@ class HunyuanVideo(ModelFamily):
         return latent / dit.LATENT_SCALE
 
     def velocity(self, model, x, t, cond, options):
-        pooled = cond.get("pooled")
+        pooled = cond.get("pooled_output")
         if pooled is None:
             raise ValueError("HunyuanVideo needs the pooled CLIP-L output with the conditioning "
                              "(ComfyUI's DualCLIPLoader type hunyuan_video, or our HunyuanVideo text encoder)")
@@ -154,7 +154,7 @@ class HunyuanVideo(ModelFamily):
                              magcache_note=f"MagCache's HunyuanVideo {'720p' if tall else '544p'} ratios")
 
     def check_conditioning(self, cond: dict, name: str) -> None:
-        pooled = cond.get("pooled")
+        pooled = cond.get("pooled_output")
         if pooled is None:
             raise ValueError(f"{name}: HunyuanVideo needs the pooled CLIP-L output with the conditioning "
                              "(ComfyUI's DualCLIPLoader type hunyuan_video, or our HunyuanVideo text encoder)")
@@ -186,14 +186,14 @@ class HunyuanVideo(ModelFamily):
 
 
 class _Encoder:
-    """Llama + CLIP-L as a family text encoder: prompt -> {"tokens": [1, n, 4096], "pooled": [1, 768]}."""
+    """Llama + CLIP-L as a family text encoder: prompt -> {"tokens": [1, n, 4096], "pooled_output": [1, 768]}."""
 
     def __init__(self, encoder: text.HunyuanTextEncoder):
         self.encoder = encoder
 
     def encode(self, prompt: str) -> dict[str, torch.Tensor]:
         tokens, pooled = self.encoder.encode(prompt)
-        return {"tokens": tokens, "pooled": pooled}
+        return {"tokens": tokens, "pooled_output": pooled}
 
 
 FAMILY = HunyuanVideo()
