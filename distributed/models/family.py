@@ -1,10 +1,11 @@
 """What a model family is, for everything outside its package.
 
 A family (Wan 2.1, HunyuanVideo, ...) is one package under models/ whose `FAMILY` is an instance of
-a `ModelFamily` subclass. The engine, the worker, the api, the CLI, the nodes' shared code and
-parallel/ use only this interface and never ask which family they hold; models/__init__.py lists the
-families and tells them apart by their files. Families share code through helpers (checkpoint, fp8,
-parallel/), not branches.
+a `ModelFamily` subclass. The engine, the worker, the api, the CLI, the planner, validation, the nodes'
+shared code and parallel/ use only this interface and never ask which family they hold; models/__init__.py
+lists the families and tells them apart by their files. Families share code through helpers (checkpoint,
+fp8, parallel/), not branches. The base class holds no family's facts: what one family does (Wan's VAE
+call counts, its start image, its plan variants) is in that family's package.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class Defaults:
 
 
 class ModelFamily:
-    """The interface. Subclasses set the attributes and implement the methods."""
+    """The interface. Subclasses set the attributes and implement the methods; the defaults here are
+    neutral (nothing, a refusal, or ComfyUI's BaseModel behaviour)."""
 
     name: str                   # "wan2.1": requests and node code name a family by it
     label: str                  # "Wan 2.1": what users read
