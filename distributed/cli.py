@@ -7,6 +7,8 @@
     usp-video generate --model wan2.2 --high-noise F --low-noise F --text-encoder F --vae F --prompt "..." ...
     usp-video queue WORKFLOW_API.json --server http://127.0.0.1:8188 [--set NODE.INPUT=VALUE ...]
     usp-video plan --model wan-14b --gpus 8 --size 1280x720x81 [--link nvlink|pcie|xgmi]
+
+This module parses the command line; generate.py runs generate and demo, comfy_queue.py queue, planner.py plan.
 """
 
 from __future__ import annotations
