@@ -8,6 +8,7 @@ models/family.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,10 +17,10 @@ import torch
 from . import models
 from .client import GroupConfig, UspGroup, get_group
 from .requests import Cond, DecodeRequest, EncodeRequest, EncodeVideoRequest, LoadRequest, SampleRequest
-from .validation import MAX_SEED, check_frames, check_latent, check_sample_request
+from .validation import MAX_SEED, check_frames, check_latent, check_sample_inputs
 
-__all__ = ["MAX_SEED", "load_dit", "encode", "sample", "decode", "encode_video", "encode_start_image", "check_dit_file", "check_model_files",
-           "SampleRequest"]
+__all__ = ["MAX_SEED", "load_dit", "encode", "sample", "decode", "encode_video", "encode_start_image", "check_dit_file",
+           "check_model", "check_model_files", "CheckedModel", "SampleRequest"]
 
 
 def _group(group: GroupConfig | UspGroup) -> UspGroup:
@@ -33,11 +34,26 @@ def check_dit_file(path: str | Path, family: str | None = None) -> tuple[models.
     return models.check_dit_file(path, family)
 
 
-def check_model_files(paths: list[str], family: str | None = None) -> tuple[models.ModelFamily, list[str]]:
-    """The DiT files of one model (one file, or a family's experts in order): their family and the
-    warnings to show; CheckpointError/ValueError names a file that does not fit."""
+@dataclass(frozen=True)
+class CheckedModel:
+    """The DiT files of one model, checked in the calling process (check_model): their family, found once
+    and handed on to load_dit, sample and the start-image conditioning; each file's config ({} for a
+    folder); the warnings to show."""
+
+    family: models.ModelFamily
+    paths: list[str]
+    configs: list[dict]
+    warnings: list[str]
+
+
+def check_model(paths: list[str], family: str | None = None) -> CheckedModel:
+    """The DiT files of one model (one file, or a family's experts in order), checked: CheckpointError/
+    ValueError names a file that does not fit. Each file's header is read once for the detection and, only
+    where the named family is not the one its tensors say (Wan 2.2 A14B's experts), once more for its checks."""
+    paths = [str(p) for p in paths]
+    detected = {}  # {path: (family, config)} found from the tensors alone
     if family is None:
-        found, _ = check_dit_file(paths[0])
+        found, _ = detected[paths[0]] = check_dit_file(paths[0])
         if found.experts:
             raise ValueError(f"{Path(paths[0]).name} looks like a {found.label} expert; name the family "
                              f"and give its experts ({', '.join(found.experts)})")
@@ -46,24 +62,35 @@ def check_model_files(paths: list[str], family: str | None = None) -> tuple[mode
     configs = []
     for one in paths:
         try:
-            other, config = check_dit_file(one)
+            other, config = detected[one] if one in detected else check_dit_file(one)
         except models.CheckpointError:
             other = None  # not a file any family claims: the named family's own check says why
         if other is not None and not models.same_latent_space(other.name, found.name) and other is not found:
             raise ValueError(f"{Path(one).name} is a {other.label} model, not {found.label}; load it with the "
                              f"USP {other.label} loader (or pick a {found.label} file)")
-        configs.append(check_dit_file(one, found.name)[1])
-    return found, found.check_experts(paths, configs)
+        configs.append(config if other is found else check_dit_file(one, found.name)[1])
+    return CheckedModel(found, paths, configs, found.check_experts(paths, configs))
 
 
-def load_dit(group: GroupConfig | UspGroup, path: str | Path | list, family: str | None = None) -> dict:
+def check_model_files(paths: list[str], family: str | None = None) -> tuple[models.ModelFamily, list[str]]:
+    """The DiT files of one model (one file, or a family's experts in order): their family and the
+    warnings to show; CheckpointError/ValueError names a file that does not fit."""
+    checked = check_model(paths, family)
+    return checked.family, checked.warnings
+
+
+def load_dit(group: GroupConfig | UspGroup, path: str | Path | list | CheckedModel, family: str | None = None) -> dict:
     """Load a DiT (or the experts of one model, a list, in the family's expert order) on every rank,
     freeing any other; returns the first one's family, heads, layers, text_dim and the chosen degrees,
-    and "warnings". With `family` (a family's name), a file of another family is refused by name."""
-    paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
-    found, warnings = check_model_files(paths, family)
-    info, _ = _group(group).request(*LoadRequest(paths=paths, family=found.name).to_frame())
-    return {**info, "warnings": warnings}
+    and "warnings". With `family` (a family's name), a file of another family is refused by name. A
+    CheckedModel (check_model's) is loaded as it was checked."""
+    if isinstance(path, CheckedModel):
+        checked = path
+    else:
+        checked = check_model([str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)], family)
+    request = LoadRequest(paths=checked.paths, family=checked.family.name)
+    info, _ = _group(group).request(*request.to_frame())
+    return {**info, "warnings": checked.warnings}
 
 
 def encode(group: GroupConfig | UspGroup, family: str, files: dict[str, str | Path], prompt: str) -> Cond:
@@ -82,14 +109,18 @@ def encode(group: GroupConfig | UspGroup, family: str, files: dict[str, str | Pa
 
 def sample(group: GroupConfig | UspGroup, request: SampleRequest, *, text_dim: int | None = None,
            on_progress: Callable[[dict], None] | None = None,
-           should_cancel: Callable[[], bool] | None = None) -> tuple[torch.Tensor, dict]:
+           should_cancel: Callable[[], bool] | None = None,
+           family: models.ModelFamily | None = None) -> tuple[torch.Tensor, dict]:
     """Sample a raw-space latent on the group. Raises client.Interrupted when cancelled.
 
     on_progress gets {"step", "total", "elapsed"} after every step, plus "x0" (the first frame of
-    the current denoised estimate, [1, C, 1, h, w], normalised space) when request.preview is set."""
+    the current denoised estimate, [1, C, 1, h, w], normalised space) when request.preview is set.
+    `family`: the model's, where the caller found it already (check_model); else it is read from the
+    first expert's file, once."""
     request.check_experts()
-    family, _ = check_dit_file(request.experts[0], request.family)
-    check_sample_request(request, family, text_dim)
+    if family is None:
+        family, _ = check_dit_file(request.experts[0], request.family)
+    check_sample_inputs(request, family, text_dim)
     info, out = _group(group).request(*request.to_frame(), on_progress=on_progress, should_cancel=should_cancel)
     return out["latent"], info
 
@@ -112,18 +143,15 @@ def decode(group: GroupConfig | UspGroup, vae: str | Path, latent: torch.Tensor,
 
 
 def encode_start_image(group: GroupConfig | UspGroup, vae: str | Path, image: torch.Tensor, width: int, height: int,
-                       length: int) -> dict[str, torch.Tensor]:
-    """A Wan image-to-video start image (IMAGE [n, H, W, C]) as WanImageToVideo turns it into conditioning: the
-    start video (models/video.start_video) encoded by the group's Wan 2.1 VAE, and its mask
-    ({"concat_latent_image", "concat_mask"})."""
-    from .models.video import start_mask, start_video
+                       length: int, *, family: str) -> dict[str, torch.Tensor]:
+    """An image-to-video start image (IMAGE [n, H, W, C]) as `family` (a family's name) conditions on it, its
+    frames encoded by the group's split VAE encode (ModelFamily.start_image_conditioning)."""
 
-    concat, family = encode_video(group, vae, start_video(image, width, height, length))
-    if concat.shape[1] != 16:
-        raise ValueError(f"vae: {models.get(family).label} latents have {concat.shape[1]} channels; Wan image to video "
-                         "uses the Wan 2.1 VAE (16 channels): load wan_2.1_vae.safetensors")
-    mask = start_mask(min(image.shape[0], length), concat.shape[2], *concat.shape[-2:])
-    return {"concat_latent_image": concat, "concat_mask": mask}
+    def encode(frames: torch.Tensor) -> tuple[torch.Tensor, models.ModelFamily]:
+        latent, vae_family = encode_video(group, vae, frames)
+        return latent, models.get(vae_family)
+
+    return models.get(family).start_image_conditioning(encode, image, width, height, length)
 
 
 def encode_video(group: GroupConfig | UspGroup, vae: str | Path, frames: torch.Tensor,

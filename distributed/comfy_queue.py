@@ -210,3 +210,37 @@ def run_workflow(server_url: str, prompt: dict, out_dir: Path, timeout: float = 
                     if isinstance(item, dict) and "filename" in item and item.get("type") == "output":
                         files.append(server.download(item, out_dir))
     return status, files
+
+
+def queue_command(args) -> None:
+    """`usp-video queue`: run the workflow, print its progress and the files it wrote."""
+    prompt = apply_overrides(load_workflow(args.workflow), args.set or [])
+
+    def show(event: dict) -> None:
+        data = event.get("data", {})
+        if event.get("type") == "queued":
+            print(f"queued prompt {data.get('prompt_id')}", flush=True)
+        elif event.get("type") == "progress":
+            print(f"node {data.get('node')}: {data.get('value')}/{data.get('max')}", flush=True)
+        elif event.get("type") == "executing" and data.get("node") is not None:
+            print(f"running node {data['node']} ({prompt.get(data['node'], {}).get('class_type', '?')})", flush=True)
+
+    status, files = run_workflow(args.server, prompt, Path(args.out_dir), timeout=args.timeout, on_event=show)
+    if status == "interrupted":
+        raise RuntimeError("the prompt was interrupted")
+    for path in files:
+        print(f"output: {path}")
+    if not files:
+        print("the workflow finished without output files")
+
+
+def add_parser(sub) -> None:
+    """The `queue` command's arguments (cli.py builds the command line)."""
+    p = sub.add_parser("queue", help="run an API-format workflow on a ComfyUI server and download its outputs")
+    p.add_argument("workflow", help="API-format workflow JSON (e.g. workflows/api/wan21_t2v_usp_api.json)")
+    p.add_argument("--server", default="http://127.0.0.1:8188")
+    p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE",
+                   help="override an input; NODE is an id, a title or a class_type (repeatable)")
+    p.add_argument("--out-dir", default="usp-video-outputs")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait without a websocket")
+    p.set_defaults(func=queue_command)

@@ -1,8 +1,9 @@
 """The group's configuration, defined once.
 
 GroupConfig is what the USP Group node, the CLI and the tests ask for; the launcher hands it to the
-ranks as JSON (`--config-json`), and a hand-started multi-host torchrun command gives the same fields
-as flags (`--ulysses 2 --ring 2 ...`), parsed into the same dataclass by `from_args`. Every option is
+ranks as JSON (`--config-json`), and a hand-started multi-host torchrun command and `usp-video generate`
+give the same fields as flags (`--ulysses 2 --ring 2 ...`, declared once in FLAGS), parsed into the same
+dataclass by `from_args`. Every option is
 parsed by one function of its kind (`parse_degree`, `parse_choice`, ...) and checked in one place
 (`GroupConfig.__post_init__`).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -164,22 +166,55 @@ class GroupConfig:
             data["gpus"] = parse_gpu_indices(data["gpus"])
         return cls(**data)
 
-    # -- as flags (a hand-started torchrun command) ------------------------------------------------
+    # -- as flags (a hand-started torchrun command, the `usp-video generate` command line) -------------
 
     @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        """The fields as flags; `from_args` turns the parsed flags into a GroupConfig."""
-        for name, (parse, help_text, *aliases) in FLAGS.items():
-            default = getattr(GroupConfig, name)
-            parser.add_argument(f"--{name.replace('_', '-')}", *aliases, dest=name, type=parse, default=default,
-                                help=f"{help_text} (default: {default})")
+    def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None,
+                      skip: tuple[str, ...] = ()) -> None:
+        """The fields as flags; `from_args` turns the parsed flags into a GroupConfig. defaults: other
+        defaults than the fields' ({name: value}; None: the caller decides, e.g. the CLI's dtype by device);
+        skip: fields that are not flags there."""
+        from .parallel.kernels import BACKENDS
+
+        metavars = {"attention": "{" + ",".join(BACKENDS) + "}"}
+        for name, flag in FLAGS.items():
+            if name in skip:
+                continue
+            default = (defaults or {}).get(name, getattr(GroupConfig, name))
+            shown = "" if default is None else f" (default: {_shown(default)})"
+            parser.add_argument(f"--{name.replace('_', '-')}", *flag.aliases, dest=name, type=flag.parse,
+                                default=default, metavar=flag.metavar or metavars.get(name), help=flag.help + shown,
+                                **({"nargs": "?", "const": flag.const} if flag.const is not None else {}))
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, ranks: int) -> "GroupConfig":
-        return cls(ranks=ranks, **{name: getattr(args, name) for name in FLAGS})
+    def from_args(cls, args: argparse.Namespace, ranks: int, **given) -> "GroupConfig":
+        """The config of parsed flags (add_arguments'); `given`: fields the caller worked out itself."""
+        flags = {name: getattr(args, name) for name in FLAGS if hasattr(args, name)}
+        return cls(ranks=ranks, **{**flags, **given})
 
 
-def _choice(name: str, choices) -> callable:
+def _shown(default) -> str:
+    """A default as the flag takes it (on/off for switches)."""
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default)) or "none"
+    return str(default)
+
+
+@dataclass(frozen=True)
+class _Flag:
+    """One field as a flag: its parser (argparse's type), help, other names, the metavar that shows its
+    choices, and const: the value of the flag given alone (--cfg-parallel)."""
+
+    parse: Callable[[str], object]
+    help: str
+    aliases: tuple[str, ...] = ()
+    metavar: str | None = None
+    const: object = None
+
+
+def _choice(name: str, choices) -> Callable[[str], str]:
     def parse(value: str):
         if value not in choices:
             raise argparse.ArgumentTypeError(f"--{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -201,25 +236,33 @@ def _flag_degree(value: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-# The fields a rank's command line can set (ranks come from torchrun's WORLD_SIZE).
+# The fields as flags: a rank's command line (ranks come from torchrun's WORLD_SIZE) and `usp-video generate`'s.
 FLAGS = {
-    "device": (_choice("device", DEVICES), "cpu or cuda"),
-    "gpus": (parse_gpu_indices, "GPU indices, e.g. 0,1 (the launcher's choice; a rank uses its LOCAL_RANK)"),
-    "ulysses": (_flag_degree, "Ulysses degree, or auto"),
-    "ring": (_flag_degree, "Ring degree, or auto"),
-    "dtype": (_choice("dtype", DTYPES), "compute dtype"),
-    "attention": (str, "attention kernel"),
-    "timeout": (float, "seconds before a stuck collective fails"),
-    "threads_per_rank": (int, "CPU threads per rank (0: torch's default)", "--threads"),
-    "cfg_parallel": (int, "2: conditional and unconditional passes on the two halves of the group"),
-    "shard_weights": (_choice("shard-weights", SHARD_WEIGHTS), "FSDP weight sharding"),
-    "vae_split": (_flag_bool, "on/off: split the VAE decode across the ranks"),
-    "placement": (_choice("placement", PLACEMENTS), "where idle text encoders and experts wait: keep (on the "
-                  "device), offload (host memory), cpu (text encoders run on the CPU)"),
-    "dit_offload": (_flag_bool, "on/off: the DiT's weight shards wait in host memory and each block's are copied "
-                    "to the GPU just before it runs (FSDP2 CPU offload; for a DiT whose shares do not fit the GPUs)"),
-    "compile": (_choice("compile", COMPILE), "torch.compile each DiT block: off, on (inductor), "
-                "aot_eager (checks compilation, no speed gain)"),
-    "fp8_compute": (_flag_bool, "on/off: an fp8 file's layers multiply in fp8 (torch._scaled_mm; CUDA GPUs of "
-                    "compute capability >= 8.9)"),
+    "device": _Flag(_choice("device", DEVICES), "cpu or cuda", metavar="{cpu,cuda}"),
+    "gpus": _Flag(parse_gpu_indices, "GPU indices, e.g. 0,1,2,3 (usp-video generate: all when none are given; a "
+                  "rank uses its LOCAL_RANK)"),
+    "ulysses": _Flag(_flag_degree, "Ulysses degree, or auto"),
+    "ring": _Flag(_flag_degree, "Ring degree, or auto"),
+    "dtype": _Flag(_choice("dtype", DTYPES), "compute dtype (usp-video generate: bf16 on cuda, else fp32)",
+                   metavar="{" + ",".join(DTYPES) + "}"),
+    "attention": _Flag(str, "attention kernel (auto: the fastest available, sdpa on CPU; sageattention only with "
+                       "ring 1)"),
+    "timeout": _Flag(float, "seconds before a stuck collective fails"),
+    "threads_per_rank": _Flag(int, "CPU threads per rank (0: torch's default)", ("--threads",)),
+    "cfg_parallel": _Flag(int, "2 (or the flag alone): run the conditional and unconditional passes on the two "
+                          "halves of the ranks", const=2),
+    "shard_weights": _Flag(_choice("shard-weights", SHARD_WEIGHTS), "FSDP weight sharding of the DiT and the text "
+                           "encoder (auto: when one device's memory is short)",
+                           metavar="{" + ",".join(SHARD_WEIGHTS) + "}"),
+    "vae_split": _Flag(_flag_bool, "split the VAE decode across the ranks (exact)", metavar="{on,off}"),
+    "placement": _Flag(_choice("placement", PLACEMENTS), "where idle models wait: offload (text encoders and the idle "
+                       "expert in host memory), keep (on the GPUs), cpu (text encoders run on the CPU)",
+                       metavar="{" + ",".join(PLACEMENTS) + "}"),
+    "dit_offload": _Flag(_flag_bool, "the DiT's weight shards wait in host memory and each block's are copied to the "
+                         "GPU just before it runs (FSDP2 CPU offload; for a DiT whose per-rank share does not fit a "
+                         "GPU; slower)", metavar="{on,off}"),
+    "compile": _Flag(_choice("compile", COMPILE), "torch.compile each DiT block: on (inductor), aot_eager (checks "
+                     "compilation, no speed gain)", metavar="{" + ",".join(COMPILE) + "}"),
+    "fp8_compute": _Flag(_flag_bool, "an fp8 file's layers multiply in fp8 (torch._scaled_mm; CUDA GPUs of compute "
+                         "capability >= 8.9)", metavar="{on,off}"),
 }

@@ -3,8 +3,8 @@
 A small cost model, stated so that it can be checked:
   compute per forward = 2 * tokens * params + 4 * attention_layers * tokens^2 * hidden  (FLOPs)
   sustained throughput per GPU: calibrated so that the model reproduces the published 1-GPU
-      times in PUBLISHED below (Wan 2.1 14B 720p: 1838 s, HunyuanVideo 720p: 1904 s, both on
-      H100-class GPUs: about 360 TFLOP/s), shared equally by the ranks;
+      times in PUBLISHED, the families' reference_times (Wan 2.1 14B 720p: 1838 s, HunyuanVideo
+      720p: 1904 s, both on H100-class GPUs: about 360 TFLOP/s), shared equally by the ranks;
   Ulysses: 4 all-to-alls per attention layer, each rank sending (u-1)/u of its (S/N x hidden)
       shard, at the link's aggregate bandwidth; not overlapped with compute;
   Ring: r-1 K/V passes per attention layer of (S/r x hidden/u) each, at the per-peer bandwidth,
@@ -14,6 +14,9 @@ A small cost model, stated so that it can be checked:
   CFG: with cfg_degree 2 the two passes run on the two halves of the group at once.
 The sidecar's own overhead per step (measured by benchmarks/cpu_bench.py) is a few milliseconds
 and is left out. Link bandwidths are stated assumptions, listed in LINKS.
+
+The models are the families' (ModelFamily.plan_variants: their shapes, from the configs each family
+carries); a model's tokens come from its family's VAE compression and its DiT's patch.
 
 Memory per GPU (what decides whether a plan fits a 24, 48 or 80 GB card): the bf16 weights of the
 expert that runs (a whole copy, or 1/N of it with shard_weights on, plus the two blocks FSDP gathers
@@ -27,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import memory
+from .models import FAMILIES, ModelFamily
+from .models.family import PlanVariant
 from .parallel.mesh import valid_factorizations
 
 SUSTAINED_FLOPS = 360e12  # per H100-class GPU, bf16, calibrated on the published 1-GPU figures
@@ -60,41 +65,56 @@ class ModelSpec:
     joint_text: bool  # text tokens join the video tokens in self-attention (HunyuanVideo)
     default_cfg: float
     ffn: int = 0  # the FFN's width as memory.py counts it (HunyuanVideo: its single blocks' MLP, 1.5x)
+    pixel_multiple: int = 16  # width and height of a video must be multiples of this
+    pixels_per_token: tuple[int, int] = (16, 16)  # rows, columns: the VAE's compression times the DiT's patch
+    frames_per_token: int = 4  # the VAE's 4x in time (1 + 4k frames -> 1 + k) times the DiT's time patch
 
     def passes(self, cfg: float | None) -> int:
         return 2 if (self.default_cfg if cfg is None else cfg) != 1.0 else 1
 
-
-MODELS = {
-    "wan-1.3b": ModelSpec("Wan 2.1 T2V 1.3B", 12, 1536, 30, 1.42e9, 512, False, 5.0, 8960),
-    "wan-14b": ModelSpec("Wan 2.1 T2V 14B", 40, 5120, 40, 14.0e9, 512, False, 5.0, 13824),
-    "wan2.2-a14b": ModelSpec("Wan 2.2 T2V A14B (one expert on the GPU)", 40, 5120, 40, 14.0e9, 512, False, 3.5, 13824),
-    "hunyuan": ModelSpec("HunyuanVideo T2V", 24, 3072, 60, 12.8e9, 256, True, 1.0, 18432),
-}
-
-# Published seconds for one video on 1/2/4/8 GPUs, for the calibration and the comparison table:
-# Wan 2.1 T2V-14B, 1280x720, 81 frames, on H800/H100 with USP + FSDP (the Wan 2.1 repository's
-# computational-efficiency table); HunyuanVideo, 1280x720, 129 frames, 50 steps, Ulysses on H100
-# (xDiT's HunyuanVideo results).
-PUBLISHED = {
-    ("wan-14b", "1280x720x81"): {1: 1838, 2: 945, 4: 497, 8: 288},
-    ("hunyuan", "1280x720x129"): {1: 1904, 2: 925, 4: 514, 8: 338},
-}
+    def video_tokens(self, width: int, height: int, frames: int) -> int:
+        """Tokens of the DiT for a video of this size."""
+        return (((frames - 1) // self.frames_per_token + 1) * (height // self.pixels_per_token[0])
+                * (width // self.pixels_per_token[1]))
 
 
-def parse_size(size: str) -> tuple[int, int, int]:
+def model_spec(family: ModelFamily, variant: PlanVariant) -> ModelSpec:
+    """A family's released model as the cost model sees it."""
+    s = family.spatial_compression
+    t, h, w = variant.patch
+    return ModelSpec(variant.label, variant.heads, variant.hidden, variant.attention_layers, variant.params,
+                     variant.text_tokens, variant.joint_text, family.defaults.cfg_list()[0], variant.ffn,
+                     family.pixel_multiple, (s * h, s * w), 4 * t)
+
+
+def _plannable() -> tuple[dict[str, ModelSpec], dict[str, str], dict[tuple[str, str], dict[int, float]]]:
+    """Every family's plan variants by name, the other names they go by (a family's short_name, where it
+    has one variant) and their published times; the families say all of it (models/family.py)."""
+    specs, aliases, published = {}, {}, {}
+    for family in FAMILIES.values():
+        for key, variant in family.plan_variants.items():
+            if key in specs:
+                raise ValueError(f"plan model {key!r} is given by two families")
+            specs[key] = model_spec(family, variant)
+        if len(family.plan_variants) == 1 and family.short_name not in family.plan_variants:
+            aliases[family.short_name] = next(iter(family.plan_variants))
+        published.update(family.reference_times)
+    return specs, aliases, published
+
+
+# MODELS: the models `usp-video plan` offers. PUBLISHED: seconds for one video on 1/2/4/8 GPUs, for the
+# calibration and the comparison table (each family names its sources).
+MODELS, ALIASES, PUBLISHED = _plannable()
+
+
+def parse_size(size: str, multiple: int) -> tuple[int, int, int]:
     try:
         width, height, frames = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size must be WIDTHxHEIGHTxFRAMES, e.g. 1280x720x81, got {size!r}") from None
-    if width % 16 or height % 16 or (frames - 1) % 4 or min(width, height, frames) < 1:
-        raise ValueError(f"--size {size}: width and height must be multiples of 16 and frames 4k+1")
+    if width % multiple or height % multiple or (frames - 1) % 4 or min(width, height, frames) < 1:
+        raise ValueError(f"--size {size}: width and height must be multiples of {multiple} and frames 4k+1")
     return width, height, frames
-
-
-def video_tokens(width: int, height: int, frames: int) -> int:
-    """Tokens of the DiT: 4x temporal, 8x spatial VAE compression, then (1, 2, 2) patches."""
-    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
 
 
 @dataclass
@@ -201,9 +221,10 @@ def format_table(model_key: str, gpus: int, size: str, link_name: str, cfg: floa
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
     if card_gb is not None and not card_gb > 0:
         raise ValueError(f"--card-gb must be > 0 (the GPUs' memory, e.g. 24, 48 or 80), got {card_gb}")
+    model_key = ALIASES.get(model_key, model_key)
     model, link = MODELS[model_key], LINKS[link_name]
-    width, height, frames = parse_size(size)
-    tokens = video_tokens(width, height, frames)
+    width, height, frames = parse_size(size, model.pixel_multiple)
+    tokens = model.video_tokens(width, height, frames)
     plans = candidates(model, gpus, tokens, link, cfg, cfg_parallel, shard)
     if not plans:
         return f"no valid plan: {model.name} on {gpus} GPUs with {tokens} tokens"
@@ -248,18 +269,25 @@ def format_table(model_key: str, gpus: int, size: str, link_name: str, cfg: floa
                  f"weights are not sharded: each GPU holds {choice.weight_gb:.1f} GB of bf16 weights")
     published = PUBLISHED.get((model_key, f"{width}x{height}x{frames}"))
     if published:
-        lines.append("predicted vs published seconds per video (50 steps, best plan per GPU count):")
-        for n, seconds in published.items():
-            best = recommend(candidates(model, n, tokens, link, cfg, cfg_parallel))
-            lines.append(f"  {n} GPU(s): predicted {best.step_seconds * 50:7.0f} s ({best.label}), published {seconds} s")
-        lines.append("  (the model keeps per-GPU kernel efficiency constant as shards shrink, so it is optimistic "
-                     "at 8 GPUs)")
+        lines += _compared(published, model, tokens, link, cfg, cfg_parallel)
     return "\n".join(lines)
+
+
+def _compared(published: dict[int, float], model: ModelSpec, tokens: int, link: Link, cfg: float | None,
+              cfg_parallel: bool) -> list[str]:
+    """The plan table's lines that set the predictions beside the published seconds per video."""
+    lines = ["predicted vs published seconds per video (50 steps, best plan per GPU count):"]
+    for n, seconds in published.items():
+        best = recommend(candidates(model, n, tokens, link, cfg, cfg_parallel))
+        lines.append(f"  {n} GPU(s): predicted {best.step_seconds * 50:7.0f} s ({best.label}), published {seconds} s")
+    lines.append("  (the model keeps per-GPU kernel efficiency constant as shards shrink, so it is optimistic "
+                 "at 8 GPUs)")
+    return lines
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="list valid ulysses x ring (x cfg) plans with predicted step times")
-    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p.add_argument("--model", required=True, choices=sorted({*MODELS, *ALIASES}))
     p.add_argument("--gpus", required=True, type=int)
     p.add_argument("--size", default="1280x720x81", help="WIDTHxHEIGHTxFRAMES")
     p.add_argument("--link", default="nvlink", choices=sorted(LINKS))
@@ -274,4 +302,5 @@ def add_parser(sub) -> None:
                                                      a.card_gb, a.shard_weights)))
 
 
-__all__ = ["MODELS", "LINKS", "candidates", "recommend", "auto_degrees", "format_table", "add_parser"]
+__all__ = ["MODELS", "ALIASES", "PUBLISHED", "LINKS", "model_spec", "candidates", "recommend", "auto_degrees",
+           "format_table", "add_parser"]

@@ -3,7 +3,7 @@ worker rebuilds them (`from_frame`) and the engine runs them.
 
 On the wire a request is a JSON header (its "type" and its plain fields) plus named tensors
 (protocol.py). A conditioning is a dict of tensors: "tokens" [B, L, D] and whatever else its model
-family uses (HunyuanVideo: "pooled" [B, 768]); it travels as "positive.tokens", "positive.pooled", ...
+family uses (HunyuanVideo: "pooled_output" [B, 768]); it travels as "positive.tokens", "positive.pooled_output", ...
 Family-defined sampler inputs travel in "options" and are checked by the family.
 """
 
@@ -38,7 +38,7 @@ def _tensor(tensors: dict, name: str) -> torch.Tensor:
 
 
 def cond_tensors(prefix: str, cond: Cond | None) -> dict[str, torch.Tensor]:
-    """{"tokens": t, "pooled": p} -> {"positive.tokens": t, "positive.pooled": p} (float32)."""
+    """{"tokens": t, "pooled_output": p} -> {"positive.tokens": t, "positive.pooled_output": p} (float32)."""
     return {} if cond is None else {f"{prefix}.{k}": v.float() for k, v in cond.items()}
 
 

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from .models import FAMILIES
 from .sampling.samplers import SAMPLERS
 from .sampling.step_cache import CacheSettings
 
@@ -42,13 +43,16 @@ def check_latent(latent: torch.Tensor, name: str = "latent", family=None, check_
 
 def check_noise_mask(mask, latent_shape: tuple[int, ...], family) -> None:
     """A LATENT's noise_mask for a sampler: a family that takes one (ModelFamily.takes_noise_mask), a float
-    tensor [1 or B, 1 or C, T, H, W] at the latent's frames, rows and columns (what Wan22ImageToVideoLatent
+    tensor [1 or B, 1 or C, T, H, W] at the latent's frames, rows and columns (what its noise_mask_node
     makes; ComfyUI would resample another size, which is not done here), values in 0..1."""
     if not family.takes_noise_mask:
-        raise ValueError(f"latent_image has a noise_mask (masked sampling: Wan22ImageToVideoLatent's start image, "
-                         f"SetLatentNoiseMask, ...), and {family.label} samplers do not take one (Wan 2.2 TI2V-5B's "
-                         "do). For a start image use WanImageToVideo with an image-to-video model; else sample an "
-                         "empty latent without a mask")
+        takers = [f for f in FAMILIES.values() if f.takes_noise_mask]
+        makers = "".join(f"{node}'s start image, " for node in dict.fromkeys(f.noise_mask_node for f in takers))
+        starts = " or ".join(dict.fromkeys(f.start_image_node for f in FAMILIES.values() if f.start_image_node))
+        owners = " and ".join(f"{f.label}'s" for f in takers)
+        raise ValueError(f"latent_image has a noise_mask (masked sampling: {makers}SetLatentNoiseMask, ...), and "
+                         f"{family.label} samplers do not take one ({owners} do). For a start image use {starts} "
+                         "with an image-to-video model; else sample an empty latent without a mask")
     batch, channels, *size = latent_shape
     shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
     if not isinstance(mask, torch.Tensor) or not mask.is_floating_point() or mask.dim() != 5 or \
@@ -56,10 +60,24 @@ def check_noise_mask(mask, latent_shape: tuple[int, ...], family) -> None:
         raise ValueError(f"latent_image's noise_mask is {shape} for a latent of {tuple(latent_shape)}: the "
                          f"{family.label} sampler takes a float mask [1 or {batch}, 1 or {channels}, "
                          f"{', '.join(map(str, size))}] (the latent's frames, rows and columns), as "
-                         "Wan22ImageToVideoLatent makes it with the latent's width, height and length")
+                         f"{family.noise_mask_node} makes it with the latent's width, height and length")
     if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
         raise ValueError("latent_image's noise_mask must hold values in 0..1 (1: sample, 0: keep the latent), got "
                          f"{float(mask.min()):g}..{float(mask.max()):g}")
+
+
+def check_video_size(width: int, height: int, frames: int, multiple: int) -> None:
+    """A video size from the command line (--width, --height, --frames): width and height in multiples of
+    the family's pixel_multiple, 1 + 4k frames."""
+    problems = []
+    if width < multiple or width % multiple:
+        problems.append(f"--width {width} must be a positive multiple of {multiple} (e.g. {multiple * 52})")
+    if height < multiple or height % multiple:
+        problems.append(f"--height {height} must be a positive multiple of {multiple} (e.g. {multiple * 30})")
+    if frames < 1 or (frames - 1) % 4:
+        problems.append(f"--frames {frames} must be 4k+1 (1, 5, 9, ..., 81)")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def check_frames(frames: torch.Tensor, name: str, family) -> None:
@@ -132,6 +150,11 @@ def check_sample_request(request, family, text_dim: int | None = None) -> dict[s
     """Every input of a SampleRequest (requests.py) for a model of `family`; returns its options with
     the family's defaults filled in."""
     request.check_experts()
+    return check_sample_inputs(request, family, text_dim)
+
+
+def check_sample_inputs(request, family, text_dim: int | None = None) -> dict[str, float]:
+    """check_sample_request less the experts' check, for a caller that made it already (to find the family)."""
     check_latent(request.latent, "latent_image", family)
     check_conditioning(request.positive, "positive", family, text_dim)
     if request.negative is not None:

@@ -92,7 +92,8 @@ class UspHunyuanTextEncode:
     def encode(self, text_encoder, text):
         files = {name: text_encoder[name] for name in ("llama", "clip", "tokenizers")}
         cond = api.encode(text_encoder["group"], "hunyuan-video", files, text)
-        return ([[cond["tokens"], {"pooled_output": cond["pooled"]}]],)
+        # the family's conditioning speaks ComfyUI's words: its tensors beside the tokens are the dict
+        return ([[cond["tokens"], {key: value for key, value in cond.items() if key != "tokens"}]],)
 
 
 # The conditioning keys the HunyuanVideo sampler applies (CLIP-L's pooled text, FluxGuidance's guidance).
@@ -152,8 +153,8 @@ class UspHunyuanSampler:
         return run_sampler(model, latent_image, node_id, cache=step_cache or {},
                            seed=seed, steps=steps, cfg=cfg, shift=shift,
                            sampler=sampler_name, denoise=denoise, options={"guidance": guidance},
-                           positive={"tokens": pos, "pooled": _pooled(pos_extra, "positive")},
-                           negative={"tokens": neg, "pooled": _pooled(neg_extra, "negative")} if use_negative else None)
+                           positive={"tokens": pos, "pooled_output": _pooled(pos_extra, "positive")},
+                           negative={"tokens": neg, "pooled_output": _pooled(neg_extra, "negative")} if use_negative else None)
 
 
 # the nodes of this file: {ComfyUI type name: (class, display name)} (collected by nodes/__init__.py)

@@ -70,7 +70,8 @@ class UspWanImageToVideo:
         latent = torch.zeros(batch_size, family.latent_channels, frames, height // down, width // down)
         values = {}
         if start_image is not None:
-            values.update(api.encode_start_image(vae["group"], vae["path"], start_image, width, height, length))
+            values.update(api.encode_start_image(vae["group"], vae["path"], start_image, width, height, length,
+                                                 family="wan2.1"))
         if clip_vision_output is not None:
             values["clip_vision_output"] = clip_vision_output
         services.publish_status(state="ready")

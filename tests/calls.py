@@ -13,7 +13,7 @@ def encode_text(group, path, prompt):
 def encode_hunyuan_text(group, llama, clip, tokenizers, prompt):
     """HunyuanVideo's (tokens [1, n, D], pooled [1, 768])."""
     cond = api.encode(group, "hunyuan-video", {"llama": llama, "clip": clip, "tokenizers": tokenizers}, prompt)
-    return cond["tokens"], cond["pooled"]
+    return cond["tokens"], cond["pooled_output"]
 
 
 def request(dit, *, positive, negative, latent, seed, steps, cfg, shift, sampler="unipc", denoise=1.0,
@@ -21,7 +21,7 @@ def request(dit, *, positive, negative, latent, seed, steps, cfg, shift, sampler
     def cond(tokens, pooled):
         if tokens is None:
             return None
-        return {"tokens": tokens} if pooled is None else {"tokens": tokens, "pooled": pooled}
+        return {"tokens": tokens} if pooled is None else {"tokens": tokens, "pooled_output": pooled}
 
     return SampleRequest(experts=[dit], positive=cond(positive, positive_pooled), negative=cond(negative, negative_pooled),
                          latent=latent, seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler, denoise=denoise,

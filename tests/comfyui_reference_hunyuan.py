@@ -61,7 +61,7 @@ def main(comfy_dir: str, models_json: str) -> None:
     positive = [[cond, {"pooled_output": pooled, "guidance": 6.0}]]
     native = comfy.sample.sample(patcher, noise, 4, 1.0, "euler", "simple", positive, [[cond, {"pooled_output": pooled}]],
                                  latent, seed=77, disable_pbar=True)
-    ours = Engine().sample(SampleRequest(experts=[paths["dit"]], positive={"tokens": cond, "pooled": pooled},
+    ours = Engine().sample(SampleRequest(experts=[paths["dit"]], positive={"tokens": cond, "pooled_output": pooled},
                                          negative=None, latent=latent, seed=77, steps=4, cfg=1.0, shift=7.0,
                                          sampler="euler", options={"guidance": 6.0}))
     out["hunyuan_ksampler_euler"] = rel(ours, native)

@@ -96,7 +96,7 @@ def frame(kind: str, rng: random.Random, dit: str = "/nonexistent.safetensors") 
         cond = rng.choice([torch.zeros(1, 4, 32), torch.zeros(4, 32), torch.zeros(1, 4, 32, dtype=torch.int32)])
         header = {"type": "sample", "experts": [rng.choice(["/nonexistent.safetensors", dit])], "seed": rng.randrange(10),
                   "steps": 1, "cfg": 1.0, "shift": 1.0, "sampler": "euler"}
-        names = rng.choice([("positive.tokens",), ("positive.tokens", "positive.pooled"), ("positive.odd",),
+        names = rng.choice([("positive.tokens",), ("positive.tokens", "positive.pooled_output"), ("positive.odd",),
                             ("positive.tokens", "negative.tokens", "negative.extra"), ("positive",)])
         extra = rng.choice([torch.zeros(()), torch.zeros(1, 16), torch.full((1, 3), float("nan"))])
         tensors = {"latent": latent, **{name: cond if name.endswith("tokens") else extra for name in names}}

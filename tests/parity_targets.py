@@ -172,8 +172,8 @@ def hunyuan_request(dit_path, shape, cfg=1.0, text_lens=(12, 7), steps=4):
     from usp_video.distributed.requests import SampleRequest
 
     g = torch.Generator().manual_seed(4)
-    positive = {"tokens": torch.randn(1, text_lens[0], 32, generator=g), "pooled": torch.randn(1, 16, generator=g)}
-    negative = ({"tokens": torch.randn(1, text_lens[1], 32, generator=g), "pooled": torch.randn(1, 16, generator=g)}
+    positive = {"tokens": torch.randn(1, text_lens[0], 32, generator=g), "pooled_output": torch.randn(1, 16, generator=g)}
+    negative = ({"tokens": torch.randn(1, text_lens[1], 32, generator=g), "pooled_output": torch.randn(1, 16, generator=g)}
                 if cfg != 1.0 else None)
     return SampleRequest(experts=[dit_path], positive=positive, negative=negative,
                          latent=torch.zeros(1, 16, *shape), seed=11, steps=steps, cfg=cfg, shift=7.0,
@@ -278,7 +278,7 @@ def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):
     cond = engine.encode(request)
     held = parameter_bytes(engine.text_part("llama"))
     read = TensorFile.read_from[str(Path(llama))]  # what this rank read of the Llama's file
-    return {"cond": cond["tokens"], "pooled": cond["pooled"], "bytes": torch.tensor([held]), "read": torch.tensor([read])}
+    return {"cond": cond["tokens"], "pooled_output": cond["pooled_output"], "bytes": torch.tensor([held]), "read": torch.tensor([read])}
 
 
 def sharded_bf16_rank(rank, world_size, dit_path, ulysses="auto", ring="auto", shard_weights="on"):

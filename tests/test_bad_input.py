@@ -9,7 +9,7 @@ import torch
 
 from hardening import HARDENING
 from usp_video.distributed import api
-from usp_video.distributed.cli import check_video_size
+from usp_video.distributed.validation import check_video_size
 from usp_video.distributed.client import GroupConfig, free_group, get_group
 from usp_video.nodes.group_node import make_config, parse_gpus
 import calls
@@ -67,9 +67,9 @@ CASES = {
                                 "is not a Wan 2.1 VAE"),
     "missing text encoder": (lambda m, f: calls.encode_text(GROUP, f["missing"], "a cat"), "model file not found"),
     # video size
-    "width not a multiple of 16": (lambda m, f: check_video_size(72, 48, 9), "--width 72 must be a positive multiple of 16"),
-    "height zero": (lambda m, f: check_video_size(64, 0, 9), "--height 0 must be a positive multiple of 16"),
-    "frames not 4k+1": (lambda m, f: check_video_size(64, 48, 8), "--frames 8 must be 4k+1"),
+    "width not a multiple of 16": (lambda m, f: check_video_size(72, 48, 9, 16), "--width 72 must be a positive multiple of 16"),
+    "height zero": (lambda m, f: check_video_size(64, 0, 9, 16), "--height 0 must be a positive multiple of 16"),
+    "frames not 4k+1": (lambda m, f: check_video_size(64, 48, 8, 16), "--frames 8 must be 4k+1"),
     "latent not a multiple of 16 pixels": (lambda m, f: calls.sample(GROUP, m["dit"], **sample_kwargs(
         latent=torch.zeros(1, 16, 2, 5, 4))), "width and height must be multiples of 16"),
     # sampler settings
@@ -218,3 +218,25 @@ def test_conditioning_the_sampler_would_ignore_is_refused(extra, named):
     assert conditioning_parts([[tokens, whole]], "positive")[0].shape == (1, 3, 32)
     assert conditioning_parts([[tokens, {"guidance": 6.0, "pooled_output": torch.zeros(1, 16)}]], "positive",
                               ("pooled_output", "guidance"))[1]["guidance"] == 6.0
+
+
+def test_the_family_is_read_from_the_file_once_per_request(tiny_models, monkeypatch):
+    """A sample request reads its DiT's header once on the client (detection and config together), checks
+    the experts once, and a caller that found the family already (the CLI: api.check_model) reads none."""
+    from usp_video.distributed import models
+    from usp_video.distributed.requests import SampleRequest
+
+    reads, checks = [], []
+    read_header, check_experts = models.read_header, SampleRequest.check_experts
+    monkeypatch.setattr(models, "read_header", lambda path: reads.append(path) or read_header(path))
+    monkeypatch.setattr(SampleRequest, "check_experts", lambda self: checks.append(1) or check_experts(self))
+    request = calls.request(tiny_models["dit"], positive=torch.randn(1, 8, 32), negative=None,
+                            latent=torch.zeros(1, 16, 3, 6, 10), seed=-1, steps=4, cfg=1.0, shift=5.0)
+    with pytest.raises(ValueError, match="seed must be an integer"):  # refused before any group is asked
+        api.sample(GROUP, request)
+    assert len(reads) == 1 and len(checks) == 1
+    checked = api.check_model([tiny_models["dit"]])
+    assert checked.family.name == "wan2.1" and len(reads) == 2
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        api.sample(GROUP, request, family=checked.family)
+    assert len(reads) == 2

@@ -17,7 +17,7 @@ SIZES = ["832x480x81", "1280x720x81", "1280x720x129", "64x48x5", "16x16x1"]
 def test_recommendation_is_always_valid(model_key, gpus, link, cfg_parallel):
     model = planner.MODELS[model_key]
     for size in SIZES:
-        tokens = planner.video_tokens(*planner.parse_size(size))
+        tokens = model.video_tokens(*planner.parse_size(size, 16))
         plans = planner.candidates(model, gpus, tokens, planner.LINKS[link], allow_cfg_parallel=cfg_parallel)
         for plan in plans:
             sp = plan.ulysses * plan.ring
@@ -31,7 +31,7 @@ def test_recommendation_is_always_valid(model_key, gpus, link, cfg_parallel):
 
 
 def test_heads_rule_out_degrees():
-    tokens = planner.video_tokens(1280, 720, 81)
+    tokens = planner.MODELS["wan-14b"].video_tokens(1280, 720, 81)
     ulysses = {p.ulysses for p in planner.candidates(planner.MODELS["wan-1.3b"], 8, tokens, planner.LINKS["nvlink"])}
     assert 8 not in ulysses and 4 in ulysses  # 12 heads
     ulysses = {p.ulysses for p in planner.candidates(planner.MODELS["hunyuan"], 5, tokens, planner.LINKS["nvlink"])}
@@ -43,7 +43,7 @@ def test_heads_rule_out_degrees():
 def test_prediction_tracks_the_published_single_gpu_figures():
     """SUSTAINED_FLOPS was calibrated on the 1-GPU times: each is within 5% of its model's."""
     for (model_key, size), published in planner.PUBLISHED.items():
-        tokens = planner.video_tokens(*planner.parse_size(size))
+        tokens = planner.MODELS[model_key].video_tokens(*planner.parse_size(size, 16))
         one = planner.recommend(planner.candidates(planner.MODELS[model_key], 1, tokens, planner.LINKS["nvlink"]))
         assert abs(one.step_seconds * 50 / published[1] - 1) < 0.05
 
@@ -63,7 +63,8 @@ def test_calibrated_on_one_gpu_it_predicts_2_and_4_gpus_within_10_percent(key):
     optimistic at 8 GPUs, as the planner's table says (it keeps kernel efficiency constant as shards shrink)."""
     model_key, size = key
     published = planner.PUBLISHED[key]
-    model, tokens = planner.MODELS[model_key], planner.video_tokens(*planner.parse_size(size))
+    model = planner.MODELS[model_key]
+    tokens = model.video_tokens(*planner.parse_size(size, model.pixel_multiple))
     flops = planner.SUSTAINED_FLOPS * _best_seconds(model, 1, tokens, planner.SUSTAINED_FLOPS) / published[1]
     assert _best_seconds(model, 1, tokens, flops) == pytest.approx(published[1], rel=1e-3)
     for gpus in (2, 4):
@@ -77,7 +78,7 @@ def test_fast_links_recommend_the_largest_ulysses_like_auto(link):
 
     for key, model in planner.MODELS.items():
         for size in ("832x480x81", "1280x720x81", "1280x720x129"):
-            tokens = planner.video_tokens(*planner.parse_size(size))
+            tokens = model.video_tokens(*planner.parse_size(size, 16))
             for gpus in range(1, 9):
                 choice = planner.recommend(planner.candidates(model, gpus, tokens, planner.LINKS[link]))
                 assert (choice.ulysses, choice.ring) == valid_factorizations(gpus, model.heads)[0], (key, size, gpus)
@@ -120,9 +121,31 @@ def test_a_plans_memory_is_the_engines_activation_prediction_plus_its_weights():
     from usp_video.distributed.memory import step_activation_bytes
 
     model = planner.MODELS["wan-14b"]
-    tokens = planner.video_tokens(1280, 720, 81)
+    tokens = model.video_tokens(1280, 720, 81)
     plan = planner.plan_one(model, 4, tokens, 2, 2, 1, planner.LINKS["nvlink"], cfg=5.0, shard=True)
     assert plan.activation_gb * 1e9 == step_activation_bytes(tokens, 5120, 13824, 2, 2, 4, 2, 2)
     assert plan.weight_gb == pytest.approx(14.0e9 * 2 / 4 / 1e9 + 2 * 28.0 / 40)
     whole = planner.plan_one(model, 4, tokens, 2, 2, 1, planner.LINKS["nvlink"], cfg=5.0)
     assert whole.weight_gb == pytest.approx(28.0) and whole.memory_gb > plan.memory_gb
+
+
+def test_every_family_is_offered_with_its_own_tokens():
+    """`usp-video plan` offers every family's released models (the families say which); TI2V-5B's video is
+    32 pixels per token (the Wan 2.2 VAE's 16x16, 2x2 patches), the others' 16; old names keep working."""
+    from usp_video.distributed.models import FAMILIES
+
+    offered = {*planner.MODELS, *planner.ALIASES}
+    for family in FAMILIES.values():
+        assert family.plan_variants and set(family.plan_variants) <= offered, family.name
+    assert {"wan-1.3b", "wan-14b", "wan2.2-a14b", "hunyuan", "wan2.2-5b", "wan2.2"} <= offered
+    assert planner.MODELS["wan2.2-5b"].video_tokens(1280, 704, 121) == 31 * 22 * 40
+    assert planner.MODELS["wan-14b"].video_tokens(1280, 720, 81) == 21 * 45 * 80
+    table = planner.format_table("wan2.2-5b", 4, "1280x704x121", "nvlink")
+    assert table.startswith("Wan 2.2 TI2V-5B, 1280x704x121 (27280 tokens)") and "<- recommended" in table
+    assert planner.format_table("wan2.2", 2, "832x480x81", "pcie") == planner.format_table("wan2.2-a14b", 2,
+                                                                                            "832x480x81", "pcie")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        planner.format_table("wan2.2-5b", 4, "1280x720x121", "nvlink")
+    ok = subprocess.run([sys.executable, "-m", "usp_video.distributed.cli", "plan", "--model", "wan2.2-5b",
+                         "--gpus", "2", "--size", "1280x704x121"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "27280 tokens" in ok.stdout, ok.stderr

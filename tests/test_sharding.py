@@ -94,14 +94,14 @@ def test_sharded_llama_matches_one_process(tests_dir, tiny_hunyuan):
     engine = make_engine()
     cond = engine.encode(EncodeRequest(family="hunyuan-video", prompt=prompt, files={
         name: tiny_hunyuan[name] for name in ("llama", "clip", "tokenizers")}))
-    expected, expected_pooled = cond["tokens"], cond["pooled"]
+    expected, expected_pooled = cond["tokens"], cond["pooled_output"]
     full = parameter_bytes(engine.text_part("llama"))
     results = run_ranks(f"{tests_dir}/parity_targets.py:sharded_llama_rank", 2,
                         dict(llama=tiny_hunyuan["llama"], clip=tiny_hunyuan["clip"],
                              tokenizers=tiny_hunyuan["tokenizers"], prompt=prompt), timeout=240)
     for rank, result in enumerate(results):
         assert rel_error(result["cond"], expected) <= 1e-5, f"rank {rank}"
-        assert rel_error(result["pooled"], expected_pooled) <= 1e-5
+        assert rel_error(result["pooled_output"], expected_pooled) <= 1e-5
         assert int(result["bytes"]) <= full * (1 / 2 + 0.05)
         size = os.path.getsize(tiny_hunyuan["llama"])  # streamed: each rank read only its rows of the file
         assert int(result["read"]) <= size * (1 / 2 + 0.05), f"rank {rank} read {int(result['read'])} of {size}"

@@ -213,7 +213,7 @@ def test_hunyuan_api_workflow_runs_through_the_nodes(tiny_hunyuan, tmp_path, mon
 
         # the same request in one process, without the group: the 3 ranks gave the same latent
         expected = Engine().sample(SampleRequest(
-            experts=[tiny_hunyuan["dit"]], positive={"tokens": cond, "pooled": extra["pooled_output"]}, negative=None,
+            experts=[tiny_hunyuan["dit"]], positive={"tokens": cond, "pooled_output": extra["pooled_output"]}, negative=None,
             latent=torch.zeros(1, 16, 3, 6, 8), seed=42, steps=3, cfg=1.0, shift=7.0, sampler="euler",
             options={"guidance": 6.0}))
         assert (latent - expected).norm() / expected.norm() <= 1e-5

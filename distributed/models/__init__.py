@@ -83,6 +83,12 @@ def detect_dit(path: str | Path, family: str | None = None) -> ModelFamily:
     Files of some families look exactly like another's (Wan 2.2 A14B's experts have Wan 2.1 14B's
     tensors): those families do not claim files (claims_files False) and are only chosen by name, with
     `family`; the file must then pass that family's checks."""
+    return check_dit_file(path, family)[0]
+
+
+def check_dit_file(path: str | Path, family: str | None = None) -> tuple[ModelFamily, dict]:
+    """Family and config of a DiT file, read from its header only, once (fast, in the calling process);
+    {} for a diffusers folder. `family` as for detect_dit."""
     path = Path(path)
     if family is not None:
         candidates = [get(family)]
@@ -94,9 +100,11 @@ def detect_dit(path: str | Path, family: str | None = None) -> ModelFamily:
         if name is None:
             raise CheckpointError(f"{path} is a folder without config.json; expected a diffusers transformer "
                                   f"folder ({' or '.join(dict.fromkeys(f.dit_class for f in candidates))})")
-        return _first_that_takes([f for f in candidates if f.dit_class == name], lambda f: f.check_dit_folder(path),
-                                 f"{path}: a diffusers {name}; expected "
-                                 f"{' or '.join(dict.fromkeys(f.dit_class for f in candidates))}")
+        found, _ = _first_that_takes([f for f in candidates if f.dit_class == name],
+                                     lambda f: f.check_dit_folder(path),
+                                     f"{path}: a diffusers {name}; expected "
+                                     f"{' or '.join(dict.fromkeys(f.dit_class for f in candidates))}")
+        return found, {}
     shapes, metadata = read_header(path)
     stripped = unprefixed(shapes)
     return _first_that_takes([f for f in candidates if f.is_dit(set(stripped))],
@@ -104,16 +112,16 @@ def detect_dit(path: str | Path, family: str | None = None) -> ModelFamily:
                              f"{path.name} is {_one_of(labels, 'diffusion model')} ({describe_keys(stripped)})")
 
 
-def _first_that_takes(families: list[ModelFamily], check, none_message: str) -> ModelFamily:
+def _first_that_takes(families: list[ModelFamily], check, none_message: str) -> tuple[ModelFamily, object]:
     """The first family whose check of the file passes (families that share tensor names, Wan 2.1 and
-    Wan 2.2 TI2V-5B, tell their files apart by shapes); the first one's error when none does."""
+    Wan 2.2 TI2V-5B, tell their files apart by shapes) and what its check returned; the first one's
+    error when none does."""
     if not families:
         raise CheckpointError(none_message)
     errors = []
     for family in families:
         try:
-            check(family)
-            return family
+            return family, check(family)
         except CheckpointError as exc:
             errors.append(exc)
     raise errors[0]
@@ -137,17 +145,6 @@ def detect_vae(path: str | Path) -> ModelFamily:
     kinds = " or a ".join(f"{f.label} VAE" for f in FAMILIES.values())
     raise CheckpointError(f"{path.name} is not a {kinds} ({describe_keys(shapes)}); pick the VAE file of your "
                           "model from models/vae")
-
-
-def check_dit_file(path: str | Path, family: str | None = None) -> tuple[ModelFamily, dict]:
-    """Family and config of a DiT file, read from its header only (fast, in the calling process);
-    `family` as for detect_dit."""
-    found = detect_dit(path, family)
-    path = Path(path)
-    if _is_dir(path):
-        return found, {}
-    shapes, metadata = read_header(path)
-    return found, found.dit_config(path, shapes, metadata)
 
 
 def same_latent_space(a: str, b: str) -> bool:

@@ -1,10 +1,11 @@
 """What a model family is, for everything outside its package.
 
 A family (Wan 2.1, HunyuanVideo, ...) is one package under models/ whose `FAMILY` is an instance of
-a `ModelFamily` subclass. The engine, the worker, the api, the CLI, the nodes' shared code and
-parallel/ use only this interface and never ask which family they hold; models/__init__.py lists the
-families and tells them apart by their files. Families share code through helpers (checkpoint, fp8,
-parallel/), not branches.
+a `ModelFamily` subclass. The engine, the worker, the api, the CLI, the planner, validation, the nodes'
+shared code and parallel/ use only this interface and never ask which family they hold; models/__init__.py
+lists the families and tells them apart by their files. Families share code through helpers (checkpoint,
+fp8, parallel/), not branches. The base class holds no family's facts: what one family does (Wan's VAE
+call counts, its start image, its plan variants) is in that family's package.
 """
 
 from __future__ import annotations
@@ -53,6 +54,22 @@ class Option:
 
 
 @dataclass(frozen=True)
+class PlanVariant:
+    """One released model of a family as the degree planner (planner.py) costs it: its shape, its nominal
+    parameter count, its text tokens and how its video becomes tokens."""
+
+    label: str             # what the plan table calls it: "Wan 2.1 T2V 14B"
+    heads: int
+    hidden: int
+    attention_layers: int
+    params: float          # nominal parameters (the published size the planner's throughput is calibrated on)
+    ffn: int               # the FFN's width as memory.py counts it
+    patch: tuple[int, int, int]  # the DiT's patch (frames, rows, columns of latent per token)
+    text_tokens: int       # the text sequence the DiT takes
+    joint_text: bool = False  # do the text tokens join the video tokens in self-attention?
+
+
+@dataclass(frozen=True)
 class Defaults:
     """The reference pipeline's sampler settings."""
 
@@ -68,7 +85,8 @@ class Defaults:
 
 
 class ModelFamily:
-    """The interface. Subclasses set the attributes and implement the methods."""
+    """The interface. Subclasses set the attributes and implement the methods; the defaults here are
+    neutral (nothing, a refusal, or ComfyUI's BaseModel behaviour)."""
 
     name: str                   # "wan2.1": requests and node code name a family by it
     label: str                  # "Wan 2.1": what users read
@@ -90,6 +108,14 @@ class ModelFamily:
     order: int = 100                # where it stands in lists and detection (lower first)
     takes_noise_mask: bool = False  # does its sampler honour a LATENT's noise_mask (checked against ComfyUI)?
     comfy_model_configs: tuple[str, ...] = ()  # ComfyUI's model config classes of its native MODELs (nodes/native_nodes.py)
+    noise_mask_node: str = ""       # the ComfyUI node that makes such a masked LATENT (messages)
+    start_image_node: str = ""      # the ComfyUI node that makes its image-to-video conditioning (messages)
+    vae_label: str = ""             # its VAE's name when not its label ("Wan 2.2": the 5B's VAE), for messages
+    # the released models the planner offers ({`usp-video plan --model` name: PlanVariant}), the published
+    # seconds per video it compares with ({(plan name, "WxHxF"): {GPUs: seconds}}) and other names it takes
+    plan_variants: dict[str, PlanVariant] = {}
+    reference_times: dict[tuple[str, str], dict[int, float]] = {}
+    plan_aliases: dict[str, str] = {}
 
     # -- files (header only: cheap, runs in the ComfyUI process too) -------------------------------
 
@@ -204,16 +230,8 @@ class ModelFamily:
 
     def step_sequence(self, model: torch.nn.Module, latent_shape: tuple[int, ...], text_tokens: int) -> dict:
         """What the activations pre-flight (memory.py) needs of a step on a latent of this shape:
-        {"tokens": the sequence its blocks run on, "hidden": its width, "ffn": its FFN's width}. This
-        default is for diffusers DiTs whose config gives patch_size ([t, h, w], or an int with
-        patch_size_t) and ffn_dim, and whose text does not join the self-attention (Wan's)."""
-        config = model.config
-        patch = config.patch_size
-        pt, ph, pw = patch if isinstance(patch, (list, tuple)) else (getattr(config, "patch_size_t", 1), patch, patch)
-        t, h, w = latent_shape[-3:]
-        facts = self.describe_dit(model)
-        return {"tokens": math.ceil(t / pt) * math.ceil(h / ph) * math.ceil(w / pw), "hidden": facts["hidden"],
-                "ffn": config.ffn_dim}
+        {"tokens": the sequence its blocks run on, "hidden": its width, "ffn": its FFN's width}."""
+        raise NotImplementedError
 
     # -- text -------------------------------------------------------------------------------------
 
@@ -246,19 +264,35 @@ class ModelFamily:
         """IMAGE frames [F, H, W, 3] in 0..1, one video (validation.check_frames passed) -> its raw latent
         [1, C, (F - 1) / 4 + 1, H / s, W / s] on the CPU, the mean of the VAE's latent distribution (what
         ComfyUI's VAEEncode gives): on every rank when split is None; with a split, every rank of it calls
-        this and rank 0 gets the latent. Families whose VAE does not encode leave vae_encodes False."""
-        raise ValueError(f"the {self.label} VAE does not encode video here yet (USP VAE Encode takes the Wan 2.1 "
-                         "and Wan 2.2 VAEs); use ComfyUI's own VAE Encode")
+        this and rank 0 gets the latent. Families whose VAE does not encode leave vae_encodes False and
+        this refusal, which names the VAEs that do encode (those of the families defined)."""
+        encoders = sorted((cls for cls in _family_classes() if cls.vae_encodes), key=lambda cls: cls.order)
+        names = list(dict.fromkeys(cls.vae_label or cls.label for cls in encoders))
+        raise ValueError(f"the {self.label} VAE does not encode video here yet (USP VAE Encode takes the "
+                         f"{' and '.join(names)} VAEs); use ComfyUI's own VAE Encode")
 
     def encoder_calls(self, vae, frames: torch.Tensor) -> int:
         """How many times an encode of `frames` ([F, H, W, 3]) calls vae.encoder (its progress is counted in
-        them). The Wan VAEs call it for the first frame, then for every 4 frames: once per latent frame."""
-        return (frames.shape[0] - 1) // 4 + 1
+        them); only asked of families whose VAE encodes."""
+        raise NotImplementedError
 
     def decoder_calls(self, vae, latent: torch.Tensor) -> int:
-        """How many times a decode of `latent` calls vae.decoder (the decode's progress is counted in
-        them). The Wan VAEs (diffusers' AutoencoderKLWan) call it once per latent frame."""
-        return latent.shape[2]
+        """How many times a decode of `latent` calls vae.decoder (the decode's progress is counted in them)."""
+        raise NotImplementedError
+
+    # -- image to video -----------------------------------------------------------------------------
+
+    def check_start_image_model(self, config: dict, name: str) -> None:
+        """Can this DiT (config: its dit_config) be given a start image alone, without CLIP vision features
+        (what the command line gives)? ValueError says why not; this default: a text-to-video family."""
+        raise ValueError(f"{name} is a text-to-video model; give an image-to-video (I2V) model")
+
+    def start_image_conditioning(self, encode_video: Callable[[torch.Tensor], tuple[torch.Tensor, "ModelFamily"]],
+                                 image: torch.Tensor, width: int, height: int, length: int) -> dict[str, torch.Tensor]:
+        """A start image (IMAGE [n, H, W, 3]) as the family's image-to-video conditioning for a video of this
+        size; encode_video(frames) -> (raw latent, the VAE's family) encodes frames on the group. Families
+        without image-to-video refuse."""
+        raise ValueError(f"{self.label} models take no start image")
 
     # -- the tiny set -----------------------------------------------------------------------------
 
@@ -280,3 +314,13 @@ class ModelFamily:
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"
+
+
+def _family_classes() -> list[type[ModelFamily]]:
+    """Every ModelFamily subclass defined (their class attributes are the families' facts)."""
+    found, todo = [], list(ModelFamily.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found

@@ -9,11 +9,23 @@ from pathlib import Path
 
 import torch
 
-from ..family import Defaults, ModelFamily, Option, TextPart
+from ..family import Defaults, ModelFamily, Option, PlanVariant, TextPart
 from ...parallel.vae_split import VaeSplit
 from ...formats import streamed
 from ...formats.checkpoint import read_header
 from . import dit, lora_names, text, vae
+
+
+def _plan_variant(label: str, variant: str, params: float) -> PlanVariant:
+    """A released HunyuanVideo DiT (dit.HUNYUAN_VARIANTS) as the planner costs it; params: its published size.
+    Its FFN is counted as step_sequence counts it (the single blocks' MLP, 1.5x)."""
+    config = dit.HUNYUAN_VARIANTS[variant]
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    return PlanVariant(label, heads=config["num_attention_heads"], hidden=hidden,
+                       attention_layers=config["num_layers"] + config["num_single_layers"], params=params,
+                       ffn=int(1.5 * config["mlp_ratio"] * hidden),
+                       patch=(config["patch_size_t"], config["patch_size"], config["patch_size"]),
+                       text_tokens=text.MAX_TOKENS, joint_text=True)
 
 
 class HunyuanVideo(ModelFamily):
@@ -35,7 +47,10 @@ class HunyuanVideo(ModelFamily):
     )
     text_encoder_hint = "HunyuanVideo uses the llava-llama-3 text encoder with CLIP-L"
     options = {"guidance": Option(default=6.0, low=0.0, high=100.0, help="HunyuanVideo's embedded guidance")}
-    cond_keys = ("tokens", "pooled")
+    cond_keys = ("tokens", "pooled_output")  # ComfyUI's name for CLIP-L's pooled text, end to end
+    plan_variants = {"hunyuan": _plan_variant("HunyuanVideo T2V", "hunyuan-video-t2v-720p", 12.8e9)}
+    # HunyuanVideo, 1280x720, 129 frames, 50 steps, Ulysses on H100 (xDiT's HunyuanVideo results)
+    reference_times = {("hunyuan", "1280x720x129"): {1: 1904, 2: 925, 4: 514, 8: 338}}
 
     def is_dit(self, keys: set[str]) -> bool:
         return dit.is_hunyuan_keys(keys)
@@ -100,7 +115,7 @@ class HunyuanVideo(ModelFamily):
         return latent / dit.LATENT_SCALE
 
     def velocity(self, model, x, t, cond, options):
-        pooled = cond.get("pooled")
+        pooled = cond.get("pooled_output")
         if pooled is None:
             raise ValueError("HunyuanVideo needs the pooled CLIP-L output with the conditioning "
                              "(ComfyUI's DualCLIPLoader type hunyuan_video, or our HunyuanVideo text encoder)")
@@ -140,7 +155,7 @@ class HunyuanVideo(ModelFamily):
                              magcache_note=f"MagCache's HunyuanVideo {'720p' if tall else '544p'} ratios")
 
     def check_conditioning(self, cond: dict, name: str) -> None:
-        pooled = cond.get("pooled")
+        pooled = cond.get("pooled_output")
         if pooled is None:
             raise ValueError(f"{name}: HunyuanVideo needs the pooled CLIP-L output with the conditioning "
                              "(ComfyUI's DualCLIPLoader type hunyuan_video, or our HunyuanVideo text encoder)")
@@ -172,14 +187,14 @@ class HunyuanVideo(ModelFamily):
 
 
 class _Encoder:
-    """Llama + CLIP-L as a family text encoder: prompt -> {"tokens": [1, n, 4096], "pooled": [1, 768]}."""
+    """Llama + CLIP-L as a family text encoder: prompt -> {"tokens": [1, n, 4096], "pooled_output": [1, 768]}."""
 
     def __init__(self, encoder: text.HunyuanTextEncoder):
         self.encoder = encoder
 
     def encode(self, prompt: str) -> dict[str, torch.Tensor]:
         tokens, pooled = self.encoder.encode(prompt)
-        return {"tokens": tokens, "pooled": pooled}
+        return {"tokens": tokens, "pooled_output": pooled}
 
 
 FAMILY = HunyuanVideo()

@@ -10,10 +10,20 @@ from pathlib import Path
 import torch
 
 from ...formats.checkpoint import CheckpointError
-from ..family import Defaults, ModelFamily, TextPart
+from ..family import Defaults, ModelFamily, PlanVariant, TextPart
 from ...parallel.vae_split import VaeSplit
 from ...formats import streamed
 from . import dit, umt5, vae
+
+
+def plan_variant(label: str, variant: str, params: float) -> PlanVariant:
+    """A released Wan DiT (dit.WAN_VARIANTS) as the planner costs it; params: its published size."""
+    config = dit.WAN_VARIANTS[variant]
+    heads = config["num_attention_heads"]
+    return PlanVariant(label, heads=heads, hidden=heads * config["attention_head_dim"],
+                       attention_layers=config["num_layers"], params=params, ffn=config["ffn_dim"],
+                       patch=tuple(config["patch_size"]), text_tokens=umt5.MIN_LENGTH)
+
 
 # The negative prompt of Wan's reference pipeline (used when cfg != 1 and none is given).
 NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -32,6 +42,12 @@ class Wan21(ModelFamily):
                            load=lambda path, dtype, device, shard: umt5.load_umt5(path, dtype, device, shard=shard),
                            shard_units=lambda model: model.encoder.block),)
     text_encoder_hint = "Wan 2.1 uses the umt5-xxl text encoder"
+    start_image_node = "WanImageToVideo"
+    plan_variants = {"wan-1.3b": plan_variant("Wan 2.1 T2V 1.3B", "wan2.1-t2v-1.3b", 1.42e9),
+                     "wan-14b": plan_variant("Wan 2.1 T2V 14B", "wan2.1-t2v-14b", 14.0e9)}
+    # Wan 2.1 T2V-14B, 1280x720, 81 frames, on H800/H100 with USP + FSDP (the Wan 2.1 repository's
+    # computational-efficiency table)
+    reference_times = {("wan-14b", "1280x720x81"): {1: 1838, 2: 945, 4: 497, 8: 288}}
 
     def is_dit(self, keys: set[str]) -> bool:
         return "patch_embedding.weight" in keys
@@ -96,6 +112,14 @@ class Wan21(ModelFamily):
         config = model.config
         return {"heads": config.num_attention_heads, "layers": config.num_layers,
                 "hidden": config.num_attention_heads * config.attention_head_dim, "text_dim": config.text_dim}
+
+    def step_sequence(self, model, latent_shape, text_tokens):
+        # the text does not join the self-attention (cross-attention): the blocks run on the video's patches
+        config = model.config
+        pt, ph, pw = config.patch_size
+        t, h, w = latent_shape[-3:]
+        return {"tokens": -(-t // pt) * -(-h // ph) * -(-w // pw), "hidden": self.describe_dit(model)["hidden"],
+                "ffn": config.ffn_dim}
 
     def process_in(self, latent: torch.Tensor) -> torch.Tensor:
         mean, std = self._normalisation()
@@ -231,6 +255,32 @@ class Wan21(ModelFamily):
 
     def encode(self, loaded_vae, frames: torch.Tensor, split: VaeSplit | None):
         return vae.encode(loaded_vae, frames, split)
+
+    def encoder_calls(self, loaded_vae, frames: torch.Tensor) -> int:
+        # the Wan VAEs call the encoder for the first frame, then for every 4 frames: once per latent frame
+        return (frames.shape[0] - 1) // 4 + 1
+
+    def decoder_calls(self, loaded_vae, latent: torch.Tensor) -> int:
+        return latent.shape[2]  # diffusers' AutoencoderKLWan calls it once per latent frame
+
+    def check_start_image_model(self, config, name):
+        if config.get("in_channels") != dit.I2V_CHANNELS:
+            super().check_start_image_model(config, name)
+        if config.get("image_dim"):
+            raise ValueError("Wan 2.1 I2V needs the start image's CLIP ViT-H features, which the command line does "
+                             "not compute; use ComfyUI (CLIP Vision Encode into WanImageToVideo), or Wan 2.2 I2V A14B")
+
+    def start_image_conditioning(self, encode_video, image, width, height, length):
+        """WanImageToVideo's: the start video (models/video.start_video: the image resized with a centred crop,
+        gray frames after it) encoded by the Wan 2.1 VAE, and its mask ({"concat_latent_image", "concat_mask"})."""
+        from ..video import start_mask, start_video
+
+        concat, vae_family = encode_video(start_video(image, width, height, length))
+        if concat.shape[1] != 16:
+            raise ValueError(f"vae: {vae_family.label} latents have {concat.shape[1]} channels; Wan image to video "
+                             "uses the Wan 2.1 VAE (16 channels): load wan_2.1_vae.safetensors")
+        mask = start_mask(min(image.shape[0], length), concat.shape[2], *concat.shape[-2:])
+        return {"concat_latent_image": concat, "concat_mask": mask}
 
     def make_tiny(self, root):
         from .tiny import make_tiny_models

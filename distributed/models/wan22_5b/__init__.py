@@ -15,7 +15,7 @@ import torch
 
 from ...parallel.vae_split import VaeSplit
 from ..family import Defaults
-from ..wan21 import NEGATIVE_PROMPT, Wan21
+from ..wan21 import NEGATIVE_PROMPT, Wan21, plan_variant
 from ..wan21 import dit as wan
 from . import vae, vae_keys
 
@@ -46,6 +46,11 @@ class Wan22TI2V5B(Wan21):
     latents_mean, latents_std = LATENTS_MEAN, LATENTS_STD
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT, steps=50)
     text_encoder_hint = "Wan 2.2 TI2V-5B uses the umt5-xxl text encoder"
+    vae_label = "Wan 2.2"
+    start_image_node = ""  # its start image is a LATENT's noise_mask (noise_mask_node), not conditioning
+    # 32 pixels per token: the Wan 2.2 VAE's 16x16 and the DiT's 2x2 patches
+    plan_variants = {"wan2.2-5b": plan_variant("Wan 2.2 TI2V-5B", "wan2.2-ti2v-5b", 5.0e9)}
+    reference_times = {}
 
     def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
         config = wan.infer_wan_config(path, shapes, metadata)
@@ -77,6 +82,7 @@ class Wan22TI2V5B(Wan21):
     # Start image (ComfyUI's Wan22ImageToVideoLatent): its latent is the LATENT's first frame, its noise_mask 0
     # there. The engine blends as KSamplerX0Inpaint; these are ComfyUI's WAN22 hooks.
     takes_noise_mask = True
+    noise_mask_node = "Wan22ImageToVideoLatent"
 
     def masked_timestep(self, model, t, denoise_mask):
         """ComfyUI's WAN22.process_timestep: each latent frame's timestep is t times the frame's mean mask
