@@ -282,13 +282,13 @@ def measure_memory(device: torch.device, small: bool) -> dict:
         # two experts of the same shape (different weights)
         paths = [str(write_model(config, Path(tmp, f"expert{i}.safetensors"), seed=i)) for i in range(2)]
         engine = Engine(GroupConfig(**group, placement="keep"))
-        model = engine.dit(paths[0])
+        dit = engine.load_dit(paths[0])
         g = torch.Generator().manual_seed(0)
         cond = {"tokens": torch.randn(1, 512, config["text_dim"], generator=g)}
         for shape in sizes:
             request = SampleRequest(experts=[paths[0]], positive=cond, negative=cond, latent=torch.zeros(1, 16, *shape),
                                     seed=1, steps=1, cfg=5.0, shift=5.0, sampler="euler")
-            predicted = engine.activation_bytes(model.usp_family, [model], tuple(request.latent.shape), 512, passes=2)
+            predicted = engine.preflight.activation_bytes([dit], tuple(request.latent.shape), 512, passes=2)
             sync()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
