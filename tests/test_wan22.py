@@ -142,10 +142,10 @@ def test_two_advanced_samplers_equal_the_switch_with_euler(experts):
     low = replace(request, experts=[experts[1]], boundaries=[], cfg=request.cfg[1], keep=[experts[0]], start_step=k,
                   add_noise=False, latent=first)
     assert rel_error(engine.sample(low).latent, whole) <= 1e-5
-    engine.sample(high).latent, engine.sample(replace(low, latent=first)).latent  # the next prompt
+    engine.sample(high), engine.sample(replace(low, latent=first))  # the next prompt
     assert engine.load_counts["dit"] == 2  # the layout keeps both experts loaded: no reload between samplers
     # a split one step off the boundary is not the switch
-    off = engine.sample(replace(low, start_step=k - 1, latent=engine.sample(replace(high, end_step=k - 1)))).latent.latent))
+    off = engine.sample(replace(low, start_step=k - 1, latent=engine.sample(replace(high, end_step=k - 1)).latent)).latent
     assert rel_error(off, whole) > 1e-4
 
 
