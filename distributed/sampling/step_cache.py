@@ -150,7 +150,8 @@ class _PassState:
 
 class _CachedBlocks(nn.ModuleList):
     """A ModuleList whose iteration the running cache decides (the class of a family's block lists while
-    a cached sample runs; restored after)."""
+    a cached sample runs; restored after). _Forward sets, and only this module reads, two attributes on the
+    list for that time: `_usp_class` (the class to restore) and `_usp_run` (the running _Forward)."""
 
     def __iter__(self):
         run = getattr(self, "_usp_run", None)

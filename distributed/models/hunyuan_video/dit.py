@@ -258,7 +258,6 @@ def parallelize_hunyuan(model, sp: SequenceParallel, backend: str = "sdpa"):
     model.x_embedder.register_forward_hook(shard_video)
     model.context_embedder.register_forward_hook(place_text)
     model.proj_out.register_forward_hook(gather_video)
-    model._usp = sp
     model._usp_state = state  # read by the step caches: which tokens of a shard are real
     return model
 
