@@ -6,7 +6,7 @@
 For Wan-shaped DiTs of three widths / FFN sizes, three video sizes, batch 1 (cfg 1) and 2 (cfg 5, both
 passes in one batch), and 1 or 2 ranks (ulysses 2, ring 2): the peak resident memory one step adds to a
 rank (VmHWM after a reset, minus VmRSS before; the model loaded and touched before), beside the engine's
-prediction (Engine.activation_bytes, memory.py). The target: predicted / measured within 1.0 .. 1.3.
+prediction (Preflight.activation_bytes, memory.py). The target: predicted / measured within 1.0 .. 1.3.
 
 The ranks run with MALLOC_MMAP_THRESHOLD_=65536: glibc then serves every tensor above 64 KiB with its
 own mapping and returns it when freed, so the resident size follows the live tensors. Without it, memory
@@ -60,14 +60,14 @@ def step_rank(rank, world_size, dit_path, shape, cfg, ulysses=1, ring=1):
 
     engine = Engine(GroupConfig(ranks=world_size, ulysses=ulysses, ring=ring, shard_weights="off", vae_split=False),
                     rank=rank)
-    model = engine.dit(dit_path)
-    text_dim = model.config.text_dim
+    dit = engine.load_dit(dit_path)
+    text_dim = dit.module.config.text_dim
     g = torch.Generator().manual_seed(3)
     request = SampleRequest(experts=[dit_path], positive={"tokens": torch.randn(1, TEXT_TOKENS, text_dim, generator=g)},
                             negative={"tokens": torch.randn(1, TEXT_TOKENS, text_dim, generator=g)},
                             latent=torch.zeros(1, 16, *shape), seed=1, steps=1, cfg=cfg, shift=5.0, sampler="euler")
-    predicted = engine.activation_bytes(model.usp_family, [model], tuple(request.latent.shape), TEXT_TOKENS,
-                                        passes=2 if cfg != 1.0 else 1)
+    predicted = engine.preflight.activation_bytes([dit], tuple(request.latent.shape), TEXT_TOKENS,
+                                                  passes=2 if cfg != 1.0 else 1)
     if world_size > 1:
         import torch.distributed as dist
 

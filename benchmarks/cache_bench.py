@@ -42,9 +42,9 @@ def run(rank: int, world_size: int, dit_path: str, shape: list, steps: int) -> d
         if threshold is not None:
             request.cache = {"method": method, "threshold": threshold}
         started = time.perf_counter()
-        latent = engine.sample(request)
-        seconds = time.perf_counter() - started
-        skipped = engine.step_cache.report()["skipped_steps"] if engine.step_cache is not None else []
+        result = engine.sample(request)
+        latent, seconds = result.latent, time.perf_counter() - started
+        skipped = result.step_cache.report()["skipped_steps"] if result.step_cache is not None else []
         out[f"{method}/latent"] = latent
         out[f"{method}/seconds"] = torch.tensor(seconds)
         out[f"{method}/skipped"] = torch.tensor(skipped, dtype=torch.long)

@@ -304,31 +304,31 @@ class Worker:
             nonlocal start
             start = time.monotonic()
 
-        def on_step(i: int, total: int, denoised: torch.Tensor) -> bool:
+        def on_step(i: int, total: int, denoised: torch.Tensor, skipped: int | None) -> bool:
             if fault and fault.get("rank") == self.rank and fault.get("step") == i:
                 inject(fault["kind"])
             if self.rank == 0:
                 # a preview needs only the first frame of the first video: [1, C, 1, h, w]
                 tensors = {"x0": denoised[:1, :, :1]} if request.preview else None
                 progress = {"type": "progress", "step": i + 1, "total": total, "elapsed": time.monotonic() - start}
-                if self.engine.step_cache is not None:
-                    progress["skipped"] = len(self.engine.step_cache.skipped_steps)
+                if skipped is not None:
+                    progress["skipped"] = skipped
                 self.reply(progress, tensors)
             return self.agree(self.rank == 0 and self.cancel_requested())
 
         try:
-            latent = self.engine.sample(request, on_step, on_start)
+            result = self.engine.sample(request, on_step, on_start)
         except SamplingInterrupted as stop:
             return {"type": "interrupted", "step": stop.step + 1}, None
         reply = {"type": "ok", "seconds": time.monotonic() - began, "sampling_seconds": time.monotonic() - start,
-                 "ulysses": self.engine.sp.ulysses_degree, "ring": self.engine.sp.ring_degree,
-                 "cfg_parallel": self.engine.sp.cfg_degree}
-        if self.engine.step_cache is not None:
-            reply["cache"] = self.engine.step_cache.report()
-        if self.engine.lora_warnings:
-            reply["warnings"] = self.engine.lora_warnings
-        reply["load_counts"] = dict(self.engine.load_counts)  # how often each kind of file was read: "dit", "lora"
-        return reply, {"latent": latent}
+                 "ulysses": result.sp.ulysses_degree, "ring": result.sp.ring_degree,
+                 "cfg_parallel": result.sp.cfg_degree}
+        if result.step_cache is not None:
+            reply["cache"] = result.step_cache.report()
+        if result.lora_warnings:
+            reply["warnings"] = result.lora_warnings
+        reply["load_counts"] = result.load_counts  # how often each kind of file was read: "dit", "lora"
+        return reply, {"latent": result.latent}
 
 
 def release_freed_memory() -> None:

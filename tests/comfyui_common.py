@@ -131,6 +131,6 @@ def route_api_sample(engine) -> None:
         request.check_experts()
         api.check_sample_request(request, api.check_dit_file(request.experts[0], request.family)[0], text_dim)
         request = SampleRequest.from_frame(*protocol.decode_frame(protocol.encode_frame(*request.to_frame())))
-        return engine.sample(request), {"ulysses": 1, "ring": 1}
+        return engine.sample(request).latent, {"ulysses": 1, "ring": 1}
 
     api.sample = via_wire

@@ -41,7 +41,7 @@ def main(comfy_dir: str, models_json: str) -> None:
         native = comfy.sample.sample(patcher, noise, steps, cfg_scale, "euler", "simple", [[pos, {}]], [[neg, {}]],
                                      latent, denoise=denoise, seed=seed, disable_pbar=True)
         ours = Engine().sample(SampleRequest(experts=[paths["dit"]], positive=pos, negative=neg, latent=latent, seed=seed,
-                                             steps=steps, cfg=cfg_scale, shift=5.0, sampler="euler", denoise=denoise))
+                                             steps=steps, cfg=cfg_scale, shift=5.0, sampler="euler", denoise=denoise)).latent
         return rel(ours, native)
 
     out["ksampler_euler"] = both(torch.zeros(1, 16, 3, 4, 6), 123, 4, 5.0, 1.0)
@@ -59,7 +59,7 @@ def main(comfy_dir: str, models_json: str) -> None:
         return engine.sample(SampleRequest(experts=[paths["dit"]], positive=pos, negative=neg, latent=latent, seed=7,
                                            steps=6, cfg=4.0, shift=5.0, sampler="euler", start_step=start,
                                            end_step=end, add_noise=add_noise == "enable",
-                                           leftover_noise=leftover == "enable"))
+                                           leftover_noise=leftover == "enable")).latent
 
     empty = torch.zeros(1, 16, 3, 4, 6)
     native_first = native_adv(empty, "enable", 0, 3, "enable")

@@ -63,7 +63,7 @@ def main(comfy_dir: str, models_json: str) -> None:
                                  latent, seed=77, disable_pbar=True)
     ours = Engine().sample(SampleRequest(experts=[paths["dit"]], positive={"tokens": cond, "pooled_output": pooled},
                                          negative=None, latent=latent, seed=77, steps=4, cfg=1.0, shift=7.0,
-                                         sampler="euler", options={"guidance": 6.0}))
+                                         sampler="euler", options={"guidance": 6.0})).latent
     out["hunyuan_ksampler_euler"] = rel(ours, native)
     print(json.dumps(out))
 

@@ -93,7 +93,7 @@ def main(comfy_dir: str, files_json: str) -> None:
                                                    latent)[0]["samples"]
             ours = engine.sample(SampleRequest(experts=[paths["wan21_i2v"]], positive=tensors(pos),
                                                negative=tensors(neg), latent=latent["samples"], seed=seed, steps=steps,
-                                               cfg=scale, shift=shift, sampler="euler"))
+                                               cfg=scale, shift=shift, sampler="euler")).latent
             out[case + "_engine"] = rel(ours, native)
             node = wan_nodes.UspWanSampler().sample(socket(["wan21_i2v"], "wan2.1"), pos, neg, latent, seed, steps,
                                                     scale, shift, "euler", 1.0)[0]["samples"]
@@ -110,7 +110,7 @@ def main(comfy_dir: str, files_json: str) -> None:
                                                        big)[0]["samples"]
                 ours = engine.sample(SampleRequest(experts=[paths["wan21_i2v"]], positive=tensors(pos),
                                                    negative=tensors(neg), latent=big["samples"], seed=seed,
-                                                   steps=steps, cfg=scale, shift=shift, sampler="euler"))
+                                                   steps=steps, cfg=scale, shift=shift, sampler="euler")).latent
                 out["wan21_i2v_resized_to_latent_engine"] = rel(ours, native)
 
     # Wan 2.2 I2V A14B: two 36-channel experts, no CLIP vision; two KSamplerAdvanced split at the boundary
@@ -131,7 +131,7 @@ def main(comfy_dir: str, files_json: str) -> None:
         return engine.sample(SampleRequest(experts=[paths["high_noise"], paths["low_noise"]], boundaries=[boundary],
                                            family="wan2.2-a14b", positive=tensors(pos), negative=tensors(neg),
                                            latent=latent["samples"], seed=seed, steps=steps, cfg=[scale, scale],
-                                           shift=shift, sampler="euler"))
+                                           shift=shift, sampler="euler")).latent
 
     with torch.inference_mode():
         i2v = WanImageToVideo.execute(*text, vae, width, height, 9, 1, start_image=start).result

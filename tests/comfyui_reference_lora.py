@@ -51,7 +51,7 @@ def main(comfy_dir: str, files_json: str) -> None:
         request.check_experts()
         api.check_sample_request(request, api.check_dit_file(request.experts[0], request.family)[0], text_dim)
         request = SampleRequest.from_frame(*protocol.decode_frame(protocol.encode_frame(*request.to_frame())))
-        return engine.sample(request), {"ulysses": 1, "ring": 1}
+        return engine.sample(request).latent, {"ulysses": 1, "ring": 1}
 
     api.sample = via_wire  # sampler_run.run_sampler calls api.sample
 
@@ -87,10 +87,13 @@ def main(comfy_dir: str, files_json: str) -> None:
         return comfy_nodes.KSampler().sample(model, seed, steps, scale, "euler", "simple", pos, neg,
                                              {"samples": empty})[0]["samples"]
 
+    last = {}  # the last run's SampleResult
+
     def ours_wan21(loras):
-        return engine.sample(SampleRequest(experts=[paths["wan21"]], positive=pos[0][0], negative=neg[0][0],
-                                           latent=empty, seed=seed, steps=steps, cfg=scale, shift=shift,
-                                           sampler="euler", loras=loras))
+        last["run"] = engine.sample(SampleRequest(experts=[paths["wan21"]], positive=pos[0][0], negative=neg[0][0],
+                                                  latent=empty, seed=seed, steps=steps, cfg=scale, shift=shift,
+                                                  sampler="euler", loras=loras))
+        return last["run"].latent
 
     with torch.no_grad():
         base = ksampler(native_model("wan21", [], shift))
@@ -105,7 +108,7 @@ def main(comfy_dir: str, files_json: str) -> None:
         out["wan21_no_lora"] = rel(ours_wan21([]), base)
         out["wan21_lora_changes_result"] = rel(native, base)
         out["wan21_engine"] = rel(ours_wan21([ours_chain("wan21")]), native)
-        out["wan21_modulation_warned"] = any("modulation tables" in w for w in engine.lora_warnings)
+        out["wan21_modulation_warned"] = any("modulation tables" in w for w in last["run"].lora_warnings)
         node_model = with_usp_loras(socket(["wan21"], "wan2.1"), "wan21")
         out["wan21_nodes"] = rel(wan_nodes.UspWanSampler().sample(node_model, pos, neg, {"samples": empty}, seed, steps,
                                                                   scale, shift, "euler", 1.0)[0]["samples"], native)
@@ -127,7 +130,7 @@ def main(comfy_dir: str, files_json: str) -> None:
                                            positive=pos[0][0], negative=neg[0][0], latent=latent, seed=seed,
                                            steps=steps, cfg=scale, shift=shift, sampler="euler", start_step=start,
                                            end_step=end, add_noise=i == 0, leftover_noise=i == 0,
-                                           loras=[ours_chain(["high_noise", "low_noise"][i])]))
+                                           loras=[ours_chain(["high_noise", "low_noise"][i])])).latent
 
     with torch.no_grad():
         high, low = (native_model(e, CHAINS[e], shift) for e in ("high_noise", "low_noise"))
@@ -142,7 +145,7 @@ def main(comfy_dir: str, files_json: str) -> None:
         out["wan22_switch_engine"] = rel(engine.sample(SampleRequest(
             experts=[paths["high_noise"], paths["low_noise"]], boundaries=[boundary], family="wan2.2-a14b",
             positive=pos[0][0], negative=neg[0][0], latent=empty, seed=seed, steps=steps, cfg=[scale, scale],
-            shift=shift, sampler="euler", loras=[ours_chain("high_noise"), ours_chain("low_noise")])), reference)
+            shift=shift, sampler="euler", loras=[ours_chain("high_noise"), ours_chain("low_noise")])).latent, reference)
         ours_first = ours_expert(0, empty, 0, k)
         out["wan22_high_leftover_latent"] = rel(ours_first, native_first)
         out["wan22_two_advanced_engine"] = rel(ours_expert(1, ours_first, k, 10000), reference)

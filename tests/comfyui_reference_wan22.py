@@ -45,7 +45,7 @@ def main(comfy_dir: str, models_json: str) -> None:
         return engine.sample(SampleRequest(experts=[experts[expert]], keep=[experts[1 - expert]], family="wan2.2-a14b",
                                            positive=pos, negative=neg, latent=latent, seed=seed, steps=steps,
                                            cfg=scale, shift=shift, sampler="euler", start_step=start, end_step=end,
-                                           add_noise=add_noise == "enable", leftover_noise=leftover == "enable"))
+                                           add_noise=add_noise == "enable", leftover_noise=leftover == "enable")).latent
 
     out = {"k": k}
     with torch.no_grad():
@@ -53,7 +53,7 @@ def main(comfy_dir: str, models_json: str) -> None:
         reference = native(low, native_first, "disable", k, 10000, "disable")
         switch = engine.sample(SampleRequest(experts=experts, boundaries=[boundary], family="wan2.2-a14b",
                                              positive=pos, negative=neg, latent=empty, seed=seed, steps=steps,
-                                             cfg=[scale, scale], shift=shift, sampler="euler"))
+                                             cfg=[scale, scale], shift=shift, sampler="euler")).latent
         ours_first = ours(0, empty, "enable", 0, k, "enable")
         out["wan22_switch_vs_two_ksampler_advanced"] = rel(switch, reference)
         out["wan22_two_usp_advanced_vs_two_ksampler_advanced"] = rel(

@@ -43,7 +43,7 @@ def main(comfy_dir: str, models_json: str) -> None:
                                      latent, denoise=denoise, seed=seed, disable_pbar=True)
         ours = Engine().sample(SampleRequest(experts=[paths["dit"]], positive=pos, negative=neg, latent=latent,
                                              seed=seed, steps=steps, cfg=scale, shift=5.0, sampler="euler",
-                                             denoise=denoise))
+                                             denoise=denoise)).latent
         return rel(ours, native)
 
     out["ti2v_ksampler_euler"] = both(torch.zeros(1, 48, 3, 4, 6), 123, 4, 5.0, 1.0)
@@ -63,7 +63,7 @@ def main(comfy_dir: str, models_json: str) -> None:
                                          latent)[0]["samples"]
         ours = Engine().sample(SampleRequest(experts=[paths["dit"]], positive=pos, negative=neg,
                                              latent=latent["samples"], noise_mask=latent["noise_mask"], seed=seed,
-                                             steps=4, cfg=scale, shift=5.0, sampler="euler"))
+                                             steps=4, cfg=scale, shift=5.0, sampler="euler")).latent
         out[name] = rel(ours, native)
         out[name + "_first_frame_kept"] = float((native[:, :, 0] - latent["samples"][:, :, 0]).abs().max())
         out[name + "_mask_zeros"] = float((latent["noise_mask"] == 0).float().mean())

@@ -49,13 +49,14 @@ def dit_inputs(shape, text_len=20, text_dim=32, seed=1):
 
 
 def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto", cfg_degree=1, shard_weights="off",
-                vae_split=False, dit_offload=False, placement="offload", compile="off"):
+                vae_split=False, dit_offload=False, placement="offload", compile="off", free_memory=None):
     from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.engine import Engine
 
     return Engine(GroupConfig(ranks=world_size, ulysses=ulysses, ring=ring, cfg_parallel=cfg_degree,
                               shard_weights=shard_weights, vae_split=vae_split, dit_offload=dit_offload,
-                              placement=placement, compile=compile), rank=rank)
+                              placement=placement, compile=compile), rank=rank,
+                  **({} if free_memory is None else {"free_memory": free_memory}))
 
 
 def dit_forward(engine, dit_path, shape):
@@ -69,7 +70,8 @@ def dit_forward_rank(rank, world_size, ulysses, ring, dit_path, shape, compile="
         return compiled_forward(rank, world_size, ulysses, ring, dit_path, shape, shard_weights)
     engine = make_engine(rank, world_size, ulysses, ring)
     out = dit_forward(engine, dit_path, shape)
-    assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
+    sp = engine.load_dit(dit_path).sp
+    assert (sp.ulysses_degree, sp.ring_degree) == (ulysses, ring)
     return {"out": out}
 
 
@@ -100,9 +102,9 @@ def compiled_forward(rank, world_size, ulysses, ring, dit_path, shape, shard_wei
         out = dit_forward(engine, dit_path, shape)
     finally:
         compile_mod.BACKEND_OF["aot_eager"] = saved
-    assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
-    model = engine.dit(dit_path)
-    blocks = model.usp_family.blocks(model)
+    dit = engine.load_dit(dit_path)
+    assert (dit.sp.ulysses_degree, dit.sp.ring_degree) == (ulysses, ring)
+    blocks = dit.family.blocks(dit.module)
     return {"out": out, "graph_runs": torch.tensor(runs[0]), "blocks": torch.tensor(len(blocks)),
             "compiled": torch.tensor(sum(compile_mod.is_compiled(b) for b in blocks)),
             "fsdp": torch.tensor(sum(isinstance(b, FSDPModule) for b in blocks))}
@@ -119,7 +121,7 @@ def sample_request(dit_path, shape, steps=4, sampler="unipc", seed=7, cfg=5.0):
 
 def sample_rank(rank, world_size, ulysses, ring, dit_path, shape, sampler):
     engine = make_engine(rank, world_size, ulysses, ring)
-    return {"latent": engine.sample(sample_request(dit_path, shape, sampler=sampler))}
+    return {"latent": engine.sample(sample_request(dit_path, shape, sampler=sampler)).latent}
 
 
 def variant_request(dit_path, variant):
@@ -139,7 +141,7 @@ def variant_request(dit_path, variant):
 
 def sample_variant_rank(rank, world_size, ulysses, ring, dit_path, variant):
     engine = make_engine(rank, world_size, ulysses, ring)
-    return {"latent": engine.sample(variant_request(dit_path, variant))}
+    return {"latent": engine.sample(variant_request(dit_path, variant)).latent}
 
 
 # -- HunyuanVideo --------------------------------------------------------------------------------
@@ -163,8 +165,9 @@ def hunyuan_forward(model, shape, text_len):
 
 def hunyuan_forward_rank(rank, world_size, ulysses, ring, dit_path, shape, text_len):
     engine = make_engine(rank, world_size, ulysses, ring)
-    out = hunyuan_forward(engine.dit(dit_path), shape, text_len)
-    assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
+    dit = engine.load_dit(dit_path)
+    out = hunyuan_forward(dit.module, shape, text_len)
+    assert (dit.sp.ulysses_degree, dit.sp.ring_degree) == (ulysses, ring)
     return {"out": out}
 
 
@@ -182,7 +185,7 @@ def hunyuan_request(dit_path, shape, cfg=1.0, text_lens=(12, 7), steps=4):
 
 def hunyuan_sample_rank(rank, world_size, ulysses, ring, dit_path, shape, cfg):
     engine = make_engine(rank, world_size, ulysses, ring)
-    return {"latent": engine.sample(hunyuan_request(dit_path, shape, cfg))}
+    return {"latent": engine.sample(hunyuan_request(dit_path, shape, cfg)).latent}
 
 
 def cfg_parallel_sample_rank(rank, world_size, ulysses, ring, dit_path, family, cfg):
@@ -192,9 +195,9 @@ def cfg_parallel_sample_rank(rank, world_size, ulysses, ring, dit_path, family, 
         request = sample_request(dit_path, (5, 2, 14), sampler="euler", cfg=cfg)
     else:
         request = hunyuan_request(dit_path, (5, 2, 14), cfg=cfg)
-    latent = engine.sample(request)
-    assert (engine.sp.cfg_degree, engine.sp.ulysses_degree, engine.sp.ring_degree) == (2, ulysses, ring)
-    return {"latent": latent}
+    result = engine.sample(request)
+    assert (result.sp.cfg_degree, result.sp.ulysses_degree, result.sp.ring_degree) == (2, ulysses, ring)
+    return {"latent": result.latent}
 
 
 def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder=None):
@@ -219,7 +222,7 @@ def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder
                                 prompt="a cat walks on the beach at sunset")
         assert engine.encode_on_all_ranks(request)
         result["cond"] = engine.encode(request)["tokens"]
-        result["te_bytes"] = torch.tensor([parameter_bytes(engine.text_part("text_encoder").model)])
+        result["te_bytes"] = torch.tensor([parameter_bytes(engine.text.text_part("text_encoder").model)])
         result["te_read"] = torch.tensor([TensorFile.read_from[str(Path(text_encoder))]])
     return result
 
@@ -231,7 +234,7 @@ def offloaded_rank(rank, world_size, wan, hunyuan, experts):
     from torch.distributed.fsdp import CPUOffloadPolicy
 
     from usp_video.distributed.parallel.fsdp import offload_policies
-    from usp_video.distributed.placement import Placement
+    from usp_video.distributed.residency import Placement
 
     moved = []
     real_move = Placement._move
@@ -241,11 +244,12 @@ def offloaded_rank(rank, world_size, wan, hunyuan, experts):
     for name, request in (("wan", sample_request(wan, (3, 4, 6), steps=2, sampler="euler")),
                           ("hunyuan", hunyuan_request(hunyuan, (5, 2, 14), cfg=3.0, steps=2)),
                           ("experts", wan22_request(experts, (3, 4, 6), "euler", steps=6))):
-        out[name] = engine.sample(request)
-        for i, (slot, (_, model)) in enumerate((s, m) for s, m in engine._loaded.items() if s.startswith("dit:")):
+        out[name] = engine.sample(request).latent
+        for i, (slot, dit) in enumerate(engine.residency.dits()):
+            model = dit.module
             policies = offload_policies(model)
             out[f"{name}:{i}:policies"] = torch.tensor([
-                len(policies), len(model.usp_family.blocks(model)) + 1,
+                len(policies), len(dit.family.blocks(model)) + 1,
                 sum(isinstance(p, CPUOffloadPolicy) and not p.pin_memory for p in policies),
                 all(p.device.type == "cpu" for p in model.parameters())])
             out[f"{name}:{i}:where"] = torch.tensor(engine.placement.where[slot] == "offloaded")
@@ -276,7 +280,7 @@ def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):
                             prompt=prompt)
     assert engine.encode_on_all_ranks(request)
     cond = engine.encode(request)
-    held = parameter_bytes(engine.text_part("llama"))
+    held = parameter_bytes(engine.text.text_part("llama"))
     read = TensorFile.read_from[str(Path(llama))]  # what this rank read of the Llama's file
     return {"cond": cond["tokens"], "pooled_output": cond["pooled_output"], "bytes": torch.tensor([held]), "read": torch.tensor([read])}
 
@@ -305,7 +309,7 @@ def experts_request(experts, boundaries, shape=(5, 2, 14)):
 
 def experts_sample_rank(rank, world_size, ulysses, ring, experts, boundaries):
     engine = make_engine(rank, world_size, ulysses, ring)
-    return {"latent": engine.sample(experts_request(experts, boundaries))}
+    return {"latent": engine.sample(experts_request(experts, boundaries)).latent}
 
 
 def run_cases(rank, world_size, target, cases):
@@ -339,8 +343,9 @@ def wan22_request(experts, shape, sampler, steps=6):
 def wan22_rank(rank, world_size, ulysses, ring, experts, shape, sampler):
     engine = make_engine(rank, world_size, ulysses, ring)
     out = {f"forward{i}": wan22_forward(engine, path, shape) for i, path in enumerate(experts)}
-    assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
-    out["latent"] = engine.sample(wan22_request(experts, shape, sampler))
+    sp = engine.load_dit(experts[-1], "wan2.2-a14b").sp
+    assert (sp.ulysses_degree, sp.ring_degree) == (ulysses, ring)
+    out["latent"] = engine.sample(wan22_request(experts, shape, sampler)).latent
     out["loads"] = torch.tensor(engine.load_counts["dit"])
     return out
 
@@ -404,10 +409,11 @@ def ti2v_image_request(dit_path, shape, sampler, steps=4):
 def ti2v_rank(rank, world_size, ulysses, ring, dit_path, shape, sampler):
     engine = make_engine(rank, world_size, ulysses, ring)
     out = {"forward": ti2v_forward(engine, dit_path, shape)}
-    assert (engine.sp.ulysses_degree, engine.sp.ring_degree) == (ulysses, ring)
-    out["latent"] = engine.sample(ti2v_request(dit_path, shape, sampler))
+    sp = engine.load_dit(dit_path).sp
+    assert (sp.ulysses_degree, sp.ring_degree) == (ulysses, ring)
+    out["latent"] = engine.sample(ti2v_request(dit_path, shape, sampler)).latent
     out["masked_forward"] = ti2v_masked_forward(engine, dit_path, shape)
-    out["image_latent"] = engine.sample(ti2v_image_request(dit_path, shape, sampler))
+    out["image_latent"] = engine.sample(ti2v_image_request(dit_path, shape, sampler)).latent
     return out
 
 
@@ -427,12 +433,12 @@ def cached_request(dit_path, family, method, threshold, steps=10):
 
 
 def cached_run(engine, request) -> dict:
-    latent = engine.sample(request)
-    report = engine.step_cache.report()
-    trace = torch.tensor([[step, own, value] for step, _, own, value in engine.step_cache.trace], dtype=torch.float64)
+    result = engine.sample(request)
+    latent, report = result.latent, result.step_cache.report()
+    trace = torch.tensor([[step, own, value] for step, _, own, value in result.step_cache.trace], dtype=torch.float64)
     passes = {f"skipped_{key}": torch.tensor(steps, dtype=torch.long) for key, steps in report["skipped_per_pass"].items()}
     return {"latent": latent, "skipped": torch.tensor(report["skipped_steps"], dtype=torch.long), "trace": trace,
-            "cfg_rank": torch.tensor(engine.sp.cfg_rank), **passes}
+            "cfg_rank": torch.tensor(result.sp.cfg_rank), **passes}
 
 
 def cached_sample_rank(rank, world_size, ulysses, ring, dit_path, family, method, threshold, cfg_degree=1):
@@ -466,7 +472,7 @@ def lora_request(dit_path, family, loras, shape=(3, 4, 6), steps=3):
 
 def lora_rank(rank, world_size, ulysses, ring, dit_path, family, loras, shard_weights="off"):
     engine = make_engine(rank, world_size, ulysses, ring, shard_weights=shard_weights)
-    out = {"latent": engine.sample(lora_request(dit_path, family, loras))}
+    out = {"latent": engine.sample(lora_request(dit_path, family, loras)).latent}
     assert engine.sharded["dit"] == (shard_weights == "on")
     return out
 
@@ -497,16 +503,16 @@ def i2v_request(experts, shape, clip_vision=True, cfg=5.0, steps=3):
 
 def i2v_forward(engine, request, family=None):
     """The first expert's velocity for the request's positive side at timestep 700 (the engine's own path)."""
-    model = engine.dit(request.experts[0], family)
+    dit = engine.load_dit(request.experts[0], family)
     shape = tuple(request.latent.shape)
-    cond = model.usp_family.model_conditioning(model, request.positive, shape, "positive")
+    cond = dit.family.model_conditioning(dit.module, request.positive, shape, "positive")
     x = torch.randn(shape, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        return model.usp_family.velocity(model, x, torch.tensor([700.0]), cond, {})
+        return dit.family.velocity(dit.module, x, torch.tensor([700.0]), cond, {})
 
 
 def i2v_rank(rank, world_size, ulysses, ring, experts, shape, clip_vision, family=None):
     engine = make_engine(rank, world_size, ulysses, ring)
     request = i2v_request(experts, shape, clip_vision)
     request.family = family
-    return {"forward": i2v_forward(engine, request, family), "latent": engine.sample(request)}
+    return {"forward": i2v_forward(engine, request, family), "latent": engine.sample(request).latent}

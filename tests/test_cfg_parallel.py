@@ -18,7 +18,7 @@ def test_cfg_parallel_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, 
     cfg = 5.0 if family == "wan" else 3.0
     request = (sample_request(dit, (5, 2, 14), sampler="euler", cfg=cfg) if family == "wan"
                else hunyuan_request(dit, (5, 2, 14), cfg=cfg))
-    expected = make_engine().sample(request)
+    expected = make_engine().sample(request).latent
     results = run_ranks(f"{tests_dir}/parity_targets.py:cfg_parallel_sample_rank", world_size,
                         dict(ulysses=ulysses, ring=ring, dit_path=dit, family=family, cfg=cfg), timeout=240)
     for rank, result in enumerate(results):
@@ -28,7 +28,7 @@ def test_cfg_parallel_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, 
 
 def test_cfg_one_with_cfg_parallel_runs_the_one_pass_on_both_halves(tests_dir, tiny_hunyuan):
     dit = tiny_hunyuan["dit"]
-    expected = make_engine().sample(hunyuan_request(dit, (5, 2, 14), cfg=1.0))
+    expected = make_engine().sample(hunyuan_request(dit, (5, 2, 14), cfg=1.0)).latent
     results = run_ranks(f"{tests_dir}/parity_targets.py:cfg_parallel_sample_rank", 2,
                         dict(ulysses=1, ring=1, dit_path=dit, family="hunyuan", cfg=1.0), timeout=240)
     for result in results:
@@ -48,7 +48,7 @@ def test_cfg_parallel_group_through_the_client(tiny_models):
     from usp_video.distributed.client import GroupConfig, free_group
 
     request = sample_request(tiny_models["dit"], (5, 2, 14), sampler="unipc", cfg=5.0)
-    expected = make_engine().sample(request)
+    expected = make_engine().sample(request).latent
     group = GroupConfig(ranks=4, cfg_parallel=2, ulysses=2, ring=1)
     try:
         info = api.load_dit(group, tiny_models["dit"])

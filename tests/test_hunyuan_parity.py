@@ -59,7 +59,7 @@ def test_dit_forward_parity(forward_runs, tiny_hunyuan, stock, world_size, ulyss
 @pytest.fixture(scope="module")
 def sampled(tiny_hunyuan):
     engine = make_engine()
-    return {cfg: engine.sample(hunyuan_request(tiny_hunyuan["dit"], UNEVEN, cfg)) for cfg in (1.0, 3.0)}
+    return {cfg: engine.sample(hunyuan_request(tiny_hunyuan["dit"], UNEVEN, cfg)).latent for cfg in (1.0, 3.0)}
 
 
 def cfg_of(world_size, ulysses):

@@ -56,7 +56,7 @@ def merge(base: str, loras: list, out: Path, aliases=lambda stem: []) -> str:
 
 def sample(dit, family, loras, engine=None):
     engine = engine or make_engine()
-    return engine.sample(lora_request(dit, family, [[str(p), s] for p, s in loras]))
+    return engine.sample(lora_request(dit, family, [[str(p), s] for p, s in loras])).latent
 
 
 @pytest.mark.parametrize("layout", ["kohya", "peft", "distill"])
@@ -210,8 +210,8 @@ def test_lora_tensors_move_with_their_model_and_warnings_repeat(tiny_models, tmp
                "diffusion_model.vace_blocks.0.proj.lora_down.weight": torch.zeros(4, 8)}, str(partial))
     engine = make_engine()
     for _ in range(2):
-        sample(tiny_models["dit"], "wan", [(partial, 1.0)], engine)
-        assert len(engine.lora_warnings) == 1 and "2 of 62 keys match no layer" in engine.lora_warnings[0]
+        warnings = engine.sample(lora_request(tiny_models["dit"], "wan", [[str(partial), 1.0]])).lora_warnings
+        assert len(warnings) == 1 and "2 of 62 keys match no layer" in warnings[0]
     model = engine.dit(tiny_models["dit"])
     held = [name for name, _ in model.named_buffers() if ".usp_lora_" in name]
     assert len(held) == 40  # a down and an up for each of the 20 Linear layers of the blocks

@@ -3,38 +3,48 @@ memory before anything is allocated (the prediction against measured peaks: benc
 
 import pytest
 
-from usp_video.distributed import engine as engine_module
 from usp_video.distributed.models import FAMILIES
+from usp_video.distributed.preflight import free_memory
+from usp_video.distributed.residency import HOST
 from parity_targets import make_engine
 
 
-def test_a_device_too_small_is_refused_with_what_to_change(tiny_models, monkeypatch):
+class Probe:
+    """A free-memory probe handed to the engine: `free` bytes on any device (None: the real probe's answer),
+    and the devices it was asked about."""
+
+    def __init__(self, free=None):
+        self.free, self.asked = free, []
+
+    def __call__(self, device):
+        self.asked.append(device)
+        return free_memory(device) if self.free is None else self.free
+
+
+def test_a_device_too_small_is_refused_with_what_to_change(tiny_models):
     need = FAMILIES["wan2.1"].dit_load_bytes(tiny_models["dit"], make_engine().dtype, 1)
-    monkeypatch.setattr(engine_module, "_free_memory", lambda device: need - 1)
-    engine = make_engine()
+    probe = Probe(need - 1)
+    engine = make_engine(free_memory=probe)
     with pytest.raises(ValueError, match=r"tiny_wan2.1_t2v.safetensors needs about 0.\d GiB on each rank to load "
                                          r"\(a whole copy on every rank\), but the device has 0.\d GiB free: use more "
                                          r"GPUs with shard_weights on; or load the model's fp8 file"):
         engine.dit(tiny_models["dit"])
     assert engine.load_counts["dit"] == 0  # refused before loading
-    monkeypatch.setattr(engine_module, "_free_memory", lambda device: need)
+    probe.free = need
     engine.dit(tiny_models["dit"])
     assert engine.load_counts["dit"] == 1
 
 
-def test_an_offloaded_load_checks_the_hosts_memory(tiny_models, monkeypatch):
+def test_an_offloaded_load_checks_the_hosts_memory(tiny_models):
     """dit_offload loads the shares into host memory: the host is checked (the device then holds about two
     gathered blocks, which the activations pre-flight counts), and the refusal says so."""
-    from usp_video.distributed.placement import HOST
-
     family = FAMILIES["wan2.1"]
     need = family.dit_load_bytes(tiny_models["dit"], make_engine().dtype, 1)
-    asked = []
-    monkeypatch.setattr(engine_module, "_free_memory", lambda device: asked.append(device) or need - 1)
+    probe = Probe(need - 1)
     with pytest.raises(ValueError, match=r"needs about 0.\d GiB of host memory on each rank to load \(dit_offload keeps "
                                          r"its weight shards there\), but the host has 0.\d GiB free: use more hosts"):
-        make_engine().check_memory(tiny_models["dit"], family, True, HOST, offload=True)
-    assert asked == [HOST]
+        make_engine(free_memory=probe).preflight.check_memory(tiny_models["dit"], family, True, HOST, offload=True)
+    assert probe.asked == [HOST]
 
 
 def test_the_prediction_counts_the_weights_once_and_shares_them(tiny_models):
@@ -96,22 +106,23 @@ def test_the_activation_prediction_with_sequence_parallelism(activation_dit, uly
     assert 1.0 <= row["ratio"] <= most, row
 
 
-def test_a_step_too_big_for_the_device_is_refused_before_it_starts(tiny_models, monkeypatch):
+def test_a_step_too_big_for_the_device_is_refused_before_it_starts(tiny_models):
     from parity_targets import sample_request
 
-    engine = make_engine()
+    probe = Probe()
+    engine = make_engine(free_memory=probe)
     request = sample_request(tiny_models["dit"], (9, 32, 32), steps=2, sampler="euler")
-    model = engine.dit(tiny_models["dit"])
-    need = engine.activation_bytes(model.usp_family, [model], tuple(request.latent.shape), 24, passes=2)
+    dit = engine.load_dit(tiny_models["dit"])
+    need = engine.preflight.activation_bytes([dit], tuple(request.latent.shape), 24, passes=2)
     started = []
-    monkeypatch.setattr(engine_module, "_free_memory", lambda device: need - 1)
+    probe.free = need - 1
     with pytest.raises(ValueError, match=r"a step on this latent needs about 0.\d\d GiB of activations on each rank, "
                                          r"but the device has 0.\d\d GiB free with the model loaded: use a smaller "
                                          r"video \(fewer frames, or a smaller width x height: the latent 9x32x32 makes "
                                          r"2304 tokens\); or more GPUs"):
         engine.sample(request, on_start=lambda: started.append(1))
     assert started == []
-    monkeypatch.setattr(engine_module, "_free_memory", lambda device: need)
+    probe.free = need
     engine.sample(request, on_start=lambda: started.append(1))
     assert started == [1]
 
@@ -127,37 +138,37 @@ def test_the_activation_prediction_follows_tokens_batch_and_ranks():
         step_activation_bytes(501, 512, 2048, 1, 4) > step_activation_bytes(500, 512, 2048, 1, 4)
 
 
-def test_an_idle_expert_parked_in_host_memory_needs_room_for_two(tiny_models, monkeypatch):
+def test_an_idle_expert_parked_in_host_memory_needs_room_for_two(tiny_models):
     """placement offload: an idle expert is loaded into host memory, and at the switch the running expert
     joins it there before it leaves: the host must hold two (a CUDA group checks this; on CPU ranks the
     device is the host, so the check is called directly)."""
-    from usp_video.distributed.placement import HOST
-
-    engine = make_engine()
+    probe = Probe()
+    preflight = make_engine(free_memory=probe).preflight
     family = FAMILIES["wan2.1"]
-    one = family.dit_load_bytes(tiny_models["dit"], engine.dtype, 1)
-    monkeypatch.setattr(engine_module, "_free_memory", lambda device: int(1.5 * one))
-    engine.check_memory(tiny_models["dit"], family, False, HOST)  # one copy fits
+    one = family.dit_load_bytes(tiny_models["dit"], preflight.dtype, 1)
+    probe.free = int(1.5 * one)
+    preflight.check_memory(tiny_models["dit"], family, False, HOST)  # one copy fits
     with pytest.raises(ValueError, match=r"waits in host memory while the other expert runs \(placement offload\), "
                                          r"and at the switch the two meet there: .* set the group's placement to keep"):
-        engine.check_memory(tiny_models["dit"], family, False, HOST, idle=True)
-    monkeypatch.setattr(engine_module, "_free_memory", lambda device: 2 * one)
-    engine.check_memory(tiny_models["dit"], family, False, HOST, idle=True)
+        preflight.check_memory(tiny_models["dit"], family, False, HOST, idle=True)
+    probe.free = 2 * one
+    preflight.check_memory(tiny_models["dit"], family, False, HOST, idle=True)
 
 
-def test_passes_of_different_shapes_are_predicted_one_at_a_time(tiny_models, monkeypatch):
+def test_passes_of_different_shapes_are_predicted_one_at_a_time(tiny_models):
     """A negative prompt of another length runs as its own pass (denoise does not batch it): the pre-flight
     counts one pass of the longer text, so a device with room for that, though not for two, runs it."""
     import torch
 
     from parity_targets import sample_request
 
-    engine = make_engine()
+    probe = Probe()
+    engine = make_engine(free_memory=probe)
     request = sample_request(tiny_models["dit"], (9, 32, 32), steps=1, sampler="euler")
     request.negative = {"tokens": torch.randn(1, 30, 32)}
-    model = engine.dit(tiny_models["dit"])
-    one = engine.activation_bytes(model.usp_family, [model], tuple(request.latent.shape), 30, passes=1)
-    two = engine.activation_bytes(model.usp_family, [model], tuple(request.latent.shape), 30, passes=2)
+    dit = engine.load_dit(tiny_models["dit"])
+    one = engine.preflight.activation_bytes([dit], tuple(request.latent.shape), 30, passes=1)
+    two = engine.preflight.activation_bytes([dit], tuple(request.latent.shape), 30, passes=2)
     assert one < two
-    monkeypatch.setattr(engine_module, "_free_memory", lambda device: one)
+    probe.free = one
     engine.sample(request)

@@ -1,4 +1,4 @@
-"""Placement (distributed/placement.py): where idle text encoders and experts wait.
+"""Placement (distributed/residency.py): where idle text encoders and experts wait.
 
 On CPU ranks the device is the host, so a move changes no memory; these tests check what is moved,
 when, in which order, and that results do not depend on the placement. gpu_check measures the device
@@ -12,7 +12,7 @@ from parity_targets import sample_request, wan22_request
 from test_wan22 import experts, tiny_wan22  # noqa: F401 (fixtures)
 from usp_video.distributed.config import GroupConfig
 from usp_video.distributed.engine import Engine
-from usp_video.distributed.placement import HOST, Placement, modules_of
+from usp_video.distributed.residency import HOST, Placement, modules_of, text_slot
 from usp_video.distributed.requests import EncodeRequest
 
 SHAPE = (3, 4, 6)
@@ -26,12 +26,12 @@ def moves(monkeypatch):
 
     def bring(self, slot, loaded):
         if self.where.get(slot) == "host":
-            made.append((slot.split(":")[0], "device"))
+            made.append((slot.kind, "device"))
         real_bring(self, slot, loaded)
 
     def park(self, slot, loaded):
         if self.where.get(slot) == "device":
-            made.append((slot.split(":")[0], "host"))
+            made.append((slot.kind, "host"))
         real_park(self, slot, loaded)
 
     monkeypatch.setattr(Placement, "bring", bring)
@@ -44,7 +44,7 @@ def engine(placement):
 
 
 def experts_where(eng, paths):
-    slots = {path: next(s for s in eng.placement.where if s.startswith("dit:") and path in s) for path in paths}
+    slots = {path: next(s for s in eng.placement.where if s.kind == "dit" and path in s.path) for path in paths}
     return [eng.placement.where[slots[p]] for p in paths]
 
 
@@ -56,7 +56,7 @@ def test_the_idle_expert_waits_in_host_memory_and_the_results_do_not_change(expe
         eng.dit_info(experts, "wan2.2-a14b")  # the loader: both experts loaded, the high-noise one to run first
         assert experts_where(eng, experts) == (["device", "device"] if placement == "keep" else ["device", "host"])
         moves.clear()
-        results[placement] = eng.sample(request)
+        results[placement] = eng.sample(request).latent
         if placement == "keep":
             assert moves == []
             assert experts_where(eng, experts) == ["device", "device"]
@@ -64,7 +64,7 @@ def test_the_idle_expert_waits_in_host_memory_and_the_results_do_not_change(expe
             assert moves == [("dit", "host"), ("dit", "device")]
             assert experts_where(eng, experts) == ["host", "device"]
             moves.clear()
-            eng.sample(request)  # the next prompt starts on the high-noise expert again
+            eng.sample(request).latent  # the next prompt starts on the high-noise expert again
             assert moves == [("dit", "host"), ("dit", "device"), ("dit", "host"), ("dit", "device")]
         assert eng.load_counts["dit"] == 2  # the loader's experts are the sampler's: nothing loads twice
     assert torch.equal(results["keep"], results["offload"]) and torch.equal(results["keep"], results["cpu"])
@@ -97,7 +97,7 @@ def test_the_text_encoder_leaves_the_device_after_encoding(tiny_models, moves, p
     eng = engine(placement)
     request = EncodeRequest(family="wan2.1", files={"text_encoder": tiny_models["text_encoder"]}, prompt="a cat")
     first = eng.encode(request)
-    assert eng.placement.where["text:text_encoder"] == after
+    assert eng.placement.where[text_slot("text_encoder")] == after
     second = eng.encode(request)
     assert torch.equal(first["tokens"], second["tokens"])
     assert moves == ([("text", "host"), ("text", "device"), ("text", "host")] if placement == "offload" else [])
@@ -114,9 +114,9 @@ def test_a_move_moves_every_module_of_a_loaded_model(tiny_models):
     moved = []
     placement = Placement("offload", torch.device("cpu"))
     placement._move = lambda loaded, device: moved.append((modules_of(loaded), device))
-    placement.loaded("text:umt5", "device")
-    placement.park("text:umt5", encoder)
-    placement.park("text:umt5", encoder)  # already there: nothing to move
+    placement.loaded(text_slot("umt5"), "device")
+    placement.park(text_slot("umt5"), encoder)
+    placement.park(text_slot("umt5"), encoder)  # already there: nothing to move
     assert moved == [([encoder.model], HOST)]
 
 

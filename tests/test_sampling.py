@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from usp_video.distributed.engine import make_noise
+from usp_video.distributed.sampling.denoiser import make_noise
 from usp_video.distributed.models import FAMILIES
 from usp_video.distributed.sampling.samplers import get_sampler, sample_euler
 from usp_video.distributed.sampling.schedules import sampling_sigmas, simple_sigmas, step_range
@@ -118,7 +118,7 @@ def _advanced(engine_and_conds, dit, latent, sampler="euler", **fields):
 
     engine, pos, neg = engine_and_conds
     return engine.sample(SampleRequest(experts=[dit], positive=pos, negative=neg, latent=latent, seed=11, steps=6,
-                                       cfg=4.0, shift=8.0, sampler=sampler, **fields))
+                                       cfg=4.0, shift=8.0, sampler=sampler, **fields)).latent
 
 
 def test_split_at_a_step_equals_one_run_with_euler(tiny_models, engine_and_conds):

@@ -41,7 +41,7 @@ def test_sharded_dit_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, f
         assert int(result["read"]) <= size * (1 / world_size + 0.05), f"rank {rank} read {int(result['read'])} of {size}"
         if text_encoder is not None:  # UMT5 sharded too, every rank taking part in the encode
             assert rel_error(result["cond"], expected_cond) <= 1e-5
-            te_full = parameter_bytes(engine.text_part("text_encoder").model)
+            te_full = parameter_bytes(engine.text.text_part("text_encoder").model)
             assert int(result["te_bytes"]) <= te_full * (1 / world_size + 0.05)
             # streamed too: its rows of UMT5's weights, and the whole tokenizer (every rank needs it)
             tokenizer = read_header(text_encoder)[0]["spiece_model"][0][0]
@@ -56,7 +56,7 @@ def test_sharding_through_the_group(tiny_models):
     from usp_video.distributed.client import GroupConfig, free_group
 
     request = sample_request(tiny_models["dit"], (3, 4, 6), steps=2, sampler="euler")
-    expected = make_engine().sample(request)
+    expected = make_engine().sample(request).latent
     full = parameter_bytes(make_engine().dit(tiny_models["dit"]))
     group = GroupConfig(ranks=2, shard_weights="on")
     try:
@@ -78,7 +78,7 @@ def test_dit_offload_on_one_rank_through_the_group(tiny_models):
     from usp_video.distributed.client import GroupConfig, free_group
 
     request = sample_request(tiny_models["dit"], (3, 4, 6), steps=2, sampler="euler")
-    expected = make_engine().sample(request)
+    expected = make_engine().sample(request).latent
     group = GroupConfig(ranks=1, dit_offload=True)
     try:
         info = api.load_dit(group, tiny_models["dit"])
@@ -95,7 +95,7 @@ def test_sharded_llama_matches_one_process(tests_dir, tiny_hunyuan):
     cond = engine.encode(EncodeRequest(family="hunyuan-video", prompt=prompt, files={
         name: tiny_hunyuan[name] for name in ("llama", "clip", "tokenizers")}))
     expected, expected_pooled = cond["tokens"], cond["pooled_output"]
-    full = parameter_bytes(engine.text_part("llama"))
+    full = parameter_bytes(engine.text.text_part("llama"))
     results = run_ranks(f"{tests_dir}/parity_targets.py:sharded_llama_rank", 2,
                         dict(llama=tiny_hunyuan["llama"], clip=tiny_hunyuan["clip"],
                              tokenizers=tiny_hunyuan["tokenizers"], prompt=prompt), timeout=240)
@@ -151,9 +151,9 @@ def test_an_offloaded_dit_samples_as_one_process(tests_dir, tiny_models, tiny_hu
     offloaded DiT (the two Wan 2.2 experts stay "offloaded" across the switch). On CPU ranks the host is
     the device, so this checks the policy and the results, not where the bytes are (gpu_check does)."""
     one = make_engine()
-    expected = {"wan": one.sample(sample_request(tiny_models["dit"], (3, 4, 6), steps=2, sampler="euler")),
-                "hunyuan": one.sample(hunyuan_request(tiny_hunyuan["dit"], (5, 2, 14), cfg=3.0, steps=2)),
-                "experts": one.sample(wan22_request(experts, (3, 4, 6), "euler", steps=6))}
+    expected = {"wan": one.sample(sample_request(tiny_models["dit"], (3, 4, 6), steps=2, sampler="euler")).latent,
+                "hunyuan": one.sample(hunyuan_request(tiny_hunyuan["dit"], (5, 2, 14), cfg=3.0, steps=2)).latent,
+                "experts": one.sample(wan22_request(experts, (3, 4, 6), "euler", steps=6)).latent}
     results = run_ranks(f"{tests_dir}/parity_targets.py:offloaded_rank", world_size,
                         dict(wan=tiny_models["dit"], hunyuan=tiny_hunyuan["dit"], experts=experts), timeout=300)
     for rank, result in enumerate(results):

@@ -187,7 +187,7 @@ def test_start_and_end_bound_the_skipping(tiny_models):
 
 def test_a_cache_that_skips_nothing_changes_nothing(tiny_models):
     engine = make_engine()
-    plain = engine.sample(cached_request(tiny_models["dit"], "wan", "off", 0.0))
+    plain = engine.sample(cached_request(tiny_models["dit"], "wan", "off", 0.0)).latent
     result = cached_run(engine, cached_request(tiny_models["dit"], "wan", "fbcache", 0.0))
     assert result["skipped"].tolist() == [] and torch.equal(result["latent"], plain)
 

@@ -91,7 +91,7 @@ def test_split_decode_matches_one_process(vaes, split_run, family, world_size, s
     frames = results[0]["frames"]
     assert all(not r for r in results[1:])  # only rank 0 returns the frames
     # rank 0 reports every decoder call: a latent frame (Wan), a tile (HunyuanVideo, test_decode_reports_...)
-    calls = engine.vae(vae).usp_family.decoder_calls(engine.vae(vae), latent)
+    calls = engine.vae_coder.loaded_vae(vae).family.decoder_calls(engine.vae(vae), latent)
     assert family == "hunyuan" or calls == shape[0]
     assert results[0]["progress"].tolist() == [[k, calls] for k in range(1, calls + 1)]
     assert frames.shape == expected.shape

@@ -47,7 +47,7 @@ def stock_switch_run(experts, request):
     """The switch written out with diffusers' WanTransformer3DModel and its own attention: ComfyUI's
     schedule and noise, the high-noise expert while sigma >= the boundary (timestep >= boundary * 1000,
     as diffusers' WanPipeline decides), Euler steps, CFG per expert."""
-    from usp_video.distributed.engine import make_noise
+    from usp_video.distributed.sampling.denoiser import make_noise
     from usp_video.distributed.models.wan21.dit import load_wan_transformer
     from usp_video.distributed.sampling.schedules import sampling_sigmas
 
@@ -69,13 +69,13 @@ def stock_switch_run(experts, request):
 
 def test_one_process_switch_matches_stock_diffusers(experts):
     request = wan22_request(experts, UNEVEN, "euler")
-    ours = make_engine().sample(request)
+    ours = make_engine().sample(request).latent
     expected = stock_switch_run(experts, request)
     assert rel_error(ours, expected) <= 1e-5
     # both experts shaped it: the run of either one alone is far from it
     for path in experts:
         alone = wan22_request([path], UNEVEN, "euler")
-        assert rel_error(make_engine().sample(alone), expected) > 1e-3
+        assert rel_error(make_engine().sample(alone).latent, expected) > 1e-3
 
 
 def test_forward_of_each_expert_matches_stock_diffusers(experts):
@@ -96,7 +96,7 @@ def test_forward_of_each_expert_matches_stock_diffusers(experts):
 def reference(experts):
     engine = make_engine()
     return {"forward": [wan22_forward(engine, p, UNEVEN) for p in experts],
-            **{s: make_engine().sample(wan22_request(experts, UNEVEN, s)) for s in ("unipc", "euler")}}
+            **{s: make_engine().sample(wan22_request(experts, UNEVEN, s)).latent for s in ("unipc", "euler")}}
 
 
 @pytest.fixture(scope="module")
@@ -132,20 +132,20 @@ def test_two_advanced_samplers_equal_the_switch_with_euler(experts):
     from dataclasses import replace
 
     engine = make_engine()
-    whole = engine.sample(wan22_request(experts, UNEVEN, "euler"))
+    whole = engine.sample(wan22_request(experts, UNEVEN, "euler")).latent
     request = wan22_request(experts, UNEVEN, "euler")
     k = first_step_below(request.boundaries[0], request.steps, request.shift)
     assert 0 < k < request.steps
     high = replace(request, experts=[experts[0]], boundaries=[], cfg=request.cfg[0], keep=[experts[1]], end_step=k,
                    leftover_noise=True)
-    first = engine.sample(high)
+    first = engine.sample(high).latent
     low = replace(request, experts=[experts[1]], boundaries=[], cfg=request.cfg[1], keep=[experts[0]], start_step=k,
                   add_noise=False, latent=first)
-    assert rel_error(engine.sample(low), whole) <= 1e-5
+    assert rel_error(engine.sample(low).latent, whole) <= 1e-5
     engine.sample(high), engine.sample(replace(low, latent=first))  # the next prompt
     assert engine.load_counts["dit"] == 2  # the layout keeps both experts loaded: no reload between samplers
     # a split one step off the boundary is not the switch
-    off = engine.sample(replace(low, start_step=k - 1, latent=engine.sample(replace(high, end_step=k - 1))))
+    off = engine.sample(replace(low, start_step=k - 1, latent=engine.sample(replace(high, end_step=k - 1)).latent)).latent
     assert rel_error(off, whole) > 1e-4
 
 

@@ -57,8 +57,8 @@ def test_wan21_i2v_forward_equals_diffusers_stock_model(tiny_models):
     stock = WanTransformer3DModel(**json.loads(json.dumps(wan.infer_wan_config(
         __import__("pathlib").Path(tiny_models["dit_i2v"]), *wan.read_header(tiny_models["dit_i2v"])))))
     stock.load_state_dict(wan.load_wan_transformer(tiny_models["dit_i2v"]).state_dict())
-    model = engine.dit(tiny_models["dit_i2v"])
-    cond = model.usp_family.model_conditioning(model, request.positive, tuple(request.latent.shape), "positive")
+    dit = engine.load_dit(tiny_models["dit_i2v"])
+    cond = dit.family.model_conditioning(dit.module, request.positive, tuple(request.latent.shape), "positive")
     x = torch.randn(tuple(request.latent.shape), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = stock(torch.cat([x, cond["concat"]], dim=1), torch.tensor([700.0]), cond["tokens"],
@@ -72,7 +72,7 @@ def test_wan21_i2v_forward_equals_diffusers_stock_model(tiny_models):
 def test_wan21_i2v_n_ranks_equal_one_process(runs, tiny_models, world_size, ulysses, ring):
     engine = make_engine()
     request = i2v_request([tiny_models["dit_i2v"]], UNEVEN)
-    expected = {"forward": i2v_forward(engine, request), "latent": engine.sample(request)}
+    expected = {"forward": i2v_forward(engine, request), "latent": engine.sample(request).latent}
     for rank, result in enumerate(runs(world_size, ulysses=ulysses, ring=ring, experts=[tiny_models["dit_i2v"]],
                                        shape=UNEVEN, clip_vision=True)):
         for key in ("forward", "latent"):
@@ -83,7 +83,7 @@ def test_wan22_i2v_experts_n_ranks_equal_one_process(runs, wan22_i2v):
     request = i2v_request(wan22_i2v, UNEVEN, clip_vision=False)
     request.family = "wan2.2-a14b"
     engine = make_engine()
-    expected = {"forward": i2v_forward(engine, request, "wan2.2-a14b"), "latent": engine.sample(request)}
+    expected = {"forward": i2v_forward(engine, request, "wan2.2-a14b"), "latent": engine.sample(request).latent}
     for rank, result in enumerate(runs(2, ulysses=1, ring=2, experts=wan22_i2v, shape=UNEVEN, clip_vision=False,
                                        family="wan2.2-a14b")):
         for key in ("forward", "latent"):
@@ -94,13 +94,13 @@ def test_the_start_video_is_used(tiny_models):
     """The start video and the CLIP vision features change the video (a model that ignored them would pass the
     parity tests)."""
     engine = make_engine()
-    base = engine.sample(i2v_request([tiny_models["dit_i2v"]], UNEVEN))
+    base = engine.sample(i2v_request([tiny_models["dit_i2v"]], UNEVEN)).latent
     for key in ("concat_latent_image", "clip_vision"):  # other values (a scale alone: the embedder's LayerNorm)
         request = i2v_request([tiny_models["dit_i2v"]], UNEVEN)
         other = torch.randn(request.positive[key].shape, generator=torch.Generator().manual_seed(9))
         for side in (request.positive, request.negative):
             side[key] = other
-        assert rel_error(engine.sample(request), base) > 1e-3, key
+        assert rel_error(engine.sample(request).latent, base) > 1e-3, key
 
 
 @pytest.mark.parametrize("case,message", [
@@ -190,7 +190,7 @@ def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
     request = i2v_request([tiny_models["dit_i2v"]], (2, 4, 6))
     request.positive, request.negative = wan_conditioning(positive, "positive"), wan_conditioning(negative, "negative")
     request.latent = latent["samples"]
-    assert torch.isfinite(make_engine().sample(request)).all()
+    assert torch.isfinite(make_engine().sample(request).latent).all()
 
 
 def test_cli_generate_from_a_start_image(tmp_path, tiny_models, wan22_i2v):
@@ -229,7 +229,7 @@ def test_cli_generate_from_a_start_image(tmp_path, tiny_models, wan22_i2v):
                                          prompt="a cat"))["tokens"]
     request.positive = {"tokens": tokens, "concat_latent_image": concat, "concat_mask": start_mask(1, 2, 4, 6)}
     request.boundaries = [0.875]
-    assert rel_error(latent, engine.sample(request)) <= 1e-5
+    assert rel_error(latent, engine.sample(request).latent) <= 1e-5
     for dit, message in ((["--dit", tiny_models["dit"]], "is a text-to-video model; give an image-to-video"),
                          (["--dit", tiny_models["dit_i2v"]], "Wan 2.1 I2V needs the start image's CLIP ViT-H")):
         refused = subprocess.run(common + dit, capture_output=True, text=True, timeout=120)

@@ -78,7 +78,7 @@ def test_compiled_blocks_match_one_process(forward_runs, tiny_models, reference,
 @pytest.fixture(scope="module")
 def sampled(tiny_models):
     engine = make_engine()
-    return {s: engine.sample(sample_request(tiny_models["dit"], UNEVEN, sampler=s)) for s in ("unipc", "euler")}
+    return {s: engine.sample(sample_request(tiny_models["dit"], UNEVEN, sampler=s)).latent for s in ("unipc", "euler")}
 
 
 def sampler_of(world_size, ulysses):
@@ -96,7 +96,7 @@ def sample_runs(tests_dir, tiny_models):
 def test_four_step_sampling_parity(sample_runs, tiny_models, sampled, world_size, ulysses, ring):
     sampler = sampler_of(world_size, ulysses)
     if world_size == 1:
-        results = [{"latent": make_engine().sample(sample_request(tiny_models["dit"], UNEVEN, sampler=sampler))}]
+        results = [{"latent": make_engine().sample(sample_request(tiny_models["dit"], UNEVEN, sampler=sampler)).latent}]
     else:
         results = sample_runs(world_size, ulysses=ulysses, ring=ring, dit_path=tiny_models["dit"], shape=UNEVEN,
                               sampler=sampler)
@@ -120,7 +120,7 @@ def variant_runs(tests_dir, tiny_models):
 def test_sampler_variants_parity(variant_runs, tiny_models, variant):
     from parity_targets import variant_request
 
-    expected = make_engine().sample(variant_request(tiny_models["dit"], variant))
+    expected = make_engine().sample(variant_request(tiny_models["dit"], variant)).latent
     results = variant_runs(3, ulysses=1, ring=3, dit_path=tiny_models["dit"], variant=variant)
     for rank, result in enumerate(results):
         err = rel_error(result["latent"], expected)
@@ -146,11 +146,11 @@ def test_each_step_runs_on_the_expert_of_its_sigma(two_experts):
     calls = {path: 0 for path in two_experts}
     for path in two_experts:
         engine.dit(path).register_forward_pre_hook(lambda *_, path=path: calls.__setitem__(path, calls[path] + 1))
-    mixed = engine.sample(experts_request(two_experts, [float(sigmas[2])]))
+    mixed = engine.sample(experts_request(two_experts, [float(sigmas[2])])).latent
     assert list(calls.values()) == [3, 1]  # one batched (cond + uncond) forward per step
-    below_all = engine.sample(experts_request(two_experts, [1e-6]))  # no evaluated sigma is below it
+    below_all = engine.sample(experts_request(two_experts, [1e-6])).latent  # no evaluated sigma is below it
     assert engine.load_counts["dit"] == 2  # each expert loaded once
-    alone = [make_engine().sample(experts_request([path], [])) for path in two_experts]
+    alone = [make_engine().sample(experts_request([path], [])).latent for path in two_experts]
     assert all(rel_error(mixed, a) > 1e-3 for a in alone)  # both experts shaped the result
     assert torch.equal(below_all, alone[0])
 
@@ -161,7 +161,7 @@ def test_two_expert_sampling_parity(tests_dir, two_experts, world_size, ulysses,
     from usp_video.distributed.sampling.schedules import sampling_sigmas
 
     boundaries = [float(sampling_sigmas(4, 5.0, 1.0)[1])]
-    expected = make_engine().sample(experts_request(two_experts, boundaries))
+    expected = make_engine().sample(experts_request(two_experts, boundaries)).latent
     results = run_ranks(f"{tests_dir}/parity_targets.py:experts_sample_rank", world_size,
                         dict(ulysses=ulysses, ring=ring, experts=two_experts, boundaries=boundaries), timeout=240)
     for rank, result in enumerate(results):

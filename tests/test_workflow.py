@@ -215,7 +215,7 @@ def test_hunyuan_api_workflow_runs_through_the_nodes(tiny_hunyuan, tmp_path, mon
         expected = Engine().sample(SampleRequest(
             experts=[tiny_hunyuan["dit"]], positive={"tokens": cond, "pooled_output": extra["pooled_output"]}, negative=None,
             latent=torch.zeros(1, 16, 3, 6, 8), seed=42, steps=3, cfg=1.0, shift=7.0, sampler="euler",
-            options={"guidance": 6.0}))
+            options={"guidance": 6.0})).latent
         assert (latent - expected).norm() / expected.norm() <= 1e-5
 
         # native conditioning: FluxGuidance's "guidance" wins over the widget; no pooled output is refused

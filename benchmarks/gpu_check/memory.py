@@ -46,14 +46,14 @@ def _activations(ctx: Context, config: dict, group: dict, path: str) -> list[dic
     device, sync = ctx.device, synchronizer(ctx.device)
     sizes = [(3, 8, 12), (3, 16, 12), (5, 16, 16)] if ctx.small else [(11, 60, 104), (21, 60, 104), (21, 90, 160)]
     engine = Engine(GroupConfig(**group, placement="keep"))
-    model = engine.dit(path)
+    dit = engine.load_dit(path)
     g = torch.Generator().manual_seed(0)
     cond = {"tokens": torch.randn(1, 512, config["text_dim"], generator=g)}
     rows = []
     for shape in sizes:
         request = SampleRequest(experts=[path], positive=cond, negative=cond, latent=torch.zeros(1, 16, *shape),
                                 seed=1, steps=1, cfg=5.0, shift=5.0, sampler="euler")
-        predicted = engine.activation_bytes(model.usp_family, [model], tuple(request.latent.shape), 512, passes=2)
+        predicted = engine.preflight.activation_bytes([dit], tuple(request.latent.shape), 512, passes=2)
         sync()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -253,48 +253,83 @@ class _Adapters:
         return output
 
 
-def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[Patch], dtype: torch.dtype) -> int:
+@dataclass
+class LoraState:
+    """What apply() did to a model, for remove() to undo (the caller keeps it): the forward hooks, the (layer,
+    name) of their buffers, a backup of this rank's rows of each merged tensor; `changed`: tensors changed."""
+
+    handles: list = field(default_factory=list)
+    backups: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: list[tuple[str, str]] = field(default_factory=list)
+
+    changed = property(lambda self: len(self.handles) + len(self.backups))
+
+
+@dataclass
+class _Deltas:
+    """The patches per model tensor: a Linear layer's (down, up) pairs, full weight differences and bias
+    difference (hooked); any other tensor's whole difference (merged)."""
+
+    pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    weights: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    merged: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add_linear(self, owner: str, module: torch.nn.Linear, kind: str, patch: Patch, at: int, begin: int,
+                   end: int) -> None:
+        rows = end - begin
+        if kind == "bias":
+            delta = self.biases.setdefault(owner, torch.zeros(module.out_features))
+            delta[at:at + rows] += patch.scale * patch.tensors[0].reshape(-1)[begin:end]
+        elif patch.kind == "lora":
+            up, down = patch.tensors
+            placed = torch.zeros(module.out_features, up.shape[1])
+            placed[at:at + rows] = patch.scale * up[begin:end]
+            self.pairs.setdefault(owner, []).append((down, placed))
+        else:
+            placed = torch.zeros(module.out_features, module.in_features)
+            placed[at:at + rows] = patch.scale * patch.tensors[0].reshape(-1, module.in_features)[begin:end]
+            self.weights.setdefault(owner, []).append(placed)
+
+    def add_merged(self, model_key: str, param: torch.Tensor, patch: Patch, at: int, begin: int, end: int) -> None:
+        whole = self.merged.setdefault(model_key, torch.zeros(param.shape))
+        delta = patch.tensors[0] @ patch.tensors[1] if patch.kind == "lora" else patch.tensors[0]
+        delta = (patch.scale * delta).reshape(-1, *param.shape[1:]) if param.dim() else patch.scale * delta
+        if param.dim():
+            whole[at:at + end - begin] += delta[begin:end]
+        else:
+            whole += delta.reshape(())
+
+
+def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[Patch], dtype: torch.dtype,
+          state: LoraState | None = None) -> LoraState:
     """Apply patches (read_lora's, of any number of LoRAs) to a model loaded from the file whose source map
     this is (the rows of each model tensor in the file). Linear layers: forward hooks (unmerged) whose tensors
     are buffers of the layer, in `dtype` on the layer's device; other tensors: merged into this rank's rows,
-    with a backup. Returns the number of model tensors changed. remove(model) undoes it all."""
-    from .streamed import _my_rows
-
-    remove(model)
+    with a backup. state: what an earlier apply() left, undone first. Returns the new state, which
+    remove(model, state) undoes."""
+    remove(model, state)
     inverse = inverse_source(source)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
-    pairs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    weights: dict[str, list[torch.Tensor]] = {}
-    biases: dict[str, torch.Tensor] = {}
-    merged: dict[str, torch.Tensor] = {}  # model tensor -> the whole difference to add
+    deltas = _Deltas()
     for patch in patches:
         for model_key, at, begin, end in inverse.get(patch.file_key, []):
             owner, _, kind = model_key.rpartition(".")
-            module, param = modules.get(owner), params[model_key]
-            rows = end - begin
+            module = modules.get(owner)
             if isinstance(module, torch.nn.Linear) and kind in ("weight", "bias"):
-                if kind == "bias":
-                    delta = biases.setdefault(owner, torch.zeros(module.out_features))
-                    delta[at:at + rows] += patch.scale * patch.tensors[0].reshape(-1)[begin:end]
-                elif patch.kind == "lora":
-                    up, down = patch.tensors
-                    placed = torch.zeros(module.out_features, up.shape[1])
-                    placed[at:at + rows] = patch.scale * up[begin:end]
-                    pairs.setdefault(owner, []).append((down, placed))
-                else:
-                    placed = torch.zeros(module.out_features, module.in_features)
-                    placed[at:at + rows] = patch.scale * patch.tensors[0].reshape(-1, module.in_features)[begin:end]
-                    weights.setdefault(owner, []).append(placed)
-                continue
-            whole = merged.setdefault(model_key, torch.zeros(param.shape))
-            delta = patch.tensors[0] @ patch.tensors[1] if patch.kind == "lora" else patch.tensors[0]
-            delta = (patch.scale * delta).reshape(-1, *param.shape[1:]) if param.dim() else patch.scale * delta
-            if param.dim():
-                whole[at:at + rows] += delta[begin:end]
+                deltas.add_linear(owner, module, kind, patch, at, begin, end)
             else:
-                whole += delta.reshape(())
-    handles, buffers = [], []
+                deltas.add_merged(model_key, params[model_key], patch, at, begin, end)
+    new = LoraState()
+    _hook(modules, deltas, dtype, new)
+    _merge(params, deltas.merged, new)
+    return new
+
+
+def _hook(modules: dict[str, torch.nn.Module], deltas: _Deltas, dtype: torch.dtype, state: LoraState) -> None:
+    """The unmerged part: each Linear layer's tensors as its buffers, and a forward hook that adds them."""
+    pairs, weights, biases = deltas.pairs, deltas.weights, deltas.biases
     for owner in dict.fromkeys([*pairs, *weights, *biases]):
         module = modules[owner]
         device = _device_of(module)  # dit_offload: the host, where the layer's shards wait (copied per call)
@@ -307,18 +342,21 @@ def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[P
             held["usp_lora_bias"] = biases[owner]
         for name, tensor in held.items():
             module.register_buffer(name, tensor.to(device, dtype), persistent=False)
-            buffers.append((owner, name))
-        handles.append(module.register_forward_hook(
+            state.buffers.append((owner, name))
+        state.handles.append(module.register_forward_hook(
             _Adapters(len(pairs.get(owner, [])), len(weights.get(owner, [])), owner in biases)))
-    backups = {}
+
+
+def _merge(params: dict[str, torch.Tensor], merged: dict[str, torch.Tensor], state: LoraState) -> None:
+    """The merged part: each tensor's difference added to this rank's rows, after a backup of them."""
+    from .streamed import _my_rows
+
     with torch.no_grad():
         for model_key, delta in merged.items():
             local, first = _my_rows(params[model_key])
-            backups[model_key] = local.detach().to("cpu", copy=True)
+            state.backups[model_key] = local.detach().to("cpu", copy=True)
             rows = delta[first:first + local.shape[0]] if local.dim() else delta
             local.copy_((local.float() + rows.to(local.device)).to(local.dtype))
-    model.usp_lora_state = (handles, backups, buffers)
-    return len(handles) + len(merged)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -328,23 +366,24 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return local.device
 
 
-def remove(model: torch.nn.Module) -> None:
-    """Undo apply(): the hooks removed, the merged tensors' rows restored from their backups."""
+def remove(model: torch.nn.Module, state: LoraState | None) -> None:
+    """Undo apply() (state: what it returned; None: nothing applied): the hooks removed, the buffers
+    dropped, the merged tensors' rows restored from their backups."""
     from .streamed import _my_rows
 
-    handles, backups, buffers = getattr(model, "usp_lora_state", ([], {}, []))
-    for handle in handles:
+    if state is None:
+        return
+    for handle in state.handles:
         handle.remove()
     modules = dict(model.named_modules())
-    for owner, name in buffers:
+    for owner, name in state.buffers:
         modules[owner]._buffers.pop(name, None)
-    if backups:
+    if state.backups:
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for model_key, backup in backups.items():
+            for model_key, backup in state.backups.items():
                 local, _ = _my_rows(params[model_key])
                 local.copy_(backup.to(local.device))
-    model.usp_lora_state = ([], {}, [])
 
 
-__all__ = ["Patch", "LoraReport", "read_lora", "apply", "remove", "stem_lookup", "inverse_source"]
+__all__ = ["Patch", "LoraReport", "LoraState", "read_lora", "apply", "remove", "stem_lookup", "inverse_source"]

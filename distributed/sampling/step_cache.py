@@ -150,7 +150,8 @@ class _PassState:
 
 class _CachedBlocks(nn.ModuleList):
     """A ModuleList whose iteration the running cache decides (the class of a family's block lists while
-    a cached sample runs; restored after)."""
+    a cached sample runs; restored after). _Forward sets, and only this module reads, two attributes on the
+    list for that time: `_usp_class` (the class to restore) and `_usp_run` (the running _Forward)."""
 
     def __iter__(self):
         run = getattr(self, "_usp_run", None)
@@ -353,3 +354,18 @@ class _Forward:
 
     def model_device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def make_step_cache(settings: CacheSettings, family, experts: list, steps: int, latent_shape: tuple[int, ...],
+                    offset: int = 0) -> StepCache | None:
+    """The step cache of a sample call over these experts (LoadedDiT records; None when off); a method the
+    model cannot use is refused before the first step."""
+    if not settings.on:
+        return None
+    specs = {id(dit.module): family.step_cache_spec(dit.module, latent_shape) for dit in experts}
+    for spec in specs.values():
+        if settings.method == "teacache" and spec.teacache_coefficients is None:
+            raise ValueError(f"cache method teacache: {spec.teacache_note}")
+        if settings.method == "magcache" and spec.magcache_ratios("positive", steps) is None:
+            raise ValueError(f"cache method magcache: {spec.magcache_note}")
+    return StepCache(settings, steps, lambda model: specs[id(model)], offset)

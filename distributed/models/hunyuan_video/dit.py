@@ -258,9 +258,60 @@ def parallelize_hunyuan(model, sp: SequenceParallel, backend: str = "sdpa"):
     model.x_embedder.register_forward_hook(shard_video)
     model.context_embedder.register_forward_hook(place_text)
     model.proj_out.register_forward_hook(gather_video)
-    model._usp = sp
     model._usp_state = state  # read by the step caches: which tokens of a shard are real
     return model
+
+
+# diffusers -> original names, for hunyuan_to_original_keys: renamed layers inside each kind of block, and the
+# layers of the top level (by prefix)
+_DOUBLE_RENAMES = {
+    "norm1.linear": "img_mod.linear", "norm1_context.linear": "txt_mod.linear",
+    "attn.norm_q": "img_attn_q_norm", "attn.norm_k": "img_attn_k_norm", "attn.to_out.0": "img_attn_proj",
+    "attn.norm_added_q": "txt_attn_q_norm", "attn.norm_added_k": "txt_attn_k_norm",
+    "attn.to_add_out": "txt_attn_proj", "ff_context.net.0.proj": "txt_mlp.fc1",
+    "ff_context.net.2": "txt_mlp.fc2", "ff.net.0.proj": "img_mlp.fc1", "ff.net.2": "img_mlp.fc2",
+}
+_SINGLE_RENAMES = {"proj_out": "linear2", "attn.norm_q": "q_norm", "attn.norm_k": "k_norm",
+                   "norm.linear": "modulation.linear"}
+_REFINER_RENAMES = {"attn.to_out.0": "self_attn_proj", "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2",
+                    "norm_out.linear": "adaLN_modulation.1"}
+# (diffusers block key, original block prefix, [(diffusers layers fused into one, the fused layer)], renames)
+_BLOCK_KINDS = [
+    (r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$", "double_blocks.{}",
+     [(r"attn\.to_([qkv])", "img_attn_qkv"), (r"attn\.add_([qkv])_proj", "txt_attn_qkv")], _DOUBLE_RENAMES),
+    (r"single_transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$", "single_blocks.{}",
+     [(r"attn\.to_([qkv])|proj_mlp", "linear1")], _SINGLE_RENAMES),
+    (r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(.+)\.(weight|bias)$",
+     "txt_in.individual_token_refiner.blocks.{}", [(r"attn\.to_([qkv])", "self_attn_qkv")], _REFINER_RENAMES),
+]
+_TOP_RENAMES = {
+    "x_embedder.": "img_in.", "time_text_embed.timestep_embedder.linear_1.": "time_in.mlp.0.",
+    "time_text_embed.timestep_embedder.linear_2.": "time_in.mlp.2.",
+    "time_text_embed.guidance_embedder.linear_1.": "guidance_in.mlp.0.",
+    "time_text_embed.guidance_embedder.linear_2.": "guidance_in.mlp.2.",
+    "time_text_embed.text_embedder.linear_1.": "vector_in.in_layer.",
+    "time_text_embed.text_embedder.linear_2.": "vector_in.out_layer.",
+    "proj_out.": "final_layer.linear.",
+    "context_embedder.proj_in.": "txt_in.input_embedder.",
+    "context_embedder.time_text_embed.timestep_embedder.linear_1.": "txt_in.t_embedder.mlp.0.",
+    "context_embedder.time_text_embed.timestep_embedder.linear_2.": "txt_in.t_embedder.mlp.2.",
+    "context_embedder.time_text_embed.text_embedder.linear_1.": "txt_in.c_embedder.linear_1.",
+    "context_embedder.time_text_embed.text_embedder.linear_2.": "txt_in.c_embedder.linear_2.",
+}
+_FUSED_ORDER = {"qkv": ("q", "k", "v"), "linear1": ("q", "k", "v", "mlp")}
+
+
+def _original_block_key(key: str) -> tuple[str, str | None] | None:
+    """A block tensor's original name, with the part ("q", "k", "v", "mlp") it is of a fused tensor (None:
+    not fused); None for a tensor outside the blocks."""
+    for pattern, prefix, fused, renames in _BLOCK_KINDS:
+        if m := re.match(pattern, key):
+            i, name, kind = m.groups()
+            for fused_pattern, layer in fused:
+                if q := re.fullmatch(fused_pattern, name):
+                    return f"{prefix.format(i)}.{layer}.{kind}", q[1] or "mlp"
+            return f"{prefix.format(i)}.{renames.get(name, name)}.{kind}", None
+    return None
 
 
 def hunyuan_to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -268,80 +319,22 @@ def hunyuan_to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.
     (the inverse of convert_to_diffusers; used by the tiny-model generator)."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
-    parts_order = {"qkv": ("q", "k", "v"), "linear1": ("q", "k", "v", "mlp")}
-
-    def fuse(new_key: str, part: str, value: torch.Tensor) -> None:
-        fused.setdefault(new_key, {})[part] = value
-
-    block_renames = [
-        ("norm1.linear", "img_mod.linear"), ("norm1_context.linear", "txt_mod.linear"),
-        ("attn.norm_q", "img_attn_q_norm"), ("attn.norm_k", "img_attn_k_norm"), ("attn.to_out.0", "img_attn_proj"),
-        ("attn.norm_added_q", "txt_attn_q_norm"), ("attn.norm_added_k", "txt_attn_k_norm"),
-        ("attn.to_add_out", "txt_attn_proj"), ("ff_context.net.0.proj", "txt_mlp.fc1"),
-        ("ff_context.net.2", "txt_mlp.fc2"), ("ff.net.0.proj", "img_mlp.fc1"), ("ff.net.2", "img_mlp.fc2"),
-    ]
-    single_renames = [("proj_out", "linear2"), ("attn.norm_q", "q_norm"), ("attn.norm_k", "k_norm"),
-                      ("norm.linear", "modulation.linear")]
-    refiner_renames = [("attn.to_out.0", "self_attn_proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
-                       ("norm_out.linear", "adaLN_modulation.1")]
-    top_renames = {
-        "x_embedder.": "img_in.", "time_text_embed.timestep_embedder.linear_1.": "time_in.mlp.0.",
-        "time_text_embed.timestep_embedder.linear_2.": "time_in.mlp.2.",
-        "time_text_embed.guidance_embedder.linear_1.": "guidance_in.mlp.0.",
-        "time_text_embed.guidance_embedder.linear_2.": "guidance_in.mlp.2.",
-        "time_text_embed.text_embedder.linear_1.": "vector_in.in_layer.",
-        "time_text_embed.text_embedder.linear_2.": "vector_in.out_layer.",
-        "proj_out.": "final_layer.linear.",
-        "context_embedder.proj_in.": "txt_in.input_embedder.",
-        "context_embedder.time_text_embed.timestep_embedder.linear_1.": "txt_in.t_embedder.mlp.0.",
-        "context_embedder.time_text_embed.timestep_embedder.linear_2.": "txt_in.t_embedder.mlp.2.",
-        "context_embedder.time_text_embed.text_embedder.linear_1.": "txt_in.c_embedder.linear_1.",
-        "context_embedder.time_text_embed.text_embedder.linear_2.": "txt_in.c_embedder.linear_2.",
-    }
     for key, value in state.items():
-        if m := re.match(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$", key):
-            i, name, kind = m.groups()
-            if q := re.fullmatch(r"attn\.to_([qkv])", name):
-                fuse(f"double_blocks.{i}.img_attn_qkv.{kind}", q[1], value)
-                continue
-            if q := re.fullmatch(r"attn\.add_([qkv])_proj", name):
-                fuse(f"double_blocks.{i}.txt_attn_qkv.{kind}", q[1], value)
-                continue
-            for old, new in block_renames:
-                if name == old:
-                    name = new
-                    break
-            out[f"double_blocks.{i}.{name}.{kind}"] = value
-        elif m := re.match(r"single_transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$", key):
-            i, name, kind = m.groups()
-            if q := re.fullmatch(r"attn\.to_([qkv])|proj_mlp", name):
-                fuse(f"single_blocks.{i}.linear1.{kind}", q[1] or "mlp", value)
-                continue
-            for old, new in single_renames:
-                if name == old:
-                    name = new
-                    break
-            out[f"single_blocks.{i}.{name}.{kind}"] = value
-        elif m := re.match(r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\.(.+)\.(weight|bias)$", key):
-            i, name, kind = m.groups()
-            prefix = f"txt_in.individual_token_refiner.blocks.{i}"
-            if q := re.fullmatch(r"attn\.to_([qkv])", name):
-                fuse(f"{prefix}.self_attn_qkv.{kind}", q[1], value)
-                continue
-            for old, new in refiner_renames:
-                if name == old:
-                    name = new
-                    break
-            out[f"{prefix}.{name}.{kind}"] = value
+        if (block := _original_block_key(key)) is not None:
+            name, part = block
+            if part is None:
+                out[name] = value
+            else:
+                fused.setdefault(name, {})[part] = value
         elif key.startswith("norm_out.linear."):  # diffusers keeps [scale; shift], the original [shift; scale]
             scale, shift = value.chunk(2, dim=0)
             out[key.replace("norm_out.linear.", "final_layer.adaLN_modulation.1.")] = torch.cat([shift, scale])
         else:
-            prefix = next((p for p in sorted(top_renames, key=len, reverse=True) if key.startswith(p)), None)
+            prefix = next((p for p in sorted(_TOP_RENAMES, key=len, reverse=True) if key.startswith(p)), None)
             if prefix is None:
                 raise KeyError(f"no original name known for {key}")
-            out[top_renames[prefix] + key[len(prefix):]] = value
+            out[_TOP_RENAMES[prefix] + key[len(prefix):]] = value
     for key, parts in fused.items():
-        order = parts_order["linear1" if ".linear1." in key else "qkv"]
+        order = _FUSED_ORDER["linear1" if ".linear1." in key else "qkv"]
         out[key] = torch.cat([parts[p] for p in order], dim=0)
     return out

@@ -252,7 +252,6 @@ def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa"):
     model.rope.register_forward_hook(shard_rope)
     model.blocks[0].register_forward_pre_hook(shard_tokens)
     model.proj_out.register_forward_hook(gather_tokens)
-    model._usp = sp
     model._usp_state = state  # read by the step caches: which tokens of a shard are real
     model._usp_enter_blocks = enter_blocks
     return model
