@@ -42,7 +42,7 @@ def forward_rank(rank, world_size, config, shape, text_len, ulysses, ring, repea
     from usp_video.distributed.parallel.mesh import SequenceParallel, build_sequence_parallel
 
     sp = build_sequence_parallel(ulysses, ring) if world_size > 1 else SequenceParallel()
-    model = parallelize_wan(build_model(config), sp)
+    model = parallelize_wan(build_model(config), sp).module
     x, t, ctx = inputs(shape, text_len, config["text_dim"])
     barrier = dist.barrier if world_size > 1 else None
     out, times = timed_forwards(model, x, t, ctx, repeats, barrier)
@@ -92,7 +92,7 @@ def bytes_rank(rank, world_size, config, shape, text_len, ulysses, ring):
     from usp_video.distributed.parallel.mesh import build_sequence_parallel
 
     sp = build_sequence_parallel(ulysses, ring)
-    model = parallelize_wan(build_model(config), sp)
+    model = parallelize_wan(build_model(config), sp).module
     x, t, ctx = inputs(shape, text_len, config["text_dim"])
     with torch.no_grad(), ByteCounter() as counter:
         model(x, t, ctx, return_dict=False)

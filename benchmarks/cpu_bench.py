@@ -169,7 +169,7 @@ def degree_one_overhead(repeats: int) -> dict:
     x, t, ctx = bench_targets.inputs(SHAPE, TEXT_LEN, CONFIG["text_dim"])
     times = {"ours": [], "stock": []}
     stock = bench_targets.build_model(CONFIG)
-    ours = parallelize_wan(bench_targets.build_model(CONFIG), SequenceParallel())
+    ours = parallelize_wan(bench_targets.build_model(CONFIG), SequenceParallel()).module
     outs = {}
     for _ in range(repeats):  # interleaved, so that drift hits both alike
         for name, model in (("stock", stock), ("ours", ours)):

@@ -95,7 +95,7 @@ def load_dit(ctx: DitLoading, path: str, family: ModelFamily, device: torch.devi
         fsdp.buffers_to(model, ctx.device)
     sp = apply_mesh(ctx, model, family)
     backend = resolve_backend(ctx.config.attention, ctx.device, ctx.dtype, sp.ring_degree)
-    model = family.parallelize(model, sp, backend)
+    hooks = family.parallelize(model, sp, backend)
     fp8_layers = apply_fp8_compute(ctx, model)
     compiled = compile_blocks(family.blocks(model), ctx.config.compile)  # after USP and FSDP
-    return LoadedDiT(model, family, sp, backend, compiled_blocks=compiled, fp8_compute_layers=fp8_layers)
+    return LoadedDiT(model, family, sp, backend, hooks, compiled_blocks=compiled, fp8_compute_layers=fp8_layers)

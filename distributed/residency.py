@@ -36,7 +36,7 @@ import torch
 
 from .config import PLACEMENTS
 from .formats.checkpoint import CheckpointError
-from .models.family import ModelFamily
+from .models.family import ModelFamily, SequenceHooks
 from .parallel.fsdp import is_offloaded
 from .parallel.mesh import SequenceParallel
 
@@ -156,6 +156,7 @@ class LoadedDiT:
     family: ModelFamily
     sp: SequenceParallel
     backend: str
+    hooks: SequenceHooks  # what its sequence-parallel hooks share with the step caches
     compiled_blocks: int = 0
     fp8_compute_layers: int = 0
     lora_key: tuple = ()

@@ -68,7 +68,7 @@ def _load_both(ctx: Context, config: dict, dtype: torch.dtype, model_config) -> 
         comfy_model = model_config.get_model({}).diffusion_model
         comfy_model.load_state_dict(load_file(str(path)), strict=True)
         comfy_model = comfy_model.to(ctx.device, dtype).eval()
-        ours = parallelize_wan(load_wan_transformer(path, dtype, ctx.device), SequenceParallel(), "sdpa").eval()
+        ours = parallelize_wan(load_wan_transformer(path, dtype, ctx.device), SequenceParallel(), "sdpa").module.eval()
 
     def theirs(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, return_dict: bool = False) -> tuple:
         return (comfy_model(x, t, context),)  # ComfyUI's forward returns the tensor, ours a tuple

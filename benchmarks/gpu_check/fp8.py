@@ -35,7 +35,7 @@ def run(ctx: Context) -> dict:
         model.load_state_dict(source.state_dict())
         if kind == "fp8":
             fp8.keep_fp8(model, markers, ("blocks.",))
-        models[kind] = parallelize_wan(model.to(ctx.device), SequenceParallel(), "sdpa")
+        models[kind] = parallelize_wan(model.to(ctx.device), SequenceParallel(), "sdpa").module
     seconds, outs = time_forwards(models, inputs, ctx.device, ctx.repeats)
     return {"dtype": str(dtype), "fp8_forward_s": seconds["fp8"], "dequantized_forward_s": seconds["dequantized"],
             "time_ratio": seconds["fp8"] / seconds["dequantized"],

@@ -145,7 +145,7 @@ def _build(ctx: Context, shape: _Shape, backend: str, weights: str, compile_mode
         fp8.keep_fp8(model, markers, ("blocks.",))
         if weights == "fp8 compute":
             row["fp8_compute_layers"] = fp8.use_scaled_mm(model)
-    model = parallelize_wan(model.to(ctx.device), SequenceParallel(), backend)
+    model = parallelize_wan(model.to(ctx.device), SequenceParallel(), backend).module
     if compile_mode:
         torch._dynamo.reset()  # a fresh cache per shape: no recompile limit reached
         compile_blocks(model.blocks, compile_mode)

@@ -30,7 +30,7 @@ def run(ctx: Context) -> list[dict]:
         ours = WanTransformer3DModel(**config).eval()
         ours.load_state_dict(stock.state_dict())
         models[f"ours ({backend})"] = parallelize_wan(cast_model(ours, dtype).to(ctx.device), SequenceParallel(),
-                                                      backend)
+                                                      backend).module
     seconds, outs = time_forwards(models, inputs, ctx.device, ctx.repeats)
     stock_s = seconds["stock diffusers"]
     return [{"model": name, "forward_s": seconds[name], "step_s_cfg": 2 * seconds[name],

@@ -37,6 +37,23 @@ class TextPart:
     shard_units: Callable[[torch.nn.Module], Iterable[torch.nn.Module]] | None = None
 
 
+def _unchanged(args: tuple) -> tuple:
+    return args
+
+
+@dataclass(frozen=True)
+class SequenceHooks:
+    """What a family's parallelize leaves beside the module it hooked (ModelFamily.parallelize), for the step
+    caches: `state.layout`, set by each forward, says which tokens of this rank's shard are real (None before
+    the first forward); `enter_blocks(args)` gives the first block's arguments with the image tokens sharded as
+    the block's own hooks would shard them (a family that shards on entering the first block; a cache that may
+    skip the block calls it), marked so that they are not sharded twice."""
+
+    module: torch.nn.Module
+    state: object
+    enter_blocks: Callable[[tuple], tuple] = _unchanged
+
+
 @dataclass(frozen=True)
 class Option:
     """A family-defined sampler input (HunyuanVideo's embedded guidance): default and allowed range."""
@@ -184,8 +201,9 @@ class ModelFamily:
             total += sum(math.prod(shape) * (1 if kind.startswith("F8") else size) for shape, kind in shapes.values())
         return total
 
-    def parallelize(self, model: torch.nn.Module, sp, backend: str) -> torch.nn.Module:
-        """Apply sequence parallelism (parallel.mesh.SequenceParallel) from outside the model."""
+    def parallelize(self, model: torch.nn.Module, sp, backend: str) -> SequenceHooks:
+        """Apply sequence parallelism (parallel.mesh.SequenceParallel) from outside the model, in place; the
+        hooks' shared state comes back beside the module (nothing is stamped on it)."""
         raise NotImplementedError
 
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -143,7 +143,7 @@ class Denoiser:
         if self.cache is None:
             out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, self.options)
         else:
-            with self.cache.forward(model, side, self.step, dit.sp):
+            with self.cache.forward(dit.hooks, side, self.step, dit.sp):
                 out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, self.options)
         return out.float().cpu()
 

@@ -92,8 +92,6 @@ class StepCacheSpec:
     block_lists: the ModuleLists its forward iterates, in order (their blocks take the image tokens as
     their first argument and return them, alone or first of a tuple).
     block_output(args, hidden): what a block called with args returns when its image tokens are `hidden`.
-    enter(args): the first block's arguments with the image tokens sharded as the block's own hooks would
-    shard them (a family that shards on entering the first block), marked so that they are not sharded twice.
     teacache_input(args) -> (tensor, token_dim or None): TeaCache's measure, from the first block's
     arguments (token_dim: the dim of the tokens when it is per token, so sharded; None when it is not).
     teacache_coefficients: the published polynomial (highest degree first), or None (TeaCache refused).
@@ -107,7 +105,6 @@ class StepCacheSpec:
     teacache_warmup: int = 1
     teacache_last: bool = True
     teacache_note: str = ""
-    enter: Callable[[tuple], tuple] = lambda args: args  # the first block's arguments as its hooks see them
     # MagCache: magcache_ratios(pass, steps) -> one ratio per step of that pass (None: refused, with the note)
     magcache_ratios: Callable[[str, int], list[float] | None] = lambda key, steps: None
     magcache_k: int = 2  # the most steps skipped in a row
@@ -188,9 +185,10 @@ class StepCache:
             self.states.clear()
         self.expert = expert
 
-    def forward(self, model: nn.Module, key: str, step: int, sp) -> "_Forward":
-        """step: of this call's run (0 = its first)."""
-        return _Forward(self, model, key, self.states.setdefault(key, _PassState()), self.offset + step, sp)
+    def forward(self, hooks, key: str, step: int, sp) -> "_Forward":
+        """hooks: the DiT's SequenceHooks (models/family.py: its module, and what its sequence-parallel hooks
+        share); step: of this call's run (0 = its first)."""
+        return _Forward(self, hooks, key, self.states.setdefault(key, _PassState()), self.offset + step, sp)
 
     def report(self) -> dict:
         passes: dict[str, list[int]] = {}
@@ -203,9 +201,10 @@ class StepCache:
 class _Forward:
     """One cached forward of a DiT: swaps its block lists' iteration for the cache's."""
 
-    def __init__(self, cache: StepCache, model: nn.Module, key: str, state: _PassState, step: int, sp):
-        self.cache, self.model, self.key, self.state, self.step, self.sp = cache, model, key, state, step, sp
-        self.spec = cache.spec_of(model)
+    def __init__(self, cache: StepCache, hooks, key: str, state: _PassState, step: int, sp):
+        self.cache, self.hooks, self.key, self.state, self.step, self.sp = cache, hooks, key, state, step, sp
+        self.model = hooks.module
+        self.spec = cache.spec_of(self.model)
         self.lists = self.spec.block_lists
         self.skip = False
         self.reference: torch.Tensor | None = None
@@ -247,7 +246,7 @@ class _Forward:
 
     def _first(self, block, also_last: bool, args: tuple, kwargs: dict):
         settings, state, spec = self.cache.settings, self.state, self.spec
-        args = spec.enter(args)  # the image tokens as the blocks see them: this rank's shard
+        args = self.hooks.enter_blocks(args)  # the image tokens as the blocks see them: this rank's shard
         hidden = args[0]
         if settings.method == "teacache":
             measure, token_dim = spec.teacache_input(args)
@@ -345,8 +344,7 @@ class _Forward:
     def _real_tokens(self, local_len: int) -> torch.Tensor | None:
         """The indices of this rank's real (not padding) tokens in its shard, from the layout the
         family's sequence-parallel hooks recorded for this forward."""
-        state = getattr(self.model, "_usp_state", None)
-        layout = getattr(state, "layout", None)
+        layout = getattr(self.hooks.state, "layout", None)
         if layout is None:
             return None
         valid = layout.valid[self.sp.rank][:local_len]

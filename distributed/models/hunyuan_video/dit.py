@@ -23,6 +23,7 @@ from ...parallel.mesh import SequenceParallel
 from ...parallel.sharding import gather_sequence, shard_sequence
 from ...parallel.usp_attention import KeyLayout, tail_padding_mask, usp_attention
 from ...formats import streamed
+from ..family import SequenceHooks
 from ...formats.checkpoint import CheckpointError, config_from_metadata, from_folder, read_header, unprefixed
 
 CONFIG_METADATA_KEY = "usp_video.hunyuan_config"
@@ -214,8 +215,9 @@ MAGCACHE_HUNYUAN_544P = [1.0] + [
     0.9904, 1.00258, 1.00878, 0.97039, 0.97686, 0.94315, 0.97728, 0.91154, 0.86139, 0.76592]
 
 
-def parallelize_hunyuan(model, sp: SequenceParallel, backend: str = "sdpa"):
-    """Apply sequence parallelism to a HunyuanVideoTransformer3DModel in place (see module docstring)."""
+def parallelize_hunyuan(model, sp: SequenceParallel, backend: str = "sdpa") -> SequenceHooks:
+    """Apply sequence parallelism to a HunyuanVideoTransformer3DModel in place (see module docstring); the
+    module comes back in the SequenceHooks, with the state its hooks share with the step caches."""
     if model.config.image_condition_type is not None:
         raise CheckpointError("HunyuanVideo image-to-video models are not supported; use the T2V model")
     state = _ShardState()
@@ -258,8 +260,7 @@ def parallelize_hunyuan(model, sp: SequenceParallel, backend: str = "sdpa"):
     model.x_embedder.register_forward_hook(shard_video)
     model.context_embedder.register_forward_hook(place_text)
     model.proj_out.register_forward_hook(gather_video)
-    model._usp_state = state  # read by the step caches: which tokens of a shard are real
-    return model
+    return SequenceHooks(model, state)
 
 
 # diffusers -> original names, for hunyuan_to_original_keys: renamed layers inside each kind of block, and the

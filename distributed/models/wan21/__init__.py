@@ -239,7 +239,6 @@ class Wan21(ModelFamily):
         return StepCacheSpec(block_lists=[model.blocks], block_output=lambda args, hidden: hidden,
                              teacache_input=lambda args: (args[2], None), teacache_coefficients=coefficients,
                              teacache_warmup=5, teacache_last=False, teacache_note=note,
-                             enter=getattr(model, "_usp_enter_blocks", lambda args: args),
                              magcache_ratios=magcache_ratios, magcache_k=2, magcache_note=magcache_note)
 
     def make_text_encoder(self, parts: dict):

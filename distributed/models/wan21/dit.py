@@ -19,6 +19,7 @@ from ...parallel.mesh import SequenceParallel
 from ...parallel.sharding import gather_sequence, shard_sequence
 from ...parallel.usp_attention import KeyLayout, attention, usp_attention
 from ...formats import streamed
+from ..family import SequenceHooks
 from ...formats.checkpoint import CheckpointError, config_from_metadata, from_folder, read_header, unprefixed
 
 CONFIG_METADATA_KEY = "usp_video.wan_config"
@@ -201,8 +202,9 @@ class UspWanAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa"):
-    """Apply sequence parallelism to a WanTransformer3DModel in place (see module docstring)."""
+def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa") -> SequenceHooks:
+    """Apply sequence parallelism to a WanTransformer3DModel in place (see module docstring); the module comes
+    back in the SequenceHooks, with the state its hooks share with the step caches."""
     state = _ShardState()
     processor = UspWanAttnProcessor(sp, backend, state)
     for block in model.blocks:
@@ -252,6 +254,4 @@ def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa"):
     model.rope.register_forward_hook(shard_rope)
     model.blocks[0].register_forward_pre_hook(shard_tokens)
     model.proj_out.register_forward_hook(gather_tokens)
-    model._usp_state = state  # read by the step caches: which tokens of a shard are real
-    model._usp_enter_blocks = enter_blocks
-    return model
+    return SequenceHooks(model, state, enter_blocks)
