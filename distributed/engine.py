@@ -41,7 +41,7 @@ from .sampling.denoiser import Denoiser, Inpaint, SamplingInterrupted, StepCallb
 from .sampling.samplers import get_sampler
 from .sampling.schedules import sampling_sigmas, step_range
 from .sampling.step_cache import CacheSettings, StepCache, make_step_cache
-from .validation import check_conditioning, check_sample_request
+from .validation import check_conditioning, check_sample_inputs
 
 __all__ = ["Engine", "SampleResult", "SamplingInterrupted"]
 
@@ -185,7 +185,7 @@ class Engine:
         req.check_experts()
         # each file's family read once; the inputs that the header tells checked before a model is freed or loaded
         families = {req.experts[0]: models.detect_dit(req.experts[0], req.family)}
-        options = check_sample_request(req, families[req.experts[0]])
+        options = check_sample_inputs(req, families[req.experts[0]])  # the experts were checked above
         for path in req.experts + req.keep:
             families.setdefault(path, models.detect_dit(path, req.family))
         self.residency.forget_other_dits([(path, families[path]) for path in req.experts + req.keep])
