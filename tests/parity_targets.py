@@ -1,4 +1,4 @@
-"""Functions run on N gloo ranks by the parity tests (see usp_video.distributed.parallel.spawn)."""
+"""Functions run on N gloo ranks by the parity tests (see usp_video.distributed.testing.spawn)."""
 
 from pathlib import Path
 

@@ -21,7 +21,7 @@ from usp_video.distributed.models.hunyuan_video import dit as hunyuan
 from usp_video.distributed.models.tiny import save_gguf
 from usp_video.distributed.models.wan21 import dit as wan, tiny as wan_tiny
 from usp_video.distributed.parallel.fsdp import parameter_bytes
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 
 gguf = pytest.importorskip("gguf")
 

@@ -17,7 +17,7 @@ from conftest import rel_error
 from parity_targets import lora_request, make_engine
 from usp_video.distributed.models import CheckpointError, lora
 from usp_video.distributed.models.lora import hunyuan_aliases
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 
 
 def merge(base: str, loras: list, out: Path, aliases=lambda stem: []) -> str:

@@ -11,7 +11,7 @@ from parity_targets import dit_forward, hunyuan_forward, hunyuan_request, make_e
 from test_wan22 import experts, tiny_wan22  # noqa: F401 (fixtures)
 from usp_video.distributed.models.checkpoint import read_header
 from usp_video.distributed.parallel.fsdp import parameter_bytes
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 from usp_video.distributed.requests import EncodeRequest
 import calls
 

@@ -10,7 +10,7 @@ from parity_targets import make_engine
 from usp_video.distributed import api
 from usp_video.distributed.client import GroupConfig, free_group
 from usp_video.distributed.models.hunyuan_video.tiny import TINY_HUNYUAN_VAE_TILES
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 from usp_video.distributed.parallel.vae_split import row_split
 from vae_split_targets import encode_frames
 

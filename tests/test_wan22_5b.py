@@ -18,7 +18,7 @@ from parity_targets import (make_engine, ti2v_forward, ti2v_image_request, ti2v_
                              ti2v_request, ti2v_start_image, ti2v_token_timesteps)
 from usp_video.distributed.models import FAMILIES
 from usp_video.distributed.parallel.mesh import valid_factorizations
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 
 FAMILY = FAMILIES["wan2.2-ti2v-5b"]
 CASES = [(n, u, r) for n in (2, 3, 4) for u, r in valid_factorizations(n, 12)]

@@ -7,7 +7,7 @@ from batched import Batched
 from conftest import rel_error
 from parity_targets import dit_forward, dit_inputs, make_engine, sample_request
 from usp_video.distributed.parallel.mesh import valid_factorizations
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 
 HEADS = 12  # the tiny model's, as the 1.3B model's
 CASES = [(n, u, r) for n in (2, 3, 4) for u, r in valid_factorizations(n, HEADS)]

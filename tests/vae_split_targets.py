@@ -1,4 +1,4 @@
-"""Run on N gloo ranks by test_vae_split.py (see usp_video.distributed.parallel.spawn): every split VAE
+"""Run on N gloo ranks by test_vae_split.py (see usp_video.distributed.testing.spawn): every split VAE
 decode and encode case of one world size in the same ranks, so that the ranks start once."""
 
 import sys
