@@ -35,6 +35,70 @@ def tiny_hunyuan(tmp_path_factory) -> dict:
     return {k: str(v) for k, v in make_tiny_hunyuan_models(root).items()}
 
 
+@pytest.fixture(scope="session")
+def tiny_wan22(tmp_path_factory) -> dict:
+    """The tiny Wan 2.2 A14B set (two experts, the shared VAE and UMT5), made once per test session."""
+    from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models
+
+    return {k: str(v) for k, v in make_tiny_models(tmp_path_factory.mktemp("wan22")).items()}
+
+
+@pytest.fixture(scope="session")
+def experts(tiny_wan22) -> list[str]:
+    """The two tiny Wan 2.2 A14B experts: [high noise, low noise]."""
+    return [tiny_wan22["high_noise"], tiny_wan22["low_noise"]]
+
+
+@pytest.fixture(scope="session")
+def tiny_5b(tmp_path_factory) -> dict:
+    """The tiny Wan 2.2 TI2V-5B set, made once per test session."""
+    from usp_video.distributed.models import FAMILIES
+
+    return {k: str(v) for k, v in FAMILIES["wan2.2-ti2v-5b"].make_tiny(tmp_path_factory.mktemp("wan22_5b")).items()}
+
+
+@pytest.fixture(scope="session")
+def wan22_i2v(tmp_path_factory) -> list[str]:
+    """Two tiny Wan 2.2 I2V A14B experts: 36 input channels, no image embedder."""
+    import json
+
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from usp_video.distributed.models.checkpoint import save_safetensors
+    from usp_video.distributed.models.wan21 import dit as wan
+    from usp_video.distributed.models.wan21.tiny import TINY_WAN_CONFIG, wan_to_original_keys
+
+    root = tmp_path_factory.mktemp("wan22_i2v")
+    config = dict(TINY_WAN_CONFIG, in_channels=36)
+    paths = []
+    for name, seed in (("high_noise", 32), ("low_noise", 33)):
+        torch.manual_seed(seed)
+        state = wan_to_original_keys(WanTransformer3DModel(**config).state_dict())
+        path = root / f"tiny_wan2.2_i2v_{name}_14B.safetensors"
+        save_safetensors(state, path, {wan.CONFIG_METADATA_KEY: json.dumps(config)})
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def two_experts(tiny_models, tmp_path_factory) -> list[str]:
+    """The tiny Wan DiT and a second one of the same architecture with other weights."""
+    from usp_video.distributed.models.wan21.tiny import make_tiny_models
+
+    return [tiny_models["dit"], str(make_tiny_models(tmp_path_factory.mktemp("expert2"), seed=1)["dit"])]
+
+
+@pytest.fixture(scope="session")
+def family_models(tiny_models, tiny_hunyuan, experts, tiny_5b, wan22_i2v, two_experts) -> dict:
+    """{family name: {role: path}}: the files the parity harness (test_parity.py) names by role."""
+    return {"wan2.1": {"dit": tiny_models["dit"], "dit2": two_experts[1], "dit_i2v": tiny_models["dit_i2v"]},
+            "hunyuan-video": {"dit": tiny_hunyuan["dit"]},
+            "wan2.2-a14b": {"high_noise": experts[0], "low_noise": experts[1], "i2v_high_noise": wan22_i2v[0],
+                            "i2v_low_noise": wan22_i2v[1]},
+            "wan2.2-ti2v-5b": {"dit": tiny_5b["dit"]}}
+
+
 from hardening import HARDENING  # noqa: E402  (counted by test_bad_input, test_faults, test_security)
 
 

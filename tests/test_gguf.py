@@ -14,8 +14,6 @@ from safetensors.torch import load_file
 from conftest import rel_error
 from parity_targets import dit_forward, hunyuan_forward, make_engine
 from test_fp8 import forward
-from test_wan22 import tiny_wan22  # noqa: F401 (fixture)
-from test_wan22_5b import tiny_5b  # noqa: F401 (fixture)
 from usp_video.distributed.models import CheckpointError, detect_dit, gguf_weights, streamed
 from usp_video.distributed.models.hunyuan_video import dit as hunyuan
 from usp_video.distributed.models.tiny import save_gguf

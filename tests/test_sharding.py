@@ -8,7 +8,6 @@ import torch
 
 from conftest import rel_error
 from parity_targets import dit_forward, hunyuan_forward, hunyuan_request, make_engine, sample_request, wan22_request
-from test_wan22 import experts, tiny_wan22  # noqa: F401 (fixtures)
 from usp_video.distributed.models.checkpoint import read_header
 from usp_video.distributed.parallel.fsdp import parameter_bytes
 from usp_video.distributed.testing.spawn import run_ranks
