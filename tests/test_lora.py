@@ -1,7 +1,7 @@
 """LoRAs on every rank: each layout ComfyUI reads, against the same weights merged into the file (loaded
 through the loaders); stacked LoRAs and strengths re-applied without reading the base model again; fp8 and
 GGUF weights; N sharded ranks against one process; bad LoRA files named. The check against ComfyUI's own
-LoraLoaderModelOnly + KSampler is tests/comfyui_reference_lora.py (test_comfyui_native.py)."""
+LoraLoaderModelOnly + KSampler is tests/comfyui_reference/lora.py (test_comfyui_native.py)."""
 
 import json
 import re

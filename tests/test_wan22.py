@@ -3,7 +3,7 @@
 The one-process run against diffusers' stock
 WanTransformer3DModel in a sampling loop written here; the two-sampler layout (USP Sampler Advanced)
 against the one-node switch; the loader's checks; the shipped workflows; the CLI. The comparison with
-ComfyUI's own Wan model and KSamplerAdvanced is in test_comfyui_native.py (comfyui_reference_wan22.py).
+ComfyUI's own Wan model and KSamplerAdvanced is in test_comfyui_native.py (comfyui_reference/wan22.py).
 """
 
 import json

@@ -2,7 +2,7 @@
 Wan 2.2 I2V A14B (two 36-channel experts, no CLIP vision), from the conditioning native WanImageToVideo makes.
 One process against diffusers' stock model; the inputs that do not fit refused before sampling. N ranks
 (uneven tokens) against one process: test_parity.py. Against ComfyUI's own WanImageToVideo + KSampler:
-tests/comfyui_reference_i2v.py (test_comfyui_native.py)."""
+tests/comfyui_reference/i2v.py (test_comfyui_native.py)."""
 
 import json
 
