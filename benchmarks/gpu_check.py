@@ -441,7 +441,7 @@ def compare_comfyui(device: torch.device, small: bool, repeats: int, deadline: f
     from activation_bench import write_model  # beside this script
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from comfyui_common import wan_unet_config
+    from comfyui_reference.common import wan_unet_config
 
     sys.path.insert(0, comfy_dir)
     try:
