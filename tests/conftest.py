@@ -1,3 +1,18 @@
+"""What every test shares: the tiny model sets (session fixtures), the relative error, the markers, the orphan
+sweep at the session's end, and CI's rule that a ComfyUI test may not skip.
+
+The tiny sets are the real on-disk formats with shrunk architectures (each family's tiny.py); the parity harness
+(test_parity.py) names their files by role through `family_models`. parity_targets.py holds what runs on the
+spawned gloo ranks (usp_video.distributed.testing.spawn).
+
+Subsets (markers declared in pyproject.toml, given here and in test_parity.py):
+
+    python -m pytest -m smoke              about a minute: pure checks, and one 2-rank parity case per family
+    python -m pytest -m "not slow"         all but the soak, the fault loops, the 4-rank parity sweep and the
+                                           compiled-blocks cases (every family x factorization of 2 and 3 ranks)
+    python -m pytest -k "wan2.2-a14b"      one family's parity cases (only the selected cases are spawned)
+"""
+
 import os
 import sys
 from pathlib import Path
@@ -100,6 +115,23 @@ def family_models(tiny_models, tiny_hunyuan, experts, tiny_5b, wan22_i2v, two_ex
 
 
 from hardening import HARDENING  # noqa: E402  (counted by test_bad_input, test_faults, test_security)
+
+# The long tests, by file: the soak, the fault-injection loops, two hosts in network namespaces.
+SLOW_FILES = ("test_soak.py", "test_faults.py", "test_multihost.py")
+# The smoke subset outside the parity harness: checks of a second or two, no group started.
+SMOKE_TESTS = ("test_layout.py::test_the_circle_check_can_fail", "test_planner.py::", "test_protocol.py::",
+               "test_usp_attention.py::test_lse_kernels_agree_with_math_reference",
+               "test_usp_attention.py::test_resolve_degrees", "test_wan_parity.py::test_world_size_one_matches",
+               "test_hunyuan_parity.py::test_world_size_one_matches")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+        if any(test in item.nodeid for test in SMOKE_TESTS):
+            item.add_marker(pytest.mark.smoke)
 
 
 def pytest_runtest_logreport(report):

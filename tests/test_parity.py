@@ -8,7 +8,8 @@ variants, two experts and image to video; HunyuanVideo's text kept whole or shar
 between experts and its image-to-video experts; the 5B's per-token timesteps and start image.
 
 All the cases of one world size, of every family, run in one spawn of that many ranks (tests/batched.py), the
-first time a test asks for one of them: three spawns for the whole harness. Each case builds its own engine
+first time a test asks for one of them: three spawns for the whole harness (only the selected cases run: -k and
+-m subsets spawn less). Each case builds its own engine
 and process groups in the shared ranks, as a fresh spawn would. The files are named by role here
 (conftest.family_models) and resolved to paths at run time.
 """
@@ -97,16 +98,35 @@ def case_id(case) -> str:
     return f"{family}-{name}-{n}x{u}x{r}"
 
 
+# The smoke subset (conftest.py): one 2-rank case of each family, Ulysses and Ring, forward and sample.
+SMOKE = {"wan2.1-forward-35tok-2x2x1", "wan2.1-sample-2x1x2", "hunyuan-video-forward-video35-text7-2x1x2",
+         "wan2.2-a14b-switch-2x2x1", "wan2.2-ti2v-5b-forward-sample-start_image-2x1x2"}
+
+
+def marks(case) -> list:
+    """slow: the 4-rank sweep and the compiled blocks (the largest and the longest cases); smoke: SMOKE."""
+    spec = case[3]
+    slow = case[2][0] == 4 or spec.get("compile", "off") != "off"
+    return [pytest.mark.slow] * slow + [pytest.mark.smoke] * (case_id(case) in SMOKE)
+
+
+PARAMS = [pytest.param(case, id=case_id(case), marks=marks(case)) for case in CASES]
+assert SMOKE <= {case_id(case) for case in CASES}
+
+
 def with_paths(spec: dict, models: dict) -> dict:
     """The case with its experts' roles replaced by the files."""
     return dict(spec, experts=[models[spec["family"]][role] for role in spec["experts"]], shape=list(spec["shape"]))
 
 
 @pytest.fixture(scope="module")
-def runs(tests_dir, family_models):
-    """Every family's multi-rank cases, one spawn per world size."""
+def runs(request, tests_dir, family_models):
+    """Every family's multi-rank cases that this session runs (-k, -m), one spawn per world size."""
+    selected = {item.callspec.id for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")}
+    cases = [case for case in CASES if case[2][0] > 1 and case_id(case) in selected]
     return Batched(tests_dir, "family_case", [(n, dict(with_paths(spec, family_models), ulysses=u, ring=r))
-                                              for _, _, (n, u, r), spec in CASES if n > 1], timeout_per_case=150)
+                                              for _, _, (n, u, r), spec in cases], timeout_per_case=150)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +147,7 @@ def references(family_models):
 
 
 @pytest.mark.timeout(2400)  # the first case of a world size runs the spawn of all its cases
-@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+@pytest.mark.parametrize("case", PARAMS)
 def test_n_ranks_equal_one_process(runs, references, family_models, case):
     family, name, (world_size, ulysses, ring), spec = case
     expected = references(spec)
