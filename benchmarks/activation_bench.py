@@ -83,7 +83,7 @@ def step_rank(rank, world_size, dit_path, shape, cfg, ulysses=1, ring=1):
 
 def measure(dit_path: Path, shape, cfg: float, world_size: int = 1, ulysses: int = 1, ring: int = 1) -> dict:
     """The step's peak on each rank beside the prediction, ranks spawned with the allocator setting above."""
-    from usp_video.distributed.parallel.spawn import run_ranks
+    from usp_video.distributed.testing.spawn import run_ranks
 
     old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"

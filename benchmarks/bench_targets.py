@@ -1,4 +1,4 @@
-"""Rank functions for benchmarks/cpu_bench.py (run by usp_video.distributed.parallel.spawn)."""
+"""Rank functions for benchmarks/cpu_bench.py (run by usp_video.distributed.testing.spawn)."""
 
 from __future__ import annotations
 

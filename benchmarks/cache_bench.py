@@ -61,7 +61,7 @@ def main() -> None:
 
     from usp_video.distributed.models.wan21 import dit as wan
     from usp_video.distributed.models.wan21.tiny import _save, wan_to_original_keys
-    from usp_video.distributed.parallel.spawn import run_ranks
+    from usp_video.distributed.testing.spawn import run_ranks
 
     config = dict(DIT, num_attention_heads=4, attention_head_dim=16, ffn_dim=128, num_layers=2) if args.small else DIT
     shape, steps = ([3, 4, 6], 6) if args.small else ([5, 16, 28], 20)  # 5 x 8 x 14 = 560 tokens

@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_targets  # noqa: E402
 
-from usp_video.distributed.parallel.spawn import run_ranks  # noqa: E402
+from usp_video.distributed.testing.spawn import run_ranks  # noqa: E402
 
 CONFIG = dict(patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=64, in_channels=16, out_channels=16,
               text_dim=512, freq_dim=256, ffn_dim=3072, num_layers=2, cross_attn_norm=True,

@@ -142,7 +142,7 @@ def _predicted(kind: str, path: Path, shares: int) -> int:
 
 def measure_load(path: Path, full: int, counts=(1, 2, 4), kind: str = "wan") -> list[dict]:
     """The load's peak per rank for N in counts, each way, side by side; as fractions of the model."""
-    from usp_video.distributed.parallel.spawn import run_ranks
+    from usp_video.distributed.testing.spawn import run_ranks
 
     rows = []
     for n in counts:
@@ -276,7 +276,7 @@ def measure_weights_and_vaes(args, tmp: Path) -> dict:
     from usp_video.distributed.models.hunyuan_video import tiny as hunyuan_tiny, vae as hunyuan_vae
     from usp_video.distributed.models.wan21 import dit as wan, vae as wan_vae
     from usp_video.distributed.models.wan21.tiny import _save, wan_to_original_keys, wan_vae_to_original_keys
-    from usp_video.distributed.parallel.spawn import run_ranks
+    from usp_video.distributed.testing.spawn import run_ranks
 
     dit_config = dict(DIT, attention_head_dim=8, ffn_dim=64, num_layers=2, freq_dim=32) if args.small else DIT
     vaes = {  # name: (config, latent frames x rows x columns, tiling)

@@ -76,7 +76,7 @@ class GroupConfig:
     # sharded (shard_weights auto counts as on for it; off is refused), on one rank too
     dit_offload: bool = False
     compile: str = "off"  # torch.compile of each DiT block: off, on (inductor), aot_eager (parallel/compile.py)
-    fp8_compute: bool = False  # fp8 layers multiply in fp8 (torch._scaled_mm) on GPUs of capability >= 8.9 (models/fp8.py)
+    fp8_compute: bool = False  # fp8 layers multiply in fp8 (torch._scaled_mm) on GPUs of capability >= 8.9 (formats/fp8.py)
 
     def __post_init__(self):
         from .parallel.kernels import PACKAGES

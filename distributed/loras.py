@@ -1,5 +1,5 @@
 """The LoRA chains of a sampler call, applied to the loaded experts (the file reading and the hooks are
-models/lora.py's; this module decides when to apply and keeps the record on the LoadedDiT)."""
+formats/lora.py's; this module decides when to apply and keeps the record on the LoadedDiT)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def apply_chains(experts: list[LoadedDiT], paths: list[str], chains: list[list],
     """Give each expert (loaded from paths[i]) the LoRAs chains[i] lists for it ([[file, strength], ...]; an
     empty list of chains: none), unless it has them already: the old ones removed, the new ones read (their
     files only: the base model stays as loaded; each read counted as "lora" in load_counts) and applied
-    unmerged (models/lora.py). The same list twice changes nothing. Returns warnings for LoRAs that match
+    unmerged (formats/lora.py). The same list twice changes nothing. Returns warnings for LoRAs that match
     only part of the model (applied to the layers they match), every time the LoRAs run, not only when read."""
     warnings = []
     for dit, path, wanted in zip(experts, paths, chains or [[] for _ in experts]):

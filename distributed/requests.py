@@ -106,7 +106,7 @@ class SampleRequest:
     ComfyUI's LATENT convention, so a native sampler can go on from it).
     cache: a step cache for this run (sampling/step_cache.py CacheSettings), {} for none.
     loras: per expert (in the order of `experts`), its LoRAs as [[LoRA file, strength], ...], applied on every
-    rank (models/lora.py); [] for none.
+    rank (formats/lora.py); [] for none.
     noise_mask: a LATENT's noise_mask (1 where the sampler samples, 0 where the latent stays: a start image), as
     ComfyUI's KSampler applies it (KSamplerX0Inpaint), for families that take one (ModelFamily.takes_noise_mask)."""
 

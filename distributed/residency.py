@@ -150,7 +150,7 @@ def dit_slot(path: str, family: ModelFamily) -> Slot:
 @dataclass(eq=False)
 class LoadedDiT:
     """A DiT as this rank holds it: the module and what its load decided (parallelize.py), plus the LoRAs
-    applied to it (models/lora.py's state, to undo them; their key, to skip a chain applied already)."""
+    applied to it (formats/lora.py's state, to undo them; their key, to skip a chain applied already)."""
 
     module: torch.nn.Module
     family: ModelFamily

@@ -9,7 +9,7 @@ its own Engine and process groups inside the same ranks, as a fresh spawn would.
 
 import json
 
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 
 
 def _key(case: dict) -> str:

@@ -1,3 +1,18 @@
+"""What every test shares: the tiny model sets (session fixtures), the relative error, the markers, the orphan
+sweep at the session's end, and CI's rule that a ComfyUI test may not skip.
+
+The tiny sets are the real on-disk formats with shrunk architectures (each family's tiny.py); the parity harness
+(test_parity.py) names their files by role through `family_models`. parity_targets.py holds what runs on the
+spawned gloo ranks (usp_video.distributed.testing.spawn).
+
+Subsets (markers declared in pyproject.toml, given here and in test_parity.py):
+
+    python -m pytest -m smoke              about a minute: pure checks, and one 2-rank parity case per family
+    python -m pytest -m "not slow"         all but the soak, the fault loops, the 4-rank parity sweep and the
+                                           compiled-blocks cases (every family x factorization of 2 and 3 ranks)
+    python -m pytest -k "wan2.2-a14b"      one family's parity cases (only the selected cases are spawned)
+"""
+
 import os
 import sys
 from pathlib import Path
@@ -35,7 +50,88 @@ def tiny_hunyuan(tmp_path_factory) -> dict:
     return {k: str(v) for k, v in make_tiny_hunyuan_models(root).items()}
 
 
+@pytest.fixture(scope="session")
+def tiny_wan22(tmp_path_factory) -> dict:
+    """The tiny Wan 2.2 A14B set (two experts, the shared VAE and UMT5), made once per test session."""
+    from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models
+
+    return {k: str(v) for k, v in make_tiny_models(tmp_path_factory.mktemp("wan22")).items()}
+
+
+@pytest.fixture(scope="session")
+def experts(tiny_wan22) -> list[str]:
+    """The two tiny Wan 2.2 A14B experts: [high noise, low noise]."""
+    return [tiny_wan22["high_noise"], tiny_wan22["low_noise"]]
+
+
+@pytest.fixture(scope="session")
+def tiny_5b(tmp_path_factory) -> dict:
+    """The tiny Wan 2.2 TI2V-5B set, made once per test session."""
+    from usp_video.distributed.models import FAMILIES
+
+    return {k: str(v) for k, v in FAMILIES["wan2.2-ti2v-5b"].make_tiny(tmp_path_factory.mktemp("wan22_5b")).items()}
+
+
+@pytest.fixture(scope="session")
+def wan22_i2v(tmp_path_factory) -> list[str]:
+    """Two tiny Wan 2.2 I2V A14B experts: 36 input channels, no image embedder."""
+    import json
+
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from usp_video.distributed.formats.checkpoint import save_safetensors
+    from usp_video.distributed.models.wan21 import dit as wan
+    from usp_video.distributed.models.wan21.tiny import TINY_WAN_CONFIG, wan_to_original_keys
+
+    root = tmp_path_factory.mktemp("wan22_i2v")
+    config = dict(TINY_WAN_CONFIG, in_channels=36)
+    paths = []
+    for name, seed in (("high_noise", 32), ("low_noise", 33)):
+        torch.manual_seed(seed)
+        state = wan_to_original_keys(WanTransformer3DModel(**config).state_dict())
+        path = root / f"tiny_wan2.2_i2v_{name}_14B.safetensors"
+        save_safetensors(state, path, {wan.CONFIG_METADATA_KEY: json.dumps(config)})
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def two_experts(tiny_models, tmp_path_factory) -> list[str]:
+    """The tiny Wan DiT and a second one of the same architecture with other weights."""
+    from usp_video.distributed.models.wan21.tiny import make_tiny_models
+
+    return [tiny_models["dit"], str(make_tiny_models(tmp_path_factory.mktemp("expert2"), seed=1)["dit"])]
+
+
+@pytest.fixture(scope="session")
+def family_models(tiny_models, tiny_hunyuan, experts, tiny_5b, wan22_i2v, two_experts) -> dict:
+    """{family name: {role: path}}: the files the parity harness (test_parity.py) names by role."""
+    return {"wan2.1": {"dit": tiny_models["dit"], "dit2": two_experts[1], "dit_i2v": tiny_models["dit_i2v"]},
+            "hunyuan-video": {"dit": tiny_hunyuan["dit"]},
+            "wan2.2-a14b": {"high_noise": experts[0], "low_noise": experts[1], "i2v_high_noise": wan22_i2v[0],
+                            "i2v_low_noise": wan22_i2v[1]},
+            "wan2.2-ti2v-5b": {"dit": tiny_5b["dit"]}}
+
+
 from hardening import HARDENING  # noqa: E402  (counted by test_bad_input, test_faults, test_security)
+
+# The long tests, by file: the soak, the fault-injection loops, two hosts in network namespaces.
+SLOW_FILES = ("test_soak.py", "test_faults.py", "test_multihost.py")
+# The smoke subset outside the parity harness: checks of a second or two, no group started.
+SMOKE_TESTS = ("test_layout.py::test_the_circle_check_can_fail", "test_planner.py::", "test_protocol.py::",
+               "test_usp_attention.py::test_lse_kernels_agree_with_math_reference",
+               "test_usp_attention.py::test_resolve_degrees", "test_wan_parity.py::test_world_size_one_matches",
+               "test_hunyuan_parity.py::test_world_size_one_matches")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+        if any(test in item.nodeid for test in SMOKE_TESTS):
+            item.add_marker(pytest.mark.smoke)
 
 
 def pytest_runtest_logreport(report):

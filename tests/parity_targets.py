@@ -1,13 +1,249 @@
-"""Functions run on N gloo ranks by the parity tests (see usp_video.distributed.parallel.spawn)."""
+"""What the parity tests run on N gloo ranks (usp_video.distributed.testing.spawn), and on one process as the
+reference: the same function, so "N ranks == one process" compares like with like.
 
+The family facts (latent channels, text width, pooled vector, guidance) live in each family's tiny.py
+(`tiny_inputs(shape, ...)`: one forward's inputs; `tiny_request(family, experts, shape, ...)`: a SampleRequest's
+fields). Here they are reached by family name only:
+
+    forward(engine, "hunyuan-video", path, shape, text_len=12)     one forward of the tiny DiT
+    request("wan2.2-a14b", experts, shape, sampler="euler")         a SampleRequest
+    family_case(rank, world_size, family=..., experts=..., ...)     one parity case (tests/test_parity.py)
+    run_cases(rank, world_size, target, cases)                      many cases in one spawn (tests/batched.py)
+
+The rank functions further down serve the tests of one feature each (sharding, offload, step caches, LoRAs,
+cfg-parallel, the split VAE).
+"""
+
+import importlib
 from pathlib import Path
 
 import torch
 
+from usp_video.distributed.models import FAMILIES
 from usp_video.distributed.parallel.mesh import build_sequence_parallel
 from usp_video.distributed.parallel.sharding import gather_sequence, shard_sequence
 from usp_video.distributed.parallel.usp_attention import KeyLayout, tail_padding_mask, usp_attention
 
+
+# -- a family's tiny debug config, by name -------------------------------------------------------------
+
+def family_of(name: str):
+    """The ModelFamily of a name ("wan2.1") or short name ("wan", "hunyuan")."""
+    return FAMILIES.get(name) or next(f for f in FAMILIES.values() if f.short_name == name)
+
+
+def tiny(name: str):
+    """The family's tiny.py module (its tiny_inputs and tiny_request)."""
+    return importlib.import_module(f"{type(family_of(name)).__module__}.tiny")
+
+
+def inputs(family: str, shape, **kwargs) -> tuple:
+    """One forward's positional inputs for the family's tiny DiT (kwargs: its tiny_inputs' own)."""
+    return tiny(family).tiny_inputs(tuple(shape), **kwargs)
+
+
+def model_forward(model, family: str, shape, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*inputs(family, shape, **kwargs), return_dict=False)[0]
+
+
+def forward(engine, family: str, path: str, shape, **kwargs) -> torch.Tensor:
+    """The engine's DiT in path (loaded as family) on the family's tiny inputs."""
+    return model_forward(engine.dit(path, family_of(family).name), family, shape, **kwargs)
+
+
+def request(family: str, experts: list[str], shape, **kwargs):
+    """A SampleRequest from the family's tiny_request (kwargs: its own, e.g. sampler, cfg, steps)."""
+    from usp_video.distributed.requests import SampleRequest
+
+    return SampleRequest(**tiny(family).tiny_request(family_of(family), list(experts), tuple(shape), **kwargs))
+
+
+def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto", cfg_degree=1, shard_weights="off",
+                vae_split=False, dit_offload=False, placement="offload", compile="off", free_memory=None):
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.distributed.engine import Engine
+
+    return Engine(GroupConfig(ranks=world_size, ulysses=ulysses, ring=ring, cfg_parallel=cfg_degree,
+                              shard_weights=shard_weights, vae_split=vae_split, dit_offload=dit_offload,
+                              placement=placement, compile=compile), rank=rank,
+                  **({} if free_memory is None else {"free_memory": free_memory}))
+
+
+# -- one parity case of a family (tests/test_parity.py) ---------------------------------------------------
+
+def variant(req, name: str):
+    """Sampler calls beyond the plain case: batch 2, cfg 1, denoise < 1, unequal text lengths."""
+    g = torch.Generator().manual_seed(5)
+    if name == "batch2":
+        req.latent = req.latent.expand(2, *req.latent.shape[1:]).clone()
+    elif name == "cfg1":
+        req.cfg, req.negative = 1.0, None
+    elif name == "denoise":
+        req.latent, req.denoise, req.sampler = torch.randn(req.latent.shape, generator=g), 0.6, "euler"
+    elif name == "unequal_text":
+        req.negative = {"tokens": torch.randn(1, 9, req.positive["tokens"].shape[-1], generator=g)}
+    return req
+
+
+def image_forward(engine, req, family=None) -> torch.Tensor:
+    """The first expert's velocity for the request's positive side at timestep 700 (the engine's own path, the
+    image conditioning included)."""
+    dit = engine.load_dit(req.experts[0], family)
+    shape = tuple(req.latent.shape)
+    cond = dit.family.model_conditioning(dit.module, req.positive, shape, "positive")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        return dit.family.velocity(dit.module, x, torch.tensor([700.0]), cond, {})
+
+
+def image_request(experts, shape, clip_vision=True, family=None, **kwargs):
+    """A Wan image-to-video SampleRequest (Wan 2.1 I2V; two experts: Wan 2.2 I2V A14B as family)."""
+    from usp_video.distributed.models.wan21.tiny import tiny_image_request
+    from usp_video.distributed.requests import SampleRequest
+
+    req = SampleRequest(**tiny_image_request(list(experts), tuple(shape), clip_vision, **kwargs))
+    req.family = family
+    return req
+
+
+def masked_forward(engine, path: str, shape) -> torch.Tensor:
+    """The 5B's forward with per-token timesteps (a noise mask's: each frame its own)."""
+    x, _, context = inputs("wan2.2-ti2v-5b", shape)
+    model = engine.dit(path)
+    with torch.no_grad():
+        return model(x, token_timesteps(model, shape), context, return_dict=False)[0]
+
+
+def token_timesteps(model, shape):
+    """Per-token timesteps [2, S] as the 5B takes them under a noise mask, each frame its own (mask means 0..1)."""
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(2, 1, shape[0], 1, 1, generator=g).expand(2, 48, *shape)
+    return FAMILIES["wan2.2-ti2v-5b"].masked_timestep(model, torch.tensor([900.0, 250.0]), mask)
+
+
+def family_case(rank, world_size, family, experts, shape, ulysses=1, ring=1, forward_inputs=None, samples=(),
+                image=None, masked=False, compile="off", shard_weights="off"):
+    """One parity case, all in one engine, each part asked for by its argument:
+    forward_inputs   the forward of each expert on the family's tiny inputs (tiny_inputs' kwargs) -> "forward<i>"
+    masked           the 5B's forward with per-token timesteps -> "masked_forward"
+    samples          samples, each tiny_request's kwargs plus "variant" (one of variant's) or "boundaries" (the
+                     experts' sigma boundaries) -> "latent<i>", and the DiT loads after them -> "loads"
+    image            a Wan image-to-video forward and sample ({"clip_vision": bool}) -> "image_forward", "image_latent"
+    compile          the forward with every block compiled (compiled_forward)."""
+    if compile != "off":
+        return compiled_forward(rank, world_size, ulysses, ring, experts[0], shape, shard_weights)
+    engine = make_engine(rank, world_size, ulysses, ring, shard_weights=shard_weights)
+    out = {}
+    for i, path in enumerate(experts if forward_inputs is not None else []):
+        out[f"forward{i}"] = forward(engine, family, path, shape, **forward_inputs)
+    if masked:
+        out["masked_forward"] = masked_forward(engine, experts[0], shape)
+    for i, kwargs in enumerate(samples):
+        kwargs = dict(kwargs)
+        name, boundaries = kwargs.pop("variant", None), kwargs.pop("boundaries", None)
+        req = request(family, experts, shape, **kwargs)
+        if boundaries is not None:
+            req.boundaries = list(boundaries)
+        out[f"latent{i}"] = engine.sample(variant(req, name) if name else req).latent
+        out["loads"] = torch.tensor(engine.load_counts["dit"])
+    if image is not None:
+        req = image_request(experts, shape, family=None if family == "wan2.1" else family, **image)
+        out["image_forward"] = image_forward(engine, req, req.family)
+        out["image_latent"] = engine.sample(req).latent
+    sp = engine.load_dit(experts[-1], None if family == "wan2.1" else family_of(family).name).sp
+    assert (sp.ulysses_degree, sp.ring_degree) == (ulysses, ring)
+    return out
+
+
+def compiled_forward(rank, world_size, ulysses, ring, dit_path, shape, shard_weights="off"):
+    """The DiT forward with every block compiled (compile aot_eager) after USP and FSDP, through the engine;
+    also how many times compiled graphs ran (a counting backend around aot_eager: a block that fell back to
+    eager, or was never compiled, adds nothing) and how many blocks are compiled and FSDP's."""
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch.distributed.fsdp import FSDPModule
+
+    from usp_video.distributed.parallel import compile as compile_mod
+
+    runs = [0]
+
+    def counting(gm, example_inputs):
+        compiled = lookup_backend("aot_eager")(gm, example_inputs)
+
+        def run(*args):
+            runs[0] += 1
+            return compiled(*args)
+        run._boxed_call = getattr(compiled, "_boxed_call", False)
+        return run
+
+    torch._dynamo.reset()  # each case compiles afresh (the cases share the ranks)
+    saved, compile_mod.BACKEND_OF["aot_eager"] = compile_mod.BACKEND_OF["aot_eager"], counting
+    try:
+        engine = make_engine(rank, world_size, ulysses, ring, shard_weights=shard_weights, compile="aot_eager")
+        out = forward(engine, "wan2.1", dit_path, shape)
+    finally:
+        compile_mod.BACKEND_OF["aot_eager"] = saved
+    dit = engine.load_dit(dit_path)
+    assert (dit.sp.ulysses_degree, dit.sp.ring_degree) == (ulysses, ring)
+    blocks = dit.family.blocks(dit.module)
+    return {"forward0": out, "graph_runs": torch.tensor(runs[0]), "blocks": torch.tensor(len(blocks)),
+            "compiled": torch.tensor(sum(compile_mod.is_compiled(b) for b in blocks)),
+            "fsdp": torch.tensor(sum(isinstance(b, FSDPModule) for b in blocks))}
+
+
+def run_cases(rank, world_size, target, cases):
+    """Several cases of one target function in the same ranks (tests/batched.py): each case's
+    results come back under the prefix "<index>/"."""
+    function = globals()[target]
+    out = {}
+    for i, kwargs in enumerate(cases):
+        for name, value in (function(rank, world_size, **kwargs) or {}).items():
+            out[f"{i}/{name}"] = value
+    return out
+
+
+# -- shorthands for the tests of single features (fp8, GGUF, LoRA, step cache, memory, placement) ----------
+
+def dit_inputs(shape, seed=1):
+    return inputs("wan2.1", shape, seed=seed)
+
+
+def ti2v_inputs(shape, seed=1):
+    return inputs("wan2.2-ti2v-5b", shape, seed=seed)
+
+
+def dit_forward(engine, dit_path, shape):
+    return forward(engine, "wan2.1", dit_path, shape)
+
+
+def hunyuan_forward(model, shape, text_len):
+    return model_forward(model, "hunyuan-video", shape, text_len=text_len)
+
+
+def sample_request(dit_path, shape, steps=4, sampler="unipc", seed=7, cfg=5.0):
+    return request("wan2.1", [dit_path], shape, steps=steps, sampler=sampler, seed=seed, cfg=cfg)
+
+
+def hunyuan_request(dit_path, shape, cfg=1.0, text_lens=(12, 7), steps=4):
+    return request("hunyuan-video", [dit_path], shape, cfg=cfg, text_lens=text_lens, steps=steps)
+
+
+def wan22_request(experts, shape, sampler, steps=6):
+    return request("wan2.2-a14b", experts, shape, sampler=sampler, steps=steps)
+
+
+def ti2v_request(dit_path, shape, sampler, steps=4):
+    return request("wan2.2-ti2v-5b", [dit_path], shape, sampler=sampler, steps=steps)
+
+
+def experts_request(experts, boundaries, shape=(5, 2, 14)):
+    """Several Wan DiTs, one per sigma range (as Wan 2.2 A14B)."""
+    req = request("wan2.1", experts, shape, steps=4, sampler="euler")
+    req.boundaries = list(boundaries)
+    return req
+
+
+# -- attention alone (test_usp_attention.py) ---------------------------------------------------------------
 
 def attention_inputs(seq_len: int, heads: int, head_dim: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -40,188 +276,35 @@ def usp_joint_attention_rank(rank, world_size, ulysses, ring, seq_len, text_len,
     return {"video": gather_sequence(video_out, 1, sp, seq_len), "text": text_out}
 
 
-def dit_inputs(shape, text_len=20, text_dim=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 16, *shape, generator=g)
-    context = torch.randn(2, text_len, text_dim, generator=g)
-    t = torch.tensor([900.0, 250.0])
-    return x, t, context
-
-
-def make_engine(rank=0, world_size=1, ulysses="auto", ring="auto", cfg_degree=1, shard_weights="off",
-                vae_split=False, dit_offload=False, placement="offload", compile="off", free_memory=None):
-    from usp_video.distributed.config import GroupConfig
-    from usp_video.distributed.engine import Engine
-
-    return Engine(GroupConfig(ranks=world_size, ulysses=ulysses, ring=ring, cfg_parallel=cfg_degree,
-                              shard_weights=shard_weights, vae_split=vae_split, dit_offload=dit_offload,
-                              placement=placement, compile=compile), rank=rank,
-                  **({} if free_memory is None else {"free_memory": free_memory}))
-
-
-def dit_forward(engine, dit_path, shape):
-    x, t, context = dit_inputs(shape)
-    with torch.no_grad():
-        return engine.dit(dit_path)(x, t, context, return_dict=False)[0]
-
-
-def dit_forward_rank(rank, world_size, ulysses, ring, dit_path, shape, compile="off", shard_weights="off"):
-    if compile != "off":
-        return compiled_forward(rank, world_size, ulysses, ring, dit_path, shape, shard_weights)
-    engine = make_engine(rank, world_size, ulysses, ring)
-    out = dit_forward(engine, dit_path, shape)
-    sp = engine.load_dit(dit_path).sp
-    assert (sp.ulysses_degree, sp.ring_degree) == (ulysses, ring)
-    return {"out": out}
-
-
-def compiled_forward(rank, world_size, ulysses, ring, dit_path, shape, shard_weights="off"):
-    """The DiT forward with every block compiled (compile aot_eager) after USP and FSDP, through the engine;
-    also how many times compiled graphs ran (a counting backend around aot_eager: a block that fell back to
-    eager, or was never compiled, adds nothing) and how many blocks are compiled and FSDP's."""
-    from torch._dynamo.backends.registry import lookup_backend
-    from torch.distributed.fsdp import FSDPModule
-
-    from usp_video.distributed.parallel import compile as compile_mod
-
-    runs = [0]
-
-    def counting(gm, example_inputs):
-        compiled = lookup_backend("aot_eager")(gm, example_inputs)
-
-        def run(*args):
-            runs[0] += 1
-            return compiled(*args)
-        run._boxed_call = getattr(compiled, "_boxed_call", False)
-        return run
-
-    torch._dynamo.reset()  # each case compiles afresh (the cases share the ranks)
-    saved, compile_mod.BACKEND_OF["aot_eager"] = compile_mod.BACKEND_OF["aot_eager"], counting
-    try:
-        engine = make_engine(rank, world_size, ulysses, ring, shard_weights=shard_weights, compile="aot_eager")
-        out = dit_forward(engine, dit_path, shape)
-    finally:
-        compile_mod.BACKEND_OF["aot_eager"] = saved
-    dit = engine.load_dit(dit_path)
-    assert (dit.sp.ulysses_degree, dit.sp.ring_degree) == (ulysses, ring)
-    blocks = dit.family.blocks(dit.module)
-    return {"out": out, "graph_runs": torch.tensor(runs[0]), "blocks": torch.tensor(len(blocks)),
-            "compiled": torch.tensor(sum(compile_mod.is_compiled(b) for b in blocks)),
-            "fsdp": torch.tensor(sum(isinstance(b, FSDPModule) for b in blocks))}
-
-
-def sample_request(dit_path, shape, steps=4, sampler="unipc", seed=7, cfg=5.0):
-    from usp_video.distributed.requests import SampleRequest
-
-    g = torch.Generator().manual_seed(3)
-    return SampleRequest(experts=[dit_path], positive=torch.randn(1, 24, 32, generator=g),
-                         negative=torch.randn(1, 24, 32, generator=g), latent=torch.zeros(1, 16, *shape),
-                         seed=seed, steps=steps, cfg=cfg, shift=5.0, sampler=sampler)
-
-
-def sample_rank(rank, world_size, ulysses, ring, dit_path, shape, sampler):
-    engine = make_engine(rank, world_size, ulysses, ring)
-    return {"latent": engine.sample(sample_request(dit_path, shape, sampler=sampler)).latent}
-
-
-def variant_request(dit_path, variant):
-    """Sampler calls beyond the plain case: batch 2, cfg 1, denoise < 1, unequal text lengths."""
-    req = sample_request(dit_path, (3, 4, 6), steps=3, sampler="unipc")
-    g = torch.Generator().manual_seed(5)
-    if variant == "batch2":
-        req.latent = torch.zeros(2, 16, 3, 4, 6)
-    elif variant == "cfg1":
-        req.cfg, req.negative = 1.0, None
-    elif variant == "denoise":
-        req.latent, req.denoise, req.sampler = torch.randn(1, 16, 3, 4, 6, generator=g), 0.6, "euler"
-    elif variant == "unequal_text":
-        req.negative = {"tokens": torch.randn(1, 9, 32, generator=g)}
-    return req
-
-
-def sample_variant_rank(rank, world_size, ulysses, ring, dit_path, variant):
-    engine = make_engine(rank, world_size, ulysses, ring)
-    return {"latent": engine.sample(variant_request(dit_path, variant)).latent}
-
-
-# -- HunyuanVideo --------------------------------------------------------------------------------
-
-def hunyuan_inputs(shape, text_len, pad=5, seed=2):
-    """Video latent, timestep, text padded by `pad` masked tokens (as the reference pipeline pads
-    to 256), pooled CLIP vector and embedded guidance."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 16, *shape, generator=g)
-    context = torch.randn(2, text_len + pad, 32, generator=g)
-    mask = torch.zeros(2, text_len + pad, dtype=torch.long)
-    mask[:, :text_len] = 1
-    pooled = torch.randn(2, 16, generator=g)
-    return x, torch.tensor([900.0, 250.0]), context, mask, pooled, torch.tensor([6000.0, 6000.0])
-
-
-def hunyuan_forward(model, shape, text_len):
-    with torch.no_grad():
-        return model(*hunyuan_inputs(shape, text_len), return_dict=False)[0]
-
-
-def hunyuan_forward_rank(rank, world_size, ulysses, ring, dit_path, shape, text_len):
-    engine = make_engine(rank, world_size, ulysses, ring)
-    dit = engine.load_dit(dit_path)
-    out = hunyuan_forward(dit.module, shape, text_len)
-    assert (dit.sp.ulysses_degree, dit.sp.ring_degree) == (ulysses, ring)
-    return {"out": out}
-
-
-def hunyuan_request(dit_path, shape, cfg=1.0, text_lens=(12, 7), steps=4):
-    from usp_video.distributed.requests import SampleRequest
-
-    g = torch.Generator().manual_seed(4)
-    positive = {"tokens": torch.randn(1, text_lens[0], 32, generator=g), "pooled_output": torch.randn(1, 16, generator=g)}
-    negative = ({"tokens": torch.randn(1, text_lens[1], 32, generator=g), "pooled_output": torch.randn(1, 16, generator=g)}
-                if cfg != 1.0 else None)
-    return SampleRequest(experts=[dit_path], positive=positive, negative=negative,
-                         latent=torch.zeros(1, 16, *shape), seed=11, steps=steps, cfg=cfg, shift=7.0,
-                         sampler="euler", options={"guidance": 6.0})
-
-
-def hunyuan_sample_rank(rank, world_size, ulysses, ring, dit_path, shape, cfg):
-    engine = make_engine(rank, world_size, ulysses, ring)
-    return {"latent": engine.sample(hunyuan_request(dit_path, shape, cfg)).latent}
-
+# -- cfg-parallel, sharding, offload (test_cfg_parallel.py, test_sharding.py, test_fp8.py, test_gguf.py) ----
 
 def cfg_parallel_sample_rank(rank, world_size, ulysses, ring, dit_path, family, cfg):
     """CFG-parallel: the conditional and unconditional passes on the two halves of the group."""
     engine = make_engine(rank, world_size, ulysses, ring, cfg_degree=2)
-    if family == "wan":
-        request = sample_request(dit_path, (5, 2, 14), sampler="euler", cfg=cfg)
-    else:
-        request = hunyuan_request(dit_path, (5, 2, 14), cfg=cfg)
-    result = engine.sample(request)
+    kwargs = dict(sampler="euler") if family_of(family).name == "wan2.1" else {}
+    result = engine.sample(request(family, [dit_path], (5, 2, 14), cfg=cfg, **kwargs))
     assert (result.sp.cfg_degree, result.sp.ulysses_degree, result.sp.ring_degree) == (2, ulysses, ring)
     return {"latent": result.latent}
 
 
 def sharded_rank(rank, world_size, ulysses, ring, dit_path, family, text_encoder=None):
     """FSDP-sharded DiT (and UMT5): forward outputs, and the bytes of parameters this rank holds."""
+    from usp_video.distributed.formats.tensor_file import TensorFile
     from usp_video.distributed.parallel.fsdp import parameter_bytes
-
-    from usp_video.distributed.formats.streamed import TensorFile
 
     engine = make_engine(rank, world_size, ulysses, ring, shard_weights="on")
     model = engine.dit(dit_path)
     assert engine.sharded["dit"]
     read = TensorFile.read_from.get(str(Path(dit_path)), 0)  # what this rank read of the DiT's file
-    if family == "wan":
-        out = dit_forward(engine, dit_path, (5, 2, 14))
-    else:
-        out = hunyuan_forward(model, (5, 2, 14), 7)
+    out = model_forward(model, family, (5, 2, 14), **({} if family_of(family).name == "wan2.1" else {"text_len": 7}))
     result = {"out": out, "bytes": torch.tensor([parameter_bytes(model)]), "read": torch.tensor([read])}
     if text_encoder is not None:
         from usp_video.distributed.requests import EncodeRequest
 
-        request = EncodeRequest(family="wan2.1", files={"text_encoder": text_encoder},
-                                prompt="a cat walks on the beach at sunset")
-        assert engine.encode_on_all_ranks(request)
-        result["cond"] = engine.encode(request)["tokens"]
+        req = EncodeRequest(family="wan2.1", files={"text_encoder": text_encoder},
+                            prompt="a cat walks on the beach at sunset")
+        assert engine.encode_on_all_ranks(req)
+        result["cond"] = engine.encode(req)["tokens"]
         result["te_bytes"] = torch.tensor([parameter_bytes(engine.text.text_part("text_encoder").model)])
         result["te_read"] = torch.tensor([TensorFile.read_from[str(Path(text_encoder))]])
     return result
@@ -241,10 +324,10 @@ def offloaded_rank(rank, world_size, wan, hunyuan, experts):
     Placement._move = staticmethod(lambda loaded, device: (moved.append(device), real_move(loaded, device)))
     engine = make_engine(rank, world_size, shard_weights="auto", dit_offload=True)
     out = {}
-    for name, request in (("wan", sample_request(wan, (3, 4, 6), steps=2, sampler="euler")),
-                          ("hunyuan", hunyuan_request(hunyuan, (5, 2, 14), cfg=3.0, steps=2)),
-                          ("experts", wan22_request(experts, (3, 4, 6), "euler", steps=6))):
-        out[name] = engine.sample(request).latent
+    for name, req in (("wan", sample_request(wan, (3, 4, 6), steps=2, sampler="euler")),
+                      ("hunyuan", hunyuan_request(hunyuan, (5, 2, 14), cfg=3.0, steps=2)),
+                      ("experts", wan22_request(experts, (3, 4, 6), "euler", steps=6))):
+        out[name] = engine.sample(req).latent
         for i, (slot, dit) in enumerate(engine.residency.dits()):
             model = dit.module
             policies = offload_policies(model)
@@ -258,31 +341,20 @@ def offloaded_rank(rank, world_size, wan, hunyuan, experts):
     return out
 
 
-def vae_split_rank(rank, world_size, vae_path, shape, seed=5, tiling=None, channels=16):
-    engine = make_engine(rank, world_size, vae_split=True)
-    if tiling:  # HunyuanVideo VAE: tiles small enough that a tiny latent makes many of them
-        engine.vae(vae_path).enable_tiling(**tiling)
-    latent = torch.randn(1, channels, *shape, generator=torch.Generator().manual_seed(seed))
-    progress = []
-    frames = engine.decode(vae_path, latent, lambda done, total: progress.append((done, total)))
-    return {"frames": frames, "progress": torch.tensor(progress)} if frames is not None else {}
-
-
 def sharded_llama_rank(rank, world_size, llama, clip, tokenizers, prompt):
     """HunyuanVideo's Llama with sharded weights: every rank takes part in the encode."""
-    from usp_video.distributed.formats.streamed import TensorFile
+    from usp_video.distributed.formats.tensor_file import TensorFile
     from usp_video.distributed.parallel.fsdp import parameter_bytes
-
     from usp_video.distributed.requests import EncodeRequest
 
     engine = make_engine(rank, world_size, shard_weights="on")
-    request = EncodeRequest(family="hunyuan-video", files={"llama": llama, "clip": clip, "tokenizers": tokenizers},
-                            prompt=prompt)
-    assert engine.encode_on_all_ranks(request)
-    cond = engine.encode(request)
+    req = EncodeRequest(family="hunyuan-video", files={"llama": llama, "clip": clip, "tokenizers": tokenizers},
+                        prompt=prompt)
+    assert engine.encode_on_all_ranks(req)
+    cond = engine.encode(req)
     held = parameter_bytes(engine.text.text_part("llama"))
     read = TensorFile.read_from[str(Path(llama))]  # what this rank read of the Llama's file
-    return {"cond": cond["tokens"], "pooled_output": cond["pooled_output"], "bytes": torch.tensor([held]), "read": torch.tensor([read])}
+    return {"cond": cond["tokens"], "pooled": cond["pooled_output"], "bytes": torch.tensor([held]), "read": torch.tensor([read])}
 
 
 def sharded_bf16_rank(rank, world_size, dit_path, ulysses="auto", ring="auto", shard_weights="on"):
@@ -299,122 +371,33 @@ def sharded_bf16_rank(rank, world_size, dit_path, ulysses="auto", ring="auto", s
     return {"out": out.float()}
 
 
-# -- several experts (one DiT per sigma range, as Wan 2.2 A14B) ----------------------------------
+# -- the split VAE (test_vae_split.py, test_wan22_5b.py) ----------------------------------------------------
 
-def experts_request(experts, boundaries, shape=(5, 2, 14)):
-    request = sample_request(experts[0], shape, steps=4, sampler="euler")
-    request.experts, request.boundaries = list(experts), list(boundaries)
-    return request
-
-
-def experts_sample_rank(rank, world_size, ulysses, ring, experts, boundaries):
-    engine = make_engine(rank, world_size, ulysses, ring)
-    return {"latent": engine.sample(experts_request(experts, boundaries)).latent}
-
-
-def run_cases(rank, world_size, target, cases):
-    """Several cases of one target function in the same ranks (tests/batched.py): each case's
-    results come back under the prefix "<index>/"."""
-    function = globals()[target]
-    out = {}
-    for i, kwargs in enumerate(cases):
-        for name, value in (function(rank, world_size, **kwargs) or {}).items():
-            out[f"{i}/{name}"] = value
-    return out
+def vae_split_rank(rank, world_size, vae_path, shape, seed=5, tiling=None, channels=16):
+    engine = make_engine(rank, world_size, vae_split=True)
+    if tiling:  # HunyuanVideo VAE: tiles small enough that a tiny latent makes many of them
+        engine.vae(vae_path).enable_tiling(**tiling)
+    latent = torch.randn(1, channels, *shape, generator=torch.Generator().manual_seed(seed))
+    progress = []
+    frames = engine.decode(vae_path, latent, lambda done, total: progress.append((done, total)))
+    return {"frames": frames, "progress": torch.tensor(progress)} if frames is not None else {}
 
 
-# -- Wan 2.2 A14B (test_wan22.py) ------------------------------------------------------------------------
-
-def wan22_forward(engine, path, shape):
-    x, t, context = dit_inputs(shape)
-    with torch.no_grad():
-        return engine.dit(path, "wan2.2-a14b")(x, t, context, return_dict=False)[0]
+def encode_frames(shape, seed=7) -> torch.Tensor:
+    """IMAGE frames [F, H, W, 3] in 0..1 from a seed: every rank builds the same video."""
+    return torch.rand(*shape, 3, generator=torch.Generator().manual_seed(seed))
 
 
-def wan22_request(experts, shape, sampler, steps=6):
-    """A run across the switch: shift 12 and boundary 0.875 put it after step 4 of 6; cfg per expert."""
-    request = sample_request(experts[0], shape, steps=steps, sampler=sampler, cfg=4.0)
-    request.experts, request.family, request.shift = list(experts), "wan2.2-a14b", 12.0
-    request.boundaries = [0.875] if len(experts) == 2 else []
-    request.cfg = [4.0, 3.0] if len(experts) == 2 else 4.0
-    return request
+def split_encode_rank(rank, world_size, vae, shape):
+    engine = make_engine(rank, world_size, vae_split=True)
+    progress = []
+    latent = engine.encode_video(vae, encode_frames(shape), lambda done, total: progress.append((done, total)))
+    return {"latent": latent, "progress": torch.tensor(progress)} if latent is not None else {}
 
 
-def wan22_rank(rank, world_size, ulysses, ring, experts, shape, sampler):
-    engine = make_engine(rank, world_size, ulysses, ring)
-    out = {f"forward{i}": wan22_forward(engine, path, shape) for i, path in enumerate(experts)}
-    sp = engine.load_dit(experts[-1], "wan2.2-a14b").sp
-    assert (sp.ulysses_degree, sp.ring_degree) == (ulysses, ring)
-    out["latent"] = engine.sample(wan22_request(experts, shape, sampler)).latent
-    out["loads"] = torch.tensor(engine.load_counts["dit"])
-    return out
-
-
-# -- Wan 2.2 TI2V-5B (test_wan22_5b.py) ------------------------------------------------------------------
-
-def ti2v_inputs(shape, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 48, *shape, generator=g), torch.tensor([900.0, 250.0]),
-            torch.randn(2, 20, 32, generator=g))
-
-
-def ti2v_forward(engine, path, shape):
-    x, t, context = ti2v_inputs(shape)
-    with torch.no_grad():
-        return engine.dit(path)(x, t, context, return_dict=False)[0]
-
-
-def ti2v_request(dit_path, shape, sampler, steps=4):
-    request = sample_request(dit_path, shape, steps=steps, sampler=sampler)
-    request.latent = torch.zeros(1, 48, *shape)
-    return request
-
-
-def ti2v_token_timesteps(model, shape):
-    """Per-token timesteps [2, S] as the 5B takes them under a noise mask, each frame its own (mask means 0..1)."""
-    from usp_video.distributed.models import FAMILIES
-
-    g = torch.Generator().manual_seed(5)
-    mask = torch.rand(2, 1, shape[0], 1, 1, generator=g).expand(2, 48, *shape)
-    return FAMILIES["wan2.2-ti2v-5b"].masked_timestep(model, torch.tensor([900.0, 250.0]), mask)
-
-
-def ti2v_masked_forward(engine, dit_path, shape):
-    x, _, context = ti2v_inputs(shape)
-    model = engine.dit(dit_path)
-    with torch.no_grad():
-        return model(x, ti2v_token_timesteps(model, shape), context, return_dict=False)[0]
-
-
-def ti2v_start_image(shape, batch=1, seed=4):
-    """A LATENT as ComfyUI's Wan22ImageToVideoLatent makes it from a start image: raw space, the image's latent
-    in the first frame, process_out(0) (the means) after it; noise_mask [B, 1, T, H, W], 0 on the first frame."""
-    from usp_video.distributed.models import FAMILIES
-
-    g = torch.Generator().manual_seed(seed)
-    family = FAMILIES["wan2.2-ti2v-5b"]
-    latent = family.process_out(torch.zeros(batch, 48, *shape))
-    latent[:, :, :1] = torch.randn(1, 48, 1, *shape[1:], generator=g)
-    mask = torch.ones(batch, 1, *shape)
-    mask[:, :, :1] = 0.0
-    return latent, mask
-
-
-def ti2v_image_request(dit_path, shape, sampler, steps=4):
-    request = ti2v_request(dit_path, shape, sampler, steps=steps)
-    request.latent, request.noise_mask = ti2v_start_image(shape)
-    return request
-
-
-def ti2v_rank(rank, world_size, ulysses, ring, dit_path, shape, sampler):
-    engine = make_engine(rank, world_size, ulysses, ring)
-    out = {"forward": ti2v_forward(engine, dit_path, shape)}
-    sp = engine.load_dit(dit_path).sp
-    assert (sp.ulysses_degree, sp.ring_degree) == (ulysses, ring)
-    out["latent"] = engine.sample(ti2v_request(dit_path, shape, sampler)).latent
-    out["masked_forward"] = ti2v_masked_forward(engine, dit_path, shape)
-    out["image_latent"] = engine.sample(ti2v_image_request(dit_path, shape, sampler)).latent
-    return out
+def vae_case(rank, world_size, kind, **kwargs):
+    """One split VAE case: kind "decode" (vae_split_rank) or "encode" (split_encode_rank)."""
+    return {"decode": vae_split_rank, "encode": split_encode_rank}[kind](rank, world_size, **kwargs)
 
 
 # -- step caches (test_step_cache.py) ---------------------------------------------------------------
@@ -424,16 +407,14 @@ CACHE_SHAPE = (5, 2, 14)  # 35 tokens: divides none of 2, 3, 4
 
 def cached_request(dit_path, family, method, threshold, steps=10):
     """A run with a step cache: Wan with cfg 5 (one batched pass for both sides), HunyuanVideo with cfg 1."""
-    if family == "wan":
-        request = sample_request(dit_path, CACHE_SHAPE, steps=steps, sampler="euler")
-    else:
-        request = hunyuan_request(dit_path, CACHE_SHAPE, steps=steps)
-    request.cache = {"method": method, "threshold": threshold}
-    return request
+    kwargs = dict(sampler="euler") if family_of(family).name == "wan2.1" else {}
+    req = request(family, [dit_path], CACHE_SHAPE, steps=steps, **kwargs)
+    req.cache = {"method": method, "threshold": threshold}
+    return req
 
 
-def cached_run(engine, request) -> dict:
-    result = engine.sample(request)
+def cached_run(engine, req) -> dict:
+    result = engine.sample(req)
     latent, report = result.latent, result.step_cache.report()
     trace = torch.tensor([[step, own, value] for step, _, own, value in result.step_cache.trace], dtype=torch.float64)
     passes = {f"skipped_{key}": torch.tensor(steps, dtype=torch.long) for key, steps in report["skipped_per_pass"].items()}
@@ -454,9 +435,9 @@ def cached_offloaded_rank(rank, world_size, dit_path, family, method, threshold)
 
 def cached_cfg_parallel_rank(rank, world_size, dit_path, threshold, shard="off"):
     engine = make_engine(rank, world_size, 1, 2, cfg_degree=2, shard_weights=shard)
-    request = cached_request(dit_path, "wan", "fbcache", threshold)
-    request.negative = {"tokens": request.negative["tokens"][:, :9]}
-    return cached_run(engine, request)
+    req = cached_request(dit_path, "wan", "fbcache", threshold)
+    req.negative = {"tokens": req.negative["tokens"][:, :9]}
+    return cached_run(engine, req)
 
 
 # -- LoRAs (test_lora.py) ------------------------------------------------------------------------------
@@ -464,8 +445,8 @@ def cached_cfg_parallel_rank(rank, world_size, dit_path, threshold, shard="off")
 def lora_request(dit_path, family, loras, shape=(3, 4, 6), steps=3):
     """A short sample with LoRAs ([[file, strength], ...]) on a Wan (cfg 1: a distillation LoRA's setting) or
     HunyuanVideo DiT."""
-    req = sample_request(dit_path, shape, steps=steps, sampler="euler", cfg=1.0) if family == "wan" else \
-        hunyuan_request(dit_path, shape, cfg=1.0, steps=steps)
+    kwargs = dict(sampler="euler") if family_of(family).name == "wan2.1" else {}
+    req = request(family, [dit_path], shape, steps=steps, cfg=1.0, **kwargs)
     req.negative, req.loras = None, [loras]
     return req
 
@@ -475,44 +456,3 @@ def lora_rank(rank, world_size, ulysses, ring, dit_path, family, loras, shard_we
     out = {"latent": engine.sample(lora_request(dit_path, family, loras)).latent}
     assert engine.sharded["dit"] == (shard_weights == "on")
     return out
-
-
-# -- image to video (test_wan_i2v.py) -----------------------------------------------------------------
-
-def i2v_conditioning(shape, clip_vision=True, start_frames=1, seed=4):
-    """A side of Wan image-to-video conditioning as native WanImageToVideo (+ CLIPVisionEncode) make it: the
-    start video's raw latent, its mask (0 on the start image's latent frames) and CLIP vision features."""
-    g = torch.Generator().manual_seed(seed)
-    cond = {"tokens": torch.randn(1, 24, 32, generator=g), "concat_latent_image": torch.randn(1, 16, *shape, generator=g),
-            "concat_mask": torch.ones(1, 1, *shape)}
-    cond["concat_mask"][:, :, :start_frames] = 0.0
-    if clip_vision:
-        cond["clip_vision"] = torch.randn(1, 257, 1280, generator=g)
-    return cond
-
-
-def i2v_request(experts, shape, clip_vision=True, cfg=5.0, steps=3):
-    from usp_video.distributed.requests import SampleRequest
-
-    negative = i2v_conditioning(shape, clip_vision, seed=5)
-    negative["concat_latent_image"] = i2v_conditioning(shape, clip_vision)["concat_latent_image"]  # one start video
-    return SampleRequest(experts=list(experts), boundaries=[0.9] if len(experts) == 2 else [],
-                         positive=i2v_conditioning(shape, clip_vision), negative=negative,
-                         latent=torch.zeros(1, 16, *shape), seed=3, steps=steps, cfg=cfg, shift=5.0, sampler="euler")
-
-
-def i2v_forward(engine, request, family=None):
-    """The first expert's velocity for the request's positive side at timestep 700 (the engine's own path)."""
-    dit = engine.load_dit(request.experts[0], family)
-    shape = tuple(request.latent.shape)
-    cond = dit.family.model_conditioning(dit.module, request.positive, shape, "positive")
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        return dit.family.velocity(dit.module, x, torch.tensor([700.0]), cond, {})
-
-
-def i2v_rank(rank, world_size, ulysses, ring, experts, shape, clip_vision, family=None):
-    engine = make_engine(rank, world_size, ulysses, ring)
-    request = i2v_request(experts, shape, clip_vision)
-    request.family = family
-    return {"forward": i2v_forward(engine, request, family), "latent": engine.sample(request).latent}

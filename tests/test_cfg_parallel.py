@@ -6,7 +6,7 @@ import pytest
 
 from conftest import rel_error
 from parity_targets import hunyuan_request, make_engine, sample_request
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 
 CASES = [(2, 1, 1), (4, 2, 1), (4, 1, 2)]  # world size, ulysses, ring (cfg degree 2)
 

@@ -5,12 +5,13 @@ pack installed (default: the Python running the tests).
 ComfyUI's WanModel and WanVAE load our tiny files strictly; its KSampler (euler, simple,
 ModelSamplingSD3 shift, the same seed) must give the latent our sampler gives, and its KSamplerAdvanced
 the latents of our step range (leftover noise included, mixed with ours either way). The same for
-HunyuanVideo (comfyui_reference_hunyuan.py).
+HunyuanVideo (comfyui_reference/hunyuan.py).
 """
 
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -20,10 +21,13 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI checkout to compare with")
 
 
-def run_reference(script, argument) -> dict:
-    """Run one of the comfyui_reference*.py scripts with ComfyUI's Python: its JSON of relative errors."""
-    result = subprocess.run([comfyui_python(), str(script), COMFYUI_DIR, json.dumps(argument)], capture_output=True,
-                            text=True, timeout=600)
+def run_reference(name: str, argument) -> dict:
+    """Run one of the comfyui_reference modules (python -m comfyui_reference NAME) with ComfyUI's Python: its
+    JSON of relative errors."""
+    tests_dir = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([comfyui_python(), "-m", "comfyui_reference", name, COMFYUI_DIR, json.dumps(argument)],
+                            capture_output=True, text=True, timeout=600, env=env)
     if result.returncode != 0 and "ModuleNotFoundError" in result.stderr:
         pytest.skip("ComfyUI's requirements are not installed here: " + result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -31,8 +35,8 @@ def run_reference(script, argument) -> dict:
 
 
 @pytest.fixture(scope="module")
-def comparison(tests_dir, tiny_models):
-    return run_reference(tests_dir / "comfyui_reference.py", tiny_models)
+def comparison(tiny_models):
+    return run_reference("wan21", tiny_models)
 
 
 @pytest.mark.parametrize("what", ["dit_forward", "ksampler_euler", "ksampler_euler_denoise", "vae_decode",
@@ -44,8 +48,8 @@ def test_matches_comfyui(comparison, what):
 
 
 @pytest.fixture(scope="module")
-def hunyuan_comparison(tests_dir, tiny_hunyuan):
-    return run_reference(tests_dir / "comfyui_reference_hunyuan.py", tiny_hunyuan)
+def hunyuan_comparison(tiny_hunyuan):
+    return run_reference("hunyuan", tiny_hunyuan)
 
 
 @pytest.mark.parametrize("what", ["hunyuan_dit_forward", "hunyuan_ksampler_euler"])
@@ -57,11 +61,11 @@ def test_hunyuan_matches_comfyui(hunyuan_comparison, what):
 
 
 @pytest.fixture(scope="module")
-def wan22_comparison(tests_dir, tmp_path_factory):
+def wan22_comparison(tmp_path_factory):
     from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models
 
     paths = {k: str(v) for k, v in make_tiny_models(tmp_path_factory.mktemp("wan22")).items()}
-    return run_reference(tests_dir / "comfyui_reference_wan22.py", paths)
+    return run_reference("wan22", paths)
 
 
 @pytest.mark.parametrize("what", ["wan22_switch_vs_two_ksampler_advanced", "wan22_two_usp_advanced_vs_two_ksampler_advanced",
@@ -76,11 +80,11 @@ def test_wan22_matches_comfyui_two_ksampler_advanced(wan22_comparison, what):
 
 
 @pytest.fixture(scope="module")
-def ti2v_comparison(tests_dir, tmp_path_factory):
+def ti2v_comparison(tmp_path_factory):
     from usp_video.distributed.models import FAMILIES
 
     paths = {k: str(v) for k, v in FAMILIES["wan2.2-ti2v-5b"].make_tiny(tmp_path_factory.mktemp("wan22_5b")).items()}
-    return run_reference(tests_dir / "comfyui_reference_wan22_5b.py", paths)
+    return run_reference("wan22_5b", paths)
 
 
 @pytest.mark.parametrize("what", ["ti2v_ksampler_euler", "ti2v_ksampler_euler_denoise"])
@@ -108,11 +112,11 @@ def test_wan22_vae_matches_comfyui(ti2v_comparison):
 
 
 @pytest.fixture(scope="module")
-def vae_encode_comparison(tests_dir, tiny_models, tmp_path_factory):
+def vae_encode_comparison(tiny_models, tmp_path_factory):
     from usp_video.distributed.models import FAMILIES
 
     ti2v = FAMILIES["wan2.2-ti2v-5b"].make_tiny(tmp_path_factory.mktemp("wan22_5b_encode"))
-    return run_reference(tests_dir / "comfyui_reference_vae_encode.py",
+    return run_reference("vae_encode",
                          {"wan21": tiny_models["vae"], "wan22": str(ti2v["vae"])})
 
 
@@ -125,8 +129,8 @@ def test_vae_encode_matches_comfyuis_vae_encode(vae_encode_comparison, case):
 
 
 @pytest.fixture(scope="module")
-def fp8_comparison(tests_dir, tiny_models, tmp_path_factory):
-    """ComfyUI's own loader and fp8 layers (comfyui_reference_fp8.py) on fp8 files of the tiny Wan DiT."""
+def fp8_comparison(tiny_models, tmp_path_factory):
+    """ComfyUI's own loader and fp8 layers (comfyui_reference/fp8.py) on fp8 files of the tiny Wan DiT."""
     from test_fp8 import write_fp8
     from usp_video.distributed.models.wan21 import dit as wan, tiny
 
@@ -134,7 +138,7 @@ def fp8_comparison(tests_dir, tiny_models, tmp_path_factory):
     meta = {wan.CONFIG_METADATA_KEY: json.dumps(tiny.TINY_WAN_CONFIG)}
     files = {"fp8_e4m3fn": write_fp8(tiny_models["dit"], root / "plain.safetensors", meta, False),
              "fp8_scaled": write_fp8(tiny_models["dit"], root / "scaled.safetensors", meta, True)}
-    return run_reference(tests_dir / "comfyui_reference_fp8.py", files)
+    return run_reference("fp8", files)
 
 
 @pytest.mark.parametrize("storage", ["fp8_e4m3fn", "fp8_scaled"])
@@ -147,13 +151,13 @@ def test_fp8_files_match_comfyuis_own_loader(fp8_comparison, storage):
 
 
 @pytest.fixture(scope="module")
-def lora_comparison(tests_dir, tmp_path_factory):
+def lora_comparison(tmp_path_factory):
     """ComfyUI's UNETLoader + two LoraLoaderModelOnly + KSampler / two KSamplerAdvanced on detectable tiny Wan
-    DiTs (comfyui_reference_lora.py), against our engine and our LoRA nodes: one ComfyUI process for all."""
-    from comfyui_common import make_detectable_wan
-    from comfyui_reference_lora import DITS, LORAS
+    DiTs (comfyui_reference/lora.py), against our engine and our LoRA nodes: one ComfyUI process for all."""
+    from comfyui_reference.common import make_detectable_wan
+    from comfyui_reference.lora import DITS, LORAS
 
-    return run_reference(tests_dir / "comfyui_reference_lora.py",
+    return run_reference("lora",
                          make_detectable_wan(tmp_path_factory.mktemp("lora_native"), DITS, LORAS))
 
 
@@ -180,15 +184,15 @@ def test_lora_modulation_diffs_left_alone_as_comfyui_leaves_them(lora_comparison
 
 
 @pytest.fixture(scope="module")
-def i2v_comparison(tests_dir, tiny_models, tmp_path_factory):
+def i2v_comparison(tiny_models, tmp_path_factory):
     """ComfyUI's UNETLoader, WanImageToVideo / WanFirstLastFrameToVideo (its VAE Encode) and KSampler /
-    KSamplerAdvanced on detectable tiny I2V DiTs (comfyui_reference_i2v.py), against our engine and our samplers:
+    KSamplerAdvanced on detectable tiny I2V DiTs (comfyui_reference/i2v.py), against our engine and our samplers:
     one ComfyUI process for all."""
-    from comfyui_common import make_detectable_wan
-    from comfyui_reference_i2v import DITS, dit_configs
+    from comfyui_reference.common import make_detectable_wan
+    from comfyui_reference.i2v import DITS, dit_configs
 
     files = make_detectable_wan(tmp_path_factory.mktemp("i2v_native"), DITS, {}, dit_configs())
-    return run_reference(tests_dir / "comfyui_reference_i2v.py", dict(files, vae=tiny_models["vae"]))
+    return run_reference("i2v", dict(files, vae=tiny_models["vae"]))
 
 
 @pytest.mark.parametrize("what", ["wan21_i2v_len5_cfg1_engine", "wan21_i2v_len5_cfg1_nodes",

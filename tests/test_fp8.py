@@ -15,7 +15,7 @@ from usp_video.distributed.formats.checkpoint import read_header
 from usp_video.distributed.models.hunyuan_video import dit as hunyuan, tiny as hunyuan_tiny
 from usp_video.distributed.models.wan21 import dit as wan, tiny
 from usp_video.distributed.parallel.fsdp import parameter_bytes
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 
 
 def write_fp8(src: str, dst, meta: dict, scaled: bool):

@@ -14,15 +14,13 @@ from safetensors.torch import load_file
 from conftest import rel_error
 from parity_targets import dit_forward, hunyuan_forward, make_engine
 from test_fp8 import forward
-from test_wan22 import tiny_wan22  # noqa: F401 (fixture)
-from test_wan22_5b import tiny_5b  # noqa: F401 (fixture)
 from usp_video.distributed.formats import gguf as gguf_weights, streamed
 from usp_video.distributed.models import CheckpointError, detect_dit
 from usp_video.distributed.models.hunyuan_video import dit as hunyuan
 from usp_video.distributed.models.tiny import save_gguf
 from usp_video.distributed.models.wan21 import dit as wan, tiny as wan_tiny
 from usp_video.distributed.parallel.fsdp import parameter_bytes
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 
 gguf = pytest.importorskip("gguf")
 
@@ -178,7 +176,7 @@ def test_the_load_preflight_counts_quantized_bytes(gguf_files):
 
 
 def test_the_loader_lists_gguf_files_and_reports_the_quantization(tiny_models, monkeypatch):
-    from usp_video.nodes import model_socket, services
+    from usp_video.nodes import common, services
 
     monkeypatch.setattr(services, "IN_COMFYUI", False)
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit_gguf"]).parents[1]))
@@ -188,7 +186,7 @@ def test_the_loader_lists_gguf_files_and_reports_the_quantization(tiny_models, m
     engine = make_engine()
     info = engine._dit_info([tiny_models["dit_gguf"]], None)
     assert len(info["quantized_layers"]) == 20 and set(info["quantized_layers"].values()) == {"Q8_0"}
-    text = model_socket.quantization_text(info["quantized_layers"])
+    text = common.quantization_text(info["quantized_layers"])
     assert "20 layers stay quantized (Q8_0 20)" in text and "blocks.*.ffn.net.2 Q8_0" in text
     # the tiny set's GGUF holds the same weights as its .safetensors file, to Q8_0's precision
     assert rel_error(dit_forward(engine, tiny_models["dit_gguf"], (3, 4, 6)),

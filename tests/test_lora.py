@@ -1,7 +1,7 @@
 """LoRAs on every rank: each layout ComfyUI reads, against the same weights merged into the file (loaded
 through the loaders); stacked LoRAs and strengths re-applied without reading the base model again; fp8 and
 GGUF weights; N sharded ranks against one process; bad LoRA files named. The check against ComfyUI's own
-LoraLoaderModelOnly + KSampler is tests/comfyui_reference_lora.py (test_comfyui_native.py)."""
+LoraLoaderModelOnly + KSampler is tests/comfyui_reference/lora.py (test_comfyui_native.py)."""
 
 import json
 import re
@@ -18,7 +18,7 @@ from parity_targets import lora_request, make_engine
 from usp_video.distributed.formats import lora
 from usp_video.distributed.models import CheckpointError
 from usp_video.distributed.models.hunyuan_video.lora_names import lora_aliases as hunyuan_aliases
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 
 
 def merge(base: str, loras: list, out: Path, aliases=lambda stem: []) -> str:

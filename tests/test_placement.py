@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from parity_targets import sample_request, wan22_request
-from test_wan22 import experts, tiny_wan22  # noqa: F401 (fixtures)
 from usp_video.distributed.config import GroupConfig
 from usp_video.distributed.engine import Engine
 from usp_video.distributed.residency import HOST, Placement, modules_of, text_slot

@@ -77,7 +77,7 @@ def test_the_ranks_own_measures_disagree_so_the_decision_is_reduced(rank_runs, t
 def test_cfg_parallel_halves_keep_their_own_caches(tests_dir, tiny_models):
     """CFG-parallel (2 halves x 2 ranks): each half caches its own pass; the result equals one process
     running both passes with their own caches (uneven text lengths: two separate passes)."""
-    from usp_video.distributed.parallel.spawn import run_ranks
+    from usp_video.distributed.testing.spawn import run_ranks
 
     request = cached_request(tiny_models["dit"], "wan", "fbcache", THRESHOLDS[("wan", "fbcache")])
     request.negative = {"tokens": request.negative["tokens"][:, :9]}  # unequal lengths: positive, negative passes
@@ -96,7 +96,7 @@ def test_cfg_parallel_halves_keep_their_own_caches(tests_dir, tiny_models):
 def test_sharded_weights_under_cfg_parallel_skip_together(tests_dir, tiny_models):
     """With shard_weights, FSDP gathers every block's weights over both CFG halves: a half that skipped
     blocks the other runs would leave its gathers unanswered. The halves skip only together."""
-    from usp_video.distributed.parallel.spawn import run_ranks
+    from usp_video.distributed.testing.spawn import run_ranks
 
     results = run_ranks(f"{tests_dir}/parity_targets.py:cached_cfg_parallel_rank", 4,
                         dict(dit_path=tiny_models["dit"], threshold=THRESHOLDS[("wan", "fbcache")], shard="on"),
@@ -109,7 +109,7 @@ def test_sharded_weights_under_cfg_parallel_skip_together(tests_dir, tiny_models
 def test_an_offloaded_dit_skips_the_steps_of_one_process(tests_dir, tiny_hunyuan):
     """dit_offload: HunyuanVideo's cache gathers the first block's weights itself (unshard), which FSDP's
     offload serves as it serves a forward: the same skipped steps and latent as one process."""
-    from usp_video.distributed.parallel.spawn import run_ranks
+    from usp_video.distributed.testing.spawn import run_ranks
 
     threshold = THRESHOLDS[("hunyuan", "fbcache")]
     expected = cached_run(make_engine(), cached_request(tiny_hunyuan["dit"], "hunyuan", "fbcache", threshold))

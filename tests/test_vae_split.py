@@ -1,4 +1,4 @@
-"""Parallel VAE decode (Wan-VAE and HunyuanVideo's) and encode (Wan 2.1 and Wan 2.2 VAEs): the frame's rows
+"""Parallel VAE decode (Wan-VAE, the Wan 2.2 VAE and HunyuanVideo's) and encode (Wan 2.1 and Wan 2.2 VAEs): the frame's rows
 split across the ranks with halo exchange (or HunyuanVideo's tiles shared out), against the one-process
 decode / encode of the whole frame (exact method: max abs error <= 1e-4); the encode through the group and
 its node, and bad frames refused by name. Against ComfyUI's own VAE Encode: test_comfyui_native.py."""
@@ -6,13 +6,12 @@ its node, and bad frames refused by name. Against ComfyUI's own VAE Encode: test
 import pytest
 import torch
 
-from parity_targets import make_engine
+from parity_targets import encode_frames, make_engine, vae_split_rank
 from usp_video.distributed import api
 from usp_video.distributed.client import GroupConfig, free_group
 from usp_video.distributed.models.hunyuan_video.tiny import TINY_HUNYUAN_VAE_TILES
-from usp_video.distributed.parallel.spawn import run_ranks
+from usp_video.distributed.testing.spawn import run_ranks
 from usp_video.distributed.parallel.vae_split import row_split
-from vae_split_targets import encode_frames
 
 
 def test_row_split_covers_the_rows_once():
@@ -28,6 +27,8 @@ SMALL_TILES = TINY_HUNYUAN_VAE_TILES  # a 3x9x8 latent makes 3 x 3 x 3 = 27 tile
 # world size -> latent shapes [T, H, W] of the decode cases (each with the Wan-VAE and HunyuanVideo's)
 DECODES = {2: [(3, 10, 8)], 3: [(2, 7, 6)], 4: [(3, 9, 8), (2, 3, 4)]}
 DECODE_IDS = {(3, 10, 8): "2-ranks", (2, 7, 6): "3-ranks-uneven", (3, 9, 8): "4-ranks-uneven", (2, 3, 4): "4-ranks-fewer-rows"}
+# world size -> latent shape of the Wan 2.2 VAE's decode case (48 channels, 16x16 space)
+WAN22_DECODES = {2: (2, 4, 6), 3: (3, 5, 4), 4: (2, 7, 6)}
 # world size -> encode cases: (VAE, frames [F, H, W]); rows per rank in latent rows (8 px Wan 2.1, 16 px Wan 2.2)
 ENCODES = {
     2: [("wan2.1", (5, 40, 48)),    # 5 rows: 3, 2
@@ -41,12 +42,9 @@ ENCODES = {
 
 
 @pytest.fixture(scope="module")
-def vaes(tiny_models, tiny_hunyuan, tmp_path_factory) -> dict:
-    from usp_video.distributed.models import FAMILIES
-
-    ti2v = FAMILIES["wan2.2-ti2v-5b"].make_tiny(tmp_path_factory.mktemp("wan22_5b"))
+def vaes(tiny_models, tiny_hunyuan, tiny_5b) -> dict:
     return {"wan": tiny_models["vae"], "hunyuan": tiny_hunyuan["vae"], "wan2.1": tiny_models["vae"],
-            "wan2.2": str(ti2v["vae"])}
+            "wan2.2": tiny_5b["vae"]}
 
 
 def decode_case(vaes, family, shape) -> dict:
@@ -57,18 +55,23 @@ def encode_case(vaes, vae, shape) -> dict:
     return dict(kind="encode", vae=vaes[vae], shape=list(shape))
 
 
+def wan22_decode_case(vaes, shape) -> dict:
+    return dict(kind="decode", vae_path=vaes["wan2.2"], shape=list(shape), channels=48)
+
+
 @pytest.fixture(scope="module")
 def split_run(tests_dir, vaes):
     """split_run(world_size, case) -> every rank's results of that case: all the decode and encode cases of
-    one world size run in one spawn (vae_split_targets.split_cases), the first time one of them is asked for."""
+    one world size run in one spawn (parity_targets.vae_case), the first time one of them is asked for."""
     runs = {}
 
     def run(world_size: int, case: dict) -> list[dict]:
         cases = [decode_case(vaes, family, shape) for shape in DECODES[world_size] for family in ("wan", "hunyuan")]
         cases += [encode_case(vaes, vae, shape) for vae, shape in ENCODES[world_size]]
+        cases += [wan22_decode_case(vaes, WAN22_DECODES[world_size])]
         if world_size not in runs:
-            runs[world_size] = run_ranks(f"{tests_dir}/vae_split_targets.py:split_cases", world_size,
-                                         dict(cases=cases), timeout=60 + 40 * len(cases))
+            runs[world_size] = run_ranks(f"{tests_dir}/parity_targets.py:run_cases", world_size,
+                                         dict(target="vae_case", cases=cases), timeout=60 + 40 * len(cases))
         i = cases.index(case)
         return [{k.split("/", 1)[1]: v for k, v in ranked.items() if k.startswith(f"{i}/")} for ranked in runs[world_size]]
     return run
@@ -97,6 +100,16 @@ def test_split_decode_matches_one_process(vaes, split_run, family, world_size, s
     assert frames.shape == expected.shape
     assert ((expected > 0) & (expected < 1)).float().mean() > 0.9  # not a saturated, trivial picture
     err = float((frames - expected).abs().max())
+    assert err <= 1e-4, f"max abs error {err:.2e}"
+
+
+@pytest.mark.parametrize("world_size,shape", WAN22_DECODES.items(), ids=["2-ranks", "3-ranks-uneven", "4-ranks-uneven"])
+def test_split_wan22_vae_decode_matches_one_process(vaes, split_run, world_size, shape):
+    """The Wan 2.2 VAE (Wan 2.2 TI2V-5B's: 48 channels, 16x16 space) split by rows, against one process."""
+    expected = vae_split_rank(0, 1, vaes["wan2.2"], shape, channels=48)["frames"]
+    assert expected.shape == (4 * (shape[0] - 1) + 1, shape[1] * 16, shape[2] * 16, 3)
+    results = split_run(world_size, wan22_decode_case(vaes, shape))
+    err = float((results[0]["frames"] - expected).abs().max())
     assert err <= 1e-4, f"max abs error {err:.2e}"
 
 

@@ -1,48 +1,20 @@
 """Wan image to video on N ranks: Wan 2.1 I2V (start video + CLIP vision through its image embedder) and
 Wan 2.2 I2V A14B (two 36-channel experts, no CLIP vision), from the conditioning native WanImageToVideo makes.
-One process against diffusers' stock model; N ranks (uneven tokens) against one process, forward and full run;
-the inputs that do not fit refused before sampling. Against ComfyUI's own WanImageToVideo + KSampler:
-tests/comfyui_reference_i2v.py (test_comfyui_native.py)."""
+One process against diffusers' stock model; the inputs that do not fit refused before sampling. N ranks
+(uneven tokens) against one process: test_parity.py. Against ComfyUI's own WanImageToVideo + KSampler:
+tests/comfyui_reference/i2v.py (test_comfyui_native.py)."""
 
 import json
 
 import pytest
 import torch
 
-from batched import Batched
 from conftest import rel_error
-from parity_targets import i2v_conditioning, i2v_forward, i2v_request, make_engine
-from usp_video.distributed.formats.checkpoint import save_safetensors
+from parity_targets import image_forward, image_request, make_engine
 from usp_video.distributed.models.wan21 import dit as wan
-from usp_video.distributed.models.wan21.tiny import TINY_WAN_CONFIG, wan_to_original_keys
+from usp_video.distributed.models.wan21.tiny import tiny_image_conditioning
 
-UNEVEN = (3, 4, 6)  # 18 tokens: uneven over 4 ranks
-CASES = [(2, 2, 1), (4, 2, 2)]  # 18 tokens: 9 each on 2 ranks, uneven on 4
-
-
-@pytest.fixture(scope="module")
-def wan22_i2v(tmp_path_factory):
-    """Two tiny Wan 2.2 I2V A14B experts: 36 input channels, no image embedder."""
-    from diffusers import WanTransformer3DModel
-
-    root = tmp_path_factory.mktemp("wan22_i2v")
-    config = dict(TINY_WAN_CONFIG, in_channels=36)
-    paths = []
-    for name, seed in (("high_noise", 32), ("low_noise", 33)):
-        torch.manual_seed(seed)
-        state = wan_to_original_keys(WanTransformer3DModel(**config).state_dict())
-        path = root / f"tiny_wan2.2_i2v_{name}_14B.safetensors"
-        save_safetensors(state, path, {wan.CONFIG_METADATA_KEY: json.dumps(config)})
-        paths.append(str(path))
-    return paths
-
-
-@pytest.fixture(scope="module")
-def runs(tests_dir, tiny_models, wan22_i2v):
-    cases = [(n, dict(ulysses=u, ring=r, experts=[tiny_models["dit_i2v"]], shape=UNEVEN, clip_vision=True))
-             for n, u, r in CASES]
-    cases += [(2, dict(ulysses=1, ring=2, experts=wan22_i2v, shape=UNEVEN, clip_vision=False, family="wan2.2-a14b"))]
-    return Batched(tests_dir, "i2v_rank", cases, timeout_per_case=90)
+UNEVEN = (3, 4, 6)  # 18 tokens
 
 
 def test_wan21_i2v_forward_equals_diffusers_stock_model(tiny_models):
@@ -51,9 +23,9 @@ def test_wan21_i2v_forward_equals_diffusers_stock_model(tiny_models):
     from diffusers import WanTransformer3DModel
 
     engine = make_engine()
-    request = i2v_request([tiny_models["dit_i2v"]], UNEVEN)
+    request = image_request([tiny_models["dit_i2v"]], UNEVEN)
     request.positive["tokens"] = torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(8))
-    ours = i2v_forward(engine, request)
+    ours = image_forward(engine, request)
     stock = WanTransformer3DModel(**json.loads(json.dumps(wan.infer_wan_config(
         __import__("pathlib").Path(tiny_models["dit_i2v"]), *wan.read_header(tiny_models["dit_i2v"])))))
     stock.load_state_dict(wan.load_wan_transformer(tiny_models["dit_i2v"]).state_dict())
@@ -68,35 +40,13 @@ def test_wan21_i2v_forward_equals_diffusers_stock_model(tiny_models):
     assert model.blocks[0].attn2.add_k_proj is not None
 
 
-@pytest.mark.parametrize("world_size,ulysses,ring", CASES)
-def test_wan21_i2v_n_ranks_equal_one_process(runs, tiny_models, world_size, ulysses, ring):
-    engine = make_engine()
-    request = i2v_request([tiny_models["dit_i2v"]], UNEVEN)
-    expected = {"forward": i2v_forward(engine, request), "latent": engine.sample(request).latent}
-    for rank, result in enumerate(runs(world_size, ulysses=ulysses, ring=ring, experts=[tiny_models["dit_i2v"]],
-                                       shape=UNEVEN, clip_vision=True)):
-        for key in ("forward", "latent"):
-            assert rel_error(result[key], expected[key]) <= 1e-5, f"rank {rank} {key}"
-
-
-def test_wan22_i2v_experts_n_ranks_equal_one_process(runs, wan22_i2v):
-    request = i2v_request(wan22_i2v, UNEVEN, clip_vision=False)
-    request.family = "wan2.2-a14b"
-    engine = make_engine()
-    expected = {"forward": i2v_forward(engine, request, "wan2.2-a14b"), "latent": engine.sample(request).latent}
-    for rank, result in enumerate(runs(2, ulysses=1, ring=2, experts=wan22_i2v, shape=UNEVEN, clip_vision=False,
-                                       family="wan2.2-a14b")):
-        for key in ("forward", "latent"):
-            assert rel_error(result[key], expected[key]) <= 1e-5, f"rank {rank} {key}"
-
-
 def test_the_start_video_is_used(tiny_models):
     """The start video and the CLIP vision features change the video (a model that ignored them would pass the
     parity tests)."""
     engine = make_engine()
-    base = engine.sample(i2v_request([tiny_models["dit_i2v"]], UNEVEN)).latent
+    base = engine.sample(image_request([tiny_models["dit_i2v"]], UNEVEN)).latent
     for key in ("concat_latent_image", "clip_vision"):  # other values (a scale alone: the embedder's LayerNorm)
-        request = i2v_request([tiny_models["dit_i2v"]], UNEVEN)
+        request = image_request([tiny_models["dit_i2v"]], UNEVEN)
         other = torch.randn(request.positive[key].shape, generator=torch.Generator().manual_seed(9))
         for side in (request.positive, request.negative):
             side[key] = other
@@ -113,7 +63,7 @@ def test_the_start_video_is_used(tiny_models):
 ])
 def test_image_inputs_that_do_not_fit_are_refused(case, message, tiny_models, wan22_i2v):
     experts, family = [tiny_models["dit_i2v"]], None
-    request = i2v_request(experts, UNEVEN)
+    request = image_request(experts, UNEVEN)
     if case == "no image":
         request.positive = {"tokens": request.positive["tokens"]}
     elif case == "no clip vision":
@@ -128,7 +78,7 @@ def test_image_inputs_that_do_not_fit_are_refused(case, message, tiny_models, wa
         request.positive["clip_vision"] = torch.zeros(1, 257, 768)
     request.family = family
     with pytest.raises(ValueError, match=message):
-        make_engine().sample(request)
+        make_engine().sample(request).latent
 
 
 def test_wan22_i2v_expert_refused_by_the_wan21_loader(wan22_i2v):
@@ -143,9 +93,9 @@ def test_native_image_conditioning_reaches_the_request():
     penultimate_hidden_states)."""
     from types import SimpleNamespace
 
-    from usp_video.nodes.wan_nodes import wan_conditioning
+    from usp_video.nodes.common import wan_conditioning
 
-    cond = i2v_conditioning(UNEVEN)
+    cond = tiny_image_conditioning(UNEVEN)
     vision = SimpleNamespace(penultimate_hidden_states=cond["clip_vision"], image_embeds=torch.zeros(1, 1024))
     native = [[cond["tokens"], {"pooled_output": None, "concat_latent_image": cond["concat_latent_image"],
                                 "concat_mask": cond["concat_mask"], "clip_vision_output": vision}]]
@@ -164,7 +114,7 @@ def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
 
     from usp_video.distributed import api
     from usp_video.distributed.client import GroupConfig, free_group
-    from usp_video.nodes.wan_nodes import wan_conditioning
+    from usp_video.nodes.common import wan_conditioning
     from usp_video.distributed.models.video import start_video
     from usp_video.nodes.i2v_nodes import UspWanImageToVideo
 
@@ -187,7 +137,7 @@ def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
     assert extra["concat_mask"][:, :, 1].min() == 1 and extra["clip_vision_output"] is vision
     assert negative[0][1]["concat_latent_image"] is extra["concat_latent_image"] and "concat_mask" not in text[0][1]
     assert latent["samples"].shape == (1, 16, 2, 4, 6)
-    request = i2v_request([tiny_models["dit_i2v"]], (2, 4, 6))
+    request = image_request([tiny_models["dit_i2v"]], (2, 4, 6))
     request.positive, request.negative = wan_conditioning(positive, "positive"), wan_conditioning(negative, "negative")
     request.latent = latent["samples"]
     assert torch.isfinite(make_engine().sample(request).latent).all()
@@ -221,7 +171,7 @@ def test_cli_generate_from_a_start_image(tmp_path, tiny_models, wan22_i2v):
     engine = make_engine()
     video = start_video(pixels.float()[None] / 255.0, 48, 32, 5)
     concat = engine.encode_video(tiny_models["vae"], video)
-    request = i2v_request(wan22_i2v, (2, 4, 6), clip_vision=False, cfg=1.0, steps=2)
+    request = image_request(wan22_i2v, (2, 4, 6), clip_vision=False, cfg=1.0, steps=2)
     request.family, request.negative, request.seed, request.shift = "wan2.2-a14b", None, 0, 12.0  # the CLI's defaults
     from usp_video.distributed.requests import EncodeRequest
 

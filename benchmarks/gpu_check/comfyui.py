@@ -31,7 +31,7 @@ def run(ctx: Context) -> dict:
         print("skipped (time budget): ComfyUI's own Wan model")
         return {"skipped": "time budget"}
     sys.path.insert(0, str(TESTS))
-    from comfyui_common import wan_unet_config
+    from comfyui_reference.common import wan_unet_config
 
     sys.path.insert(0, comfy_dir)
     try:

@@ -86,7 +86,7 @@ def comfy_rounded_biases(tensors: dict[str, tuple[torch.dtype, list[int]]]) -> d
     the file's tensors into them: a bias stored wider loses its precision to fp8 (only the weight has a scale).
     The Linear layers are those of the file's own layout: a `.bias` beside a 2-D `.weight`. The DiT loaders
     round the same biases, so that results equal native ComfyUI's (checked against ComfyUI's own loader in
-    tests/comfyui_reference_fp8.py). For DiTs only: ComfyUI builds text encoders from such files with float32
+    tests/comfyui_reference/fp8.py). For DiTs only: ComfyUI builds text encoders from such files with float32
     layers (T5, Llama) or without the scaled layers (CLIP-L in DualCLIPLoader), and VAEs never with them.
     (Later ComfyUI versions keep biases wide; this follows the version the pack is tested against.)"""
     marker = tensors.get("scaled_fp8")

@@ -21,7 +21,7 @@ strength or list replaces the hooks without reading the base model again. The co
 matmuls per layer (about 2 x r / width of the layer's own: 2.5% at rank 64 on Wan 14B). Other tensors
 (norm weights, biases: small) are merged, with a backup of the rank's rows to restore. Wan's modulation tables
 are left alone, with a warning, as ComfyUI 0.3.64 leaves them (_comfyui_never_patches).
-In fp32 the result equals ComfyUI's merged weights to float rounding (tests/comfyui_reference_lora.py).
+In fp32 the result equals ComfyUI's merged weights to float rounding (tests/comfyui_reference/lora.py).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class TextPart:
     `load(path, dtype, device, shard)` reads it; `shard_units(model) -> blocks` says how FSDP shards its
     torch model (each block, then the model), where it can be. shard is None, or shard(model) when the
     engine shards the part: the loader calls it on its model, on the meta device where it streams the
-    file (models/streamed.py), so that each rank reads only its shards."""
+    file (formats/streamed.py), so that each rank reads only its shards."""
 
     input: str
     help: str
@@ -172,18 +172,18 @@ class ModelFamily:
     def load_dit(self, path: str, dtype: torch.dtype, device: torch.device, shard=None) -> torch.nn.Module:
         """The DiT on device. With shard (shard(model) FSDP-shards a model over the ranks), the model comes
         back sharded: sharded on the meta device and each rank reading only its shards where the loader can
-        (models/streamed.py), else sharded once loaded."""
+        (formats/streamed.py), else sharded once loaded."""
         raise NotImplementedError
 
     def dit_source_map(self, path: str) -> tuple[dict, dict[str, list[int]]]:
         """(streamed.file_source_map of a single DiT file under this family's key conversion: which rows of which
-        file tensor each model tensor is made of; the file's tensor shapes), for LoRAs (models/lora.py).
+        file tensor each model tensor is made of; the file's tensor shapes), for LoRAs (formats/lora.py).
         A family without it takes no LoRA."""
         raise CheckpointError(f"LoRAs are not supported for {self.label} models yet")
 
     def lora_aliases(self, stem: str) -> list[str]:
         """Other names LoRAs give a layer (stem: its name in the model's file, less `.weight`), beyond
-        ComfyUI's `diffusion_model.` and `lora_unet_` forms (models/lora.py)."""
+        ComfyUI's `diffusion_model.` and `lora_unet_` forms (formats/lora.py)."""
         return []
 
     def dit_load_bytes(self, path: str, dtype: torch.dtype, shares: int) -> int:

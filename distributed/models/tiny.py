@@ -3,6 +3,11 @@
 Each family package writes its own set (its tiny.py, FAMILY.make_tiny) in ComfyUI's models/ layout,
 with the real architectures shrunk and the real on-disk formats, so that the tiny files load through
 exactly the code that loads real checkpoints. `make_all(root)` writes every family's set.
+
+Each family's tiny.py also carries its tiny debug config (as torchtitan's per-model debug configs): the inputs
+of one forward of its tiny DiT, `tiny_inputs(shape, ...)`, and the fields of a SampleRequest for it,
+`tiny_request(family, experts, shape, ...)`. The parity tests reach them by family name (tests/parity_targets.py),
+so that the family's facts (latent channels, text width, pooled vector, guidance) are written once, there.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def compile_blocks(blocks: Iterable[torch.nn.Module], mode: str) -> int:
     """Compile each block's forward in place (its hooks stay outside the graphs); the number compiled."""
     if mode == "off":
         return 0
-    # LoRAs (models/lora.py) are forward hooks on the blocks' layers, added, changed and removed between runs;
+    # LoRAs (formats/lora.py) are forward hooks on the blocks' layers, added, changed and removed between runs;
     # by default torch does not guard compiled graphs on module hooks, so a graph compiled before a LoRA came
     # would run without it, silently. Guarding on them recompiles when the hooks change.
     torch._dynamo.config.skip_nnmodule_hook_guards = False

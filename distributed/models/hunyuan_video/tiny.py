@@ -83,3 +83,35 @@ def make_tiny_hunyuan_models(root: str | Path, seed: int = 0, dtype: torch.dtype
     stamp.write_text(_HUNYUAN_VERSION)
     return paths
 
+
+
+# -- the tiny debug config (tests/parity_targets.py) ------------------------------------------------------
+TEXT_DIM, POOLED_DIM = TINY_HUNYUAN_CONFIG["text_embed_dim"], TINY_HUNYUAN_CONFIG["pooled_projection_dim"]
+CHANNELS = TINY_HUNYUAN_CONFIG["in_channels"]
+
+
+def tiny_inputs(shape: tuple[int, int, int], text_len: int = 7, pad: int = 5, seed: int = 2) -> tuple[torch.Tensor, ...]:
+    """One forward's positional inputs, a batch of two: video latent, timesteps, text padded by `pad` masked
+    tokens (as the reference pipeline pads to 256), its mask, the pooled CLIP vector and embedded guidance."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, CHANNELS, *shape, generator=g)
+    context = torch.randn(2, text_len + pad, TEXT_DIM, generator=g)
+    mask = torch.zeros(2, text_len + pad, dtype=torch.long)
+    mask[:, :text_len] = 1
+    pooled = torch.randn(2, POOLED_DIM, generator=g)
+    return x, torch.tensor([900.0, 250.0]), context, mask, pooled, torch.tensor([6000.0, 6000.0])
+
+
+def tiny_request(family, experts: list[str], shape: tuple[int, int, int], cfg: float = 1.0, text_lens=(12, 7),
+                 steps: int = 4) -> dict:
+    """The fields of a SampleRequest for the tiny DiT of family (a ModelFamily): texts of text_lens tokens with their pooled vectors (no
+    negative at cfg 1, HunyuanVideo's default), euler, embedded guidance 6."""
+    g = torch.Generator().manual_seed(4)
+
+    def side(length: int) -> dict:
+        return {"tokens": torch.randn(1, length, TEXT_DIM, generator=g), "pooled_output": torch.randn(1, POOLED_DIM, generator=g)}
+
+    positive = side(text_lens[0])
+    negative = side(text_lens[1]) if cfg != 1.0 else None
+    return dict(experts=list(experts), positive=positive, negative=negative, latent=torch.zeros(1, family.latent_channels, *shape),
+                seed=11, steps=steps, cfg=cfg, shift=7.0, sampler="euler", options={"guidance": 6.0})

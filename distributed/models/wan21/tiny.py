@@ -164,3 +164,54 @@ def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch
     assert TINY_UMT5["d_model"] == TINY_WAN_CONFIG["text_dim"]
     return paths
 
+
+
+# -- the tiny debug config: inputs and requests for the tiny DiTs (the parity tests, tests/parity_targets.py) --
+# Every rank builds the same tensors from the same seeds, so N ranks and one process see equal inputs.
+
+def tiny_inputs(shape: tuple[int, int, int], seed: int = 1, text_len: int = 20,
+                channels: int = TINY_WAN_CONFIG["in_channels"]) -> tuple[torch.Tensor, ...]:
+    """The positional inputs of one forward of a tiny Wan DiT, a batch of two: (latent [2, C, T, H, W],
+    timesteps [900, 250], text [2, text_len, text_dim])."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, channels, *shape, generator=g)
+    context = torch.randn(2, text_len, TINY_WAN_CONFIG["text_dim"], generator=g)
+    return x, torch.tensor([900.0, 250.0]), context
+
+
+def tiny_request(family, experts: list[str], shape: tuple[int, int, int], steps: int = 4, sampler: str = "unipc",
+                 seed: int = 7, cfg: float = 5.0) -> dict:
+    """The fields of a SampleRequest for a tiny DiT of family (a ModelFamily: its latent channels) that takes
+    Wan 2.1's text: 24-token texts on both sides, an empty latent."""
+    g = torch.Generator().manual_seed(3)
+    text = TINY_WAN_CONFIG["text_dim"]
+    return dict(experts=list(experts), positive=torch.randn(1, 24, text, generator=g),
+                negative=torch.randn(1, 24, text, generator=g), latent=torch.zeros(1, family.latent_channels, *shape),
+                seed=seed, steps=steps, cfg=cfg, shift=5.0, sampler=sampler)
+
+
+def tiny_image_conditioning(shape: tuple[int, int, int], clip_vision: bool = True, start_frames: int = 1,
+                            seed: int = 4) -> dict[str, torch.Tensor]:
+    """A side of Wan image-to-video conditioning as native WanImageToVideo (+ CLIPVisionEncode) make it: the
+    start video's raw latent, its mask (0 on the start image's latent frames) and CLIP vision features."""
+    g = torch.Generator().manual_seed(seed)
+    channels = TINY_WAN_CONFIG["in_channels"]
+    cond = {"tokens": torch.randn(1, 24, TINY_WAN_CONFIG["text_dim"], generator=g),
+            "concat_latent_image": torch.randn(1, channels, *shape, generator=g),
+            "concat_mask": torch.ones(1, 1, *shape)}
+    cond["concat_mask"][:, :, :start_frames] = 0.0
+    if clip_vision:
+        cond["clip_vision"] = torch.randn(1, 257, TINY_WAN_I2V_CONFIG["image_dim"], generator=g)
+    return cond
+
+
+def tiny_image_request(experts: list[str], shape: tuple[int, int, int], clip_vision: bool = True,
+                       cfg: float = 5.0, steps: int = 3) -> dict:
+    """The fields of an image-to-video SampleRequest (one start video on both sides; two experts: Wan 2.2 I2V
+    A14B, switching at 0.9)."""
+    negative = tiny_image_conditioning(shape, clip_vision, seed=5)
+    negative["concat_latent_image"] = tiny_image_conditioning(shape, clip_vision)["concat_latent_image"]
+    return dict(experts=list(experts), boundaries=[0.9] if len(experts) == 2 else [],
+                positive=tiny_image_conditioning(shape, clip_vision), negative=negative,
+                latent=torch.zeros(1, TINY_WAN_CONFIG["in_channels"], *shape), seed=3, steps=steps, cfg=cfg,
+                shift=5.0, sampler="euler")

@@ -14,6 +14,7 @@ import torch
 
 from ...formats.checkpoint import save_safetensors
 from ..wan21 import dit as wan
+from ..wan21 import tiny as wan21_tiny
 from ..wan21.tiny import TINY_WAN_CONFIG, make_tiny_models as make_wan21_tiny, wan_to_original_keys
 from . import vae as wan22_vae, vae_keys
 
@@ -43,3 +44,35 @@ def make_tiny_models(root: str | Path, dtype: torch.dtype = torch.float32) -> di
                          paths["vae"], {wan22_vae.CONFIG_METADATA_KEY: json.dumps(TINY_VAE_CONFIG)})
         stamp.write_text(_VERSION)
     return {**paths, "text_encoder": shared["text_encoder"]}
+
+
+# -- the tiny debug config (tests/parity_targets.py): Wan 2.1's inputs with the 5B's 48 latent channels ------
+CHANNELS = TINY_DIT_CONFIG["in_channels"]
+
+
+def tiny_inputs(shape: tuple[int, int, int], seed: int = 1) -> tuple[torch.Tensor, ...]:
+    """One forward's positional inputs (latent [2, 48, T, H, W], timesteps, text), as Wan 2.1's tiny_inputs."""
+    return wan21_tiny.tiny_inputs(shape, seed, channels=CHANNELS)
+
+
+def tiny_start_image(shape: tuple[int, int, int], process_out, batch: int = 1,
+                     seed: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LATENT as ComfyUI's Wan22ImageToVideoLatent makes it from a start image: raw space, the image's latent
+    in the first frame, process_out(0) (the family's latent means) after it; noise_mask [B, 1, T, H, W], 0 on the
+    first frame. process_out: the family's (FAMILY.process_out; handed in, this module runs below the family)."""
+    g = torch.Generator().manual_seed(seed)
+    latent = process_out(torch.zeros(batch, CHANNELS, *shape))
+    latent[:, :, :1] = torch.randn(1, CHANNELS, 1, *shape[1:], generator=g)
+    mask = torch.ones(batch, 1, *shape)
+    mask[:, :, :1] = 0.0
+    return latent, mask
+
+
+def tiny_request(family, experts: list[str], shape: tuple[int, int, int], sampler: str = "unipc", steps: int = 4,
+                 start_image: bool = False) -> dict:
+    """The fields of a SampleRequest for the tiny 5B (family: the ModelFamily): text to video, or from a start
+    image's LATENT and noise_mask."""
+    fields = wan21_tiny.tiny_request(family, experts, shape, steps=steps, sampler=sampler)
+    if start_image:
+        fields["latent"], fields["noise_mask"] = tiny_start_image(shape, family.process_out)
+    return fields

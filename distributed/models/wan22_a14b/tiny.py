@@ -15,6 +15,9 @@ import torch
 from ...formats.checkpoint import save_safetensors
 from ..wan21 import dit as wan
 from ..wan21.tiny import TINY_WAN_CONFIG, make_tiny_models as make_wan21_tiny, wan_to_original_keys
+from ..wan21.tiny import tiny_inputs, tiny_request as _wan21_request
+
+__all__ = ["FILES", "SEEDS", "make_tiny_models", "tiny_inputs", "tiny_request"]
 
 FILES = {"high_noise": "diffusion_models/tiny_wan2.2_t2v_high_noise_14B.safetensors",
          "low_noise": "diffusion_models/tiny_wan2.2_t2v_low_noise_14B.safetensors"}
@@ -39,3 +42,13 @@ def make_tiny_models(root: str | Path, dtype: torch.dtype = torch.float32) -> di
                              {wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_CONFIG)})
         stamp.write_text(_VERSION)
     return {**paths, "text_encoder": shared["text_encoder"], "vae": shared["vae"]}
+
+
+# -- the tiny debug config (tests/parity_targets.py): an expert's forward takes Wan 2.1's tiny_inputs --------
+
+def tiny_request(family, experts: list[str], shape: tuple[int, int, int], sampler: str = "unipc",
+                 steps: int = 6) -> dict:
+    """A run across the switch: shift 12 and boundary 0.875 put it after step 4 of 6; cfg per expert."""
+    two = len(experts) == 2
+    return dict(_wan21_request(family, experts, shape, steps=steps, sampler=sampler, cfg=4.0), family=family.name,
+                shift=12.0, boundaries=[0.875] if two else [], cfg=[4.0, 3.0] if two else 4.0)

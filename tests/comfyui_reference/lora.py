@@ -4,32 +4,29 @@ KSampler (Wan 2.1) or two KSamplerAdvanced with a LoRA chain per expert (Wan 2.2
 engine given the same chains (SampleRequest.loras), and against our LoRA nodes' sockets sampled by our sampler
 nodes (the request they build, through the wire format, run by our engine).
 
-Usage: python comfyui_reference_lora.py COMFYUI_DIR FILES_JSON -> one JSON object of relative errors.
-FILES_JSON: comfyui_common.make_detectable_wan's paths of DITS and LORAS.
+Run as `python -m comfyui_reference lora COMFYUI_DIR FILES_JSON` -> one JSON object of relative errors.
+FILES_JSON: common.make_detectable_wan's paths of DITS and LORAS.
 """
 
-import json
-import sys
 from pathlib import Path
 
 import torch
 
-from comfyui_common import rel, start_comfy
+from .common import rel
 
-# The files (comfyui_common.make_detectable_wan): DiTs {name: seed}, LoRAs {name: (layout, seed)}.
+# The files (common.make_detectable_wan): DiTs {name: seed}, LoRAs {name: (layout, seed)}.
 DITS = {"wan21": 31, "high_noise": 32, "low_noise": 33}
 LORAS = {"wan21_kohya": ("kohya", 41), "wan21_distill": ("distill", 42), "high_kohya": ("kohya", 43),
          "high_distill": ("distill", 44), "low_peft": ("peft", 45), "low_distill": ("distill", 46)}
 # (LoRA name, strength) chains, as LoraLoaderModelOnly nodes stacked on each DiT: kohya's layout, or peft's under
 # lora_unet_, then a distillation LoRA's (pairs with alpha and diff_b, diff on the norms and modulation tables, and
-# pairs on the embeddings, head and patch embedding: comfyui_common._add_beyond_block_linears).
+# pairs on the embeddings, head and patch embedding: common._add_beyond_block_linears).
 CHAINS = {"wan21": [("wan21_kohya", 1.0), ("wan21_distill", 0.6)],
           "high_noise": [("high_kohya", 1.0), ("high_distill", 0.6)],
           "low_noise": [("low_peft", 1.0), ("low_distill", 0.6)]}
 
 
-def main(comfy_dir: str, files_json: str) -> None:
-    start_comfy(comfy_dir)
+def compare(paths: dict) -> dict:
     import comfy.model_management
     import folder_paths
     import nodes as comfy_nodes
@@ -42,7 +39,6 @@ def main(comfy_dir: str, files_json: str) -> None:
     from usp_video.distributed.sampling.schedules import sampling_sigmas
     from usp_video.nodes import lora_nodes, model_socket, wan22_nodes, wan_nodes
 
-    paths = json.loads(files_json)
     for folder in ("diffusion_models", "loras"):  # ComfyUI's model folders: the nodes on both sides look here
         folder_paths.add_model_folder_path(folder, str(Path(paths["wan21"]).parents[1] / folder), is_default=True)
     engine = Engine()  # one for every run of ours, as a group lives across prompts: LoRA lists change on it
@@ -166,8 +162,5 @@ def main(comfy_dir: str, files_json: str) -> None:
         second = sampler.sample(with_usp_loras(model_socket.expert_socket(loaded, 1), "low_noise"), "disable", seed, steps,
                                 scale, shift, "euler", pos, neg, first, k, 10000, "disable")[0]
         out["wan22_two_advanced_nodes"] = rel(second["samples"], reference)
-    print(json.dumps(out))
+    return out
 
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])

@@ -1,6 +1,6 @@
 """Run one function on N local gloo ranks: used by the parity tests and the benchmarks.
 
-    results = run_ranks("tests/parity_targets.py:dit_forward", 4, {"ulysses": 2, "ring": 2})
+    results = run_ranks("tests/parity_targets.py:run_cases", 4, {"target": ..., "cases": [...]})
 
 Each rank runs `func(rank, world_size, **kwargs)` in a fresh process with an initialised gloo
 default group (rendezvous through a FileStore in a private temp dir, so no port can clash) and
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .teardown import exit_rank
+from ..parallel.teardown import exit_rank
 
 
 def _load_target(target: str):
@@ -51,7 +51,7 @@ def run_ranks(target: str, world_size: int, kwargs: dict | None = None, timeout:
         procs = []
         try:
             for rank in range(world_size):
-                cmd = [sys.executable, "-m", "usp_video.distributed.parallel.spawn", "--target", target,
+                cmd = [sys.executable, "-m", "usp_video.distributed.testing.spawn", "--target", target,
                        "--rank", str(rank), "--world-size", str(world_size), "--dir", tmp]
                 log = open(Path(tmp, f"rank{rank}.log"), "wb")
                 procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,

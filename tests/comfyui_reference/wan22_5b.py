@@ -4,24 +4,20 @@ VAE (comfy.ldm.wan.vae2_2.WanVAE, built at the tiny size: ComfyUI's VAE loader f
 Image to video: its Wan22ImageToVideoLatent (a start image encoded by its VAE with our tiny file) into its
 KSampler (the noise_mask: KSamplerX0Inpaint, WAN22.process_timestep) against our sampler given that LATENT.
 
-Usage: python comfyui_reference_wan22_5b.py COMFYUI_DIR MODELS_JSON -> one JSON object of relative errors.
+Run as `python -m comfyui_reference wan22_5b COMFYUI_DIR FILES_JSON` -> one JSON object of relative errors.
 """
-
-import json
-import sys
 
 import torch
 
-from comfyui_common import comfy_wan_model, rel, start_comfy
+from .common import comfy_wan_model, rel
 
 
-def main(comfy_dir: str, models_json: str) -> None:
-    start_comfy(comfy_dir)
+def compare(paths: dict) -> dict:
     import comfy.ldm.wan.vae2_2
     import comfy.sample
     import nodes
     from comfy_extras.nodes_wan import Wan22ImageToVideoLatent
-    from comfyui_reference_vae_encode import comfy_vae as comfy_vae_of
+    from .vae_encode import comfy_vae as comfy_vae_of
     from safetensors.torch import load_file
 
     from usp_video.distributed.engine import Engine
@@ -30,7 +26,6 @@ def main(comfy_dir: str, models_json: str) -> None:
     from usp_video.distributed.models.video import decode_video
     from usp_video.distributed.requests import SampleRequest
 
-    paths = json.loads(models_json)
     patcher = comfy_wan_model(paths["dit"], tiny.TINY_DIT_CONFIG, 5.0, "WAN22_T2V")
 
     g = torch.Generator().manual_seed(3)
@@ -79,8 +74,5 @@ def main(comfy_dir: str, models_json: str) -> None:
         native = ((raw.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).flatten(0, 1)  # ComfyUI's process_output
     out["ti2v_vae_decode_max_abs"] = float((decode_video(load_wan22_vae(paths["vae"]), z) - native).abs().max())
     out["ti2v_vae_clamped_fraction"] = float((raw.abs() > 1).float().mean())
-    print(json.dumps(out))
+    return out
 
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])

@@ -1,26 +1,17 @@
 """Run ComfyUI's own HunyuanVideo model and KSampler on the tiny HunyuanVideo file; compare with ours.
 
-Usage: python comfyui_reference_hunyuan.py COMFYUI_DIR MODELS_JSON -> prints one JSON object of
-relative errors (run as a subprocess by test_comfyui_native.py, like comfyui_reference.py).
+Run as `python -m comfyui_reference hunyuan COMFYUI_DIR FILES_JSON` -> prints one JSON object of
+relative errors (run as a subprocess by test_comfyui_native.py, like wan21.py).
 ComfyUI infers num_heads = hidden / 128, which the tiny model does not follow, so its config is
 given here from ours; the tensors are loaded from our file through ComfyUI's own key conversion.
 """
 
-import json
-import sys
-
 import torch
 
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+from .common import rel
 
 
-def main(comfy_dir: str, models_json: str) -> None:
-    sys.path.insert(0, comfy_dir)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+def compare(paths: dict) -> dict:
     import comfy.model_patcher
     import comfy.sample
     import comfy.supported_models
@@ -31,7 +22,6 @@ def main(comfy_dir: str, models_json: str) -> None:
     from usp_video.distributed.models.hunyuan_video import tiny
     from usp_video.distributed.models.hunyuan_video.dit import load_hunyuan_transformer
 
-    paths = json.loads(models_json)
     cfg = tiny.TINY_HUNYUAN_CONFIG
     unet = {"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "patch_size": [1, 2, 2],
             "vec_in_dim": cfg["pooled_projection_dim"], "context_in_dim": cfg["text_embed_dim"],
@@ -65,8 +55,5 @@ def main(comfy_dir: str, models_json: str) -> None:
                                          negative=None, latent=latent, seed=77, steps=4, cfg=1.0, shift=7.0,
                                          sampler="euler", options={"guidance": 6.0})).latent
     out["hunyuan_ksampler_euler"] = rel(ours, native)
-    print(json.dumps(out))
+    return out
 
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])

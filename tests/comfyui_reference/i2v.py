@@ -7,18 +7,16 @@ the native conditioning lists (nodes/wan_nodes.wan_conditioning; api.sample's ch
 ComfyUI's CLIP vision loader takes only full-size models: both sides get one synthetic clip_vision_output
 (comfy.clip_vision.Output holding random [1, 257, 1280] penultimate hidden states).
 
-Usage: python comfyui_reference_i2v.py COMFYUI_DIR FILES_JSON -> one JSON object of relative errors.
-FILES_JSON: comfyui_common.make_detectable_wan's paths of DITS (configs: dit_configs()) and "vae", the tiny
+Run as `python -m comfyui_reference i2v COMFYUI_DIR FILES_JSON` -> one JSON object of relative errors.
+FILES_JSON: common.make_detectable_wan's paths of DITS (configs: dit_configs()) and "vae", the tiny
 Wan 2.1 VAE.
 """
 
-import json
-import sys
 from pathlib import Path
 
 import torch
 
-from comfyui_common import detectable_wan_i2v_config, rel, route_api_sample, start_comfy
+from .common import detectable_wan_i2v_config, rel, route_api_sample
 
 DITS = {"wan21_i2v": 51, "high_noise": 52, "low_noise": 53}
 
@@ -28,8 +26,7 @@ def dit_configs() -> dict[str, dict]:
             "low_noise": detectable_wan_i2v_config(False)}
 
 
-def main(comfy_dir: str, files_json: str) -> None:
-    start_comfy(comfy_dir)
+def compare(paths: dict) -> dict:
     import comfy.clip_vision
     import comfy.ldm.wan.vae
     import folder_paths
@@ -37,14 +34,13 @@ def main(comfy_dir: str, files_json: str) -> None:
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
     from comfy_extras.nodes_wan import WanFirstLastFrameToVideo, WanImageToVideo
 
-    from comfyui_reference_vae_encode import comfy_vae
+    from .vae_encode import comfy_vae
     from usp_video.distributed.engine import Engine
     from usp_video.distributed.models.wan21.tiny import TINY_VAE_CONFIG
     from usp_video.distributed.requests import SampleRequest
     from usp_video.distributed.sampling.schedules import sampling_sigmas
     from usp_video.nodes import model_socket, wan22_nodes, wan_nodes
 
-    paths = json.loads(files_json)
     folder_paths.add_model_folder_path("diffusion_models", str(Path(paths["wan21_i2v"]).parent), is_default=True)
     vae = comfy_vae(paths["vae"], comfy.ldm.wan.vae, {"dim": TINY_VAE_CONFIG["base_dim"]})
     engine = Engine()
@@ -153,8 +149,5 @@ def main(comfy_dir: str, files_json: str) -> None:
         native_flf = two_advanced(*flf)
         out["wan22_flf_switch_engine"] = rel(switch_engine(*flf), native_flf)
         out["wan22_flf_changes_result"] = rel(native_flf, native)
-    print(json.dumps(out))
+    return out
 
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])

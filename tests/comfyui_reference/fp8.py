@@ -1,6 +1,6 @@
 """ComfyUI's own loader and fp8 layers against ours, on fp8 files of the tiny Wan DiT.
 
-Usage: python comfyui_reference_fp8.py COMFYUI_DIR FILES_JSON  -> prints one JSON object of relative
+Run as `python -m comfyui_reference fp8 COMFYUI_DIR FILES_JSON` -> prints one JSON object of relative
 errors. FILES_JSON: {"fp8_e4m3fn": path, "fp8_scaled": path} (tests/test_fp8.py writes them).
 ComfyUI loads each file as comfy.sd.load_diffusion_model_state_dict does (its UNETLoader), but with the
 tiny model's configuration given rather than detected (detection assumes 128-wide heads): a file with a
@@ -10,12 +10,9 @@ on the CPU, its forward must equal ours, which keeps the same fp8 weights and ca
 scales layer by layer (formats/fp8.py).
 """
 
-import json
-import sys
-
 import torch
 
-from comfyui_common import rel, start_comfy, wan_unet_config
+from .common import rel, wan_unet_config
 
 
 def comfy_load(path: str):
@@ -35,15 +32,13 @@ def comfy_load(path: str):
     return model.diffusion_model
 
 
-def main(comfy_dir: str, files_json: str) -> None:
-    start_comfy(comfy_dir)
-
+def compare(files: dict) -> dict:
     from usp_video.distributed.models.wan21 import dit as wan
 
     g = torch.Generator().manual_seed(3)
     x, t, ctx = torch.randn(1, 16, 3, 4, 6, generator=g), torch.tensor([700.0]), torch.randn(1, 24, 32, generator=g)
     out = {}
-    for name, path in json.loads(files_json).items():
+    for name, path in files.items():
         theirs = comfy_load(path)
         kept = sum(1 for p in theirs.parameters() if p.dtype == torch.float8_e4m3fn)
         with torch.no_grad():
@@ -51,8 +46,5 @@ def main(comfy_dir: str, files_json: str) -> None:
             ours = wan.load_wan_transformer(path)(x, t, ctx, return_dict=False)[0]
         out[name] = rel(ours, native)
         out[f"{name}_comfy_fp8_params"] = kept
-    print(json.dumps(out))
+    return out
 
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])

@@ -1,20 +1,16 @@
 """Run ComfyUI's own Wan model, VAE and KSampler on the tiny model files and compare with ours.
 
-Usage: python comfyui_reference.py COMFYUI_DIR MODELS_JSON  -> prints one JSON object of
+Run as `python -m comfyui_reference wan21 COMFYUI_DIR FILES_JSON` -> prints one JSON object of
 relative errors. Run as a subprocess by test_comfyui_native.py, so that importing ComfyUI
 (its top-level modules, its torch settings) does not touch the test process.
 """
 
-import json
-import sys
-
 import torch
 
-from comfyui_common import comfy_wan_model, rel, start_comfy
+from .common import comfy_wan_model, rel
 
 
-def main(comfy_dir: str, models_json: str) -> None:
-    start_comfy(comfy_dir)
+def compare(paths: dict) -> dict:
     import comfy.ldm.wan.vae
     import comfy.sample
     from safetensors.torch import load_file
@@ -23,7 +19,6 @@ def main(comfy_dir: str, models_json: str) -> None:
     from usp_video.distributed.requests import SampleRequest
     from usp_video.distributed.models.wan21 import dit as wan, tiny, vae as wan_vae
 
-    paths = json.loads(models_json)
     vae_cfg = tiny.TINY_VAE_CONFIG
     patcher = comfy_wan_model(paths["dit"], tiny.TINY_WAN_CONFIG, 5.0)
     model = patcher.model
@@ -82,8 +77,5 @@ def main(comfy_dir: str, models_json: str) -> None:
     with torch.no_grad():
         native = ((vae.decode(z).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).flatten(0, 1)
     out["vae_decode"] = rel(wan_vae.decode_video(wan_vae.load_wan_vae(paths["vae"]), z), native)
-    print(json.dumps(out))
+    return out
 
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])

@@ -3,16 +3,12 @@ the video layout, its WanVAE.encode's mu) on the same IMAGE with the same tiny V
 (comfy.ldm.wan.vae) and the Wan 2.2 VAE (vae2_2). comfy.sd.VAE fixes the VAE's width (96 / 160): its WanVAE
 classes are given the tiny width while the VAE loads, and the file must then load strictly.
 
-Usage: python comfyui_reference_vae_encode.py COMFYUI_DIR FILES_JSON -> one JSON object: the max abs error
+Run as `python -m comfyui_reference vae_encode COMFYUI_DIR FILES_JSON` -> one JSON object: the max abs error
 per case and the latents' magnitudes.
 """
 
-import json
-import sys
-
 import torch
 
-from comfyui_common import start_comfy
 
 
 def comfy_vae(path: str, module, widths: dict):
@@ -31,8 +27,7 @@ def comfy_vae(path: str, module, widths: dict):
     return vae
 
 
-def main(comfy_dir: str, files_json: str) -> None:
-    start_comfy(comfy_dir)
+def compare(files: dict) -> dict:
     import comfy.ldm.wan.vae
     import comfy.ldm.wan.vae2_2
     import nodes
@@ -41,7 +36,6 @@ def main(comfy_dir: str, files_json: str) -> None:
     from usp_video.distributed.models.wan21.tiny import TINY_VAE_CONFIG as WAN21
     from usp_video.distributed.models.wan22_5b.tiny import TINY_VAE_CONFIG as WAN22
 
-    files = json.loads(files_json)
     vaes = {"wan21": comfy_vae(files["wan21"], comfy.ldm.wan.vae, {"dim": WAN21["base_dim"]}),
             "wan22": comfy_vae(files["wan22"], comfy.ldm.wan.vae2_2,
                                {"dim": WAN22["base_dim"], "dec_dim": WAN22["decoder_base_dim"]})}
@@ -58,8 +52,5 @@ def main(comfy_dir: str, files_json: str) -> None:
         out[name] = float((ours - native).abs().max())
         out[name + "_magnitude"] = float(native.abs().max())
     out["vae_dtype"] = str(vaes["wan21"].vae_dtype)
-    print(json.dumps(out))
+    return out
 
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])

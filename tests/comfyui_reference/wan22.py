@@ -3,19 +3,15 @@ WanModel, as ComfyUI loads a wan2.2_t2v_*_noise_14B file) and two KSamplerAdvanc
 high-noise expert for steps 0..k with leftover noise, the low-noise expert from k), against our one-node
 switch, our two USP Sampler Advanced runs, and native/USP mixed either way.
 
-Usage: python comfyui_reference_wan22.py COMFYUI_DIR MODELS_JSON -> one JSON object of relative errors.
+Run as `python -m comfyui_reference wan22 COMFYUI_DIR FILES_JSON` -> one JSON object of relative errors.
 """
-
-import json
-import sys
 
 import torch
 
-from comfyui_common import comfy_wan_model, rel, start_comfy
+from .common import comfy_wan_model, rel
 
 
-def main(comfy_dir: str, models_json: str) -> None:
-    start_comfy(comfy_dir)
+def compare(paths: dict) -> dict:
     import nodes as comfy_nodes
 
     from usp_video.distributed.engine import Engine
@@ -23,7 +19,6 @@ def main(comfy_dir: str, models_json: str) -> None:
     from usp_video.distributed.requests import SampleRequest
     from usp_video.distributed.sampling.schedules import sampling_sigmas
 
-    paths = json.loads(models_json)
     experts = [paths["high_noise"], paths["low_noise"]]
     steps, shift, scale, boundary, seed = 6, 8.0, 3.5, 0.875, 21
 
@@ -62,8 +57,5 @@ def main(comfy_dir: str, models_json: str) -> None:
         out["wan22_usp_high_native_low"] = rel(native(low, ours_first, "disable", k, 10000, "disable"), reference)
         out["wan22_high_leftover_latent"] = rel(ours_first, native_first)
         out["wan22_experts_differ"] = rel(native(high, empty, "enable", 0, 10000, "disable"), reference)
-    print(json.dumps(out))
+    return out
 
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])

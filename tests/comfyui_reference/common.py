@@ -1,4 +1,4 @@
-"""What the ComfyUI reference scripts (comfyui_reference*.py) share: starting ComfyUI's modules on the
+"""What the ComfyUI reference modules (comfyui_reference/) share: starting ComfyUI's modules on the
 CPU in this process, the relative error, and ComfyUI's Wan model built from our tiny config and file."""
 
 import sys
