@@ -86,7 +86,8 @@ def generate(args: argparse.Namespace) -> Path | None:
     import torch
 
     from . import api
-    from .client import UspGroup, free_group
+    from .client import UspGroup
+    from .registry import free_group
     from .requests import SampleRequest
 
     family = _family_by_short_name(args.model) if getattr(args, "model", None) else None

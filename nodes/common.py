@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from ..distributed import api, models
-from ..distributed.client import Interrupted, get_group
+from ..distributed.client import Interrupted
+from ..distributed.registry import get_group
 from . import services
 
 log = logging.getLogger("usp_video")

@@ -125,7 +125,7 @@ def test_a_prefix_claiming_a_huge_frame_costs_only_what_arrives():
         tracemalloc.start()
         try:
             with pytest.raises(protocol.ConnectionClosed):
-                protocol.recv_frame_bytes(ours, rest_timeout=2.0)
+                protocol.read_frame(ours, rest_timeout=2.0)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -142,7 +142,7 @@ def test_every_read_of_a_frame_has_a_deadline():
 
     def read():
         try:
-            protocol.recv_frame_bytes(ours, rest_timeout=0.5)
+            protocol.read_frame(ours, rest_timeout=0.5)
         except protocol.ProtocolError as exc:
             outcome.append(str(exc))
 
@@ -168,7 +168,7 @@ def test_a_request_payload_over_its_types_limit_is_refused_before_it_is_read(kin
         head = json.dumps({"type": kind}).encode()
         a.sendall(b"USPV" + struct.pack(">IQ", len(head), payload) + head)
         with pytest.raises(protocol.ProtocolError, match=message):
-            protocol.recv_frame_bytes(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS)
+            protocol.read_frame(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS)
     finally:
         a.close()
         b.close()
@@ -179,9 +179,9 @@ def test_a_request_within_its_limit_is_read_whole():
     try:
         frame = protocol.encode_frame({"type": "sample"}, {"latent": torch.ones(2, 3)})
         a.sendall(frame)
-        assert protocol.recv_frame_bytes(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS) == frame
+        assert protocol.read_frame(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS).to_bytes() == frame
         a.sendall(protocol.encode_frame({"type": "load"}))
-        header, tensors = protocol.decode_frame(protocol.recv_frame_bytes(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS))
+        header, tensors = protocol.read_frame(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS).decode()
         assert header == {"type": "load"} and tensors == {}
     finally:
         a.close()
