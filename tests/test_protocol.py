@@ -186,3 +186,48 @@ def test_a_request_within_its_limit_is_read_whole():
     finally:
         a.close()
         b.close()
+
+
+def test_a_sample_request_round_trips_and_its_header_keeps_its_wire_order():
+    """The wire form is generated from the dataclass fields; the header's keys (and so its bytes) stay as
+    they were when to_frame was written out by hand."""
+    from usp_video.distributed.requests import SampleRequest
+
+    request = SampleRequest(experts=["/a", "/b"], boundaries=[0.9], positive={"tokens": torch.randn(1, 4, 8)},
+                            negative=torch.randn(1, 4, 8), latent=torch.randn(1, 16, 2, 4, 4), seed=3, steps=4,
+                            cfg=[5.0, 4.0], shift=8.0, loras=[[["/l.safetensors", 0.5]], []],
+                            noise_mask=torch.ones(1, 1, 2, 4, 4), fault={"kind": "raise"})
+    header, tensors = protocol.decode_frame(protocol.encode_frame(*request.to_frame()))
+    assert list(header) == ["type", "experts", "boundaries", "seed", "steps", "cfg", "shift", "sampler", "denoise",
+                            "options", "preview", "family", "keep", "start_step", "end_step", "add_noise",
+                            "leftover_noise", "cache", "loras", "fault"]
+    assert sorted(tensors) == ["latent", "negative.tokens", "noise_mask", "positive.tokens"]
+    back = SampleRequest.from_frame(header, tensors)
+    for name in ("experts", "boundaries", "seed", "steps", "cfg", "shift", "sampler", "loras", "fault"):
+        assert getattr(back, name) == getattr(request, name), name
+    assert torch.equal(back.latent, request.latent) and torch.equal(back.negative["tokens"], request.negative["tokens"])
+    plain = SampleRequest(experts=["/a"], positive=torch.zeros(1), negative=None, latent=torch.zeros(1), seed=1,
+                          steps=1, cfg=1.0, shift=1.0)
+    assert "fault" not in plain.to_frame()[0] and sorted(plain.to_frame()[1]) == ["latent", "positive.tokens"]
+
+
+@pytest.mark.parametrize("header, tensors, message", [
+    ({"type": "sample"}, {}, "request tensor 'positive.tokens' is missing"),
+    ({"type": "sample", "experts": ["/a"], "seed": "1"}, {"positive.tokens": torch.zeros(1), "latent": torch.zeros(1)},
+     "request field 'seed' must be int, got str"),
+    ({"type": "sample", "experts": ["/a"], "seed": 1, "steps": True},
+     {"positive.tokens": torch.zeros(1), "latent": torch.zeros(1)},
+     "request field 'steps' must be int, got bool"),
+    ({"type": "sample", "experts": ["/a"], "seed": 1, "steps": 1, "cfg": 1, "shift": 1},
+     {"positive.tokens": torch.zeros(1), "latent": torch.zeros(1)},
+     "request field 'sampler' must be str, got NoneType"),
+    ({"type": "load_dit", "paths": []}, {}, "request field 'paths' must list at least one DiT file"),
+    ({"type": "load_dit", "paths": ["/a"], "family": 3}, {}, "request field 'family' must be str or NoneType, got int"),
+    ({"type": "encode", "family": "f", "files": {"t": 3}}, {}, "request field 'files' must map text-encoder inputs"),
+    ({"type": "decode", "path": "/v"}, {}, "request tensor 'latent' is missing"),
+])
+def test_a_request_field_of_the_wrong_kind_is_named(header, tensors, message):
+    from usp_video.distributed.requests import REQUESTS
+
+    with pytest.raises(ValueError, match=message):
+        REQUESTS[header["type"]].from_frame(header, tensors)
