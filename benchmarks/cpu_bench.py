@@ -106,7 +106,8 @@ def comm_bytes() -> list[dict]:
 
 def sidecar_overhead(repeats: int) -> dict:
     from usp_video.distributed import api, protocol
-    from usp_video.distributed.client import GroupConfig, free_group, get_group
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.distributed.registry import free_group, get_group
     from usp_video.distributed.models.wan21.tiny import make_tiny_models
     from usp_video.distributed.requests import SampleRequest
 

@@ -15,7 +15,9 @@ from typing import Callable
 import torch
 
 from . import models
-from .client import GroupConfig, UspGroup, get_group
+from .client import UspGroup
+from .config import GroupConfig
+from .registry import get_group
 from .requests import Cond, DecodeRequest, EncodeRequest, EncodeVideoRequest, LoadRequest, SampleRequest
 from .validation import MAX_SEED, check_frames, check_latent, check_sample_inputs
 

@@ -53,7 +53,8 @@ def _family_by_short_name(short_name: str):
 
 def _run(group_and_ranks, model, files: dict, prompt: str, settings):
     """generate.generate on a group, which is closed (attached) or freed (launched here) after."""
-    from .client import UspGroup, free_group
+    from .client import UspGroup
+    from .registry import free_group
     from .generate import generate
 
     group, ranks = group_and_ranks

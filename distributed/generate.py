@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from . import api, models
-from .client import GroupConfig, UspGroup
+from .client import UspGroup
+from .config import GroupConfig
 from .media import save_latent, write_video
 from .requests import SampleRequest
 from .validation import check_video_size

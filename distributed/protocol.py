@@ -4,7 +4,12 @@ A frame is
     b"USPV" | header length (u32, big endian) | payload length (u64) | header | payload
 where the header is a UTF-8 JSON object with a string "type", and the payload is empty or a
 safetensors blob holding the frame's tensors. Lengths are checked against limits before
-anything is allocated or parsed.
+anything is allocated or parsed. A frame read from a socket is a Frame (header bytes, payload
+bytes): the worker broadcasts those two parts to the other ranks as they are, and each rank
+parses them once (Frame.decode).
+
+The client (client.py) and rank 0 (control_server.py) speak it; requests.py says what a
+request's header and tensors hold.
 
 Handshake: the listener (rank 0) sends a 32-byte random nonce; the connecting client answers
 HMAC-SHA256(secret, nonce). A wrong answer closes the connection before any frame is read.
@@ -18,6 +23,7 @@ import json
 import os
 import socket
 import struct
+from typing import NamedTuple
 
 import torch
 
@@ -42,14 +48,37 @@ class ConnectionClosed(ProtocolError):
     """The peer closed the connection."""
 
 
-def encode_frame(header: dict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+class Frame(NamedTuple):
+    """One frame's two variable parts, as read from a socket or made by make_frame (the prefix holds
+    nothing else but their lengths). Kept apart so that the payload, which can be gigabytes, is never
+    copied into or sliced out of a whole frame on the way."""
+
+    head: bytes  # the UTF-8 JSON header
+    payload: bytes  # a safetensors blob, or b"" for no tensors
+
+    def decode(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The header and tensors; a ProtocolError when either part is malformed."""
+        return parse_header(self.head), parse_payload(self.payload)
+
+    def prefix(self) -> bytes:
+        return _PREFIX.pack(MAGIC, len(self.head), len(self.payload))
+
+    def to_bytes(self) -> bytes:
+        return self.prefix() + self.head + self.payload
+
+
+def make_frame(header: dict, tensors: dict[str, torch.Tensor] | None = None) -> Frame:
     from safetensors.torch import save
 
     if not isinstance(header.get("type"), str):
         raise ValueError("a frame header needs a string 'type'")
     payload = save(_unshared(tensors)) if tensors else b""
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, len(head), len(payload)) + head + payload
+    return Frame(json.dumps(header, separators=(",", ":")).encode(), payload)
+
+
+def encode_frame(header: dict, tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    """The whole frame as one bytes object (tests and fuzzers build frames byte by byte from it)."""
+    return make_frame(header, tensors).to_bytes()
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,14 +96,13 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def decode_frame(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Parse one whole frame (as received and broadcast to the ranks)."""
+    """Parse one whole frame given as bytes (a frame read from a socket is a Frame: Frame.decode)."""
     if len(data) < _PREFIX.size:
         raise ProtocolError(f"frame of {len(data)} bytes is shorter than its {_PREFIX.size}-byte prefix")
     head_len, payload_len = check_prefix(data[: _PREFIX.size])
     if len(data) != _PREFIX.size + head_len + payload_len:
         raise ProtocolError("frame length does not match its prefix")
-    head = data[_PREFIX.size: _PREFIX.size + head_len]
-    return parse_header(head), parse_payload(data[_PREFIX.size + head_len:])
+    return Frame(data[_PREFIX.size: _PREFIX.size + head_len], data[_PREFIX.size + head_len:]).decode()
 
 
 def check_prefix(prefix: bytes) -> tuple[int, int]:
@@ -134,14 +162,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def recv_frame_bytes(sock: socket.socket, rest_timeout: float | None = None,
-                     payload_limits: dict[str, int] | None = None) -> bytes:
+def read_frame(sock: socket.socket, rest_timeout: float | None = None,
+               payload_limits: dict[str, int] | None = None) -> Frame:
     """Read one whole frame, checking the prefix before reading the header, and with payload_limits
     ({frame type: bytes}, REQUEST_PAYLOAD_LIMITS for requests; other types: none) the header before reading
     the payload (a frame refused so is left unread: the caller drops the connection). A header that is
-    malformed is left for decode_frame to name, when the frame has no payload. With rest_timeout (a caller that knows bytes are waiting), every read has a deadline: each
-    part of the frame, its prefix included, must arrive within rest_timeout seconds (a truncated frame is
-    an error, not a hang). The frame's chunks are joined once, at the end."""
+    malformed is left for Frame.decode to name, when the frame has no payload. With rest_timeout (a caller
+    that knows bytes are waiting), every read has a deadline: each part of the frame, its prefix included,
+    must arrive within rest_timeout seconds (a truncated frame is an error, not a hang). The payload's
+    chunks are joined once, at the end, into the bytes that safetensors parses."""
     sock.settimeout(rest_timeout)
     try:
         try:
@@ -151,18 +180,10 @@ def recv_frame_bytes(sock: socket.socket, rest_timeout: float | None = None,
                                 f"{rest_timeout} s") from None
         head_len, payload_len = check_prefix(prefix)
         try:
-            head = _recv_chunks(sock, head_len)
+            head = _recv_exact(sock, head_len)
             if payload_limits is not None and payload_len:
-                try:
-                    kind = parse_header(b"".join(head))["type"]
-                except ProtocolError:  # a bad header with tensors: its payload is not read
-                    kind = "malformed"
-                limit = payload_limits.get(kind, 0)
-                if payload_len > limit:
-                    allowed = f"at most {limit} bytes of tensors" if limit else "no tensors"
-                    raise ProtocolError(f"a {kind!r} request carries {allowed}, but its frame declares "
-                                        f"{payload_len} bytes")
-            return b"".join([prefix, *head, *_recv_chunks(sock, payload_len)])
+                _check_payload_limit(head, payload_len, payload_limits)
+            return Frame(head, _recv_exact(sock, payload_len) if payload_len else b"")
         except socket.timeout:
             raise ProtocolError(f"truncated frame: the rest of a {head_len + payload_len}-byte frame did not "
                                 f"arrive within {rest_timeout} s") from None
@@ -170,12 +191,32 @@ def recv_frame_bytes(sock: socket.socket, rest_timeout: float | None = None,
         sock.settimeout(None)
 
 
+def _check_payload_limit(head: bytes, payload_len: int, payload_limits: dict[str, int]) -> None:
+    try:
+        kind = parse_header(head)["type"]
+    except ProtocolError:  # a bad header with tensors: its payload is not read
+        kind = "malformed"
+    limit = payload_limits.get(kind, 0)
+    if payload_len > limit:
+        allowed = f"at most {limit} bytes of tensors" if limit else "no tensors"
+        raise ProtocolError(f"a {kind!r} request carries {allowed}, but its frame declares {payload_len} bytes")
+
+
 def recv_frame(sock: socket.socket) -> tuple[dict, dict[str, torch.Tensor]]:
-    return decode_frame(recv_frame_bytes(sock))
+    return read_frame(sock).decode()
 
 
 def send_frame(sock: socket.socket, header: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
-    sock.sendall(encode_frame(header, tensors))
+    send(sock, make_frame(header, tensors))
+
+
+def send(sock: socket.socket, frame: Frame) -> None:
+    """Send a frame without joining its payload to the rest (a copy of up to gigabytes)."""
+    if len(frame.payload) < _CHUNK:
+        sock.sendall(frame.to_bytes())
+    else:
+        sock.sendall(frame.prefix() + frame.head)
+        sock.sendall(frame.payload)
 
 
 def new_secret() -> str:
@@ -187,7 +228,7 @@ ANSWER_BYTES = 32  # an HMAC-SHA256 of the nonce
 
 def challenge(sock: socket.socket, secret: str, timeout: float = 5.0) -> bool:
     """Listener side, blocking: True when the peer proves it knows the secret. (Rank 0 runs the same
-    check without blocking its loop: worker.Worker.accept_one / answer_pending.)"""
+    check without blocking its loop: control_server.ControlServer.accept_one / answer_pending.)"""
     nonce = os.urandom(NONCE_BYTES)
     sock.settimeout(timeout)
     try:

@@ -2,8 +2,10 @@
 worker rebuilds them (`from_frame`) and the engine runs them.
 
 On the wire a request is a JSON header (its "type" and its plain fields) plus named tensors
-(protocol.py). A conditioning is a dict of tensors: "tokens" [B, L, D] and whatever else its model
-family uses (HunyuanVideo: "pooled_output" [B, 768]); it travels as "positive.tokens", "positive.pooled_output", ...
+(protocol.py), both generated from the dataclass fields (request_fields.py: a field is a header
+field, a tensor or a conditioning by its declaration). A conditioning is a dict of tensors: "tokens"
+[B, L, D] and whatever else its model family uses (HunyuanVideo: "pooled_output" [B, 768]); it travels as
+"positive.tokens", "positive.pooled_output", ...
 Family-defined sampler inputs travel in "options" and are checked by the family.
 """
 
@@ -15,81 +17,47 @@ from dataclasses import dataclass, field
 
 import torch
 
-Cond = dict[str, torch.Tensor]
+from .request_fields import Cond, WireRequest, cond, header, tensor
 
 
-def _field(header: dict, name: str, kind, default=...):
-    """A field of a request header, of the right type, or a ValueError naming it."""
-    if name not in header and default is not ...:
-        return default
-    value = header.get(name)
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise ValueError(f"request field {name!r} must be {names}, got {type(value).__name__}")
-    return value
+def _check_paths(paths: list) -> None:
+    if not paths or not all(isinstance(p, str) for p in paths):
+        raise ValueError("request field 'paths' must list at least one DiT file")
 
 
-def _tensor(tensors: dict, name: str) -> torch.Tensor:
-    value = tensors.get(name)
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"request tensor {name!r} is missing")
-    return value
+def _check_files(files: dict) -> None:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ValueError("request field 'files' must map text-encoder inputs to file paths")
 
 
-def cond_tensors(prefix: str, cond: Cond | None) -> dict[str, torch.Tensor]:
-    """{"tokens": t, "pooled_output": p} -> {"positive.tokens": t, "positive.pooled_output": p} (float32)."""
-    return {} if cond is None else {f"{prefix}.{k}": v.float() for k, v in cond.items()}
-
-
-def cond_from(prefix: str, tensors: dict) -> Cond | None:
-    cond = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    return cond or None
+def _lora_paths(loras: list) -> list:
+    """The LoRA chains with their files as plain strings (a chain may name a Path)."""
+    return [[[os.fspath(p), s] for p, s in chain] for chain in loras]
 
 
 @dataclass(kw_only=True)
-class LoadRequest:
+class LoadRequest(WireRequest):
     """Load DiTs on every rank and keep them for the next requests (the experts of one model: all
     resident, so a switch between them costs no reload); DiTs not named are freed. The reply
     describes the first."""
 
-    paths: list[str]
-    family: str | None = None  # the family to load them as (files that look alike: see models.detect_dit)
     type: str = field(default="load_dit", init=False)
-
-    def to_frame(self) -> tuple[dict, dict]:
-        return {"type": self.type, "paths": list(self.paths), "family": self.family}, {}
-
-    @classmethod
-    def from_frame(cls, header: dict, tensors: dict) -> "LoadRequest":
-        paths = _field(header, "paths", list)
-        if not paths or not all(isinstance(p, str) for p in paths):
-            raise ValueError("request field 'paths' must list at least one DiT file")
-        return cls(paths=paths, family=_field(header, "family", (str, type(None)), None))
+    paths: list[str] = header(check=_check_paths)
+    family: str | None = None  # the family to load them as (files that look alike: see models.detect_dit)
 
 
 @dataclass(kw_only=True)
-class EncodeRequest:
+class EncodeRequest(WireRequest):
     """Encode a prompt with a family's text encoder, made of the files in `files` ({text input: path})."""
 
-    family: str
-    files: dict[str, str]
-    prompt: str
     type: str = field(default="encode", init=False)
-
-    def to_frame(self) -> tuple[dict, dict]:
-        return {"type": self.type, "family": self.family, "files": dict(self.files), "prompt": self.prompt}, {}
-
-    @classmethod
-    def from_frame(cls, header: dict, tensors: dict) -> "EncodeRequest":
-        files = _field(header, "files", dict)
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-            raise ValueError("request field 'files' must map text-encoder inputs to file paths")
-        return cls(family=_field(header, "family", str), files=files, prompt=_field(header, "prompt", str))
+    family: str
+    files: dict[str, str] = header(check=_check_files)
+    prompt: str
 
 
 @dataclass(kw_only=True)
-class SampleRequest:
+class SampleRequest(WireRequest):
     """One sampler call.
 
     experts: the DiT files; with more than one, expert i runs the steps whose sigma is >= boundaries[i]
@@ -110,30 +78,32 @@ class SampleRequest:
     noise_mask: a LATENT's noise_mask (1 where the sampler samples, 0 where the latent stays: a start image), as
     ComfyUI's KSampler applies it (KSamplerX0Inpaint), for families that take one (ModelFamily.takes_noise_mask)."""
 
+    type: str = field(default="sample", init=False)
+    positive: Cond = cond()  # first: a frame without it is refused for that, whatever else is wrong
     experts: list[str]
-    positive: Cond
-    negative: Cond | None
-    latent: torch.Tensor
+    boundaries: list[float] = field(default_factory=list)
+    negative: Cond | None = cond(optional=True)
+    latent: torch.Tensor = tensor()
     seed: int
     steps: int
     cfg: float | list[float]
     shift: float
-    sampler: str = "unipc"
+    sampler: str = header(default="unipc", required=True)  # a frame names its sampler
     denoise: float = 1.0
-    boundaries: list[float] = field(default_factory=list)
     options: dict[str, float] = field(default_factory=dict)
-    preview: bool = False
+    preview: bool = header(default=False, encode=bool)
     family: str | None = None
     keep: list[str] = field(default_factory=list)
     start_step: int = 0
     end_step: int | None = None
     add_noise: bool = True
     leftover_noise: bool = False
-    loras: list = field(default_factory=list)  # per expert: [[LoRA file, strength], ...]
     cache: dict = field(default_factory=dict)  # a step cache: {"method", "threshold", "start", "end"} (step_cache.py)
-    noise_mask: torch.Tensor | None = None  # a LATENT's noise_mask [1|B, 1|C, T, H, W] (validation.check_noise_mask)
-    fault: dict | None = None  # test-only fault injection (honoured only by groups started to allow it)
-    type: str = field(default="sample", init=False)
+    loras: list = header(default_factory=list, encode=_lora_paths)  # per expert: [[LoRA file, strength], ...]
+    # a LATENT's noise_mask [1|B, 1|C, T, H, W] (validation.check_noise_mask)
+    noise_mask: torch.Tensor | None = tensor(optional=True)
+    # test-only fault injection (honoured only by groups started to allow it)
+    fault: dict | None = header(default=None, checked=False)
 
     def __post_init__(self):
         if isinstance(self.experts, (str, os.PathLike)):
@@ -188,73 +158,23 @@ class SampleRequest:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def to_frame(self) -> tuple[dict, dict]:
-        header = {"type": self.type, "experts": list(self.experts), "boundaries": list(self.boundaries),
-                  "seed": self.seed, "steps": self.steps, "cfg": self.cfg, "shift": self.shift,
-                  "sampler": self.sampler, "denoise": self.denoise, "options": dict(self.options),
-                  "preview": bool(self.preview), "family": self.family, "keep": list(self.keep),
-                  "start_step": self.start_step, "end_step": self.end_step, "add_noise": self.add_noise,
-                  "leftover_noise": self.leftover_noise, "cache": dict(self.cache),
-                  "loras": [[[os.fspath(p), s] for p, s in chain] for chain in self.loras]}
-        if self.fault is not None:
-            header["fault"] = self.fault
-        tensors = {"latent": self.latent.float(), **cond_tensors("positive", self.positive),
-                   **cond_tensors("negative", self.negative)}
-        if self.noise_mask is not None:
-            tensors["noise_mask"] = self.noise_mask.float()
-        return header, tensors
-
-    @classmethod
-    def from_frame(cls, header: dict, tensors: dict) -> "SampleRequest":
-        positive = cond_from("positive", tensors)
-        if positive is None:
-            raise ValueError("request tensor 'positive.tokens' is missing")
-        cfg = _field(header, "cfg", (int, float, list))
-        return cls(experts=_field(header, "experts", list), boundaries=_field(header, "boundaries", list, []),
-                   positive=positive, negative=cond_from("negative", tensors), latent=_tensor(tensors, "latent"),
-                   seed=_field(header, "seed", int), steps=_field(header, "steps", int), cfg=cfg,
-                   shift=_field(header, "shift", (int, float)), sampler=_field(header, "sampler", str),
-                   denoise=_field(header, "denoise", (int, float), 1.0), options=_field(header, "options", dict, {}),
-                   preview=_field(header, "preview", bool, False),
-                   family=_field(header, "family", (str, type(None)), None), keep=_field(header, "keep", list, []),
-                   start_step=_field(header, "start_step", int, 0),
-                   end_step=_field(header, "end_step", (int, type(None)), None),
-                   add_noise=_field(header, "add_noise", bool, True),
-                   leftover_noise=_field(header, "leftover_noise", bool, False),
-                   cache=_field(header, "cache", dict, {}), loras=_field(header, "loras", list, []),
-                   fault=header.get("fault"), noise_mask=tensors.get("noise_mask"))
-
 
 @dataclass(kw_only=True)
-class DecodeRequest:
+class DecodeRequest(WireRequest):
     """Decode a raw latent to frames with a VAE file."""
 
-    path: str
-    latent: torch.Tensor
     type: str = field(default="decode", init=False)
-
-    def to_frame(self) -> tuple[dict, dict]:
-        return {"type": self.type, "path": self.path}, {"latent": self.latent.float()}
-
-    @classmethod
-    def from_frame(cls, header: dict, tensors: dict) -> "DecodeRequest":
-        return cls(path=_field(header, "path", str), latent=_tensor(tensors, "latent"))
+    path: str
+    latent: torch.Tensor = tensor()
 
 
 @dataclass(kw_only=True)
-class EncodeVideoRequest:
+class EncodeVideoRequest(WireRequest):
     """Encode IMAGE frames [F, H, W, 3] in 0..1 (one video) to a raw latent with a VAE file."""
 
-    path: str
-    frames: torch.Tensor
     type: str = field(default="encode_video", init=False)
-
-    def to_frame(self) -> tuple[dict, dict]:
-        return {"type": self.type, "path": self.path}, {"frames": self.frames.float()}
-
-    @classmethod
-    def from_frame(cls, header: dict, tensors: dict) -> "EncodeVideoRequest":
-        return cls(path=_field(header, "path", str), frames=_tensor(tensors, "frames"))
+    path: str
+    frames: torch.Tensor = tensor()
 
 
 REQUESTS = {r.__dataclass_fields__["type"].default: r

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..distributed.client import free_group, get_group
 from ..distributed.config import DTYPES, PLACEMENTS, SHARD_WEIGHTS, GroupConfig, parse_bool, parse_degree
 from ..distributed.parallel.compile import COMPILE
 from ..distributed.parallel.usp_attention import BACKENDS
+from ..distributed.registry import free_group, get_group
 from . import services
 
 CATEGORY = "USP video"

@@ -12,7 +12,7 @@ import logging
 from typing import TypedDict
 
 from ..distributed import api
-from ..distributed.client import get_group
+from ..distributed.registry import get_group
 from ..distributed.config import GroupConfig
 from ..distributed.formats.gguf import by_layer_kind, summary
 from . import services

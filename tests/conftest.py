@@ -170,7 +170,7 @@ def pytest_sessionfinish(session, exitstatus):
     import signal
     import time
 
-    from usp_video.distributed.client import GROUPS
+    from usp_video.distributed.registry import GROUPS
 
     GROUPS.stop_all()
     deadline = time.monotonic() + 15

@@ -10,7 +10,8 @@ import torch
 from hardening import HARDENING
 from usp_video.distributed import api
 from usp_video.distributed.validation import check_video_size
-from usp_video.distributed.client import GroupConfig, free_group, get_group
+from usp_video.distributed.config import GroupConfig
+from usp_video.distributed.registry import free_group, get_group
 from usp_video.nodes.group_node import make_config, parse_gpus
 import calls
 

@@ -45,7 +45,8 @@ def test_cfg_parallel_group_through_the_client(tiny_models):
     import torch
 
     from usp_video.distributed import api
-    from usp_video.distributed.client import GroupConfig, free_group
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.distributed.registry import free_group
 
     request = sample_request(tiny_models["dit"], (5, 2, 14), sampler="unipc", cfg=5.0)
     expected = make_engine().sample(request).latent
@@ -66,7 +67,7 @@ def test_cfg_parallel_group_through_the_client(tiny_models):
     (dict(ranks=4, cfg_parallel=3), "cfg_parallel must be 1 (off) or 2"),
 ])
 def test_cfg_parallel_config_is_checked(kwargs, message):
-    from usp_video.distributed.client import GroupConfig
+    from usp_video.distributed.config import GroupConfig
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         GroupConfig(**kwargs)

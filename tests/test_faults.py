@@ -14,7 +14,9 @@ import torch
 
 from hardening import HARDENING
 from group_helpers import group_gone, group_processes, processes_matching
-from usp_video.distributed.client import GroupConfig, GroupError, free_group, get_group
+from usp_video.distributed.client import GroupError
+from usp_video.distributed.config import GroupConfig
+from usp_video.distributed.registry import free_group, get_group
 import calls
 
 REPEATS = int(os.environ.get("USP_VIDEO_FAULT_REPEATS", "20"))
@@ -106,7 +108,8 @@ def test_the_comfyui_side_killed_while_the_group_runs(tiny_models, tmp_path, cle
     script.write_text(textwrap.dedent(f"""
         import sys, torch
         from usp_video.distributed import api
-        from usp_video.distributed.client import GroupConfig, get_group
+        from usp_video.distributed.config import GroupConfig
+        from usp_video.distributed.registry import get_group
         from usp_video.distributed.requests import SampleRequest
         group = GroupConfig(ranks=2)
         print(get_group(group).run_dir, flush=True)

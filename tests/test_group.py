@@ -9,7 +9,9 @@ import pytest
 
 from group_helpers import group_gone, group_processes, kill, text, zeros_latent
 from usp_video.distributed import api
-from usp_video.distributed.client import GroupConfig, GroupError, Interrupted, RequestError, free_group, get_group
+from usp_video.distributed.client import GroupError, Interrupted, RequestError
+from usp_video.distributed.config import GroupConfig
+from usp_video.distributed.registry import free_group, get_group
 import calls
 
 
@@ -142,7 +144,8 @@ def test_group_stops_when_the_comfyui_process_dies(tmp_path):
     script = tmp_path / "client.py"
     script.write_text(textwrap.dedent("""
         import sys, time
-        from usp_video.distributed.client import GroupConfig, get_group
+        from usp_video.distributed.config import GroupConfig
+        from usp_video.distributed.registry import get_group
         group = get_group(GroupConfig(ranks=2))
         print(group.run_dir, flush=True)
         time.sleep(600)

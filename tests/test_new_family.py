@@ -53,7 +53,7 @@ ENGINE_AND_NODES = textwrap.dedent('''
     from usp_video.distributed import models
     from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.engine import Engine
-    from usp_video.distributed.client import free_group
+    from usp_video.distributed.registry import free_group
     from usp_video.distributed.requests import EncodeRequest, SampleRequest
 
     root = Path(sys.argv[1])

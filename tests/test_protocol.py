@@ -125,7 +125,7 @@ def test_a_prefix_claiming_a_huge_frame_costs_only_what_arrives():
         tracemalloc.start()
         try:
             with pytest.raises(protocol.ConnectionClosed):
-                protocol.recv_frame_bytes(ours, rest_timeout=2.0)
+                protocol.read_frame(ours, rest_timeout=2.0)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -142,7 +142,7 @@ def test_every_read_of_a_frame_has_a_deadline():
 
     def read():
         try:
-            protocol.recv_frame_bytes(ours, rest_timeout=0.5)
+            protocol.read_frame(ours, rest_timeout=0.5)
         except protocol.ProtocolError as exc:
             outcome.append(str(exc))
 
@@ -168,7 +168,7 @@ def test_a_request_payload_over_its_types_limit_is_refused_before_it_is_read(kin
         head = json.dumps({"type": kind}).encode()
         a.sendall(b"USPV" + struct.pack(">IQ", len(head), payload) + head)
         with pytest.raises(protocol.ProtocolError, match=message):
-            protocol.recv_frame_bytes(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS)
+            protocol.read_frame(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS)
     finally:
         a.close()
         b.close()
@@ -179,10 +179,55 @@ def test_a_request_within_its_limit_is_read_whole():
     try:
         frame = protocol.encode_frame({"type": "sample"}, {"latent": torch.ones(2, 3)})
         a.sendall(frame)
-        assert protocol.recv_frame_bytes(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS) == frame
+        assert protocol.read_frame(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS).to_bytes() == frame
         a.sendall(protocol.encode_frame({"type": "load"}))
-        header, tensors = protocol.decode_frame(protocol.recv_frame_bytes(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS))
+        header, tensors = protocol.read_frame(b, 5.0, protocol.REQUEST_PAYLOAD_LIMITS).decode()
         assert header == {"type": "load"} and tensors == {}
     finally:
         a.close()
         b.close()
+
+
+def test_a_sample_request_round_trips_and_its_header_keeps_its_wire_order():
+    """The wire form is generated from the dataclass fields; the header's keys (and so its bytes) stay as
+    they were when to_frame was written out by hand."""
+    from usp_video.distributed.requests import SampleRequest
+
+    request = SampleRequest(experts=["/a", "/b"], boundaries=[0.9], positive={"tokens": torch.randn(1, 4, 8)},
+                            negative=torch.randn(1, 4, 8), latent=torch.randn(1, 16, 2, 4, 4), seed=3, steps=4,
+                            cfg=[5.0, 4.0], shift=8.0, loras=[[["/l.safetensors", 0.5]], []],
+                            noise_mask=torch.ones(1, 1, 2, 4, 4), fault={"kind": "raise"})
+    header, tensors = protocol.decode_frame(protocol.encode_frame(*request.to_frame()))
+    assert list(header) == ["type", "experts", "boundaries", "seed", "steps", "cfg", "shift", "sampler", "denoise",
+                            "options", "preview", "family", "keep", "start_step", "end_step", "add_noise",
+                            "leftover_noise", "cache", "loras", "fault"]
+    assert sorted(tensors) == ["latent", "negative.tokens", "noise_mask", "positive.tokens"]
+    back = SampleRequest.from_frame(header, tensors)
+    for name in ("experts", "boundaries", "seed", "steps", "cfg", "shift", "sampler", "loras", "fault"):
+        assert getattr(back, name) == getattr(request, name), name
+    assert torch.equal(back.latent, request.latent) and torch.equal(back.negative["tokens"], request.negative["tokens"])
+    plain = SampleRequest(experts=["/a"], positive=torch.zeros(1), negative=None, latent=torch.zeros(1), seed=1,
+                          steps=1, cfg=1.0, shift=1.0)
+    assert "fault" not in plain.to_frame()[0] and sorted(plain.to_frame()[1]) == ["latent", "positive.tokens"]
+
+
+@pytest.mark.parametrize("header, tensors, message", [
+    ({"type": "sample"}, {}, "request tensor 'positive.tokens' is missing"),
+    ({"type": "sample", "experts": ["/a"], "seed": "1"}, {"positive.tokens": torch.zeros(1), "latent": torch.zeros(1)},
+     "request field 'seed' must be int, got str"),
+    ({"type": "sample", "experts": ["/a"], "seed": 1, "steps": True},
+     {"positive.tokens": torch.zeros(1), "latent": torch.zeros(1)},
+     "request field 'steps' must be int, got bool"),
+    ({"type": "sample", "experts": ["/a"], "seed": 1, "steps": 1, "cfg": 1, "shift": 1},
+     {"positive.tokens": torch.zeros(1), "latent": torch.zeros(1)},
+     "request field 'sampler' must be str, got NoneType"),
+    ({"type": "load_dit", "paths": []}, {}, "request field 'paths' must list at least one DiT file"),
+    ({"type": "load_dit", "paths": ["/a"], "family": 3}, {}, "request field 'family' must be str or NoneType, got int"),
+    ({"type": "encode", "family": "f", "files": {"t": 3}}, {}, "request field 'files' must map text-encoder inputs"),
+    ({"type": "decode", "path": "/v"}, {}, "request tensor 'latent' is missing"),
+])
+def test_a_request_field_of_the_wrong_kind_is_named(header, tensors, message):
+    from usp_video.distributed.requests import REQUESTS
+
+    with pytest.raises(ValueError, match=message):
+        REQUESTS[header["type"]].from_frame(header, tensors)

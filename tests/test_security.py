@@ -10,7 +10,8 @@ import pytest
 from hardening import HARDENING
 from fuzz_frames import DROPPING, IN_STEP, PARSER_REFUSES, frame, truncated
 from usp_video.distributed import protocol
-from usp_video.distributed.client import GroupConfig, free_group, get_group
+from usp_video.distributed.config import GroupConfig
+from usp_video.distributed.registry import free_group, get_group
 
 FUZZ_FRAMES = int(os.environ.get("USP_VIDEO_FUZZ_FRAMES", "10000"))
 
@@ -104,7 +105,7 @@ def test_connections_that_never_answer_do_not_hold_up_the_group(group):
     """Rank 0 reads challenge answers as they arrive: silent connections delay neither requests nor the
     heartbeats (a 5 s block used to stall the loop, and with a short timeout the group died); each is
     closed at its deadline."""
-    from usp_video.distributed.worker import HANDSHAKE_S
+    from usp_video.distributed.control_server import HANDSHAKE_S
 
     silent = [socket.create_connection(("127.0.0.1", group.port)) for _ in range(3)]
     half = socket.create_connection(("127.0.0.1", group.port))

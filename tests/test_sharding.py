@@ -52,7 +52,8 @@ def test_sharding_through_the_group(tiny_models):
     """shard_weights="on" on the group's own path: load reports the per-rank bytes; sampling is unchanged."""
     from parity_targets import sample_request
     from usp_video.distributed import api
-    from usp_video.distributed.client import GroupConfig, free_group
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.distributed.registry import free_group
 
     request = sample_request(tiny_models["dit"], (3, 4, 6), steps=2, sampler="euler")
     expected = make_engine().sample(request).latent
@@ -74,7 +75,8 @@ def test_dit_offload_on_one_rank_through_the_group(tiny_models):
     GPU whose memory is short of the model) and sampling is unchanged."""
     from parity_targets import sample_request
     from usp_video.distributed import api
-    from usp_video.distributed.client import GroupConfig, free_group
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.distributed.registry import free_group
 
     request = sample_request(tiny_models["dit"], (3, 4, 6), steps=2, sampler="euler")
     expected = make_engine().sample(request).latent

@@ -16,7 +16,8 @@ import torch
 
 from group_helpers import group_processes
 from usp_video.distributed import api
-from usp_video.distributed.client import GroupConfig, free_group, get_group
+from usp_video.distributed.config import GroupConfig
+from usp_video.distributed.registry import free_group, get_group
 import calls
 
 PROMPTS = int(os.environ.get("USP_VIDEO_SOAK_PROMPTS", "100"))

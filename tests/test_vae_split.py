@@ -8,7 +8,8 @@ import torch
 
 from parity_targets import encode_frames, make_engine, vae_split_rank
 from usp_video.distributed import api
-from usp_video.distributed.client import GroupConfig, free_group
+from usp_video.distributed.config import GroupConfig
+from usp_video.distributed.registry import free_group
 from usp_video.distributed.models.hunyuan_video.tiny import TINY_HUNYUAN_VAE_TILES
 from usp_video.distributed.testing.spawn import run_ranks
 from usp_video.distributed.parallel.vae_split import row_split

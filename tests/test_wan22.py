@@ -205,7 +205,7 @@ def test_workflows_one_switch_equals_two_samplers(tiny_wan22, tmp_path, monkeypa
     """The one-node switch and ComfyUI's two-sampler layout (USP Sampler Advanced x2) give the same
     latent with euler, on one group that keeps both experts loaded across the two prompts."""
     from comfy_executor import execute
-    from usp_video.distributed.client import GROUPS, free_group
+    from usp_video.distributed.registry import GROUPS, free_group
 
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_wan22["high_noise"]).parents[1]))
     steps, shift, cfg = 6, 8.0, 3.5

@@ -130,7 +130,7 @@ def test_empty_latent_node_checks_sizes():
 
 def test_workflow_runs_through_the_nodes(tiny_5b, tmp_path, monkeypatch):
     from comfy_executor import execute
-    from usp_video.distributed.client import free_group
+    from usp_video.distributed.registry import free_group
     from usp_video.workflows import make_workflows
 
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_5b["dit"]).parents[1]))
@@ -188,8 +188,9 @@ def test_usp_image_to_video_latent_node(tiny_5b):
     Wan22ImageToVideoLatent does and encoded by the split Wan 2.2 VAE encode (== one process) as the first latent
     frame, the rest the latent format's empty value, the noise_mask 0 there; the 5B sampler keeps that frame."""
     from usp_video.distributed import api
-    from usp_video.distributed.client import GroupConfig, free_group
+    from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.models.video import comfy_upscale
+    from usp_video.distributed.registry import free_group
     from usp_video.nodes.i2v_nodes import UspWan22ImageToVideoLatent
 
     image = torch.rand(1, 40, 70, 3, generator=torch.Generator().manual_seed(13))

@@ -113,7 +113,8 @@ def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
     from types import SimpleNamespace
 
     from usp_video.distributed import api
-    from usp_video.distributed.client import GroupConfig, free_group
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.distributed.registry import free_group
     from usp_video.nodes.common import wan_conditioning
     from usp_video.distributed.models.video import start_video
     from usp_video.nodes.i2v_nodes import UspWanImageToVideo

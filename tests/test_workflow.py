@@ -71,7 +71,7 @@ def tiny_prompt(tiny_models: dict, steps: int = 3) -> dict:
 
 
 def test_api_workflow_runs_through_the_nodes_and_reuses_the_model(tiny_models, tmp_path, monkeypatch):
-    from usp_video.distributed.client import GROUPS, free_group
+    from usp_video.distributed.registry import GROUPS, free_group
 
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
     try:
@@ -114,7 +114,7 @@ def test_api_workflow_runs_through_the_nodes_and_reuses_the_model(tiny_models, t
 def test_step_cache_node_into_the_sampler(tiny_models, tmp_path, monkeypatch):
     """USP Step Cache -> the sampler's optional step_cache input: steps are skipped and reported (the
     node's state line), and the same prompt without it skips none."""
-    from usp_video.distributed.client import free_group
+    from usp_video.distributed.registry import free_group
 
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
     prompt = tiny_prompt(tiny_models, steps=8)
@@ -150,7 +150,7 @@ def test_every_input_has_a_tooltip():
 def test_sampler_node_takes_native_formats_and_leaves_inputs_unchanged(tiny_models, monkeypatch):
     """Native CLIPTextEncode CONDITIONING ([1, 512, dim], a dict beside it) and a native empty
     video latent go in; a LATENT comes out; no input is modified (ComfyUI caches them)."""
-    from usp_video.distributed.client import free_group
+    from usp_video.distributed.registry import free_group
     from usp_video.nodes import NODE_CLASS_MAPPINGS as N
 
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
@@ -192,7 +192,7 @@ def hunyuan_prompt(tiny_hunyuan: dict, steps: int = 3) -> dict:
 
 
 def test_hunyuan_api_workflow_runs_through_the_nodes(tiny_hunyuan, tmp_path, monkeypatch):
-    from usp_video.distributed.client import GROUPS, free_group
+    from usp_video.distributed.registry import GROUPS, free_group
     from usp_video.distributed.engine import Engine
     from usp_video.distributed.requests import SampleRequest
     from usp_video.nodes import NODE_CLASS_MAPPINGS as N
@@ -239,7 +239,8 @@ def test_latents_carry_their_family_and_another_familys_vae_is_refused(tiny_mode
     """Our samplers tag their LATENT with the model family; the VAE decode and the samplers refuse a
     tagged latent of another family before anything runs (a Wan and a HunyuanVideo latent have the
     same shape, so nothing else would notice). Native, untagged latents cannot be checked."""
-    from usp_video.distributed.client import GroupConfig, free_group
+    from usp_video.distributed.config import GroupConfig
+    from usp_video.distributed.registry import free_group
     from usp_video.nodes import NODE_CLASS_MAPPINGS as N
 
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
