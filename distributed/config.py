@@ -22,7 +22,7 @@ from .parallel.compile import COMPILE
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("cpu", "cuda")
 SHARD_WEIGHTS = ("auto", "off", "on")
-PLACEMENTS = ("keep", "offload", "cpu")  # placement.py says what each does
+PLACEMENTS = ("keep", "offload", "cpu")  # residency.py (Placement) says what each does
 
 
 def parse_degree(value) -> int | str:
@@ -71,7 +71,7 @@ class GroupConfig:
     cfg_parallel: int = 1  # 2: the conditional and unconditional passes on the two halves of the group
     shard_weights: str = "auto"  # FSDP weight sharding: off, on, or auto (when one device's memory is short)
     vae_split: bool = True  # the VAE decode shared out among the ranks (each family says how)
-    placement: str = "offload"  # where idle text encoders and experts wait: keep, offload, cpu (placement.py)
+    placement: str = "offload"  # where idle text encoders and experts wait: keep, offload, cpu (residency.py)
     # the DiT's FSDP shards wait in host memory, copied to the GPU block by block (fsdp.py); the DiT is then always
     # sharded (shard_weights auto counts as on for it; off is refused), on one rank too
     dit_offload: bool = False
