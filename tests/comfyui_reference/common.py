@@ -126,10 +126,10 @@ def route_api_sample(engine) -> None:
     checks, the request through the wire frame, our engine."""
     from usp_video.distributed import api, protocol
     from usp_video.distributed.requests import SampleRequest
+    from usp_video.distributed.validation import check_sample_request
 
     def via_wire(group, request, text_dim=None, **_):
-        request.check_experts()
-        api.check_sample_request(request, api.check_dit_file(request.experts[0], request.family)[0], text_dim)
+        check_sample_request(request, api.check_dit_file(request.experts[0], request.family)[0], text_dim)
         request = SampleRequest.from_frame(*protocol.decode_frame(protocol.encode_frame(*request.to_frame())))
         return engine.sample(request).latent, {"ulysses": 1, "ring": 1}
 

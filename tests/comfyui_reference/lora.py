@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .common import rel
+from .common import rel, route_api_sample
 
 # The files (common.make_detectable_wan): DiTs {name: seed}, LoRAs {name: (layout, seed)}.
 DITS = {"wan21": 31, "high_noise": 32, "low_noise": 33}
@@ -33,7 +33,6 @@ def compare(paths: dict) -> dict:
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
     from safetensors.torch import load_file
 
-    from usp_video.distributed import api, protocol
     from usp_video.distributed.engine import Engine
     from usp_video.distributed.requests import SampleRequest
     from usp_video.distributed.sampling.schedules import sampling_sigmas
@@ -43,13 +42,7 @@ def compare(paths: dict) -> dict:
         folder_paths.add_model_folder_path(folder, str(Path(paths["wan21"]).parents[1] / folder), is_default=True)
     engine = Engine()  # one for every run of ours, as a group lives across prompts: LoRA lists change on it
 
-    def via_wire(group, request, text_dim=None, **_):  # api.sample's checks, its frame, run by our engine
-        request.check_experts()
-        api.check_sample_request(request, api.check_dit_file(request.experts[0], request.family)[0], text_dim)
-        request = SampleRequest.from_frame(*protocol.decode_frame(protocol.encode_frame(*request.to_frame())))
-        return engine.sample(request).latent, {"ulysses": 1, "ring": 1}
-
-    api.sample = via_wire  # sampler_run.run_sampler calls api.sample
+    route_api_sample(engine)  # sampler_run.run_sampler calls api.sample: its checks, its frame, our engine
 
     def native_model(dit, chain, shift):
         model = comfy_nodes.UNETLoader().load_unet(Path(paths[dit]).name, "default")[0]
