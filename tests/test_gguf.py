@@ -176,7 +176,7 @@ def test_the_load_preflight_counts_quantized_bytes(gguf_files):
 
 
 def test_the_loader_lists_gguf_files_and_reports_the_quantization(tiny_models, monkeypatch):
-    from usp_video.nodes import common, services
+    from usp_video.nodes import model_socket, services
 
     monkeypatch.setattr(services, "IN_COMFYUI", False)
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit_gguf"]).parents[1]))
@@ -186,7 +186,7 @@ def test_the_loader_lists_gguf_files_and_reports_the_quantization(tiny_models, m
     engine = make_engine()
     info = engine._dit_info([tiny_models["dit_gguf"]], None)
     assert len(info["quantized_layers"]) == 20 and set(info["quantized_layers"].values()) == {"Q8_0"}
-    text = common.quantization_text(info["quantized_layers"])
+    text = model_socket.quantization_text(info["quantized_layers"])
     assert "20 layers stay quantized (Q8_0 20)" in text and "blocks.*.ffn.net.2 Q8_0" in text
     # the tiny set's GGUF holds the same weights as its .safetensors file, to Q8_0's precision
     assert rel_error(dit_forward(engine, tiny_models["dit_gguf"], (3, 4, 6)),

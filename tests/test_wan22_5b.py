@@ -94,7 +94,7 @@ def test_wrong_vae_and_sizes_are_named(tiny_5b, tiny_models):
 
 def test_bad_noise_masks_are_refused_before_sampling(tiny_5b, tiny_models):
     from usp_video.distributed import api
-    from usp_video.nodes.common import run_sampler
+    from usp_video.nodes.sampler_run import run_sampler
 
     def request(dit, mask, channels=48):
         return api.SampleRequest(experts=[dit], positive=torch.zeros(1, 4, 32), negative=None, seed=1, steps=2,

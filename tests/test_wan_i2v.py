@@ -93,7 +93,7 @@ def test_native_image_conditioning_reaches_the_request():
     penultimate_hidden_states)."""
     from types import SimpleNamespace
 
-    from usp_video.nodes.common import wan_conditioning
+    from usp_video.nodes.wan_nodes import wan_conditioning
 
     cond = tiny_image_conditioning(UNEVEN)
     vision = SimpleNamespace(penultimate_hidden_states=cond["clip_vision"], image_embeds=torch.zeros(1, 1024))
@@ -115,7 +115,7 @@ def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
     from usp_video.distributed import api
     from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.registry import free_group
-    from usp_video.nodes.common import wan_conditioning
+    from usp_video.nodes.wan_nodes import wan_conditioning
     from usp_video.distributed.models.video import start_video
     from usp_video.nodes.i2v_nodes import UspWanImageToVideo
 
