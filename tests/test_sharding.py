@@ -40,7 +40,7 @@ def test_sharded_dit_matches_one_process(tests_dir, tiny_models, tiny_hunyuan, f
         assert int(result["read"]) <= size * (1 / world_size + 0.05), f"rank {rank} read {int(result['read'])} of {size}"
         if text_encoder is not None:  # UMT5 sharded too, every rank taking part in the encode
             assert rel_error(result["cond"], expected_cond) <= 1e-5
-            te_full = parameter_bytes(engine.text_part("text_encoder").model)
+            te_full = parameter_bytes(engine.text.text_part("text_encoder").model)
             assert int(result["te_bytes"]) <= te_full * (1 / world_size + 0.05)
             # streamed too: its rows of UMT5's weights, and the whole tokenizer (every rank needs it)
             tokenizer = read_header(text_encoder)[0]["spiece_model"][0][0]
@@ -96,7 +96,7 @@ def test_sharded_llama_matches_one_process(tests_dir, tiny_hunyuan):
     cond = engine.encode(EncodeRequest(family="hunyuan-video", prompt=prompt, files={
         name: tiny_hunyuan[name] for name in ("llama", "clip", "tokenizers")}))
     expected, expected_pooled = cond["tokens"], cond["pooled_output"]
-    full = parameter_bytes(engine.text_part("llama"))
+    full = parameter_bytes(engine.text.text_part("llama"))
     results = run_ranks(f"{tests_dir}/parity_targets.py:sharded_llama_rank", 2,
                         dict(llama=tiny_hunyuan["llama"], clip=tiny_hunyuan["clip"],
                              tokenizers=tiny_hunyuan["tokenizers"], prompt=prompt), timeout=240)

@@ -27,7 +27,7 @@ def stock_switch_run(experts, request):
     """The switch written out with diffusers' WanTransformer3DModel and its own attention: ComfyUI's
     schedule and noise, the high-noise expert while sigma >= the boundary (timestep >= boundary * 1000,
     as diffusers' WanPipeline decides), Euler steps, CFG per expert."""
-    from usp_video.distributed.engine import make_noise
+    from usp_video.distributed.sampling.denoiser import make_noise
     from usp_video.distributed.models.wan21.dit import load_wan_transformer
     from usp_video.distributed.sampling.schedules import sampling_sigmas
 

@@ -37,7 +37,7 @@ def test_wan21_i2v_forward_equals_diffusers_stock_model(tiny_models):
                          encoder_hidden_states_image=cond["clip_vision"], return_dict=False)[0]
     assert rel_error(ours, expected) <= 1e-5
     # the image matters: without the CLIP vision tokens' attention the output differs
-    assert model.blocks[0].attn2.add_k_proj is not None
+    assert dit.module.blocks[0].attn2.add_k_proj is not None
 
 
 def test_the_start_video_is_used(tiny_models):
