@@ -21,9 +21,10 @@ import sys
 if __name__ == "__main__" and not __package__:
     # Python put this script's folder first on sys.path: its modules would shadow libraries of the same
     # name (`import requests` in diffusers would find distributed/requests.py). The pack is imported as
-    # usp_video only.
-    if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-        del sys.path[0]
+    # usp_video only. Python puts the folder there with symbolic links resolved (a pack linked into
+    # custom_nodes), so the folders are compared resolved.
+    _here = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != _here]
     if importlib.util.find_spec("usp_video") is None:
         _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         _spec = importlib.util.spec_from_file_location("usp_video", os.path.join(_root, "__init__.py"),

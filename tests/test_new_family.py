@@ -115,9 +115,13 @@ def _copy_pack(dest: Path) -> None:
 @pytest.fixture(scope="module")
 def toy_pack(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("toy-family")
-    pack = tmp / "imports" / "usp_video"
-    pack.mkdir(parents=True)
+    pack = tmp / "pack"
+    pack.mkdir()
     _copy_pack(pack)
+    # imported through a symbolic link, as a pack linked into ComfyUI's custom_nodes is (the ranks' entry script
+    # must then still keep its own folder off sys.path: distributed/requests.py would shadow `requests`)
+    (tmp / "imports").mkdir()
+    (tmp / "imports" / "usp_video").symlink_to(pack, target_is_directory=True)
     before = {p.relative_to(pack): p.read_bytes() for p in pack.rglob("*") if p.is_file()}
     # the whole change: a family package (a copy of Wan 2.1's, renamed)
     family = pack / "distributed" / "models" / "toywan"
