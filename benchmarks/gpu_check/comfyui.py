@@ -25,7 +25,7 @@ def run(ctx: Context) -> dict:
     """Our world-size-1 forward vs ComfyUI's WanModel (COMFYUI_DIR) on the same weights and inputs."""
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
-        print("skipped: ComfyUI's own Wan model: COMFYUI_DIR is not set (a ComfyUI checkout, e.g. ../shared/ComfyUI)")
+        print("skipped: ComfyUI's own Wan model: COMFYUI_DIR is not set (a ComfyUI checkout)")
         return {"skipped": "COMFYUI_DIR not set"}
     if time.monotonic() + 30 > ctx.deadline:
         print("skipped (time budget): ComfyUI's own Wan model")
