@@ -32,6 +32,9 @@ def test_generate_1_rank_and_4_ranks_agree(tiny_models, tmp_path):
     b = load_file(str(tmp_path / "four.safetensors"))["latent_tensor"]
     assert a.shape == (1, 16, 3, 6, 10)  # 3 x 3 x 5 = 45 tokens: not divisible by 4
     assert rel_error(b, a) <= 1e-5
+    # a sampled latent, which a broken run would not match: finite, and varying within every channel (an all-zero
+    # latent, or the latent format's means alone, would agree between 1 and 4 ranks too)
+    assert bool(a.isfinite().all()) and float(a.std(dim=(2, 3, 4)).min()) > 0.05, a.std(dim=(2, 3, 4))
     assert (tmp_path / "one.webp").stat().st_size > 0
 
 
@@ -86,6 +89,9 @@ def test_hunyuan_generate_1_rank_and_3_ranks_agree(tiny_hunyuan, tmp_path):
     assert a.shape == (1, 16, 3, 6, 10)  # 3 x 3 x 5 = 45 video tokens
     assert a.abs().max() > 0
     assert rel_error(b, a) <= 1e-5
+    # a sampled latent, which a broken run would not match: finite, and varying within every channel (an all-zero
+    # latent, or the latent format's means alone, would agree between 1 and 4 ranks too)
+    assert bool(a.isfinite().all()) and float(a.std(dim=(2, 3, 4)).min()) > 0.05, a.std(dim=(2, 3, 4))
     assert (tmp_path / "one.webp").stat().st_size > 0
 
 

@@ -66,7 +66,8 @@ def test_calibrated_on_one_gpu_it_predicts_2_and_4_gpus_within_10_percent(key):
     model = planner.MODELS[model_key]
     tokens = model.video_tokens(*planner.parse_size(size, model.pixel_multiple))
     flops = planner.SUSTAINED_FLOPS * _best_seconds(model, 1, tokens, planner.SUSTAINED_FLOPS) / published[1]
-    assert _best_seconds(model, 1, tokens, flops) == pytest.approx(published[1], rel=1e-3)
+    # the throughput that reproduces this model's 1-GPU time is the one the planner ships, within 5%
+    assert flops == pytest.approx(planner.SUSTAINED_FLOPS, rel=0.05)
     for gpus in (2, 4):
         assert abs(_best_seconds(model, gpus, tokens, flops) / published[gpus] - 1) < 0.10, gpus
     assert _best_seconds(model, 8, tokens, flops) < published[8]

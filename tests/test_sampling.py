@@ -35,8 +35,13 @@ def test_denoise_takes_the_tail_of_a_longer_schedule():
         sampling_sigmas(0, 3.0)
 
 
-def test_latent_normalisation_round_trips():
+def test_latent_normalisation_is_comfyuis_latent_format():
+    """process_in / process_out are ComfyUI's latent_formats: Wan21's published per-channel means and stds
+    (written in test_references.py), HunyuanVideo's scale factor; and they invert each other."""
+    from test_references import WAN21_MEAN, WAN21_STD, per_channel
+
     x = torch.randn(2, 16, 3, 4, 4)
+    torch.testing.assert_close(WAN.process_in(x), (x - per_channel(WAN21_MEAN)) / per_channel(WAN21_STD))
     torch.testing.assert_close(WAN.process_out(WAN.process_in(x)), x)
     torch.testing.assert_close(HUNYUAN.process_out(HUNYUAN.process_in(x)), x)
     torch.testing.assert_close(HUNYUAN.process_in(x), x * 0.476986)  # ComfyUI latent_formats.HunyuanVideo
