@@ -11,6 +11,28 @@ from .group_node import CATEGORY
 from .model_socket import show_group
 
 
+def _with_progress(vae: dict, node_id, verb: str, call):
+    """call(on_progress) on the group, with the node's progress bar and the group's state box ("decoding 3/9");
+    the state says interrupted or failed when it raises."""
+    progress = services.Progress(1, node_id, None)
+
+    def on_progress(event: dict) -> None:
+        if event["step"] == 1:  # the group answered: show it once, not every step
+            show_group(vae["group"])
+        progress.update(event["step"], event["total"])
+        services.publish_status(state=f"{verb} {event['step']}/{event['total']}")
+
+    try:
+        result = call(on_progress)
+    except BaseException:
+        services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
+        raise
+    services.publish_status(state="ready")
+    if progress.value == 0:  # a call that reported nothing still ends the bar
+        progress.update(1)
+    return result
+
+
 class UspVaeLoader:
     DESCRIPTION = "Loads a video VAE (Wan 2.1 or HunyuanVideo) on rank 0 of the USP group."
 
@@ -46,23 +68,8 @@ class UspVaeDecode:
     CATEGORY = CATEGORY
 
     def decode(self, vae, samples, node_id=None):
-        progress = services.Progress(1, node_id, None)
-
-        def on_progress(event: dict) -> None:
-            if event["step"] == 1:  # the group answered: show it once, not every step
-                show_group(vae["group"])
-            progress.update(event["step"], event["total"])
-            services.publish_status(state=f"decoding {event['step']}/{event['total']}")
-
-        try:
-            frames = api.decode(vae["group"], vae["path"], samples["samples"], family=samples.get(LATENT_TAG),
-                                on_progress=on_progress)
-        except BaseException:
-            services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
-            raise
-        services.publish_status(state="ready")
-        if progress.value == 0:  # a decode that reported nothing still ends the bar
-            progress.update(1)
+        frames = _with_progress(vae, node_id, "decoding", lambda on_progress: api.decode(
+            vae["group"], vae["path"], samples["samples"], family=samples.get(LATENT_TAG), on_progress=on_progress))
         return (frames,)
 
 
@@ -85,23 +92,9 @@ class UspVaeEncode:
     CATEGORY = CATEGORY
 
     def encode(self, pixels, vae, node_id=None):
-        progress = services.Progress(1, node_id, None)
-
-        def on_progress(event: dict) -> None:
-            if event["step"] == 1:
-                show_group(vae["group"])
-            progress.update(event["step"], event["total"])
-            services.publish_status(state=f"encoding {event['step']}/{event['total']}")
-
-        try:
-            # the first 3 channels, as VAE Encode takes them (an RGBA IMAGE too); a view: pixels stay unchanged
-            latent, family = api.encode_video(vae["group"], vae["path"], pixels[..., :3], on_progress=on_progress)
-        except BaseException:
-            services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
-            raise
-        services.publish_status(state="ready")
-        if progress.value == 0:
-            progress.update(1)
+        # the first 3 channels, as VAE Encode takes them (an RGBA IMAGE too); a view: pixels stay unchanged
+        latent, family = _with_progress(vae, node_id, "encoding", lambda on_progress: api.encode_video(
+            vae["group"], vae["path"], pixels[..., :3], on_progress=on_progress))
         return ({"samples": latent, LATENT_TAG: family},)
 
 
