@@ -71,7 +71,7 @@ class UspWanImageToVideo:
         values = {}
         if start_image is not None:
             values.update(api.encode_start_image(vae["group"], vae["path"], start_image, width, height, length,
-                                                 family="wan2.1"))
+                                                 family=family.name))
         if clip_vision_output is not None:
             values["clip_vision_output"] = clip_vision_output
         services.publish_status(state="ready")

@@ -256,13 +256,11 @@ class _Adapters:
 @dataclass
 class LoraState:
     """What apply() did to a model, for remove() to undo (the caller keeps it): the forward hooks, the (layer,
-    name) of their buffers, a backup of this rank's rows of each merged tensor; `changed`: tensors changed."""
+    name) of their buffers, a backup of this rank's rows of each merged tensor."""
 
     handles: list = field(default_factory=list)
     backups: dict[str, torch.Tensor] = field(default_factory=dict)
     buffers: list[tuple[str, str]] = field(default_factory=list)
-
-    changed = property(lambda self: len(self.handles) + len(self.backups))
 
 
 @dataclass
@@ -301,14 +299,11 @@ class _Deltas:
             whole += delta.reshape(())
 
 
-def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[Patch], dtype: torch.dtype,
-          state: LoraState | None = None) -> LoraState:
+def apply(model: torch.nn.Module, source: dict[str, list[Rows]], patches: list[Patch], dtype: torch.dtype) -> LoraState:
     """Apply patches (read_lora's, of any number of LoRAs) to a model loaded from the file whose source map
     this is (the rows of each model tensor in the file). Linear layers: forward hooks (unmerged) whose tensors
     are buffers of the layer, in `dtype` on the layer's device; other tensors: merged into this rank's rows,
-    with a backup. state: what an earlier apply() left, undone first. Returns the new state, which
-    remove(model, state) undoes."""
-    remove(model, state)
+    with a backup. Returns the state, which remove(model, state) undoes (an earlier one first: loras.py)."""
     inverse = inverse_source(source)
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())

@@ -129,10 +129,10 @@ class ModelFamily:
     start_image_node: str = ""      # the ComfyUI node that makes its image-to-video conditioning (messages)
     vae_label: str = ""             # its VAE's name when not its label ("Wan 2.2": the 5B's VAE), for messages
     # the released models the planner offers ({`usp-video plan --model` name: PlanVariant}), the published
-    # seconds per video it compares with ({(plan name, "WxHxF"): {GPUs: seconds}}) and other names it takes
+    # seconds per video it compares with ({(plan name, "WxHxF"): {GPUs: seconds}}); a family of one variant is
+    # offered under its short_name too (planner.py)
     plan_variants: dict[str, PlanVariant] = {}
     reference_times: dict[tuple[str, str], dict[int, float]] = {}
-    plan_aliases: dict[str, str] = {}
 
     # -- files (header only: cheap, runs in the ComfyUI process too) -------------------------------
 

@@ -275,7 +275,7 @@ class Wan21(ModelFamily):
         from ..video import start_mask, start_video
 
         concat, vae_family = encode_video(start_video(image, width, height, length))
-        if concat.shape[1] != 16:
+        if concat.shape[1] != self.latent_channels:
             raise ValueError(f"vae: {vae_family.label} latents have {concat.shape[1]} channels; Wan image to video "
                              "uses the Wan 2.1 VAE (16 channels): load wan_2.1_vae.safetensors")
         mask = start_mask(min(image.shape[0], length), concat.shape[2], *concat.shape[-2:])

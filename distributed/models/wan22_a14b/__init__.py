@@ -29,7 +29,6 @@ class Wan22A14B(Wan21):
     i2v_clip_vision = False  # Wan 2.2 I2V A14B's experts take the start video alone
     # the planner costs the expert on the GPU (Wan 2.1 14B's architecture); `--model wan2.2` names it too
     plan_variants = {"wan2.2-a14b": plan_variant("Wan 2.2 T2V A14B (one expert on the GPU)", "wan2.1-t2v-14b", 14.0e9)}
-    plan_aliases = {"wan2.2": "wan2.2-a14b"}
     reference_times = {}
 
     def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
