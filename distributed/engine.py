@@ -94,11 +94,6 @@ class Engine:
         self._load = partial(load_dit, DitLoading(config, self.world_size, self.device, self.dtype, self.preflight))
 
     @property
-    def world_group(self):
-        """Every rank of the group: the group of the collectives that involve them all."""
-        return dist.group.WORLD
-
-    @property
     def load_counts(self) -> Counter[str]:
         """How often each kind of file was read: "dit", "vae", "lora", a text input."""
         return self.residency.load_counts
@@ -110,13 +105,13 @@ class Engine:
 
     # -- the DiT ----------------------------------------------------------------------------------
 
-    def load_dit(self, path: str, family: str | None = None, idle: bool = False) -> LoadedDiT:
-        """The DiT in path, loaded once as `family` (None: detected from the file); idle: see Residency.dit."""
-        return self.residency.dit(path, models.detect_dit(path, family), self._load, idle)
+    def load_dit(self, path: str, family: str | None = None) -> LoadedDiT:
+        """The DiT in path, loaded once as `family` (None: detected from the file), on the device."""
+        return self.residency.dit(path, models.detect_dit(path, family), self._load)
 
-    def dit(self, path: str, family: str | None = None, idle: bool = False) -> torch.nn.Module:
+    def dit(self, path: str, family: str | None = None) -> torch.nn.Module:
         """The module of load_dit's DiT."""
-        return self.load_dit(path, family, idle).module
+        return self.load_dit(path, family).module
 
     def dit_info(self, paths: list[str], family: str | None = None) -> dict:
         """Load these DiTs (freeing any other) and describe the first. Collective (every rank's free memory

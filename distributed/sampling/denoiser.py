@@ -73,6 +73,9 @@ class Inpaint:
     noise: torch.Tensor
     mask_on_device: torch.Tensor  # the timesteps' copy, made once
 
+    def __post_init__(self):
+        self.kept = 1.0 - self.mask  # where the latent is kept, made once for the whole run
+
 
 class Denoiser:
     """`denoiser(x, sigma) -> x0` for one sampler call.
@@ -92,14 +95,18 @@ class Denoiser:
         self.device, self.dtype, self.batch = device, dtype, batch
         self.running, self.switch, self.cache, self.inpaint = running, switch, cache, inpaint
         self.step = 0
+        # both passes in one batched forward when their conditionings have the same shapes (and the CFG-parallel
+        # halves do not split them): the batch's conditioning, joined once for the whole run
+        split = experts[0].sp.cfg_degree == 2
+        self.both = _both(positive, negative) if negative is not None and not split and batchable(positive, negative) \
+            else None
 
     def __call__(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.inpaint is None:
             return self.guided(x_t, sigma)
         # ComfyUI's KSamplerX0Inpaint: where the mask is 0 the model sees the family's inpaint latent and
         # the estimate is the latent itself
-        mask, latent = self.inpaint.mask, self.inpaint.latent
-        kept = 1.0 - mask
+        mask, latent, kept = self.inpaint.mask, self.inpaint.latent, self.inpaint.kept
         family = self.experts[0].family
         x_t = x_t * mask + family.inpaint_latent(latent, self.inpaint.noise, sigma) * kept
         return self.guided(x_t, sigma) * mask + latent * kept
@@ -115,37 +122,39 @@ class Denoiser:
         if self.cache is not None:
             self.cache.start_expert(expert)
         positive, negative = self.positive, self.negative
+        x_in = x_t.to(self.device, self.dtype)  # the model's input, copied to the device once a step
         if negative is None or cfg == 1.0:  # with CFG-parallel both halves run this one pass
-            v = self.velocity(dit, x_t, sigma, positive, "positive")
-        elif sp.cfg_degree == 2:  # each half runs one pass; the pair swaps results
+            v = self.velocity(dit, x_in, sigma, positive, "positive")
+        elif sp.cfg_degree == 2:  # each half runs one pass; the pair swaps results (on the device)
             side = "positive" if sp.cfg_rank == 0 else "negative"
-            mine = self.velocity(dit, x_t, sigma, positive if sp.cfg_rank == 0 else negative, side)
+            mine = self.velocity(dit, x_in, sigma, positive if sp.cfg_rank == 0 else negative, side, on_host=False)
             v_pos, v_neg = exchange(mine, sp.cfg_group, self.device)
             v = v_neg + cfg * (v_pos - v_neg)
-        elif batchable(positive, negative):
-            v_pos, v_neg = self.velocity(dit, torch.cat([x_t, x_t]), sigma, _both(positive, negative),
-                                         "both").chunk(2)
+        elif self.both is not None:
+            v_pos, v_neg = self.velocity(dit, torch.cat([x_in, x_in]), sigma, self.both, "both").chunk(2)
             v = v_neg + cfg * (v_pos - v_neg)  # one batched forward for both passes
         else:
-            v_pos = self.velocity(dit, x_t, sigma, positive, "positive")
-            v_neg = self.velocity(dit, x_t, sigma, negative, "negative")
+            v_pos = self.velocity(dit, x_in, sigma, positive, "positive")
+            v_neg = self.velocity(dit, x_in, sigma, negative, "negative")
             v = v_neg + cfg * (v_pos - v_neg)
         return x_t - sigma * v
 
-    def velocity(self, dit, x_in: torch.Tensor, sigma: torch.Tensor, cond: Cond, side: str) -> torch.Tensor:
-        """One forward of the expert: the flow velocity at x_in (float32, CPU). side: which pass of the step
-        ("positive", "negative" or "both"; each keeps its own step cache)."""
+    def velocity(self, dit, x_in: torch.Tensor, sigma: torch.Tensor, cond: Cond, side: str,
+                 on_host: bool = True) -> torch.Tensor:
+        """One forward of the expert: the flow velocity at x_in (on the device, in the compute dtype), float32, on
+        the CPU (on_host) or left on the device. side: which pass of the step ("positive", "negative" or "both";
+        each keeps its own step cache)."""
         family, model = dit.family, dit.module
         t = torch.full((x_in.shape[0],), float(timestep(sigma)), device=self.device)
         if self.inpaint is not None:  # a family may time the kept tokens apart (ComfyUI's process_timestep)
             t = family.masked_timestep(model, t, self.inpaint.mask_on_device.repeat(x_in.shape[0] // self.batch,
                                                                                     1, 1, 1, 1))
         if self.cache is None:
-            out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, self.options)
+            out = family.velocity(model, x_in, t, cond, self.options)
         else:
             with self.cache.forward(dit.hooks, side, self.step, dit.sp):
-                out = family.velocity(model, x_in.to(self.device, self.dtype), t, cond, self.options)
-        return out.float().cpu()
+                out = family.velocity(model, x_in, t, cond, self.options)
+        return out.float().cpu() if on_host else out.float()
 
 
 @dataclass
