@@ -53,6 +53,8 @@ def check_model(paths: list[str], family: str | None = None) -> CheckedModel:
     ValueError names a file that does not fit. Each file's header is read once for the detection and, only
     where the named family is not the one its tensors say (Wan 2.2 A14B's experts), once more for its checks."""
     paths = [str(p) for p in paths]
+    if family is None and len(paths) > 1:
+        return _check_experts(paths)
     detected = {}  # {path: (family, config)} found from the tensors alone
     if family is None:
         found, _ = detected[paths[0]] = check_dit_file(paths[0])
@@ -72,6 +74,22 @@ def check_model(paths: list[str], family: str | None = None) -> CheckedModel:
                              f"USP {other.label} loader (or pick a {found.label} file)")
         configs.append(config if other is found else check_dit_file(one, found.name)[1])
     return CheckedModel(found, paths, configs, found.check_experts(paths, configs))
+
+
+def _check_experts(paths: list[str]) -> CheckedModel:
+    """Several DiT files and no family named: the model of the family made of that many experts whose checks
+    the files pass (the first, in the families' order); the first family's reason when none takes them."""
+    families = [f for f in models.FAMILIES.values() if len(f.experts) == len(paths)]
+    if not families:
+        raise ValueError(f"{len(paths)} diffusion model files were given; no model family is made of "
+                         f"{len(paths)} experts (give one file)")
+    errors = []
+    for found in families:
+        try:
+            return check_model(paths, found.name)
+        except (models.CheckpointError, ValueError) as exc:
+            errors.append(exc)
+    raise errors[0]
 
 
 def check_model_files(paths: list[str], family: str | None = None) -> tuple[models.ModelFamily, list[str]]:

@@ -1,16 +1,32 @@
-"""ComfyUI nodes (classic V1 API): thin adapters over distributed.api.
+"""ComfyUI nodes on the V3 schema: thin adapters over distributed.api.
 
-Every module here that defines NODES ({type name: (class, display name)}) contributes its nodes, so a
-model family adds its nodes with one file (e.g. wan22_nodes.py) and nothing else changes."""
+Every module here that defines NODES (a list of io.ComfyNode classes) contributes them; ComfyUI gets them from
+`comfy_entrypoint` (the package's __init__.py hands it on). NODE_CLASSES ({node id: class}) is the same set by id,
+for tools and tests."""
+
+from __future__ import annotations
 
 import importlib
 import pkgutil
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+from .v3 import ComfyExtension
+
+NODE_LIST = []
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    for _name, (_cls, _display) in getattr(importlib.import_module(f".{_module}", __name__), "NODES", {}).items():
-        if _name in NODE_CLASS_MAPPINGS:
-            raise RuntimeError(f"two node files define the ComfyUI node {_name!r}")
-        NODE_CLASS_MAPPINGS[_name] = _cls
-        NODE_DISPLAY_NAME_MAPPINGS[_name] = _display
+    NODE_LIST += getattr(importlib.import_module(f".{_module}", __name__), "NODES", [])
+
+NODE_CLASSES = {}
+for _cls in NODE_LIST:
+    _id = _cls.GET_SCHEMA().node_id
+    if _id in NODE_CLASSES:
+        raise RuntimeError(f"two node files define the ComfyUI node {_id!r}")
+    NODE_CLASSES[_id] = _cls
+
+
+class UspVideoExtension(ComfyExtension):
+    async def get_node_list(self) -> list:
+        return list(NODE_LIST)
+
+
+async def comfy_entrypoint() -> UspVideoExtension:
+    return UspVideoExtension()

@@ -50,3 +50,32 @@ def conditioning_parts(conditioning, name: str, applies: tuple[str, ...] = ()):
     if mask is not None and tensor.shape[0] == 1:
         tensor = tensor[:, mask[0].bool()]
     return tensor, extra
+
+
+def _penultimate(value, name: str):
+    hidden = getattr(value, "penultimate_hidden_states", None)
+    if hidden is None:
+        raise ValueError(f"{name}: its clip_vision_output has no penultimate_hidden_states (not a CLIPVisionEncode "
+                         "output?)")
+    return hidden
+
+
+# A family's conditioning tensor whose ComfyUI conditioning key differs from its own name, and how its value is
+# read from ComfyUI's object (CLIPVisionEncode's output -> its penultimate hidden states). Other tensors keep
+# their name end to end (concat_latent_image, concat_mask, pooled_output).
+FROM_COMFY = {"clip_vision": ("clip_vision_output", _penultimate)}
+
+
+def family_conditioning(conditioning, name: str, family) -> tuple[dict, dict[str, float]]:
+    """A sampler's side of a CONDITIONING for a model of `family`: ({"tokens", ...the family's cond_keys the
+    conditioning carries}, {family option: value} that the conditioning sets, e.g. FluxGuidance's guidance).
+    Any key the family does not apply is refused by name (conditioning_parts)."""
+    comfy_keys = {FROM_COMFY.get(key, (key,))[0]: key for key in family.cond_keys if key != "tokens"}
+    tokens, extra = conditioning_parts(conditioning, name, tuple(comfy_keys) + tuple(family.options))
+    cond = {"tokens": tokens}
+    for comfy_key, key in comfy_keys.items():
+        if extra.get(comfy_key) is not None:
+            read = FROM_COMFY[key][1] if key in FROM_COMFY else (lambda value, _: value)
+            cond[key] = read(extra[comfy_key], name)
+    options = {key: float(extra[key]) for key in family.options if extra.get(key) is not None}
+    return cond, options

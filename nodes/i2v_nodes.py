@@ -9,9 +9,9 @@ import torch
 from ..distributed import api
 from ..distributed.models import get
 from ..distributed.models.video import resized_frames
+from . import services, socket_types
 from .common import LATENT_TAG
-from .group_node import CATEGORY
-from . import services
+from .v3 import CATEGORY, io, schema
 
 
 def with_values(conditioning: list, values: dict) -> list:
@@ -19,14 +19,12 @@ def with_values(conditioning: list, values: dict) -> list:
     return [[tensor, {**extra, **values}] for tensor, extra in conditioning]
 
 
-def video_size_inputs(width: int, height: int, length: int, step: int, example: str) -> dict:
+def video_size_inputs(width: int, height: int, length: int, step: int, example: str) -> list:
     """The width / height / length / batch_size widgets of an image-to-video node (sizes in multiples of step)."""
-    size = {"min": step, "max": 8192, "step": step}
-    return {"width": ("INT", {"default": width, **size, "tooltip": "Video width (pixels)."}),
-            "height": ("INT", {"default": height, **size, "tooltip": "Video height (pixels)."}),
-            "length": ("INT", {"default": length, "min": 1, "max": 8192, "step": 4,
-                               "tooltip": f"Frames: 1 + 4k ({example})."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Videos per run."})}
+    return [io.Int.Input("width", default=width, min=step, max=8192, step=step, tooltip="Video width (pixels)."),
+            io.Int.Input("height", default=height, min=step, max=8192, step=step, tooltip="Video height (pixels)."),
+            io.Int.Input("length", default=length, min=1, max=8192, step=4, tooltip=f"Frames: 1 + 4k ({example})."),
+            io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos per run.")]
 
 
 def _check_size(family, width: int, height: int, length: int) -> None:
@@ -36,34 +34,39 @@ def _check_size(family, width: int, height: int, length: int) -> None:
         raise ValueError(f"width and height must be multiples of {step} and length 1 + 4k, got {width}x{height}x{length}")
 
 
-class UspWanImageToVideo:
-    DESCRIPTION = ("Native WanImageToVideo on the USP group: the start image (resized to the video, then gray frames) "
-                   "is encoded by the Wan 2.1 VAE split across the ranks, and set with its mask (and the CLIP vision "
-                   "output) on both conditionings; the empty latent to sample. For Wan 2.1 I2V and Wan 2.2 I2V A14B.")
+class UspWanImageToVideo(io.ComfyNode):
     FAMILY = "wan2.1"  # Wan 2.1 I2V's latent, which Wan 2.2 I2V A14B shares
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
-    RETURN_NAMES = ("positive", "negative", "latent")
-    FUNCTION = "apply"
-    CATEGORY = CATEGORY
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "positive": ("CONDITIONING", {"tooltip": "The prompt's conditioning (USP Text Encode, or native)."}),
-            "negative": ("CONDITIONING", {"tooltip": "The negative prompt's conditioning."}),
-            "vae": ("USP_VAE", {"tooltip": "USP Load VAE with wan_2.1_vae.safetensors (Wan 2.1 I2V and Wan 2.2 I2V "
-                                           "A14B use the Wan 2.1 VAE)."}),
-            **video_size_inputs(832, 480, 81, 16, "81 at 16 fps is 5 s"),
-        }, "optional": {
-            "start_image": ("IMAGE", {"tooltip": "The first frame(s); resized to the video after a centred crop."}),
-            "clip_vision_output": ("CLIP_VISION_OUTPUT", {"tooltip": "CLIP Vision Encode of the start image "
-                                                                     "(clip_vision_h, crop none): Wan 2.1 I2V needs "
-                                                                     "it, Wan 2.2 I2V takes none."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
+    def define_schema(cls):
+        return schema(
+            node_id="UspWanImageToVideo", display_name="USP Wan Image To Video (start image, split VAE encode)",
+            category=CATEGORY,
+            description=("Native WanImageToVideo on the USP group: the start image (resized to the video, then gray "
+                         "frames) is encoded by the Wan 2.1 VAE split across the ranks, and set with its mask (and the "
+                         "CLIP vision output) on both conditionings; the empty latent to sample. For Wan 2.1 I2V and "
+                         "Wan 2.2 I2V A14B."),
+            search_aliases=["WanImageToVideo", "image to video", "i2v"],
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="The prompt's conditioning (USP Text Encode, or native)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
+                socket_types.Vae.Input("vae", tooltip=("USP Load VAE with wan_2.1_vae.safetensors (Wan 2.1 I2V and Wan "
+                                                       "2.2 I2V A14B use the Wan 2.1 VAE).")),
+                *video_size_inputs(832, 480, 81, 16, "81 at 16 fps is 5 s"),
+                io.Image.Input("start_image", optional=True,
+                               tooltip="The first frame(s); resized to the video after a centred crop."),
+                io.ClipVisionOutput.Input("clip_vision_output", optional=True, tooltip=(
+                    "CLIP Vision Encode of the start image (clip_vision_h, crop none): Wan 2.1 I2V needs it, Wan 2.2 "
+                    "I2V takes none.")),
+            ],
+            outputs=[io.Conditioning.Output("positive"), io.Conditioning.Output("negative"),
+                     io.Latent.Output("latent")],
+        )
 
-    def apply(self, positive, negative, vae, width, height, length, batch_size, start_image=None,
-              clip_vision_output=None, node_id=None):
-        family = get(self.FAMILY)
+    @classmethod
+    def execute(cls, positive, negative, vae, width, height, length, batch_size, start_image=None,
+                clip_vision_output=None):
+        family = get(cls.FAMILY)
         _check_size(family, width, height, length)
         frames = (length - 1) // 4 + 1
         down = family.spatial_compression
@@ -75,51 +78,55 @@ class UspWanImageToVideo:
         if clip_vision_output is not None:
             values["clip_vision_output"] = clip_vision_output
         services.publish_status(state="ready")
-        return with_values(positive, values), with_values(negative, values), {"samples": latent, LATENT_TAG: family.name}
+        return io.NodeOutput(with_values(positive, values), with_values(negative, values),
+                             {"samples": latent, LATENT_TAG: family.name})
 
 
-class UspWan22ImageToVideoLatent:
-    DESCRIPTION = ("Native Wan22ImageToVideoLatent on the USP group, for Wan 2.2 TI2V-5B: the start image (resized to "
-                   "the video) is encoded by the Wan 2.2 VAE split across the ranks and kept as the first latent "
-                   "frame(s), with the LATENT's noise_mask saying so (the USP TI2V-5B sampler honours it).")
+class UspWan22ImageToVideoLatent(io.ComfyNode):
     FAMILY = "wan2.2-ti2v-5b"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    FUNCTION = "apply"
-    CATEGORY = CATEGORY
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "vae": ("USP_VAE", {"tooltip": "USP Load VAE with wan2.2_vae.safetensors (the TI2V-5B's VAE)."}),
-            **video_size_inputs(1280, 704, 49, 32, "121 at 24 fps is 5 s"),
-        }, "optional": {
-            "start_image": ("IMAGE", {"tooltip": "The first frame (1 + 4k frames); resized to the video after a "
-                                                 "centred crop."}),
-        }}
+    def define_schema(cls):
+        return schema(
+            node_id="UspWan22ImageToVideoLatent",
+            display_name="USP Wan 2.2 Image To Video Latent (TI2V-5B start image, split VAE encode)", category=CATEGORY,
+            description=("Native Wan22ImageToVideoLatent on the USP group, for Wan 2.2 TI2V-5B: the empty latent of "
+                         "its VAE's shape; with a start image (resized to the video), that image encoded by the Wan "
+                         "2.2 VAE split across the ranks and kept as the first latent frame(s), with the LATENT's "
+                         "noise_mask saying so (the USP samplers honour it)."),
+            search_aliases=["Wan22ImageToVideoLatent", "ti2v", "wan 2.2 5b latent", "empty latent"],
+            inputs=[socket_types.Vae.Input("vae", tooltip="USP Load VAE with wan2.2_vae.safetensors (the TI2V-5B's VAE)."),
+                    *video_size_inputs(1280, 704, 49, 32, "121 at 24 fps is 5 s"),
+                    io.Image.Input("start_image", optional=True, tooltip=(
+                        "The first frame (1 + 4k frames); resized to the video after a centred crop."))],
+            outputs=[io.Latent.Output("latent")],
+        )
 
-    def apply(self, vae, width, height, length, batch_size, start_image=None):
-        family = get(self.FAMILY)
-        _check_size(family, width, height, length)
-        down = family.spatial_compression
-        latent = torch.zeros(1, family.latent_channels, (length - 1) // 4 + 1, height // down, width // down)
-        if start_image is None:
-            return ({"samples": latent.repeat(batch_size, 1, 1, 1, 1), LATENT_TAG: family.name},)
-        frames = resized_frames(start_image, width, height, length)
-        start, vae_family = api.encode_video(vae["group"], vae["path"], frames[..., :3])
-        if vae_family != family.name:
-            raise ValueError(f"vae: this is the {get(vae_family).label} VAE; the TI2V-5B's start image is encoded by "
-                             "the Wan 2.2 VAE: load wan2.2_vae.safetensors")
-        kept = start.shape[2]
-        latent[:, :, :kept] = start
-        mask = torch.ones(1, 1, latent.shape[2], *latent.shape[-2:])
-        mask[:, :, :kept] = 0.0
-        # as ComfyUI: the start frames as encoded, the rest the latent format's empty value
-        samples = family.process_out(latent) * mask + latent * (1.0 - mask)
-        return ({"samples": samples.repeat(batch_size, 1, 1, 1, 1), "noise_mask": mask.repeat(batch_size, 1, 1, 1, 1),
-                 LATENT_TAG: family.name},)
+    @classmethod
+    def execute(cls, vae, width, height, length, batch_size, start_image=None):
+        return io.NodeOutput(wan22_latent(get(cls.FAMILY), vae, width, height, length, batch_size, start_image))
 
 
-NODES = {"UspWanImageToVideo": (UspWanImageToVideo, "USP Wan Image To Video (start image, split VAE encode)"),
-         "UspWan22ImageToVideoLatent": (UspWan22ImageToVideoLatent,
-                                        "USP Wan 2.2 Image To Video Latent (TI2V-5B start image, split VAE encode)")}
+def wan22_latent(family, vae, width, height, length, batch_size, start_image=None) -> dict:
+    """Wan22ImageToVideoLatent's LATENT: empty, or with the start image's frames kept under a noise_mask."""
+    _check_size(family, width, height, length)
+    down = family.spatial_compression
+    latent = torch.zeros(1, family.latent_channels, (length - 1) // 4 + 1, height // down, width // down)
+    if start_image is None:
+        return {"samples": latent.repeat(batch_size, 1, 1, 1, 1), LATENT_TAG: family.name}
+    frames = resized_frames(start_image, width, height, length)
+    start, vae_family = api.encode_video(vae["group"], vae["path"], frames[..., :3])
+    if vae_family != family.name:
+        raise ValueError(f"vae: this is the {get(vae_family).label} VAE; the TI2V-5B's start image is encoded by "
+                         "the Wan 2.2 VAE: load wan2.2_vae.safetensors")
+    kept = start.shape[2]
+    latent[:, :, :kept] = start
+    mask = torch.ones(1, 1, latent.shape[2], *latent.shape[-2:])
+    mask[:, :, :kept] = 0.0
+    # as ComfyUI: the start frames as encoded, the rest the latent format's empty value
+    samples = family.process_out(latent) * mask + latent * (1.0 - mask)
+    return {"samples": samples.repeat(batch_size, 1, 1, 1, 1), "noise_mask": mask.repeat(batch_size, 1, 1, 1, 1),
+            LATENT_TAG: family.name}
+
+
+NODES = [UspWanImageToVideo, UspWan22ImageToVideoLatent]

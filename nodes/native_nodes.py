@@ -1,15 +1,15 @@
-"""USP Model from native MODEL: a native UNETLoader -> LoRA -> ModelSamplingSD3 chain, replayed on the USP group.
+"""A native MODEL on the USP group: a native UNETLoader -> LoRA -> ModelSamplingSD3 chain given to a USP sampler
+(or a deprecated adapter node) is replayed on the ranks.
 
-ComfyUI 0.3.64 keeps no file path on a ModelPatcher, so the adapter reads the chain from the graph upstream of
+ComfyUI 0.3.64 keeps no file path on a ModelPatcher, so the node reads the chain from the graph upstream of
 its own `model` input (the hidden DYNPROMPT / PROMPT inputs), cross-checks what it read against the MODEL it
 received (its LoRA patches per weight, with their strengths; its model_sampling shift; no other patch), and has
 the ranks load the same files (load_model, with_lora): no weight crosses the channel. Any other node in the
 chain is refused by class name and title. The native MODEL itself is never run here.
 
 The chain's plain logic is in native_chain.py. This module holds what touches ComfyUI's MODEL and the group
-(`read_native`, `replay`) and the adapter node every family node file builds its own on (`NativeModelNode`,
-given the families whose MODELs it takes: ComfyUI's model config class says which family a MODEL is, through
-ModelFamily.comfy_model_configs)."""
+(`read_native`, `replay`, and `native_socket` for the samplers). ComfyUI's model config class says which family
+a MODEL is, through ModelFamily.comfy_model_configs."""
 
 from __future__ import annotations
 
@@ -17,12 +17,11 @@ import logging
 import math
 from pathlib import Path
 
+from ..distributed.formats.checkpoint import CheckpointError
 from ..distributed.formats.tensor_file import read_safetensors_header
-from ..distributed.models import FAMILIES
+from ..distributed.models import FAMILIES, check_dit_file
 from . import services
-from .common import TIP_GROUP
-from .group_node import CATEGORY
-from .lora_nodes import with_lora
+from .loaders import with_lora
 from .model_socket import ModelSocket, load_model
 from .native_chain import NativeChain, check_options, check_patches, check_weight_dtype, lora_targets, prompt_lookup, \
     read_chain
@@ -95,29 +94,41 @@ def replay(group, inputs: list[tuple[str, object]], families: tuple[str, ...], p
     return socket, info
 
 
-HIDDEN = {"prompt": "PROMPT", "dynprompt": "DYNPROMPT", "node_id": "UNIQUE_ID"}
 TIP_MODEL = ("A native MODEL: UNETLoader, then any LoraLoaderModelOnly / LoraLoader (model side) and ModelSamplingSD3 "
              "nodes. Nothing else may sit in between.")
+# the families whose native MODELs a sampler takes (ComfyUI loads a two-expert model's experts one by one, each
+# as the family its tensors are: a Wan 2.2 A14B expert is a Wan 2.1 MODEL)
+NATIVE_FAMILIES = tuple(f.name for f in FAMILIES.values() if f.comfy_model_configs)
+# the USP sampler nodes that may take a native MODEL (their other native experts stay loaded: _kept_files)
+NATIVE_SAMPLERS = ("UspSampler", "UspSamplerAdvanced")
 
 
-class NativeModelNode:
-    """The adapter from one native MODEL chain to a USP model socket. A family node file subclasses it with
-    FAMILIES (the families whose MODELs it takes), RETURN_TYPES (its model socket and "STRING") and
-    OUTPUT_TOOLTIPS."""
+def _kept_files(get_node, prompt, node_id, family: str) -> list[str]:
+    """The DiT files that the prompt's other USP samplers replay from native MODELs of the same family (the other
+    expert of Wan 2.2's two-sampler layout): kept loaded beside this sampler's, so that neither is read again
+    when the other runs."""
+    if not isinstance(prompt, dict):
+        return []
+    kept = []
+    for other_id, node in prompt.items():
+        if str(other_id) == str(node_id) or node.get("class_type") not in NATIVE_SAMPLERS:
+            continue
+        try:
+            chain = read_chain(get_node, other_id, "model")
+            path = services.model_path("diffusion_models", chain.unet_name)
+            check_dit_file(path, family)
+        except (ValueError, OSError, CheckpointError):
+            continue  # a USP model there, or another family's file: nothing to keep
+        kept.append(path)
+    return kept
 
-    DESCRIPTION = ("Runs a native MODEL chain (UNETLoader -> LoraLoaderModelOnly / LoraLoader -> ModelSamplingSD3) on "
-                   "the USP group: the chain is read from the graph, checked against the MODEL, and the ranks load "
-                   "the same files (a new LoRA strength re-reads only the LoRA). " + MEMORY_NOTE + " " + TIP_SHIFT_RULE)
-    FAMILIES: tuple[str, ...] = ()
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"group": ("USP_GROUP", {"tooltip": TIP_GROUP}),
-                             "model": ("MODEL", {"tooltip": TIP_MODEL})}, "hidden": dict(HIDDEN)}
-
-    RETURN_NAMES = ("model", "info")
-    FUNCTION = "convert"
-    CATEGORY = CATEGORY
-
-    def convert(self, group, model, prompt=None, dynprompt=None, node_id=None) -> tuple[ModelSocket, str]:
-        return replay(group, [("model", model)], self.FAMILIES, prompt, dynprompt, node_id)
+def native_socket(group, patcher, prompt, dynprompt, node_id) -> ModelSocket:
+    """A native MODEL given to a USP sampler, replayed on the group (its chain read from the sampler's `model`
+    input), with the other native experts of the prompt kept loaded beside it."""
+    socket, info = replay(group, [("model", patcher)], NATIVE_FAMILIES, prompt, dynprompt, node_id)
+    kept = [p for p in _kept_files(prompt_lookup(prompt, dynprompt), prompt, node_id, socket["info"]["family"])
+            if p not in socket["experts"]]
+    if kept:
+        socket["keep"] = kept
+    return socket

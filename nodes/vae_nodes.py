@@ -5,10 +5,10 @@ from the LATENT's tag (decode), never from the node: one set of VAE nodes serves
 from __future__ import annotations
 
 from ..distributed import api
-from . import services
+from . import services, socket_types
 from .common import LATENT_TAG, TIP_GROUP
-from .group_node import CATEGORY
 from .model_socket import show_group
+from .v3 import CATEGORY, io, schema
 
 
 def _with_progress(vae: dict, node_id, verb: str, call):
@@ -33,74 +33,70 @@ def _with_progress(vae: dict, node_id, verb: str, call):
     return result
 
 
-class UspVaeLoader:
-    DESCRIPTION = "Loads a video VAE (Wan 2.1 or HunyuanVideo) on rank 0 of the USP group."
+class UspVaeLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="UspVaeLoader", display_name="USP Load VAE", category=CATEGORY,
+            description="Loads a video VAE (Wan 2.1, Wan 2.2 or HunyuanVideo: read from the file) on the USP group.",
+            search_aliases=["VAELoader", "load vae"],
+            inputs=[socket_types.Group.Input("group", tooltip=TIP_GROUP),
+                    io.Combo.Input("vae_name", options=services.list_models("vae"), tooltip=(
+                        "From models/vae: wan_2.1_vae.safetensors (Wan 2.1, Wan 2.2 A14B), wan2.2_vae.safetensors "
+                        "(Wan 2.2 TI2V-5B) or hunyuan_video_vae_bf16.safetensors."))],
+            outputs=[socket_types.Vae.Output("vae", tooltip="For USP VAE Decode / Encode and the image-to-video nodes.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "group": ("USP_GROUP", {"tooltip": TIP_GROUP}),
-            "vae_name": (services.list_models("vae"), {"tooltip": "wan_2.1_vae.safetensors or "
-                                                                  "hunyuan_video_vae_bf16.safetensors from models/vae."}),
-        }}
-
-    RETURN_TYPES = ("USP_VAE",)
-    RETURN_NAMES = ("vae",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, group, vae_name):
-        return ({"group": group, "path": services.model_path("vae", vae_name)},)
+    def execute(cls, group, vae_name):
+        return io.NodeOutput({"group": group, "path": services.model_path("vae", vae_name)})
 
 
-class UspVaeDecode:
-    DESCRIPTION = "Decodes a Wan 2.1 or HunyuanVideo latent to frames on the USP group (tiled for HunyuanVideo)."
+class UspVaeDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="UspVaeDecode", display_name="USP VAE Decode", category=CATEGORY,
+            description=("Decodes a video latent to frames on the USP group, split across the ranks (Wan: each rank "
+                         "its rows, exact; HunyuanVideo: the ranks share its tiles)."),
+            search_aliases=["VAEDecode", "decode"],
+            inputs=[socket_types.Vae.Input("vae", tooltip="From USP Load VAE: the VAE of the model that made the latent."),
+                    io.Latent.Input("samples", tooltip="A USP sampler's output (or a native video latent of the same "
+                                                       "model).")],
+            outputs=[io.Image.Output("IMAGE")],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "vae": ("USP_VAE", {"tooltip": "From USP Load VAE: the VAE of the model that made the latent."}),
-            "samples": ("LATENT", {"tooltip": "A USP sampler's output (or a native video latent of the same model)."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
-
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "decode"
-    CATEGORY = CATEGORY
-
-    def decode(self, vae, samples, node_id=None):
-        frames = _with_progress(vae, node_id, "decoding", lambda on_progress: api.decode(
+    def execute(cls, vae, samples):
+        frames = _with_progress(vae, cls.hidden.unique_id, "decoding", lambda on_progress: api.decode(
             vae["group"], vae["path"], samples["samples"], family=samples.get(LATENT_TAG), on_progress=on_progress))
-        return (frames,)
+        return io.NodeOutput(frames)
 
 
-class UspVaeEncode:
-    DESCRIPTION = ("Encodes a video (IMAGE frames) to a latent with the Wan 2.1 or Wan 2.2 VAE on the USP group, "
-                   "its rows split across the ranks: the latent ComfyUI's VAE Encode gives (a start video, or a "
-                   "video to re-sample with denoise < 1).")
+class UspVaeEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="UspVaeEncode", display_name="USP VAE Encode", category=CATEGORY,
+            description=("Encodes a video (IMAGE frames) to a latent with the Wan 2.1 or Wan 2.2 VAE on the USP group, "
+                         "its rows split across the ranks: the latent ComfyUI's VAE Encode gives (a start video, or a "
+                         "video to re-sample with denoise < 1)."),
+            search_aliases=["VAEEncode", "encode"],
+            inputs=[io.Image.Input("pixels", tooltip=("The video: 1 + 4k frames (1, 5, ..., 81), width and height in "
+                                                      "multiples of 8 (Wan 2.1 VAE) or 16 (Wan 2.2 VAE).")),
+                    socket_types.Vae.Input("vae", tooltip=("From USP Load VAE: the Wan 2.1 VAE (Wan 2.1, Wan 2.2 A14B) or "
+                                                           "the Wan 2.2 VAE (TI2V-5B)."))],
+            outputs=[io.Latent.Output("LATENT")],
+            hidden=[io.Hidden.unique_id],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "pixels": ("IMAGE", {"tooltip": "The video: 1 + 4k frames (1, 5, ..., 81), width and height in multiples "
-                                            "of 8 (Wan 2.1 VAE) or 16 (Wan 2.2 VAE)."}),
-            "vae": ("USP_VAE", {"tooltip": "From USP Load VAE: the Wan 2.1 VAE (Wan 2.1, Wan 2.2 A14B) or the "
-                                           "Wan 2.2 VAE (TI2V-5B)."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
-
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "encode"
-    CATEGORY = CATEGORY
-
-    def encode(self, pixels, vae, node_id=None):
+    def execute(cls, pixels, vae):
         # the first 3 channels, as VAE Encode takes them (an RGBA IMAGE too); a view: pixels stay unchanged
-        latent, family = _with_progress(vae, node_id, "encoding", lambda on_progress: api.encode_video(
+        latent, family = _with_progress(vae, cls.hidden.unique_id, "encoding", lambda on_progress: api.encode_video(
             vae["group"], vae["path"], pixels[..., :3], on_progress=on_progress))
-        return ({"samples": latent, LATENT_TAG: family},)
+        return io.NodeOutput({"samples": latent, LATENT_TAG: family})
 
 
-# the nodes of this file: {ComfyUI type name: (class, display name)} (collected by nodes/__init__.py)
-NODES = {
-    "UspVaeLoader": (UspVaeLoader, "USP Load VAE (Wan / HunyuanVideo)"),
-    "UspVaeDecode": (UspVaeDecode, "USP VAE Decode"),
-    "UspVaeEncode": (UspVaeEncode, "USP VAE Encode"),
-}
+NODES = [UspVaeLoader, UspVaeDecode, UspVaeEncode]

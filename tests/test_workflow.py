@@ -6,22 +6,30 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_executor import execute
-from usp_video.nodes import NODE_CLASS_MAPPINGS, services
+from comfy_executor import call, execute
+from usp_video.nodes import NODE_CLASSES, services
 from usp_video.workflows import make_workflows
 
 WORKFLOWS = Path(make_workflows.__file__).parent
 
 
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def inputs_of(cls) -> dict:
+    """A V3 node's inputs by id, in schema order."""
+    return {inp.id: inp for inp in cls.GET_SCHEMA().inputs}
+
+
 def widget_names(cls) -> list[str]:
-    """Widget inputs in the order the ComfyUI frontend creates them (seed gets its control widget)."""
+    """Widget inputs in the order the ComfyUI frontend creates them (required, then optional; a seed gets its
+    control widget)."""
+    widgets = [inp for inp in inputs_of(cls).values() if inp.io_type in WIDGET_TYPES]
     names = []
-    for name, spec in cls.INPUT_TYPES()["required"].items():
-        kind = spec[0]
-        if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
-            names.append(name)
-            if len(spec) > 1 and spec[1].get("control_after_generate"):
-                names.append("control_after_generate")
+    for inp in sorted(widgets, key=lambda inp: bool(inp.optional)):
+        names.append(inp.id)
+        if getattr(inp, "control_after_generate", None):
+            names.append("control_after_generate")
     return names
 
 
@@ -32,31 +40,48 @@ def test_shipped_files_are_current(name):
     assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == make_workflows.to_ui(graph)
 
 
-@pytest.mark.parametrize("class_type", sorted(c for c in make_workflows.WIDGETS if c in NODE_CLASS_MAPPINGS))
+@pytest.mark.parametrize("class_type", sorted(c for c in make_workflows.WIDGETS if c in NODE_CLASSES))
 def test_ui_widget_order_matches_node_inputs(class_type):
-    assert make_workflows.WIDGETS[class_type] == widget_names(NODE_CLASS_MAPPINGS[class_type])
+    assert make_workflows.WIDGETS[class_type] == widget_names(NODE_CLASSES[class_type])
+
+
+def test_shipped_workflows_use_no_deprecated_node():
+    for name in make_workflows.WORKFLOWS:
+        ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+        old = [node["type"] for node in ui["nodes"]
+               if node["type"] in NODE_CLASSES and NODE_CLASSES[node["type"]].GET_SCHEMA().is_deprecated]
+        assert old == [], f"{name} uses deprecated nodes {old}"
 
 
 @pytest.mark.parametrize("name", sorted(make_workflows.WORKFLOWS))
 def test_ui_widget_values_are_valid_choices(name):
     ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
     for node in ui["nodes"]:
-        cls = NODE_CLASS_MAPPINGS.get(node["type"])
+        cls = NODE_CLASSES.get(node["type"])
         if cls is None:
             continue
-        specs = cls.INPUT_TYPES()["required"]
+        specs = inputs_of(cls)
         for name, value in zip(make_workflows.WIDGETS[node["type"]], node["widgets_values"]):
             is_file_list = "name" in name or name.endswith("_model")  # models/ listings: empty here
-            if name in specs and isinstance(specs[name][0], list) and not is_file_list:
-                assert value in specs[name][0], f"{node['type']}.{name}={value!r} not in {specs[name][0]}"
+            if name in specs and specs[name].io_type == "COMBO" and not is_file_list:
+                assert value in specs[name].options, f"{node['type']}.{name}={value!r} not in {specs[name].options}"
     links = {link[0]: link for link in ui["links"]}
     for node in ui["nodes"]:
-        cls = NODE_CLASS_MAPPINGS.get(node["type"])
-        optional = cls.INPUT_TYPES().get("optional", {}) if cls is not None else {}
+        cls = NODE_CLASSES.get(node["type"])
+        optional = {i for i, inp in inputs_of(cls).items() if inp.optional} if cls is not None else set()
         for slot in node["inputs"]:
             if slot["link"] is None and slot["name"] in optional:  # an optional input left open (ComfyUI saves it so)
                 continue
             assert links[slot["link"]][3] == node["id"], f"{node['type']}.{slot['name']} is not connected"
+
+
+GROUP_CPU = dict(device="cpu", gpus="all", cpu_ranks=2, ulysses="auto", ring="auto", attention="auto", dtype="auto",
+                 timeout_s=600)
+
+
+def sampling(**values) -> dict:
+    """USP Sampler's widgets: euler, full denoise, the model's shift, unless given."""
+    return {"sampler_name": "euler", "denoise": 1.0, "shift": 0.0, **values}
 
 
 def tiny_prompt(tiny_models: dict, steps: int = 3) -> dict:
@@ -133,30 +158,25 @@ def test_step_cache_node_into_the_sampler(tiny_models, tmp_path, monkeypatch):
         free_group()
         services.clear_status()
     with pytest.raises(ValueError, match="cache start and end"):
-        NODE_CLASS_MAPPINGS["UspStepCache"]().make("fbcache", 0.1, 0.9, 0.1)
+        call("UspStepCache", method="fbcache", threshold=0.1, start_percent=0.9, end_percent=0.1)
 
 
 def test_every_input_has_a_tooltip():
     """Hovering any input of a USP node in the page says what it is for (ComfyUI's `tooltip`)."""
-    from usp_video.nodes import NODE_CLASS_MAPPINGS
-
-    missing = [f"{name}.{input_name}" for name, cls in NODE_CLASS_MAPPINGS.items()
-               for section in ("required", "optional") for input_name, spec in cls.INPUT_TYPES().get(section, {}).items()
-               if len(spec) < 2 or not spec[1].get("tooltip")]
+    missing = [f"{name}.{input_id}" for name, cls in NODE_CLASSES.items()
+               for input_id, inp in inputs_of(cls).items() if not inp.tooltip]
     assert missing == []
-    assert all(getattr(cls, "DESCRIPTION", "") for cls in NODE_CLASS_MAPPINGS.values())
+    assert all(cls.GET_SCHEMA().description for cls in NODE_CLASSES.values())
 
 
 def test_sampler_node_takes_native_formats_and_leaves_inputs_unchanged(tiny_models, monkeypatch):
     """Native CLIPTextEncode CONDITIONING ([1, 512, dim], a dict beside it) and a native empty
     video latent go in; a LATENT comes out; no input is modified (ComfyUI caches them)."""
     from usp_video.distributed.registry import free_group
-    from usp_video.nodes import NODE_CLASS_MAPPINGS as N
-
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
     try:
-        group, _ = N["UspGroup"]().start("cpu", "all", 2, "auto", "auto", "auto", "auto", 600)
-        model, info = N["UspWanModelLoader"]().load(group, Path(tiny_models["dit"]).name)
+        group, _ = call("UspGroup", **GROUP_CPU)
+        model, info = call("UspLoadDiffusionModel", group=group, model_name=Path(tiny_models["dit"]).name)
         assert "ulysses=2 x ring=1" in info
         g = torch.Generator().manual_seed(0)
         cond = torch.randn(1, 512, 32, generator=g)
@@ -165,16 +185,17 @@ def test_sampler_node_takes_native_formats_and_leaves_inputs_unchanged(tiny_mode
         negative = [[torch.zeros(1, 512, 32), {"pooled_output": None}]]
         latent = {"samples": torch.zeros(1, 16, 3, 6, 8), "batch_index": [0]}
         before = (cond.clone(), latent["samples"].clone(), dict(latent))
-        (out,) = N["UspWanSampler"]().sample(model, positive, negative, latent, 3, 2, 5.0, 5.0, "euler", 1.0)
+        (out,) = call("UspSampler", model=model, positive=positive, negative=negative, latent_image=latent,
+                      **sampling(seed=3, steps=2, cfg=5.0))
         assert out["samples"].shape == (1, 16, 3, 6, 8) and out["batch_index"] == [0]
         assert out is not latent and latent.keys() == before[2].keys()
         assert torch.equal(cond, before[0]) and torch.equal(latent["samples"], before[1])
         with pytest.raises(ValueError, match="latent_image has 4 channels; Wan 2.1 latents have 16"):
-            N["UspWanSampler"]().sample(model, positive, negative, {"samples": torch.zeros(1, 4, 3, 6, 8)},
-                                        3, 2, 5.0, 5.0, "euler", 1.0)
+            call("UspSampler", model=model, positive=positive, negative=negative,
+                 latent_image={"samples": torch.zeros(1, 4, 3, 6, 8)}, **sampling(seed=3, steps=2, cfg=5.0))
         with pytest.raises(ValueError, match="dimension 4096 but the model expects 32"):
-            N["UspWanSampler"]().sample(model, [[torch.zeros(1, 512, 4096), {}]], negative, latent,
-                                        3, 2, 5.0, 5.0, "euler", 1.0)
+            call("UspSampler", model=model, positive=[[torch.zeros(1, 512, 4096), {}]], negative=negative,
+                 latent_image=latent, **sampling(seed=3, steps=2, cfg=5.0))
     finally:
         free_group()
 
@@ -183,7 +204,7 @@ def hunyuan_prompt(tiny_hunyuan: dict, steps: int = 3) -> dict:
     prompt = json.loads((make_workflows.API_DIR / "hunyuan_video_t2v_usp_api.json").read_text())
     prompt["1"]["inputs"].update(device="cpu", cpu_ranks=3)
     prompt["2"]["inputs"]["model_name"] = Path(tiny_hunyuan["dit"]).name
-    prompt["3"]["inputs"].update(llama_name=Path(tiny_hunyuan["llama"]).name,
+    prompt["3"]["inputs"].update(text_encoder_name=Path(tiny_hunyuan["llama"]).name,
                                  clip_name=Path(tiny_hunyuan["clip"]).name, tokenizer_folder=tiny_hunyuan["tokenizers"])
     prompt["8"]["inputs"]["vae_name"] = Path(tiny_hunyuan["vae"]).name
     prompt["6"]["inputs"].update(width=64, height=48, length=9)
@@ -195,7 +216,6 @@ def test_hunyuan_api_workflow_runs_through_the_nodes(tiny_hunyuan, tmp_path, mon
     from usp_video.distributed.registry import GROUPS, free_group
     from usp_video.distributed.engine import Engine
     from usp_video.distributed.requests import SampleRequest
-    from usp_video.nodes import NODE_CLASS_MAPPINGS as N
 
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_hunyuan["dit"]).parents[1]))
     try:
@@ -218,19 +238,31 @@ def test_hunyuan_api_workflow_runs_through_the_nodes(tiny_hunyuan, tmp_path, mon
             options={"guidance": 6.0})).latent
         assert (latent - expected).norm() / expected.norm() <= 1e-5
 
-        # native conditioning: FluxGuidance's "guidance" wins over the widget; no pooled output is refused
+        # native conditioning: FluxGuidance's "guidance" wins over the old sampler's widget, and is what the generic
+        # sampler takes (else the family's 6); no pooled output is refused
         model = results["2"][0]
         small = {"samples": torch.zeros(1, 16, 2, 4, 4)}
-        a, = N["UspHunyuanSampler"]().sample(model, [[cond, {"pooled_output": extra["pooled_output"], "guidance": 2.0}]],
-                                             [[cond, {}]], small, 1, 2, 1.0, 6.0, 7.0, "euler", 1.0)
-        b, = N["UspHunyuanSampler"]().sample(model, [[cond, {"pooled_output": extra["pooled_output"]}]],
-                                             [[cond, {}]], small, 1, 2, 1.0, 2.0, 7.0, "euler", 1.0)
-        torch.testing.assert_close(a["samples"], b["samples"], rtol=0, atol=0)
-        with pytest.raises(ValueError, match="positive: this CONDITIONING has no pooled_output"):
-            N["UspHunyuanSampler"]().sample(model, [[cond, {}]], [[cond, {}]], small, 1, 2, 1.0, 6.0, 7.0,
-                                            "euler", 1.0)
+        pooled = extra["pooled_output"]
+        old = dict(seed=1, steps=2, cfg=1.0, shift=7.0, sampler_name="euler", denoise=1.0)
+        a, = call("UspHunyuanSampler", model=model, positive=[[cond, {"pooled_output": pooled, "guidance": 2.0}]],
+                  negative=[[cond, {}]], latent_image=small, guidance=6.0, **old)
+        b, = call("UspHunyuanSampler", model=model, positive=[[cond, {"pooled_output": pooled}]],
+                  negative=[[cond, {}]], latent_image=small, guidance=2.0, **old)
+        c, = call("UspSampler", model=model, positive=[[cond, {"pooled_output": pooled, "guidance": 2.0}]],
+                  negative=[[cond, {}]], latent_image=small, **sampling(seed=1, steps=2, cfg=1.0))
+        d, = call("UspSampler", model=model, positive=[[cond, {"pooled_output": pooled}]],
+                  negative=[[cond, {}]], latent_image=small, **sampling(seed=1, steps=2, cfg=1.0))
+        e, = call("UspHunyuanSampler", model=model, positive=[[cond, {"pooled_output": pooled}]],
+                  negative=[[cond, {}]], latent_image=small, guidance=6.0, **old)
+        for same in (b, c):
+            torch.testing.assert_close(same["samples"], a["samples"], rtol=0, atol=0)
+        torch.testing.assert_close(d["samples"], e["samples"], rtol=0, atol=0)
+        assert not torch.equal(d["samples"], a["samples"])
+        with pytest.raises(ValueError, match="positive: HunyuanVideo needs the pooled CLIP-L output"):
+            call("UspSampler", model=model, positive=[[cond, {}]], negative=[[cond, {}]], latent_image=small,
+                 **sampling(seed=1, steps=2, cfg=1.0))
         with pytest.raises(ValueError, match="is a HunyuanVideo model, not Wan 2.1"):
-            N["UspWanModelLoader"]().load(GROUPS.current.config, Path(tiny_hunyuan["dit"]).name)
+            call("UspWanModelLoader", group=GROUPS.current.config, model_name=Path(tiny_hunyuan["dit"]).name)
     finally:
         free_group()
 
@@ -241,24 +273,24 @@ def test_latents_carry_their_family_and_another_familys_vae_is_refused(tiny_mode
     same shape, so nothing else would notice). Native, untagged latents cannot be checked."""
     from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.registry import free_group
-    from usp_video.nodes import NODE_CLASS_MAPPINGS as N
 
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
     try:
-        group, _ = N["UspGroup"]().start("cpu", "all", 2, "auto", "auto", "auto", "auto", 600)
-        model, _ = N["UspWanModelLoader"]().load(group, Path(tiny_models["dit"]).name)
+        group, _ = call("UspGroup", **GROUP_CPU)
+        model, _ = call("UspLoadDiffusionModel", group=group, model_name=Path(tiny_models["dit"]).name)
         cond = [[torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0)), {}]]
-        (out,) = N["UspWanSampler"]().sample(model, cond, cond, {"samples": torch.zeros(1, 16, 2, 4, 4)},
-                                             3, 1, 1.0, 5.0, "euler", 1.0)
+        (out,) = call("UspSampler", model=model, positive=cond, negative=cond,
+                      latent_image={"samples": torch.zeros(1, 16, 2, 4, 4)}, **sampling(seed=3, steps=1, cfg=1.0))
         assert out["usp_family"] == "wan2.1"
     finally:
         free_group()
     nowhere = GroupConfig(ranks=1)  # refused before any group is asked
     with pytest.raises(ValueError, match="samples were made by a Wan 2.1 model, but tiny_hunyuan_video_vae"
                                          r".safetensors is the HunyuanVideo VAE; pick the Wan 2.1 VAE"):
-        N["UspVaeDecode"]().decode({"group": nowhere, "path": tiny_hunyuan["vae"]}, out)
-    hunyuan_model = {"group": nowhere, "path": tiny_hunyuan["dit"],
+        call("UspVaeDecode", vae={"group": nowhere, "path": tiny_hunyuan["vae"]}, samples=out)
+    hunyuan_model = {"group": nowhere, "path": tiny_hunyuan["dit"], "experts": [tiny_hunyuan["dit"]],
                      "info": {"family": "hunyuan-video", "model": "HunyuanVideo", "text_dim": 32}}
     tokens = [[torch.randn(1, 7, 32), {"pooled_output": torch.randn(1, 16)}]]
     with pytest.raises(ValueError, match="latent_image was sampled by a Wan 2.1 model; this is HunyuanVideo"):
-        N["UspHunyuanSampler"]().sample(hunyuan_model, tokens, tokens, out, 1, 2, 1.0, 6.0, 7.0, "euler", 1.0)
+        call("UspSampler", model=hunyuan_model, positive=tokens, negative=tokens, latent_image=out,
+             **sampling(seed=1, steps=2, cfg=1.0))

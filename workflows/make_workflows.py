@@ -37,17 +37,17 @@ WAN_T2V = {
     1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600, "off", "auto", "on", "offload", "off",
                                  "off", "off"], {},
         [("group", "USP_GROUP"), ("info", "STRING")], (40, 60)),
-    2: ("UspWanModelLoader", None, ["wan2.1_t2v_1.3B_fp16.safetensors"], {"group": (1, 0)},
-        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (440, 60)),
-    3: ("UspTextEncoderLoader", None, ["umt5_xxl_fp16.safetensors"], {"group": (1, 0)},
-        [("text_encoder", "USP_TEXT_ENCODER")], (440, 220)),
+    2: ("UspLoadDiffusionModel", None, ["wan2.1_t2v_1.3B_fp16.safetensors", "none"], {"group": (1, 0)},
+        [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
+    3: ("UspLoadTextEncoder", None, ["umt5_xxl_fp16.safetensors", "none", ""], {"group": (1, 0)},
+        [("text_encoder", "USP_TEXT_ENCODER")], (440, 240)),
     4: ("UspTextEncode", "Positive prompt",
         ["A red fox trots through fresh snow in a birch forest at sunrise, cinematic, soft light"],
         {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (920, 60)),
     5: ("UspTextEncode", "Negative prompt", [NEGATIVE], {"text_encoder": (3, 0)},
         [("CONDITIONING", "CONDITIONING")], (920, 300)),
     6: ("EmptyHunyuanLatentVideo", None, [832, 480, 33, 1], {}, [("LATENT", "LATENT")], (920, 540)),
-    7: ("UspWanSampler", None, [42, "fixed", 30, 5.0, 8.0, "unipc", 1.0],
+    7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 8.0, 0.0, 0.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
         [("LATENT", "LATENT")], (1340, 60)),
     8: ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1340, 520)),
@@ -60,17 +60,17 @@ HUNYUAN_T2V = {
     1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600, "off", "auto", "on", "offload", "off",
                                  "off", "off"], {},
         [("group", "USP_GROUP"), ("info", "STRING")], (40, 60)),
-    2: ("UspHunyuanModelLoader", None, ["hunyuan_video_t2v_720p_bf16.safetensors"], {"group": (1, 0)},
-        [("model", "USP_HUNYUAN_MODEL"), ("info", "STRING")], (440, 60)),
-    3: ("UspHunyuanTextEncoderLoader", None, ["llava_llama3_fp8_scaled.safetensors", "clip_l.safetensors", ""],
-        {"group": (1, 0)}, [("text_encoder", "USP_HUNYUAN_TEXT_ENCODER")], (440, 220)),
-    4: ("UspHunyuanTextEncode", "Positive prompt",
+    2: ("UspLoadDiffusionModel", None, ["hunyuan_video_t2v_720p_bf16.safetensors", "none"], {"group": (1, 0)},
+        [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
+    3: ("UspLoadTextEncoder", None, ["llava_llama3_fp8_scaled.safetensors", "clip_l.safetensors", ""],
+        {"group": (1, 0)}, [("text_encoder", "USP_TEXT_ENCODER")], (440, 240)),
+    4: ("UspTextEncode", "Positive prompt",
         ["A red fox trots through fresh snow in a birch forest at sunrise, cinematic, soft light"],
         {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (920, 60)),
-    5: ("UspHunyuanTextEncode", "Negative prompt (used when cfg > 1)", [""], {"text_encoder": (3, 0)},
+    5: ("UspTextEncode", "Negative prompt (used when cfg > 1)", [""], {"text_encoder": (3, 0)},
         [("CONDITIONING", "CONDITIONING")], (920, 300)),
     6: ("EmptyHunyuanLatentVideo", None, [848, 480, 73, 1], {}, [("LATENT", "LATENT")], (920, 540)),
-    7: ("UspHunyuanSampler", None, [42, "fixed", 30, 1.0, 6.0, 7.0, "euler", 1.0],
+    7: ("UspSampler", None, [42, "fixed", 30, 1.0, "euler", 1.0, 7.0, 0.0, 0.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
         [("LATENT", "LATENT")], (1340, 60)),
     8: ("UspVaeLoader", None, ["hunyuan_video_vae_bf16.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")],
@@ -83,12 +83,10 @@ HUNYUAN_T2V = {
 def _wan22(sampling: dict) -> dict:
     """Wan 2.2 A14B text-to-video: the Wan graph with both experts loaded, and `sampling` (nodes 7, 11)."""
     graph = {k: v for k, v in WAN_T2V.items() if k != 7}
-    graph[2] = ("UspWan22ModelLoader", None, ["wan2.2_t2v_high_noise_14B_fp16.safetensors",
-                                              "wan2.2_t2v_low_noise_14B_fp16.safetensors"], {"group": (1, 0)},
-                [("model", "USP_WAN22_MODEL"), ("high_noise", "USP_WAN_MODEL"), ("low_noise", "USP_WAN_MODEL"),
-                 ("info", "STRING")], (440, 60))
+    graph[2] = ("UspLoadDiffusionModel", None, ["wan2.2_t2v_high_noise_14B_fp16.safetensors",
+                                                "wan2.2_t2v_low_noise_14B_fp16.safetensors"], {"group": (1, 0)},
+                [("model", "USP_MODEL"), ("info", "STRING")], (440, 60))
     graph[6] = ("EmptyHunyuanLatentVideo", None, [832, 480, 81, 1], {}, [("LATENT", "LATENT")], (920, 540))
-    graph[3] = (*graph[3][:5], (440, 260))  # below the taller two-model loader
     graph[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
                  (1780, 240))
     graph.update(sampling)
@@ -97,7 +95,7 @@ def _wan22(sampling: dict) -> dict:
 
 # One node switches expert at the boundary (Wan 2.2's T2V config: 40 steps, shift 12, cfg 4 / 3, UniPC).
 WAN22_T2V = _wan22({
-    7: ("UspWan22Sampler", None, [42, "fixed", 40, 4.0, 3.0, 12.0, 0.875, "unipc", 1.0],
+    7: ("UspSampler", None, [42, "fixed", 40, 4.0, "unipc", 1.0, 12.0, 3.0, 0.875],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
         [("LATENT", "LATENT")], (1340, 60)),
 })
@@ -106,13 +104,13 @@ WAN22_T2V = _wan22({
 # the leftover noise to the low-noise expert. With 20 steps and shift 8, step 11 is the first whose sigma
 # is below 0.875, so with euler this equals the one-node switch at boundary 0.875.
 WAN22_TWO_SAMPLERS = _wan22({
-    7: ("UspWanSamplerAdvanced", "High-noise steps (0 to 11)",
-        ["enable", 42, "fixed", 20, 3.5, 8.0, "euler", 0, 11, "enable"],
-        {"model": (2, 1), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
+    7: ("UspSamplerAdvanced", "High-noise steps (0 to 11)",
+        ["enable", 42, "fixed", 20, 3.5, "euler", 0, 11, "enable", 8.0, "high_noise", 0.0, 0.0],
+        {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
         [("LATENT", "LATENT")], (1340, 60)),
-    11: ("UspWanSamplerAdvanced", "Low-noise steps (11 to the end)",
-         ["disable", 42, "fixed", 20, 3.5, 8.0, "euler", 11, 10000, "disable"],
-         {"model": (2, 2), "positive": (4, 0), "negative": (5, 0), "latent_image": (7, 0)},
+    11: ("UspSamplerAdvanced", "Low-noise steps (11 to the end)",
+         ["disable", 42, "fixed", 20, 3.5, "euler", 11, 10000, "disable", 8.0, "low_noise", 0.0, 0.0],
+         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (7, 0)},
          [("LATENT", "LATENT")], (1340, 480)),
 })
 WAN22_TWO_SAMPLERS[8] = ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")],
@@ -125,10 +123,11 @@ WAN22_TWO_SAMPLERS[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22", 16.0, Fa
 # Wan 2.2 TI2V-5B, text to video at 1280x704, 121 frames, 24 fps, with the Wan 2.2 VAE.
 WAN22_5B = {k: v for k, v in WAN_T2V.items()}
 WAN22_5B.update({
-    2: ("UspWan22TI2V5BModelLoader", None, ["wan2.2_ti2v_5B_fp16.safetensors"], {"group": (1, 0)},
-        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (440, 60)),
-    6: ("UspEmptyWan22Latent", None, [1280, 704, 121, 1], {}, [("LATENT", "LATENT")], (920, 540)),
-    7: ("UspWan22TI2V5BSampler", None, [42, "fixed", 30, 5.0, 5.0, "unipc", 1.0],
+    2: ("UspLoadDiffusionModel", None, ["wan2.2_ti2v_5B_fp16.safetensors", "none"], {"group": (1, 0)},
+        [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
+    6: ("UspWan22ImageToVideoLatent", None, [1280, 704, 121, 1], {"vae": (8, 0)}, [("latent", "LATENT")],
+        (920, 540)),
+    7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 5.0, 0.0, 0.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
         [("LATENT", "LATENT")], (1340, 60)),
     8: ("UspVaeLoader", None, ["wan2.2_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1340, 520)),
@@ -140,38 +139,38 @@ WAN22_5B.update({
 # ComfyUI's own CFG split across GPUs has nothing to split and sequence parallelism does the work.
 WAN_T2V_LORA = {k: v for k, v in WAN_T2V.items()}
 WAN_T2V_LORA.update({
-    2: ("UspWanModelLoader", None, ["wan2.1_t2v_14B_fp16.safetensors"], {"group": (1, 0)},
-        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (440, 60)),
+    2: ("UspLoadDiffusionModel", None, ["wan2.1_t2v_14B_fp16.safetensors", "none"], {"group": (1, 0)},
+        [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
     5: ("UspTextEncode", "Negative prompt (unused at cfg 1)", [NEGATIVE], {"text_encoder": (3, 0)},
         [("CONDITIONING", "CONDITIONING")], (920, 300)),
-    7: ("UspWanSampler", None, [42, "fixed", 4, 1.0, 8.0, "euler", 1.0],
+    7: ("UspSampler", None, [42, "fixed", 4, 1.0, "euler", 1.0, 8.0, 0.0, 0.0],
         {"model": (11, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
         [("LATENT", "LATENT")], (1340, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan21_lora", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
          (1780, 240)),
-    11: ("UspLora", None, ["Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors", 1.0], {"model": (2, 0)},
-         [("model", "USP_WAN_MODEL")], (440, 380)),
+    11: ("UspLoraLoader", None, ["Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors", 1.0, "all"],
+         {"model": (2, 0)}, [("model", "USP_MODEL")], (440, 420)),
 })
 
 # Wan 2.1 image to video (480p I2V 14B): the start image through native LoadImage and CLIP vision, the pack's
 # image-to-video node (the start video encoded by the group's split VAE encode), the Wan sampler.
 WAN_I2V = {k: v for k, v in WAN_T2V.items() if k != 6}
 WAN_I2V.update({
-    2: ("UspWanModelLoader", None, ["wan2.1_i2v_480p_14B_fp16.safetensors"], {"group": (1, 0)},
-        [("model", "USP_WAN_MODEL"), ("info", "STRING")], (440, 60)),
+    2: ("UspLoadDiffusionModel", None, ["wan2.1_i2v_480p_14B_fp16.safetensors", "none"], {"group": (1, 0)},
+        [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
     4: ("UspTextEncode", "Positive prompt",
         ["The fox turns its head toward the camera and trots away through the snow, soft morning light"],
         {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (920, 60)),
-    7: ("UspWanSampler", None, [42, "fixed", 30, 5.0, 5.0, "unipc", 1.0],
+    7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 5.0, 0.0, 0.0],
         {"model": (2, 0), "positive": (15, 0), "negative": (15, 1), "latent_image": (15, 2)},
         [("LATENT", "LATENT")], (1340, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan21_i2v", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
          (1780, 240)),
     12: ("LoadImage", "Start image", ["example.png", "image"], {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")],
          (40, 660)),
-    13: ("CLIPVisionLoader", None, ["clip_vision_h.safetensors"], {}, [("CLIP_VISION", "CLIP_VISION")], (440, 380)),
+    13: ("CLIPVisionLoader", None, ["clip_vision_h.safetensors"], {}, [("CLIP_VISION", "CLIP_VISION")], (440, 420)),
     14: ("CLIPVisionEncode", None, ["none"], {"clip_vision": (13, 0), "image": (12, 0)},
-         [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")], (440, 520)),
+         [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")], (440, 560)),
     15: ("UspWanImageToVideo", None, [832, 480, 81, 1],
          {"positive": (4, 0), "negative": (5, 0), "vae": (8, 0), "start_image": (12, 0), "clip_vision_output": (14, 0)},
          [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (920, 560)),
@@ -181,12 +180,12 @@ WAN_I2V.update({
 # (no CLIP vision: Wan 2.2 I2V takes none), the switch sampler with Wan 2.2's I2V config (40 steps, shift 5,
 # cfg 3.5 / 3.5, boundary 0.900).
 WAN22_I2V = {k: v for k, v in _wan22({
-    7: ("UspWan22Sampler", None, [42, "fixed", 40, 3.5, 3.5, 5.0, 0.9, "unipc", 1.0],
+    7: ("UspSampler", None, [42, "fixed", 40, 3.5, "unipc", 1.0, 5.0, 3.5, 0.9],
         {"model": (2, 0), "positive": (15, 0), "negative": (15, 1), "latent_image": (15, 2)},
         [("LATENT", "LATENT")], (1340, 60)),
 }).items() if k != 6}
-WAN22_I2V[2] = ("UspWan22ModelLoader", None, ["wan2.2_i2v_high_noise_14B_fp16.safetensors",
-                                              "wan2.2_i2v_low_noise_14B_fp16.safetensors"], {"group": (1, 0)},
+WAN22_I2V[2] = ("UspLoadDiffusionModel", None, ["wan2.2_i2v_high_noise_14B_fp16.safetensors",
+                                                "wan2.2_i2v_low_noise_14B_fp16.safetensors"], {"group": (1, 0)},
                 WAN22_I2V[2][4], (440, 60))
 WAN22_I2V[4] = WAN_I2V[4]
 WAN22_I2V[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22_i2v", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
@@ -200,7 +199,7 @@ WAN22_I2V[15] = ("UspWanImageToVideo", None, [832, 480, 81, 1],
 WAN22_5B_I2V = {k: v for k, v in WAN22_5B.items() if k != 6}
 WAN22_5B_I2V.update({
     4: WAN_I2V[4],
-    7: ("UspWan22TI2V5BSampler", None, [42, "fixed", 30, 5.0, 5.0, "unipc", 1.0],
+    7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 5.0, 0.0, 0.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (16, 0)},
         [("LATENT", "LATENT")], (1340, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan22_5b_i2v", 24.0, False, 90, "default"], {"images": (9, 0)}, [],
@@ -215,66 +214,47 @@ WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan2
              "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
+_SAMPLER_SOCKETS = [("model", "USP_MODEL,MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                    ("latent_image", "LATENT"), ("group", "USP_GROUP"), ("step_cache", "USP_STEP_CACHE")]
 SOCKETS = {
-    "UspWanModelLoader": [("group", "USP_GROUP")], "UspTextEncoderLoader": [("group", "USP_GROUP")],
+    "UspLoadDiffusionModel": [("group", "USP_GROUP")], "UspLoadTextEncoder": [("group", "USP_GROUP")],
     "UspTextEncode": [("text_encoder", "USP_TEXT_ENCODER")],
-    "UspWanSampler": [("model", "USP_WAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                      ("latent_image", "LATENT")],
-    "UspWan22ModelLoader": [("group", "USP_GROUP")], "UspWan22TI2V5BModelLoader": [("group", "USP_GROUP")],
-    "UspWan22TI2V5BSampler": [("model", "USP_WAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                              ("latent_image", "LATENT")],
-    "UspWan22Sampler": [("model", "USP_WAN22_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                        ("latent_image", "LATENT")],
-    "UspWanSamplerAdvanced": [("model", "USP_WAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                              ("latent_image", "LATENT")],
+    "UspSampler": _SAMPLER_SOCKETS, "UspSamplerAdvanced": _SAMPLER_SOCKETS,
     "UspVaeLoader": [("group", "USP_GROUP")], "UspVaeDecode": [("vae", "USP_VAE"), ("samples", "LATENT")],
-    "UspLora": [("model", "USP_WAN_MODEL")],
+    "UspLoraLoader": [("model", "USP_MODEL")],
     "CLIPVisionEncode": [("clip_vision", "CLIP_VISION"), ("image", "IMAGE")],
     "UspWan22ImageToVideoLatent": [("vae", "USP_VAE"), ("start_image", "IMAGE")],
     "UspWanImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
                            ("start_image", "IMAGE"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
     "SaveAnimatedWEBP": [("images", "IMAGE")],
-    "UspHunyuanModelLoader": [("group", "USP_GROUP")], "UspHunyuanTextEncoderLoader": [("group", "USP_GROUP")],
-    "UspHunyuanTextEncode": [("text_encoder", "USP_HUNYUAN_TEXT_ENCODER")],
-    "UspHunyuanSampler": [("model", "USP_HUNYUAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                          ("latent_image", "LATENT")],
 }
 
 # Node sizes: wide enough that no label or value is cut short with the default model names (checked in
 # the page by tests/test_browser.py); USP Group leaves room for its state box (web/js/usp_status.js).
-SIZES = {"UspGroup": (360, 540), "UspWanModelLoader": (420, 90), "UspTextEncoderLoader": (420, 90),
-         "UspVaeLoader": (400, 90), "UspWan22TI2V5BModelLoader": (420, 90), "UspWan22ModelLoader": (460, 150),
-         "UspHunyuanModelLoader": (440, 90), "UspHunyuanTextEncoderLoader": (420, 150),
-         "UspWan22TI2V5BSampler": (340, 290), "UspEmptyWan22Latent": (340, 170), "UspWan22Sampler": (340, 340),
-         "UspWanSamplerAdvanced": (340, 370), "UspTextEncode": (380, 200), "UspWanSampler": (340, 290),
-         "UspHunyuanTextEncode": (380, 200), "UspHunyuanSampler": (340, 320),
+SIZES = {"UspGroup": (360, 540), "UspLoadDiffusionModel": (460, 120), "UspLoadTextEncoder": (440, 150),
+         "UspVaeLoader": (400, 90), "UspTextEncode": (380, 200), "UspSampler": (340, 400),
+         "UspSamplerAdvanced": (340, 500), "UspLoraLoader": (460, 130),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
-         "UspLora": (420, 110), "LoadImage": (340, 340), "CLIPVisionLoader": (420, 90),
+         "LoadImage": (340, 340), "CLIPVisionLoader": (420, 90),
          "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250), "UspWan22ImageToVideoLatent": (380, 200)}
 
-# Widget names in order, for converting to API format (ours are checked against INPUT_TYPES in a test).
+# Widget names in order, for converting to API format (ours are checked against the nodes' schemas in a test).
 WIDGETS = {
     "UspGroup": ["device", "gpus", "cpu_ranks", "ulysses", "ring", "attention", "dtype", "timeout_s", "cfg_parallel",
                  "shard_weights", "vae_split", "placement", "dit_offload", "compile", "fp8_compute"],
-    "UspWanModelLoader": ["model_name"], "UspTextEncoderLoader": ["text_encoder_name"], "UspTextEncode": ["text"],
+    "UspLoadDiffusionModel": ["model_name", "low_noise_model_name"],
+    "UspLoadTextEncoder": ["text_encoder_name", "clip_name", "tokenizer_folder"], "UspTextEncode": ["text"],
     "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],
-    "UspWanSampler": ["seed", "control_after_generate", "steps", "cfg", "shift", "sampler_name", "denoise"],
-    "UspWan22ModelLoader": ["high_noise_model", "low_noise_model"],
-    "UspWan22TI2V5BModelLoader": ["model_name"], "UspEmptyWan22Latent": ["width", "height", "length", "batch_size"],
-    "UspWan22TI2V5BSampler": ["seed", "control_after_generate", "steps", "cfg", "shift", "sampler_name", "denoise"],
-    "UspWan22Sampler": ["seed", "control_after_generate", "steps", "cfg_high_noise", "cfg_low_noise", "shift",
-                        "boundary", "sampler_name", "denoise"],
-    "UspWanSamplerAdvanced": ["add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "shift",
-                              "sampler_name", "start_at_step", "end_at_step", "return_with_leftover_noise"],
-    "UspVaeLoader": ["vae_name"], "UspVaeDecode": [], "UspLora": ["lora_name", "strength"],
+    "UspSampler": ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "denoise", "shift",
+                   "cfg_low_noise", "boundary"],
+    "UspSamplerAdvanced": ["add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "sampler_name",
+                           "start_at_step", "end_at_step", "return_with_leftover_noise", "shift", "expert",
+                           "cfg_low_noise", "boundary"],
+    "UspVaeLoader": ["vae_name"], "UspVaeDecode": [], "UspLoraLoader": ["lora_name", "strength", "expert"],
     "LoadImage": ["image", "upload"], "CLIPVisionLoader": ["clip_name"], "CLIPVisionEncode": ["crop"],
     "UspWanImageToVideo": ["width", "height", "length", "batch_size"],
     "UspWan22ImageToVideoLatent": ["width", "height", "length", "batch_size"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
-    "UspHunyuanModelLoader": ["model_name"], "UspHunyuanTextEncode": ["text"],
-    "UspHunyuanTextEncoderLoader": ["llama_name", "clip_name", "tokenizer_folder"],
-    "UspHunyuanSampler": ["seed", "control_after_generate", "steps", "cfg", "guidance", "shift", "sampler_name",
-                          "denoise"],
 }
 
 
@@ -358,12 +338,13 @@ def thumbnail(graph: dict, titles: dict[str, str], size: tuple[int, int] = (640,
 
 
 def main() -> None:
-    from usp_video.nodes import NODE_DISPLAY_NAME_MAPPINGS
+    from usp_video.nodes import NODE_CLASSES
 
+    titles = {node_id: cls.GET_SCHEMA().display_name for node_id, cls in NODE_CLASSES.items()}
     for name, graph in WORKFLOWS.items():
         (HERE / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2, ensure_ascii=False) + "\n")
         (API_DIR / f"{name}_api.json").write_text(json.dumps(to_api(graph), indent=2, ensure_ascii=False) + "\n")
-        thumbnail(graph, NODE_DISPLAY_NAME_MAPPINGS).save(HERE / f"{name}.jpg", quality=88)
+        thumbnail(graph, titles).save(HERE / f"{name}.jpg", quality=88)
 
 
 if __name__ == "__main__":

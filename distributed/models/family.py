@@ -35,6 +35,7 @@ class TextPart:
     help: str
     load: Callable[[str, torch.dtype, torch.device, Callable[[torch.nn.Module], object] | None], object]
     shard_units: Callable[[torch.nn.Module], Iterable[torch.nn.Module]] | None = None
+    tokenizers: bool = False  # a folder of tokenizers (not weights): ComfyUI's own ones when none is given
 
 
 def _unchanged(args: tuple) -> tuple:

@@ -43,7 +43,7 @@ class HunyuanVideo(ModelFamily):
                  load=lambda path, dtype, device, shard: text.load_clip_l(path, dtype, device)),
         TextPart("tokenizers", "folder with the Llama 3 and CLIP tokenizers (llama/ and clip/, a diffusers "
                  "HunyuanVideo folder, or a ComfyUI checkout)",
-                 load=lambda path, dtype, device, shard: text.load_tokenizers(path)),
+                 load=lambda path, dtype, device, shard: text.load_tokenizers(path), tokenizers=True),
     )
     text_encoder_hint = "HunyuanVideo uses the llava-llama-3 text encoder with CLIP-L"
     options = {"guidance": Option(default=6.0, low=0.0, high=100.0, help="HunyuanVideo's embedded guidance")}
