@@ -99,7 +99,8 @@ def check_model_files(paths: list[str], family: str | None = None) -> tuple[mode
     return checked.family, checked.warnings
 
 
-def load_dit(group: GroupConfig | UspGroup, path: str | Path | list | CheckedModel, family: str | None = None) -> dict:
+def load_dit(group: GroupConfig | UspGroup, path: str | Path | list | CheckedModel, family: str | None = None,
+             keep: list[str] | None = None) -> dict:
     """Load a DiT (or the experts of one model, a list, in the family's expert order) on every rank,
     freeing any other; returns the first one's family, heads, layers, text_dim and the chosen degrees,
     and "warnings". With `family` (a family's name), a file of another family is refused by name. A
@@ -108,7 +109,7 @@ def load_dit(group: GroupConfig | UspGroup, path: str | Path | list | CheckedMod
         checked = path
     else:
         checked = check_model([str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)], family)
-    request = LoadRequest(paths=checked.paths, family=checked.family.name)
+    request = LoadRequest(paths=checked.paths, family=checked.family.name, keep=[str(p) for p in keep or []])
     info, _ = _group(group).request(*request.to_frame())
     return {**info, "warnings": checked.warnings}
 

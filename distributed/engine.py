@@ -113,19 +113,21 @@ class Engine:
         """The module of load_dit's DiT."""
         return self.load_dit(path, family).module
 
-    def dit_info(self, paths: list[str], family: str | None = None) -> dict:
-        """Load these DiTs (freeing any other) and describe the first. Collective (every rank's free memory
-        is gathered at the end, also when this rank failed, so that no rank waits for it)."""
+    def dit_info(self, paths: list[str], family: str | None = None, keep: list[str] = ()) -> dict:
+        """Load these DiTs (freeing any other but those in keep, left as they are) and describe the first.
+        Collective (every rank's free memory is gathered at the end, also when this rank failed, so that no
+        rank waits for it)."""
         try:
-            info = self._dit_info(paths, family)
+            info = self._dit_info(paths, family, list(keep))
         except BaseException:
             self.preflight.free_memory_per_rank(failed=True)
             raise
         return {**info, **self.preflight.free_memory_per_rank()}
 
-    def _dit_info(self, paths: list[str], family: str | None) -> dict:
+    def _dit_info(self, paths: list[str], family: str | None, keep: list[str]) -> dict:
         families = [models.detect_dit(path, family) for path in paths]
-        self.residency.forget_other_dits(list(zip(paths, families)))
+        kept = [(path, models.detect_dit(path, family)) for path in keep if path not in paths]
+        self.residency.forget_other_dits(list(zip(paths, families)) + kept)
         dits = self.residency.experts(paths, families, 0, self._load)
         if any(d.family is not dits[0].family for d in dits):
             raise ValueError("the DiTs of one model must be of one family, got "

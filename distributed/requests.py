@@ -44,6 +44,7 @@ class LoadRequest(WireRequest):
     type: str = field(default="load_dit", init=False)
     paths: list[str] = header(check=_check_paths)
     family: str | None = None  # the family to load them as (files that look alike: see models.detect_dit)
+    keep: list[str] = field(default_factory=list)  # other DiTs to leave loaded if they are (not freed, not loaded)
 
 
 @dataclass(kw_only=True)

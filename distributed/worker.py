@@ -161,7 +161,7 @@ class Worker:
                 "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch.")}, None
 
     def load(self, request: LoadRequest) -> Reply:
-        return {"type": "ok", **self.engine.dit_info(request.paths, request.family)}, None
+        return {"type": "ok", **self.engine.dit_info(request.paths, request.family, request.keep)}, None
 
     def encode(self, request: EncodeRequest) -> Reply | None:
         if not self.engine.encode_on_all_ranks(request) and self.rank != 0:

@@ -105,13 +105,15 @@ def _publish_loaded(names: list[str], info: dict) -> None:
                             free=info.get("free_bytes_per_rank"))
 
 
-def load_model(group: GroupConfig, model_name: str | list[str], family: str) -> tuple[ModelSocket, str]:
+def load_model(group: GroupConfig, model_name: str | list[str], family: str | None,
+               keep: list[str] | None = None) -> tuple[ModelSocket, str]:
     """A DiT from models/diffusion_models on every rank, or the experts of one model (a list, in the
     family's expert order): (the model socket's value, the info text). The socket holds "path" (the
-    first) and "experts" (all)."""
+    first) and "experts" (all). family None: the files'. keep: other DiT files to leave loaded (kept by
+    the socket too)."""
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     paths = [services.model_path("diffusion_models", name) for name in names]
-    info = api.load_dit(group, paths if len(paths) > 1 else paths[0], family=family)
+    info = api.load_dit(group, paths if len(paths) > 1 else paths[0], family=family, keep=keep)
     show_group(group)
     text, warnings = info_text(names, info)
     for warning in warnings:
@@ -119,7 +121,10 @@ def load_model(group: GroupConfig, model_name: str | list[str], family: str) -> 
         text += f"\nwarning: {warning}"
     log.info("usp-video: %s", text)
     _publish_loaded(names, info)
-    return {"group": group, "path": paths[0], "experts": paths, "info": info}, text
+    socket: ModelSocket = {"group": group, "path": paths[0], "experts": paths, "info": info}
+    if keep:
+        socket["keep"] = [p for p in keep if p not in paths]
+    return socket, text
 
 
 def show_group(config: GroupConfig) -> None:

@@ -36,17 +36,23 @@ TIP_SHIFT_RULE = ("The MODEL's shift (its ModelSamplingSD3, else ComfyUI's defau
                   "socket: a USP sampler whose shift widget differs refuses to run.")
 
 
+def _native_family(patcher, families: tuple[str, ...], input_name: str, file_name: str = "the MODEL") -> str:
+    """Our family of a native MODEL, from ComfyUI's model config class; refused unless one of `families`."""
+    kind = type(patcher.model.model_config).__name__
+    family = next((f.name for f in FAMILIES.values() if kind in f.comfy_model_configs), None)
+    if family not in families:
+        taken = [config for f in FAMILIES.values() if f.name in families for config in f.comfy_model_configs]
+        raise ValueError(f"{input_name}: ComfyUI loaded {file_name} as {kind}; this node takes "
+                         f"{' / '.join(taken)} models")
+    return family
+
+
 def read_native(patcher, chain: NativeChain, families: tuple[str, ...], input_name: str) -> tuple[str, float]:
     """Cross-check a native MODEL (a ComfyUI ModelPatcher) against its chain: its family, LoRA patches, shift and
     other patches. Returns (our family name, its shift). Only runs inside ComfyUI."""
     import comfy.lora
 
-    kind = type(patcher.model.model_config).__name__
-    family = next((f.name for f in FAMILIES.values() if kind in f.comfy_model_configs), None)
-    if family not in families:
-        taken = [config for f in FAMILIES.values() if f.name in families for config in f.comfy_model_configs]
-        raise ValueError(f"{input_name}: ComfyUI loaded {chain.unet_name} as {kind}; this node takes "
-                         f"{' / '.join(taken)} models")
+    family = _native_family(patcher, families, input_name, chain.unet_name)
     model_keys = set(patcher.model.state_dict().keys())
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     targets = []
@@ -63,7 +69,7 @@ def read_native(patcher, chain: NativeChain, families: tuple[str, ...], input_na
 
 
 def replay(group, inputs: list[tuple[str, object]], families: tuple[str, ...], prompt, dynprompt, node_id,
-           family: str | None = None) -> tuple[dict, str]:
+           family: str | None = None, keep: list[str] | None = None) -> tuple[dict, str]:
     """Read, check and replay native MODELs ([(input name, patcher)], one per expert) on the group: the model
     socket (with the LoRA chains and "native_shift") and the info text."""
     get_node = prompt_lookup(prompt, dynprompt)
@@ -79,7 +85,7 @@ def replay(group, inputs: list[tuple[str, object]], families: tuple[str, ...], p
         raise ValueError("the MODELs' shifts differ (" + ", ".join(f"{n} {s:g}" for (n, _), s in zip(inputs, shifts))
                          + "); the USP sampler takes one shift: give both ModelSamplingSD3 nodes the same value")
     names = [chain.unet_name for chain in chains]
-    socket, text = load_model(group, names if len(names) > 1 else names[0], family or found[0])
+    socket, text = load_model(group, names if len(names) > 1 else names[0], family or found[0], keep)
     for path, chain in zip(socket["experts"], chains):
         for name, strength in chain.loras:
             socket = with_lora(socket, [path], services.model_path("loras", name), strength)
@@ -126,9 +132,10 @@ def _kept_files(get_node, prompt, node_id, family: str) -> list[str]:
 def native_socket(group, patcher, prompt, dynprompt, node_id) -> ModelSocket:
     """A native MODEL given to a USP sampler, replayed on the group (its chain read from the sampler's `model`
     input), with the other native experts of the prompt kept loaded beside it."""
-    socket, info = replay(group, [("model", patcher)], NATIVE_FAMILIES, prompt, dynprompt, node_id)
-    kept = [p for p in _kept_files(prompt_lookup(prompt, dynprompt), prompt, node_id, socket["info"]["family"])
-            if p not in socket["experts"]]
-    if kept:
-        socket["keep"] = kept
+    family = _native_family(patcher, NATIVE_FAMILIES, "model")
+    kept = _kept_files(prompt_lookup(prompt, dynprompt), prompt, node_id, family)
+    socket, info = replay(group, [("model", patcher)], NATIVE_FAMILIES, prompt, dynprompt, node_id, keep=kept)
+    if socket.get("keep"):
+        log.info("usp-video: the prompt's other USP samplers replay %s: kept loaded beside %s",
+                 ", ".join(Path(p).name for p in socket["keep"]), Path(socket["path"]).name)
     return socket

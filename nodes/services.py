@@ -52,7 +52,12 @@ def model_path(folder: str, name: str) -> str:
                 found = _folder_paths.get_full_path(extra, name)
                 if found:
                     return found
-        return _folder_paths.get_full_path_or_raise(folder, name)
+        found = _folder_paths.get_full_path(folder, name)
+        if found is None:  # (ComfyUI 0.3.64 does not check a V3 combo's value against its list before running)
+            listed = list_models(folder)
+            raise FileNotFoundError(f"{name!r} is not in models/{folder}; the files there: "
+                                    f"{', '.join(listed[:20]) + (' ...' if len(listed) > 20 else '') or 'none'}")
+        return found
     path = _models_dir() / folder / name
     if not path.exists():
         raise FileNotFoundError(f"{folder}/{name} not found under {_models_dir()} (set USP_VIDEO_MODELS_DIR)")

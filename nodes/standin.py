@@ -109,7 +109,11 @@ class ComfyNode:
 
     @classmethod
     def GET_SCHEMA(cls) -> Schema:
-        return cls.define_schema()
+        schema = cls.define_schema()
+        ids = [i.id for i in schema.inputs] + [o.id for o in schema.outputs if o.id is not None]
+        if len(set(ids)) != len(ids):  # as ComfyUI's Schema.validate
+            raise ValueError(f"{schema.node_id}: ids must be unique between inputs and outputs: {ids}")
+        return schema
 
     @classmethod
     def PREPARE_CLASS_CLONE(cls, hidden_inputs: dict) -> type:

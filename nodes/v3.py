@@ -32,9 +32,12 @@ _SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
 def schema(**fields) -> "io.Schema":
     """io.Schema(**fields), less the fields this ComfyUI's Schema does not have (newer releases' additions,
     such as search_aliases): those are extras, never needed for a node to work."""
-    for output in fields.get("outputs") or []:  # 0.3.64 names an output without display_name by its type
-        if output.id is not None and output.display_name is None:
+    input_ids = {inp.id for inp in fields.get("inputs") or []}
+    for output in fields.get("outputs") or []:
+        if output.id is not None and output.display_name is None:  # 0.3.64 shows an output without one by its type
             output.display_name = output.id
+        if output.id in input_ids:  # V3 ids are unique across inputs and outputs: USP LoRA's model output keeps
+            output.id = None        # its name on the page (display_name) and gets ComfyUI's own id
     return io.Schema(**{name: value for name, value in fields.items() if name in _SCHEMA_FIELDS})
 
 
