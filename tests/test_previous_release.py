@@ -6,9 +6,9 @@ that release's code made from them with the tiny models. Against one ComfyUI ser
 pack and the tiny model sets, this file checks:
 
 - every node of every UI file is registered in /object_info, its widgets_values fit the node's widget inputs
-  as the page would load them (count, types, combo choices) and its saved sockets still exist with the same
-  types, outputs at the same slots (links name slots by index);
-- every node of every API file is registered, each of its inputs exists and each link fits an output slot;
+  as the page would load them (count, types, combo choices), its saved input sockets still exist, no required
+  input is new, and each link lands on an output slot whose current type fits (links name slots by index);
+- the same for every API file as /prompt validates it: nodes registered, inputs known and set, links fitting;
 - each API file the tiny sets can run runs over HTTP (tiny files and sizes substituted by `tiny_substitute`,
   a SaveLatent after each sampler) and gives the stored latents (relative error <= 1e-5).
 
@@ -254,6 +254,10 @@ def _ordered_inputs(node_info: dict) -> list[tuple[str, list]]:
             for name in order.get(section, [])]
 
 
+def _required(node_info: dict) -> list[str]:
+    return list(node_info["input"].get("required", {}))
+
+
 def _choices(spec: list) -> list | None:
     """A combo's choices (V1: a list as the type; V3: "COMBO" with options), else None."""
     if isinstance(spec[0], list):
@@ -309,46 +313,58 @@ def _socket_type(spec: list) -> str:
     return "COMBO" if _choices(spec) is not None else spec[0]
 
 
-def _types_fit(a: str, b: str) -> bool:
-    """The page's link rule: equal types, "*" on either side, or one of a comma-separated list."""
-    return a == b or "*" in (a, b) or bool(set(a.split(",")) & set(b.split(",")))
+def link_problem(where: str, input_name: str, input_spec: list, source_type: str | None, slot: int,
+                 info: dict) -> str | None:
+    """Why a link from output `slot` of a node of source_type into input_name does not fit, as ComfyUI's
+    validate_node_input (non-strict) judges it with the current nodes: equal types, "*", or a common member of
+    comma-separated types. None when it fits."""
+    outputs = info.get(source_type, {}).get("output", [])
+    if slot >= len(outputs):
+        return f"{where}: {input_name} is linked to output {slot} of {source_type}, which is gone"
+    received, wanted = outputs[slot], _socket_type(input_spec)
+    if received == wanted or "*" in (received, wanted) or \
+            {t.strip() for t in received.split(",")} & {t.strip() for t in wanted.split(",")}:
+        return None
+    return f"{where}: {input_name} takes {wanted}, but output {slot} of {source_type} is {received}"
 
 
-def ui_node_problems(node: dict, info: dict) -> list[str]:
-    """What stops the page from loading one saved UI node as it was saved."""
-    where = f"node {node['id']} ({node['type']})"
-    if node["type"] not in info:
-        return [f"{where}: not registered"]
-    node_info = info[node["type"]]
-    problems = []
-    slots, values = widget_slots(node_info), node.get("widgets_values") or []
-    if len(values) != len(slots):
-        problems.append(f"{where}: {len(values)} widget values for the widgets {[n for n, _ in slots]}")
-    for (name, spec), value in zip(slots, values):
-        if spec is not None and (problem := value_problem(name, spec, value)):
-            problems.append(f"{where}: {problem}")
-    inputs = dict(_ordered_inputs(node_info))
-    for socket in node.get("inputs", []):
-        if socket["name"] not in inputs:
-            problems.append(f"{where}: input socket {socket['name']!r} is gone")
-        elif not _types_fit(socket["type"], _socket_type(inputs[socket["name"]])):
-            problems.append(f"{where}: input {socket['name']!r} was {socket['type']}, is "
-                            f"{_socket_type(inputs[socket['name']])}")
-    outputs = node_info["output"]
-    for slot, output in enumerate(node.get("outputs", [])):
-        if slot >= len(outputs) or not _types_fit(output["type"], outputs[slot]):
-            problems.append(f"{where}: output {slot} was {output['type']}, is "
-                            f"{outputs[slot] if slot < len(outputs) else 'gone'}")
+def ui_problems(ui: dict, info: dict) -> list[str]:
+    """What stops the page from loading a saved UI graph as it was saved and queueing it: nodes not registered,
+    widget values that no longer fit their widgets (count, types, choices), saved input sockets whose input is
+    gone (the page sends inputs by the saved names), links that land on a missing output or the wrong type."""
+    problems, nodes = [], {node["id"]: node for node in ui["nodes"]}
+    for node in ui["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        if node["type"] not in info:
+            problems.append(f"{where}: not registered")
+            continue
+        slots, values = widget_slots(info[node["type"]]), node.get("widgets_values") or []
+        if len(values) != len(slots):
+            problems.append(f"{where}: {len(values)} widget values for the widgets {[n for n, _ in slots]}")
+        problems += [f"{where}: {problem}" for (name, spec), value in zip(slots, values)
+                     if spec is not None and (problem := value_problem(name, spec, value))]
+        inputs = dict(_ordered_inputs(info[node["type"]]))
+        sockets = [socket["name"] for socket in node.get("inputs", [])]
+        problems += [f"{where}: input socket {name!r} is gone" for name in sockets if name not in inputs]
+        widgets = {name for name, _ in slots}
+        problems += [f"{where}: required input {name!r} is new: the saved node has no socket for it"
+                     for name in _required(info[node["type"]]) if name not in widgets and name not in sockets]
+    for _, source, slot, target, target_slot, _ in ui["links"]:
+        node = nodes[target]
+        name = node["inputs"][target_slot]["name"]
+        inputs = dict(_ordered_inputs(info.get(node["type"], {"input": {}})))
+        if name in inputs and (problem := link_problem(f"node {target} ({node['type']})", name, inputs[name],
+                                                       nodes[source]["type"], slot, info)):
+            problems.append(problem)
     return problems
 
 
 @pytest.mark.parametrize("name", ui_workflows())
 def test_previous_ui_workflow_loads(server, name):
-    """Every node of the saved UI file is registered, and its widget values and sockets fit the node as the
-    page loads it: the user who opens last release's file sees the same graph, with no value shifted."""
+    """Every node of the saved UI file is registered, its widget values and sockets fit the node as the page
+    loads it, its links fit: the user who opens last release's file sees the same graph, no value shifted."""
     url, work, _, info = server
-    ui = json.loads((UI_DIR / f"{name}.json").read_text())
-    problems = [p for node in ui["nodes"] for p in ui_node_problems(node, info)]
+    problems = ui_problems(json.loads((UI_DIR / f"{name}.json").read_text()), info)
     assert problems == [], f"{name}:\n" + "\n".join(problems)
 
 
@@ -360,16 +376,14 @@ def api_node_problems(node_id: str, node: dict, prompt: dict, info: dict) -> lis
     if node["class_type"] not in info:
         return [f"{where}: not registered"]
     inputs = dict(_ordered_inputs(info[node["class_type"]]))
-    problems = []
+    problems = [f"{where}: required input {name!r} is new: the saved prompt does not set it"
+                for name in _required(info[node["class_type"]]) if name not in node["inputs"]]
     for name, value in node["inputs"].items():
         if name not in inputs:
             problems.append(f"{where}: input {name!r} is gone")
         elif isinstance(value, list):
-            source = prompt[value[0]]
-            outputs = info.get(source["class_type"], {}).get("output", [])
-            if value[1] >= len(outputs) or not _types_fit(outputs[value[1]], _socket_type(inputs[name])):
-                problems.append(f"{where}: {name} takes {_socket_type(inputs[name])}, but node {value[0]}'s "
-                                f"output {value[1]} is {outputs[value[1]] if value[1] < len(outputs) else 'gone'}")
+            if problem := link_problem(where, name, inputs[name], prompt[value[0]]["class_type"], value[1], info):
+                problems.append(problem)
         elif problem := value_problem(name, inputs[name], value):
             problems.append(f"{where}: {problem}")
     return problems
