@@ -413,11 +413,39 @@ def test_previous_api_workflow_gives_the_previous_latents(server, name, tmp_path
         write_latents(name, latents, final=sampler_ids(prompt)[-1])
         pytest.skip(f"wrote {latent_file(name)}")
     expected = stored_latents(name)
+    RAN[name] = latents
     assert sorted(latents) == sorted(expected), "the workflow's samplers are not those the latents were made from"
     for sampler, latent in latents.items():
         assert latent.shape == expected[sampler].shape, (sampler, latent.shape, expected[sampler].shape)
         error = rel_error(latent, expected[sampler])
         assert error <= TOLERANCE, f"{name}, sampler {sampler}: relative error {error:.2e} against the previous release"
+
+
+RAN: dict[str, dict] = {}  # this session's latents of each previous-release workflow (the test above)
+SHIPPED_API = Path(__file__).resolve().parents[1] / "workflows" / "api"
+
+
+@pytest.mark.parametrize("name", [n for n in api_workflows() if n not in NOT_RUNNABLE])
+def test_generic_workflow_gives_the_latents_of_the_per_family_one(server, name, tmp_path):
+    """The shipped workflow of the same name, rebuilt on the generic nodes (USP Load Diffusion Model, USP Sampler,
+    USP Sampler Advanced, USP LoRA...), gives the final latent of the previous release's per-family workflow:
+    within 1e-6 of this session's run of the old one, within the stored tolerance of the stored latent."""
+    url, work, models_root, _ = server
+    shipped = json.loads((SHIPPED_API / f"{name}_api.json").read_text())
+    from usp_video.nodes import NODE_CLASSES
+
+    old = sorted({n["class_type"] for n in shipped.values() if n["class_type"] in NODE_CLASSES
+                  and NODE_CLASSES[n["class_type"]].GET_SCHEMA().is_deprecated})
+    assert old == [], f"the shipped {name} still uses deprecated nodes {old}"
+    prompt = tiny_substitute(shipped, models_root)
+    latents = run_for_latents(url, prompt, tmp_path, f"generic/{name}")
+    final = latents[sampler_ids(prompt)[-1]]
+    error = rel_error(final, stored_latent(name))
+    assert error <= TOLERANCE, f"{name}: relative error {error:.2e} against the previous release's stored latent"
+    if name in RAN:
+        previous = RAN[name][sorted(RAN[name], key=lambda i: (len(i), i))[-1]]
+        error = rel_error(final, previous)
+        assert error <= 1e-6, f"{name}: relative error {error:.2e} against the per-family workflow run now"
 
 
 def test_every_runnable_workflow_has_stored_latents():
