@@ -200,7 +200,8 @@ def pytest_terminal_summary(terminalreporter):
 # The tests that need a real ComfyUI (COMFYUI_DIR) or a browser skip, with a message, where those are
 # absent. CI installs both and sets USP_VIDEO_REQUIRE_COMFYUI=1: there a skip of any of them is a failure,
 # so that a broken install cannot pass as "skipped".
-REQUIRED_IN_CI = ("test_comfyui_native.py", "test_comfyui_integration.py", "test_browser.py")
+REQUIRED_IN_CI = ("test_comfyui_native.py", "test_comfyui_integration.py", "test_browser.py", "test_previous_release.py",
+                  "test_comfy_internals.py", "test_registry.py")
 
 
 def _required_here(path) -> bool:
