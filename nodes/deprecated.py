@@ -194,8 +194,13 @@ def _lora(node_id, display_name, socket, expert_choice=False):
 
 
 def _empty_wan22_latent(hidden, width, height, length, batch_size=1):
-    if width % TI2V.pixel_multiple or height % TI2V.pixel_multiple or width < 1 or height < 1:
-        raise ValueError(f"width {width} and height {height} must be positive multiples of {TI2V.pixel_multiple}")
+    problems = [f"{name} {value} must be a positive multiple of {TI2V.pixel_multiple}"
+                for name, value in (("width", width), ("height", height))
+                if value < TI2V.pixel_multiple or value % TI2V.pixel_multiple]
+    if length < 1 or (length - 1) % 4:
+        problems.append(f"length {length} must be 4k + 1 frames (1, 5, ..., 121)")
+    if problems:
+        raise ValueError("; ".join(problems))
     return (wan22_latent(TI2V, None, width, height, length, batch_size),)
 
 

@@ -18,7 +18,7 @@ from .common import TIP_DENOISE, TIP_GROUP, TIP_NEGATIVE, TIP_POSITIVE, TIP_STEP
 from .conditioning import family_conditioning
 from .loaders import ALL_EXPERTS, EXPERT_NAMES, expert_paths
 from .model_socket import ModelSocket, expert_socket
-from .native_nodes import TIP_MODEL, native_socket
+from .native_nodes import MEMORY_NOTE, TIP_MODEL, native_socket
 from .sampler_run import run_sampler
 from .v3 import CATEGORY, HIDDEN_ALL, advanced, io, schema
 
@@ -92,7 +92,7 @@ def sample(model: ModelSocket, positive, negative, latent_image: dict, node_id, 
 def _model_input():
     return io.MultiType.Input("model", types=[socket_types.Model, io.Model], tooltip=(
         "A USP model (USP Load Diffusion Model, USP LoRA), or a native MODEL with a USP Group connected below. "
-        + TIP_MODEL))
+        + TIP_MODEL + " " + MEMORY_NOTE))
 
 
 def _conditioning_inputs() -> list:

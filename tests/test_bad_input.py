@@ -221,6 +221,24 @@ def test_conditioning_the_sampler_would_ignore_is_refused(extra, named):
                               ("pooled_output", "guidance"))[1]["guidance"] == 6.0
 
 
+def test_the_samplers_read_a_conditioning_as_its_family_takes_it():
+    """family_conditioning (what USP Sampler reads): HunyuanVideo takes the pooled output and FluxGuidance's
+    guidance (as an option), Wan 2.1 refuses that guidance by name and takes the image-to-video tensors."""
+    from usp_video.distributed import models
+    from usp_video.nodes.conditioning import family_conditioning
+
+    tokens, pooled = torch.zeros(1, 4, 32), torch.zeros(1, 16)
+    cond, options = family_conditioning([[tokens, {"guidance": 6.0, "pooled_output": pooled}]], "positive",
+                                        models.get("hunyuan-video"))
+    assert set(cond) == {"tokens", "pooled_output"} and cond["pooled_output"] is pooled and options == {"guidance": 6.0}
+    with pytest.raises(ValueError, match="negative: this conditioning carries guidance, which"):
+        family_conditioning([[tokens, {"guidance": 6.0}]], "negative", models.get("wan2.1"))
+    concat = torch.zeros(1, 16, 1, 2, 2)
+    cond, options = family_conditioning([[tokens, {"concat_latent_image": concat, "pooled_output": None}]],
+                                        "positive", models.get("wan2.1"))
+    assert set(cond) == {"tokens", "concat_latent_image"} and options == {}
+
+
 def test_the_family_is_read_from_the_file_once_per_request(tiny_models, monkeypatch):
     """A sample request reads its DiT's header once on the client (detection and config together), checks
     the experts once, and a caller that found the family already (the CLI: api.check_model) reads none."""

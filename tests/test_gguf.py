@@ -176,15 +176,18 @@ def test_the_load_preflight_counts_quantized_bytes(gguf_files):
 
 
 def test_the_loader_lists_gguf_files_and_reports_the_quantization(tiny_models, monkeypatch):
-    from usp_video.nodes import model_socket, services
+    from usp_video.nodes import NODE_CLASSES, model_socket, services
 
     monkeypatch.setattr(services, "IN_COMFYUI", False)
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit_gguf"]).parents[1]))
     names = services.list_models("diffusion_models")
     assert Path(tiny_models["dit_gguf"]).name in names and Path(tiny_models["dit"]).name in names
     assert not any(n.endswith(".gguf") for n in services.list_models("vae"))
+    for node in ("UspLoadDiffusionModel", "UspWanModelLoader"):  # the generic loader and the deprecated Wan one
+        widget = next(i for i in NODE_CLASSES[node].GET_SCHEMA().inputs if i.id == "model_name")
+        assert Path(tiny_models["dit_gguf"]).name in widget.options, node
     engine = make_engine()
-    info = engine._dit_info([tiny_models["dit_gguf"]], None)
+    info = engine._dit_info([tiny_models["dit_gguf"]], None, [])
     assert len(info["quantized_layers"]) == 20 and set(info["quantized_layers"].values()) == {"Q8_0"}
     text = model_socket.quantization_text(info["quantized_layers"])
     assert "20 layers stay quantized (Q8_0 20)" in text and "blocks.*.ffn.net.2 Q8_0" in text
@@ -231,7 +234,7 @@ def test_wan22_experts_and_5b_load_from_gguf(tiny_wan22, tiny_5b, tmp_path):
         save_gguf(load_file(source), path, "wan", "Q8_0", metadata=meta)
         assert detect_dit(path, family).name == family
         engine = make_engine()
-        layers = engine._dit_info([path], family)["quantized_layers"]
+        layers = engine._dit_info([path], family, [])["quantized_layers"]
         assert layers and set(layers.values()) == {"Q8_0"}, family
         x, t, context = inputs((3, 4, 6))
         with torch.no_grad():

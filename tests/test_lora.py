@@ -177,19 +177,29 @@ def test_bad_loras_are_named(tiny_models, tiny_hunyuan, tmp_path):
 
 
 def test_lora_nodes_chain_per_expert(tiny_models, monkeypatch):
-    from usp_video.nodes import lora_nodes, services
+    """The deprecated Wan 2.2 LoRA node (expert both / high_noise) and the generic USP LoRA (all / high_noise)
+    chain LoRAs per expert alike, leaving their input socket unchanged; a NaN strength is refused by both."""
+    from comfy_executor import call
+    from usp_video.nodes import services
 
     monkeypatch.setattr(services, "IN_COMFYUI", False)
     monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_models["dit"]).parents[1]))
     assert "tiny_wan_lora_kohya.safetensors" in services.list_models("loras")
-    socket = {"path": "high.safetensors", "experts": ["high.safetensors", "low.safetensors"], "info": {}}
-    (one,) = lora_nodes.UspWan22Lora().apply(socket, "tiny_wan_lora_kohya.safetensors", 1.0, "high_noise")
-    (two,) = lora_nodes.UspWan22Lora().apply(one, "tiny_wan_lora_distill.safetensors", 0.5, "both")
-    assert [Path(f).name for f, _ in two["loras"]["high.safetensors"]] == ["tiny_wan_lora_kohya.safetensors",
-                                                                           "tiny_wan_lora_distill.safetensors"]
-    assert [s for _, s in two["loras"]["low.safetensors"]] == [0.5] and "loras" not in socket  # inputs unchanged
-    with pytest.raises(ValueError, match="strength must be a finite number"):
-        lora_nodes.UspLora().apply(socket, "tiny_wan_lora_kohya.safetensors", float("nan"))
+    socket = {"path": "high.safetensors", "experts": ["high.safetensors", "low.safetensors"],
+              "info": {"family": "wan2.2-a14b", "model": "Wan 2.2 A14B"}}
+    chains = []
+    for node, both in (("UspWan22Lora", "both"), ("UspLoraLoader", "all")):
+        (one,) = call(node, model=socket, lora_name="tiny_wan_lora_kohya.safetensors", strength=1.0,
+                      expert="high_noise")
+        (two,) = call(node, model=one, lora_name="tiny_wan_lora_distill.safetensors", strength=0.5, expert=both)
+        assert [Path(f).name for f, _ in two["loras"]["high.safetensors"]] == ["tiny_wan_lora_kohya.safetensors",
+                                                                               "tiny_wan_lora_distill.safetensors"]
+        assert [s for _, s in two["loras"]["low.safetensors"]] == [0.5] and "loras" not in socket  # inputs unchanged
+        chains.append(two["loras"])
+    assert chains[0] == chains[1]
+    for node in ("UspLora", "UspLoraLoader"):
+        with pytest.raises(ValueError, match="strength must be a finite number"):
+            call(node, model=socket, lora_name="tiny_wan_lora_kohya.safetensors", strength=float("nan"))
 
 
 def test_loras_added_changed_and_removed_under_compile(tiny_models):

@@ -1,16 +1,16 @@
-"""USP Model from native MODEL (nodes/native_nodes.py, nodes/native_chain.py) without ComfyUI: the graph walk over API-format prompts,
-the cross-check of the chain against a MODEL's patches, and the sampler refusing a shift that differs from the
-native MODEL's. The real server runs the chain in test_comfyui_integration.py."""
+"""A native MODEL on the USP group (nodes/native_nodes.py, nodes/native_chain.py; the generic samplers and the
+deprecated adapter nodes take one) without ComfyUI: the graph walk over API-format prompts, the cross-check of the
+chain against a MODEL's patches, and the samplers refusing a shift that differs from the native MODEL's. The real
+server runs the chain in test_comfyui_integration.py."""
 
 from collections import Counter
 
 import pytest
 import torch
 
-from usp_video.nodes import native_chain as native
-from usp_video.nodes.hunyuan_nodes import UspNativeHunyuanModel
-from usp_video.nodes.wan22_nodes import UspNativeWan22Model
-from usp_video.nodes.wan_nodes import UspNativeWanModel, UspWanSampler
+from comfy_executor import call
+from usp_video.nodes import NODE_CLASSES, native_chain as native
+from usp_video.nodes.samplers import model_shift
 
 
 def prompt(*middle, adapter_input="model"):
@@ -165,15 +165,36 @@ def test_weight_dtype(tmp_path):
 
 
 def test_the_sampler_refuses_a_shift_other_than_the_native_models():
-    socket = {"group": None, "path": "wan.safetensors", "info": {"family": "wan2.1"}, "native_shift": 8.0}
+    """The deprecated Wan sampler and the generic one refuse a shift other than the native MODEL's; the generic
+    one's shift 0 takes the native MODEL's."""
+    socket = {"group": None, "path": "wan.safetensors", "experts": ["wan.safetensors"],
+              "info": {"family": "wan2.1", "model": "Wan"}, "native_shift": 8.0}
     cond = [[torch.zeros(1, 4, 32), {}]]
+    latent = {"samples": torch.zeros(1, 16, 1, 2, 2)}
     with pytest.raises(ValueError, match="this sampler's shift is 5, its native MODEL's is 8"):
-        UspWanSampler().sample(socket, cond, cond, {"samples": torch.zeros(1, 16, 1, 2, 2)}, 0, 2, 1.0, 5.0, "euler",
-                               1.0)
+        call("UspWanSampler", model=socket, positive=cond, negative=cond, latent_image=latent, seed=0, steps=2,
+             cfg=1.0, shift=5.0, sampler_name="euler", denoise=1.0)
+    with pytest.raises(ValueError, match="this sampler's shift is 5, its native MODEL's is 8"):
+        call("UspSampler", model=socket, seed=0, steps=2, cfg=1.0, sampler_name="euler", positive=cond,
+             negative=cond, latent_image=latent, denoise=1.0, shift=5.0)
+    assert model_shift(socket, 0.0) == 8.0 and model_shift(socket, 5.0) == 5.0
+    assert model_shift({**socket, "native_shift": None}, 0.0) == 5.0  # Wan 2.1's default without a native MODEL
+
+
+HIDDEN_GRAPH = {"UNIQUE_ID", "PROMPT", "DYNPROMPT"}
+
+
+def hidden_ids(node_id):
+    return {getattr(h, "value", h) for h in NODE_CLASSES[node_id].GET_SCHEMA().hidden}
 
 
 def test_the_adapter_nodes_declare_the_hidden_graph_inputs():
-    for cls in (UspNativeWanModel, UspNativeHunyuanModel, UspNativeWan22Model):
-        hidden = cls.INPUT_TYPES()["hidden"]
-        assert hidden == {"prompt": "PROMPT", "dynprompt": "DYNPROMPT", "node_id": "UNIQUE_ID"}
-        assert "ComfyUI's own memory" in cls.DESCRIPTION
+    """The deprecated adapters and the generic samplers (which take a native MODEL) ask for the graph; the
+    generic samplers tell that a native MODEL stays in ComfyUI's memory (the adapters' info output says so)."""
+    for node_id in ("UspNativeWanModel", "UspNativeHunyuanModel", "UspNativeWan22Model"):
+        assert hidden_ids(node_id) == HIDDEN_GRAPH, node_id
+    for node_id in ("UspSampler", "UspSamplerAdvanced"):
+        assert hidden_ids(node_id) == HIDDEN_GRAPH, node_id
+        schema = NODE_CLASSES[node_id].GET_SCHEMA()
+        model = next(i for i in schema.inputs if i.id == "model")
+        assert "ComfyUI's own memory" in schema.description + (model.tooltip or ""), node_id

@@ -7,7 +7,7 @@ names of its own. Nothing outside that package is written. The toy family then r
 - the engine (one process): detected by name, its tiny set loaded and sampled; the latent equals Wan 2.1's on
   the same weights, and its VAE decode runs;
 - the nodes' shared code, on a launched 1-rank group: the loader socket, the sampler run with its LATENT tag, the
-  family-neutral USP VAE Decode node;
+  generic USP Text Encode and USP Sampler nodes (the same latent), the family-neutral USP VAE nodes;
 - the command line: `usp-video plan` offers it, `usp-video demo --model toywan` makes a video on 2 ranks.
 
 If a layer outside the family packages knew the families by name (a second registry, a branch on a family's
@@ -83,6 +83,8 @@ ENGINE_AND_NODES = textwrap.dedent('''
     from usp_video.distributed import api
     from usp_video.nodes.model_socket import load_model
     from usp_video.nodes.sampler_run import run_sampler
+    from usp_video.nodes.loaders import UspTextEncode
+    from usp_video.nodes.samplers import UspSampler
     from usp_video.nodes.vae_nodes import UspVaeDecode, UspVaeLoader
     group = GroupConfig(ranks=1, threads_per_rank=1)
     try:
@@ -93,8 +95,17 @@ ENGINE_AND_NODES = textwrap.dedent('''
                                 negative=None, seed=7, steps=3, cfg=1.0, shift=5.0, sampler="euler", denoise=1.0)
         assert latent["usp_family"] == "toywan", latent.get("usp_family")
         torch.testing.assert_close(latent["samples"], toy_run.latent, rtol=1e-5, atol=1e-6)
-        (vae,) = UspVaeLoader().load(group, Path(files["vae"]).name)
-        (image,) = UspVaeDecode().decode(vae, latent)
+        # the generic text encode and sampler on the toy socket: the same latent, tagged
+        text_encoder = {"group": group, "family": "toywan", "files": {"text_encoder": files["text_encoder"]}}
+        conditioning = UspTextEncode.execute(text_encoder=text_encoder, text="a cat").args[0]
+        (generic,) = UspSampler.execute(model=socket, seed=7, steps=3, cfg=1.0, sampler_name="euler",
+                                        positive=conditioning, negative=conditioning,
+                                        latent_image={"samples": torch.zeros(1, 16, 3, 4, 6)}, denoise=1.0,
+                                        shift=5.0).args
+        assert generic["usp_family"] == "toywan", generic.get("usp_family")
+        assert torch.equal(generic["samples"], latent["samples"])
+        (vae,) = UspVaeLoader.execute(group=group, vae_name=Path(files["vae"]).name).args
+        (image,) = UspVaeDecode.execute(vae=vae, samples=latent).args
         assert image.shape == (9, 32, 48, 3), image.shape
         print("nodes: toywan latent tagged and decoded", tuple(image.shape))
     finally:
@@ -103,8 +114,10 @@ ENGINE_AND_NODES = textwrap.dedent('''
 
 
 def _copy_pack(dest: Path) -> None:
-    """The repository's tracked files (as a user's checkout has them), without the tests."""
-    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout
+    """The repository's files (tracked, and new ones git does not ignore: the working tree as it would be
+    committed), without the tests."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout
     for name in filter(None, listed.decode().split("\0")):
         if name.startswith(("tests/", ".ci/")) or not (REPO / name).is_file():
             continue

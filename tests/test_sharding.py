@@ -190,8 +190,11 @@ def test_dit_offload_reaches_the_config_from_the_node_the_cli_and_a_ranks_flags(
 
     from usp_video.distributed import cli
     from usp_video.distributed.config import GroupConfig
+    from usp_video.nodes import NODE_CLASSES
     from usp_video.nodes.group_node import make_config
 
+    widget = next(i for i in NODE_CLASSES["UspGroup"].GET_SCHEMA().inputs if i.id == "dit_offload")
+    assert list(widget.options) == ["off", "on"] and not widget.optional
     assert make_config("cpu", "all", 2, "auto", "auto", "auto", "auto", 600, dit_offload="on").dit_offload
     assert not make_config("cpu", "all", 2, "auto", "auto", "auto", "auto", 600).dit_offload
     parser = argparse.ArgumentParser()

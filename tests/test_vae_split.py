@@ -180,7 +180,7 @@ def test_decode_reports_progress_per_decoder_call(tiny_models, tiny_hunyuan, fam
 def test_encode_node_through_the_group(tiny_models):
     """USP VAE Encode on a 2-rank group (vae_split on): the one-process latent, tagged with the VAE's family,
     progress per latent frame; an RGBA IMAGE is encoded by its RGB, and the input is left unchanged."""
-    from usp_video.nodes import NODE_CLASS_MAPPINGS
+    from comfy_executor import call
 
     frames = encode_frames((5, 40, 16))
     rgba = torch.cat([frames, torch.ones(5, 40, 16, 1)], dim=-1)
@@ -189,7 +189,7 @@ def test_encode_node_through_the_group(tiny_models):
     try:
         events = []
         latent, family = api.encode_video(group, tiny_models["vae"], frames, on_progress=events.append)
-        (out,) = NODE_CLASS_MAPPINGS["UspVaeEncode"]().encode(rgba, {"group": group, "path": tiny_models["vae"]})
+        (out,) = call("UspVaeEncode", pixels=rgba, vae={"group": group, "path": tiny_models["vae"]})
     finally:
         free_group()
     expected = make_engine().encode_video(tiny_models["vae"], frames)

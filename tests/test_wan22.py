@@ -99,10 +99,11 @@ def test_two_advanced_samplers_equal_the_switch_with_euler(experts):
 
 
 def test_shipped_two_sampler_workflow_splits_at_the_boundary():
-    from usp_video.workflows.make_workflows import WAN22_TWO_SAMPLERS
+    from usp_video.workflows import make_workflows
 
-    high, low = WAN22_TWO_SAMPLERS[7][2], WAN22_TWO_SAMPLERS[11][2]
-    steps, shift, end, start = high[3], high[5], high[8], low[7]
+    prompt = json.loads((make_workflows.API_DIR / "wan22_t2v_usp_two_samplers_api.json").read_text())
+    high, low = prompt["7"]["inputs"], prompt["11"]["inputs"]
+    steps, shift, end, start = high["steps"], high["shift"], high["end_at_step"], low["start_at_step"]
     assert end == start == first_step_below(FAMILY.defaults.boundaries[0], steps, shift)
 
 
@@ -193,17 +194,40 @@ def tiny_wan22_prompt(name, tiny_wan22, steps=6):
 
     prompt = json.loads((make_workflows.API_DIR / f"{name}_api.json").read_text())
     prompt["1"]["inputs"].update(device="cpu", cpu_ranks=2)
-    prompt["2"]["inputs"].update(high_noise_model=Path(tiny_wan22["high_noise"]).name,
-                                 low_noise_model=Path(tiny_wan22["low_noise"]).name)
+    prompt["2"]["inputs"].update(model_name=Path(tiny_wan22["high_noise"]).name,
+                                 low_noise_model_name=Path(tiny_wan22["low_noise"]).name)
     prompt["3"]["inputs"]["text_encoder_name"] = Path(tiny_wan22["text_encoder"]).name
     prompt["8"]["inputs"]["vae_name"] = Path(tiny_wan22["vae"]).name
     prompt["6"]["inputs"].update(width=64, height=48, length=9)
     return prompt
 
 
+def with_deprecated_nodes(prompt):
+    """A shipped Wan 2.2 prompt as an earlier release saved it: the Wan 2.2 loader (expert outputs 1 and 2), the
+    UMT5 loader, the Wan 2.2 sampler and the Wan sampler advanced on one expert each."""
+    prompt = json.loads(json.dumps(prompt))
+    loader = prompt["2"]["inputs"]
+    prompt["2"] = {"class_type": "UspWan22ModelLoader", "inputs": {
+        "group": loader["group"], "high_noise_model": loader["model_name"],
+        "low_noise_model": loader["low_noise_model_name"]}}
+    prompt["3"]["class_type"] = "UspTextEncoderLoader"
+    prompt["3"]["inputs"] = {k: prompt["3"]["inputs"][k] for k in ("group", "text_encoder_name")}
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "UspSampler":
+            node["class_type"] = "UspWan22Sampler"
+            inputs["cfg_high_noise"] = inputs.pop("cfg")
+        elif node["class_type"] == "UspSamplerAdvanced":
+            node["class_type"] = "UspWanSamplerAdvanced"
+            inputs["model"] = ["2", 1 if inputs.pop("expert") == "high_noise" else 2]
+            del inputs["cfg_low_noise"], inputs["boundary"]
+    return prompt
+
+
 def test_workflows_one_switch_equals_two_samplers(tiny_wan22, tmp_path, monkeypatch):
     """The one-node switch and ComfyUI's two-sampler layout (USP Sampler Advanced x2) give the same
-    latent with euler, on one group that keeps both experts loaded across the two prompts."""
+    latent with euler, on one group that keeps both experts loaded across the prompts; so do both layouts
+    saved with the deprecated Wan 2.2 nodes of earlier releases."""
     from comfy_executor import execute
     from usp_video.distributed.registry import GROUPS, free_group
 
@@ -211,7 +235,7 @@ def test_workflows_one_switch_equals_two_samplers(tiny_wan22, tmp_path, monkeypa
     steps, shift, cfg = 6, 8.0, 3.5
     k = first_step_below(0.875, steps, shift)
     one = tiny_wan22_prompt("wan22_t2v_usp", tiny_wan22)
-    one["7"]["inputs"].update(steps=steps, shift=shift, cfg_high_noise=cfg, cfg_low_noise=cfg, boundary=0.875,
+    one["7"]["inputs"].update(steps=steps, shift=shift, cfg=cfg, cfg_low_noise=cfg, boundary=0.875,
                               sampler_name="euler")
     two = tiny_wan22_prompt("wan22_t2v_usp_two_samplers", tiny_wan22)
     two["7"]["inputs"].update(steps=steps, shift=shift, cfg=cfg, end_at_step=k)
@@ -220,21 +244,32 @@ def test_workflows_one_switch_equals_two_samplers(tiny_wan22, tmp_path, monkeypa
         a = execute(one, tmp_path)
         b = execute(two, tmp_path)
         assert rel_error(b["11"][0]["samples"], a["7"][0]["samples"]) <= 1e-5
+        old_one = execute(with_deprecated_nodes(one), tmp_path)
+        old_two = execute(with_deprecated_nodes(two), tmp_path)
+        assert rel_error(old_one["7"][0]["samples"], a["7"][0]["samples"]) <= 1e-5
+        assert rel_error(old_two["11"][0]["samples"], a["7"][0]["samples"]) <= 1e-5
         assert b["11"][0]["usp_family"] == "wan2.2-a14b"
         assert a["9"][0].shape == (9, 48, 64, 3) and (tmp_path / "usp_video" / "wan22_00001_.webp").is_file()
         status, _ = GROUPS.current.request({"type": "ping"})
         assert status["load_counts"]["dit"] == 2  # two experts, each loaded once for both prompts
-        assert "does not say" not in a["2"][3]  # the loader's info: the tiny names say which expert is which
+        assert "does not say" not in a["2"][1]  # the loader's info: the tiny names say which expert is which
     finally:
         free_group()
 
 
 def test_sampler_node_needs_both_experts(tiny_wan22):
-    from usp_video.nodes import NODE_CLASS_MAPPINGS as N
+    """The deprecated Wan 2.2 sampler refuses one expert (an expert output connected to it); the generic sampler
+    refuses the two-expert settings on a one-expert socket."""
+    from comfy_executor import call
 
     with pytest.raises(ValueError, match="needs both experts; connect the 'model' output"):
-        N["UspWan22Sampler"]().sample({"experts": ["x"], "info": {}}, None, None, {}, 0, 4, 4.0, 3.0, 12.0, 0.875,
-                                      "euler", 1.0).latent
+        call("UspWan22Sampler", model={"experts": ["x"], "info": {}}, positive=None, negative=None, latent_image={},
+             seed=0, steps=4, cfg_high_noise=4.0, cfg_low_noise=3.0, shift=12.0, boundary=0.875,
+             sampler_name="euler", denoise=1.0)
+    one_expert = {"group": None, "path": "x", "experts": ["x"], "info": {"family": "wan2.2-a14b", "model": "x"}}
+    with pytest.raises(ValueError, match="cfg_low_noise: x runs one model, not experts"):
+        call("UspSampler", model=one_expert, seed=0, steps=4, cfg=4.0, sampler_name="euler", positive=None,
+             negative=None, latent_image={}, denoise=1.0, shift=12.0, cfg_low_noise=3.0)
 
 
 # -- the command line -----------------------------------------------------------------------------------

@@ -118,12 +118,18 @@ def test_bad_noise_masks_are_refused_before_sampling(tiny_5b, tiny_models):
 
 
 def test_empty_latent_node_checks_sizes():
-    from usp_video.nodes import NODE_CLASS_MAPPINGS as N
+    """The deprecated empty-latent node and the image-to-video latent node without a start image (its
+    replacement, which needs no VAE then): the 5B latent's shape, and sizes it cannot take refused by name."""
+    from comfy_executor import call
 
-    latent = N["UspEmptyWan22Latent"]().generate(1280, 704, 121)[0]["samples"]
+    latent = call("UspEmptyWan22Latent", width=1280, height=704, length=121)[0]["samples"]
     assert latent.shape == (1, 48, 31, 44, 80)
     with pytest.raises(ValueError, match="width 1000 must be a positive multiple of 32; length 120 must be 4k"):
-        N["UspEmptyWan22Latent"]().generate(1000, 704, 120)
+        call("UspEmptyWan22Latent", width=1000, height=704, length=120)
+    (latent,) = call("UspWan22ImageToVideoLatent", vae=None, width=1280, height=704, length=121, batch_size=1)
+    assert latent["samples"].shape == (1, 48, 31, 44, 80) and "noise_mask" not in latent
+    with pytest.raises(ValueError, match=r"multiples of 32 and length 1 \+ 4k, got 1000x704x120"):
+        call("UspWan22ImageToVideoLatent", vae=None, width=1000, height=704, length=120, batch_size=1)
 
 
 # -- the shipped workflow and the CLI ----------------------------------------------------------------
@@ -141,11 +147,21 @@ def test_workflow_runs_through_the_nodes(tiny_5b, tmp_path, monkeypatch):
     prompt["8"]["inputs"]["vae_name"] = Path(tiny_5b["vae"]).name
     prompt["6"]["inputs"].update(width=64, height=96, length=5)
     prompt["7"]["inputs"]["steps"] = 3
+    # the same graph as an earlier release saved it, with the deprecated TI2V-5B nodes
+    old = json.loads(json.dumps(prompt))
+    old["2"]["class_type"] = "UspWan22TI2V5BModelLoader"
+    del old["2"]["inputs"]["low_noise_model_name"]
+    old["3"] = {"class_type": "UspTextEncoderLoader", "inputs": {k: prompt["3"]["inputs"][k]
+                                                                 for k in ("group", "text_encoder_name")}}
+    old["6"] = {"class_type": "UspEmptyWan22Latent", "inputs": dict(width=64, height=96, length=5, batch_size=1)}
+    old["7"]["class_type"] = "UspWan22TI2V5BSampler"
+    del old["7"]["inputs"]["cfg_low_noise"], old["7"]["inputs"]["boundary"]
     try:
         results = execute(prompt, tmp_path)
         assert results["7"][0]["samples"].shape == (1, 48, 2, 6, 4)
         assert results["9"][0].shape == (5, 96, 64, 3)
         assert (tmp_path / "usp_video" / "wan22_5b_00001_.webp").is_file()
+        assert torch.equal(execute(old, tmp_path)["7"][0]["samples"], results["7"][0]["samples"])
     finally:
         free_group()
 
@@ -191,12 +207,13 @@ def test_usp_image_to_video_latent_node(tiny_5b):
     from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.models.video import comfy_upscale
     from usp_video.distributed.registry import free_group
-    from usp_video.nodes.i2v_nodes import UspWan22ImageToVideoLatent
+    from comfy_executor import call
 
     image = torch.rand(1, 40, 70, 3, generator=torch.Generator().manual_seed(13))
     group = GroupConfig(ranks=2)
     try:
-        (latent,) = UspWan22ImageToVideoLatent().apply({"group": group, "path": tiny_5b["vae"]}, 64, 32, 9, 2, image)
+        (latent,) = call("UspWan22ImageToVideoLatent", vae={"group": group, "path": tiny_5b["vae"]}, width=64,
+                         height=32, length=9, batch_size=2, start_image=image)
     finally:
         free_group()
     engine = make_engine()

@@ -88,12 +88,20 @@ def test_wan22_i2v_expert_refused_by_the_wan21_loader(wan22_i2v):
         check_dit_file(wan22_i2v[0], "wan2.1")
 
 
+def wan_conditioning(conditioning, name):
+    """A CONDITIONING as the samplers read it for a Wan 2.1 model (the cond dict; Wan sets no option)."""
+    from usp_video.distributed import models
+    from usp_video.nodes.conditioning import family_conditioning
+
+    cond, options = family_conditioning(conditioning, name, models.get("wan2.1"))
+    assert options == {}
+    return cond
+
+
 def test_native_image_conditioning_reaches_the_request():
     """The Wan samplers read native WanImageToVideo / CLIPVisionEncode conditioning (a ClipVisionOutput's
     penultimate_hidden_states)."""
     from types import SimpleNamespace
-
-    from usp_video.nodes.wan_nodes import wan_conditioning
 
     cond = tiny_image_conditioning(UNEVEN)
     vision = SimpleNamespace(penultimate_hidden_states=cond["clip_vision"], image_embeds=torch.zeros(1, 1024))
@@ -115,9 +123,8 @@ def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
     from usp_video.distributed import api
     from usp_video.distributed.config import GroupConfig
     from usp_video.distributed.registry import free_group
-    from usp_video.nodes.wan_nodes import wan_conditioning
+    from comfy_executor import call
     from usp_video.distributed.models.video import start_video
-    from usp_video.nodes.i2v_nodes import UspWanImageToVideo
 
     g = torch.Generator().manual_seed(11)
     image = torch.rand(1, 40, 60, 3, generator=g)  # another size and aspect than the 48x32 video
@@ -125,8 +132,9 @@ def test_usp_image_to_video_node_gives_what_wanimagetovideo_gives(tiny_models):
     text = [[torch.randn(1, 24, 32, generator=g), {"pooled_output": None}]]
     group = GroupConfig(ranks=2)
     try:
-        positive, negative, latent = UspWanImageToVideo().apply(
-            text, text, {"group": group, "path": tiny_models["vae"]}, 48, 32, 5, 1, image, vision)
+        positive, negative, latent = call("UspWanImageToVideo", positive=text, negative=text,
+                                          vae={"group": group, "path": tiny_models["vae"]}, width=48, height=32,
+                                          length=5, batch_size=1, start_image=image, clip_vision_output=vision)
     finally:
         free_group()
     video = start_video(image, 48, 32, 5)
