@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -122,10 +123,14 @@ def texts_cut_short(page) -> list[str]:
         const cut = window.__uspCut; window.__uspCut = null; return cut; }""")
 
 
+# The text of the state box (web/js/usp_status.js) on the page's USP Group node, '' where there is none.
+STATUS_ON_THE_GROUP_NODE = """() => { const node = window.app.graph._nodes.find(n => n.type === 'UspGroup');
+    const widget = node && (node.widgets || []).find(w => w.name === 'usp_status');
+    return widget ? String(widget.value) : ''; }"""
+
+
 def status_on_the_group_node(page) -> str:
-    return page.evaluate("""() => { const node = window.app.graph._nodes.find(n => n.type === 'UspGroup');
-        const widget = node && (node.widgets || []).find(w => w.name === 'usp_status');
-        return widget ? String(widget.value) : ''; }""")
+    return page.evaluate(STATUS_ON_THE_GROUP_NODE)
 
 
 def drop(page, text: str, file_name: str) -> list[dict]:
@@ -182,20 +187,23 @@ def opens_in_the_page(page, name: str, shots: Path) -> None:
 
 
 @pytest.fixture(params=["bundled", "1.58.1"])
-def frontend(request) -> tuple[str, tuple[str, ...]]:
-    """(name, main.py's flags that serve it): the bundled page, or comfyui-frontend-package 1.58.1's."""
+def frontend(request) -> tuple[str, tuple[str, ...], str]:
+    """(name, main.py's flags that serve it, the version the page must report): the bundled page (the
+    comfyui-frontend-package version ComfyUI's requirements.txt pins), or comfyui-frontend-package 1.58.1's."""
     if request.param == "bundled":
-        return request.param, ()
+        pinned = re.search(r"^comfyui-frontend-package==(\S+)", (Path(COMFYUI_DIR) / "requirements.txt").read_text(),
+                           re.MULTILINE)
+        return request.param, (), pinned.group(1)
     if not FRONTEND_ROOT or not (Path(FRONTEND_ROOT) / "index.html").is_file():
         pytest.skip(f"COMFYUI_FRONTEND_ROOT ({FRONTEND_ROOT}) is not comfyui-frontend-package 1.58.1's static "
                     "folder: pip install --no-deps --target DIR comfyui-frontend-package==1.58.1, then "
                     "COMFYUI_FRONTEND_ROOT=DIR/comfyui_frontend_package/static")
-    return request.param, ("--front-end-root", FRONTEND_ROOT)
+    return request.param, ("--front-end-root", FRONTEND_ROOT), request.param
 
 
 def test_drop_workflow_press_run_see_the_video(frontend, tiny_models, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    name, frontend_args = frontend
+    name, frontend_args, version = frontend
     shots = ARTIFACTS / f"browser-{name}"
     shots.mkdir(parents=True, exist_ok=True)
     with comfyui_server(COMFYUI_DIR, Path(tiny_models["dit"]).parents[1], tmp_path,
@@ -213,6 +221,7 @@ def test_drop_workflow_press_run_see_the_video(frontend, tiny_models, tmp_path):
             page.wait_for_function("() => window.app && window.app.graph", timeout=90_000)
             page.wait_for_timeout(2000)
             page.keyboard.press("Escape")  # the template browser opens on first start
+            assert page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__") == version  # the page asked for
             # Every shipped workflow opens whole, on a page that has run nothing yet: after a run, a newer page
             # shows the old run's previews and video on the new graph's nodes of the same ids (grown to hold
             # them), which is the page's doing, not the workflow's layout.
@@ -240,7 +249,8 @@ def test_drop_workflow_press_run_see_the_video(frontend, tiny_models, tmp_path):
             assert "usp_video" in src and "wan21_" in src
             previews = page.evaluate("() => window.__uspPreviews")
             assert len(previews) >= 3 and all(kind == "image/jpeg" and size > 0 for kind, size in previews), previews
-            page.wait_for_timeout(1000)
+            # the group's state after the run comes in its own event, soon after the video
+            page.wait_for_function(f"() => ({STATUS_ON_THE_GROUP_NODE})().includes('last run: ')", timeout=30_000)
             status = status_on_the_group_node(page)
             for part in ("ready: 2 CPU ranks", "ulysses 2 x ring 1", "weights per rank:", "free memory: rank 0 ",
                          "rank 1 ", "last run: 3 steps, "):
