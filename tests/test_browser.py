@@ -246,7 +246,7 @@ def test_drop_workflow_press_run_see_the_video(frontend, tiny_models, tmp_path):
                 "() => { const n = window.app.graph._nodes.find(n => n.type === 'SaveAnimatedWEBP');"
                 " return n && n.imgs && n.imgs.length > 0 && n.imgs[0].complete; }", timeout=180_000)
             src = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'SaveAnimatedWEBP').imgs[0].src")
-            assert "usp_video" in src and "wan21_" in src
+            assert "usp_video" in src and ".webp" in src  # the run's video, in its usp_video/ subfolder
             previews = page.evaluate("() => window.__uspPreviews")
             assert len(previews) >= 3 and all(kind == "image/jpeg" and size > 0 for kind, size in previews), previews
             # the group's state after the run comes in its own event, soon after the video
