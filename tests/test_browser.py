@@ -82,7 +82,7 @@ def tiny_ui_workflow(tiny_models: dict, object_info: dict) -> str:
         if not isinstance(values, list):
             continue
         for index, value in enumerate(values):
-            if value in REAL_FILE_ROLES:
+            if isinstance(value, str) and value in REAL_FILE_ROLES:
                 values[index] = Path(tiny_models[REAL_FILE_ROLES[value]]).name
                 swapped.add(value)
         names = widget_names(object_info[node["type"]])
