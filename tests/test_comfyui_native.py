@@ -163,7 +163,8 @@ def lora_comparison(tmp_path_factory):
 
 @pytest.mark.parametrize("what", ["wan21_no_lora", "wan21_engine", "wan21_nodes", "wan21_engine_after_no_lora",
                                   "wan22_switch_engine", "wan22_two_advanced_engine", "wan22_high_leftover_latent",
-                                  "wan22_switch_nodes", "wan22_two_advanced_nodes"])
+                                  "wan22_switch_nodes", "wan22_two_advanced_nodes", "wan21_generic_nodes",
+                                  "wan22_switch_generic_nodes", "wan22_two_advanced_generic_nodes"])
 def test_loras_match_comfyuis_lora_loader(lora_comparison, what):
     """Two stacked LoRAs (kohya's then a distillation LoRA's: pairs with alpha, diff_b, diff on norms, a 5-D
     patch embedding pair; peft's on one Wan 2.2 expert), strengths 1.0 and 0.6, fp32: ComfyUI's UNETLoader,
@@ -198,7 +199,9 @@ def i2v_comparison(tiny_models, tmp_path_factory):
 @pytest.mark.parametrize("what", ["wan21_i2v_len5_cfg1_engine", "wan21_i2v_len5_cfg1_nodes",
                                   "wan21_i2v_len9_cfg4_engine", "wan21_i2v_len9_cfg4_nodes",
                                   "wan21_i2v_resized_to_latent_engine", "wan22_i2v_switch_engine",
-                                  "wan22_i2v_switch_nodes", "wan22_i2v_two_advanced_nodes", "wan22_flf_switch_engine"])
+                                  "wan22_i2v_switch_nodes", "wan22_i2v_two_advanced_nodes", "wan22_flf_switch_engine",
+                                  "wan21_i2v_len5_cfg1_generic_nodes", "wan21_i2v_len9_cfg4_generic_nodes",
+                                  "wan22_i2v_switch_generic_nodes"])
 def test_i2v_matches_comfyuis_wan_image_to_video(i2v_comparison, what):
     """Native WanImageToVideo (a start image of another size: its centre-crop resize, VAE Encode; a synthetic
     clip_vision_output for Wan 2.1 I2V) or WanFirstLastFrameToVideo, then KSampler (cfg 1 and 4) or two

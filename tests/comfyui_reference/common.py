@@ -134,3 +134,12 @@ def route_api_sample(engine) -> None:
         return engine.sample(request).latent, {"ulysses": 1, "ring": 1}
 
     api.sample = via_wire
+
+
+def run_node(class_type: str, **inputs) -> tuple:
+    """Run one of the pack's nodes (V3) as ComfyUI's execution does: a class clone with the hidden inputs set, then
+    its execute; returns its outputs."""
+    from usp_video.nodes import NODE_CLASSES
+
+    node = NODE_CLASSES[class_type].PREPARE_CLASS_CLONE({"UNIQUE_ID": "1"})
+    return tuple(node.EXECUTE_NORMALIZED(**inputs).args)

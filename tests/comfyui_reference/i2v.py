@@ -3,7 +3,7 @@ vision image embedder, two Wan 2.2 I2V A14B experts without it), VAE Encode insi
 WanFirstLastFrameToVideo (start and end images of another size than the video: their bilinear centre-crop
 resize), then KSampler (Wan 2.1, cfg 1 and cfg > 1) or two KSamplerAdvanced (Wan 2.2 A14B), all fp32; against
 our engine given the conditioning tensors those nodes made (SampleRequest) and against our Wan samplers given
-the native conditioning lists (nodes/wan_nodes.wan_conditioning; api.sample's checks and wire frame).
+the native conditioning lists (nodes/conditioning.family_conditioning; api.sample's checks and wire frame).
 ComfyUI's CLIP vision loader takes only full-size models: both sides get one synthetic clip_vision_output
 (comfy.clip_vision.Output holding random [1, 257, 1280] penultimate hidden states).
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .common import detectable_wan_i2v_config, rel, route_api_sample
+from .common import detectable_wan_i2v_config, rel, route_api_sample, run_node
 
 DITS = {"wan21_i2v": 51, "high_noise": 52, "low_noise": 53}
 
@@ -39,7 +39,7 @@ def compare(paths: dict) -> dict:
     from usp_video.distributed.models.wan21.tiny import TINY_VAE_CONFIG
     from usp_video.distributed.requests import SampleRequest
     from usp_video.distributed.sampling.schedules import sampling_sigmas
-    from usp_video.nodes import model_socket, wan22_nodes, wan_nodes
+    from usp_video.nodes import model_socket
 
     folder_paths.add_model_folder_path("diffusion_models", str(Path(paths["wan21_i2v"]).parent), is_default=True)
     vae = comfy_vae(paths["vae"], comfy.ldm.wan.vae, {"dim": TINY_VAE_CONFIG["base_dim"]})
@@ -91,9 +91,14 @@ def compare(paths: dict) -> dict:
                                                negative=tensors(neg), latent=latent["samples"], seed=seed, steps=steps,
                                                cfg=scale, shift=shift, sampler="euler")).latent
             out[case + "_engine"] = rel(ours, native)
-            node = wan_nodes.UspWanSampler().sample(socket(["wan21_i2v"], "wan2.1"), pos, neg, latent, seed, steps,
-                                                    scale, shift, "euler", 1.0)[0]["samples"]
+            node = run_node("UspWanSampler", model=socket(["wan21_i2v"], "wan2.1"), positive=pos, negative=neg,
+                            latent_image=latent, seed=seed, steps=steps, cfg=scale, shift=shift, sampler_name="euler",
+                            denoise=1.0)[0]["samples"]
             out[case + "_nodes"] = rel(node, native)
+            node = run_node("UspSampler", model=socket(["wan21_i2v"], "wan2.1"), positive=pos, negative=neg,
+                            latent_image=latent, seed=seed, steps=steps, cfg=scale, shift=shift, sampler_name="euler",
+                            denoise=1.0)[0]["samples"]
+            out[case + "_generic_nodes"] = rel(node, native)
             if length == 5:  # the image's part: the same run with another clip_vision_output
                 other = comfy.clip_vision.Output()
                 other.penultimate_hidden_states = torch.randn(1, 257, 1280, generator=g)
@@ -137,14 +142,21 @@ def compare(paths: dict) -> dict:
     with torch.no_grad():
         native = two_advanced(*i2v)
         out["wan22_i2v_switch_engine"] = rel(switch_engine(*i2v), native)
-        out["wan22_i2v_switch_nodes"] = rel(wan22_nodes.UspWan22Sampler().sample(
-            pair, i2v[0], i2v[1], i2v[2], seed, steps, scale, scale, shift, boundary, "euler", 1.0)[0]["samples"],
-            native)
-        sampler = wan_nodes.UspWanSamplerAdvanced()
-        first = sampler.sample(model_socket.expert_socket(pair, 0), "enable", seed, steps, scale, shift, "euler", i2v[0],
-                               i2v[1], i2v[2], 0, k, "enable")[0]
-        second = sampler.sample(model_socket.expert_socket(pair, 1), "disable", seed, steps, scale, shift, "euler", i2v[0],
-                                i2v[1], first, k, 10000, "disable")[0]
+        out["wan22_i2v_switch_nodes"] = rel(run_node(
+            "UspWan22Sampler", model=pair, positive=i2v[0], negative=i2v[1], latent_image=i2v[2], seed=seed,
+            steps=steps, cfg_high_noise=scale, cfg_low_noise=scale, shift=shift, boundary=boundary,
+            sampler_name="euler", denoise=1.0)[0]["samples"], native)
+        out["wan22_i2v_switch_generic_nodes"] = rel(run_node(
+            "UspSampler", model=pair, positive=i2v[0], negative=i2v[1], latent_image=i2v[2], seed=seed, steps=steps,
+            cfg=scale, shift=shift, boundary=boundary, sampler_name="euler", denoise=1.0)[0]["samples"], native)
+        common = dict(noise_seed=seed, steps=steps, cfg=scale, shift=shift, sampler_name="euler", positive=i2v[0],
+                      negative=i2v[1])
+        first = run_node("UspWanSamplerAdvanced", model=model_socket.expert_socket(pair, 0), add_noise="enable",
+                         latent_image=i2v[2], start_at_step=0, end_at_step=k, return_with_leftover_noise="enable",
+                         **common)[0]
+        second = run_node("UspWanSamplerAdvanced", model=model_socket.expert_socket(pair, 1), add_noise="disable",
+                          latent_image=first, start_at_step=k, end_at_step=10000, return_with_leftover_noise="disable",
+                          **common)[0]
         out["wan22_i2v_two_advanced_nodes"] = rel(second["samples"], native)
         native_flf = two_advanced(*flf)
         out["wan22_flf_switch_engine"] = rel(switch_engine(*flf), native_flf)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .common import rel, route_api_sample
+from .common import rel, route_api_sample, run_node
 
 # The files (common.make_detectable_wan): DiTs {name: seed}, LoRAs {name: (layout, seed)}.
 DITS = {"wan21": 31, "high_noise": 32, "low_noise": 33}
@@ -36,7 +36,7 @@ def compare(paths: dict) -> dict:
     from usp_video.distributed.engine import Engine
     from usp_video.distributed.requests import SampleRequest
     from usp_video.distributed.sampling.schedules import sampling_sigmas
-    from usp_video.nodes import lora_nodes, model_socket, wan22_nodes, wan_nodes
+    from usp_video.nodes import model_socket
 
     for folder in ("diffusion_models", "loras"):  # ComfyUI's model folders: the nodes on both sides look here
         folder_paths.add_model_folder_path(folder, str(Path(paths["wan21"]).parents[1] / folder), is_default=True)
@@ -61,7 +61,7 @@ def compare(paths: dict) -> dict:
 
     def with_usp_loras(model, dit):  # USP LoRA nodes chained on a Wan model socket
         for name, strength in CHAINS[dit]:
-            model = lora_nodes.UspLora().apply(model, Path(paths[name]).name, strength)[0]
+            model = run_node("UspLora", model=model, lora_name=Path(paths[name]).name, strength=strength)[0]
         return model
 
     g = torch.Generator().manual_seed(5)
@@ -99,8 +99,16 @@ def compare(paths: dict) -> dict:
         out["wan21_engine"] = rel(ours_wan21([ours_chain("wan21")]), native)
         out["wan21_modulation_warned"] = any("modulation tables" in w for w in last["run"].lora_warnings)
         node_model = with_usp_loras(socket(["wan21"], "wan2.1"), "wan21")
-        out["wan21_nodes"] = rel(wan_nodes.UspWanSampler().sample(node_model, pos, neg, {"samples": empty}, seed, steps,
-                                                                  scale, shift, "euler", 1.0)[0]["samples"], native)
+        out["wan21_nodes"] = rel(run_node("UspWanSampler", model=node_model, positive=pos, negative=neg,
+                                          latent_image={"samples": empty}, seed=seed, steps=steps, cfg=scale,
+                                          shift=shift, sampler_name="euler", denoise=1.0)[0]["samples"], native)
+        generic = socket(["wan21"], "wan2.1")  # USP LoRA (generic) x2 -> USP Sampler
+        for name, strength in CHAINS["wan21"]:
+            generic = run_node("UspLoraLoader", model=generic, lora_name=Path(paths[name]).name, strength=strength,
+                               expert="all")[0]
+        out["wan21_generic_nodes"] = rel(run_node(
+            "UspSampler", model=generic, positive=pos, negative=neg, latent_image={"samples": empty}, seed=seed,
+            steps=steps, cfg=scale, sampler_name="euler", denoise=1.0, shift=shift)[0]["samples"], native)
         out["wan21_engine_after_no_lora"] = rel(ours_wan21([]), base)  # the LoRAs come off again
 
     # Wan 2.2 A14B: a chain per expert, two KSamplerAdvanced split at the first step below the boundary
@@ -144,16 +152,40 @@ def compare(paths: dict) -> dict:
         model = socket(["high_noise", "low_noise"], "wan2.2-a14b")
         for expert in ("high_noise", "low_noise"):
             for lora, strength in CHAINS[expert]:
-                model = lora_nodes.UspWan22Lora().apply(model, Path(paths[lora]).name, strength, expert)[0]
-        switched = wan22_nodes.UspWan22Sampler().sample(model, pos, neg, {"samples": empty}, seed, steps, scale, scale,
-                                                        shift, boundary, "euler", 1.0)[0]
+                model = run_node("UspWan22Lora", model=model, lora_name=Path(paths[lora]).name, strength=strength,
+                                 expert=expert)[0]
+        switched = run_node("UspWan22Sampler", model=model, positive=pos, negative=neg, latent_image={"samples": empty},
+                            seed=seed, steps=steps, cfg_high_noise=scale, cfg_low_noise=scale, shift=shift,
+                            boundary=boundary, sampler_name="euler", denoise=1.0)[0]
         out["wan22_switch_nodes"] = rel(switched["samples"], reference)
+        generic = socket(["high_noise", "low_noise"], "wan2.2-a14b")  # USP LoRA per expert -> USP Sampler
+        for expert in ("high_noise", "low_noise"):
+            for lora, strength in CHAINS[expert]:
+                generic = run_node("UspLoraLoader", model=generic, lora_name=Path(paths[lora]).name,
+                                   strength=strength, expert=expert)[0]
+        out["wan22_switch_generic_nodes"] = rel(run_node(
+            "UspSampler", model=generic, positive=pos, negative=neg, latent_image={"samples": empty}, seed=seed,
+            steps=steps, cfg=scale, sampler_name="euler", denoise=1.0, shift=shift, boundary=boundary)[0]["samples"],
+            reference)
         loaded = socket(["high_noise", "low_noise"], "wan2.2-a14b")
-        sampler = wan_nodes.UspWanSamplerAdvanced()
-        first = sampler.sample(with_usp_loras(model_socket.expert_socket(loaded, 0), "high_noise"), "enable", seed, steps,
-                               scale, shift, "euler", pos, neg, {"samples": empty}, 0, k, "enable")[0]
-        second = sampler.sample(with_usp_loras(model_socket.expert_socket(loaded, 1), "low_noise"), "disable", seed, steps,
-                                scale, shift, "euler", pos, neg, first, k, 10000, "disable")[0]
+        common = dict(noise_seed=seed, steps=steps, cfg=scale, shift=shift, sampler_name="euler", positive=pos,
+                      negative=neg)
+        first = run_node("UspWanSamplerAdvanced", model=with_usp_loras(model_socket.expert_socket(loaded, 0),
+                                                                       "high_noise"),
+                         add_noise="enable", latent_image={"samples": empty}, start_at_step=0, end_at_step=k,
+                         return_with_leftover_noise="enable", **common)[0]
+        second = run_node("UspWanSamplerAdvanced", model=with_usp_loras(model_socket.expert_socket(loaded, 1),
+                                                                        "low_noise"),
+                          add_noise="disable", latent_image=first, start_at_step=k, end_at_step=10000,
+                          return_with_leftover_noise="disable", **common)[0]
         out["wan22_two_advanced_nodes"] = rel(second["samples"], reference)
+        # the generic two-sampler layout: one two-expert model (its LoRA chains per expert), an expert per sampler
+        first = run_node("UspSamplerAdvanced", model=generic, add_noise="enable", latent_image={"samples": empty},
+                         start_at_step=0, end_at_step=k, return_with_leftover_noise="enable", expert="high_noise",
+                         **common)[0]
+        second = run_node("UspSamplerAdvanced", model=generic, add_noise="disable", latent_image=first,
+                          start_at_step=k, end_at_step=10000, return_with_leftover_noise="disable", expert="low_noise",
+                          **common)[0]
+        out["wan22_two_advanced_generic_nodes"] = rel(second["samples"], reference)
     return out
 
