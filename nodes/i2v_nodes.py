@@ -40,7 +40,7 @@ class UspWanImageToVideo(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return schema(
-            node_id="UspWanImageToVideo", display_name="USP Wan Image To Video (start image, split VAE encode)",
+            node_id="UspWanImageToVideo", display_name="USP Wan Image To Video",
             category=CATEGORY,
             description=("Native WanImageToVideo on the USP group: the start image (resized to the video, then gray "
                          "frames) is encoded by the Wan 2.1 VAE split across the ranks, and set with its mask (and the "
@@ -89,7 +89,7 @@ class UspWan22ImageToVideoLatent(io.ComfyNode):
     def define_schema(cls):
         return schema(
             node_id="UspWan22ImageToVideoLatent",
-            display_name="USP Wan 2.2 Image To Video Latent (TI2V-5B start image, split VAE encode)", category=CATEGORY,
+            display_name="USP Wan 2.2 Image To Video Latent", category=CATEGORY,
             description=("Native Wan22ImageToVideoLatent on the USP group, for Wan 2.2 TI2V-5B: the empty latent of "
                          "its VAE's shape; with a start image (resized to the video), that image encoded by the Wan "
                          "2.2 VAE split across the ranks and kept as the first latent frame(s), with the LATENT's "

@@ -43,17 +43,17 @@ WAN_T2V = {
         [("text_encoder", "USP_TEXT_ENCODER")], (440, 240)),
     4: ("UspTextEncode", "Positive prompt",
         ["A red fox trots through fresh snow in a birch forest at sunrise, cinematic, soft light"],
-        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (920, 60)),
+        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (1040, 60)),
     5: ("UspTextEncode", "Negative prompt", [NEGATIVE], {"text_encoder": (3, 0)},
-        [("CONDITIONING", "CONDITIONING")], (920, 300)),
-    6: ("EmptyHunyuanLatentVideo", None, [832, 480, 33, 1], {}, [("LATENT", "LATENT")], (920, 540)),
+        [("CONDITIONING", "CONDITIONING")], (1040, 300)),
+    6: ("EmptyHunyuanLatentVideo", None, [832, 480, 33, 1], {}, [("LATENT", "LATENT")], (1040, 540)),
     7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 8.0, 0.0, 0.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1340, 60)),
-    8: ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1340, 520)),
-    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1780, 60)),
+        [("LATENT", "LATENT")], (1460, 60)),
+    8: ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1460, 760)),
+    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1900, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan21", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1780, 240)),
+         (1900, 240)),
 }
 
 HUNYUAN_T2V = {
@@ -66,18 +66,18 @@ HUNYUAN_T2V = {
         {"group": (1, 0)}, [("text_encoder", "USP_TEXT_ENCODER")], (440, 240)),
     4: ("UspTextEncode", "Positive prompt",
         ["A red fox trots through fresh snow in a birch forest at sunrise, cinematic, soft light"],
-        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (920, 60)),
+        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (1040, 60)),
     5: ("UspTextEncode", "Negative prompt (used when cfg > 1)", [""], {"text_encoder": (3, 0)},
-        [("CONDITIONING", "CONDITIONING")], (920, 300)),
-    6: ("EmptyHunyuanLatentVideo", None, [848, 480, 73, 1], {}, [("LATENT", "LATENT")], (920, 540)),
+        [("CONDITIONING", "CONDITIONING")], (1040, 300)),
+    6: ("EmptyHunyuanLatentVideo", None, [848, 480, 73, 1], {}, [("LATENT", "LATENT")], (1040, 540)),
     7: ("UspSampler", None, [42, "fixed", 30, 1.0, "euler", 1.0, 7.0, 0.0, 0.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1340, 60)),
+        [("LATENT", "LATENT")], (1460, 60)),
     8: ("UspVaeLoader", None, ["hunyuan_video_vae_bf16.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")],
-        (1340, 520)),
-    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1780, 60)),
+        (1460, 760)),
+    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (7, 0)}, [("IMAGE", "IMAGE")], (1900, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/hunyuan", 24.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1780, 240)),
+         (1900, 240)),
 }
 
 def _wan22(sampling: dict) -> dict:
@@ -86,9 +86,9 @@ def _wan22(sampling: dict) -> dict:
     graph[2] = ("UspLoadDiffusionModel", None, ["wan2.2_t2v_high_noise_14B_fp16.safetensors",
                                                 "wan2.2_t2v_low_noise_14B_fp16.safetensors"], {"group": (1, 0)},
                 [("model", "USP_MODEL"), ("info", "STRING")], (440, 60))
-    graph[6] = ("EmptyHunyuanLatentVideo", None, [832, 480, 81, 1], {}, [("LATENT", "LATENT")], (920, 540))
+    graph[6] = ("EmptyHunyuanLatentVideo", None, [832, 480, 81, 1], {}, [("LATENT", "LATENT")], (1040, 540))
     graph[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
-                 (1780, 240))
+                 (1900, 240))
     graph.update(sampling)
     return dict(sorted(graph.items()))
 
@@ -97,7 +97,7 @@ def _wan22(sampling: dict) -> dict:
 WAN22_T2V = _wan22({
     7: ("UspSampler", None, [42, "fixed", 40, 4.0, "unipc", 1.0, 12.0, 3.0, 0.875],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1340, 60)),
+        [("LATENT", "LATENT")], (1460, 60)),
 })
 
 # ComfyUI's own layout, two samplers: the high-noise expert runs steps 0..11 and hands its latent with
@@ -107,18 +107,18 @@ WAN22_TWO_SAMPLERS = _wan22({
     7: ("UspSamplerAdvanced", "High-noise steps (0 to 11)",
         ["enable", 42, "fixed", 20, 3.5, "euler", 0, 11, "enable", 8.0, "high_noise", 0.0, 0.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1340, 60)),
+        [("LATENT", "LATENT")], (1460, 60)),
     11: ("UspSamplerAdvanced", "Low-noise steps (11 to the end)",
          ["disable", 42, "fixed", 20, 3.5, "euler", 11, 10000, "disable", 8.0, "low_noise", 0.0, 0.0],
          {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (7, 0)},
-         [("LATENT", "LATENT")], (1340, 480)),
+         [("LATENT", "LATENT")], (1460, 620)),
 })
 WAN22_TWO_SAMPLERS[8] = ("UspVaeLoader", None, ["wan_2.1_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")],
-                         (1780, 200))
+                         (1900, 200))
 WAN22_TWO_SAMPLERS[9] = ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (11, 0)}, [("IMAGE", "IMAGE")],
-                         (1780, 60))
+                         (1900, 60))
 WAN22_TWO_SAMPLERS[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22", 16.0, False, 90, "default"],
-                          {"images": (9, 0)}, [], (2200, 60))
+                          {"images": (9, 0)}, [], (2320, 60))
 
 # Wan 2.2 TI2V-5B, text to video at 1280x704, 121 frames, 24 fps, with the Wan 2.2 VAE.
 WAN22_5B = {k: v for k, v in WAN_T2V.items()}
@@ -126,13 +126,13 @@ WAN22_5B.update({
     2: ("UspLoadDiffusionModel", None, ["wan2.2_ti2v_5B_fp16.safetensors", "none"], {"group": (1, 0)},
         [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
     6: ("UspWan22ImageToVideoLatent", None, [1280, 704, 121, 1], {"vae": (8, 0)}, [("latent", "LATENT")],
-        (920, 540)),
+        (1040, 540)),
     7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 5.0, 0.0, 0.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1340, 60)),
-    8: ("UspVaeLoader", None, ["wan2.2_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1340, 520)),
+        [("LATENT", "LATENT")], (1460, 60)),
+    8: ("UspVaeLoader", None, ["wan2.2_vae.safetensors"], {"group": (1, 0)}, [("vae", "USP_VAE")], (1460, 760)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan22_5b", 24.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1780, 240)),
+         (1900, 240)),
 })
 
 # Wan 2.1 14B with a step-distillation LoRA (lightx2v's, the 2026 default for fast Wan): 4 steps at cfg 1, where
@@ -142,12 +142,12 @@ WAN_T2V_LORA.update({
     2: ("UspLoadDiffusionModel", None, ["wan2.1_t2v_14B_fp16.safetensors", "none"], {"group": (1, 0)},
         [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
     5: ("UspTextEncode", "Negative prompt (unused at cfg 1)", [NEGATIVE], {"text_encoder": (3, 0)},
-        [("CONDITIONING", "CONDITIONING")], (920, 300)),
+        [("CONDITIONING", "CONDITIONING")], (1040, 300)),
     7: ("UspSampler", None, [42, "fixed", 4, 1.0, "euler", 1.0, 8.0, 0.0, 0.0],
         {"model": (11, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)},
-        [("LATENT", "LATENT")], (1340, 60)),
+        [("LATENT", "LATENT")], (1460, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan21_lora", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1780, 240)),
+         (1900, 240)),
     11: ("UspLoraLoader", None, ["Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors", 1.0, "all"],
          {"model": (2, 0)}, [("model", "USP_MODEL")], (440, 420)),
 })
@@ -160,12 +160,12 @@ WAN_I2V.update({
         [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
     4: ("UspTextEncode", "Positive prompt",
         ["The fox turns its head toward the camera and trots away through the snow, soft morning light"],
-        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (920, 60)),
+        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (1040, 60)),
     7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 5.0, 0.0, 0.0],
         {"model": (2, 0), "positive": (15, 0), "negative": (15, 1), "latent_image": (15, 2)},
-        [("LATENT", "LATENT")], (1340, 60)),
+        [("LATENT", "LATENT")], (1460, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan21_i2v", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1780, 240)),
+         (1900, 240)),
     12: ("LoadImage", "Start image", ["example.png", "image"], {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")],
          (40, 660)),
     13: ("CLIPVisionLoader", None, ["clip_vision_h.safetensors"], {}, [("CLIP_VISION", "CLIP_VISION")], (440, 420)),
@@ -173,7 +173,7 @@ WAN_I2V.update({
          [("CLIP_VISION_OUTPUT", "CLIP_VISION_OUTPUT")], (440, 560)),
     15: ("UspWanImageToVideo", None, [832, 480, 81, 1],
          {"positive": (4, 0), "negative": (5, 0), "vae": (8, 0), "start_image": (12, 0), "clip_vision_output": (14, 0)},
-         [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (920, 560)),
+         [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (1040, 560)),
 })
 
 # Wan 2.2 I2V A14B from a start image: both I2V experts, the start video through the pack's image-to-video node
@@ -182,18 +182,18 @@ WAN_I2V.update({
 WAN22_I2V = {k: v for k, v in _wan22({
     7: ("UspSampler", None, [42, "fixed", 40, 3.5, "unipc", 1.0, 5.0, 3.5, 0.9],
         {"model": (2, 0), "positive": (15, 0), "negative": (15, 1), "latent_image": (15, 2)},
-        [("LATENT", "LATENT")], (1340, 60)),
+        [("LATENT", "LATENT")], (1460, 60)),
 }).items() if k != 6}
 WAN22_I2V[2] = ("UspLoadDiffusionModel", None, ["wan2.2_i2v_high_noise_14B_fp16.safetensors",
                                                 "wan2.2_i2v_low_noise_14B_fp16.safetensors"], {"group": (1, 0)},
                 WAN22_I2V[2][4], (440, 60))
 WAN22_I2V[4] = WAN_I2V[4]
 WAN22_I2V[10] = ("SaveAnimatedWEBP", None, ["usp_video/wan22_i2v", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
-                 (1780, 240))
+                 (1900, 240))
 WAN22_I2V[12] = WAN_I2V[12]
 WAN22_I2V[15] = ("UspWanImageToVideo", None, [832, 480, 81, 1],
                  {"positive": (4, 0), "negative": (5, 0), "vae": (8, 0), "start_image": (12, 0)},
-                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (920, 560))
+                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (1040, 560))
 
 # Wan 2.2 TI2V-5B from a start image: the pack's Wan 2.2 image-to-video latent (start frame and noise_mask).
 WAN22_5B_I2V = {k: v for k, v in WAN22_5B.items() if k != 6}
@@ -201,12 +201,12 @@ WAN22_5B_I2V.update({
     4: WAN_I2V[4],
     7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 5.0, 0.0, 0.0],
         {"model": (2, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (16, 0)},
-        [("LATENT", "LATENT")], (1340, 60)),
+        [("LATENT", "LATENT")], (1460, 60)),
     10: ("SaveAnimatedWEBP", None, ["usp_video/wan22_5b_i2v", 24.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1780, 240)),
+         (1900, 240)),
     12: WAN_I2V[12],
     16: ("UspWan22ImageToVideoLatent", None, [1280, 704, 121, 1], {"vae": (8, 0), "start_image": (12, 0)},
-         [("latent", "LATENT")], (920, 560)),
+         [("latent", "LATENT")], (1040, 560)),
 })
 
 WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan21_i2v_usp": WAN_I2V,
@@ -231,7 +231,7 @@ SOCKETS = {
 
 # Node sizes: wide enough that no label or value is cut short with the default model names (checked in
 # the page by tests/test_browser.py); USP Group leaves room for its state box (web/js/usp_status.js).
-SIZES = {"UspGroup": (360, 540), "UspLoadDiffusionModel": (460, 120), "UspLoadTextEncoder": (440, 150),
+SIZES = {"UspGroup": (360, 540), "UspLoadDiffusionModel": (560, 120), "UspLoadTextEncoder": (440, 150),
          "UspVaeLoader": (400, 90), "UspTextEncode": (380, 200), "UspSampler": (340, 400),
          "UspSamplerAdvanced": (340, 500), "UspLoraLoader": (460, 130),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
