@@ -42,8 +42,9 @@ pytestmark = [
 ]
 
 RUN_WORKFLOW = "wan21_t2v_usp"
-SHIPPED = ("wan21_t2v_usp", "hunyuan_video_t2v_usp", "wan22_t2v_usp", "wan22_t2v_usp_two_samplers",
-           "wan22_ti2v_5b_usp")
+SHIPPED = tuple(path.stem for path in sorted((REPO / "workflows").glob("*.json")))  # every shipped UI workflow
+# the previous release's UI workflows (tests/previous_release): they open whole on its deprecated node ids
+PREVIOUS = sorted((REPO / "tests" / "previous_release" / "workflows").glob("*.json"))
 # Each real file the run workflow names -> the tiny_models role that stands in for it (the same role: model,
 # text encoder, VAE). Matched by widget value, so it holds whatever node type or widget position loads it.
 REAL_FILE_ROLES = {"wan2.1_t2v_1.3B_fp16.safetensors": "dit", "umt5_xxl_fp16.safetensors": "text_encoder",
@@ -168,16 +169,18 @@ def same_nodes(expected: list[dict], shown: list[dict]) -> list[tuple[dict, dict
     return pairs
 
 
-def opens_in_the_page(page, name: str, shots: Path) -> None:
-    """A shipped UI workflow dropped onto the page: every node is one the page knows (none missing),
-    every link is there, our nodes' widgets hold the file's values in the file's order, and no label
-    or value is cut short at the node sizes the file sets."""
-    text = (REPO / "workflows" / f"{name}.json").read_text()
+def opens_in_the_page(page, name: str, shots: Path, path: Path | None = None, layout: bool = True) -> None:
+    """A shipped UI workflow (or the file at path) dropped onto the page: every node is one the page knows (none
+    missing), every link is there, our nodes' widgets hold the file's values in the file's order, and (layout) no
+    label or value is cut short and no node drawn over another at the positions and sizes the file sets."""
+    text = (path or REPO / "workflows" / f"{name}.json").read_text()
     for node, shown in same_nodes(json.loads(text)["nodes"], drop(page, text, f"{name}.json")):
         assert shown["known"], f"{name}: the page does not know {node['type']}"
         assert shown["links"] == sum(1 for i in node["inputs"] if i["link"] is not None), (name, node["type"])
         if node["type"].startswith("Usp"):
             assert shown["values"][:len(node["widgets_values"])] == node["widgets_values"], (name, node["type"])
+    if not layout:
+        return
     assert texts_cut_short(page) == [], f"{name}: text cut short on the canvas (widen the node in make_workflows)"
     boxes = page.evaluate("() => window.app.graph._nodes.map(n => [n.title, ...n.boundingRect])")  # title bar included
     overlapping = [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
@@ -227,6 +230,8 @@ def test_drop_workflow_press_run_see_the_video(frontend, tiny_models, tmp_path):
             # them), which is the page's doing, not the workflow's layout.
             for workflow_name in SHIPPED:
                 opens_in_the_page(page, workflow_name, shots)
+            for path in PREVIOUS:  # saved before the generic nodes: their deprecated nodes still open and link
+                opens_in_the_page(page, f"previous-{path.stem}", shots, path=path, layout=False)
             # the latent previews the server sends (binary "b_preview" events: JPEG blobs)
             page.evaluate("""() => { window.__uspPreviews = [];
                 window.comfyAPI.api.api.addEventListener('b_preview', e => window.__uspPreviews.push(

@@ -233,7 +233,7 @@ SOCKETS = {
 # the page by tests/test_browser.py); USP Group leaves room for its state box (web/js/usp_status.js).
 SIZES = {"UspGroup": (360, 540), "UspLoadDiffusionModel": (560, 120), "UspLoadTextEncoder": (440, 150),
          "UspVaeLoader": (400, 90), "UspTextEncode": (380, 200), "UspSampler": (340, 400),
-         "UspSamplerAdvanced": (340, 500), "UspLoraLoader": (460, 130),
+         "UspSamplerAdvanced": (340, 500), "UspLoraLoader": (590, 130),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
          "LoadImage": (340, 340), "CLIPVisionLoader": (420, 90),
          "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250), "UspWan22ImageToVideoLatent": (380, 200)}
