@@ -81,14 +81,14 @@ def _cache():
     return socket_types.StepCache.Input("step_cache", optional=True, tooltip=TIP_STEP_CACHE)
 
 
-def _one_model_sampler(node_id, display_name, socket, steps, cfg, shift, sampler_names=None):
+def _one_model_sampler(node_id, display_name, socket, steps, cfg, shift):
     """The earlier Wan 2.1 / TI2V-5B samplers: model, conditionings, seed, steps, cfg, shift, sampler, denoise."""
     def inputs():
         return [socket.Input("model", tooltip="A USP model socket."), *_cond_latent(), _seed(),
                 io.Int.Input("steps", default=steps, min=1, max=10000, tooltip=TIP_STEPS),
                 _float("cfg", cfg, "Classifier-free guidance; 1.0 skips the negative pass.", round=0.01),
                 _float("shift", shift, "Flow shift (ModelSamplingSD3).", low=0.01, step=0.01),
-                io.Combo.Input("sampler_name", options=sampler_names or list(SAMPLERS), tooltip="The solver."),
+                io.Combo.Input("sampler_name", options=list(SAMPLERS), tooltip="The solver."),
                 _float("denoise", 1.0, TIP_DENOISE, low=0.01, high=1.0, step=0.01), _cache()]
 
     def run(hidden, model, positive, negative, latent_image, seed, steps, cfg, shift, sampler_name, denoise,

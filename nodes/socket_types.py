@@ -6,16 +6,16 @@ links name (USP_WAN_MODEL...), so that those workflows load and run unchanged.""
 
 from __future__ import annotations
 
-from .v3 import custom
+from .v3 import io
 
-Group = custom("USP_GROUP")
-Model = custom("USP_MODEL")
-TextEncoder = custom("USP_TEXT_ENCODER")
-Vae = custom("USP_VAE")
-StepCache = custom("USP_STEP_CACHE")
+Group = io.Custom("USP_GROUP")
+Model = io.Custom("USP_MODEL")
+TextEncoder = io.Custom("USP_TEXT_ENCODER")
+Vae = io.Custom("USP_VAE")
+StepCache = io.Custom("USP_STEP_CACHE")
 
 # earlier releases' per-family sockets (deprecated nodes only)
-WanModel = custom("USP_WAN_MODEL")
-Wan22Model = custom("USP_WAN22_MODEL")
-HunyuanModel = custom("USP_HUNYUAN_MODEL")
-HunyuanTextEncoder = custom("USP_HUNYUAN_TEXT_ENCODER")
+WanModel = io.Custom("USP_WAN_MODEL")
+Wan22Model = io.Custom("USP_WAN22_MODEL")
+HunyuanModel = io.Custom("USP_HUNYUAN_MODEL")
+HunyuanTextEncoder = io.Custom("USP_HUNYUAN_TEXT_ENCODER")

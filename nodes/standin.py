@@ -135,13 +135,9 @@ class ComfyExtension:
         raise NotImplementedError
 
 
-def _custom(io_type: str) -> type:
-    return _comfy_type(io_type)
-
-
 io = _Io(
     Input=Input, Output=Output, Schema=Schema, Hidden=Hidden, NodeOutput=NodeOutput, ComfyNode=ComfyNode,
-    Custom=_custom, MultiType=SimpleNamespace(Input=_MultiTypeInput),
+    Custom=_comfy_type, MultiType=SimpleNamespace(Input=_MultiTypeInput),
     Int=_comfy_type("INT", widget=True), Float=_comfy_type("FLOAT", widget=True),
     String=_comfy_type("STRING", widget=True), Boolean=_comfy_type("BOOLEAN", widget=True),
     Combo=_comfy_type("COMBO", widget=True), Latent=_comfy_type("LATENT"), Conditioning=_comfy_type("CONDITIONING"),

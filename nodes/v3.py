@@ -19,7 +19,7 @@ except ImportError:  # outside ComfyUI
     from .standin import ComfyExtension, io
     IS_STANDIN = True
 
-__all__ = ["ComfyExtension", "io", "schema", "advanced", "custom", "HIDDEN_ALL", "CATEGORY"]
+__all__ = ["ComfyExtension", "io", "schema", "advanced", "HIDDEN_ALL", "CATEGORY"]
 
 CATEGORY = "USP video"
 
@@ -54,8 +54,3 @@ def advanced(input_class, *args, **kwargs):
     if _takes(input_class, "advanced"):
         kwargs["advanced"] = True
     return input_class(*args, **kwargs)
-
-
-def custom(io_type: str):
-    """The V3 type of one of the pack's own sockets (USP_GROUP, USP_MODEL...)."""
-    return io.Custom(io_type)
