@@ -201,15 +201,21 @@ def i2v_comparison(tiny_models, tmp_path_factory):
                                   "wan21_i2v_resized_to_latent_engine", "wan22_i2v_switch_engine",
                                   "wan22_i2v_switch_nodes", "wan22_i2v_two_advanced_nodes", "wan22_flf_switch_engine",
                                   "wan21_i2v_len5_cfg1_generic_nodes", "wan21_i2v_len9_cfg4_generic_nodes",
-                                  "wan22_i2v_switch_generic_nodes"])
+                                  "wan22_i2v_switch_generic_nodes",
+                                  "fun_control_clip_cfg4_engine", "fun_control_clip_cfg4_generic_nodes",
+                                  "fun_control_cfg1_engine", "fun_control_cfg1_generic_nodes",
+                                  "fun_inp_engine", "fun_inp_generic_nodes"])
 def test_i2v_matches_comfyuis_wan_image_to_video(i2v_comparison, what):
     """Native WanImageToVideo (a start image of another size: its centre-crop resize, VAE Encode; a synthetic
     clip_vision_output for Wan 2.1 I2V) or WanFirstLastFrameToVideo, then KSampler (cfg 1 and 4) or two
     KSamplerAdvanced (Wan 2.2 I2V A14B), fp32: our engine given the tensors those nodes made (also on a latent of
-    another size than the start video's: resized to it), and our samplers given the native conditioning."""
+    another size than the start video's: resized to it), and our samplers given the native conditioning. Wan 2.1
+    Fun Control (WanFunControlToVideo: control video and start image, with and without CLIP vision) and Fun InP
+    (WanFunInpaintToVideo: start and end images, on the I2V layout) the same way."""
     assert i2v_comparison["wan21_i2v_len5_cfg1_start_frames"] == i2v_comparison["wan21_i2v_len9_cfg4_start_frames"] == 1
     assert i2v_comparison["flf_mask_shape"] == [1, 4, 3, 4, 6]  # the first-last mask per pixel frame, 4 channels
     assert 0 < i2v_comparison["wan22_k"] < 4
-    for changed in ("wan21_i2v_clip_vision_changes_result", "wan22_flf_changes_result"):
+    assert i2v_comparison["native_families"] == ["wan2.1", "wan2.1"]  # UNETLoader's WAN21_I2V, WAN21_FunControl2V
+    for changed in ("wan21_i2v_clip_vision_changes_result", "wan22_flf_changes_result", "fun_control_changes_result"):
         assert i2v_comparison[changed] > 1e-2, changed  # the image embedder and the end frame are used
     assert i2v_comparison[what] <= 1e-5, f"{what}: relative error {i2v_comparison[what]:.2e} against ComfyUI"

@@ -55,6 +55,12 @@ def wan21_cases():
             {"steps": 4, "sampler": "euler", "boundaries": [boundary]}])
     for n, u, r in [(2, 2, 1), (4, 2, 2)]:  # image to video: start video + CLIP vision
         yield "i2v", (n, u, r), dict(shape=SMALL, experts=["dit_i2v"], image={"clip_vision": True})
+    for i, (n, u, r) in enumerate(FACTORIZATIONS):
+        # Fun InP (the I2V layout; WanFunInpaintToVideo's start and end frames held) and Fun Control (the control
+        # and start videos, no mask; its CLIP vision is optional: with and without, over the factorizations)
+        yield "fun_inp", (n, u, r), dict(shape=UNEVEN, experts=["dit_i2v"], image={"clip_vision": True, "end_frames": 1})
+        yield "fun_control", (n, u, r), dict(shape=UNEVEN, experts=["dit_fun_control"],
+                                             image={"clip_vision": i % 2 == 0, "fun_control": True})
 
 
 def hunyuan_cases():

@@ -17,19 +17,22 @@ from usp_video.distributed.models.wan21.tiny import tiny_image_conditioning
 UNEVEN = (3, 4, 6)  # 18 tokens
 
 
-def test_wan21_i2v_forward_equals_diffusers_stock_model(tiny_models):
+@pytest.mark.parametrize("role", ["dit_i2v", "dit_fun_control"])
+def test_wan21_i2v_forward_equals_diffusers_stock_model(tiny_models, role):
     """Our processor splits the CLIP vision tokens by their count; diffusers' own assumes 512 text tokens, so the
-    stock model is the reference with a 512-token text."""
+    stock model is the reference with a 512-token text. Wan 2.1 I2V (the Fun InP layout too) and Fun Control (the
+    control and start videos beside the noise: 48 input channels)."""
     from diffusers import WanTransformer3DModel
 
     engine = make_engine()
-    request = image_request([tiny_models["dit_i2v"]], UNEVEN)
+    request = image_request([tiny_models[role]], UNEVEN, fun_control=role == "dit_fun_control")
     request.positive["tokens"] = torch.randn(1, 512, 32, generator=torch.Generator().manual_seed(8))
     ours = image_forward(engine, request)
     stock = WanTransformer3DModel(**json.loads(json.dumps(wan.infer_wan_config(
-        __import__("pathlib").Path(tiny_models["dit_i2v"]), *wan.read_header(tiny_models["dit_i2v"])))))
-    stock.load_state_dict(wan.load_wan_transformer(tiny_models["dit_i2v"]).state_dict())
-    dit = engine.load_dit(tiny_models["dit_i2v"])
+        __import__("pathlib").Path(tiny_models[role]), *wan.read_header(tiny_models[role])))))
+    stock.load_state_dict(wan.load_wan_transformer(tiny_models[role]).state_dict())
+    dit = engine.load_dit(tiny_models[role])
+    assert stock.config.in_channels == (48 if role == "dit_fun_control" else 36)
     cond = dit.family.model_conditioning(dit.module, request.positive, tuple(request.latent.shape), "positive")
     x = torch.randn(tuple(request.latent.shape), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -60,6 +63,9 @@ def test_the_start_video_is_used(tiny_models):
     ("wan22 given clip vision", "takes no CLIP vision features: disconnect clip_vision_output"),
     ("other length", "concat_latent_image is .*make both with the same width, height and length"),
     ("clip vision width", "clip_vision has width 768"),
+    ("fun control without its videos", "this is a Fun Control model and has no start image: connect WanFunControlToVideo"),
+    ("fun control given WanImageToVideo's", "concat_latent_image has 16 channels; this DiT takes 32 beside the noise: "
+                                            "make the conditioning with WanFunControlToVideo"),
 ])
 def test_image_inputs_that_do_not_fit_are_refused(case, message, tiny_models, wan22_i2v):
     experts, family = [tiny_models["dit_i2v"]], None
@@ -76,9 +82,42 @@ def test_image_inputs_that_do_not_fit_are_refused(case, message, tiny_models, wa
         request.positive["concat_latent_image"] = request.positive["concat_latent_image"][:, :, :2]
     elif case == "clip vision width":
         request.positive["clip_vision"] = torch.zeros(1, 257, 768)
+    elif case == "fun control without its videos":
+        request.experts, request.positive = [tiny_models["dit_fun_control"]], {"tokens": request.positive["tokens"]}
+    elif case == "fun control given WanImageToVideo's":
+        request.experts = [tiny_models["dit_fun_control"]]
     request.family = family
     with pytest.raises(ValueError, match=message):
         make_engine().sample(request).latent
+
+
+def test_fun_control_and_ti2v_5b_files_told_apart(tmp_path):
+    """Wan 2.1 Fun Control and Wan 2.2 TI2V-5B both take 48 input channels: the output channels (16, 48) tell
+    them apart, from the file's shapes alone (no config in the metadata), as ComfyUI's detection does."""
+    from diffusers import WanTransformer3DModel
+
+    from usp_video.distributed.formats.checkpoint import save_safetensors
+    from usp_video.distributed.models import CheckpointError, check_dit_file
+    from usp_video.distributed.models.wan21.tiny import wan_to_original_keys
+
+    def write(name, **config):  # the released variants' width and depth (meta tensors: shapes only, zeros written)
+        with torch.device("meta"):
+            model = WanTransformer3DModel(**config)
+        state = {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in wan_to_original_keys(model.state_dict()).items()
+                 if k.startswith(("patch_embedding", "head.", "blocks.0.", "blocks.29.", "img_emb"))}
+        save_safetensors(state, tmp_path / name, {})
+        return tmp_path / name
+
+    fun = write("fun_control.safetensors", **dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], in_channels=48,
+                                                   image_dim=1280, added_kv_proj_dim=1536))
+    family, config = check_dit_file(fun)
+    assert (family.name, config["in_channels"], config["out_channels"], config["image_dim"]) == ("wan2.1", 48, 16, 1280)
+    with pytest.raises(CheckpointError, match="is Wan 2.1 Fun Control .*not Wan 2.2 TI2V-5B"):
+        check_dit_file(fun, "wan2.2-ti2v-5b")
+    five = write("ti2v_5b.safetensors", **wan.WAN_VARIANTS["wan2.2-ti2v-5b"])
+    assert check_dit_file(five)[0].name == "wan2.2-ti2v-5b"
+    with pytest.raises(CheckpointError, match="predicts 48 latent channels; a Wan 2.1 DiT predicts 16"):
+        check_dit_file(five, "wan2.1")
 
 
 def test_wan22_i2v_expert_refused_by_the_wan21_loader(wan22_i2v):

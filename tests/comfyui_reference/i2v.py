@@ -18,12 +18,14 @@ import torch
 
 from .common import detectable_wan_i2v_config, rel, route_api_sample, run_node
 
-DITS = {"wan21_i2v": 51, "high_noise": 52, "low_noise": 53}
+DITS = {"wan21_i2v": 51, "high_noise": 52, "low_noise": 53, "wan21_fun_control": 54}
 
 
 def dit_configs() -> dict[str, dict]:
+    # Wan 2.1 Fun Control: the I2V DiT's image embedder, 48 input channels (ComfyUI detects WAN21_FunControl2V)
     return {"wan21_i2v": detectable_wan_i2v_config(True), "high_noise": detectable_wan_i2v_config(False),
-            "low_noise": detectable_wan_i2v_config(False)}
+            "low_noise": detectable_wan_i2v_config(False),
+            "wan21_fun_control": dict(detectable_wan_i2v_config(True), in_channels=48)}
 
 
 def compare(paths: dict) -> dict:
@@ -32,7 +34,8 @@ def compare(paths: dict) -> dict:
     import folder_paths
     import nodes as comfy_nodes
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
-    from comfy_extras.nodes_wan import WanFirstLastFrameToVideo, WanImageToVideo
+    from comfy_extras.nodes_wan import (WanFirstLastFrameToVideo, WanFunControlToVideo, WanFunInpaintToVideo,
+                                        WanImageToVideo)
 
     from .vae_encode import comfy_vae
     from usp_video.distributed.engine import Engine
@@ -49,8 +52,11 @@ def compare(paths: dict) -> dict:
     def native_model(dit, shift):
         model = comfy_nodes.UNETLoader().load_unet(Path(paths[dit]).name, "default")[0]
         inner = model.model.diffusion_model
-        assert inner.patch_embedding.weight.shape[1] == 36 and inner.patch_embedding.weight.dtype == torch.float32
-        assert (inner.img_emb is not None) == (dit == "wan21_i2v"), dit  # detected as Wan 2.1 I2V / an A14B expert
+        channels = 48 if dit == "wan21_fun_control" else 36
+        assert inner.patch_embedding.weight.shape[1] == channels and inner.patch_embedding.weight.dtype == torch.float32
+        # detected as Wan 2.1 I2V, Fun Control (its model_base has image_to_video off) or an A14B expert
+        assert (inner.img_emb is not None) == (dit != "high_noise" and dit != "low_noise"), dit
+        assert model.model.image_to_video == (dit == "wan21_i2v"), dit
         return ModelSamplingSD3().patch(model, shift)[0]
 
     def socket(experts, family):  # a USP loader's model socket (nodes/model_socket.py load_model)
@@ -59,8 +65,9 @@ def compare(paths: dict) -> dict:
 
     def tensors(conditioning):  # what the native conditioning carries, as our request's side (not via our node code)
         tokens, extra = conditioning[0]
-        cond = {"tokens": tokens, "concat_latent_image": extra["concat_latent_image"],
-                "concat_mask": extra["concat_mask"]}
+        cond = {"tokens": tokens, "concat_latent_image": extra["concat_latent_image"]}
+        if "concat_mask" in extra:
+            cond["concat_mask"] = extra["concat_mask"]
         if "clip_vision_output" in extra:
             cond["clip_vision"] = extra["clip_vision_output"].penultimate_hidden_states
         return cond
@@ -161,5 +168,49 @@ def compare(paths: dict) -> dict:
         native_flf = two_advanced(*flf)
         out["wan22_flf_switch_engine"] = rel(switch_engine(*flf), native_flf)
         out["wan22_flf_changes_result"] = rel(native_flf, native)
+
+    # Wan 2.1 Fun Control: WanFunControlToVideo (a control video and a start image of other sizes, VAE Encode) ->
+    # KSampler; with a CLIP vision output (cfg 4) and without one (cfg 1: ComfyUI's cross-attention then takes the
+    # text through the image keys too). Fun InP: WanFunInpaintToVideo (start and end images) on the I2V DiT.
+    seed, steps, shift = 31, 3, 5.0
+    fun = native_model("wan21_fun_control", shift)
+    from usp_video.nodes import native_nodes  # the native-MODEL path takes ComfyUI's I2V and Fun Control MODELs
+
+    out["native_families"] = [native_nodes._native_family(m, native_nodes.NATIVE_FAMILIES, "model")
+                              for m in (wan21, fun)]
+    control = torch.rand(9, 40, 56, 3, generator=g)
+    for case, scale, vision_input in (("fun_control_clip_cfg4", 4.0, vision), ("fun_control_cfg1", 1.0, None)):
+        with torch.inference_mode():
+            pos, neg, latent = WanFunControlToVideo.execute(*text, vae, width, height, 9, 1, start_image=start,
+                                                            clip_vision_output=vision_input,
+                                                            control_video=control).result
+        assert pos[0][1]["concat_latent_image"].shape[1] == 32 and "concat_mask" not in pos[0][1]
+        with torch.no_grad():
+            native = comfy_nodes.KSampler().sample(fun, seed, steps, scale, "euler", "simple", pos, neg,
+                                                   latent)[0]["samples"]
+            out[case + "_engine"] = rel(engine.sample(SampleRequest(
+                experts=[paths["wan21_fun_control"]], positive=tensors(pos), negative=tensors(neg),
+                latent=latent["samples"], seed=seed, steps=steps, cfg=scale, shift=shift, sampler="euler")).latent,
+                native)
+            out[case + "_generic_nodes"] = rel(run_node(
+                "UspSampler", model=socket(["wan21_fun_control"], "wan2.1"), positive=pos, negative=neg,
+                latent_image=latent, seed=seed, steps=steps, cfg=scale, shift=shift, sampler_name="euler",
+                denoise=1.0)[0]["samples"], native)
+            if case == "fun_control_cfg1":  # the control video is used
+                still = [[pos[0][0], dict(pos[0][1], concat_latent_image=pos[0][1]["concat_latent_image"].flip(2))]]
+                out["fun_control_changes_result"] = rel(comfy_nodes.KSampler().sample(
+                    fun, seed, steps, scale, "euler", "simple", still, neg, latent)[0]["samples"], native)
+    with torch.inference_mode():
+        pos, neg, latent = WanFunInpaintToVideo.execute(*text, vae, width, height, 9, 1, start_image=start,
+                                                        end_image=end, clip_vision_output=vision).result
+    with torch.no_grad():
+        native = comfy_nodes.KSampler().sample(wan21, seed, steps, 3.0, "euler", "simple", pos, neg,
+                                               latent)[0]["samples"]
+        out["fun_inp_engine"] = rel(engine.sample(SampleRequest(
+            experts=[paths["wan21_i2v"]], positive=tensors(pos), negative=tensors(neg), latent=latent["samples"],
+            seed=seed, steps=steps, cfg=3.0, shift=shift, sampler="euler")).latent, native)
+        out["fun_inp_generic_nodes"] = rel(run_node(
+            "UspSampler", model=socket(["wan21_i2v"], "wan2.1"), positive=pos, negative=neg, latent_image=latent,
+            seed=seed, steps=steps, cfg=3.0, shift=shift, sampler_name="euler", denoise=1.0)[0]["samples"], native)
     return out
 

@@ -35,7 +35,8 @@ class Wan21(ModelFamily):
     order = 10
     dit_class, vae_class = "WanTransformer3DModel", "AutoencoderKLWan"
     latent_format = "Wan21"
-    comfy_model_configs = ("WAN21_T2V",)
+    # ComfyUI's model configs of its files: text to video, image to video (Fun InP too), Fun Control
+    comfy_model_configs = ("WAN21_T2V", "WAN21_I2V", "WAN21_FunControl2V")
     cond_keys = ("tokens", "concat_latent_image", "concat_mask", "clip_vision")
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
     text_parts = (TextPart("text_encoder", "umt5_xxl .safetensors file or diffusers folder",
@@ -76,16 +77,25 @@ class Wan21(ModelFamily):
     def check_dit_folder(self, path: Path) -> None:
         self._check_channels(path.name, json.loads((path / "config.json").read_text()))
 
+    # the input channels this family's DiTs may have: text to video, image to video / Fun InP, Fun Control
+    dit_input_channels = (16, dit.I2V_CHANNELS, dit.FUN_CONTROL_CHANNELS)
+
     def _check_channels(self, name: str, config: dict) -> None:
-        dit.check_input_channels(name, config, (16, dit.I2V_CHANNELS), f"a {self.label} text- or image-to-video model")
+        if config.get("out_channels", 16) != self.latent_channels:
+            raise CheckpointError(f"{name} predicts {config.get('out_channels')} latent channels; a {self.label} DiT "
+                                  f"predicts {self.latent_channels} (Wan 2.2 TI2V-5B's 48: load it as Wan 2.2 TI2V-5B)")
+        dit.check_input_channels(name, config, self.dit_input_channels,
+                                 f"a {self.label} text-to-video, image-to-video or Fun model")
         if config.get("in_channels", 16) == dit.I2V_CHANNELS and bool(config.get("image_dim")) != self.i2v_clip_vision:
             raise CheckpointError(
                 f"{name} is {'Wan 2.1 I2V (it has a CLIP vision image embedder)' if config.get('image_dim') else 'Wan 2.2 I2V A14B (an image-to-video expert without CLIP vision)'}, "
                 f"not a {self.label} model: load it with the {'Wan 2.1' if config.get('image_dim') else 'Wan 2.2 A14B'} loader")
 
-    def is_image_to_video(self, model) -> bool:
-        """Does this loaded DiT take a start video beside the noise (36 input channels)?"""
-        return model.config.in_channels == dit.I2V_CHANNELS
+    def concat_channels(self, model) -> int:
+        """The channels this loaded DiT takes beside the noise (ComfyUI's WAN21.concat_cond reads them off the patch
+        embedding): 0 text to video; 20 image to video and Fun InP (a mask on 4 channels, the start video's 16);
+        32 Fun Control (the control video's 16 and the start video's 16)."""
+        return model.config.in_channels - self.latent_channels
 
     def load_dit(self, path, dtype, device, shard=None):
         return dit.load_wan_transformer(path, dtype, device, shard=shard)
@@ -162,39 +172,60 @@ class Wan21(ModelFamily):
             raise ValueError(f"{name}.clip_vision has width {image.shape[-1]}; Wan's image embedder takes CLIP ViT-H's "
                              f"penultimate hidden states, {dit.CLIP_VISION_DIM} wide (clip_vision_h.safetensors)")
 
+    # The ComfyUI node that makes a DiT's concat conditioning, by concat_channels (for messages).
+    CONCAT_NODES = {20: "WanImageToVideo (or WanFirstLastFrameToVideo, WanFunInpaintToVideo)",
+                    32: "WanFunControlToVideo"}
+
     def model_conditioning(self, model, cond, latent_shape, name):
         given = [key for key in self.IMAGE_KEYS if key in cond]
-        if not self.is_image_to_video(model):
+        extra = self.concat_channels(model)
+        if not extra:
             if given:
                 raise ValueError(f"{name} carries a start image ({', '.join(given)}), and this is a text-to-video "
                                  "model: load an image-to-video (I2V) model, or remove the image-to-video node")
             return cond
+        node = self.CONCAT_NODES.get(extra, "WanImageToVideo")
         if "concat_latent_image" not in cond:
-            raise ValueError(f"{name}: this is an image-to-video model and has no start image: connect "
-                             "WanImageToVideo (or WanFirstLastFrameToVideo) between the text encode and the sampler")
-        if self.i2v_clip_vision and "clip_vision" not in cond:
+            kind = "a Fun Control model" if extra == 32 else "an image-to-video model"
+            raise ValueError(f"{name}: this is {kind} and has no start image: connect {node} between the text encode "
+                             "and the sampler")
+        embedder = bool(model.config.image_dim)  # Wan 2.1 I2V and the Fun models' CLIP vision image embedder
+        if embedder and extra == 20 and "clip_vision" not in cond:
             raise ValueError(f"{name}: Wan 2.1 I2V needs the start image's CLIP vision features: CLIPVisionEncode "
-                             "(clip_vision_h.safetensors, crop none) into WanImageToVideo's clip_vision_output")
-        if not self.i2v_clip_vision and "clip_vision" in cond:
-            raise ValueError(f"{name}: {self.label}'s image-to-video model takes no CLIP vision features: disconnect "
+                             f"(clip_vision_h.safetensors, crop none) into {node.split(' ')[0]}'s clip_vision_output")
+        if not embedder and "clip_vision" in cond:
+            raise ValueError(f"{name}: this {self.label} model takes no CLIP vision features: disconnect "
                              "clip_vision_output (it would not be used)")
         out = {key: value for key, value in cond.items() if key not in ("concat_latent_image", "concat_mask")}
-        out["concat"] = self._start_video(cond["concat_latent_image"], cond.get("concat_mask"), latent_shape, name)
+        out["concat"] = self._concat(model, cond["concat_latent_image"], cond.get("concat_mask"), latent_shape, name)
         return out
 
-    def _start_video(self, image, mask, latent_shape, name):
-        """ComfyUI's WAN21.concat_cond for a 36-channel DiT: [B, 4 + 16, T, H, W], the mask (1 where the start
-        video holds, on 4 channels) then the start video's latent in the model's space (process_in)."""
+    def _concat(self, model, image, mask, latent_shape, name):
+        """ComfyUI's WAN21.concat_cond: what enters the DiT beside the noise, [B, concat_channels, T, H, W]. The
+        image (the node's concat_latent_image, raw latents of 16 channels each) resized to the latent and taken to
+        the model's space (process_in) 16 channels at a time; then, unless the DiT takes the image alone (Fun
+        Control: 32 = 16 + 16), the mask (1 where the start video holds, on 4 channels) in front of it."""
         from ..video import comfy_upscale, resize_to_batch
 
         batch, channels, frames, height, width = latent_shape
+        extra = self.concat_channels(model)
         image = comfy_upscale(image.float(), width, height)
-        if image.shape[2] != frames or image.shape[1] < channels:
+        if image.shape[2] != frames or image.shape[1] % channels:
             raise ValueError(f"{name}.concat_latent_image is {tuple(image.shape)}; the latent is {tuple(latent_shape)}: "
                              "make both with the same width, height and length")
-        image = self.process_in(image[:, :channels])
+        image = torch.cat([self.process_in(part) for part in image.split(channels, dim=1)], dim=1)
+        image = resize_to_batch(image, batch)
+        # ComfyUI's image_to_video flag: only its WAN21_I2V (36 channels with the image embedder) sets it
+        image_to_video = extra == 20 and bool(model.config.image_dim)
+        if extra != image.shape[1] + 4 and (not image_to_video or extra == image.shape[1]):
+            if image.shape[1] != extra:
+                node = self.CONCAT_NODES.get(extra, "its own conditioning node")
+                raise ValueError(f"{name}.concat_latent_image has {image.shape[1]} channels; this DiT takes {extra} "
+                                 f"beside the noise: make the conditioning with {node}")
+            return image
+        image = image[:, :extra - 4]
         if mask is None:
-            mask = torch.zeros(1, 4, frames, height, width)
+            mask = torch.zeros(batch, 4, frames, height, width)
         else:
             mask = mask.float()
             if mask.shape[1] != 4:
@@ -204,7 +235,8 @@ class Wan21(ModelFamily):
                 mask = torch.nn.functional.pad(mask, (0, 0, 0, 0, 0, frames - mask.shape[2]))
             if mask.shape[1] == 1:
                 mask = mask.repeat(1, 4, 1, 1, 1)
-        return torch.cat([resize_to_batch(mask[:, :, :frames], batch), resize_to_batch(image, batch)], dim=1)
+            mask = resize_to_batch(mask, batch)
+        return torch.cat([mask[:, :, :frames], image], dim=1)
 
     def teacache_coefficients(self, model) -> tuple[list[float] | None, str]:
         """TeaCache's published polynomial for this model (TeaCache4Wan2.1, the e0 / "ret_steps" variant,

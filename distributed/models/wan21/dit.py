@@ -40,6 +40,10 @@ WAN_VARIANTS = {
 # (ViT-H's penultimate hidden states, 257 x 1280) through an image embedder and its own keys in cross-attention.
 I2V_CHANNELS = 36
 CLIP_VISION_DIM = 1280
+# Wan 2.1 Fun Control (VideoX-Fun's Wan2.1-Fun-1.3B/14B-Control; ComfyUI's WAN21_FunControl2V): 48 input channels,
+# the noisy latent then the control video's latent and the start video's (16 each, no mask), and Wan 2.1 I2V's
+# CLIP vision image embedder. (Fun InP has the I2V layout: 36 channels.)
+FUN_CONTROL_CHANNELS = 48
 
 # Wan 2.1 latent normalisation (ComfyUI latent_format.Wan21, diffusers AutoencoderKLWan config).
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -70,7 +74,10 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
     for variant in WAN_VARIANTS.values():
         if (variant["num_attention_heads"] * 128, variant["num_layers"]) == (hidden, layers):
             # the input channels tell T2V (16) from I2V (36) of one size; the families check them
-            config = dict(variant, in_channels=channels)
+            # the input channels tell T2V (16) from I2V (36) and Fun Control (48) of one size, the head's output
+            # channels a TI2V-5B file (48 out) from Wan 2.1 Fun Control (16 out); the families check them
+            out_channels = shapes["head.head.weight"][0][0] // 4 if "head.head.weight" in shapes else variant["out_channels"]
+            config = dict(variant, in_channels=channels, out_channels=out_channels)
             if "img_emb.proj.0.weight" in keys:  # Wan 2.1 I2V: the CLIP vision image embedder
                 config.update(image_dim=shapes["img_emb.proj.0.weight"][0][0], added_kv_proj_dim=hidden)
             return config
@@ -84,8 +91,9 @@ def check_input_channels(name: str, config: dict, expected: int | tuple[int, ...
     if channels in (expected if isinstance(expected, tuple) else (expected,)):
         return
     kinds = {16: "a Wan 2.1 / Wan 2.2 A14B text-to-video model (16 input channels)",
-             36: "a Wan image-to-video model (36 input channels: latent, mask and image)",
-             48: "Wan 2.2 TI2V-5B (48 input channels, the Wan 2.2 VAE's latent)"}
+             36: "a Wan image-to-video or Fun InP model (36 input channels: latent, mask and image)",
+             48: ("Wan 2.2 TI2V-5B (48 input channels, the Wan 2.2 VAE's latent)" if config.get("out_channels") == 48
+                  else "Wan 2.1 Fun Control (48 input channels: latent, control video and start video)")}
     raise CheckpointError(f"{name} is {kinds.get(channels, f'a Wan DiT with {channels} input channels')}, not {label}")
 
 
@@ -178,11 +186,10 @@ class UspWanAttnProcessor:
 
         image = None
         if attn.add_k_proj is not None:
-            if not self.state.image_len:
-                raise ValueError("this Wan image-to-video model needs CLIP vision features of the start image "
-                                 "(clip_vision_output)")
-            image, encoder_hidden_states = (encoder_hidden_states[:, :self.state.image_len],
-                                            encoder_hidden_states[:, self.state.image_len:])
+            # Without CLIP vision tokens (Fun Control, whose clip_vision_output is optional) ComfyUI's
+            # WanI2VCrossAttention slices context[:, :None]: the text tokens go through the image keys too.
+            image = encoder_hidden_states[:, :self.state.image_len] if self.state.image_len else encoder_hidden_states
+            encoder_hidden_states = encoder_hidden_states[:, self.state.image_len:]
         query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
         # (B, S, H*D) -> (B, S, H, D)

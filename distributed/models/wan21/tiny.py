@@ -6,6 +6,7 @@
     vae/tiny_wan_2.1_vae.safetensors               Wan-VAE, original key names
     diffusion_models/tiny_wan2.1_t2v_Q8_0.gguf     the same DiT as city96's GGUF files are (Q8_0)
     diffusion_models/tiny_wan2.1_i2v.safetensors   Wan 2.1 I2V (36 input channels, CLIP vision image embedder)
+    diffusion_models/tiny_wan2.1_fun_control.safetensors   Wan 2.1 Fun Control (48: control and start videos)
     loras/tiny_wan_lora_{kohya,peft,distill}.safetensors   LoRAs for it in three layouts (models/tiny.py)
 Each file carries its config in the safetensors metadata because tiny shapes match no released variant.
 """
@@ -29,6 +30,9 @@ TINY_WAN_CONFIG = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=
 # the image embedder and the image keys of cross-attention.
 TINY_WAN_I2V_CONFIG = dict(TINY_WAN_CONFIG, in_channels=36, image_dim=1280,
                            added_kv_proj_dim=TINY_WAN_CONFIG["num_attention_heads"] * TINY_WAN_CONFIG["attention_head_dim"])
+# Wan 2.1 Fun Control, shrunk: the control video's and the start video's latents (32 channels) beside the noise,
+# and the I2V model's CLIP vision image embedder.
+TINY_WAN_FUN_CONTROL_CONFIG = dict(TINY_WAN_I2V_CONFIG, in_channels=48)
 TINY_UMT5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 TINY_VAE_CONFIG = dict(base_dim=8, z_dim=16)
 FILES = {
@@ -37,9 +41,10 @@ FILES = {
     "vae": "vae/tiny_wan_2.1_vae.safetensors",
     "dit_gguf": "diffusion_models/tiny_wan2.1_t2v_Q8_0.gguf",
     "dit_i2v": "diffusion_models/tiny_wan2.1_i2v.safetensors",
+    "dit_fun_control": "diffusion_models/tiny_wan2.1_fun_control.safetensors",
     **{f"lora_{layout}": f"loras/tiny_wan_lora_{layout}.safetensors" for layout in ("kohya", "peft", "distill")},
 }
-_VERSION = "4"
+_VERSION = "5"
 
 
 def wan_to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,6 +165,10 @@ def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch
     vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
     _save({k: v.to(dtype) for k, v in wan_vae_to_original_keys(vae.state_dict()).items()}, paths["vae"],
           {wan_vae.CONFIG_METADATA_KEY: json.dumps(TINY_VAE_CONFIG)})
+    torch.manual_seed(seed + 7)  # after the others: their weights stay what they were
+    fun = WanTransformer3DModel(**TINY_WAN_FUN_CONTROL_CONFIG)
+    _save({k: v.to(dtype) for k, v in wan_to_original_keys(fun.state_dict()).items()}, paths["dit_fun_control"],
+          {wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_FUN_CONTROL_CONFIG)})
     stamp.write_text(_VERSION)
     assert TINY_UMT5["d_model"] == TINY_WAN_CONFIG["text_dim"]
     return paths
@@ -191,27 +200,34 @@ def tiny_request(family, experts: list[str], shape: tuple[int, int, int], steps:
 
 
 def tiny_image_conditioning(shape: tuple[int, int, int], clip_vision: bool = True, start_frames: int = 1,
-                            seed: int = 4) -> dict[str, torch.Tensor]:
+                            seed: int = 4, fun_control: bool = False, end_frames: int = 0) -> dict[str, torch.Tensor]:
     """A side of Wan image-to-video conditioning as native WanImageToVideo (+ CLIPVisionEncode) make it: the
-    start video's raw latent, its mask (0 on the start image's latent frames) and CLIP vision features."""
+    start video's raw latent, its mask (0 on the start image's latent frames) and CLIP vision features; with
+    fun_control, as WanFunControlToVideo makes it: the control video's and the start video's raw latents (32
+    channels), no mask; end_frames: latent frames held at the end too (WanFunInpaintToVideo's end image)."""
     g = torch.Generator().manual_seed(seed)
     channels = TINY_WAN_CONFIG["in_channels"]
     cond = {"tokens": torch.randn(1, 24, TINY_WAN_CONFIG["text_dim"], generator=g),
-            "concat_latent_image": torch.randn(1, channels, *shape, generator=g),
+            "concat_latent_image": torch.randn(1, channels * (2 if fun_control else 1), *shape, generator=g),
             "concat_mask": torch.ones(1, 1, *shape)}
     cond["concat_mask"][:, :, :start_frames] = 0.0
+    if end_frames:
+        cond["concat_mask"][:, :, -end_frames:] = 0.0
+    if fun_control:
+        del cond["concat_mask"]
     if clip_vision:
         cond["clip_vision"] = torch.randn(1, 257, TINY_WAN_I2V_CONFIG["image_dim"], generator=g)
     return cond
 
 
 def tiny_image_request(experts: list[str], shape: tuple[int, int, int], clip_vision: bool = True,
-                       cfg: float = 5.0, steps: int = 3) -> dict:
+                       cfg: float = 5.0, steps: int = 3, fun_control: bool = False, end_frames: int = 0) -> dict:
     """The fields of an image-to-video SampleRequest (one start video on both sides; two experts: Wan 2.2 I2V
-    A14B, switching at 0.9)."""
-    negative = tiny_image_conditioning(shape, clip_vision, seed=5)
-    negative["concat_latent_image"] = tiny_image_conditioning(shape, clip_vision)["concat_latent_image"]
+    A14B, switching at 0.9; fun_control: a Fun Control conditioning, tiny_image_conditioning's)."""
+    kinds = dict(fun_control=fun_control, end_frames=end_frames)
+    negative = tiny_image_conditioning(shape, clip_vision, seed=5, **kinds)
+    negative["concat_latent_image"] = tiny_image_conditioning(shape, clip_vision, **kinds)["concat_latent_image"]
     return dict(experts=list(experts), boundaries=[0.9] if len(experts) == 2 else [],
-                positive=tiny_image_conditioning(shape, clip_vision), negative=negative,
+                positive=tiny_image_conditioning(shape, clip_vision, **kinds), negative=negative,
                 latent=torch.zeros(1, TINY_WAN_CONFIG["in_channels"], *shape), seed=3, steps=steps, cfg=cfg,
                 shift=5.0, sampler="euler")

@@ -54,12 +54,17 @@ class Wan22TI2V5B(Wan21):
 
     def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
         config = wan.infer_wan_config(path, shapes, metadata)
-        wan.check_input_channels(path.name, config, CHANNELS, "Wan 2.2 TI2V-5B")
+        self._check_channels(path.name, config)
         return config
 
     def check_dit_folder(self, path: Path) -> None:
-        wan.check_input_channels(path.name, json.loads((path / "config.json").read_text()), CHANNELS,
-                                 "Wan 2.2 TI2V-5B")
+        self._check_channels(path.name, json.loads((path / "config.json").read_text()))
+
+    def _check_channels(self, name: str, config: dict) -> None:
+        # 48 in and 48 out: Wan 2.1 Fun Control also takes 48 channels, and predicts 16
+        wan.check_input_channels(name, config, CHANNELS, "Wan 2.2 TI2V-5B")
+        if config.get("out_channels", 16) != CHANNELS:
+            wan.check_input_channels(name, dict(config, in_channels=wan.FUN_CONTROL_CHANNELS), (), "Wan 2.2 TI2V-5B")
 
     def is_vae(self, keys: set[str]) -> bool:
         return vae_keys.is_wan22_vae(keys)
