@@ -82,6 +82,72 @@ class UspWanImageToVideo(io.ComfyNode):
                              {"samples": latent, LATENT_TAG: family.name})
 
 
+def encode_frames(vae, frames: torch.Tensor, family, what: str) -> torch.Tensor:
+    """IMAGE frames (resized to the video) encoded by the group's split VAE encode, as ComfyUI's Wan VAE encodes
+    them: the first frame, then whole groups of 4 (trailing frames of a partial group are not encoded there either)."""
+    frames = frames[:1 + (frames.shape[0] - 1) // 4 * 4, ..., :3]
+    latent, vae_family = api.encode_video(vae["group"], vae["path"], frames)
+    if latent.shape[1] != family.latent_channels:
+        raise ValueError(f"vae: this is the {get(vae_family).label} VAE ({latent.shape[1]} channels); the {what} of "
+                         f"{family.label} is encoded by its {family.latent_channels}-channel VAE: load wan_2.1_vae.safetensors")
+    return latent
+
+
+class UspWanFunControlToVideo(io.ComfyNode):
+    FAMILY = "wan2.1"
+
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="UspWanFunControlToVideo", display_name="USP Wan Fun Control To Video",
+            category=CATEGORY,
+            description=("Native WanFunControlToVideo on the USP group, for Wan 2.1 Fun Control: the control video "
+                         "(depth, pose, edges...) and the start image, resized to the video, are encoded by the Wan 2.1 "
+                         "VAE split across the ranks and set side by side (32 channels) on both conditionings, with the "
+                         "CLIP vision output if given; the empty latent to sample."),
+            search_aliases=["WanFunControlToVideo", "fun control", "control video", "controlnet"],
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="The prompt's conditioning (USP Text Encode, or native)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
+                socket_types.Vae.Input("vae", tooltip="USP Load VAE with wan_2.1_vae.safetensors."),
+                *video_size_inputs(832, 480, 81, 16, "81 at 16 fps is 5 s"),
+                io.ClipVisionOutput.Input("clip_vision_output", optional=True, tooltip=(
+                    "CLIP Vision Encode of the start image (clip_vision_h, crop none); optional, as in native "
+                    "WanFunControlToVideo.")),
+                io.Image.Input("start_image", optional=True,
+                               tooltip="The first frame(s); resized to the video after a centred crop."),
+                io.Image.Input("control_video", optional=True, tooltip=(
+                    "The control frames (a depth, pose or edge video, e.g. Load Video -> Get Video Components, or a "
+                    "preprocessor's output); resized to the video, its first `length` frames used.")),
+            ],
+            outputs=[io.Conditioning.Output("positive"), io.Conditioning.Output("negative"),
+                     io.Latent.Output("latent")],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, vae, width, height, length, batch_size, clip_vision_output=None,
+                start_image=None, control_video=None):
+        family = get(cls.FAMILY)
+        _check_size(family, width, height, length)
+        frames = (length - 1) // 4 + 1
+        down = family.spatial_compression
+        latent = torch.zeros(batch_size, family.latent_channels, frames, height // down, width // down)
+        # as WanFunControlToVideo: the latent format's empty value where nothing is encoded, control then start
+        concat = family.process_out(torch.zeros(1, family.latent_channels, frames, height // down,
+                                                width // down)).repeat(1, 2, 1, 1, 1)
+        for offset, video, what in ((family.latent_channels, start_image, "start image"), (0, control_video, "control video")):
+            if video is not None:
+                encoded = encode_frames(vae, resized_frames(video, width, height, length), family, what)
+                kept = min(encoded.shape[2], frames)
+                concat[:, offset:offset + family.latent_channels, :kept] = encoded[:, :, :kept]
+        values = {"concat_latent_image": concat}
+        if clip_vision_output is not None:
+            values["clip_vision_output"] = clip_vision_output
+        services.publish_status(state="ready")
+        return io.NodeOutput(with_values(positive, values), with_values(negative, values),
+                             {"samples": latent, LATENT_TAG: family.name})
+
+
 class UspWan22ImageToVideoLatent(io.ComfyNode):
     FAMILY = "wan2.2-ti2v-5b"
 
@@ -129,4 +195,4 @@ def wan22_latent(family, vae, width, height, length, batch_size, start_image=Non
             LATENT_TAG: family.name}
 
 
-NODES = [UspWanImageToVideo, UspWan22ImageToVideoLatent]
+NODES = [UspWanImageToVideo, UspWanFunControlToVideo, UspWan22ImageToVideoLatent]

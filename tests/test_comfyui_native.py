@@ -204,14 +204,16 @@ def i2v_comparison(tiny_models, tmp_path_factory):
                                   "wan22_i2v_switch_generic_nodes",
                                   "fun_control_clip_cfg4_engine", "fun_control_clip_cfg4_generic_nodes",
                                   "fun_control_cfg1_engine", "fun_control_cfg1_generic_nodes",
-                                  "fun_inp_engine", "fun_inp_generic_nodes"])
+                                  "fun_inp_engine", "fun_inp_generic_nodes", "fun_control_node_concat",
+                                  "fun_control_node_generic_nodes"])
 def test_i2v_matches_comfyuis_wan_image_to_video(i2v_comparison, what):
     """Native WanImageToVideo (a start image of another size: its centre-crop resize, VAE Encode; a synthetic
     clip_vision_output for Wan 2.1 I2V) or WanFirstLastFrameToVideo, then KSampler (cfg 1 and 4) or two
     KSamplerAdvanced (Wan 2.2 I2V A14B), fp32: our engine given the tensors those nodes made (also on a latent of
     another size than the start video's: resized to it), and our samplers given the native conditioning. Wan 2.1
     Fun Control (WanFunControlToVideo: control video and start image, with and without CLIP vision) and Fun InP
-    (WanFunInpaintToVideo: start and end images, on the I2V layout) the same way."""
+    (WanFunInpaintToVideo: start and end images, on the I2V layout) the same way; the pack's USP Wan Fun Control
+    To Video (our VAE encode) makes native WanFunControlToVideo's conditioning (ComfyUI's VAE) and its video."""
     assert i2v_comparison["wan21_i2v_len5_cfg1_start_frames"] == i2v_comparison["wan21_i2v_len9_cfg4_start_frames"] == 1
     assert i2v_comparison["flf_mask_shape"] == [1, 4, 3, 4, 6]  # the first-last mask per pixel frame, 4 channels
     assert 0 < i2v_comparison["wan22_k"] < 4

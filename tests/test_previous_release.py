@@ -23,6 +23,7 @@ previous release's commit (98ff83b), where the code that made the files runs.
 from __future__ import annotations
 
 import json
+import subprocess
 import os
 import shutil
 import time
@@ -59,6 +60,7 @@ NOT_RUNNABLE = {
 TINY_SIZE = {"width": 64, "height": 64, "length": 5}  # 64: the 5B's 16x VAE and 2x2 patches need multiples of 32
 TINY_STEPS = 3  # enough for both Wan 2.2 experts at the shipped shift/boundary (12/0.875 and 5/0.9)
 START_IMAGE = "example.png"  # the I2V workflows' LoadImage file; written into the server's input folder
+CONTROL_VIDEO = "control.mp4"  # the control workflows' LoadVideo file; written there too
 
 
 def tiny_model_files() -> dict[str, str]:
@@ -73,6 +75,7 @@ def tiny_model_files() -> dict[str, str]:
         "wan2.1_t2v_1.3B_fp16.safetensors": WAN21["dit"],
         "wan2.1_t2v_14B_fp16.safetensors": WAN21["dit"],
         "wan2.1_i2v_480p_14B_fp16.safetensors": WAN21["dit_i2v"],
+        "wan2.1_fun_control_1.3B_bf16.safetensors": WAN21["dit_fun_control"],
         "umt5_xxl_fp16.safetensors": WAN21["text_encoder"],
         "wan_2.1_vae.safetensors": WAN21["vae"],
         "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors": WAN21["lora_distill"],
@@ -213,6 +216,22 @@ def write_start_image(path: Path) -> None:
     Image.fromarray(rgb).save(path)
 
 
+def write_control_video(path: Path) -> None:
+    """A fixed 9-frame 64x64 H.264 video of a moving bar (a stand-in for a depth or pose video), written with PyAV
+    by ComfyUI's Python (its requirements have PyAV; the tests' Python need not)."""
+    from comfyui_server import comfyui_python
+
+    script = (
+        "import sys, av, numpy as np\n"
+        "out = av.open(sys.argv[1], 'w'); s = out.add_stream('libx264', rate=16); s.width = s.height = 64\n"
+        "s.pix_fmt = 'yuv420p'\n"
+        "for i in range(9):\n"
+        "    f = np.zeros((64, 64, 3), np.uint8); f[:, 6 * i:6 * i + 12] = 255\n"
+        "    [out.mux(p) for p in s.encode(av.VideoFrame.from_ndarray(f, format='rgb24'))]\n"
+        "[out.mux(p) for p in s.encode()]; out.close()\n")
+    subprocess.run([comfyui_python(), "-c", script, str(path)], check=True, capture_output=True, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_models, wan22_i2v, tmp_path_factory):
     """One ComfyUI for the whole file: the pack, every tiny set in one models root, the start image."""
@@ -232,6 +251,7 @@ def server(tiny_models, wan22_i2v, tmp_path_factory):
             shutil.copyfile(source, models_root / WAN22_I2V[role])
     (work / "input").mkdir()
     write_start_image(work / "input" / START_IMAGE)
+    write_control_video(work / "input" / CONTROL_VIDEO)
     with comfyui_server(COMFYUI_DIR, models_root, work, ("--input-directory", str(work / "input"))) as url:
         with urllib.request.urlopen(url + "/object_info") as response:
             info = json.load(response)
@@ -446,6 +466,24 @@ def test_generic_workflow_gives_the_latents_of_the_per_family_one(server, name, 
         previous = RAN[name][sorted(RAN[name], key=lambda i: (len(i), i))[-1]]
         error = rel_error(final, previous)
         assert error <= 1e-6, f"{name}: relative error {error:.2e} against the per-family workflow run now"
+
+
+def shipped_since() -> list[str]:
+    """The shipped API workflows the previous release did not have."""
+    return sorted(set(p.name.removesuffix("_api.json") for p in SHIPPED_API.glob("*_api.json")) - set(api_workflows()))
+
+
+@pytest.mark.parametrize("name", shipped_since())
+def test_workflow_new_since_the_previous_release_runs_on_the_tiny_set(server, name, tmp_path):
+    """Each shipped workflow that is new since the previous release runs in ComfyUI on the tiny sets (its models'
+    tiny files, the start image and the control video in the input folder) and writes its video."""
+    url, _, models_root, _ = server
+    from usp_video.distributed.comfy_queue import run_workflow
+
+    prompt = tiny_substitute(json.loads((SHIPPED_API / f"{name}_api.json").read_text()), models_root)
+    status, files = run_workflow(url, prompt, tmp_path, timeout=300)
+    assert status == "success", status
+    assert [f for f in files if f.suffix in (".webp", ".mp4", ".webm")], files
 
 
 def test_every_runnable_workflow_has_stored_latents():

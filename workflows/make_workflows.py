@@ -11,6 +11,7 @@
     wan22_t2v_usp.json                   Wan 2.2 A14B, one sampler switching expert at the boundary
     wan22_t2v_usp_two_samplers.json      Wan 2.2 A14B, ComfyUI's two-sampler layout (USP Sampler Advanced)
     wan22_ti2v_5b_usp.json               Wan 2.2 TI2V-5B (its own empty latent and the Wan 2.2 VAE)
+    wan21_fun_control_usp.json           Wan 2.1 Fun Control 1.3B: a control video and a start image
     (and their api/ files, and NAME.jpg: the template browser's picture of each, the graph drawn)
 
 The API files live in api/: ComfyUI lists every .json directly in workflows/ in its template browser,
@@ -209,9 +210,35 @@ WAN22_5B_I2V.update({
          [("latent", "LATENT")], (1040, 560)),
 })
 
+# Wan 2.1 Fun Control 1.3B: a control video (Load Video -> Get Video Components: a depth, pose or edge video) and
+# a start image through the pack's Fun Control node (both encoded by the group's split VAE encode), the sampler at
+# the Fun models' settings. CLIP vision is optional for Fun Control (as in native WanFunControlToVideo): connect
+# CLIP Vision Encode of the start image to its clip_vision_output as in the I2V workflow.
+WAN_FUN_CONTROL = {k: v for k, v in WAN_T2V.items() if k != 6}
+WAN_FUN_CONTROL.update({
+    2: ("UspLoadDiffusionModel", None, ["wan2.1_fun_control_1.3B_bf16.safetensors", "none"], {"group": (1, 0)},
+        [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
+    4: ("UspTextEncode", "Positive prompt",
+        ["A fox in a red scarf walks through a snowy forest, following the motion of the control video"],
+        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (1040, 60)),
+    7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 5.0, 0.0, 0.0],
+        {"model": (2, 0), "positive": (16, 0), "negative": (16, 1), "latent_image": (16, 2)},
+        [("LATENT", "LATENT")], (1460, 60)),
+    10: ("SaveAnimatedWEBP", None, ["usp_video/wan21_fun_control", 16.0, False, 90, "default"], {"images": (9, 0)},
+         [], (1900, 240)),
+    12: ("LoadImage", "Start image", ["example.png", "image"], {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+         (40, 660)),
+    17: ("LoadVideo", "Control video", ["control.mp4", "image"], {}, [("VIDEO", "VIDEO")], (440, 660)),
+    18: ("GetVideoComponents", None, [], {"video": (17, 0)},
+         [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], (440, 1060)),
+    16: ("UspWanFunControlToVideo", None, [832, 480, 81, 1],
+         {"positive": (4, 0), "negative": (5, 0), "vae": (8, 0), "start_image": (12, 0), "control_video": (18, 0)},
+         [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (1040, 560)),
+})
+
 WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan21_i2v_usp": WAN_I2V,
              "wan22_i2v_usp": WAN22_I2V, "wan22_ti2v_5b_i2v_usp": WAN22_5B_I2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
-             "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS}
+             "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS, "wan21_fun_control_usp": WAN_FUN_CONTROL}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
 _SAMPLER_SOCKETS = [("model", "USP_MODEL,MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -226,6 +253,10 @@ SOCKETS = {
     "UspWan22ImageToVideoLatent": [("vae", "USP_VAE"), ("start_image", "IMAGE")],
     "UspWanImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
                            ("start_image", "IMAGE"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
+    "UspWanFunControlToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
+                                ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("start_image", "IMAGE"),
+                                ("control_video", "IMAGE")],
+    "GetVideoComponents": [("video", "VIDEO")],
     "SaveAnimatedWEBP": [("images", "IMAGE")],
 }
 
@@ -236,7 +267,8 @@ SIZES = {"UspGroup": (360, 540), "UspLoadDiffusionModel": (560, 120), "UspLoadTe
          "UspSamplerAdvanced": (340, 500), "UspLoraLoader": (590, 130),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
          "LoadImage": (340, 340), "CLIPVisionLoader": (420, 90),
-         "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250), "UspWan22ImageToVideoLatent": (380, 200)}
+         "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250),
+         "UspWanFunControlToVideo": (380, 270), "LoadVideo": (340, 360), "GetVideoComponents": (300, 90), "UspWan22ImageToVideoLatent": (380, 200)}
 
 # Widget names in order, for converting to API format (ours are checked against the nodes' schemas in a test).
 WIDGETS = {
@@ -253,6 +285,8 @@ WIDGETS = {
     "UspVaeLoader": ["vae_name"], "UspVaeDecode": [], "UspLoraLoader": ["lora_name", "strength", "expert"],
     "LoadImage": ["image", "upload"], "CLIPVisionLoader": ["clip_name"], "CLIPVisionEncode": ["crop"],
     "UspWanImageToVideo": ["width", "height", "length", "batch_size"],
+    "UspWanFunControlToVideo": ["width", "height", "length", "batch_size"],
+    "LoadVideo": ["file", "upload"], "GetVideoComponents": [],
     "UspWan22ImageToVideoLatent": ["width", "height", "length", "batch_size"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
 }

@@ -200,6 +200,26 @@ def compare(paths: dict) -> dict:
                 still = [[pos[0][0], dict(pos[0][1], concat_latent_image=pos[0][1]["concat_latent_image"].flip(2))]]
                 out["fun_control_changes_result"] = rel(comfy_nodes.KSampler().sample(
                     fun, seed, steps, scale, "euler", "simple", still, neg, latent)[0]["samples"], native)
+    # the pack's USP Wan Fun Control To Video (its split VAE encode: here our engine's encode in this process) on
+    # the same images: the conditioning native WanFunControlToVideo makes with ComfyUI's own VAE, and its video
+    from usp_video.distributed import api
+
+    api.encode_video = lambda group, vae_path, frames, on_progress=None: (engine.encode_video(vae_path, frames),
+                                                                          "wan2.1")
+    with torch.inference_mode():
+        pos, neg, latent = WanFunControlToVideo.execute(*text, vae, width, height, 9, 1, start_image=start,
+                                                        control_video=control).result
+    ours = run_node("UspWanFunControlToVideo", positive=text[0], negative=text[1], vae={"group": None,
+                    "path": paths["vae"]}, width=width, height=height, length=9, batch_size=1, start_image=start,
+                    control_video=control)
+    out["fun_control_node_concat"] = rel(ours[0][0][1]["concat_latent_image"], pos[0][1]["concat_latent_image"])
+    assert ours[2]["samples"].shape == latent["samples"].shape
+    with torch.no_grad():
+        native = comfy_nodes.KSampler().sample(fun, seed, steps, 1.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+        out["fun_control_node_generic_nodes"] = rel(run_node(
+            "UspSampler", model=socket(["wan21_fun_control"], "wan2.1"), positive=ours[0], negative=ours[1],
+            latent_image=ours[2], seed=seed, steps=steps, cfg=1.0, shift=shift, sampler_name="euler",
+            denoise=1.0)[0]["samples"], native)
     with torch.inference_mode():
         pos, neg, latent = WanFunInpaintToVideo.execute(*text, vae, width, height, 9, 1, start_image=start,
                                                         end_image=end, clip_vision_output=vision).result
