@@ -27,6 +27,14 @@ def video_size_inputs(width: int, height: int, length: int, step: int, example: 
             io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos per run.")]
 
 
+def wan_conditioning_inputs(vae_tooltip: str) -> list:
+    """The inputs every Wan conditioning node starts with, as ComfyUI's: positive, negative, the VAE, the size."""
+    return [io.Conditioning.Input("positive", tooltip="The prompt's conditioning (USP Text Encode, or native)."),
+            io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
+            socket_types.Vae.Input("vae", tooltip=vae_tooltip),
+            *video_size_inputs(832, 480, 81, 16, "81 at 16 fps is 5 s")]
+
+
 def _check_size(family, width: int, height: int, length: int) -> None:
     """The family's pixel multiple for width and height, and 1 + 4k frames."""
     step = family.pixel_multiple
@@ -48,11 +56,8 @@ class UspWanImageToVideo(io.ComfyNode):
                          "Wan 2.2 I2V A14B."),
             search_aliases=["WanImageToVideo", "image to video", "i2v"],
             inputs=[
-                io.Conditioning.Input("positive", tooltip="The prompt's conditioning (USP Text Encode, or native)."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
-                socket_types.Vae.Input("vae", tooltip=("USP Load VAE with wan_2.1_vae.safetensors (Wan 2.1 I2V and Wan "
-                                                       "2.2 I2V A14B use the Wan 2.1 VAE).")),
-                *video_size_inputs(832, 480, 81, 16, "81 at 16 fps is 5 s"),
+                *wan_conditioning_inputs("USP Load VAE with wan_2.1_vae.safetensors (Wan 2.1 I2V and Wan 2.2 I2V "
+                                         "A14B use the Wan 2.1 VAE)."),
                 io.Image.Input("start_image", optional=True,
                                tooltip="The first frame(s); resized to the video after a centred crop."),
                 io.ClipVisionOutput.Input("clip_vision_output", optional=True, tooltip=(
@@ -107,10 +112,7 @@ class UspWanFunControlToVideo(io.ComfyNode):
                          "CLIP vision output if given; the empty latent to sample."),
             search_aliases=["WanFunControlToVideo", "fun control", "control video", "controlnet"],
             inputs=[
-                io.Conditioning.Input("positive", tooltip="The prompt's conditioning (USP Text Encode, or native)."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
-                socket_types.Vae.Input("vae", tooltip="USP Load VAE with wan_2.1_vae.safetensors."),
-                *video_size_inputs(832, 480, 81, 16, "81 at 16 fps is 5 s"),
+                *wan_conditioning_inputs("USP Load VAE with wan_2.1_vae.safetensors."),
                 io.ClipVisionOutput.Input("clip_vision_output", optional=True, tooltip=(
                     "CLIP Vision Encode of the start image (clip_vision_h, crop none); optional, as in native "
                     "WanFunControlToVideo.")),
