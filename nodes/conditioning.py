@@ -63,7 +63,24 @@ def _penultimate(value, name: str):
 # A family's conditioning tensor whose ComfyUI conditioning key differs from its own name, and how its value is
 # read from ComfyUI's object (CLIPVisionEncode's output -> its penultimate hidden states). Other tensors keep
 # their name end to end (concat_latent_image, concat_mask, pooled_output).
-FROM_COMFY = {"clip_vision": ("clip_vision_output", _penultimate)}
+def _last_reference(value, name: str):
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{name}: its reference_latents is not a list of latents (from ReferenceLatent or "
+                         "Wan22FunControlToVideo)")
+    return value[-1]  # the model takes the last one, as ComfyUI's WAN21.extra_conds
+
+
+def _index(value, name: str):
+    import torch
+
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: its concat_mask_index must be an integer, got {value!r}")
+    return torch.tensor(value)
+
+
+FROM_COMFY = {"clip_vision": ("clip_vision_output", _penultimate),
+              "reference_latent": ("reference_latents", _last_reference),
+              "concat_mask_index": ("concat_mask_index", _index)}
 
 
 def family_conditioning(conditioning, name: str, family) -> tuple[dict, dict[str, float]]:

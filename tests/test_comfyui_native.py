@@ -205,7 +205,9 @@ def i2v_comparison(tiny_models, tmp_path_factory):
                                   "fun_control_clip_cfg4_engine", "fun_control_clip_cfg4_generic_nodes",
                                   "fun_control_cfg1_engine", "fun_control_cfg1_generic_nodes",
                                   "fun_inp_engine", "fun_inp_generic_nodes", "fun_control_node_concat",
-                                  "fun_control_node_generic_nodes"])
+                                  "fun_control_node_generic_nodes", "fun22_reference_engine",
+                                  "fun22_reference_generic_nodes", "fun22_no_reference_engine",
+                                  "fun22_no_reference_generic_nodes"])
 def test_i2v_matches_comfyuis_wan_image_to_video(i2v_comparison, what):
     """Native WanImageToVideo (a start image of another size: its centre-crop resize, VAE Encode; a synthetic
     clip_vision_output for Wan 2.1 I2V) or WanFirstLastFrameToVideo, then KSampler (cfg 1 and 4) or two
@@ -213,11 +215,14 @@ def test_i2v_matches_comfyuis_wan_image_to_video(i2v_comparison, what):
     another size than the start video's: resized to it), and our samplers given the native conditioning. Wan 2.1
     Fun Control (WanFunControlToVideo: control video and start image, with and without CLIP vision) and Fun InP
     (WanFunInpaintToVideo: start and end images, on the I2V layout) the same way; the pack's USP Wan Fun Control
-    To Video (our VAE encode) makes native WanFunControlToVideo's conditioning (ComfyUI's VAE) and its video."""
+    To Video (our VAE encode) makes native WanFunControlToVideo's conditioning (ComfyUI's VAE) and its video. Wan 2.2
+    Fun Control A14B (Wan22FunControlToVideo, with and without a reference image: its tokens in front of the video's)
+    across two KSamplerAdvanced, against our expert switch."""
     assert i2v_comparison["wan21_i2v_len5_cfg1_start_frames"] == i2v_comparison["wan21_i2v_len9_cfg4_start_frames"] == 1
     assert i2v_comparison["flf_mask_shape"] == [1, 4, 3, 4, 6]  # the first-last mask per pixel frame, 4 channels
     assert 0 < i2v_comparison["wan22_k"] < 4
     assert i2v_comparison["native_families"] == ["wan2.1", "wan2.1"]  # UNETLoader's WAN21_I2V, WAN21_FunControl2V
-    for changed in ("wan21_i2v_clip_vision_changes_result", "wan22_flf_changes_result", "fun_control_changes_result"):
+    for changed in ("wan21_i2v_clip_vision_changes_result", "wan22_flf_changes_result", "fun_control_changes_result",
+                    "fun22_reference_changes_result"):
         assert i2v_comparison[changed] > 1e-2, changed  # the image embedder and the end frame are used
     assert i2v_comparison[what] <= 1e-5, f"{what}: relative error {i2v_comparison[what]:.2e} against ComfyUI"

@@ -83,6 +83,9 @@ def wan22_cases():
                                         samples=[{"sampler": sampler_of(n, u)}])
     yield "i2v", (2, 1, 2), dict(shape=SMALL, experts=["i2v_high_noise", "i2v_low_noise"],
                                  image={"clip_vision": False})
+    for n, u, r in FACTORIZATIONS:  # Fun Control: control, mask and start videos, and the reference image's tokens
+        yield "fun_control", (n, u, r), dict(shape=UNEVEN, experts=["fun_control_high_noise", "fun_control_low_noise"],
+                                             image={"clip_vision": False, "fun_control_a14b": True})
 
 
 def ti2v_cases():

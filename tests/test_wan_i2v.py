@@ -66,8 +66,10 @@ def test_the_start_video_is_used(tiny_models):
     ("fun control without its videos", "this is a Fun Control model and has no start image: connect WanFunControlToVideo"),
     ("fun control given WanImageToVideo's", "concat_latent_image has 16 channels; this DiT takes 32 beside the noise: "
                                             "make the conditioning with WanFunControlToVideo"),
+    ("reference without ref_conv", "carries a reference image .*this model has no reference-image input"),
+    ("reference of another size", "reference_latent is .*make the reference image at the video's width and height"),
 ])
-def test_image_inputs_that_do_not_fit_are_refused(case, message, tiny_models, wan22_i2v):
+def test_image_inputs_that_do_not_fit_are_refused(case, message, tiny_models, wan22_i2v, tiny_wan22):
     experts, family = [tiny_models["dit_i2v"]], None
     request = image_request(experts, UNEVEN)
     if case == "no image":
@@ -86,6 +88,13 @@ def test_image_inputs_that_do_not_fit_are_refused(case, message, tiny_models, wa
         request.experts, request.positive = [tiny_models["dit_fun_control"]], {"tokens": request.positive["tokens"]}
     elif case == "fun control given WanImageToVideo's":
         request.experts = [tiny_models["dit_fun_control"]]
+    elif case == "reference without ref_conv":
+        request.positive["reference_latent"] = torch.zeros(1, 16, 1, *UNEVEN[1:])
+    elif case == "reference of another size":
+        request = image_request([tiny_wan22["fun_control_high_noise"], tiny_wan22["fun_control_low_noise"]], UNEVEN,
+                                clip_vision=False, fun_control_a14b=True)
+        request.positive["reference_latent"] = torch.zeros(1, 16, 1, 2, 2)
+        family = "wan2.2-a14b"
     request.family = family
     with pytest.raises(ValueError, match=message):
         make_engine().sample(request).latent

@@ -73,7 +73,6 @@ def make_detectable_wan(root, names_seeds: dict[str, int],
     import json
     from pathlib import Path
 
-    from diffusers import WanTransformer3DModel
     from usp_video.distributed.formats.checkpoint import save_safetensors
     from usp_video.distributed.models.tiny import save_tiny_lora
     from usp_video.distributed.models.wan21 import dit as wan
@@ -84,7 +83,7 @@ def make_detectable_wan(root, names_seeds: dict[str, int],
     for name, seed in names_seeds.items():
         torch.manual_seed(seed)
         dit_config = (configs or {}).get(name, config)
-        state = wan_to_original_keys(WanTransformer3DModel(**dit_config).state_dict())
+        state = wan_to_original_keys(wan.build_wan(dit_config).state_dict())
         paths[name] = root / "diffusion_models" / f"{name}.safetensors"
         save_safetensors(state, paths[name], {wan.CONFIG_METADATA_KEY: json.dumps(dit_config)})
         shapes = {k: list(v.shape) for k, v in state.items()}

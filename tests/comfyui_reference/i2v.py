@@ -18,14 +18,18 @@ import torch
 
 from .common import detectable_wan_i2v_config, rel, route_api_sample, run_node
 
-DITS = {"wan21_i2v": 51, "high_noise": 52, "low_noise": 53, "wan21_fun_control": 54}
+DITS = {"wan21_i2v": 51, "high_noise": 52, "low_noise": 53, "wan21_fun_control": 54, "fun_high_noise": 55,
+        "fun_low_noise": 56}
 
 
 def dit_configs() -> dict[str, dict]:
     # Wan 2.1 Fun Control: the I2V DiT's image embedder, 48 input channels (ComfyUI detects WAN21_FunControl2V)
     return {"wan21_i2v": detectable_wan_i2v_config(True), "high_noise": detectable_wan_i2v_config(False),
             "low_noise": detectable_wan_i2v_config(False),
-            "wan21_fun_control": dict(detectable_wan_i2v_config(True), in_channels=48)}
+            "wan21_fun_control": dict(detectable_wan_i2v_config(True), in_channels=48),
+            # Wan 2.2 Fun Control A14B's experts: 52 channels and the reference-image convolution (ref_conv)
+            **{name: dict(detectable_wan_i2v_config(False), in_channels=52, ref_channels=16)
+               for name in ("fun_high_noise", "fun_low_noise")}}
 
 
 def compare(paths: dict) -> dict:
@@ -34,8 +38,8 @@ def compare(paths: dict) -> dict:
     import folder_paths
     import nodes as comfy_nodes
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
-    from comfy_extras.nodes_wan import (WanFirstLastFrameToVideo, WanFunControlToVideo, WanFunInpaintToVideo,
-                                        WanImageToVideo)
+    from comfy_extras.nodes_wan import (Wan22FunControlToVideo, WanFirstLastFrameToVideo, WanFunControlToVideo,
+                                        WanFunInpaintToVideo, WanImageToVideo)
 
     from .vae_encode import comfy_vae
     from usp_video.distributed.engine import Engine
@@ -52,11 +56,12 @@ def compare(paths: dict) -> dict:
     def native_model(dit, shift):
         model = comfy_nodes.UNETLoader().load_unet(Path(paths[dit]).name, "default")[0]
         inner = model.model.diffusion_model
-        channels = 48 if dit == "wan21_fun_control" else 36
+        channels = {"wan21_fun_control": 48, "fun_high_noise": 52, "fun_low_noise": 52}.get(dit, 36)
         assert inner.patch_embedding.weight.shape[1] == channels and inner.patch_embedding.weight.dtype == torch.float32
         # detected as Wan 2.1 I2V, Fun Control (its model_base has image_to_video off) or an A14B expert
-        assert (inner.img_emb is not None) == (dit != "high_noise" and dit != "low_noise"), dit
+        assert (inner.img_emb is not None) == (dit in ("wan21_i2v", "wan21_fun_control")), dit
         assert model.model.image_to_video == (dit == "wan21_i2v"), dit
+        assert (inner.ref_conv is not None) == dit.startswith("fun_"), dit
         return ModelSamplingSD3().patch(model, shift)[0]
 
     def socket(experts, family):  # a USP loader's model socket (nodes/model_socket.py load_model)
@@ -68,6 +73,10 @@ def compare(paths: dict) -> dict:
         cond = {"tokens": tokens, "concat_latent_image": extra["concat_latent_image"]}
         if "concat_mask" in extra:
             cond["concat_mask"] = extra["concat_mask"]
+        if "concat_mask_index" in extra:
+            cond["concat_mask_index"] = torch.tensor(extra["concat_mask_index"])
+        if "reference_latents" in extra:
+            cond["reference_latent"] = extra["reference_latents"][-1]
         if "clip_vision_output" in extra:
             cond["clip_vision"] = extra["clip_vision_output"].penultimate_hidden_states
         return cond
@@ -220,6 +229,41 @@ def compare(paths: dict) -> dict:
             "UspSampler", model=socket(["wan21_fun_control"], "wan2.1"), positive=ours[0], negative=ours[1],
             latent_image=ours[2], seed=seed, steps=steps, cfg=1.0, shift=shift, sampler_name="euler",
             denoise=1.0)[0]["samples"], native)
+    # Wan 2.2 Fun Control A14B: Wan22FunControlToVideo (control video, start image, a reference image: its tokens
+    # in front of the video's) -> two KSamplerAdvanced split at the boundary, against our switch and sampler node
+    steps, scale, boundary = 4, 3.5, 0.9
+    sigmas = sampling_sigmas(steps, shift)
+    k = next(i for i in range(steps) if float(sigmas[i]) < boundary)
+    high, low = native_model("fun_high_noise", shift), native_model("fun_low_noise", shift)
+    fun_pair = socket(["fun_high_noise", "fun_low_noise"], "wan2.2-a14b")
+    reference = torch.rand(1, 30, 50, 3, generator=g)
+    with torch.inference_mode():
+        pos, neg, latent = Wan22FunControlToVideo.execute(*text, vae, width, height, 9, 1, ref_image=reference,
+                                                          start_image=start, control_video=control).result
+        plain = Wan22FunControlToVideo.execute(*text, vae, width, height, 9, 1, start_image=start,
+                                               control_video=control).result
+    assert pos[0][1]["concat_mask_index"] == 16 and len(pos[0][1]["reference_latents"]) == 1
+    with torch.no_grad():
+        def native_two(p, n, lat):
+            first = comfy_nodes.KSamplerAdvanced().sample(high, "enable", seed, steps, scale, "euler", "simple", p, n,
+                                                          lat, 0, k, "enable")[0]
+            return comfy_nodes.KSamplerAdvanced().sample(low, "disable", seed, steps, scale, "euler", "simple", p, n,
+                                                         first, k, 10000, "disable")[0]["samples"]
+
+        for case, (p, n, lat) in (("fun22_reference", (pos, neg, latent)), ("fun22_no_reference", plain)):
+            native = native_two(p, n, lat)
+            out[case + "_engine"] = rel(engine.sample(SampleRequest(
+                experts=[paths["fun_high_noise"], paths["fun_low_noise"]], boundaries=[boundary], family="wan2.2-a14b",
+                positive=tensors(p), negative=tensors(n), latent=lat["samples"], seed=seed, steps=steps,
+                cfg=[scale, scale], shift=shift, sampler="euler")).latent, native)
+            out[case + "_generic_nodes"] = rel(run_node(
+                "UspSampler", model=fun_pair, positive=p, negative=n, latent_image=lat, seed=seed, steps=steps,
+                cfg=scale, cfg_low_noise=scale, shift=shift, boundary=boundary, sampler_name="euler",
+                denoise=1.0)[0]["samples"], native)
+            if case == "fun22_reference":
+                with_reference = native
+        out["fun22_reference_changes_result"] = rel(with_reference, native)
+
     with torch.inference_mode():
         pos, neg, latent = WanFunInpaintToVideo.execute(*text, vae, width, height, 9, 1, start_image=start,
                                                         end_image=end, clip_vision_output=vision).result

@@ -37,7 +37,7 @@ class Wan21(ModelFamily):
     latent_format = "Wan21"
     # ComfyUI's model configs of its files: text to video, image to video (Fun InP too), Fun Control
     comfy_model_configs = ("WAN21_T2V", "WAN21_I2V", "WAN21_FunControl2V")
-    cond_keys = ("tokens", "concat_latent_image", "concat_mask", "clip_vision")
+    cond_keys = ("tokens", "concat_latent_image", "concat_mask", "clip_vision", "concat_mask_index", "reference_latent")
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
     text_parts = (TextPart("text_encoder", "umt5_xxl .safetensors file or diffusers folder",
                            load=lambda path, dtype, device, shard: umt5.load_umt5(path, dtype, device, shard=shard),
@@ -149,22 +149,35 @@ class Wan21(ModelFamily):
     def velocity(self, model, x, t, cond, options):
         if "concat" in cond:  # image to video: the start video (mask, latent) beside the noise, as ComfyUI does
             x = torch.cat([x, cond["concat"].to(x.dtype)], dim=1)
-        return model(x, t, cond["tokens"], encoder_hidden_states_image=cond.get("clip_vision"), return_dict=False)[0]
+        if "reference" in cond:  # Wan 2.2 Fun Control's reference image (dit.build_wan: its tokens go in front)
+            model.reference_input = cond["reference"].to(x.dtype)
+        try:
+            return model(x, t, cond["tokens"], encoder_hidden_states_image=cond.get("clip_vision"),
+                         return_dict=False)[0]
+        finally:
+            if "reference" in cond:
+                model.reference_input = None
 
     # Image to video, in ComfyUI's terms (nodes_wan.WanImageToVideo; model_base.WAN21.concat_cond / extra_conds):
     # concat_latent_image: the start video's raw latent (start frames, then gray), [B, 16, T, H, W];
     # concat_mask: [1, 1, T, H, W], 0 where the start video holds (ComfyUI inverts it); clip_vision: CLIP vision's
     # penultimate hidden states [B, 257, 1280] (clip_vision_output.penultimate_hidden_states), Wan 2.1 I2V only.
-    IMAGE_KEYS = ("concat_latent_image", "concat_mask", "clip_vision")
+    # Wan22FunControlToVideo adds concat_mask_index (where the mask goes in the concat: after the control video)
+    # and reference_latent (its reference image's raw latent, [B, 16, 1, H, W]: ComfyUI's reference_latents[-1]).
+    IMAGE_KEYS = ("concat_latent_image", "concat_mask", "clip_vision", "concat_mask_index", "reference_latent")
 
     def check_conditioning(self, cond, name):
-        for key, dims in (("concat_latent_image", 5), ("concat_mask", 5), ("clip_vision", 3)):
+        for key, dims in (("concat_latent_image", 5), ("concat_mask", 5), ("clip_vision", 3), ("reference_latent", 5)):
             value = cond.get(key)
             if value is None:
                 continue
             if value.dim() != dims or not value.is_floating_point() or not torch.isfinite(value).all():
                 raise ValueError(f"{name}.{key} must be a finite {dims}-D float tensor, got {tuple(value.shape)} "
                                  f"{value.dtype}")
+        index = cond.get("concat_mask_index")
+        # (the request carries it as a float tensor, as every conditioning tensor)
+        if index is not None and (index.dim() != 0 or float(index) != int(index) or int(index) < 0):
+            raise ValueError(f"{name}.concat_mask_index must be a non-negative integer, got {index!r}")
         if "concat_mask" in cond and "concat_latent_image" not in cond:
             raise ValueError(f"{name}.concat_mask comes without its concat_latent_image")
         image = cond.get("clip_vision")
@@ -174,7 +187,7 @@ class Wan21(ModelFamily):
 
     # The ComfyUI node that makes a DiT's concat conditioning, by concat_channels (for messages).
     CONCAT_NODES = {20: "WanImageToVideo (or WanFirstLastFrameToVideo, WanFunInpaintToVideo)",
-                    32: "WanFunControlToVideo"}
+                    32: "WanFunControlToVideo", 36: "Wan22FunControlToVideo"}
 
     def model_conditioning(self, model, cond, latent_shape, name):
         given = [key for key in self.IMAGE_KEYS if key in cond]
@@ -196,11 +209,33 @@ class Wan21(ModelFamily):
         if not embedder and "clip_vision" in cond:
             raise ValueError(f"{name}: this {self.label} model takes no CLIP vision features: disconnect "
                              "clip_vision_output (it would not be used)")
-        out = {key: value for key, value in cond.items() if key not in ("concat_latent_image", "concat_mask")}
-        out["concat"] = self._concat(model, cond["concat_latent_image"], cond.get("concat_mask"), latent_shape, name)
+        out = {key: value for key, value in cond.items() if key not in self.IMAGE_KEYS or key == "clip_vision"}
+        index = cond.get("concat_mask_index")
+        out["concat"] = self._concat(model, cond["concat_latent_image"], cond.get("concat_mask"), latent_shape, name,
+                                     0 if index is None else int(index))
+        reference = self._reference(model, cond.get("reference_latent"), latent_shape, name)
+        if reference is not None:
+            out["reference"] = reference
         return out
 
-    def _concat(self, model, image, mask, latent_shape, name):
+    def _reference(self, model, latent, latent_shape, name):
+        """A reference image's latent as ComfyUI's WAN21.extra_conds gives it to ref_conv: its first frame in the
+        model's space, [B, 16, H, W] (None without one). Refused for a DiT without ref_conv (ComfyUI drops it)."""
+        from ..video import resize_to_batch
+
+        if latent is None:
+            return None
+        if getattr(model, "ref_conv", None) is None:
+            raise ValueError(f"{name} carries a reference image (reference_latents, from Wan22FunControlToVideo's "
+                             "ref_image or ReferenceLatent), and this model has no reference-image input: it would "
+                             "be ignored; disconnect it, or load a Wan 2.2 Fun Control model")
+        batch, channels, _, height, width = latent_shape
+        if latent.shape[1] != channels or tuple(latent.shape[-2:]) != (height, width):
+            raise ValueError(f"{name}.reference_latent is {tuple(latent.shape)}; the latent is {tuple(latent_shape)}: "
+                             "make the reference image at the video's width and height (Wan22FunControlToVideo does)")
+        return resize_to_batch(self.process_in(latent.float())[:, :, 0], batch)
+
+    def _concat(self, model, image, mask, latent_shape, name, mask_index: int = 0):
         """ComfyUI's WAN21.concat_cond: what enters the DiT beside the noise, [B, concat_channels, T, H, W]. The
         image (the node's concat_latent_image, raw latents of 16 channels each) resized to the latent and taken to
         the model's space (process_in) 16 channels at a time; then, unless the DiT takes the image alone (Fun
@@ -236,7 +271,8 @@ class Wan21(ModelFamily):
             if mask.shape[1] == 1:
                 mask = mask.repeat(1, 4, 1, 1, 1)
             mask = resize_to_batch(mask, batch)
-        return torch.cat([mask[:, :, :frames], image], dim=1)
+        mask = mask[:, :, :frames]
+        return torch.cat([image[:, :mask_index], mask, image[:, mask_index:]], dim=1)
 
     def teacache_coefficients(self, model) -> tuple[list[float] | None, str]:
         """TeaCache's published polynomial for this model (TeaCache4Wan2.1, the e0 / "ret_steps" variant,
@@ -257,6 +293,10 @@ class Wan21(ModelFamily):
 
     def step_cache_spec(self, model, latent_shape):
         from ...sampling.step_cache import StepCacheSpec, nearest_interp
+
+        if getattr(model, "ref_conv", None) is not None:
+            raise ValueError("step caches are not available for Wan 2.2 Fun Control (its reference-image tokens are "
+                             "not handled by the caches yet)")
 
         coefficients, note = self.teacache_coefficients(model)
         curve, magcache_note = self.magcache_curve(model)

@@ -44,6 +44,12 @@ CLIP_VISION_DIM = 1280
 # the noisy latent then the control video's latent and the start video's (16 each, no mask), and Wan 2.1 I2V's
 # CLIP vision image embedder. (Fun InP has the I2V layout: 36 channels.)
 FUN_CONTROL_CHANNELS = 48
+# Wan 2.2 Fun Control A14B (its experts; ComfyUI loads them as WAN21_T2V): 52 input channels, the noisy latent then
+# the control video's 16, a mask on 4 and the start video's 16 (Wan22FunControlToVideo: concat_mask_index 16), and
+# a reference image: `ref_conv`, a 2x2 patch convolution whose tokens (one latent frame's worth) go in front of
+# the video tokens, at the RoPE positions of a frame before the first (ComfyUI's WanModel; diffusers has none).
+FUN_CONTROL_A14B_CHANNELS = 52
+REFERENCE_KEY = "ref_channels"  # the config entry of ref_conv's input channels (not a diffusers argument)
 
 # Wan 2.1 latent normalisation (ComfyUI latent_format.Wan21, diffusers AutoencoderKLWan config).
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -68,7 +74,7 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
         raise CheckpointError(f"{path.name} is a Wan VACE model; only text- and image-to-video are supported")
     config = config_from_metadata(metadata, CONFIG_METADATA_KEY)
     if config is not None:
-        return config
+        return _with_reference(config, shapes)
     hidden, channels = shapes["patch_embedding.weight"][0][:2]
     layers = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
     for variant in WAN_VARIANTS.values():
@@ -80,9 +86,32 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
             config = dict(variant, in_channels=channels, out_channels=out_channels)
             if "img_emb.proj.0.weight" in keys:  # Wan 2.1 I2V: the CLIP vision image embedder
                 config.update(image_dim=shapes["img_emb.proj.0.weight"][0][0], added_kv_proj_dim=hidden)
-            return config
+            return _with_reference(config, shapes)
     raise CheckpointError(f"{path.name}: a Wan DiT with hidden size {hidden}, {layers} layers and {channels} input "
                           f"channels matches no known variant ({', '.join(WAN_VARIANTS)})")
+
+
+def _with_reference(config: dict, shapes: dict) -> dict:
+    """The config with ref_conv's input channels where the file has a reference-image convolution."""
+    shape = (shapes.get("ref_conv.weight") or [[]])[0]
+    return dict(config, **{REFERENCE_KEY: shape[1]}) if len(shape) == 4 else config
+
+
+def build_wan(config: dict):
+    """diffusers' WanTransformer3DModel of a config (infer_wan_config's), with ComfyUI's reference-image
+    convolution `ref_conv` beside it where the config has one (Wan 2.2 Fun Control); `reference_input` is what
+    the next forward takes as the reference latent ([B, C, H, W], the model's space; None: no reference tokens)."""
+    from diffusers import WanTransformer3DModel
+
+    config = dict(config)
+    ref_channels = config.pop(REFERENCE_KEY, None)
+    model = WanTransformer3DModel(**config)
+    if ref_channels:
+        patch = tuple(config["patch_size"][1:])
+        model.ref_conv = torch.nn.Conv2d(ref_channels, config["num_attention_heads"] * config["attention_head_dim"],
+                                         kernel_size=patch, stride=patch)
+        model.reference_input = None
+    return model
 
 
 def check_input_channels(name: str, config: dict, expected: int | tuple[int, ...], label: str) -> None:
@@ -93,7 +122,8 @@ def check_input_channels(name: str, config: dict, expected: int | tuple[int, ...
     kinds = {16: "a Wan 2.1 / Wan 2.2 A14B text-to-video model (16 input channels)",
              36: "a Wan image-to-video or Fun InP model (36 input channels: latent, mask and image)",
              48: ("Wan 2.2 TI2V-5B (48 input channels, the Wan 2.2 VAE's latent)" if config.get("out_channels") == 48
-                  else "Wan 2.1 Fun Control (48 input channels: latent, control video and start video)")}
+                  else "Wan 2.1 Fun Control (48 input channels: latent, control video and start video)"),
+             52: "a Wan 2.2 Fun Control A14B expert (52 input channels: latent, control video, mask, start video)"}
     raise CheckpointError(f"{name} is {kinds.get(channels, f'a Wan DiT with {channels} input channels')}, not {label}")
 
 
@@ -116,7 +146,7 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
 
     shapes, metadata = read_header(path)
     config = infer_wan_config(path, shapes, metadata)
-    model = streamed.load(lambda: WanTransformer3DModel(**config), path, convert_wan_transformer_to_diffusers,
+    model = streamed.load(lambda: build_wan(config), path, convert_wan_transformer_to_diffusers,
                           dtype, device, "the Wan architecture", keep_within=("blocks.",) if keep_fp8 else (),
                           shard=shard, ignore_unexpected=("norm_added_q",), comfy_dit=True)
     # The RoPE tables are non-persistent buffers, not in the file: build them for real.
@@ -261,4 +291,35 @@ def parallelize_wan(model, sp: SequenceParallel, backend: str = "sdpa") -> Seque
     model.rope.register_forward_hook(shard_rope)
     model.blocks[0].register_forward_pre_hook(shard_tokens)
     model.proj_out.register_forward_hook(gather_tokens)
+    if getattr(model, "ref_conv", None) is not None:
+        _reference_tokens(model, state)
     return SequenceHooks(model, state, enter_blocks)
+
+
+def _reference_tokens(model, state: _ShardState) -> None:
+    """Wan 2.2 Fun Control's reference image, as ComfyUI's WanModel takes it: ref_conv's tokens (one frame's
+    worth) in front of the video tokens, the RoPE tables made for one frame more (the reference at the first
+    frame's positions, the video after it), the reference's outputs dropped after the head. These hooks run before
+    the sharding ones (the reference tokens are sharded with the video's, padding and layout as for any token
+    count) and after the final gather."""
+
+    def longer_rope(module, args, output):
+        if model.reference_input is None:
+            return None
+        b, _, t, h, w = args[0].shape
+        return type(module).forward(module, args[0].new_empty(b, 0, t + module.patch_size[0], h, w))
+
+    def prepend(module, args):
+        if model.reference_input is None:
+            return None
+        hidden, *rest = args
+        tokens = model.ref_conv(model.reference_input.to(hidden.dtype)).flatten(2).transpose(1, 2)
+        state.reference_len = tokens.shape[1]
+        return (torch.cat([tokens, hidden], dim=1), *rest)
+
+    def drop(module, args, output):
+        return None if model.reference_input is None else output[:, state.reference_len:]
+
+    model.rope.register_forward_hook(longer_rope, prepend=True)
+    model.blocks[0].register_forward_pre_hook(prepend, prepend=True)
+    model.proj_out.register_forward_hook(drop)

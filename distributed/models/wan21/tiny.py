@@ -200,31 +200,39 @@ def tiny_request(family, experts: list[str], shape: tuple[int, int, int], steps:
 
 
 def tiny_image_conditioning(shape: tuple[int, int, int], clip_vision: bool = True, start_frames: int = 1,
-                            seed: int = 4, fun_control: bool = False, end_frames: int = 0) -> dict[str, torch.Tensor]:
+                            seed: int = 4, fun_control: bool = False, end_frames: int = 0,
+                            fun_control_a14b: bool = False) -> dict[str, torch.Tensor]:
     """A side of Wan image-to-video conditioning as native WanImageToVideo (+ CLIPVisionEncode) make it: the
     start video's raw latent, its mask (0 on the start image's latent frames) and CLIP vision features; with
     fun_control, as WanFunControlToVideo makes it: the control video's and the start video's raw latents (32
-    channels), no mask; end_frames: latent frames held at the end too (WanFunInpaintToVideo's end image)."""
+    channels), no mask; end_frames: latent frames held at the end too (WanFunInpaintToVideo's end image);
+    fun_control_a14b: as Wan22FunControlToVideo makes it for the A14B: control and start latents, the mask after the
+    control video's 16 channels (concat_mask_index) and a reference image's latent."""
     g = torch.Generator().manual_seed(seed)
     channels = TINY_WAN_CONFIG["in_channels"]
     cond = {"tokens": torch.randn(1, 24, TINY_WAN_CONFIG["text_dim"], generator=g),
-            "concat_latent_image": torch.randn(1, channels * (2 if fun_control else 1), *shape, generator=g),
+            "concat_latent_image": torch.randn(1, channels * (2 if fun_control or fun_control_a14b else 1), *shape,
+                                               generator=g),
             "concat_mask": torch.ones(1, 1, *shape)}
     cond["concat_mask"][:, :, :start_frames] = 0.0
     if end_frames:
         cond["concat_mask"][:, :, -end_frames:] = 0.0
     if fun_control:
         del cond["concat_mask"]
+    if fun_control_a14b:
+        cond["concat_mask_index"] = torch.tensor(channels)
+        cond["reference_latent"] = torch.randn(1, channels, 1, *shape[1:], generator=g)
     if clip_vision:
         cond["clip_vision"] = torch.randn(1, 257, TINY_WAN_I2V_CONFIG["image_dim"], generator=g)
     return cond
 
 
 def tiny_image_request(experts: list[str], shape: tuple[int, int, int], clip_vision: bool = True,
-                       cfg: float = 5.0, steps: int = 3, fun_control: bool = False, end_frames: int = 0) -> dict:
+                       cfg: float = 5.0, steps: int = 3, fun_control: bool = False, end_frames: int = 0,
+                       fun_control_a14b: bool = False) -> dict:
     """The fields of an image-to-video SampleRequest (one start video on both sides; two experts: Wan 2.2 I2V
     A14B, switching at 0.9; fun_control: a Fun Control conditioning, tiny_image_conditioning's)."""
-    kinds = dict(fun_control=fun_control, end_frames=end_frames)
+    kinds = dict(fun_control=fun_control, end_frames=end_frames, fun_control_a14b=fun_control_a14b)
     negative = tiny_image_conditioning(shape, clip_vision, seed=5, **kinds)
     negative["concat_latent_image"] = tiny_image_conditioning(shape, clip_vision, **kinds)["concat_latent_image"]
     return dict(experts=list(experts), boundaries=[0.9] if len(experts) == 2 else [],

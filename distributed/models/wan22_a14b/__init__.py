@@ -27,7 +27,7 @@ class Wan22A14B(Wan21):
     comfy_model_configs = ()  # ComfyUI loads each expert as a Wan 2.1 MODEL (WAN21_T2V); no MODEL is a whole A14B
     claims_files = False
     i2v_clip_vision = False  # Wan 2.2 I2V A14B's experts take the start video alone
-    dit_input_channels = (16, 36)  # text to video; image to video and Fun InP
+    dit_input_channels = (16, 36, 52)  # text to video; image to video and Fun InP; Fun Control (wan21/dit.py)
     # the planner costs the expert on the GPU (Wan 2.1 14B's architecture); `--model wan2.2` names it too
     plan_variants = {"wan2.2-a14b": plan_variant("Wan 2.2 T2V A14B (one expert on the GPU)", "wan2.1-t2v-14b", 14.0e9)}
     reference_times = {}

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ...formats.checkpoint import CheckpointError, unprefixed
-from ..wan21.dit import CONFIG_METADATA_KEY, I2V_CHANNELS
+from ..wan21.dit import CONFIG_METADATA_KEY, FUN_CONTROL_A14B_CHANNELS, I2V_CHANNELS
 
 T2V_CHANNELS = 16
 HIDDEN_14B = 5120
@@ -28,9 +28,9 @@ def _input_channels_problem(name: str, channels: int, hidden: int | None) -> str
     if channels == 48 or hidden == 3072:
         return (f"{name} looks like Wan 2.2 TI2V-5B ({channels} input channels, hidden size {hidden}), not an "
                 "A14B expert; Wan 2.2 A14B experts are 14B text-to-video models")
-    if channels not in (T2V_CHANNELS, I2V_CHANNELS):
-        return (f"{name} has {channels} input channels; a Wan 2.2 A14B expert has {T2V_CHANNELS} (text to video) or "
-                f"{I2V_CHANNELS} (image to video)")
+    if channels not in (T2V_CHANNELS, I2V_CHANNELS, FUN_CONTROL_A14B_CHANNELS):
+        return (f"{name} has {channels} input channels; a Wan 2.2 A14B expert has {T2V_CHANNELS} (text to video), "
+                f"{I2V_CHANNELS} (image to video, Fun InP) or {FUN_CONTROL_A14B_CHANNELS} (Fun Control)")
     return None
 
 
