@@ -113,7 +113,7 @@ def family_models(tiny_models, tiny_hunyuan, experts, tiny_5b, wan22_i2v, two_ex
             "wan2.2-a14b": {"high_noise": experts[0], "low_noise": experts[1], "i2v_high_noise": wan22_i2v[0],
                             "i2v_low_noise": wan22_i2v[1], "fun_control_high_noise": tiny_wan22["fun_control_high_noise"],
                             "fun_control_low_noise": tiny_wan22["fun_control_low_noise"]},
-            "wan2.2-ti2v-5b": {"dit": tiny_5b["dit"]}}
+            "wan2.2-ti2v-5b": {"dit": tiny_5b["dit"], "fun_control": tiny_5b["fun_control"]}}
 
 
 from hardening import HARDENING  # noqa: E402  (counted by test_bad_input, test_faults, test_security)

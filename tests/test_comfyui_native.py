@@ -104,6 +104,14 @@ def test_ti2v_5b_start_image_matches_comfyui(ti2v_comparison, what):
     assert ti2v_comparison[what] <= 1e-5, f"{what}: relative error {ti2v_comparison[what]:.2e} against ComfyUI"
 
 
+@pytest.mark.parametrize("what", ["fun_control_5b_engine", "fun_control_5b_generic_nodes"])
+def test_wan22_fun_control_5b_matches_comfyui(ti2v_comparison, what):
+    """Native Wan22FunControlToVideo (ComfyUI's Wan 2.2 VAE: control video, start image, reference image) into
+    KSampler on ComfyUI's model of our tiny Fun Control 5B file (148 input channels, ref_conv), against our engine
+    and our USP Sampler given the native conditioning."""
+    assert ti2v_comparison[what] <= 1e-5, f"{what}: relative error {ti2v_comparison[what]:.2e} against ComfyUI"
+
+
 def test_wan22_vae_matches_comfyui(ti2v_comparison):
     """ComfyUI's Wan 2.2 VAE (vae2_2.WanVAE at the tiny size) loads our tiny file in its key names and
     decodes to our frames; few of its outputs are clamped, so the clamp hides nothing."""

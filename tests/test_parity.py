@@ -93,6 +93,9 @@ def ti2v_cases():
         sampler = sampler_of(n, u)
         yield "forward-sample-start_image", (n, u, r), dict(shape=UNEVEN, forward_inputs={}, masked=True, samples=[
             {"sampler": sampler}, {"sampler": sampler, "start_image": True}])
+        # Fun Control 5B: control, mask and start videos (48 + 4 + 48 channels) and the reference image's tokens
+        yield "fun_control", (n, u, r), dict(shape=UNEVEN, experts=["fun_control"], image={
+            "clip_vision": False, "fun_control_a14b": True, "channels": 48})
 
 
 CASES_OF = {"wan2.1": wan21_cases, "hunyuan-video": hunyuan_cases, "wan2.2-a14b": wan22_cases,

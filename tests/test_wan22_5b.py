@@ -86,7 +86,7 @@ def test_wrong_vae_and_sizes_are_named(tiny_5b, tiny_models):
     with pytest.raises(ValueError, match="is a Wan 2.2 TI2V-5B model, not Wan 2.1; load it with the USP Wan 2.2 "
                                          "TI2V-5B loader"):
         api.check_model_files([tiny_5b["dit"]], "wan2.1")
-    with pytest.raises(ValueError, match="is Wan 2.2 TI2V-5B .*, not a Wan 2.1 text- or image-to-video model"):
+    with pytest.raises(ValueError, match="predicts 48 latent channels; a Wan 2.1 DiT predicts 16 .*load it as Wan 2.2 TI2V-5B"):
         api.check_dit_file(tiny_5b["dit"], "wan2.1")  # what the ranks say when asked to load it as Wan 2.1
     with pytest.raises(ValueError, match="tiny_wan2.1_t2v.safetensors is a Wan 2.1 model, not Wan 2.2 TI2V-5B"):
         api.check_model_files([tiny_models["dit"]], FAMILY.name)

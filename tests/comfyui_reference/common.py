@@ -24,7 +24,9 @@ def wan_unet_config(config: dict) -> dict:
     return {"image_model": "wan2.1", "model_type": "t2v", "patch_size": tuple(config["patch_size"]),
             "dim": config["num_attention_heads"] * config["attention_head_dim"], "ffn_dim": config["ffn_dim"],
             "freq_dim": config["freq_dim"], "text_dim": config["text_dim"], "num_heads": config["num_attention_heads"],
-            "num_layers": config["num_layers"], "in_dim": config["in_channels"], "out_dim": config["out_channels"]}
+            "num_layers": config["num_layers"], "in_dim": config["in_channels"], "out_dim": config["out_channels"],
+            # the reference-image convolution of the Wan 2.2 Fun Control models (wan21/dit.py REFERENCE_KEY)
+            **({"in_dim_ref_conv": config["ref_channels"]} if config.get("ref_channels") else {})}
 
 
 def comfy_wan_model(path: str, config: dict, shift: float, model_class: str = "WAN21_T2V"):

@@ -63,6 +63,40 @@ def compare(paths: dict) -> dict:
         out[name + "_first_frame_kept"] = float((native[:, :, 0] - latent["samples"][:, :, 0]).abs().max())
         out[name + "_mask_zeros"] = float((latent["noise_mask"] == 0).float().mean())
 
+    # Wan 2.2 Fun Control 5B: Wan22FunControlToVideo with ComfyUI's Wan 2.2 VAE (control video, start image and a
+    # reference image: 48 + 4 + 48 channels beside the noise, the reference's tokens in front) -> KSampler, against
+    # our engine given those conditioning tensors and our USP Sampler given the native conditioning
+    from comfy_extras.nodes_wan import Wan22FunControlToVideo
+    from .common import route_api_sample, run_node
+
+    fun = comfy_wan_model(paths["fun_control"], tiny.TINY_FUN_CONTROL_CONFIG, 5.0, "WAN22_T2V")
+    assert fun.model.diffusion_model.ref_conv is not None and fun.model.image_to_video
+    engine = Engine()
+    route_api_sample(engine)
+    control, start, reference = (torch.rand(*size, 3, generator=g) for size in ((9, 64, 96), (1, 48, 80), (1, 70, 90)))
+    with torch.inference_mode():
+        fpos, fneg, flatent = Wan22FunControlToVideo.execute([[pos, {}]], [[neg, {}]], comfy_vae, 96, 64, 9, 1,
+                                                             ref_image=reference, start_image=start,
+                                                             control_video=control).result
+
+    def tensors(conditioning):
+        tokens, extra = conditioning[0]
+        return {"tokens": tokens, "concat_latent_image": extra["concat_latent_image"], "concat_mask": extra["concat_mask"],
+                "concat_mask_index": torch.tensor(extra["concat_mask_index"]),
+                "reference_latent": extra["reference_latents"][-1]}
+
+    assert fpos[0][1]["concat_mask_index"] == 48
+    with torch.no_grad():
+        native = nodes.KSampler().sample(fun, 17, 3, 4.0, "euler", "simple", fpos, fneg, flatent)[0]["samples"]
+        out["fun_control_5b_engine"] = rel(engine.sample(SampleRequest(
+            experts=[paths["fun_control"]], positive=tensors(fpos), negative=tensors(fneg), latent=flatent["samples"],
+            seed=17, steps=3, cfg=4.0, shift=5.0, sampler="euler")).latent, native)
+        socket = {"group": None, "path": paths["fun_control"], "experts": [paths["fun_control"]],
+                  "info": {"family": "wan2.2-ti2v-5b", "latent_format": "Wan22", "model": "wan2.2-ti2v-5b"}}
+        out["fun_control_5b_generic_nodes"] = rel(run_node(
+            "UspSampler", model=socket, positive=fpos, negative=fneg, latent_image=flatent, seed=17, steps=3, cfg=4.0,
+            shift=5.0, sampler_name="euler", denoise=1.0)[0]["samples"], native)
+
     v = tiny.TINY_VAE_CONFIG
     vae = comfy.ldm.wan.vae2_2.WanVAE(dim=v["base_dim"], dec_dim=v["decoder_base_dim"], z_dim=v["z_dim"],
                                       dim_mult=v["dim_mult"], num_res_blocks=v["num_res_blocks"], attn_scales=[],

@@ -235,6 +235,11 @@ class Wan21(ModelFamily):
                              "make the reference image at the video's width and height (Wan22FunControlToVideo does)")
         return resize_to_batch(self.process_in(latent.float())[:, :, 0], batch)
 
+    def comfy_image_to_video(self, model) -> bool:
+        """ComfyUI's image_to_video flag of this DiT's model_base (it decides, in concat_cond, whether an image of
+        other channels than the DiT's gets a mask): only WAN21_I2V (36 channels with the image embedder) sets it."""
+        return self.concat_channels(model) == 20 and bool(model.config.image_dim)
+
     def _concat(self, model, image, mask, latent_shape, name, mask_index: int = 0):
         """ComfyUI's WAN21.concat_cond: what enters the DiT beside the noise, [B, concat_channels, T, H, W]. The
         image (the node's concat_latent_image, raw latents of 16 channels each) resized to the latent and taken to
@@ -250,8 +255,7 @@ class Wan21(ModelFamily):
                              "make both with the same width, height and length")
         image = torch.cat([self.process_in(part) for part in image.split(channels, dim=1)], dim=1)
         image = resize_to_batch(image, batch)
-        # ComfyUI's image_to_video flag: only its WAN21_I2V (36 channels with the image embedder) sets it
-        image_to_video = extra == 20 and bool(model.config.image_dim)
+        image_to_video = self.comfy_image_to_video(model)
         if extra != image.shape[1] + 4 and (not image_to_video or extra == image.shape[1]):
             if image.shape[1] != extra:
                 node = self.CONCAT_NODES.get(extra, "its own conditioning node")

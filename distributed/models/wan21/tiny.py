@@ -201,15 +201,15 @@ def tiny_request(family, experts: list[str], shape: tuple[int, int, int], steps:
 
 def tiny_image_conditioning(shape: tuple[int, int, int], clip_vision: bool = True, start_frames: int = 1,
                             seed: int = 4, fun_control: bool = False, end_frames: int = 0,
-                            fun_control_a14b: bool = False) -> dict[str, torch.Tensor]:
+                            fun_control_a14b: bool = False, channels: int = 16) -> dict[str, torch.Tensor]:
     """A side of Wan image-to-video conditioning as native WanImageToVideo (+ CLIPVisionEncode) make it: the
     start video's raw latent, its mask (0 on the start image's latent frames) and CLIP vision features; with
     fun_control, as WanFunControlToVideo makes it: the control video's and the start video's raw latents (32
     channels), no mask; end_frames: latent frames held at the end too (WanFunInpaintToVideo's end image);
     fun_control_a14b: as Wan22FunControlToVideo makes it for the A14B: control and start latents, the mask after the
-    control video's 16 channels (concat_mask_index) and a reference image's latent."""
+    control video's 16 channels (concat_mask_index) and a reference image's latent. channels: the latent's (48:
+    Wan 2.2 TI2V-5B's)."""
     g = torch.Generator().manual_seed(seed)
-    channels = TINY_WAN_CONFIG["in_channels"]
     cond = {"tokens": torch.randn(1, 24, TINY_WAN_CONFIG["text_dim"], generator=g),
             "concat_latent_image": torch.randn(1, channels * (2 if fun_control or fun_control_a14b else 1), *shape,
                                                generator=g),
@@ -229,13 +229,13 @@ def tiny_image_conditioning(shape: tuple[int, int, int], clip_vision: bool = Tru
 
 def tiny_image_request(experts: list[str], shape: tuple[int, int, int], clip_vision: bool = True,
                        cfg: float = 5.0, steps: int = 3, fun_control: bool = False, end_frames: int = 0,
-                       fun_control_a14b: bool = False) -> dict:
+                       fun_control_a14b: bool = False, channels: int = 16) -> dict:
     """The fields of an image-to-video SampleRequest (one start video on both sides; two experts: Wan 2.2 I2V
     A14B, switching at 0.9; fun_control: a Fun Control conditioning, tiny_image_conditioning's)."""
-    kinds = dict(fun_control=fun_control, end_frames=end_frames, fun_control_a14b=fun_control_a14b)
+    kinds = dict(fun_control=fun_control, end_frames=end_frames, fun_control_a14b=fun_control_a14b, channels=channels)
     negative = tiny_image_conditioning(shape, clip_vision, seed=5, **kinds)
     negative["concat_latent_image"] = tiny_image_conditioning(shape, clip_vision, **kinds)["concat_latent_image"]
     return dict(experts=list(experts), boundaries=[0.9] if len(experts) == 2 else [],
                 positive=tiny_image_conditioning(shape, clip_vision, **kinds), negative=negative,
-                latent=torch.zeros(1, TINY_WAN_CONFIG["in_channels"], *shape), seed=3, steps=steps, cfg=cfg,
+                latent=torch.zeros(1, channels, *shape), seed=3, steps=steps, cfg=cfg,
                 shift=5.0, sampler="euler")

@@ -60,9 +60,18 @@ class Wan22TI2V5B(Wan21):
     def check_dit_folder(self, path: Path) -> None:
         self._check_channels(path.name, json.loads((path / "config.json").read_text()))
 
+    # Its input channels: the noise alone (TI2V-5B), with a mask and a start video (Fun InP 5B: 48 + 4 + 48), with a
+    # control video, a mask and a start video (Fun Control 5B: 48 + 48 + 4 + 48, Wan22FunControlToVideo's order)
+    dit_input_channels = (CHANNELS, 2 * CHANNELS + 4, 3 * CHANNELS + 4)
+    CONCAT_NODES = {CHANNELS + 4: "WanFunInpaintToVideo (or WanFirstLastFrameToVideo)",
+                    2 * CHANNELS + 4: "Wan22FunControlToVideo"}
+
+    def comfy_image_to_video(self, model) -> bool:
+        return True  # ComfyUI's WAN22_T2V builds its model_base with image_to_video=True
+
     def _check_channels(self, name: str, config: dict) -> None:
-        # 48 in and 48 out: Wan 2.1 Fun Control also takes 48 channels, and predicts 16
-        wan.check_input_channels(name, config, CHANNELS, "Wan 2.2 TI2V-5B")
+        # 48 out: Wan 2.1 Fun Control also takes 48 channels, and predicts 16
+        wan.check_input_channels(name, config, self.dit_input_channels, "Wan 2.2 TI2V-5B or a Wan 2.2 Fun 5B model")
         if config.get("out_channels", 16) != CHANNELS:
             wan.check_input_channels(name, dict(config, in_channels=wan.FUN_CONTROL_CHANNELS), (), "Wan 2.2 TI2V-5B")
 

@@ -22,12 +22,16 @@ TINY_DIT_CONFIG = dict(TINY_WAN_CONFIG, in_channels=48, out_channels=48)
 TINY_VAE_CONFIG = dict(base_dim=8, decoder_base_dim=16, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
                        patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16)
-FILES = {"dit": "diffusion_models/tiny_wan2.2_ti2v_5B.safetensors", "vae": "vae/tiny_wan2.2_vae.safetensors"}
-_VERSION = "1"
+FILES = {"dit": "diffusion_models/tiny_wan2.2_ti2v_5B.safetensors", "vae": "vae/tiny_wan2.2_vae.safetensors",
+         "fun_control": "diffusion_models/tiny_wan2.2_fun_control_5B.safetensors"}
+# Wan 2.2 Fun Control 5B, shrunk: control video, mask and start video (48 + 4 + 48) beside the noise, and the
+# reference image's convolution of a 48-channel latent (wan21/dit.py build_wan)
+TINY_FUN_CONTROL_CONFIG = dict(TINY_DIT_CONFIG, in_channels=148, **{wan.REFERENCE_KEY: 48})
+_VERSION = "2"
 
 
 def make_tiny_models(root: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-    """Write the set under root (skipped where already written): {"dit", "vae", "text_encoder"}."""
+    """Write the set under root (skipped where already written): {"dit", "vae", "fun_control", "text_encoder"}."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     root = Path(root)
@@ -42,6 +46,10 @@ def make_tiny_models(root: str | Path, dtype: torch.dtype = torch.float32) -> di
         vae = AutoencoderKLWan(**TINY_VAE_CONFIG)
         save_safetensors({k: v.to(dtype) for k, v in vae_keys.diffusers_to_comfy(vae.state_dict()).items()},
                          paths["vae"], {wan22_vae.CONFIG_METADATA_KEY: json.dumps(TINY_VAE_CONFIG)})
+        torch.manual_seed(53)
+        fun = wan.build_wan(TINY_FUN_CONTROL_CONFIG)
+        save_safetensors({k: v.to(dtype) for k, v in wan_to_original_keys(fun.state_dict()).items()},
+                         paths["fun_control"], {wan.CONFIG_METADATA_KEY: json.dumps(TINY_FUN_CONTROL_CONFIG)})
         stamp.write_text(_VERSION)
     return {**paths, "text_encoder": shared["text_encoder"]}
 
