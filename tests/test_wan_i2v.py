@@ -129,6 +129,18 @@ def test_fun_control_and_ti2v_5b_files_told_apart(tmp_path):
         check_dit_file(five, "wan2.1")
 
 
+def test_a_fun_camera_model_is_refused_by_name(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from usp_video.distributed.models import CheckpointError, check_dit_file
+
+    state = load_file(tiny_models["dit_fun_control"])
+    state["control_adapter.conv.weight"] = torch.zeros(96, 24, 2, 2)
+    save_file(state, str(tmp_path / "camera.safetensors"))
+    with pytest.raises(CheckpointError, match="camera.safetensors is a Wan Fun camera-control model"):
+        check_dit_file(tmp_path / "camera.safetensors")
+
+
 def test_wan22_i2v_expert_refused_by_the_wan21_loader(wan22_i2v):
     from usp_video.distributed.models import CheckpointError, check_dit_file
 

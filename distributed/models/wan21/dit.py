@@ -72,6 +72,9 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
                               "not supported yet; Wan 2.1 I2V and Wan 2.2 I2V A14B are (a last frame too, for the latter)")
     if any(k.startswith("vace_") for k in keys):
         raise CheckpointError(f"{path.name} is a Wan VACE model; only text- and image-to-video are supported")
+    if "control_adapter.conv.weight" in keys:
+        raise CheckpointError(f"{path.name} is a Wan Fun camera-control model (its control_adapter), which is not "
+                              "supported yet; Wan 2.1 / 2.2 Fun Control and Fun InP are")
     config = config_from_metadata(metadata, CONFIG_METADATA_KEY)
     if config is not None:
         return _with_reference(config, shapes)
