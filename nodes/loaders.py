@@ -76,7 +76,8 @@ def text_encoder_socket(group, files: list[str], tokenizer_folder: str = "") -> 
     chosen = {}
     for part in family.text_parts:
         if part.tokenizers:
-            folder = tokenizer_folder.strip() or services.comfyui_dir()
+            folder = tokenizer_folder.strip()
+            folder = services.model_folder("text_encoders", folder) if folder else services.comfyui_dir()
             if folder is None:
                 raise ValueError("tokenizer_folder: outside ComfyUI there are no bundled tokenizers; give a folder "
                                  "with llama/ and clip/ (e.g. from `usp-video make-tiny-models`)")
@@ -104,7 +105,8 @@ class UspLoadTextEncoder(io.ComfyNode):
                 io.Combo.Input("clip_name", options=[NONE, *files], default=NONE, tooltip=(
                     "none for Wan. HunyuanVideo: clip_l.safetensors.")),
                 advanced(io.String.Input, "tokenizer_folder", default="", tooltip=(
-                    "HunyuanVideo: a folder with the Llama 3 and CLIP tokenizers. Empty: the ones ComfyUI ships.")),
+                    "HunyuanVideo: a folder with the Llama 3 and CLIP tokenizers (a path, or a folder's name in "
+                    "models/text_encoders). Empty: the ones ComfyUI ships.")),
             ],
             outputs=[socket_types.TextEncoder.Output("text_encoder", tooltip="For USP Text Encode.")],
         )

@@ -64,6 +64,20 @@ def model_path(folder: str, name: str) -> str:
     return str(path)
 
 
+def model_folder(kind: str, name: str) -> str:
+    """A folder given by name: as given when it exists (an absolute path, or relative to where ComfyUI runs), else
+    looked up in ComfyUI's models/<kind> folders (models/text_encoders/<name>, and any extra_model_paths), else a
+    FileNotFoundError naming the places tried."""
+    given = Path(name).expanduser()
+    if given.is_dir():
+        return str(given)
+    bases = _folder_paths.get_folder_paths(kind) if IN_COMFYUI else [str(_models_dir() / kind)]
+    for base in bases:
+        if (Path(base) / name).is_dir():
+            return str(Path(base) / name)
+    raise FileNotFoundError(f"{name!r} is not a folder, nor one in {' or '.join(bases)}")
+
+
 class Progress:
     """The node's progress bar in the page (ComfyUI) or nothing, with latent previews when the
     user has previews on (ComfyUI's Latent2RGB of the model's latent format, the family's `latent_format`:

@@ -92,3 +92,21 @@ def test_an_output_named_like_an_input_keeps_its_name_but_not_the_id():
     schema = NODE_CLASSES["UspLoraLoader"].GET_SCHEMA()
     (output,) = schema.outputs
     assert output.display_name == "model" and output.id != "model"
+
+
+def test_tokenizer_folder_is_found_by_name_in_text_encoders(tiny_hunyuan, monkeypatch, tmp_path):
+    """tokenizer_folder takes a path, or the name of a folder in models/text_encoders (as the page's users type it);
+    a name found in neither place is refused naming where it was looked for."""
+    from pathlib import Path
+
+    from usp_video.nodes.loaders import text_encoder_socket
+
+    folder = Path(tiny_hunyuan["tokenizers"])
+    monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(folder.parents[1]))
+    monkeypatch.chdir(tmp_path)  # not relative to where ComfyUI runs
+    files = [Path(tiny_hunyuan["llama"]).name, Path(tiny_hunyuan["clip"]).name]
+    socket = text_encoder_socket("g", files, folder.name)
+    assert socket["family"] == "hunyuan-video" and socket["files"]["tokenizers"] == str(folder)
+    assert text_encoder_socket("g", files, str(folder))["files"]["tokenizers"] == str(folder)
+    with pytest.raises(FileNotFoundError, match="'no_such_tokenizers' is not a folder, nor one in .*text_encoders"):
+        text_encoder_socket("g", files, "no_such_tokenizers")
