@@ -73,27 +73,9 @@ def tiny_5b(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def wan22_i2v(tmp_path_factory) -> list[str]:
-    """Two tiny Wan 2.2 I2V A14B experts: 36 input channels, no image embedder."""
-    import json
-
-    import torch
-    from diffusers import WanTransformer3DModel
-
-    from usp_video.distributed.formats.checkpoint import save_safetensors
-    from usp_video.distributed.models.wan21 import dit as wan
-    from usp_video.distributed.models.wan21.tiny import TINY_WAN_CONFIG, wan_to_original_keys
-
-    root = tmp_path_factory.mktemp("wan22_i2v")
-    config = dict(TINY_WAN_CONFIG, in_channels=36)
-    paths = []
-    for name, seed in (("high_noise", 32), ("low_noise", 33)):
-        torch.manual_seed(seed)
-        state = wan_to_original_keys(WanTransformer3DModel(**config).state_dict())
-        path = root / f"tiny_wan2.2_i2v_{name}_14B.safetensors"
-        save_safetensors(state, path, {wan.CONFIG_METADATA_KEY: json.dumps(config)})
-        paths.append(str(path))
-    return paths
+def wan22_i2v(tiny_wan22) -> list[str]:
+    """The two tiny Wan 2.2 I2V A14B experts of the tiny set: 36 input channels, no image embedder."""
+    return [tiny_wan22["i2v_high_noise"], tiny_wan22["i2v_low_noise"]]
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import subprocess
 import os
-import shutil
 import time
 import urllib.request
 from pathlib import Path
@@ -81,8 +80,11 @@ def tiny_model_files() -> dict[str, str]:
         "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors": WAN21["lora_distill"],
         "wan2.2_t2v_high_noise_14B_fp16.safetensors": WAN22["high_noise"],
         "wan2.2_t2v_low_noise_14B_fp16.safetensors": WAN22["low_noise"],
-        "wan2.2_i2v_high_noise_14B_fp16.safetensors": WAN22_I2V["high_noise"],
-        "wan2.2_i2v_low_noise_14B_fp16.safetensors": WAN22_I2V["low_noise"],
+        "wan2.2_i2v_high_noise_14B_fp16.safetensors": WAN22["i2v_high_noise"],
+        "wan2.2_i2v_low_noise_14B_fp16.safetensors": WAN22["i2v_low_noise"],
+        "wan2.2_fun_control_high_noise_14B_fp16.safetensors": WAN22["fun_control_high_noise"],
+        "wan2.2_fun_control_low_noise_14B_fp16.safetensors": WAN22["fun_control_low_noise"],
+        "wan2.2_fun_control_5B_bf16.safetensors": WAN22_5B["fun_control"],
         "wan2.2_ti2v_5B_fp16.safetensors": WAN22_5B["dit"],
         "wan2.2_vae.safetensors": WAN22_5B["vae"],
         "hunyuan_video_t2v_720p_bf16.safetensors": HUNYUAN_FILES["dit"],
@@ -90,11 +92,6 @@ def tiny_model_files() -> dict[str, str]:
         "clip_l.safetensors": HUNYUAN_FILES["clip"],
         "hunyuan_video_vae_bf16.safetensors": HUNYUAN_FILES["vae"],
     }
-
-
-# The Wan 2.2 I2V experts (conftest's wan22_i2v fixture) as the server's models root holds them.
-WAN22_I2V = {"high_noise": "diffusion_models/tiny_wan2.2_i2v_high_noise_14B.safetensors",
-             "low_noise": "diffusion_models/tiny_wan2.2_i2v_low_noise_14B.safetensors"}
 
 
 def tiny_substitute(prompt: dict, models_root: Path, steps: int = TINY_STEPS) -> dict:
@@ -233,7 +230,7 @@ def write_control_video(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models, wan22_i2v, tmp_path_factory):
+def server(tiny_models, tmp_path_factory):
     """One ComfyUI for the whole file: the pack, every tiny set in one models root, the start image."""
     from usp_video.distributed.models import FAMILIES
     from usp_video.distributed.models.hunyuan_video.tiny import make_tiny_hunyuan_models
@@ -246,9 +243,6 @@ def server(tiny_models, wan22_i2v, tmp_path_factory):
     make_tiny_hunyuan_models(models_root)
     make_tiny_wan22(models_root)
     FAMILIES["wan2.2-ti2v-5b"].make_tiny(models_root)
-    for role, source in zip(("high_noise", "low_noise"), wan22_i2v):
-        if not (models_root / WAN22_I2V[role]).is_file():
-            shutil.copyfile(source, models_root / WAN22_I2V[role])
     (work / "input").mkdir()
     write_start_image(work / "input" / START_IMAGE)
     write_control_video(work / "input" / CONTROL_VIDEO)
