@@ -306,44 +306,31 @@ def test_template_browser_lists_only_workflows_the_page_can_open(server):
 # -- native MODEL chains (UNETLoader -> LoraLoaderModelOnly -> ModelSamplingSD3) into the USP samplers ------------
 
 def make_native_chain_models(root: Path) -> dict[str, str]:
-    """Tiny Wan DiTs that ComfyUI's own UNETLoader detects (its Wan detection fixes 128-wide heads, freq_dim 256
-    and text_dim 4096), two LoRAs for them (kohya and PEFT names) and a UMT5 of width 4096 to condition them."""
+    """The tiny set's Wan 2.1 DiT that ComfyUI's own UNETLoader detects, its kohya LoRA and its UMT5 of width 4096
+    (models/wan21/tiny.py), beside two detectable Wan 2.2 experts and a PEFT LoRA made here."""
     import json as _json
 
     import torch
     from diffusers import WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     from usp_video.distributed.formats.checkpoint import save_safetensors
     from usp_video.distributed.models.tiny import save_tiny_lora
     from usp_video.distributed.models.wan21 import dit as wan
-    from usp_video.distributed.models.wan21.tiny import train_tiny_spiece, wan_to_original_keys
+    from usp_video.distributed.models.wan21.tiny import (FILES, TINY_NATIVE_CONFIG, make_tiny_models,
+                                                         wan_to_original_keys)
 
-    config = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=2, attention_head_dim=128, ffn_dim=64,
-                  num_layers=2, text_dim=4096, freq_dim=256)
-    files = {name: root / "diffusion_models" / f"tiny_native_{name}.safetensors" for name in ("wan21", "high", "low")}
-    files.update(lora_a=root / "loras" / "tiny_native_lora_a.safetensors",
-                 lora_b=root / "loras" / "tiny_native_lora_b.safetensors",
-                 umt5=root / "text_encoders" / "tiny_native_umt5_4096.safetensors")
+    tiny = make_tiny_models(root)
+    files = {"wan21": tiny["dit_native"], "lora_a": tiny["lora_native"], "umt5": tiny["text_encoder_native"]}
+    files.update({name: root / "diffusion_models" / f"tiny_native_{name}.safetensors" for name in ("high", "low")})
+    files["lora_b"] = root / "loras" / "tiny_native_lora_b.safetensors"
     if not all(p.is_file() for p in files.values()):
-        for seed, name in enumerate(("wan21", "high", "low"), start=31):
+        for seed, name in ((32, "high"), (33, "low")):
             torch.manual_seed(seed)
-            state = wan_to_original_keys(WanTransformer3DModel(**config).state_dict())
-            save_safetensors(state, files[name], {wan.CONFIG_METADATA_KEY: _json.dumps(config)})
-        shapes = {k: list(v.shape) for k, v in state.items()}
-        save_tiny_lora(shapes, files["lora_a"], "kohya", ("blocks.",), seed=41)
-        save_tiny_lora(shapes, files["lora_b"], "peft", ("blocks.",), seed=42)
-        spiece = train_tiny_spiece()
-        import sentencepiece
-
-        vocab = sentencepiece.SentencePieceProcessor(model_proto=spiece).get_piece_size()
-        torch.manual_seed(43)
-        encoder = UMT5EncoderModel(UMT5Config(vocab_size=vocab, feed_forward_proj="gated-gelu", d_model=4096, d_kv=8,
-                                              d_ff=64, num_layers=2, num_heads=4))
-        umt5 = {k: v for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
-        umt5["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
-        save_safetensors(umt5, files["umt5"], {})
-    return {name: path.name for name, path in files.items()}
+            state = wan_to_original_keys(WanTransformer3DModel(**TINY_NATIVE_CONFIG).state_dict())
+            save_safetensors(state, files[name], {wan.CONFIG_METADATA_KEY: _json.dumps(TINY_NATIVE_CONFIG)})
+        save_tiny_lora({k: list(v.shape) for k, v in state.items()}, files["lora_b"], "peft", ("blocks.",), seed=42)
+    assert Path(FILES["dit_native"]).name == Path(files["wan21"]).name
+    return {name: Path(path).name for name, path in files.items()}
 
 
 def _group_and_text(names: dict) -> dict:

@@ -7,6 +7,10 @@
     diffusion_models/tiny_wan2.1_t2v_Q8_0.gguf     the same DiT as city96's GGUF files are (Q8_0)
     diffusion_models/tiny_wan2.1_i2v.safetensors   Wan 2.1 I2V (36 input channels, CLIP vision image embedder)
     diffusion_models/tiny_wan2.1_fun_control.safetensors   Wan 2.1 Fun Control (48: control and start videos)
+    diffusion_models/tiny_native_wan21.safetensors  a Wan 2.1 DiT that ComfyUI's own UNETLoader detects (its Wan
+        detection fixes 128-wide heads, freq_dim 256 and text_dim 4096), with text_encoders/tiny_native_umt5_4096
+        (a UMT5 of width 4096 to condition it) and loras/tiny_native_lora_a (kohya names): the native MODEL chain
+        UNETLoader -> LoraLoaderModelOnly -> ModelSamplingSD3 -> USP Sampler, without real weights
     loras/tiny_wan_lora_{kohya,peft,distill}.safetensors   LoRAs for it in three layouts (models/tiny.py)
 Each file carries its config in the safetensors metadata because tiny shapes match no released variant.
 """
@@ -42,9 +46,16 @@ FILES = {
     "dit_gguf": "diffusion_models/tiny_wan2.1_t2v_Q8_0.gguf",
     "dit_i2v": "diffusion_models/tiny_wan2.1_i2v.safetensors",
     "dit_fun_control": "diffusion_models/tiny_wan2.1_fun_control.safetensors",
+    "dit_native": "diffusion_models/tiny_native_wan21.safetensors",
+    "text_encoder_native": "text_encoders/tiny_native_umt5_4096.safetensors",
+    "lora_native": "loras/tiny_native_lora_a.safetensors",
     **{f"lora_{layout}": f"loras/tiny_wan_lora_{layout}.safetensors" for layout in ("kohya", "peft", "distill")},
 }
-_VERSION = "5"
+_VERSION = "6"
+# The ComfyUI-detectable tiny DiT and its UMT5 (see the module docstring)
+TINY_NATIVE_CONFIG = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=2, attention_head_dim=128, ffn_dim=64,
+                          num_layers=2, text_dim=4096, freq_dim=256)
+TINY_NATIVE_UMT5 = dict(d_model=4096, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 
 
 def wan_to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -169,6 +180,17 @@ def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch
     fun = WanTransformer3DModel(**TINY_WAN_FUN_CONTROL_CONFIG)
     _save({k: v.to(dtype) for k, v in wan_to_original_keys(fun.state_dict()).items()}, paths["dit_fun_control"],
           {wan.CONFIG_METADATA_KEY: json.dumps(TINY_WAN_FUN_CONTROL_CONFIG)})
+    torch.manual_seed(seed + 31)
+    native = wan_to_original_keys(WanTransformer3DModel(**TINY_NATIVE_CONFIG).state_dict())
+    _save({k: v.to(dtype) for k, v in native.items()}, paths["dit_native"],
+          {wan.CONFIG_METADATA_KEY: json.dumps(TINY_NATIVE_CONFIG)})
+    save_tiny_lora({k: list(v.shape) for k, v in native.items()}, paths["lora_native"], "kohya", ("blocks.",),
+                   seed=41)
+    torch.manual_seed(seed + 43)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=vocab, feed_forward_proj="gated-gelu", **TINY_NATIVE_UMT5))
+    state = {k: v.to(dtype) for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    state["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
+    _save(state, paths["text_encoder_native"], {})
     stamp.write_text(_VERSION)
     assert TINY_UMT5["d_model"] == TINY_WAN_CONFIG["text_dim"]
     return paths
