@@ -106,11 +106,15 @@ def tiny_animate_conditioning(shape: tuple[int, int, int], seed: int = 4, negati
 
 
 def tiny_request(family, experts: list[str], shape: tuple[int, int, int], steps: int = 3, sampler: str = "euler",
-                 cfg: float = 2.0, seed: int = 9) -> dict:
+                 cfg: float = 2.0, seed: int = 9, pose_frames: int | None = None,
+                 face_frames: int | None = None, without: tuple[str, ...] = ()) -> dict:
     """The fields of an Animate SampleRequest on the tiny DiT: both sides conditioned as WanAnimateToVideo does
-    (the negative's face -1, its own text), an empty latent with the reference frame."""
-    positive = tiny_animate_conditioning(shape)
+    (the negative's face -1, its own text), an empty latent with the reference frame. pose_frames / face_frames:
+    a pose video latent or face video of another length than the node would make (cut or padded by the model);
+    without: the inputs left out on both sides (e.g. no pose or face video: ComfyUI runs without them)."""
+    positive = tiny_animate_conditioning(shape, pose_frames=pose_frames, face_frames=face_frames)
     negative = dict(positive, tokens=tiny_animate_conditioning(shape, seed=5)["tokens"],
                     face_video_pixels=positive["face_video_pixels"] * 0.0 - 1.0)
+    positive, negative = ({k: v for k, v in side.items() if k not in without} for side in (positive, negative))
     return dict(experts=list(experts), positive=positive, negative=negative, latent=torch.zeros(1, 16, *shape),
                 seed=seed, steps=steps, cfg=cfg, shift=5.0, sampler=sampler)
