@@ -10,6 +10,8 @@ WanAnimateToVideo's inputs on both sides (the negative's face -1, cfg 2: both pa
 face videos of other lengths than the latent's and neither (ComfyUI's behaviour without them).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -168,3 +170,23 @@ def test_files_and_errors(tiny_animate, tiny_models):
         FAMILY.model_conditioning(model, tiny_animate_conditioning(SHAPE, face_size=32), latent, "positive")
     with pytest.raises(ValueError, match="step caches"):
         FAMILY.step_cache_spec(model, latent)
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set: no ComfyUI checkout to compare with")
+def test_one_process_equals_comfyui(tiny_animate):
+    """ComfyUI 0.3.64's UNETLoader (detected as WAN22_Animate, the file loaded strictly), WanAnimateToVideo (reference,
+    pose and face videos; -1 face on the negative) and KSampler (euler, cfg 2), fp32, against our engine given the
+    node's tensors and our generic USP Sampler given its conditioning; TrimVideoLatent on both
+    (comfyui_reference/animate.py)."""
+    from test_comfyui_native import run_reference
+
+    result = run_reference("animate", tiny_animate)
+    assert result["comfy_model_class"] == "WAN22_Animate" and result["comfy_face_adapter_blocks"] == 2
+    assert result["latent_shape"] == [1, 16, 3, 4, 4]  # the reference frame, then (5 - 1) / 4 + 1 frames
+    assert result["pose_shape"] == [1, 16, 2, 4, 4] and result["face_shape"] == [1, 3, 5, 512, 512]
+    assert result["negative_face_is_minus_one"]
+    assert (result["trim_latent"], result["trim_image"], result["offset"]) == (1, 0, 5)
+    assert result["trimmed_shape"] == [1, 16, 2, 4, 4]
+    assert result["face_changes_result"] > 1e-3
+    for what in ("ksampler_engine", "ksampler_generic_nodes", "trimmed"):
+        assert result[what] <= 1e-5, f"{what}: relative error {result[what]:.2e} against ComfyUI"

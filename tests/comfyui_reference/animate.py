@@ -1,0 +1,94 @@
+"""Wan 2.2 Animate against ComfyUI's own code: its UNETLoader detects the tiny ComfyUI-layout Animate DiT
+(WAN22_Animate: AnimateWanModel with its fixed-size motion and face encoders; the file also loads strictly),
+native WanAnimateToVideo (reference image, pose video and face video of other sizes than the video: its area
+resizes, its VAE Encode of the reference, the pose video and the gray video; the face video at 512x512, -1 on the
+negative; a synthetic clip_vision_output as in i2v.py) then KSampler (euler, one step, cfg 2: both passes), fp32; against our
+engine given the tensors the node made and against our generic USP Sampler given the native conditioning. Then
+ComfyUI's TrimVideoLatent (trim_latent) on both latents: the reference frame goes.
+
+Run as `python -m comfyui_reference animate COMFYUI_DIR FILES_JSON` -> one JSON object.
+FILES_JSON: the wan_animate family's tiny set (make_tiny: "dit_comfy", "vae").
+"""
+
+from pathlib import Path
+
+import torch
+
+from .common import rel, route_api_sample, run_node
+
+
+def compare(paths: dict) -> dict:
+    import comfy.clip_vision
+    import comfy.ldm.wan.vae
+    import folder_paths
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    from comfy_extras.nodes_wan import TrimVideoLatent, WanAnimateToVideo
+    from safetensors.torch import load_file
+
+    from .vae_encode import comfy_vae
+    from usp_video.distributed.engine import Engine
+    from usp_video.distributed.models.wan21.tiny import TINY_VAE_CONFIG
+    from usp_video.distributed.requests import SampleRequest
+
+    dit = paths["dit_comfy"]
+    folder_paths.add_model_folder_path("diffusion_models", str(Path(dit).parent), is_default=True)
+    vae = comfy_vae(paths["vae"], comfy.ldm.wan.vae, {"dim": TINY_VAE_CONFIG["base_dim"]})
+    engine = Engine()
+    route_api_sample(engine)
+    out = {}
+
+    seed, steps, scale, shift = 13, 1, 2.0, 5.0  # one step: one forward of both passes (the motion encoder is slow on CPU)
+    model = comfy_nodes.UNETLoader().load_unet(Path(dit).name, "default")[0]
+    out["comfy_model_class"] = type(model.model).__name__
+    inner = model.model.diffusion_model
+    out["comfy_face_adapter_blocks"] = len(inner.face_adapter.fuser_blocks)
+    inner.load_state_dict(load_file(dit), strict=True)  # every tensor of the file is ComfyUI's, and all of them
+    model = ModelSamplingSD3().patch(model, shift)[0]
+
+    g = torch.Generator().manual_seed(8)
+    text = [[[torch.randn(1, 12, 4096, generator=g), {}]] for _ in range(2)]
+    vision = comfy.clip_vision.Output()
+    vision.penultimate_hidden_states = torch.randn(1, 257, 1280, generator=g)
+    reference = torch.rand(1, 40, 48, 3, generator=g)
+    pose = torch.rand(4, 24, 40, 3, generator=g)  # one frame short: the node repeats the last
+    face = torch.rand(5, 48, 48, 3, generator=g)
+    width, height, length = 32, 32, 5
+    with torch.inference_mode():
+        pos, neg, latent, trim_latent, trim_image, offset = WanAnimateToVideo.execute(
+            *text, vae, width, height, length, 1, 5, 0, reference_image=reference, clip_vision_output=vision,
+            face_video=face, pose_video=pose).result
+    made = pos[0][1]
+    out["latent_shape"] = list(latent["samples"].shape)
+    out["pose_shape"] = list(made["pose_video_latent"].shape)
+    out["face_shape"] = list(made["face_video_pixels"].shape)
+    out["negative_face_is_minus_one"] = bool((neg[0][1]["face_video_pixels"] == -1).all())
+    out["trim_latent"], out["trim_image"], out["offset"] = trim_latent, trim_image, offset
+
+    def tensors(conditioning):  # the native conditioning's tensors as our request's side (not via our node code)
+        tokens, extra = conditioning[0]
+        return {"tokens": tokens, "concat_latent_image": extra["concat_latent_image"],
+                "concat_mask": extra["concat_mask"], "clip_vision": extra["clip_vision_output"].penultimate_hidden_states,
+                "pose_video_latent": extra["pose_video_latent"], "face_video_pixels": extra["face_video_pixels"]}
+
+    socket = {"group": None, "path": dit, "experts": [dit],
+              "info": {"family": "wan2.2-animate", "latent_format": "Wan21", "model": "wan2.2-animate"}}
+    with torch.no_grad():
+        native = comfy_nodes.KSampler().sample(model, seed, steps, scale, "euler", "simple", pos, neg,
+                                               latent)[0]
+        ours = engine.sample(SampleRequest(experts=[dit], positive=tensors(pos), negative=tensors(neg),
+                                           latent=latent["samples"], seed=seed, steps=steps, cfg=scale, shift=shift,
+                                           sampler="euler")).latent
+        out["ksampler_engine"] = rel(ours, native["samples"])
+        node = run_node("UspSampler", model=socket, positive=pos, negative=neg, latent_image=latent, seed=seed,
+                        steps=steps, cfg=scale, shift=shift, sampler_name="euler", denoise=1.0)[0]
+        out["ksampler_generic_nodes"] = rel(node["samples"], native["samples"])
+        trimmed_native = TrimVideoLatent.execute(native, trim_latent).result[0]["samples"]
+        trimmed_ours = TrimVideoLatent.execute(node, trim_latent).result[0]["samples"]
+        out["trimmed_shape"] = list(trimmed_ours.shape)
+        out["trimmed"] = rel(trimmed_ours, trimmed_native)
+        # the face video counts: the same run with the positive's face all -1 differs
+        no_face = [[pos[0][0], dict(made, face_video_pixels=made["face_video_pixels"] * 0.0 - 1.0)]]
+        out["face_changes_result"] = rel(comfy_nodes.KSampler().sample(
+            model, seed, steps, scale, "euler", "simple", no_face, neg, latent)[0]["samples"], native["samples"])
+    return out
