@@ -134,6 +134,20 @@ class WanAnimate(Wan21):
         raise ValueError(f"{name} is Wan 2.2 Animate: it takes a reference image, a pose video and a face video "
                          "(ComfyUI's WanAnimateToVideo), not a start image alone")
 
+    def demo_conditioning(self, config, width, height, frames):
+        """Synthetic WanAnimateToVideo-shaped inputs (random, made here: no reference image, pose or face video is
+        read): the latent's first frame stands for the reference image (its mask 0), a pose latent for the frames
+        after it, a face video of 4 (T - 1) - 3 frames at the model's face size, CLIP vision features."""
+        g = torch.Generator().manual_seed(0)
+        latent = ((frames - 1) // 4 + 1, height // self.spatial_compression, width // self.spatial_compression)
+        mask = torch.ones(1, 4, *latent)
+        mask[:, :, 0] = 0.0
+        size = config.get("motion_encoder_size", 512)
+        return {"concat_latent_image": torch.randn(1, self.latent_channels, *latent, generator=g), "concat_mask": mask,
+                "clip_vision": torch.randn(1, 257, config.get("image_dim") or wan.CLIP_VISION_DIM, generator=g),
+                "pose_video_latent": torch.randn(1, self.latent_channels, latent[0] - 1, *latent[1:], generator=g),
+                "face_video_pixels": torch.rand(1, 3, max(4 * (latent[0] - 1) - 3, 1), size, size, generator=g) * 2 - 1}
+
     def make_tiny(self, root):
         from .tiny import make_tiny_models
 
