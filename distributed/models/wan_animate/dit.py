@@ -85,7 +85,6 @@ def _animate_class():
     if AnimateDiT is not None:
         return AnimateDiT
     from diffusers import WanAnimateTransformer3DModel
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
     class _AnimateDiT(WanAnimateTransformer3DModel):
         """diffusers' modules, ComfyUI's forward (module docstring); the face adapter's processors attend by frame."""
@@ -94,63 +93,74 @@ def _animate_class():
             super().__init__(*args, **kwargs)
             for block in self.face_adapter:
                 block.set_processor(FrameFaceAttention())
-            self._face_cache = None  # (face pixels, their face tokens): a sampler call's steps share them
+            self._face_cache = None  # (face pixels, their version, their face tokens): a sampler call's steps share them
 
-        def face_tokens(self, face_pixel_values: torch.Tensor) -> torch.Tensor:
-            """Face video [B, 3, F, size, size] in -1..1 -> face tokens [B, F', heads + 1, dim] (ComfyUI's
-            after_patch_embedding before the zero frame; 8 frames a batch through the motion encoder). The same
-            tensor in the next step gives the same tokens: computed once per sampler call."""
-            cached = self._face_cache
-            if cached is not None and cached[0] is face_pixel_values and cached[1] == face_pixel_values._version:
-                return cached[2]
-            b, c, frames, h, w = face_pixel_values.shape
-            pixels = face_pixel_values.permute(0, 2, 1, 3, 4).reshape(-1, c, h, w)  # (b t) c h w
-            motion = torch.cat([self.motion_encoder(chunk) for chunk in pixels.split(self.config.motion_encoder_batch_size)])
-            tokens = self.face_encoder(motion.view(b, frames, -1))
-            self._face_cache = (face_pixel_values, face_pixel_values._version, tokens)
-            return tokens
-
-        def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
-                    pose_latents=None, face_pixel_values=None, return_dict=True, attention_kwargs=None):
-            """hidden_states [B, 36, T, H, W] (noise, mask, reference and video latents; frame 0 the reference);
-            pose_latents [B, 16, P, H, W] in the model's latent space (added from frame 1 on); face_pixel_values
-            [B, 3, F, size, size]. Either may be None (ComfyUI's behaviour)."""
-            batch, _, frames, height, width = hidden_states.shape
-            p_t, p_h, p_w = self.config.patch_size
-            rotary_emb = self.rope(hidden_states)
-            x = self.patch_embedding(hidden_states)  # [B, D, T', H', W']
-            if pose_latents is not None:  # ComfyUI: x[:, :, 1:P + 1] += pose[:, :, :T' - 1]
-                pose = self.pose_patch_embedding(pose_latents)
-                n = min(pose.shape[2], x.shape[2] - 1)
-                x = torch.cat([x[:, :, :1], x[:, :, 1:n + 1] + pose[:, :, :n], x[:, :, n + 1:]], dim=2)
-            motion = None
-            if face_pixel_values is not None:
-                motion = self.face_tokens(face_pixel_values)
-                # a zero frame for the reference, then padded with zeros or cut to the latent's frames
-                motion = torch.cat([torch.zeros_like(motion[:, :1]), motion], dim=1)[:, :x.shape[2]]
-                if motion.shape[1] < x.shape[2]:
-                    motion = torch.cat([motion, motion.new_zeros(motion.shape[0], x.shape[2] - motion.shape[1],
-                                                                 *motion.shape[2:])], dim=1)
-            x = x.flatten(2).transpose(1, 2)  # [B, S, D], frame after frame
-            temb, timestep_proj, text, image = self.condition_embedder(timestep, encoder_hidden_states,
-                                                                       encoder_hidden_states_image, timestep_seq_len=None)
-            timestep_proj = timestep_proj.unflatten(1, (6, -1))
-            if image is not None:
-                text = torch.cat([image, text], dim=1)
-            for i, block in enumerate(self.blocks):
-                x = block(x, text, timestep_proj, rotary_emb)
-                if motion is not None and i % self.config.inject_face_latents_blocks == 0:
-                    x = x + self.face_adapter[i // self.config.inject_face_latents_blocks](x, motion)
-            shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
-            dtype = x.dtype
-            x = (self.norm_out(x.float()) * (1 + scale) + shift).to(dtype)
-            x = self.proj_out(x)
-            x = x.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
-            out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-            return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+        face_tokens = _face_tokens
+        forward = _forward
 
     AnimateDiT = _AnimateDiT
     return AnimateDiT
+
+
+def _face_tokens(self, face_pixel_values: torch.Tensor) -> torch.Tensor:
+    """Face video [B, 3, F, size, size] in -1..1 -> face tokens [B, F', heads + 1, dim] (ComfyUI's
+    after_patch_embedding before the zero frame; 8 frames a batch through the motion encoder). The same tensor in
+    the next step gives the same tokens: computed once per sampler call."""
+    cached = self._face_cache
+    if cached is not None and cached[0] is face_pixel_values and cached[1] == face_pixel_values._version:
+        return cached[2]
+    b, c, frames, h, w = face_pixel_values.shape
+    pixels = face_pixel_values.permute(0, 2, 1, 3, 4).reshape(-1, c, h, w)  # (b t) c h w
+    motion = torch.cat([self.motion_encoder(chunk) for chunk in pixels.split(self.config.motion_encoder_batch_size)])
+    tokens = self.face_encoder(motion.view(b, frames, -1))
+    self._face_cache = (face_pixel_values, face_pixel_values._version, tokens)
+    return tokens
+
+
+def _motion(self, face_pixel_values: torch.Tensor | None, frames: int) -> torch.Tensor | None:
+    """The face tokens of each latent frame [B, T', heads + 1, dim]: a zero frame for the reference, then the face
+    video's, padded with zeros or cut to the latent's frames (ComfyUI)."""
+    if face_pixel_values is None:
+        return None
+    motion = self.face_tokens(face_pixel_values)
+    motion = torch.cat([torch.zeros_like(motion[:, :1]), motion], dim=1)[:, :frames]
+    if motion.shape[1] < frames:
+        motion = torch.cat([motion, motion.new_zeros(motion.shape[0], frames - motion.shape[1], *motion.shape[2:])], 1)
+    return motion
+
+
+def _forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+             pose_latents=None, face_pixel_values=None, return_dict=True, attention_kwargs=None):
+    """hidden_states [B, 36, T, H, W] (noise, mask, reference and video latents; frame 0 the reference);
+    pose_latents [B, 16, P, H, W] in the model's latent space (added from frame 1 on); face_pixel_values
+    [B, 3, F, size, size]. Either may be None (ComfyUI's behaviour)."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    batch, _, frames, height, width = hidden_states.shape
+    p_t, p_h, p_w = self.config.patch_size
+    rotary_emb = self.rope(hidden_states)
+    x = self.patch_embedding(hidden_states)  # [B, D, T', H', W']
+    if pose_latents is not None:  # ComfyUI: x[:, :, 1:P + 1] += pose[:, :, :T' - 1]
+        pose = self.pose_patch_embedding(pose_latents)
+        n = min(pose.shape[2], x.shape[2] - 1)
+        x = torch.cat([x[:, :, :1], x[:, :, 1:n + 1] + pose[:, :, :n], x[:, :, n + 1:]], dim=2)
+    motion = _motion(self, face_pixel_values, x.shape[2])
+    x = x.flatten(2).transpose(1, 2)  # [B, S, D], frame after frame
+    temb, timestep_proj, text, image = self.condition_embedder(timestep, encoder_hidden_states,
+                                                               encoder_hidden_states_image, timestep_seq_len=None)
+    timestep_proj = timestep_proj.unflatten(1, (6, -1))
+    if image is not None:
+        text = torch.cat([image, text], dim=1)
+    every = self.config.inject_face_latents_blocks
+    for i, block in enumerate(self.blocks):
+        x = block(x, text, timestep_proj, rotary_emb)
+        if motion is not None and i % every == 0:
+            x = x + self.face_adapter[i // every](x, motion)
+    shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+    x = (self.norm_out(x.float()) * (1 + scale) + shift).to(x.dtype)
+    x = self.proj_out(x).reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+    out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+    return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
 AnimateDiT = None
