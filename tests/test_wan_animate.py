@@ -176,8 +176,8 @@ def test_files_and_errors(tiny_animate, tiny_models):
 def test_one_process_equals_comfyui(tiny_animate):
     """ComfyUI 0.3.64's UNETLoader (detected as WAN22_Animate, the file loaded strictly), WanAnimateToVideo (reference,
     pose and face videos; -1 face on the negative) and KSampler (euler, cfg 2), fp32, against our engine given the
-    node's tensors and our generic USP Sampler given its conditioning; TrimVideoLatent on both
-    (comfyui_reference/animate.py)."""
+    node's tensors and our generic USP Sampler given its conditioning, and without pose and face video;
+    TrimVideoLatent on both; its native MODEL maps to our family (comfyui_reference/animate.py)."""
     from test_comfyui_native import run_reference
 
     result = run_reference("animate", tiny_animate)
@@ -188,7 +188,8 @@ def test_one_process_equals_comfyui(tiny_animate):
     assert (result["trim_latent"], result["trim_image"], result["offset"]) == (1, 0, 5)
     assert result["trimmed_shape"] == [1, 16, 2, 4, 4]
     assert result["face_changes_result"] > 1e-3
-    for what in ("ksampler_engine", "ksampler_generic_nodes", "trimmed"):
+    assert result["native_family"] == FAMILY.name
+    for what in ("ksampler_engine", "ksampler_generic_nodes", "trimmed", "no_pose_no_face_engine"):
         assert result[what] <= 1e-5, f"{what}: relative error {result[what]:.2e} against ComfyUI"
 
 

@@ -3,8 +3,9 @@
 native WanAnimateToVideo (reference image, pose video and face video of other sizes than the video: its area
 resizes, its VAE Encode of the reference, the pose video and the gray video; the face video at 512x512, -1 on the
 negative; a synthetic clip_vision_output as in i2v.py) then KSampler (euler, one step, cfg 2: both passes), fp32; against our
-engine given the tensors the node made and against our generic USP Sampler given the native conditioning. Then
-ComfyUI's TrimVideoLatent (trim_latent) on both latents: the reference frame goes.
+engine given the tensors the node made and against our generic USP Sampler given the native conditioning; the same
+without pose and face video (the reference alone). Then ComfyUI's TrimVideoLatent (trim_latent) on both latents:
+the reference frame goes. The native MODEL (WAN22_Animate) maps to our family (nodes/native_nodes.py).
 
 Run as `python -m comfyui_reference animate COMFYUI_DIR FILES_JSON` -> one JSON object.
 FILES_JSON: the wan_animate family's tiny set (make_tiny: "dit_comfy", "vae").
@@ -45,6 +46,9 @@ def compare(paths: dict) -> dict:
     out["comfy_face_adapter_blocks"] = len(inner.face_adapter.fuser_blocks)
     inner.load_state_dict(load_file(dit), strict=True)  # every tensor of the file is ComfyUI's, and all of them
     model = ModelSamplingSD3().patch(model, shift)[0]
+    from usp_video.nodes.native_nodes import NATIVE_FAMILIES, _native_family
+
+    out["native_family"] = _native_family(model, NATIVE_FAMILIES, "model")  # a native MODEL of it: our family
 
     g = torch.Generator().manual_seed(8)
     text = [[[torch.randn(1, 12, 4096, generator=g), {}]] for _ in range(2)]
@@ -65,11 +69,14 @@ def compare(paths: dict) -> dict:
     out["negative_face_is_minus_one"] = bool((neg[0][1]["face_video_pixels"] == -1).all())
     out["trim_latent"], out["trim_image"], out["offset"] = trim_latent, trim_image, offset
 
-    def tensors(conditioning):  # the native conditioning's tensors as our request's side (not via our node code)
+    def tensors_of(conditioning):  # the native conditioning's tensors as our request's side (not via our node code)
         tokens, extra = conditioning[0]
-        return {"tokens": tokens, "concat_latent_image": extra["concat_latent_image"],
-                "concat_mask": extra["concat_mask"], "clip_vision": extra["clip_vision_output"].penultimate_hidden_states,
-                "pose_video_latent": extra["pose_video_latent"], "face_video_pixels": extra["face_video_pixels"]}
+        side = {"tokens": tokens, "clip_vision": extra["clip_vision_output"].penultimate_hidden_states}
+        side.update({k: extra[k] for k in ("concat_latent_image", "concat_mask", "pose_video_latent",
+                                           "face_video_pixels") if k in extra})
+        return side
+
+    tensors = tensors_of
 
     socket = {"group": None, "path": dit, "experts": [dit],
               "info": {"family": "wan2.2-animate", "latent_format": "Wan21", "model": "wan2.2-animate"}}
@@ -87,6 +94,16 @@ def compare(paths: dict) -> dict:
         trimmed_ours = TrimVideoLatent.execute(node, trim_latent).result[0]["samples"]
         out["trimmed_shape"] = list(trimmed_ours.shape)
         out["trimmed"] = rel(trimmed_ours, trimmed_native)
+        # neither pose nor face video (ComfyUI's model runs without them): the reference image alone
+        with torch.inference_mode():
+            bare = WanAnimateToVideo.execute(*text, vae, width, height, length, 1, 5, 0, reference_image=reference,
+                                             clip_vision_output=vision).result
+        assert "pose_video_latent" not in bare[0][0][1] and "face_video_pixels" not in bare[0][0][1]
+        native_bare = comfy_nodes.KSampler().sample(model, seed, steps, scale, "euler", "simple", bare[0], bare[1],
+                                                    bare[2])[0]["samples"]
+        out["no_pose_no_face_engine"] = rel(engine.sample(SampleRequest(
+            experts=[dit], positive=tensors_of(bare[0]), negative=tensors_of(bare[1]), latent=bare[2]["samples"],
+            seed=seed, steps=steps, cfg=scale, shift=shift, sampler="euler")).latent, native_bare)
         # the face video counts: the same run with the positive's face all -1 differs
         no_face = [[pos[0][0], dict(made, face_video_pixels=made["face_video_pixels"] * 0.0 - 1.0)]]
         out["face_changes_result"] = rel(comfy_nodes.KSampler().sample(
