@@ -34,6 +34,10 @@ CASES = [((n, u, r), dict(shape=SHAPE, samples=[{"sampler": sampler_of(n, u)}]))
          for n, u, r in FACTORIZATIONS]
 # a pose latent two frames short (the last frames get none), a face video of 5 frames (3 encoded frames: zeros after)
 # and of 21 (6 encoded: cut), cfg 1 (one pass); neither pose nor face video (ComfyUI runs without them)
+# the weights sharded over the ranks (FSDP; the streamed load reads each rank's rows: the motion encoder's
+# [1, C, 1, 1] biases are one row)
+CASES += [((n, u, r), dict(shape=SHAPE, shard_weights="on", samples=[{"sampler": "euler"}])) for n, u, r in ((2, 1, 2),
+                                                                                                      (4, 2, 2))]
 CASES += [((n, u, r), dict(shape=SHAPE, samples=[{"pose_frames": 2, "face_frames": 5}, {"face_frames": 21, "cfg": 1.0},
                                                  {"without": ["pose_video_latent", "face_video_pixels"], "steps": 2}]))
           for n, u, r in ((3, 3, 1), (4, 2, 2))]
@@ -41,7 +45,8 @@ CASES += [((n, u, r), dict(shape=SHAPE, samples=[{"pose_frames": 2, "face_frames
 
 def case_id(case) -> str:
     (n, u, r), spec = case
-    return f"{'sample' if len(spec['samples']) == 1 else 'lengths'}-{n}x{u}x{r}"
+    kind = "lengths" if len(spec["samples"]) > 1 else "sharded" if "shard_weights" in spec else "sample"
+    return f"{kind}-{n}x{u}x{r}"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +69,7 @@ def references(tiny_animate):
     made = {}
 
     def reference(spec):
+        spec = {k: v for k, v in spec.items() if k != "shard_weights"}  # against the unsharded one process
         key = repr(spec)
         if key not in made:
             made[key] = family_case(0, 1, **with_path(spec, tiny_animate))
@@ -156,7 +162,7 @@ def test_files_and_errors(tiny_animate, tiny_models):
 
     cond = tiny_animate_conditioning(SHAPE)
     check_conditioning(cond, "positive", FAMILY)
-    with pytest.raises(ValueError, match="pose_video_latent"):  # a non-Animate model refuses the Animate inputs
+    with pytest.raises(ValueError, match="pose_video_latent come from WanAnimateToVideo"):  # a non-Animate model refuses them
         check_conditioning(cond, "positive", FAMILIES["wan2.1"])
     with pytest.raises(ValueError, match="face_video_pixels"):
         check_conditioning(dict(cond, face_video_pixels=cond["face_video_pixels"][:, :1]), "positive", FAMILY)
