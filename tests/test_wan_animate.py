@@ -19,6 +19,7 @@ from batched import Batched
 from conftest import rel_error
 from parity_targets import family_case
 from usp_video.distributed.models import FAMILIES, CheckpointError, check_dit_file
+from usp_video.distributed.models.wan_animate.tiny import tiny_animate_conditioning
 from usp_video.distributed.parallel.mesh import valid_factorizations
 
 FAMILY = FAMILIES["wan2.2-animate"]
@@ -157,7 +158,6 @@ def test_files_and_errors(tiny_animate, tiny_models):
         check_dit_file(tiny_animate["dit"], "wan2.1")
     with pytest.raises(CheckpointError):  # a Wan 2.1 file is not an Animate one
         check_dit_file(tiny_models["dit"], FAMILY.name)
-    from usp_video.distributed.models.wan_animate.tiny import tiny_animate_conditioning
     from usp_video.distributed.validation import check_conditioning
 
     cond = tiny_animate_conditioning(SHAPE)
@@ -211,3 +211,21 @@ def test_cli_demo(tmp_path, tiny_animate):
                           capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr
     assert "model: Wan 2.2 Animate" in demo.stdout and (tmp_path / "d.webp").stat().st_size > 0
+
+
+def test_diffusers_folder(tmp_path, tiny_animate):
+    """A diffusers WanAnimateTransformer3DModel folder is detected and loads into the same model as the file."""
+    from parity_targets import make_engine
+
+    stock = _stock(tiny_animate["dit"], False)
+    stock.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    assert check_dit_file(tmp_path / "transformer")[0] is FAMILY
+    engine = make_engine()
+    ours = engine.dit(str(tmp_path / "transformer"), FAMILY.name)
+    from_file = engine.dit(tiny_animate["dit"], FAMILY.name)
+    cond = FAMILY.model_conditioning(ours, tiny_animate_conditioning(SHAPE), (1, 16, *SHAPE), "positive")
+    x = torch.randn(1, 16, *SHAPE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = (FAMILY.velocity(m, x, torch.tensor([500.0]), cond, {}) for m in (ours, from_file))
+    assert rel_error(a, b) <= 1e-6
+

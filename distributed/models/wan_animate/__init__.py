@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from ...formats import streamed
-from ...formats.checkpoint import CheckpointError
 from ..family import Defaults, ModelFamily
 from ..wan21 import NEGATIVE_PROMPT, Wan21, plan_variant
 from ..wan21 import dit as wan
@@ -71,9 +70,6 @@ class WanAnimate(Wan21):
 
     def parallelize(self, model, sp, backend):
         return dit.parallelize_animate(model, sp, backend)
-
-    def describe_dit(self, model) -> dict:
-        return super().describe_dit(model)
 
     def step_cache_spec(self, model, latent_shape):
         # the face adapter runs between blocks: a cache that skips blocks would skip it too (not measured here)

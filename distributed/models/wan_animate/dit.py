@@ -17,7 +17,6 @@ place in the whole sequence (the rank's offset) and leaves the tail padding out 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -87,13 +86,8 @@ def _animate_class():
     from diffusers import WanAnimateTransformer3DModel
 
     class _AnimateDiT(WanAnimateTransformer3DModel):
-        """diffusers' modules, ComfyUI's forward (module docstring); the face adapter's processors attend by frame."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            for block in self.face_adapter:
-                block.set_processor(FrameFaceAttention())
-            self._face_cache = None  # (face pixels, their version, their face tokens): a sampler call's steps share them
+        """diffusers' modules (its __init__ and config, so that from_pretrained reads a folder's), ComfyUI's forward
+        (module docstring); the loader gives the face adapter FrameFaceAttention."""
 
         face_tokens = _face_tokens
         forward = _forward
@@ -106,7 +100,7 @@ def _face_tokens(self, face_pixel_values: torch.Tensor) -> torch.Tensor:
     """Face video [B, 3, F, size, size] in -1..1 -> face tokens [B, F', heads + 1, dim] (ComfyUI's
     after_patch_embedding before the zero frame; 8 frames a batch through the motion encoder). The same tensor in
     the next step gives the same tokens: computed once per sampler call."""
-    cached = self._face_cache
+    cached = getattr(self, "_face_cache", None)  # (pixels, their version, their tokens): a sampler call's steps share them
     if cached is not None and cached[0] is face_pixel_values and cached[1] == face_pixel_values._version:
         return cached[2]
     b, c, frames, h, w = face_pixel_values.shape
@@ -322,7 +316,7 @@ def load_animate_transformer(path: str | Path, dtype: torch.dtype = torch.float3
                                                       "'transformer' subfolder of a Wan Animate pipeline)")
         if shard is not None:
             shard(model)
-        return model
+        return _attend_by_frame(model)
     shapes, metadata = read_header(path)
     config = infer_animate_config(path, shapes, metadata)
 
@@ -341,6 +335,13 @@ def load_animate_transformer(path: str | Path, dtype: torch.dtype = torch.float3
             kernel = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device)
             kernel = kernel[None, :] * kernel[:, None]
             module.blur_kernel = kernel / kernel.sum()
+    return _attend_by_frame(model)
+
+
+def _attend_by_frame(model):
+    """The face adapter's attention by frame (FrameFaceAttention; one process until parallelize_animate)."""
+    for block in model.face_adapter:
+        block.set_processor(FrameFaceAttention())
     return model
 
 
