@@ -34,13 +34,15 @@ def sampler_of(n: int, u: int) -> str:
 CASES = [((n, u, r), dict(shape=SHAPE, samples=[{"sampler": sampler_of(n, u)}]))
          for n, u, r in FACTORIZATIONS]
 # a pose latent two frames short (the last frames get none), a face video of 5 frames (3 encoded frames: zeros after)
-# and of 21 (6 encoded: cut), cfg 1 (one pass); neither pose nor face video (ComfyUI runs without them)
+# and of 21 (6 encoded: cut), cfg 1 (one pass); neither pose nor face video (ComfyUI runs without them); a latent
+# batch of 2 (the conditioning repeated to it)
 # the weights sharded over the ranks (FSDP; the streamed load reads each rank's rows: the motion encoder's
 # [1, C, 1, 1] biases are one row)
 CASES += [((n, u, r), dict(shape=SHAPE, shard_weights="on", samples=[{"sampler": "euler"}])) for n, u, r in ((2, 1, 2),
                                                                                                       (4, 2, 2))]
 CASES += [((n, u, r), dict(shape=SHAPE, samples=[{"pose_frames": 2, "face_frames": 5}, {"face_frames": 21, "cfg": 1.0},
-                                                 {"without": ["pose_video_latent", "face_video_pixels"], "steps": 2}]))
+                                                 {"without": ["pose_video_latent", "face_video_pixels"], "steps": 2},
+                                                 {"variant": "batch2", "steps": 2}]))
           for n, u, r in ((3, 3, 1), (4, 2, 2))]
 
 
@@ -228,4 +230,20 @@ def test_diffusers_folder(tmp_path, tiny_animate):
     with torch.no_grad():
         a, b = (FAMILY.velocity(m, x, torch.tensor([500.0]), cond, {}) for m in (ours, from_file))
     assert rel_error(a, b) <= 1e-6
+
+
+def test_config_read_from_the_shapes(tmp_path, tiny_animate):
+    """A file without our metadata (as Comfy-Org's is): the config read from its shapes (128-wide heads, the
+    encoders' sizes) is the one it was made with."""
+    from safetensors.torch import load_file, save_file
+
+    from usp_video.distributed.models.wan_animate.tiny import CONFIGS, _config
+
+    bare = tmp_path / "wan2.2_animate_14B_bf16.safetensors"
+    save_file(load_file(tiny_animate["dit_comfy"]), str(bare))
+    family, config = check_dit_file(bare)
+    made = _config(CONFIGS["dit_comfy"])
+    assert family is FAMILY
+    assert {k: config[k] for k in made} == made
+    assert config["motion_encoder_size"] == 512 and config["face_encoder_hidden_dim"] == 1024
 

@@ -60,6 +60,9 @@ def infer_animate_config(path: Path, shapes: dict, metadata: dict) -> dict:
         return config
     hidden, channels = shapes["patch_embedding.weight"][0][:2]
     heads = hidden // 128
+    if heads * 128 != hidden or not heads:
+        raise CheckpointError(f"{path.name}: a Wan 2.2 Animate DiT {hidden} wide carries no config and is not made of "
+                              "128-wide heads as the released model is")
     res_blocks = 1 + max(int(k.split(".")[4]) for k in keys if k.startswith("motion_encoder.enc.net_app.convs.")) - 2
     size = 2 ** (res_blocks + 2)
     sizes = {str(size): shapes["motion_encoder.enc.net_app.convs.0.0.weight"][0][0]}
