@@ -31,7 +31,6 @@ from ..wan21 import dit as wan
 
 CONFIG_METADATA_KEY = wan.CONFIG_METADATA_KEY
 FACE_ADAPTER_KEY = "face_adapter.fuser_blocks.0.k_norm.weight"  # what ComfyUI's detection looks for (model_detection)
-FACE_EVERY = 5  # the face adapter runs after every 5th block (0, 5, ...), in ComfyUI and diffusers alike
 
 # Wan 2.2 Animate 14B (Comfy-Org's wan2.2_animate_14B_bf16): Wan 2.1 I2V 14B's DiT (36 input channels, CLIP
 # vision image embedder) with the pose patch embedding, the motion and face encoders and 8 face adapter blocks.
