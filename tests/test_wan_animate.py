@@ -247,3 +247,16 @@ def test_config_read_from_the_shapes(tmp_path, tiny_animate):
     assert {k: config[k] for k in made} == made
     assert config["motion_encoder_size"] == 512 and config["face_encoder_hidden_dim"] == 1024
 
+
+def test_cfg_parallel(tests_dir, tiny_animate):
+    """CFG-parallel (cfg degree 2 on 2 ranks: each pass on its own rank, each with its own face video, the
+    negative's -1) == one process."""
+    from parity_targets import make_engine, request
+    from usp_video.distributed.testing.spawn import run_ranks
+
+    expected = make_engine().sample(request(FAMILY.name, [tiny_animate["dit"]], SHAPE, cfg=3.0)).latent
+    results = run_ranks(f"{tests_dir}/parity_targets.py:cfg_parallel_sample_rank", 2,
+                        dict(ulysses=1, ring=1, dit_path=tiny_animate["dit"], family=FAMILY.name, cfg=3.0), timeout=240)
+    for rank, result in enumerate(results):
+        assert rel_error(result["latent"], expected) <= 1e-5, f"rank {rank}"
+
