@@ -183,9 +183,10 @@ def test_files_and_errors(tiny_animate, tiny_models):
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set: no ComfyUI checkout to compare with")
 def test_one_process_equals_comfyui(tiny_animate):
     """ComfyUI 0.3.64's UNETLoader (detected as WAN22_Animate, the file loaded strictly), WanAnimateToVideo (reference,
-    pose and face videos; -1 face on the negative) and KSampler (euler, cfg 2), fp32, against our engine given the
-    node's tensors and our generic USP Sampler given its conditioning, and without pose and face video;
-    TrimVideoLatent on both; its native MODEL maps to our family (comfyui_reference/animate.py)."""
+    pose and face videos; -1 face on the negative) and KSampler (euler, one step, cfg 2), fp32, against our engine
+    given the node's tensors; our generic USP Sampler given its conditioning without the face video (the face
+    changes ComfyUI's result), TrimVideoLatent on both; our engine without pose and face video; its native MODEL
+    maps to our family (comfyui_reference/animate.py)."""
     from test_comfyui_native import run_reference
 
     result = run_reference("animate", tiny_animate)

@@ -3,9 +3,9 @@
 native WanAnimateToVideo (reference image, pose video and face video of other sizes than the video: its area
 resizes, its VAE Encode of the reference, the pose video and the gray video; the face video at 512x512, -1 on the
 negative; a synthetic clip_vision_output as in i2v.py) then KSampler (euler, one step, cfg 2: both passes), fp32; against our
-engine given the tensors the node made and against our generic USP Sampler given the native conditioning; the same
-without pose and face video (the reference alone). Then ComfyUI's TrimVideoLatent (trim_latent) on both latents:
-the reference frame goes. The native MODEL (WAN22_Animate) maps to our family (nodes/native_nodes.py).
+engine given the tensors the node made; our generic USP Sampler given the native conditioning without its face video
+(the motion encoder is slow on a CPU: two runs have it), then ComfyUI's TrimVideoLatent (trim_latent) on both
+latents (the reference frame goes); our engine without pose and face video (the reference alone). The native MODEL (WAN22_Animate) maps to our family (nodes/native_nodes.py).
 
 Run as `python -m comfyui_reference animate COMFYUI_DIR FILES_JSON` -> one JSON object.
 FILES_JSON: the wan_animate family's tiny set (make_tiny: "dit_comfy", "vae").
@@ -80,17 +80,26 @@ def compare(paths: dict) -> dict:
 
     socket = {"group": None, "path": dit, "experts": [dit],
               "info": {"family": "wan2.2-animate", "latent_format": "Wan21", "model": "wan2.2-animate"}}
-    with torch.no_grad():
+    def drop(conditioning, keys):  # the same conditioning without some of WanAnimateToVideo's keys
+        return [[c[0], {k: v for k, v in c[1].items() if k not in keys}] for c in conditioning]
+
+    with torch.no_grad():  # the motion encoder at 512x512 is the slow part on a CPU: two runs with the face video
         native = comfy_nodes.KSampler().sample(model, seed, steps, scale, "euler", "simple", pos, neg,
                                                latent)[0]
         ours = engine.sample(SampleRequest(experts=[dit], positive=tensors(pos), negative=tensors(neg),
                                            latent=latent["samples"], seed=seed, steps=steps, cfg=scale, shift=shift,
                                            sampler="euler")).latent
         out["ksampler_engine"] = rel(ours, native["samples"])
-        node = run_node("UspSampler", model=socket, positive=pos, negative=neg, latent_image=latent, seed=seed,
-                        steps=steps, cfg=scale, shift=shift, sampler_name="euler", denoise=1.0)[0]
-        out["ksampler_generic_nodes"] = rel(node["samples"], native["samples"])
-        trimmed_native = TrimVideoLatent.execute(native, trim_latent).result[0]["samples"]
+        # the face video counts: ComfyUI's run with the pose video alone differs
+        pose_only = [drop(c, ("face_video_pixels",)) for c in (pos, neg)]
+        native_pose = comfy_nodes.KSampler().sample(model, seed, steps, scale, "euler", "simple", *pose_only,
+                                                    latent)[0]
+        out["face_changes_result"] = rel(native_pose["samples"], native["samples"])
+        # our generic sampler node given the native conditioning (pose only), then TrimVideoLatent on both
+        node = run_node("UspSampler", model=socket, positive=pose_only[0], negative=pose_only[1], latent_image=latent,
+                        seed=seed, steps=steps, cfg=scale, shift=shift, sampler_name="euler", denoise=1.0)[0]
+        out["ksampler_generic_nodes"] = rel(node["samples"], native_pose["samples"])
+        trimmed_native = TrimVideoLatent.execute(native_pose, trim_latent).result[0]["samples"]
         trimmed_ours = TrimVideoLatent.execute(node, trim_latent).result[0]["samples"]
         out["trimmed_shape"] = list(trimmed_ours.shape)
         out["trimmed"] = rel(trimmed_ours, trimmed_native)
@@ -104,8 +113,4 @@ def compare(paths: dict) -> dict:
         out["no_pose_no_face_engine"] = rel(engine.sample(SampleRequest(
             experts=[dit], positive=tensors_of(bare[0]), negative=tensors_of(bare[1]), latent=bare[2]["samples"],
             seed=seed, steps=steps, cfg=scale, shift=shift, sampler="euler")).latent, native_bare)
-        # the face video counts: the same run with the positive's face all -1 differs
-        no_face = [[pos[0][0], dict(made, face_video_pixels=made["face_video_pixels"] * 0.0 - 1.0)]]
-        out["face_changes_result"] = rel(comfy_nodes.KSampler().sample(
-            model, seed, steps, scale, "euler", "simple", no_face, neg, latent)[0]["samples"], native["samples"])
     return out
