@@ -38,12 +38,11 @@ CASES = [((n, u, r), dict(shape=SHAPE, samples=[{"sampler": sampler_of(n, u)}]))
 # batch of 2 (the conditioning repeated to it)
 # the weights sharded over the ranks (FSDP; the streamed load reads each rank's rows: the motion encoder's
 # [1, C, 1, 1] biases are one row)
-CASES += [((n, u, r), dict(shape=SHAPE, shard_weights="on", samples=[{"sampler": "euler"}])) for n, u, r in ((2, 1, 2),
-                                                                                                      (4, 2, 2))]
+CASES += [((2, 1, 2), dict(shape=SHAPE, shard_weights="on", samples=[{"sampler": "euler"}]))]
 CASES += [((n, u, r), dict(shape=SHAPE, samples=[{"pose_frames": 2, "face_frames": 5}, {"face_frames": 21, "cfg": 1.0},
                                                  {"without": ["pose_video_latent", "face_video_pixels"], "steps": 2},
                                                  {"variant": "batch2", "steps": 2}]))
-          for n, u, r in ((3, 3, 1), (4, 2, 2))]
+          for n, u, r in ((3, 3, 1),)]
 
 
 def case_id(case) -> str:
