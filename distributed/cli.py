@@ -88,6 +88,8 @@ def demo(args: argparse.Namespace) -> None:
     size = family.pixel_multiple  # the smallest video the model takes, a few patches wide
     settings = Settings(width=4 * size, height=3 * size, frames=9, steps=4, seed=42, fps=8.0, out=args.out)
     model = check(family.name, files, settings)
+    settings = replace(settings, conditioning=family.demo_conditioning(model.configs[0], settings.width,
+                                                                       settings.height, settings.frames))
     group = GroupConfig(ranks=args.ranks, device="cpu", dtype="fp32", attention="sdpa", threads_per_rank=1)
     _run((group, args.ranks), model, files, "a cat walks on the beach at sunset", settings)
 

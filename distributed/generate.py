@@ -44,6 +44,7 @@ class Settings:
     fps: float = 16.0
     out: str | None = None  # the video file (.webp, .gif)
     save_latent: str | None = None  # the latent file (ComfyUI's SaveLatent format)
+    conditioning: dict = field(default_factory=dict)  # tensors added to both sides (the demo's synthetic inputs)
 
 
 def _flag(name: str) -> str:
@@ -122,6 +123,9 @@ def _conditioning(group, model: api.CheckedModel, files: dict, prompt: str, sett
     uses_negative = any(scale != 1.0 for scale in (cfg if isinstance(cfg, list) else [cfg]))
     negative_prompt = settings.negative if settings.negative is not None else family.defaults.negative_prompt
     negative = api.encode(group, family.name, text, negative_prompt) if uses_negative else None
+    if settings.conditioning:
+        positive = {**positive, **settings.conditioning}
+        negative = None if negative is None else {**negative, **settings.conditioning}
     if settings.image:
         start = start_conditioning(group, model, files.get("vae"), settings)
         positive = {**positive, **start}

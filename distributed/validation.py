@@ -123,8 +123,21 @@ def check_conditioning(cond: dict, name: str, family=None, text_dim: int | None 
         unknown = set(cond) - set(family.cond_keys)
         if unknown:
             raise ValueError(f"{name} has tensors {', '.join(sorted(unknown))} that {family.label} does not take "
-                             f"(its conditioning: {', '.join(family.cond_keys)})")
+                             f"(its conditioning: {', '.join(family.cond_keys)}){_whose(unknown, family)}")
         family.check_conditioning(cond, name)
+
+
+def _whose(keys: set[str], family) -> str:
+    """Where keys that one other family alone takes come from: its conditioning node (messages)."""
+    from .models import FAMILIES
+
+    owners = {}
+    for key in sorted(keys):
+        takers = [f for f in FAMILIES.values() if key in f.cond_keys]
+        if len(takers) == 1 and takers[0] is not family:
+            owners.setdefault(takers[0], []).append(key)
+    return "".join(f"; {', '.join(k)} come from {f.start_image_node or 'its nodes'} ({f.label} models only)"
+                   for f, k in owners.items())
 
 
 def check_sampling(*, seed: int, steps: int, cfg, shift: float, sampler: str, denoise: float) -> None:

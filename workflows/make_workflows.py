@@ -292,6 +292,53 @@ WIDGETS = {
 }
 
 
+# -- Wan 2.2 Animate ------------------------------------------------------------------------------------------------
+# A reference image driven by pose and face videos: ComfyUI's WanAnimateToVideo (native VAE, CLIP vision) into the USP
+# sampler (Animate's 20 steps, cfg 1, shift 5); TrimVideoLatent drops the reference frame (trim_latent 1 for one
+# reference image; trim_image is 0 without continue_motion), the USP VAE decodes the rest.
+WAN22_ANIMATE = {k: v for k, v in WAN_I2V.items() if k not in (6, 15)}
+WAN22_ANIMATE.update({
+    2: ("UspLoadDiffusionModel", None, ["wan2.2_animate_14B_bf16.safetensors", "none"], {"group": (1, 0)},
+        [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
+    4: ("UspTextEncode", "Positive prompt", ["The character dances in a sunlit studio, smooth natural motion"],
+        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (1040, 60)),
+    7: ("UspSampler", None, [42, "fixed", 20, 1.0, "unipc", 1.0, 5.0, 0.0, 0.0],
+        {"model": (2, 0), "positive": (15, 0), "negative": (15, 1), "latent_image": (15, 2)},
+        [("LATENT", "LATENT")], (1460, 60)),
+    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (22, 0)}, [("IMAGE", "IMAGE")], (1900, 60)),
+    10: ("SaveAnimatedWEBP", None, ["usp_video/wan22_animate", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
+         (1900, 240)),
+    12: ("LoadImage", "Reference image", ["example.png", "image"], {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+         (40, 660)),
+    15: ("WanAnimateToVideo", None, [832, 480, 77, 1, 5, 0],
+         {"positive": (4, 0), "negative": (5, 0), "vae": (16, 0), "clip_vision_output": (14, 0),
+          "reference_image": (12, 0), "face_video": (20, 0), "pose_video": (18, 0)},
+         [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"), ("trim_latent", "INT"),
+          ("trim_image", "INT"), ("video_frame_offset", "INT")], (1040, 560)),
+    16: ("VAELoader", None, ["wan_2.1_vae.safetensors"], {}, [("VAE", "VAE")], (440, 700)),
+    17: ("LoadVideo", "Pose video", ["pose.mp4", "image"], {}, [("VIDEO", "VIDEO")], (40, 1040)),
+    18: ("GetVideoComponents", None, [], {"video": (17, 0)},
+         [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], (440, 1040)),
+    19: ("LoadVideo", "Face video", ["face.mp4", "image"], {}, [("VIDEO", "VIDEO")], (40, 1420)),
+    20: ("GetVideoComponents", None, [], {"video": (19, 0)},
+         [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], (440, 1420)),
+    22: ("TrimVideoLatent", None, [1], {"samples": (7, 0)}, [("LATENT", "LATENT")], (1460, 560)),
+})
+WORKFLOWS["wan22_animate_usp"] = WAN22_ANIMATE
+SOCKETS.update({
+    "WanAnimateToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+                          ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("reference_image", "IMAGE"),
+                          ("face_video", "IMAGE"), ("pose_video", "IMAGE")],  # (its later, optional ones open)
+    "GetVideoComponents": [("video", "VIDEO")], "TrimVideoLatent": [("samples", "LATENT")],
+})
+SIZES.update({"WanAnimateToVideo": (380, 420), "VAELoader": (400, 90), "LoadVideo": (340, 340),
+              "GetVideoComponents": (300, 110), "TrimVideoLatent": (300, 90)})
+WIDGETS.update({"WanAnimateToVideo": ["width", "height", "length", "batch_size", "continue_motion_max_frames",
+                                      "video_frame_offset"],
+                "VAELoader": ["vae_name"], "LoadVideo": ["file", "upload"], "GetVideoComponents": [],
+                "TrimVideoLatent": ["trim_amount"]})
+
+
 def to_api(graph: dict) -> dict:
     prompt = {}
     for node_id, (class_type, title, widgets, links, _, _) in graph.items():

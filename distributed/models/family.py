@@ -313,6 +313,12 @@ class ModelFamily:
         without image-to-video refuse."""
         raise ValueError(f"{self.label} models take no start image")
 
+    def demo_conditioning(self, config: dict, width: int, height: int, frames: int) -> dict[str, torch.Tensor]:
+        """What `usp-video demo` adds to the prompt's conditioning for a video of this size, for a DiT of this
+        config (dit_config's): synthetic inputs made in code, for a family whose model needs more than text
+        (Wan 2.2 Animate's reference, pose and face videos); nothing here."""
+        return {}
+
     # -- the tiny set -----------------------------------------------------------------------------
 
     def make_tiny(self, root: str | Path) -> dict[str, Path]:
