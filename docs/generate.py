@@ -142,10 +142,10 @@ def activations() -> str:
 
 def redesign() -> str:
     d = _load("redesign_compare.json")
-    rows = [[f["figure"], f"{f['before']:.3g}", f"{f['after']:.3g}", f"{f['after_over_before']:.2f}"]
-            for run in d["runs"] for f in run]
+    rows = [[i, f["figure"], f"{f['before']:.3g}", f"{f['after']:.3g}", f"{f['after_over_before']:.2f}"]
+            for i, run in enumerate(d["runs"], 1) for f in run]
     return f"{d['what']}; before: {d['before']}; after: {d['after']}.\n\n" + \
-        _table(["figure", "before", "after", "after / before"], rows)
+        _table(["run", "figure", "before", "after", "after / before"], rows)
 
 
 def defaults() -> str:
@@ -158,6 +158,16 @@ def defaults() -> str:
         rows.append([f"{fam.label} (`--model {fam.short_name}`)", dd.sampler, dd.steps, cfg, f"{dd.shift:g}"])
     out = "`usp-video generate` (the family's reference settings, `Defaults` in its package):\n\n"
     out += _table(["family", "sampler", "steps", "cfg", "shift"], rows)
+    from usp_video.nodes.samplers import UspSampler, UspSamplerAdvanced
+
+    out += "\nThe sampler nodes' widget defaults (one for every family; `shift` 0: the model's own):\n\n"
+    rows = []
+    for node in (UspSampler, UspSamplerAdvanced):
+        schema = node.define_schema()
+        d = {i.id: getattr(i, "default", None) for i in schema.inputs}
+        rows.append([schema.display_name, d["sampler_name"], d["steps"], f"{d['cfg']:g}",
+                     "the model's" if not d["shift"] else f"{d['shift']:g}"])
+    out += _table(["node", "sampler", "steps", "cfg", "shift"], rows)
     out += "\nThe shipped API workflows (`workflows/api/`), their sampler nodes:\n\n"
     rows = []
     for path in sorted((ROOT / "workflows" / "api").glob("*.json")):
@@ -176,7 +186,19 @@ def defaults() -> str:
     return out
 
 
-GENERATORS = {"cpu": cpu, "gpu-h100": gpu, "cache": cache, "memory": memory, "activations": activations,
+def defaults_short() -> str:
+    from usp_video.distributed.models import FAMILIES
+    from usp_video.nodes.samplers import UspSampler
+
+    d = {i.id: getattr(i, "default", None) for i in UspSampler.define_schema().inputs}
+    fams = "; ".join(f"{f.label}: {f.defaults.sampler}, {f.defaults.steps} steps, cfg "
+                     f"{' / '.join(f'{c:g}' for c in f.defaults.cfg_list())}, shift {f.defaults.shift:g}"
+                     for f in FAMILIES.values())
+    return (f"USP Sampler's widgets: {d['sampler_name']}, {d['steps']} steps, cfg {d['cfg']:g}, shift 0 (the model's "
+            f"own). `usp-video generate`, per family: {fams}.\n")
+
+
+GENERATORS = {"defaults-short": defaults_short, "cpu": cpu, "gpu-h100": gpu, "cache": cache, "memory": memory, "activations": activations,
               "redesign": redesign, "defaults": defaults}
 
 
