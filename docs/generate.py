@@ -198,7 +198,19 @@ def defaults_short() -> str:
             f"own). `usp-video generate`, per family: {fams}.\n")
 
 
-GENERATORS = {"defaults-short": defaults_short, "cpu": cpu, "gpu-h100": gpu, "cache": cache, "memory": memory, "activations": activations,
+def fit() -> str:
+    """The pre-flight's prediction per rank for the 14B models (gpu_check's section 4, computed here: no GPU)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_check import fit as fit_section
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = [[r["model"], r["file"], r["ranks"], f"{r['weights_gib']:.1f}", f"{r['activations_gib']:.1f}",
+             f"{r['gib_per_rank']:.1f}"] for r in fit_section.run(None)]
+    return _table(["model", "file", "ranks", "weights GiB", "activations GiB", "GiB per rank"], rows)
+
+
+GENERATORS = {"fit": fit, "defaults-short": defaults_short, "cpu": cpu, "gpu-h100": gpu, "cache": cache, "memory": memory, "activations": activations,
               "redesign": redesign, "defaults": defaults}
 
 
