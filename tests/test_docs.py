@@ -190,3 +190,28 @@ def test_commands_run(block, tmp_path):
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, (f"{block_id(block)}: `{command}` exited {run.returncode}\n"
                                      f"{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_pages_resolve():
+    """Every relative link of README.md and docs/ names a file that exists, and a heading that does."""
+    anchors = {}
+    for path in DOC_FILES:
+        text = FENCE.sub("", path.read_text())
+        anchors[path.resolve()] = {_slug(m.group(1)) for m in re.finditer(r"^#+ (.*)$", text, re.M)}
+    broken = []
+    for path in DOC_FILES:
+        for m in re.finditer(r"\]\(([^)#\s]*)(#[^)\s]*)?\)", path.read_text()):
+            target, anchor = m.group(1), m.group(2)
+            if target.startswith(("http://", "https://")):
+                continue
+            resolved = (path.parent / target).resolve() if target else path.resolve()
+            if not resolved.exists():
+                broken.append(f"{path.name}: {target}")
+            elif anchor and resolved.suffix == ".md" and anchor[1:] not in anchors.get(resolved, set()):
+                broken.append(f"{path.name}: {target}{anchor}")
+    assert broken == [], f"broken links: {broken}"
