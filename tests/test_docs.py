@@ -216,3 +216,22 @@ def test_links_between_the_pages_resolve():
             elif anchor and resolved.suffix == ".md" and anchor[1:] not in anchors.get(resolved, set()):
                 broken.append(f"{path.name}: {target}{anchor}")
     assert broken == [], f"broken links: {broken}"
+
+
+def test_every_shipped_workflow_and_family_is_in_the_docs():
+    """The README's model table names every shipped UI workflow, and docs/models.md has a section per family (a new
+    workflow or family without them fails here: add its row and its section)."""
+    from usp_video.distributed.models import FAMILIES
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [p.stem for p in sorted((ROOT / "workflows").glob("*.json")) if f"`{p.stem}`" not in readme]
+    assert missing == [], f"README.md's model table does not name the workflows {missing}"
+    headings = re.findall(r"^## (.*)$", FENCE.sub("", (ROOT / "docs" / "models.md").read_text()), re.M)
+    no_section = [f.label for f in FAMILIES.values() if not any(h.startswith(f.label) for h in headings)]
+    assert no_section == [], f"docs/models.md has no section for {no_section} (a '## <label> ...' heading)"
+
+
+def test_images_are_small():
+    big = [(p.name, p.stat().st_size) for p in (ROOT / "docs").rglob("*") if p.suffix.lower() in (".png", ".jpg")
+           and p.stat().st_size > 300_000]
+    assert big == [], f"images over 300 KB in docs/: {big}"
