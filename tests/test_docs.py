@@ -235,3 +235,13 @@ def test_images_are_small():
     big = [(p.name, p.stat().st_size) for p in (ROOT / "docs").rglob("*") if p.suffix.lower() in (".png", ".jpg")
            and p.stat().st_size > 300_000]
     assert big == [], f"images over 300 KB in docs/: {big}"
+
+
+def test_every_node_is_in_the_reference():
+    """docs/reference.md's node table has a row for every node the pack registers, but the deprecated ids."""
+    from usp_video.nodes import NODE_LIST
+
+    reference = (ROOT / "docs" / "reference.md").read_text()
+    schemas = [node.define_schema() for node in NODE_LIST]
+    missing = [s.display_name for s in schemas if not s.is_deprecated and f"**{s.display_name}**" not in reference]
+    assert missing == [], f"docs/reference.md's node table lacks {missing}"
