@@ -245,3 +245,49 @@ def test_every_node_is_in_the_reference():
     schemas = [node.define_schema() for node in NODE_LIST]
     missing = [s.display_name for s in schemas if not s.is_deprecated and f"**{s.display_name}**" not in reference]
     assert missing == [], f"docs/reference.md's node table lacks {missing}"
+
+
+def _troubleshooting_table() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text[text.index("## Troubleshooting"):text.index("## Known limitations")]
+
+
+def _as_pattern(quote: str) -> str:
+    """An abridged message as a regex: `...` stands for anything, R, N, X, Y and NAME for one word."""
+    pattern = ".*".join(re.escape(part.strip()) for part in quote.split("..."))
+    return re.sub(r"\b(R|N|X|Y|NAME)\b", r"\\S+", pattern)
+
+
+def _cases():
+    """(the README's quote, a call giving the code's message) for the rows a CPU machine can provoke."""
+    from usp_video.distributed import postmortem
+    from usp_video.distributed.parallel.mesh import resolve_degrees
+    from usp_video.nodes.group_node import parse_gpus
+
+    log = Path("/tmp/usp-video-group-x/group.log")
+    report = {"rank": 1, "error_type": "DistBackendError", "message": "Watchdog caught collective operation timeout",
+              "time": 0.0}
+    return [
+        ("ulysses=8 does not divide the model's 12 attention heads. Valid choices for 8 ranks and 12 heads: ...",
+         lambda: resolve_degrees(8, 12, 8, "auto")),
+        ("ulysses x ring = 2 x 2 = 4, but the group has 2 ranks", lambda: resolve_degrees(2, 12, 2, 2)),
+        ("device 'cuda' was chosen but no CUDA/ROCm GPU is visible; choose device 'cpu'", lambda: parse_gpus("all", 0)),
+        ("gpus lists [4], but this machine has 4 GPU(s): 0, 1, 2, 3", lambda: parse_gpus("4", 4)),
+        ("rank R of N failed: ...", lambda: postmortem._rank_failed([report], 2, 600.0, log)),
+        ("A collective waited longer than timeout_s=600 s", lambda: postmortem._rank_failed([report], 2, 600.0, log)),
+        ("rank R of N died (killed by SIGKILL); the group was stopped.",
+         lambda: postmortem._rank_died(2, [1], "rank       : 1 (local_rank: 1)\n  exitcode   : -9 (pid: 1)\n", log)),
+    ]
+
+
+def test_troubleshooting_quotes_the_real_messages():
+    """The README's troubleshooting rows quote what the code says: each case below is provoked here and its
+    message must match the row's abridged quote (which must be in the table)."""
+    table = _troubleshooting_table()
+    for quote, call in _cases():
+        assert f"`{quote}`" in table, f"the troubleshooting table no longer quotes {quote!r}"
+        try:
+            message = call()
+        except ValueError as exc:
+            message = str(exc)
+        assert re.search(_as_pattern(quote), message, re.S), f"README quotes {quote!r}; the code says {message!r}"
