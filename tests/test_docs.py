@@ -291,3 +291,18 @@ def test_troubleshooting_quotes_the_real_messages():
         except ValueError as exc:
             message = str(exc)
         assert re.search(_as_pattern(quote), message, re.S), f"README quotes {quote!r}; the code says {message!r}"
+
+
+def test_the_model_table_weights_are_the_planners():
+    """The README's "DiT weights (bf16)" column: 2 bytes a parameter of the planner's model (within 10%)."""
+    from usp_video.distributed.planner import MODELS
+
+    rows = {"Wan 2.1 T2V 1.3B": "wan-1.3b", "Wan 2.1 T2V 14B": "wan-14b", "Wan 2.2 TI2V-5B": "wan2.2-5b",
+            "HunyuanVideo T2V": "hunyuan", "Wan 2.2 T2V A14B": "wan2.2-a14b"}
+    table = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| ")]
+    for label, key in rows.items():
+        row = next((line for line in table if line.startswith(f"| {label}")), None)
+        assert row is not None, f"README's model table has no {label!r} row"
+        quoted = float(re.findall(r"~(\d+(?:\.\d+)?) GB", row)[-1])
+        expected = MODELS[key].params * 2 / 1e9
+        assert abs(quoted - expected) <= 0.1 * expected, f"{label}: README says ~{quoted} GB, the planner {expected:.1f}"
