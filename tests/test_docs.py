@@ -7,7 +7,8 @@ A block's info string says what it needs (GitHub reads only the first word, the 
     ```bash ci          the two commands .ci/run takes from README.md and runs: checked to be those
     ```bash gpu / weights / comfyui / hosts / slow
                         needs a GPU, real model files, a ComfyUI server, two hosts (tests/test_multihost.py runs
-                        them) or is run by another test (the tiny demos): each `usp-video` command's flags are
+                        them) or takes too long here (the other families' tiny demos; .ci/run runs Wan 2.1's,
+                        test_wan22*.py run wan2.2's and wan2.2-5b's): each `usp-video` command's flags are
                         parsed by the CLI's own parser, so a wrong flag fails
     ```bash benchmark   a benchmark script: its flags must be in the script's --help
     ```bash system      installs or clones (pip, apt-get, git clone): not run
