@@ -183,7 +183,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help=f"default: {defaults('sampler')}")
     p.add_argument("--cache", default=None, metavar="METHOD:THRESHOLD",
-                   help="a step cache: teacache:0.2, fbcache:0.1 or magcache:0.12 (README, 'Step caches')")
+                   help="a step cache: teacache:0.2, fbcache:0.1 or magcache:0.12 (docs/features.md, 'Step caches')")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,7 +74,7 @@ class UspGroup:
 
     @classmethod
     def attach(cls, run_dir: str | Path, secret: str, ranks: int) -> "UspGroup":
-        """Connect to a group started by someone else, e.g. torchrun on several hosts (README,
+        """Connect to a group started by someone else, e.g. torchrun on several hosts (docs/architecture.md,
         "More than one host"): its rank 0 runs on this host and writes its port into run_dir.
         The group is not supervised here; close() asks it to shut down."""
         group = cls(GroupConfig(ranks=ranks))

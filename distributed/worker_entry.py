@@ -3,7 +3,7 @@
     python -m torch.distributed.run --nproc-per-node N worker_entry.py --run-dir DIR --config-json '{...}'
 
 launcher.py writes that command (a hand-started multi-host group passes the group flags instead of
---config-json: README, "More than one host"). The rank joins the process group, builds its Engine,
+--config-json: docs/architecture.md, "More than one host"). The rank joins the process group, builds its Engine,
 and runs the request loop (worker.py; rank 0 with its ControlServer). A rank that fails writes
 rank<N>.error.json into the run directory for the client's post-mortem (postmortem.py) and exits
 at once.

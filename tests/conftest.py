@@ -106,7 +106,10 @@ SLOW_FILES = ("test_soak.py", "test_faults.py", "test_multihost.py")
 SMOKE_TESTS = ("test_layout.py::test_the_circle_check_can_fail", "test_planner.py::", "test_protocol.py::",
                "test_usp_attention.py::test_lse_kernels_agree_with_math_reference",
                "test_usp_attention.py::test_resolve_degrees", "test_wan_parity.py::test_world_size_one_matches",
-               "test_hunyuan_parity.py::test_world_size_one_matches")
+               "test_hunyuan_parity.py::test_world_size_one_matches", "test_docs.py::test_every_",
+               "test_docs.py::test_readme_is_short", "test_docs.py::test_generated_tables_are_current",
+               "test_docs.py::test_ci_blocks_are_what_ci_runs", "test_docs.py::test_commands_that_need",
+               "test_docs.py::test_links_", "test_docs.py::test_troubleshooting")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker

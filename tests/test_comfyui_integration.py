@@ -1,7 +1,7 @@
 """A real ComfyUI with this pack: the shipped API workflow over HTTP, Cancel, and shutdown.
 
 Skipped unless COMFYUI_DIR points to a ComfyUI checkout whose requirements are installed in
-the Python that runs the tests (or in COMFYUI_PYTHON). See README, "Tests".
+the Python that runs the tests (or in COMFYUI_PYTHON). See docs/testing.md.
 """
 
 import io

@@ -164,7 +164,7 @@ def test_an_e5m2_file_keeps_its_own_fp8_values(tiny_models, tmp_path):
 # torch._scaled_mm runs on CPU in torch 2.13, so the path's arithmetic is checked here; the option itself is refused
 # off CUDA GPUs of capability >= 8.9 (where it would be used), before anything loads.
 
-FP8_COMPUTE_TOLERANCE = 1e-2  # the DiT output vs the cast path (README); measured 4.6e-3 / 4.7e-3 (bf16 vs fp32: 5.3e-3)
+FP8_COMPUTE_TOLERANCE = 1e-2  # the DiT output vs the cast path (docs/features.md); measured 4.6e-3 / 4.7e-3 (bf16 vs fp32: 5.3e-3)
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_scaled"])

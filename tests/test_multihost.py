@@ -1,6 +1,6 @@
 """Beyond one machine: two hosts made with network namespaces run one group of 2 + 2 gloo ranks
 through torchrun's rendezvous, and it samples what one process samples. This test runs the
-commands of the README's "More than one host" section.
+commands of docs/architecture.md's "More than one host" section.
 
 Needs root and `ip netns` (iproute2); skipped otherwise. The hosts talk over a veth pair with
 their own addresses, inside namespaces this test makes and deletes."""

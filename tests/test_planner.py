@@ -59,7 +59,7 @@ def _best_seconds(model, gpus, tokens, flops):
 @pytest.mark.parametrize("key", sorted(planner.PUBLISHED))
 def test_calibrated_on_one_gpu_it_predicts_2_and_4_gpus_within_10_percent(key):
     """Calibrated on the published 1-GPU time of each model alone (the throughput that reproduces it), the
-    model predicts the published 2- and 4-GPU times, which it never saw, within 10% (README), and is
+    model predicts the published 2- and 4-GPU times, which it never saw, within 10% (docs/reference.md), and is
     optimistic at 8 GPUs, as the planner's table says (it keeps kernel efficiency constant as shards shrink)."""
     model_key, size = key
     published = planner.PUBLISHED[key]

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
 # Archive paths that are development files: the suite, the benchmarks, CI and the tests' outputs.
-DEV_PREFIXES = ("tests/", "benchmarks/", ".ci/", "test-artifacts/", ".venv")
+DEV_PREFIXES = ("tests/", "benchmarks/", ".ci/", "test-artifacts/", ".venv", "docs/generate.py")
 # What ComfyUI needs from the archive: the entry point, the nodes, the engine, the page extension, the workflows.
 NEEDED_FILES = ("__init__.py", "pyproject.toml", "README.md")
 NEEDED_FOLDERS = ("nodes/", "distributed/", "web/js/", "workflows/")

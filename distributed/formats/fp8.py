@@ -11,7 +11,7 @@ fp8 compute (the group's fp8_compute, `use_scaled_mm`): on CUDA GPUs of compute 
 fp8 layers can instead multiply in fp8 with torch._scaled_mm: the input is quantized to e4m3fn per
 tensor (one scale from its absolute maximum, each call), the weight is the stored fp8 with its file
 scale, the product accumulates in float32 and comes out in the compute dtype. That is an
-approximation of the cast path (the input is rounded to fp8): README states the measured tolerance.
+approximation of the cast path (the input is rounded to fp8): docs/features.md states the measured tolerance.
 """
 
 from __future__ import annotations
