@@ -60,8 +60,6 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
     if "img_emb.emb_pos" in keys:
         raise CheckpointError(f"{path.name} is Wan 2.1 FLF2V (first and last frame, two CLIP vision images), which is "
                               "not supported yet; Wan 2.1 I2V and Wan 2.2 I2V A14B are (a last frame too, for the latter)")
-    if any(k.startswith("vace_") for k in keys):
-        raise CheckpointError(f"{path.name} is a Wan VACE model; only text- and image-to-video are supported")
     config = config_from_metadata(metadata, CONFIG_METADATA_KEY)
     if config is not None:
         return config
