@@ -86,8 +86,10 @@ def ti2v_cases():
             {"sampler": sampler}, {"sampler": sampler, "start_image": True}])
 
 
+from test_wan_vace import vace_cases  # noqa: E402  (Wan 2.1 VACE's cases live with its other tests)
+
 CASES_OF = {"wan2.1": wan21_cases, "hunyuan-video": hunyuan_cases, "wan2.2-a14b": wan22_cases,
-            "wan2.2-ti2v-5b": ti2v_cases}
+            "wan2.2-ti2v-5b": ti2v_cases, "wan2.1-vace": vace_cases}
 assert set(CASES_OF) == set(FAMILIES), "every family claims its parity cases here"
 CASES = [(family, name, degrees, dict(spec, family=family, experts=spec.get("experts", ["dit"])))
          for family in FAMILIES for name, degrees, spec in CASES_OF[family]()]
