@@ -213,3 +213,27 @@ def test_i2v_matches_comfyuis_wan_image_to_video(i2v_comparison, what):
     for changed in ("wan21_i2v_clip_vision_changes_result", "wan22_flf_changes_result"):
         assert i2v_comparison[changed] > 1e-2, changed  # the image embedder and the end frame are used
     assert i2v_comparison[what] <= 1e-5, f"{what}: relative error {i2v_comparison[what]:.2e} against ComfyUI"
+
+
+@pytest.fixture(scope="module")
+def vace_comparison(tiny_vace):
+    """ComfyUI's UNETLoader, WanVaceToVideo (its VAE Encode), KSampler and TrimVideoLatent on the tiny VACE set
+    (comfyui_reference/vace.py), against our engine and our generic sampler: one ComfyUI process for all."""
+    return run_reference("vace", tiny_vace)
+
+
+@pytest.mark.parametrize("what", ["reference_control_engine", "reference_control_generic_nodes",
+                                  "reference_control_trimmed", "stacked_engine", "stacked_generic_nodes",
+                                  "stacked_trimmed", "single_engine", "text_only_engine", "text_only_generic_nodes"])
+def test_vace_matches_comfyuis_wan_vace_to_video(vace_comparison, what):
+    """Native WanVaceToVideo (a control video shorter than the video and of another size, a mask, a reference image:
+    trim_latent 1; or two nodes stacked at strengths 1 and 0.6), then KSampler (euler, cfg 4 / 1) and TrimVideoLatent,
+    fp32: our engine given the stacked tensors, our generic sampler given the native lists, TrimVideoLatent on our
+    LATENT. UNETLoader detects our tiny file as WAN21_Vace, which our native-MODEL path takes as Wan 2.1 VACE."""
+    assert vace_comparison["comfy_model_config"] == "WAN21_Vace" and vace_comparison["native_family"] == "wan2.1-vace"
+    assert vace_comparison["comfy_vace_blocks"] == 2 and vace_comparison["comfy_vace_mapping"] == [0, 2]
+    assert vace_comparison["reference_trim"] == 1 and vace_comparison["stacked_count"] == 2
+    assert vace_comparison["reference_control_trimmed_frames"] == [4, 3]
+    for changed in ("second_context_changes_result", "reference_control_differs_from_text"):
+        assert vace_comparison[changed] > 1e-2, changed  # the second context and the control are used
+    assert vace_comparison[what] <= 1e-5, f"{what}: relative error {vace_comparison[what]:.2e} against ComfyUI"

@@ -16,5 +16,6 @@ the test process. The modules:
     fp8         ComfyUI's fp8 loader and layers on fp8 files
     lora        LoraLoaderModelOnly chains on detectable tiny DiTs, against our engine and LoRA nodes
     i2v         WanImageToVideo + KSampler(Advanced) on detectable image-to-video DiTs
+    vace        WanVaceToVideo (stacked, a reference image) + KSampler + TrimVideoLatent on the tiny VACE DiT
     common      what they share: starting ComfyUI on the CPU, the relative error, ComfyUI's Wan model of a tiny file
 """
