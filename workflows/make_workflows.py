@@ -11,6 +11,8 @@
     wan22_t2v_usp.json                   Wan 2.2 A14B, one sampler switching expert at the boundary
     wan22_t2v_usp_two_samplers.json      Wan 2.2 A14B, ComfyUI's two-sampler layout (USP Sampler Advanced)
     wan22_ti2v_5b_usp.json               Wan 2.2 TI2V-5B (its own empty latent and the Wan 2.2 VAE)
+    wan21_vace_r2v_usp.json              Wan 2.1 VACE 14B from a reference image (WanVaceToVideo, TrimVideoLatent)
+    wan21_vace_control_usp.json          Wan 2.1 VACE 14B following a control video (LoadVideo into WanVaceToVideo)
     (and their api/ files, and NAME.jpg: the template browser's picture of each, the graph drawn)
 
 The API files live in api/: ComfyUI lists every .json directly in workflows/ in its template browser,
@@ -209,9 +211,63 @@ WAN22_5B_I2V.update({
          [("latent", "LATENT")], (1040, 560)),
 })
 
+# -- Wan 2.1 VACE (one block): the generic USP nodes around ComfyUI's own WanVaceToVideo (its VAE Encode of the
+# control video / reference image through a native VAELoader) and TrimVideoLatent (a reference image adds latent
+# frames in front, which trim_latent cuts after sampling); the USP VAE decodes the trimmed latent.
+def _vace(prefix: str, links: dict, extra: dict) -> dict:
+    graph = {k: v for k, v in WAN_T2V.items() if k != 6}
+    graph.update({
+        2: ("UspLoadDiffusionModel", None, ["wan2.1_vace_14B_fp16.safetensors", "none"], {"group": (1, 0)},
+            [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
+        7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 5.0, 0.0, 0.0],
+            {"model": (2, 0), "positive": (17, 0), "negative": (17, 1), "latent_image": (17, 2)},
+            [("LATENT", "LATENT")], (1460, 60)),
+        9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (18, 0)}, [("IMAGE", "IMAGE")], (1900, 60)),
+        10: ("SaveAnimatedWEBP", None, [f"usp_video/{prefix}", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
+             (1900, 240)),
+        16: ("VAELoader", "VAE for WanVaceToVideo (encode)", ["wan_2.1_vae.safetensors"], {}, [("VAE", "VAE")],
+             (440, 420)),
+        17: ("WanVaceToVideo", None, [832, 480, 81, 1, 1.0],
+             {"positive": (4, 0), "negative": (5, 0), "vae": (16, 0), **links},
+             [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"), ("trim_latent", "INT")],
+             (1040, 560)),
+        18: ("TrimVideoLatent", None, [0], {"samples": (7, 0), "trim_amount": (17, 3)}, [("LATENT", "LATENT")],
+             (1460, 520)),
+    })
+    graph.update(extra)
+    return dict(sorted(graph.items()))
+
+
+# Reference to video: a reference image (its latent frame in front, trimmed after) and the prompt; no control video.
+WAN_VACE_R2V = _vace("wan_vace_r2v", {"reference_image": (12, 0)}, {
+    12: ("LoadImage", "Reference image", ["example.png", "image"], {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+         (40, 660)),
+})
+# Control: a control video (depth, pose, edges... made by any preprocessor) through LoadVideo's frames.
+WAN_VACE_CONTROL = _vace("wan_vace_control", {"control_video": (20, 0)}, {
+    19: ("LoadVideo", "Control video", ["control_video.mp4", "image"], {}, [("VIDEO", "VIDEO")], (40, 660)),
+    20: ("GetVideoComponents", None, [], {"video": (19, 0)},
+         [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], (440, 560)),
+})
+VACE_WORKFLOWS = {"wan21_vace_r2v_usp": WAN_VACE_R2V, "wan21_vace_control_usp": WAN_VACE_CONTROL}
+VACE_SOCKETS = {
+    "WanVaceToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
+                       ("control_video", "IMAGE"), ("control_masks", "MASK"), ("reference_image", "IMAGE")],
+    "TrimVideoLatent": [("samples", "LATENT"), ("trim_amount", "INT")], "GetVideoComponents": [("video", "VIDEO")],
+}
+VACE_SIZES = {"WanVaceToVideo": (380, 300), "TrimVideoLatent": (300, 90), "VAELoader": (400, 90),
+              "LoadVideo": (340, 340), "GetVideoComponents": (300, 110)}
+VACE_WIDGETS = {"WanVaceToVideo": ["width", "height", "length", "batch_size", "strength"],
+                "TrimVideoLatent": ["trim_amount"], "VAELoader": ["vae_name"], "LoadVideo": ["file", "upload"],
+                "GetVideoComponents": []}
+# ComfyUI's own nodes' optional inputs that a shipped workflow may leave open (tests/test_workflow.py)
+NATIVE_OPTIONAL = {"WanVaceToVideo": {"control_video", "control_masks", "reference_image"}}
+# -- end of Wan 2.1 VACE
+
+
 WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan21_i2v_usp": WAN_I2V,
              "wan22_i2v_usp": WAN22_I2V, "wan22_ti2v_5b_i2v_usp": WAN22_5B_I2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
-             "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS}
+             "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS, **VACE_WORKFLOWS}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
 _SAMPLER_SOCKETS = [("model", "USP_MODEL,MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -226,7 +282,7 @@ SOCKETS = {
     "UspWan22ImageToVideoLatent": [("vae", "USP_VAE"), ("start_image", "IMAGE")],
     "UspWanImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
                            ("start_image", "IMAGE"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
-    "SaveAnimatedWEBP": [("images", "IMAGE")],
+    "SaveAnimatedWEBP": [("images", "IMAGE")], **VACE_SOCKETS,
 }
 
 # Node sizes: wide enough that no label or value is cut short with the default model names (checked in
@@ -236,7 +292,8 @@ SIZES = {"UspGroup": (360, 540), "UspLoadDiffusionModel": (560, 120), "UspLoadTe
          "UspSamplerAdvanced": (340, 500), "UspLoraLoader": (590, 130),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
          "LoadImage": (340, 340), "CLIPVisionLoader": (420, 90),
-         "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250), "UspWan22ImageToVideoLatent": (380, 200)}
+         "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250), "UspWan22ImageToVideoLatent": (380, 200),
+         **VACE_SIZES}
 
 # Widget names in order, for converting to API format (ours are checked against the nodes' schemas in a test).
 WIDGETS = {
@@ -254,7 +311,7 @@ WIDGETS = {
     "LoadImage": ["image", "upload"], "CLIPVisionLoader": ["clip_name"], "CLIPVisionEncode": ["crop"],
     "UspWanImageToVideo": ["width", "height", "length", "batch_size"],
     "UspWan22ImageToVideoLatent": ["width", "height", "length", "batch_size"],
-    "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
+    "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"], **VACE_WIDGETS,
 }
 
 
@@ -288,7 +345,9 @@ def to_ui(graph: dict) -> dict:
             "id": node_id, "type": class_type, "pos": list(pos), "size": list(SIZES.get(class_type, (340, 120))),
             "flags": {}, "order": order,
             "mode": 0,
-            "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, n))} for n, t in SOCKETS.get(class_type, [])],
+            "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, n)),
+                        **({"widget": {"name": n}} if n in WIDGETS.get(class_type, ()) else {})}
+                       for n, t in SOCKETS.get(class_type, [])],
             "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
                         for i, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": class_type},
