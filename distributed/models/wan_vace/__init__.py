@@ -16,6 +16,7 @@ given none runs as ComfyUI runs it: zero frames, a mask of ones, strength 1.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from ...formats import streamed
 from ...formats.checkpoint import CheckpointError
 from ..family import Defaults
-from ..wan21 import NEGATIVE_PROMPT, Wan21
+from ..wan21 import NEGATIVE_PROMPT, Wan21, plan_variant
 from ..wan21 import dit as wan
 from . import dit
 
@@ -39,7 +40,11 @@ class WanVace(Wan21):
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
     text_encoder_hint = "Wan 2.1 VACE uses the umt5-xxl text encoder"
     start_image_node = "WanVaceToVideo"
-    plan_variants = {}  # the planner costs Wan 2.1's variants; VACE adds a block per VACE layer and context
+    # Wan 2.1's shapes with the VACE blocks (15 for the 1.3B, 8 for the 14B) as attention layers of their own, run
+    # once per control context (one here); their parameters counted from diffusers' class at the released configs
+    plan_variants = {
+        "wan-vace-1.3b": replace(plan_variant("Wan 2.1 VACE 1.3B", "wan2.1-t2v-1.3b", 2.15e9), attention_layers=30 + 15),
+        "wan-vace-14b": replace(plan_variant("Wan 2.1 VACE 14B", "wan2.1-t2v-14b", 17.3e9), attention_layers=40 + 8)}
     reference_times = {}
 
     def is_dit(self, keys: set[str]) -> bool:
