@@ -237,3 +237,12 @@ def test_vace_matches_comfyuis_wan_vace_to_video(vace_comparison, what):
     for changed in ("second_context_changes_result", "reference_control_differs_from_text"):
         assert vace_comparison[changed] > 1e-2, changed  # the second context and the control are used
     assert vace_comparison[what] <= 1e-5, f"{what}: relative error {vace_comparison[what]:.2e} against ComfyUI"
+
+
+def test_vace_start_image_is_wanvacetovideos_control(vace_comparison):
+    """The command line's start image for a VACE model (generate --image) is what WanVaceToVideo makes of that image
+    as its control video with a mask keeping its frame (resize, gray padding, the inactive / reactive split, the
+    mask's 8x8 layout and time sampling); the latents through our VAE encode (== ComfyUI's VAE Encode, 1e-4)."""
+    assert vace_comparison["start_image_mask_equal"]
+    assert vace_comparison["start_image_frames_magnitude"] > 0.1
+    assert vace_comparison["start_image_frames_max_abs"] <= 1e-4

@@ -192,3 +192,43 @@ def test_vace_config_from_comfyui_names_alone(tiny_vace, tmp_path):
         shapes[f"vace_blocks.{i}.after_proj.weight"] = ([1536, 1536], "F32")
     config = dit.infer_vace_config(tmp_path / "wan2.1_vace_1.3B_fp16.safetensors", shapes, {})
     assert config == dict(WAN_VARIANTS["wan2.1-t2v-1.3b"], vace_layers=list(range(0, 30, 2)), vace_in_channels=96)
+
+
+def test_cli_generate_from_a_start_image(tmp_path, tiny_vace):
+    """generate --image with the tiny VACE model on 2 ranks: the start image as WanVaceToVideo's control video
+    (its frame kept by the control mask, gray after), both halves encoded by the group's split encode; the same
+    run as the engine given that conditioning on one process. The control changes the video."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from usp_video.distributed.models import FAMILIES
+    from usp_video.distributed.requests import EncodeRequest
+
+    rng = torch.Generator().manual_seed(12)
+    pixels = (torch.rand(24, 40, 3, generator=rng) * 255).to(torch.uint8)
+    Image.fromarray(pixels.numpy()).save(tmp_path / "start.png")
+    run = subprocess.run([sys.executable, "-m", "usp_video.distributed.cli", "generate", "--dit", tiny_vace["dit"],
+                          "--text-encoder", tiny_vace["text_encoder"], "--vae", tiny_vace["vae"], "--prompt", "a cat",
+                          "--image", str(tmp_path / "start.png"), "--width", "48", "--height", "32", "--frames", "5",
+                          "--steps", "2", "--cfg", "1.0", "--sampler", "euler", "--ranks", "2",
+                          "--save-latent", str(tmp_path / "out.latent")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    latent = load_file(str(tmp_path / "out.latent"))["latent_tensor"]
+    engine = make_engine()
+    family = FAMILIES[FAMILY]
+    control = family.start_image_conditioning(lambda frames: (engine.encode_video(tiny_vace["vae"], frames), family),
+                                              pixels.float()[None] / 255.0, 48, 32, 5)
+    assert control["vace_frames"].shape == (1, 1, 32, 2, 4, 6) and control["vace_mask"].shape == (1, 1, 64, 2, 4, 6)
+    # WanVaceToVideo samples the pixel mask in time nearest-exact (5 frames -> pixel frames 1 and 3): the start
+    # image is in the inactive half's first latent frame, while the latent mask is 1 throughout
+    assert torch.equal(control["vace_mask"], torch.ones(1, 1, 64, 2, 4, 6))
+    tokens = engine.encode(EncodeRequest(family=FAMILY, files={"text_encoder": tiny_vace["text_encoder"]},
+                                         prompt="a cat"))["tokens"]
+    req = vace_request(tiny_vace, shape=(2, 4, 6), steps=2, cfg=1.0, sampler="euler", seed=0)
+    req.positive, req.negative, req.family = {"tokens": tokens, **control}, None, FAMILY
+    assert rel_error(latent, engine.sample(req).latent) <= 1e-5
+    req.positive = {"tokens": tokens}
+    assert rel_error(latent, engine.sample(req).latent) > 1e-3

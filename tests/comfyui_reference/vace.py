@@ -95,6 +95,22 @@ def compare(paths: dict) -> dict:
     single = run("single", pos1, neg1, latent, trim, 12, 3, 1.0)
     out["second_context_changes_result"] = rel(stacked, single)
 
+    # the command line's start image (WanVace.start_image_conditioning) == WanVaceToVideo given that image as the
+    # control video and a mask keeping its frame
+    from usp_video.distributed.models import FAMILIES
+
+    family = FAMILIES["wan2.1-vace"]
+    ours = family.start_image_conditioning(lambda frames: (engine.encode_video(paths["vae"], frames), family),
+                                           reference, width, height, length)
+    keep = torch.ones(length, height, width)
+    keep[:1] = 0.0
+    with torch.inference_mode():
+        made = WanVaceToVideo.execute(*text, vae, width, height, length, 1, 1.0, control_video=reference,
+                                      control_masks=keep).result[0][0][1]
+    out["start_image_frames_max_abs"] = float((ours["vace_frames"][:, 0] - made["vace_frames"][0]).abs().max())
+    out["start_image_frames_magnitude"] = float(made["vace_frames"][0].abs().mean())
+    out["start_image_mask_equal"] = bool(torch.equal(ours["vace_mask"][:, 0], made["vace_mask"][0]))
+
     plain = run("text_only", text[0], text[1], {"samples": torch.zeros(1, 16, 3, 4, 6)}, 0, 13, 3, 4.0)
     out["reference_control_differs_from_text"] = rel(with_reference[:, :, 1:], plain)
     return out

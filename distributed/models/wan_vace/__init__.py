@@ -39,7 +39,7 @@ class WanVace(Wan21):
     cond_keys = ("tokens",) + VACE_KEYS
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
     text_encoder_hint = "Wan 2.1 VACE uses the umt5-xxl text encoder"
-    start_image_node = "WanVaceToVideo"
+    start_image_node = ""  # its image to video is WanVaceToVideo's control (start_image_conditioning)
     # Wan 2.1's shapes with the VACE blocks (15 for the 1.3B, 8 for the 14B) as attention layers of their own, run
     # once per control context (one here); their parameters counted from diffusers' class at the released configs
     plan_variants = {
@@ -149,8 +149,27 @@ class WanVace(Wan21):
         return {"tokens": cond["tokens"], "vace_context": context, "vace_strength": strength.float()}
 
     def check_start_image_model(self, config, name):
-        raise ValueError(f"{name} is a Wan 2.1 VACE model: its reference image and control video come from "
-                         "WanVaceToVideo in ComfyUI; on the command line it runs text to video")
+        """Any VACE model takes a start image: as WanVaceToVideo's control video, kept where the mask says."""
+
+    def start_image_conditioning(self, encode_video, image, width, height, length):
+        """A start image as VACE's image to video, what WanVaceToVideo makes of a control video holding the image's
+        frames (resized as WanImageToVideo resizes them) then gray, with a control mask of 0 on those frames (keep)
+        and 1 after (generate); no reference image, so nothing to trim. Both halves encoded on the group."""
+        from ..video import start_video
+
+        video = start_video(image, width, height, length)
+        mask = torch.ones(length, height, width, 1)
+        mask[:min(image.shape[0], length)] = 0.0
+
+        def encode(frames):
+            latent, vae_family = encode_video(frames)
+            if latent.shape[1] != 16:
+                raise ValueError(f"vae: {vae_family.label} latents have {latent.shape[1]} channels; Wan VACE uses the "
+                                 "Wan 2.1 VAE (16 channels): load wan_2.1_vae.safetensors")
+            return latent
+
+        frames, vace_mask = dit.control_conditioning(video, mask, encode, self.spatial_compression)
+        return {"vace_frames": frames[:, None], "vace_mask": vace_mask[:, None], "vace_strength": torch.ones(1, 1)}
 
     def make_tiny(self, root):
         from .tiny import make_tiny_models

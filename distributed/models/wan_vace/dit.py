@@ -84,6 +84,25 @@ def load_vace_transformer(path: str | Path, dtype: torch.dtype = torch.float32, 
     return model
 
 
+def control_conditioning(video: torch.Tensor, mask: torch.Tensor, encode, stride: int = 8
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """WanVaceToVideo's control part (no reference image): video [L, H, W, 3] in 0..1 and mask [L, H, W, 1] (1:
+    generate, 0: keep) at the video's size -> (vace_frames [1, 32, T, h, w]: the inactive and reactive videos'
+    latents, encode(frames) -> [1, 16, T, h, w]; vace_mask [1, 64, T, h, w]: each latent position's stride x stride
+    pixels of the mask, nearest-exact in time)."""
+    length, height, width = video.shape[:3]
+    centred = video - 0.5
+    inactive, reactive = encode(centred * (1 - mask) + 0.5), encode(centred * mask + 0.5)
+    frames = torch.cat([inactive, reactive], dim=1)
+    rows, columns = height // stride, width // stride
+    # (L, h*s, w*s, 1) -> (s, s, L, h, w) -> (s*s, L, h, w), then L -> T latent frames
+    pixels = mask.reshape(length, rows, stride, columns, stride).permute(2, 4, 0, 1, 3)
+    pixels = pixels.reshape(stride * stride, length, rows, columns)
+    latent_mask = torch.nn.functional.interpolate(pixels[None], size=(frames.shape[2], rows, columns),
+                                                  mode="nearest-exact")
+    return frames, latent_mask
+
+
 def forward(model, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, contexts: torch.Tensor,
             strengths: torch.Tensor) -> torch.Tensor:
     """The flow velocity [B, C, T, H, W] of a WanVACETransformer3DModel for x [B, C, T, H, W] at timesteps t [B],
