@@ -31,6 +31,8 @@ def vace_cases():
             if i == 0:  # a VACE model without VACE conditioning (zero frames, a mask of ones)
                 samples.append({"vace": False})
             yield "forward-sample", (n, u, r), dict(shape=UNEVEN, forward_inputs={}, samples=samples)
+    # the weights sharded (FSDP over the main and the VACE blocks, each rank reading its shards of the file)
+    yield "sharded", (2, 2, 1), dict(shape=UNEVEN, shard_weights="on", samples=[{"contexts": 2, "reference": True}])
 
 
 def vace_request(models, shape=SMALL, **kwargs):
@@ -173,6 +175,19 @@ def test_the_generic_loader_detects_vace_files(tiny_vace, tiny_models):
     assert check_dit_file(tiny_models["dit"])[0].name == "wan2.1"
     with pytest.raises(CheckpointError, match="looks like a Wan VACE diffusion model"):
         check_dit_file(tiny_vace["dit"], "wan2.1")
+
+
+def test_a_diffusers_vace_folder_loads(tiny_vace, tmp_path):
+    """A diffusers WanVACETransformer3DModel folder is this family's and loads to the same model as the single file."""
+    from usp_video.distributed.models import check_dit_file
+
+    stock_model(tiny_vace["dit"]).save_pretrained(tmp_path / "transformer")
+    assert check_dit_file(tmp_path / "transformer")[0].name == FAMILY
+    engine = make_engine()
+    req = vace_request(tiny_vace, contexts=2)
+    expected = velocity(engine, req)[0]
+    req.experts = [str(tmp_path / "transformer")]
+    assert rel_error(velocity(engine, req)[0], expected) == 0.0
 
 
 def test_vace_config_from_comfyui_names_alone(tiny_vace, tmp_path):

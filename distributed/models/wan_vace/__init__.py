@@ -89,7 +89,8 @@ class WanVace(Wan21):
         return dict(super().describe_dit(model), vace_layers=list(model.config.vace_layers))
 
     def velocity(self, model, x, t, cond, options):
-        return dit.forward(model, x, t, cond["tokens"], cond["vace_context"], cond["vace_strength"])
+        return model(x, t, cond["tokens"], control_hidden_states=cond["vace_context"],
+                     vace_strength=cond["vace_strength"], return_dict=False)[0]
 
     def step_cache_spec(self, model, latent_shape):
         raise ValueError(f"step caches are not available for {self.label} models yet (its VACE hints are added "

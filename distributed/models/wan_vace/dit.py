@@ -1,12 +1,14 @@
 """The Wan VACE DiT: diffusers' WanVACETransformer3DModel (Wan 2.1's blocks plus VACE blocks that turn a control
-context into hints added to the video tokens at some layers), loaded by the streamed loader, run by `forward`
-here, and parallelized from outside by `parallelize_vace`.
+context into hints added to the video tokens at some layers), loaded by the streamed loader into a thin subclass
+(VaceTransformer) and parallelized from outside by `parallelize_vace`.
 
-Why our own forward over diffusers' modules: diffusers' forward takes one control context with one scale per VACE
-layer; ComfyUI (comfy/ldm/wan/model.py VaceWanModel) takes K stacked contexts (several WanVaceToVideo nodes), each
-run through the VACE blocks on its own and added with its own strength. `forward` is ComfyUI's loop on diffusers'
-modules: after main block i at a VACE layer, each context's VACE block runs and its hint times that context's
-strength is added to the video tokens. With one context it is diffusers' forward (tests/test_wan_vace.py).
+Why a thin subclass (VaceTransformer: diffusers' class, its weights, config and names, one more way to call it):
+diffusers' forward takes one control context with one scale per VACE layer; ComfyUI (comfy/ldm/wan/model.py
+VaceWanModel) takes K stacked contexts (several WanVaceToVideo nodes), each run through the VACE blocks on its own
+and added with its own strength. Called with `vace_strength`, it runs `stacked_forward`, ComfyUI's loop on
+diffusers' modules: after main block i at a VACE layer, each context's VACE block runs and its hint times that
+context's strength is added to the video tokens; without, diffusers' own forward. With one context both agree
+(tests/test_wan_vace.py). The call goes through the module, so FSDP's root hooks gather its own weights.
 
 USP: parallelize_wan's hooks (the video tokens sharded entering block 0, RoPE sharded, gathered after proj_out),
 and, on the first VACE block, the control tokens sharded exactly as the video tokens (the same padding and
@@ -16,6 +18,7 @@ the shards, their cross-attention to the text is local; a rank's hints are for i
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -59,16 +62,37 @@ def infer_vace_config(path: Path, shapes: dict, metadata: dict) -> dict:
                 vace_in_channels=stripped["vace_patch_embedding.weight"][0][1])
 
 
+@functools.cache
+def vace_class():
+    """VaceTransformer, diffusers' WanVACETransformer3DModel that also takes K stacked contexts (module docstring)."""
+    from diffusers import WanVACETransformer3DModel
+
+    class VaceTransformer(WanVACETransformer3DModel):
+        def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                    control_hidden_states=None, control_hidden_states_scale=None, return_dict=True,
+                    attention_kwargs=None, vace_strength=None):
+            """diffusers' forward; with vace_strength [B, K], control_hidden_states holds K contexts
+            [B, K, 96, T, H, W] (stacked_forward) and a tuple (velocity,) comes back."""
+            if vace_strength is None:
+                return super().forward(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                                       control_hidden_states, control_hidden_states_scale, return_dict,
+                                       attention_kwargs)
+            return (stacked_forward(self, hidden_states, timestep, encoder_hidden_states, control_hidden_states,
+                                    vace_strength),)
+
+    VaceTransformer.__name__ = VaceTransformer.__qualname__ = "VaceTransformer"
+    return VaceTransformer
+
+
 def load_vace_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                           keep_fp8: bool = True, shard=None):
     """A Wan VACE DiT from a ComfyUI/original single file (streamed, each rank reading only its shards with
     shard) or a diffusers WanVACETransformer3DModel folder, as wan21.dit.load_wan_transformer."""
-    from diffusers import WanVACETransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     path = Path(path)
     if path.is_dir():
-        model = from_folder(WanVACETransformer3DModel, path, dtype, device,
+        model = from_folder(vace_class(), path, dtype, device,
                             "a diffusers WanVACETransformer3DModel folder (the 'transformer' subfolder of a Wan VACE "
                             "pipeline)")
         if shard is not None:
@@ -76,7 +100,7 @@ def load_vace_transformer(path: str | Path, dtype: torch.dtype = torch.float32, 
         return model
     shapes, metadata = read_header(path)
     config = infer_vace_config(path, shapes, metadata)
-    model = streamed.load(lambda: WanVACETransformer3DModel(**config), path, convert_wan_transformer_to_diffusers,
+    model = streamed.load(lambda: vace_class()(**config), path, convert_wan_transformer_to_diffusers,
                           dtype, device, "the Wan VACE architecture", keep_within=KEEP_WITHIN if keep_fp8 else (),
                           shard=shard, ignore_unexpected=("norm_added_q",), comfy_dit=True)
     model.rope = type(model.rope)(model.config.attention_head_dim, model.config.patch_size,
@@ -103,7 +127,7 @@ def control_conditioning(video: torch.Tensor, mask: torch.Tensor, encode, stride
     return frames, latent_mask
 
 
-def forward(model, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, contexts: torch.Tensor,
+def stacked_forward(model, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, contexts: torch.Tensor,
             strengths: torch.Tensor) -> torch.Tensor:
     """The flow velocity [B, C, T, H, W] of a WanVACETransformer3DModel for x [B, C, T, H, W] at timesteps t [B],
     with text tokens [B, L, D], K control contexts [B, K, 96, T, H, W] (the model's space: ComfyUI's

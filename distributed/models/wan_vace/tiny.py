@@ -5,6 +5,7 @@ with Wan 2.1:
                                                     4 layers, VACE blocks after layers 0 and 2 (ComfyUI's own
                                                     detection reads this config from the file: UNETLoader loads it)
     text_encoders/tiny_umt5_4096.safetensors        a UMT5 of 2 layers but the DiT's 4096-wide output
+    input/tiny_vace_control.png                     a control image made in code (the demo's start image)
 
 Also the tiny debug config for the tests (tests/parity_targets.py): tiny_inputs, tiny_request, tiny_vace_conditioning.
 """
@@ -25,8 +26,8 @@ TINY_VACE_CONFIG = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads
                         vace_layers=[0, 2], vace_in_channels=dit.FRAME_CHANNELS + dit.MASK_CHANNELS)
 TINY_UMT5_4096 = dict(wan21_tiny.TINY_UMT5, d_model=TINY_VACE_CONFIG["text_dim"])
 FILES = {"dit": "diffusion_models/tiny_wan2.1_vace.safetensors",
-         "text_encoder": "text_encoders/tiny_umt5_4096.safetensors"}
-_VERSION = "1"
+         "text_encoder": "text_encoders/tiny_umt5_4096.safetensors", "image": "input/tiny_vace_control.png"}
+_VERSION = "2"
 
 
 def vace_to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,8 +67,21 @@ def make_tiny_models(root: str | Path, dtype: torch.dtype = torch.float32) -> di
         state = {k: v.to(dtype) for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
         state["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
         save_safetensors(state, paths["text_encoder"], {})
+        synthetic_control(paths["image"])
         stamp.write_text(_VERSION)
     return {**paths, "vae": shared["vae"]}
+
+
+def synthetic_control(path: Path, width: int = 64, height: int = 48) -> None:
+    """A control image made in code (what `usp-video demo --model wan-vace` starts from: WanVaceToVideo's control
+    video holding it, then gray): a bright disc on a diagonal gradient, as an edge or depth map might look."""
+    from PIL import Image
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    disc = (((x - 0.6) * width) ** 2 + ((y - 0.45) * height) ** 2 < (0.3 * height) ** 2).float()
+    rgb = torch.stack([0.3 * (x + y) + 0.6 * disc, 0.5 * x + 0.4 * disc, 0.5 * y + 0.2 * disc], dim=-1).clamp(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((rgb * 255).round().to(torch.uint8).numpy()).save(path)
 
 
 # -- the tiny debug config (tests/parity_targets.py) ------------------------------------------------------------
