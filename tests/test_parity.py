@@ -102,7 +102,8 @@ def case_id(case) -> str:
 
 # The smoke subset (conftest.py): one 2-rank case of each family, Ulysses and Ring, forward and sample.
 SMOKE = {"wan2.1-forward-35tok-2x2x1", "wan2.1-sample-2x1x2", "hunyuan-video-forward-video35-text7-2x1x2",
-         "wan2.2-a14b-switch-2x2x1", "wan2.2-ti2v-5b-forward-sample-start_image-2x1x2"}
+         "wan2.2-a14b-switch-2x2x1", "wan2.2-ti2v-5b-forward-sample-start_image-2x1x2",
+         "wan2.1-vace-forward-sample-2x1x2"}
 
 
 def marks(case) -> list:

@@ -40,6 +40,7 @@ class WanVace(Wan21):
     defaults = Defaults(sampler="unipc", shift=5.0, cfg=5.0, negative_prompt=NEGATIVE_PROMPT)
     text_encoder_hint = "Wan 2.1 VACE uses the umt5-xxl text encoder"
     start_image_node = ""  # its image to video is WanVaceToVideo's control (start_image_conditioning)
+    vae_label = "Wan 2.1"
     # Wan 2.1's shapes with the VACE blocks (15 for the 1.3B, 8 for the 14B) as attention layers of their own, run
     # once per control context (one here); their parameters counted from diffusers' class at the released configs
     plan_variants = {
