@@ -224,7 +224,7 @@ def vace_comparison(tiny_vace):
 
 @pytest.mark.parametrize("what", ["reference_control_engine", "reference_control_generic_nodes",
                                   "reference_control_trimmed", "stacked_engine", "stacked_generic_nodes",
-                                  "stacked_trimmed", "single_engine", "text_only_engine", "text_only_generic_nodes"])
+                                  "stacked_trimmed", "single_engine", "text_only_engine"])
 def test_vace_matches_comfyuis_wan_vace_to_video(vace_comparison, what):
     """Native WanVaceToVideo (a control video shorter than the video and of another size, a mask, a reference image:
     trim_latent 1; or two nodes stacked at strengths 1 and 0.6), then KSampler (euler, cfg 4 / 1) and TrimVideoLatent,
@@ -234,8 +234,7 @@ def test_vace_matches_comfyuis_wan_vace_to_video(vace_comparison, what):
     assert vace_comparison["comfy_vace_blocks"] == 2 and vace_comparison["comfy_vace_mapping"] == [0, 2]
     assert vace_comparison["reference_trim"] == 1 and vace_comparison["stacked_count"] == 2
     assert vace_comparison["reference_control_trimmed_frames"] == [4, 3]
-    for changed in ("second_context_changes_result", "reference_control_differs_from_text"):
-        assert vace_comparison[changed] > 1e-2, changed  # the second context and the control are used
+    assert vace_comparison["second_context_changes_result"] > 1e-2  # the second context is used
     assert vace_comparison[what] <= 1e-5, f"{what}: relative error {vace_comparison[what]:.2e} against ComfyUI"
 
 
@@ -246,3 +245,22 @@ def test_vace_start_image_is_wanvacetovideos_control(vace_comparison):
     assert vace_comparison["start_image_mask_equal"]
     assert vace_comparison["start_image_frames_magnitude"] > 0.1
     assert vace_comparison["start_image_frames_max_abs"] <= 1e-4
+
+
+def test_shipped_vace_workflows_fit_comfyuis_own_nodes(vace_comparison):
+    """The shipped VACE workflows' native nodes (WanVaceToVideo, TrimVideoLatent, LoadVideo, GetVideoComponents,
+    VAELoader, LoadImage) as ComfyUI 0.3.64 defines them: every input linked or set is one of theirs, every output
+    type in their order (a link from trim_latent is slot 3). Running them in ComfyUI needs a full-size Wan VAE for
+    the native VAELoader (ComfyUI builds its VAE at full width), which the tiny set does not have."""
+    from usp_video.workflows import make_workflows
+    from usp_video.workflows.vace_workflows import vace_workflows
+
+    schemas = vace_comparison["native_schemas"]
+    for name, graph in vace_workflows(make_workflows.WAN_T2V).items():
+        for node_id, (class_type, _, widgets, links, outputs, _) in graph.items():
+            if class_type not in schemas:
+                assert class_type.startswith("Usp") or class_type == "SaveAnimatedWEBP", class_type
+                continue
+            widget_names = [w for w in make_workflows.WIDGETS[class_type] if w != "upload"]
+            assert set(links) | set(widget_names) <= set(schemas[class_type]["inputs"]), (name, class_type)
+            assert [t for _, t in outputs] == schemas[class_type]["outputs"], (name, class_type)

@@ -3,8 +3,8 @@ frame prepended) through the VACE blocks on N ranks.
 
 N ranks against one process: vace_cases, run by test_parity.py's harness (`pytest tests/test_parity.py -k vace`):
 every factorization of 2, 3 and 4 ranks for the tiny DiT's 4 heads, 35 tokens (uneven on all), diffusers' own
-forward under our hooks, samples with two stacked contexts of strengths 1 and 0.6, with a reference frame, and
-text alone. Here: one process against diffusers' stock WanVACETransformer3DModel, the strengths and contexts
+forward under our hooks, samples with two stacked contexts of strengths 1 and 0.6 behind a reference frame (and,
+on one factorization of each size, without it; on 2 ranks, text alone), and one run with sharded weights. Here: one process against diffusers' stock WanVACETransformer3DModel, the strengths and contexts
 used as ComfyUI uses them, the native conditioning read by our samplers, and the refusals. Against ComfyUI's own
 WanVaceToVideo + KSampler + TrimVideoLatent: comfyui_reference/vace.py (test_comfyui_native.py).
 """
@@ -27,12 +27,13 @@ def vace_cases():
     for n in (2, 3, 4):
         for i, (u, r) in enumerate(valid_factorizations(n, HEADS)):
             sampler = "unipc" if (n + u) % 2 else "euler"
-            samples = [{"contexts": 2, "sampler": sampler}, {"reference": True, "sampler": sampler}]
-            if i == 0:  # a VACE model without VACE conditioning (zero frames, a mask of ones)
-                samples.append({"vace": False})
+            # two stacked contexts (strengths 1, 0.6) behind a reference frame on every factorization
+            samples = [{"contexts": 2, "reference": True, "sampler": sampler}]
+            if i == 0:  # and without the reference frame; a VACE model without VACE conditioning (zero frames, ones)
+                samples += [{"contexts": 2, "sampler": sampler}] + [{"vace": False, "steps": 2}] * (n == 2)
             yield "forward-sample", (n, u, r), dict(shape=UNEVEN, forward_inputs={}, samples=samples)
     # the weights sharded (FSDP over the main and the VACE blocks, each rank reading its shards of the file)
-    yield "sharded", (2, 2, 1), dict(shape=UNEVEN, shard_weights="on", samples=[{"contexts": 2, "reference": True}])
+    yield "sharded", (2, 2, 1), dict(shape=UNEVEN, shard_weights="on", samples=[{"contexts": 2, "steps": 2}])
 
 
 def vace_request(models, shape=SMALL, **kwargs):
@@ -247,3 +248,19 @@ def test_cli_generate_from_a_start_image(tmp_path, tiny_vace):
     assert rel_error(latent, engine.sample(req).latent) <= 1e-5
     req.positive = {"tokens": tokens}
     assert rel_error(latent, engine.sample(req).latent) > 1e-3
+
+
+def test_vace_workflows_link_matching_types():
+    """Every link of the shipped VACE workflows joins an output to an input of its type (trim_latent, slot 3, into
+    TrimVideoLatent's trim_amount; WanVaceToVideo's conditionings and latent into the USP sampler). ComfyUI's own
+    definitions of the native nodes: test_comfyui_native.py."""
+    from usp_video.workflows import make_workflows
+    from usp_video.workflows.vace_workflows import vace_workflows
+
+    for name, graph in vace_workflows(make_workflows.WAN_T2V).items():
+        assert make_workflows.WORKFLOWS[name] == graph
+        for node_id, (class_type, _, _, links, _, _) in graph.items():
+            sockets = dict(make_workflows.SOCKETS[class_type]) if links else {}
+            for input_name, (src, slot) in links.items():
+                made = graph[src][4][slot][1]
+                assert made in sockets[input_name].split(","), (name, node_id, input_name, made)

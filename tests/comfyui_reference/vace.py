@@ -61,16 +61,18 @@ def compare(paths: dict) -> dict:
     reference = torch.rand(1, 36, 60, 3, generator=g)
     other = torch.rand(length, 32, 48, 3, generator=g)
 
-    def run(name, pos, neg, latent, trim, seed, steps, cfg):
+    def run(name, pos, neg, latent, trim, seed, steps, cfg, nodes=True):
         with torch.no_grad():
             native = comfy_nodes.KSampler().sample(model, seed, steps, cfg, "euler", "simple", pos, neg,
                                                    latent)[0]
             ours = engine.sample(SampleRequest(experts=[paths["dit"]], positive=tensors(pos), negative=tensors(neg),
                                                latent=latent["samples"], seed=seed, steps=steps, cfg=cfg, shift=shift,
                                                sampler="euler")).latent
+            out[name + "_engine"] = rel(ours, native["samples"])
+            if not nodes:
+                return native["samples"]
             node = run_node("UspSampler", model=socket, positive=pos, negative=neg, latent_image=latent, seed=seed,
                             steps=steps, cfg=cfg, shift=shift, sampler_name="euler", denoise=1.0)[0]
-        out[name + "_engine"] = rel(ours, native["samples"])
         out[name + "_generic_nodes"] = rel(node["samples"], native["samples"])
         native_trimmed = TrimVideoLatent.execute(native, trim).result[0]["samples"]
         ours_trimmed = TrimVideoLatent.execute(node, trim).result[0]["samples"]
@@ -83,7 +85,7 @@ def compare(paths: dict) -> dict:
                                                         control_video=control, control_masks=masks,
                                                         reference_image=reference).result
     out["reference_trim"] = trim
-    with_reference = run("reference_control", pos, neg, latent, trim, 11, 3, 4.0)
+    run("reference_control", pos, neg, latent, trim, 11, 3, 4.0)
 
     with torch.inference_mode():  # two WanVaceToVideo nodes stacked: strength 1 then 0.6, no reference
         pos1, neg1, latent, trim = WanVaceToVideo.execute(*text, vae, width, height, length, 1, 1.0,
@@ -92,7 +94,7 @@ def compare(paths: dict) -> dict:
                                                           control_video=other).result
     out["stacked_count"] = len(pos2[0][1]["vace_frames"])
     stacked = run("stacked", pos2, neg2, latent, trim, 12, 3, 1.0)
-    single = run("single", pos1, neg1, latent, trim, 12, 3, 1.0)
+    single = run("single", pos1, neg1, latent, trim, 12, 3, 1.0, nodes=False)
     out["second_context_changes_result"] = rel(stacked, single)
 
     # the command line's start image (WanVace.start_image_conditioning) == WanVaceToVideo given that image as the
@@ -111,6 +113,19 @@ def compare(paths: dict) -> dict:
     out["start_image_frames_magnitude"] = float(made["vace_frames"][0].abs().mean())
     out["start_image_mask_equal"] = bool(torch.equal(ours["vace_mask"][:, 0], made["vace_mask"][0]))
 
-    plain = run("text_only", text[0], text[1], {"samples": torch.zeros(1, 16, 3, 4, 6)}, 0, 13, 3, 4.0)
-    out["reference_control_differs_from_text"] = rel(with_reference[:, :, 1:], plain)
+    # the shipped VACE workflows' native nodes as ComfyUI 0.3.64 defines them: input names, output types
+    import nodes as comfy_nodes_module
+    from comfy_extras.nodes_video import GetVideoComponents, LoadVideo
+
+    def schema(cls):
+        inputs = cls.INPUT_TYPES()
+        return {"inputs": [*inputs.get("required", {}), *inputs.get("optional", {})],
+                "outputs": [str(t) for t in cls.RETURN_TYPES]}
+
+    out["native_schemas"] = {name: schema(cls) for name, cls in (
+        ("WanVaceToVideo", WanVaceToVideo), ("TrimVideoLatent", TrimVideoLatent), ("LoadVideo", LoadVideo),
+        ("GetVideoComponents", GetVideoComponents), ("VAELoader", comfy_nodes_module.VAELoader),
+        ("LoadImage", comfy_nodes_module.LoadImage))}
+
+    run("text_only", text[0], text[1], {"samples": torch.zeros(1, 16, 3, 4, 6)}, 0, 13, 2, 4.0, nodes=False)
     return out
