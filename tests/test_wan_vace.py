@@ -137,7 +137,7 @@ def test_vace_inputs_that_do_not_fit_are_refused(tiny_vace, tiny_models, case, m
         make_engine().sample(req)
 
 
-def native(cond: dict, node_count: int = None):
+def native(cond: dict):
     """A side's tensors as ComfyUI's CONDITIONING carries them after WanVaceToVideo node(s): lists, one entry per
     node (frames [1, 32, T, H, W], mask [1, 64, T, H, W], strength a float)."""
     count = cond["vace_frames"].shape[1]
@@ -194,8 +194,6 @@ def test_a_diffusers_vace_folder_loads(tiny_vace, tmp_path):
 def test_vace_config_from_comfyui_names_alone(tiny_vace, tmp_path):
     """A file without our metadata (as Comfy-Org's): the config from its shapes, as ComfyUI's detection reads it
     (VACE blocks counted, mapped every num_layers // count layers)."""
-    from safetensors.torch import load_file, save_file
-
     from usp_video.distributed.formats.checkpoint import read_header
     from usp_video.distributed.models.wan_vace import dit
     from usp_video.distributed.models.wan21.dit import WAN_VARIANTS
