@@ -262,3 +262,26 @@ def test_vace_workflows_link_matching_types():
             for input_name, (src, slot) in links.items():
                 made = graph[src][4][slot][1]
                 assert made in sockets[input_name].split(","), (name, node_id, input_name, made)
+
+
+def test_batched_sides_keep_their_own_strengths(tiny_vace):
+    """Both CFG passes in one batch (the denoiser joins them when their tensors have the same shapes), each row with
+    its own strengths and contexts, give each side's own velocity (ComfyUI runs unequal strengths apart)."""
+    from usp_video.distributed.sampling.denoiser import _both
+
+    engine = make_engine()
+    dit = engine.load_dit(tiny_vace["dit"])
+    req = vace_request(tiny_vace, contexts=2)
+    req.negative = dict(vace_request(tiny_vace, contexts=2).positive, vace_strength=torch.tensor([[0.3, 1.5]]))
+    req.negative["vace_frames"] = req.negative["vace_frames"].flip(-2)
+    shape = tuple(req.latent.shape)
+    sides = [dit.family.model_conditioning(dit.module, side, shape, name)
+             for side, name in ((req.positive, "positive"), (req.negative, "negative"))]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([700.0])
+    with torch.no_grad():
+        apart = [dit.family.velocity(dit.module, x, t, side, {}) for side in sides]
+        both = dit.family.velocity(dit.module, torch.cat([x, x]), t.repeat(2), _both(*sides), {})
+    assert rel_error(apart[0], apart[1]) > 1e-3
+    for row, expected in enumerate(apart):
+        assert rel_error(both[row:row + 1], expected) <= 1e-5, row
