@@ -84,9 +84,10 @@ def demo(args: argparse.Namespace) -> None:
 
     family = _family_by_short_name(args.model)
     files = {name: str(path) for name, path in family.make_tiny(args.models_dir).items()}
+    image = files.pop("image", None)  # a tiny set's synthetic start / control image, where it has one
     print(f"tiny {family.label} model set: {args.models_dir}")
     size = family.pixel_multiple  # the smallest video the model takes, a few patches wide
-    settings = Settings(width=4 * size, height=3 * size, frames=9, steps=4, seed=42, fps=8.0, out=args.out)
+    settings = Settings(width=4 * size, height=3 * size, frames=9, steps=4, seed=42, fps=8.0, out=args.out, image=image)
     model = check(family.name, files, settings)
     settings = replace(settings, conditioning=family.demo_conditioning(model.configs[0], settings.width,
                                                                        settings.height, settings.frames))

@@ -16,6 +16,9 @@ _NOT_APPLIED = {
     "concat_mask": "an image-to-video node (WanImageToVideo...)",
     "clip_vision_output": "CLIPVisionEncode / an image-to-video node",
     "reference_latents": "ReferenceLatent", "noise_augmentation": "an unCLIP node",
+    "vace_frames": "WanVaceToVideo, for a Wan VACE model: load one, e.g. wan2.1_vace_14B_fp16",
+    "vace_mask": "WanVaceToVideo", "vace_strength": "WanVaceToVideo",
+    "pose_video_latent": "WanAnimateToVideo, for a Wan 2.2 Animate model", "face_video_pixels": "WanAnimateToVideo",
 }
 # Keys whose value is applied whatever the family (the text's own attention mask) or means nothing here.
 _ALWAYS = {"attention_mask"}
@@ -60,9 +63,31 @@ def _penultimate(value, name: str):
     return hidden
 
 
-# A family's conditioning tensor whose ComfyUI conditioning key differs from its own name, and how its value is
-# read from ComfyUI's object (CLIPVisionEncode's output -> its penultimate hidden states). Other tensors keep
-# their name end to end (concat_latent_image, concat_mask, pooled_output).
+def _stacked(value, name: str):
+    """WanVaceToVideo's list of tensors (one [B, C, T, H, W] per node; several nodes append) -> [B, K, C, T, H, W]."""
+    import torch
+
+    entries = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not entries or not all(isinstance(t, torch.Tensor) and t.dim() == 5 for t in entries):
+        raise ValueError(f"{name}: expected WanVaceToVideo's list of [batch, channels, frames, height, width] "
+                         f"tensors, got {[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in entries]}")
+    if len({tuple(t.shape) for t in entries}) > 1:
+        raise ValueError(f"{name}: the stacked WanVaceToVideo inputs differ in shape "
+                         f"({', '.join(str(tuple(t.shape)) for t in entries)}): give every WanVaceToVideo node the "
+                         "same width, height, length and reference image use")
+    return torch.stack(entries, dim=1)
+
+
+def _strengths(value, name: str):
+    """WanVaceToVideo's list of strengths (floats, one per node) -> [1, K]."""
+    import torch
+
+    entries = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not entries or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in entries):
+        raise ValueError(f"{name}: vace_strength must be WanVaceToVideo's list of numbers, got {entries!r}")
+    return torch.tensor([[float(s) for s in entries]])
+
+
 def _last_reference(value, name: str):
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"{name}: its reference_latents is not a list of latents (from ReferenceLatent or "
@@ -78,7 +103,14 @@ def _index(value, name: str):
     return torch.tensor(value)
 
 
+# A family's conditioning tensor whose ComfyUI conditioning key differs from its own name, or whose value is
+# read from ComfyUI's object (CLIPVisionEncode's output -> its penultimate hidden states; WanVaceToVideo's lists
+# -> stacked tensors; reference_latents -> the last one; concat_mask_index -> a tensor), and how. Other tensors
+# keep their name and value end to end (concat_latent_image, ...).
 FROM_COMFY = {"clip_vision": ("clip_vision_output", _penultimate),
+              "vace_frames": ("vace_frames", lambda value, name: _stacked(value, f"{name}.vace_frames")),
+              "vace_mask": ("vace_mask", lambda value, name: _stacked(value, f"{name}.vace_mask")),
+              "vace_strength": ("vace_strength", _strengths),
               "reference_latent": ("reference_latents", _last_reference),
               "concat_mask_index": ("concat_mask_index", _index)}
 

@@ -87,7 +87,15 @@ def two_experts(tiny_models, tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def family_models(tiny_models, tiny_hunyuan, experts, tiny_5b, wan22_i2v, two_experts, tiny_wan22) -> dict:
+def tiny_vace(tmp_path_factory) -> dict:
+    """The tiny Wan 2.1 VACE set (ComfyUI-detectable DiT, a 4096-wide tiny UMT5, the Wan-VAE), made once per session."""
+    from usp_video.distributed.models import FAMILIES
+
+    return {k: str(v) for k, v in FAMILIES["wan2.1-vace"].make_tiny(tmp_path_factory.mktemp("wan_vace")).items()}
+
+
+@pytest.fixture(scope="session")
+def family_models(tiny_models, tiny_hunyuan, experts, tiny_5b, wan22_i2v, two_experts, tiny_vace, tiny_wan22) -> dict:
     """{family name: {role: path}}: the files the parity harness (test_parity.py) names by role."""
     return {"wan2.1": {"dit": tiny_models["dit"], "dit2": two_experts[1], "dit_i2v": tiny_models["dit_i2v"],
                        "dit_fun_control": tiny_models["dit_fun_control"]},
@@ -95,7 +103,8 @@ def family_models(tiny_models, tiny_hunyuan, experts, tiny_5b, wan22_i2v, two_ex
             "wan2.2-a14b": {"high_noise": experts[0], "low_noise": experts[1], "i2v_high_noise": wan22_i2v[0],
                             "i2v_low_noise": wan22_i2v[1], "fun_control_high_noise": tiny_wan22["fun_control_high_noise"],
                             "fun_control_low_noise": tiny_wan22["fun_control_low_noise"]},
-            "wan2.2-ti2v-5b": {"dit": tiny_5b["dit"], "fun_control": tiny_5b["fun_control"]}}
+            "wan2.2-ti2v-5b": {"dit": tiny_5b["dit"], "fun_control": tiny_5b["fun_control"]},
+            "wan2.1-vace": {"dit": tiny_vace["dit"]}}
 
 
 from hardening import HARDENING  # noqa: E402  (counted by test_bad_input, test_faults, test_security)

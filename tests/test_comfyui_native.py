@@ -234,3 +234,54 @@ def test_i2v_matches_comfyuis_wan_image_to_video(i2v_comparison, what):
                     "fun22_reference_changes_result"):
         assert i2v_comparison[changed] > 1e-2, changed  # the image embedder and the end frame are used
     assert i2v_comparison[what] <= 1e-5, f"{what}: relative error {i2v_comparison[what]:.2e} against ComfyUI"
+
+
+@pytest.fixture(scope="module")
+def vace_comparison(tiny_vace):
+    """ComfyUI's UNETLoader, WanVaceToVideo (its VAE Encode), KSampler and TrimVideoLatent on the tiny VACE set
+    (comfyui_reference/vace.py), against our engine and our generic sampler: one ComfyUI process for all."""
+    return run_reference("vace", tiny_vace)
+
+
+@pytest.mark.parametrize("what", ["reference_control_engine", "reference_control_generic_nodes",
+                                  "reference_control_trimmed", "stacked_engine", "stacked_generic_nodes",
+                                  "stacked_trimmed", "single_engine", "text_only_engine"])
+def test_vace_matches_comfyuis_wan_vace_to_video(vace_comparison, what):
+    """Native WanVaceToVideo (a control video shorter than the video and of another size, a mask, a reference image:
+    trim_latent 1; or two nodes stacked at strengths 1 and 0.6), then KSampler (euler, cfg 4 / 1) and TrimVideoLatent,
+    fp32: our engine given the stacked tensors, our generic sampler given the native lists, TrimVideoLatent on our
+    LATENT. UNETLoader detects our tiny file as WAN21_Vace, which our native-MODEL path takes as Wan 2.1 VACE."""
+    assert vace_comparison["comfy_model_config"] == "WAN21_Vace" and vace_comparison["native_family"] == "wan2.1-vace"
+    assert vace_comparison["comfy_vace_blocks"] == 2 and vace_comparison["comfy_vace_mapping"] == [0, 2]
+    assert vace_comparison["reference_trim"] == 1 and vace_comparison["stacked_count"] == 2
+    assert vace_comparison["reference_control_trimmed_frames"] == [4, 3]
+    assert vace_comparison["second_context_changes_result"] > 1e-2  # the second context is used
+    assert vace_comparison[what] <= 1e-5, f"{what}: relative error {vace_comparison[what]:.2e} against ComfyUI"
+
+
+def test_vace_start_image_is_wanvacetovideos_control(vace_comparison):
+    """The command line's start image for a VACE model (generate --image) is what WanVaceToVideo makes of that image
+    as its control video with a mask keeping its frame (resize, gray padding, the inactive / reactive split, the
+    mask's 8x8 layout and time sampling); the latents through our VAE encode (== ComfyUI's VAE Encode, 1e-4)."""
+    assert vace_comparison["start_image_mask_equal"]
+    assert vace_comparison["start_image_frames_magnitude"] > 0.1
+    assert vace_comparison["start_image_frames_max_abs"] <= 1e-4
+
+
+def test_shipped_vace_workflows_fit_comfyuis_own_nodes(vace_comparison):
+    """The shipped VACE workflows' native nodes (WanVaceToVideo, TrimVideoLatent, LoadVideo, GetVideoComponents,
+    VAELoader, LoadImage) as ComfyUI 0.3.64 defines them: every input linked or set is one of theirs, every output
+    type in their order (a link from trim_latent is slot 3). Running them in ComfyUI needs a full-size Wan VAE for
+    the native VAELoader (ComfyUI builds its VAE at full width), which the tiny set does not have."""
+    from usp_video.workflows import make_workflows
+    from usp_video.workflows.vace_workflows import vace_workflows
+
+    schemas = vace_comparison["native_schemas"]
+    for name, graph in vace_workflows(make_workflows.WAN_T2V).items():
+        for node_id, (class_type, _, widgets, links, outputs, _) in graph.items():
+            if class_type not in schemas:
+                assert class_type.startswith("Usp") or class_type == "SaveAnimatedWEBP", class_type
+                continue
+            widget_names = [w for w in make_workflows.WIDGETS[class_type] if w != "upload"]
+            assert set(links) | set(widget_names) <= set(schemas[class_type]["inputs"]), (name, class_type)
+            assert [t for _, t in outputs] == schemas[class_type]["outputs"], (name, class_type)

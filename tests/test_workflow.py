@@ -68,7 +68,8 @@ def test_ui_widget_values_are_valid_choices(name):
     links = {link[0]: link for link in ui["links"]}
     for node in ui["nodes"]:
         cls = NODE_CLASSES.get(node["type"])
-        optional = {i for i, inp in inputs_of(cls).items() if inp.optional} if cls is not None else set()
+        optional = {i for i, inp in inputs_of(cls).items() if inp.optional} if cls is not None else \
+            make_workflows.NATIVE_OPTIONAL.get(node["type"], set())
         for slot in node["inputs"]:
             if slot["link"] is None and slot["name"] in optional:  # an optional input left open (ComfyUI saves it so)
                 continue

@@ -12,6 +12,8 @@
     wan22_t2v_usp_two_samplers.json      Wan 2.2 A14B, ComfyUI's two-sampler layout (USP Sampler Advanced)
     wan22_ti2v_5b_usp.json               Wan 2.2 TI2V-5B (its own empty latent and the Wan 2.2 VAE)
     wan21_fun_control_usp.json           Wan 2.1 Fun Control 1.3B: a control video and a start image
+    wan21_vace_r2v_usp.json              Wan 2.1 VACE 14B from a reference image (WanVaceToVideo, TrimVideoLatent)
+    wan21_vace_control_usp.json          Wan 2.1 VACE 14B following a control video (LoadVideo into WanVaceToVideo)
     (and their api/ files, and NAME.jpg: the template browser's picture of each, the graph drawn)
 
 The API files live in api/: ComfyUI lists every .json directly in workflows/ in its template browser,
@@ -25,6 +27,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from .control_workflows import CONTROL_SIZES, CONTROL_SOCKETS, CONTROL_WIDGETS, control_workflows
+from .vace_workflows import NATIVE_OPTIONAL, VACE_SIZES, VACE_SOCKETS, VACE_WIDGETS, vace_workflows
 
 HERE = Path(__file__).parent
 API_DIR = HERE / "api"
@@ -210,35 +215,13 @@ WAN22_5B_I2V.update({
          [("latent", "LATENT")], (1040, 560)),
 })
 
-# Wan 2.1 Fun Control 1.3B: a control video (Load Video -> Get Video Components: a depth, pose or edge video) and
-# a start image through the pack's Fun Control node (both encoded by the group's split VAE encode), the sampler at
-# the Fun models' settings. CLIP vision is optional for Fun Control (as in native WanFunControlToVideo): connect
-# CLIP Vision Encode of the start image to its clip_vision_output as in the I2V workflow.
-WAN_FUN_CONTROL = {k: v for k, v in WAN_T2V.items() if k != 6}
-WAN_FUN_CONTROL.update({
-    2: ("UspLoadDiffusionModel", None, ["wan2.1_fun_control_1.3B_bf16.safetensors", "none"], {"group": (1, 0)},
-        [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
-    4: ("UspTextEncode", "Positive prompt",
-        ["A fox in a red scarf walks through a snowy forest, following the motion of the control video"],
-        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (1040, 60)),
-    7: ("UspSampler", None, [42, "fixed", 30, 5.0, "unipc", 1.0, 5.0, 0.0, 0.0],
-        {"model": (2, 0), "positive": (16, 0), "negative": (16, 1), "latent_image": (16, 2)},
-        [("LATENT", "LATENT")], (1460, 60)),
-    10: ("SaveAnimatedWEBP", None, ["usp_video/wan21_fun_control", 16.0, False, 90, "default"], {"images": (9, 0)},
-         [], (1900, 240)),
-    12: ("LoadImage", "Start image", ["example.png", "image"], {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")],
-         (40, 660)),
-    17: ("LoadVideo", "Control video", ["control.mp4", "image"], {}, [("VIDEO", "VIDEO")], (440, 660)),
-    18: ("GetVideoComponents", None, [], {"video": (17, 0)},
-         [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], (440, 1060)),
-    16: ("UspWanFunControlToVideo", None, [832, 480, 81, 1],
-         {"positive": (4, 0), "negative": (5, 0), "vae": (8, 0), "start_image": (12, 0), "control_video": (18, 0)},
-         [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")], (1040, 560)),
-})
+# Wan 2.1 VACE: its graphs and its nodes' sockets, sizes and widgets (vace_workflows.py)
+VACE_WORKFLOWS = vace_workflows(WAN_T2V)
 
 WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan21_i2v_usp": WAN_I2V,
              "wan22_i2v_usp": WAN22_I2V, "wan22_ti2v_5b_i2v_usp": WAN22_5B_I2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
-             "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS, "wan21_fun_control_usp": WAN_FUN_CONTROL}
+             "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS, **control_workflows(WAN_T2V, WAN_I2V),
+             **VACE_WORKFLOWS}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
 _SAMPLER_SOCKETS = [("model", "USP_MODEL,MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -253,11 +236,7 @@ SOCKETS = {
     "UspWan22ImageToVideoLatent": [("vae", "USP_VAE"), ("start_image", "IMAGE")],
     "UspWanImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
                            ("start_image", "IMAGE"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
-    "UspWanFunControlToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
-                                ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("start_image", "IMAGE"),
-                                ("control_video", "IMAGE")],
-    "GetVideoComponents": [("video", "VIDEO")],
-    "SaveAnimatedWEBP": [("images", "IMAGE")],
+    "SaveAnimatedWEBP": [("images", "IMAGE")], **VACE_SOCKETS, **CONTROL_SOCKETS,
 }
 
 # Node sizes: wide enough that no label or value is cut short with the default model names (checked in
@@ -267,8 +246,8 @@ SIZES = {"UspGroup": (360, 540), "UspLoadDiffusionModel": (560, 120), "UspLoadTe
          "UspSamplerAdvanced": (340, 500), "UspLoraLoader": (590, 130),
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
          "LoadImage": (340, 340), "CLIPVisionLoader": (420, 90),
-         "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250),
-         "UspWanFunControlToVideo": (380, 270), "LoadVideo": (340, 360), "GetVideoComponents": (300, 90), "UspWan22ImageToVideoLatent": (380, 200)}
+         "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250), "UspWan22ImageToVideoLatent": (380, 200),
+         **VACE_SIZES, **CONTROL_SIZES}
 
 # Widget names in order, for converting to API format (ours are checked against the nodes' schemas in a test).
 WIDGETS = {
@@ -285,58 +264,12 @@ WIDGETS = {
     "UspVaeLoader": ["vae_name"], "UspVaeDecode": [], "UspLoraLoader": ["lora_name", "strength", "expert"],
     "LoadImage": ["image", "upload"], "CLIPVisionLoader": ["clip_name"], "CLIPVisionEncode": ["crop"],
     "UspWanImageToVideo": ["width", "height", "length", "batch_size"],
-    "UspWanFunControlToVideo": ["width", "height", "length", "batch_size"],
-    "LoadVideo": ["file", "upload"], "GetVideoComponents": [],
     "UspWan22ImageToVideoLatent": ["width", "height", "length", "batch_size"],
-    "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"],
+    "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"], **VACE_WIDGETS,
+    **CONTROL_WIDGETS,
 }
 
 
-# -- Wan 2.2 Animate ------------------------------------------------------------------------------------------------
-# A reference image driven by pose and face videos: ComfyUI's WanAnimateToVideo (native VAE, CLIP vision) into the USP
-# sampler (Animate's 20 steps, cfg 1, shift 5); TrimVideoLatent drops the reference frame (trim_latent 1 for one
-# reference image; trim_image is 0 without continue_motion), the USP VAE decodes the rest.
-WAN22_ANIMATE = {k: v for k, v in WAN_I2V.items() if k not in (6, 15)}
-WAN22_ANIMATE.update({
-    2: ("UspLoadDiffusionModel", None, ["wan2.2_animate_14B_bf16.safetensors", "none"], {"group": (1, 0)},
-        [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
-    4: ("UspTextEncode", "Positive prompt", ["The character dances in a sunlit studio, smooth natural motion"],
-        {"text_encoder": (3, 0)}, [("CONDITIONING", "CONDITIONING")], (1040, 60)),
-    7: ("UspSampler", None, [42, "fixed", 20, 1.0, "unipc", 1.0, 5.0, 0.0, 0.0],
-        {"model": (2, 0), "positive": (15, 0), "negative": (15, 1), "latent_image": (15, 2)},
-        [("LATENT", "LATENT")], (1460, 60)),
-    9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (22, 0)}, [("IMAGE", "IMAGE")], (1900, 60)),
-    10: ("SaveAnimatedWEBP", None, ["usp_video/wan22_animate", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
-         (1900, 240)),
-    12: ("LoadImage", "Reference image", ["example.png", "image"], {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")],
-         (40, 660)),
-    15: ("WanAnimateToVideo", None, [832, 480, 77, 1, 5, 0],
-         {"positive": (4, 0), "negative": (5, 0), "vae": (16, 0), "clip_vision_output": (14, 0),
-          "reference_image": (12, 0), "face_video": (20, 0), "pose_video": (18, 0)},
-         [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"), ("trim_latent", "INT"),
-          ("trim_image", "INT"), ("video_frame_offset", "INT")], (1040, 560)),
-    16: ("VAELoader", None, ["wan_2.1_vae.safetensors"], {}, [("VAE", "VAE")], (440, 700)),
-    17: ("LoadVideo", "Pose video", ["pose.mp4", "image"], {}, [("VIDEO", "VIDEO")], (40, 1040)),
-    18: ("GetVideoComponents", None, [], {"video": (17, 0)},
-         [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], (440, 1040)),
-    19: ("LoadVideo", "Face video", ["face.mp4", "image"], {}, [("VIDEO", "VIDEO")], (40, 1420)),
-    20: ("GetVideoComponents", None, [], {"video": (19, 0)},
-         [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], (440, 1420)),
-    22: ("TrimVideoLatent", None, [1], {"samples": (7, 0)}, [("LATENT", "LATENT")], (1460, 560)),
-})
-WORKFLOWS["wan22_animate_usp"] = WAN22_ANIMATE
-SOCKETS.update({
-    "WanAnimateToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
-                          ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("reference_image", "IMAGE"),
-                          ("face_video", "IMAGE"), ("pose_video", "IMAGE")],  # (its later, optional ones open)
-    "GetVideoComponents": [("video", "VIDEO")], "TrimVideoLatent": [("samples", "LATENT")],
-})
-SIZES.update({"WanAnimateToVideo": (380, 420), "VAELoader": (400, 90), "LoadVideo": (340, 340),
-              "GetVideoComponents": (300, 110), "TrimVideoLatent": (300, 90)})
-WIDGETS.update({"WanAnimateToVideo": ["width", "height", "length", "batch_size", "continue_motion_max_frames",
-                                      "video_frame_offset"],
-                "VAELoader": ["vae_name"], "LoadVideo": ["file", "upload"], "GetVideoComponents": [],
-                "TrimVideoLatent": ["trim_amount"]})
 
 
 def to_api(graph: dict) -> dict:
@@ -369,7 +302,9 @@ def to_ui(graph: dict) -> dict:
             "id": node_id, "type": class_type, "pos": list(pos), "size": list(SIZES.get(class_type, (340, 120))),
             "flags": {}, "order": order,
             "mode": 0,
-            "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, n))} for n, t in SOCKETS.get(class_type, [])],
+            "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, n)),
+                        **({"widget": {"name": n}} if n in WIDGETS.get(class_type, ()) else {})}
+                       for n, t in SOCKETS.get(class_type, [])],
             "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
                         for i, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": class_type},

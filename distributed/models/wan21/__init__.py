@@ -51,7 +51,7 @@ class Wan21(ModelFamily):
     reference_times = {("wan-14b", "1280x720x81"): {1: 1838, 2: 945, 4: 497, 8: 288}}
 
     def is_dit(self, keys: set[str]) -> bool:
-        return "patch_embedding.weight" in keys
+        return "patch_embedding.weight" in keys and "vace_patch_embedding.weight" not in keys  # VACE: wan_vace
 
     def is_vae(self, keys: set[str]) -> bool:
         # the Wan 2.2 VAE shares these names; its decoder's up blocks are residual ("upsamples.0.upsamples")

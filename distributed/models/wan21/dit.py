@@ -73,8 +73,6 @@ def infer_wan_config(path: Path, shapes: dict, metadata: dict) -> dict:
     if "face_adapter.fuser_blocks.0.k_norm.weight" in keys or any(k.startswith("motion_encoder.") for k in keys):
         raise CheckpointError(f"{path.name} is Wan 2.2 Animate (face adapter, motion encoder): load it as a Wan 2.2 "
                               "Animate model (the USP loader detects it; family wan2.2-animate)")
-    if any(k.startswith("vace_") for k in keys):
-        raise CheckpointError(f"{path.name} is a Wan VACE model; only text- and image-to-video are supported")
     if "control_adapter.conv.weight" in keys:
         raise CheckpointError(f"{path.name} is a Wan Fun camera-control model (its control_adapter), which is not "
                               "supported yet; Wan 2.1 / 2.2 Fun Control and Fun InP are")
