@@ -141,6 +141,7 @@ io = _Io(
     Int=_comfy_type("INT", widget=True), Float=_comfy_type("FLOAT", widget=True),
     String=_comfy_type("STRING", widget=True), Boolean=_comfy_type("BOOLEAN", widget=True),
     Combo=_comfy_type("COMBO", widget=True), Latent=_comfy_type("LATENT"), Conditioning=_comfy_type("CONDITIONING"),
-    Image=_comfy_type("IMAGE"), Model=_comfy_type("MODEL"), ClipVisionOutput=_comfy_type("CLIP_VISION_OUTPUT"),
+    Image=_comfy_type("IMAGE"), Mask=_comfy_type("MASK"), Model=_comfy_type("MODEL"),
+    ClipVisionOutput=_comfy_type("CLIP_VISION_OUTPUT"),
     AnyType=_comfy_type("*"),
 )

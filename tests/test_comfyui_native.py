@@ -245,7 +245,7 @@ def vace_comparison(tiny_vace):
 
 @pytest.mark.parametrize("what", ["reference_control_engine", "reference_control_generic_nodes",
                                   "reference_control_trimmed", "stacked_engine", "stacked_generic_nodes",
-                                  "stacked_trimmed", "single_engine", "text_only_engine"])
+                                  "stacked_trimmed", "single_engine", "text_only_engine", "node_generic_nodes"])
 def test_vace_matches_comfyuis_wan_vace_to_video(vace_comparison, what):
     """Native WanVaceToVideo (a control video shorter than the video and of another size, a mask, a reference image:
     trim_latent 1; or two nodes stacked at strengths 1 and 0.6), then KSampler (euler, cfg 4 / 1) and TrimVideoLatent,
@@ -256,6 +256,9 @@ def test_vace_matches_comfyuis_wan_vace_to_video(vace_comparison, what):
     assert vace_comparison["reference_trim"] == 1 and vace_comparison["stacked_count"] == 2
     assert vace_comparison["reference_control_trimmed_frames"] == [4, 3]
     assert vace_comparison["second_context_changes_result"] > 1e-2  # the second context is used
+    # the pack's USP Wan VACE To Video (our VAE encode) makes WanVaceToVideo's conditioning (ComfyUI's VAE)
+    assert vace_comparison["node_trim"] == [1, 1] and vace_comparison["node_mask_equal"]
+    assert vace_comparison["node_strength"] == [[0.8], [0.8]] and vace_comparison["node_frames"] <= 1e-5
     assert vace_comparison[what] <= 1e-5, f"{what}: relative error {vace_comparison[what]:.2e} against ComfyUI"
 
 

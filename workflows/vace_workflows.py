@@ -1,7 +1,8 @@
-"""The Wan 2.1 VACE workflows (make_workflows.py writes them with the others): the generic USP nodes around ComfyUI's
-own WanVaceToVideo (its VAE Encode of the control video / reference image, through a native VAELoader) and
-TrimVideoLatent (a reference image adds latent frames in front, which trim_latent cuts after sampling); the USP VAE
-decodes the trimmed latent.
+"""The Wan 2.1 VACE workflows (make_workflows.py writes them with the others): the generic USP nodes around the pack's
+USP Wan VACE To Video (native WanVaceToVideo with the control video and the reference image encoded by USP Load VAE's
+Wan 2.1 VAE split across the ranks: no second VAE in ComfyUI's memory; native WanVaceToVideo with a native VAELoader
+feeds the sampler the same) and TrimVideoLatent (a reference image adds latent frames in front, which trim_latent
+cuts after sampling); the USP VAE decodes the trimmed latent.
 
     wan21_vace_r2v_usp        from a reference image and the prompt (no control video)
     wan21_vace_control_usp    following a control video (depth, pose, edges... from any preprocessor) via LoadVideo
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 
 def _vace(wan_t2v: dict, prefix: str, links: dict, extra: dict) -> dict:
-    """The Wan 2.1 text-to-video graph (make_workflows.WAN_T2V) with VACE's nodes: `links` into WanVaceToVideo,
+    """The Wan 2.1 text-to-video graph (make_workflows.WAN_T2V) with VACE's nodes: `links` into USP Wan VACE To Video,
     `extra` nodes."""
     graph = {k: v for k, v in wan_t2v.items() if k != 6}
     graph.update({
@@ -23,10 +24,8 @@ def _vace(wan_t2v: dict, prefix: str, links: dict, extra: dict) -> dict:
         9: ("UspVaeDecode", None, [], {"vae": (8, 0), "samples": (18, 0)}, [("IMAGE", "IMAGE")], (1900, 60)),
         10: ("SaveAnimatedWEBP", None, [f"usp_video/{prefix}", 16.0, False, 90, "default"], {"images": (9, 0)}, [],
              (1900, 240)),
-        16: ("VAELoader", "VAE for WanVaceToVideo (encode)", ["wan_2.1_vae.safetensors"], {}, [("VAE", "VAE")],
-             (440, 420)),
-        17: ("WanVaceToVideo", None, [832, 480, 81, 1, 1.0],
-             {"positive": (4, 0), "negative": (5, 0), "vae": (16, 0), **links},
+        17: ("UspWanVaceToVideo", None, [832, 480, 81, 1, 1.0],
+             {"positive": (4, 0), "negative": (5, 0), "vae": (8, 0), **links},
              [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"), ("trim_latent", "INT")],
              (1040, 560)),
         18: ("TrimVideoLatent", None, [0], {"samples": (7, 0), "trim_amount": (17, 3)}, [("LATENT", "LATENT")],
@@ -51,14 +50,14 @@ def vace_workflows(wan_t2v: dict) -> dict[str, dict]:
 
 
 VACE_SOCKETS = {
-    "WanVaceToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
-                       ("control_video", "IMAGE"), ("control_masks", "MASK"), ("reference_image", "IMAGE")],
+    "UspWanVaceToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
+                          ("control_video", "IMAGE"), ("control_masks", "MASK"), ("reference_image", "IMAGE")],
     "TrimVideoLatent": [("samples", "LATENT"), ("trim_amount", "INT")], "GetVideoComponents": [("video", "VIDEO")],
 }
-VACE_SIZES = {"WanVaceToVideo": (380, 300), "TrimVideoLatent": (300, 90), "VAELoader": (400, 90),
+VACE_SIZES = {"UspWanVaceToVideo": (380, 300), "TrimVideoLatent": (300, 90), "VAELoader": (400, 90),
               "LoadVideo": (340, 340), "GetVideoComponents": (300, 110)}
-VACE_WIDGETS = {"WanVaceToVideo": ["width", "height", "length", "batch_size", "strength"],
+VACE_WIDGETS = {"UspWanVaceToVideo": ["width", "height", "length", "batch_size", "strength"],
                 "TrimVideoLatent": ["trim_amount"], "VAELoader": ["vae_name"], "LoadVideo": ["file", "upload"],
                 "GetVideoComponents": []}
 # ComfyUI's own nodes' optional inputs that a shipped workflow may leave open (tests/test_workflow.py)
-NATIVE_OPTIONAL = {"WanVaceToVideo": {"control_video", "control_masks", "reference_image"}}
+NATIVE_OPTIONAL: dict[str, set[str]] = {}

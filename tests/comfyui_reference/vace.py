@@ -97,6 +97,31 @@ def compare(paths: dict) -> dict:
     single = run("single", pos1, neg1, latent, trim, 12, 3, 1.0, nodes=False)
     out["second_context_changes_result"] = rel(stacked, single)
 
+    # the pack's USP Wan VACE To Video (its split VAE encode: here our engine's encode in this process) on the same
+    # inputs: the conditioning native WanVaceToVideo makes with ComfyUI's own VAE, and the video sampled from it
+    from usp_video.distributed import api
+
+    api.encode_video = lambda group, vae_path, frames, on_progress=None: (engine.encode_video(vae_path, frames),
+                                                                          "wan2.1")
+    with torch.inference_mode():
+        pos, neg, latent, trim = WanVaceToVideo.execute(*text, vae, width, height, length, 1, 0.8,
+                                                        control_video=control, control_masks=masks,
+                                                        reference_image=reference).result
+    mine = run_node("UspWanVaceToVideo", positive=text[0], negative=text[1], vae={"group": None, "path": paths["vae"]},
+                    width=width, height=height, length=length, batch_size=1, strength=0.8, control_video=control,
+                    control_masks=masks, reference_image=reference)
+    extra, made = mine[0][0][1], pos[0][1]
+    out["node_trim"] = [mine[3], trim]
+    out["node_frames"] = rel(extra["vace_frames"][0], made["vace_frames"][0])
+    out["node_mask_equal"] = bool(torch.equal(extra["vace_mask"][0], made["vace_mask"][0]))
+    out["node_strength"] = [extra["vace_strength"], made["vace_strength"]]
+    assert mine[2]["samples"].shape == latent["samples"].shape
+    with torch.no_grad():
+        native = comfy_nodes.KSampler().sample(model, 13, 3, 4.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+        out["node_generic_nodes"] = rel(run_node(
+            "UspSampler", model=socket, positive=mine[0], negative=mine[1], latent_image=mine[2], seed=13, steps=3,
+            cfg=4.0, shift=shift, sampler_name="euler", denoise=1.0)[0]["samples"], native)
+
     # the command line's start image (WanVace.start_image_conditioning) == WanVaceToVideo given that image as the
     # control video and a mask keeping its frame
     from usp_video.distributed.models import FAMILIES
