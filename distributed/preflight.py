@@ -1,4 +1,5 @@
-"""The memory pre-flights: will a DiT load, or a sampling step, fit in each rank's free memory?
+"""The pre-flights: will a DiT load, or a sampling step, fit in each rank's free memory? Will a step end in
+reasonable time?
 
 Each check runs before anything is allocated and, when the answer is no, raises a ValueError that says
 what to change. The checks are collective: the ranks agree on the largest need and the smallest free
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +60,8 @@ class Preflight:
         self.shard_weights, self.dit_offload, self.probe = shard_weights, dit_offload, probe
         self.sharded: dict[str, bool] = {}  # role ("dit", a text input) -> were its weights sharded
         self._shard_decisions: dict[tuple, bool] = {}
+        self._matmul_rate: float | None = None  # floating-point operations per second (flops_per_second)
+        self._observed_rate: float | None = None
 
     @property
     def world_group(self):
@@ -221,3 +225,84 @@ class Preflight:
         raise ValueError(f"a step on this latent needs about {need / 2**30:.2f} GiB of activations on each rank, "
                          f"but {'a rank' if self.world_size > 1 else 'the device'} has {free / 2**30:.2f} GiB free "
                          f"with the model loaded: use " + "; or ".join(fixes))
+
+    # -- a step's time ----------------------------------------------------------------------------
+
+    def step_flops(self, experts: list[LoadedDiT], latent_shape: tuple[int, ...], text_tokens: int,
+                   passes: int) -> float:
+        """Floating-point operations a rank runs for one step of the largest of the experts (memory.step_flops:
+        the blocks' attention and linear layers on this rank's share of the tokens)."""
+        most = 0.0
+        for dit in experts:
+            seq = dit.family.step_sequence(dit.module, latent_shape, text_tokens)
+            sp = dit.sp
+            flops = memory.step_flops(seq["tokens"], seq["hidden"], seq["ffn"], len(dit.family.blocks(dit.module)),
+                                      latent_shape[0] * passes, sp.ulysses_degree * sp.ring_degree)
+            most = max(most, flops)
+        return most
+
+    def flops_per_second(self) -> float:
+        """This rank's speed: the slower of a matmul benchmark in the compute dtype (measured once, ~0.1 s) and the
+        speed its last sampled steps ran at (observe_step), which counts the attention kernels and the
+        communication too."""
+        if self._matmul_rate is None:
+            self._matmul_rate = measure_matmul_rate(self.device, self.dtype)
+        return min(self._matmul_rate, self._observed_rate or float("inf"))
+
+    def observe_step(self, flops: float, seconds: float) -> None:
+        """A sample ran: its steps took `seconds` each for `flops` (step_flops) on this rank. Only steps of a second
+        or more count: shorter ones measure the per-call overheads, not the speed that decides a long step."""
+        if flops > 0 and seconds >= 1.0:
+            self._observed_rate = flops / seconds
+
+    def check_step_time(self, experts: list[LoadedDiT], latent_shape: tuple[int, ...], text_tokens: int,
+                        passes: int, max_step_s: float) -> float:
+        """The step-time pre-flight: a ValueError naming the size and the estimate, before the first step, when one
+        step is estimated (step_flops / flops_per_second, the slowest rank's) to take longer than max_step_s (0: no
+        limit); a step that long could not be cancelled in reasonable time either. Collective (the ranks agree on
+        the longest estimate). Returns this rank's step_flops."""
+        flops = self.step_flops(experts, latent_shape, text_tokens, passes)
+        if max_step_s <= 0:
+            return flops
+        seconds = torch.tensor([flops / self.flops_per_second()], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=self.world_group)
+        estimate = float(seconds)
+        if estimate <= max_step_s:
+            return flops
+        t, h, w = latent_shape[-3:]
+        first = experts[0]
+        tokens = first.family.step_sequence(first.module, latent_shape, text_tokens)["tokens"]
+        sp_ranks = first.sp.ulysses_degree * first.sp.ring_degree
+        raise ValueError(
+            f"one step on this latent ({t}x{h}x{w}, {tokens} tokens{f', {-(-tokens // sp_ranks)} per rank' if sp_ranks > 1 else ''}"
+            f"{f', batch {latent_shape[0]}' if latent_shape[0] > 1 else ''}) is estimated to take about "
+            f"{_duration(estimate)} on these ranks, above the USP Group node's max_step_s of {max_step_s:g} s: use a "
+            "smaller video (attention grows with the square of the tokens), more GPUs, or raise max_step_s (0: no "
+            "limit) if you mean to wait that long")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.1) -> float:
+    """Floating-point operations per second of square matmuls in `dtype` on `device`, measured for about `seconds`
+    (after one warm-up)."""
+    n = 2048 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)
+    runs, started = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        runs += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds and runs >= 3:
+            return 2 * n ** 3 * runs / elapsed
