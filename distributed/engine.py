@@ -214,14 +214,14 @@ class Engine:
         if sigmas is None:  # start_at_step is past the last step: nothing to do (as in ComfyUI)
             return SampleResult(req.latent.float().clone(), experts[0].sp, None, warnings, dict(self.load_counts))
         denoiser, x = self._denoiser(req, experts, sigmas, first, options)
-        flops = self.preflight.check_step_time(experts, tuple(req.latent.shape), self._text_tokens(req, experts),
+        estimate = self.preflight.check_step_time(experts, tuple(req.latent.shape), self._text_tokens(req, experts),
                                                self._passes(req, experts), req.max_step_s)
         if on_start is not None:
             on_start()
         started = time.monotonic()
         with _stop_between_blocks(experts, on_block, lambda: denoiser.step):
             x = get_sampler(req.sampler)(denoiser, x, sigmas, StepCallback(denoiser, len(sigmas) - 1, on_step))
-        self.preflight.observe_step(flops, (time.monotonic() - started) / (len(sigmas) - 1))
+        self.preflight.observe_step(estimate, (time.monotonic() - started) / (len(sigmas) - 1))
         # ComfyUI's LATENT holds a partly denoised x as x / (1 - sigma): the next sampler's noise
         # scaling, (1 - sigma) * latent, gives x back (a no-op when the run ends at sigma 0).
         x = x / (1.0 - sigmas[-1])

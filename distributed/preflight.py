@@ -60,8 +60,8 @@ class Preflight:
         self.shard_weights, self.dit_offload, self.probe = shard_weights, dit_offload, probe
         self.sharded: dict[str, bool] = {}  # role ("dit", a text input) -> were its weights sharded
         self._shard_decisions: dict[tuple, bool] = {}
-        self._matmul_rate: float | None = None  # floating-point operations per second (flops_per_second)
-        self._observed_rate: float | None = None
+        self._rates: dict[tuple, float] = {}  # kernel -> floating-point operations per second (_rate)
+        self._slowdown = 1.0  # the last long step's actual time / its estimate (observe_step)
 
     @property
     def world_group(self):
@@ -228,55 +228,63 @@ class Preflight:
 
     # -- a step's time ----------------------------------------------------------------------------
 
-    def step_flops(self, experts: list[LoadedDiT], latent_shape: tuple[int, ...], text_tokens: int,
-                   passes: int) -> float:
-        """Floating-point operations a rank runs for one step of the largest of the experts (memory.step_flops:
-        the blocks' attention and linear layers on this rank's share of the tokens)."""
+    def step_seconds(self, experts: list[LoadedDiT], latent_shape: tuple[int, ...], text_tokens: int,
+                     passes: int) -> float:
+        """This rank's estimate of one step, for the slowest of the experts: the floating-point operations of its
+        blocks (memory.step_flops: attention, and the linear layers) at the speeds this rank measured for each
+        (an attention kernel at the model's head width, a matmul), times the ratio of the last long step's
+        actual time to its estimate (observe_step), which counts what the kernels leave out (communication,
+        the other layers, other programs on the device)."""
         most = 0.0
         for dit in experts:
             seq = dit.family.step_sequence(dit.module, latent_shape, text_tokens)
+            info = dit.family.describe_dit(dit.module)
             sp = dit.sp
-            flops = memory.step_flops(seq["tokens"], seq["hidden"], seq["ffn"], len(dit.family.blocks(dit.module)),
-                                      latent_shape[0] * passes, sp.ulysses_degree * sp.ring_degree)
-            most = max(most, flops)
-        return most
+            attention, linear = memory.step_flops(seq["tokens"], seq["hidden"], seq["ffn"],
+                                                  len(dit.family.blocks(dit.module)), latent_shape[0] * passes,
+                                                  sp.ulysses_degree * sp.ring_degree)
+            seconds = (attention / self._rate(("attention", seq["hidden"] // max(info["heads"], 1)))
+                       + linear / self._rate(("matmul",)))
+            most = max(most, seconds)
+        return most * self._slowdown
 
-    def flops_per_second(self) -> float:
-        """This rank's speed: the slower of a matmul benchmark in the compute dtype (measured once, ~0.1 s) and the
-        speed its last sampled steps ran at (observe_step), which counts the attention kernels and the
-        communication too."""
-        if self._matmul_rate is None:
-            self._matmul_rate = measure_matmul_rate(self.device, self.dtype)
-        return min(self._matmul_rate, self._observed_rate or float("inf"))
+    def _rate(self, kernel: tuple) -> float:
+        """Floating-point operations per second of a kernel on this rank, measured once (~0.1 s)."""
+        if kernel not in self._rates:
+            self._rates[kernel] = (measure_attention_rate(self.device, self.dtype, kernel[1]) if kernel[0] == "attention"
+                                   else measure_matmul_rate(self.device, self.dtype))
+        return self._rates[kernel]
 
-    def observe_step(self, flops: float, seconds: float) -> None:
-        """A sample ran: its steps took `seconds` each for `flops` (step_flops) on this rank. Only steps of a second
-        or more count: shorter ones measure the per-call overheads, not the speed that decides a long step."""
-        if flops > 0 and seconds >= 1.0:
-            self._observed_rate = flops / seconds
+    def observe_step(self, estimate: float, seconds: float) -> None:
+        """A sample ran: its steps took `seconds` each where step_seconds said `estimate` (before the correction).
+        Only steps of a second or more count: shorter ones measure per-call overheads, not what decides a long
+        step."""
+        if estimate > 0 and seconds >= 1.0:
+            self._slowdown = min(max(seconds / estimate, 0.25), 50.0)
 
     def check_step_time(self, experts: list[LoadedDiT], latent_shape: tuple[int, ...], text_tokens: int,
                         passes: int, max_step_s: float) -> float:
         """The step-time pre-flight: a ValueError naming the size and the estimate, before the first step, when one
-        step is estimated (step_flops / flops_per_second, the slowest rank's) to take longer than max_step_s (0: no
-        limit); a step that long could not be cancelled in reasonable time either. Collective (the ranks agree on
-        the longest estimate). Returns this rank's step_flops."""
-        flops = self.step_flops(experts, latent_shape, text_tokens, passes)
+        step is estimated (step_seconds, the slowest rank's) to take longer than max_step_s (0: no limit); a step
+        that long could not be cancelled in reasonable time either. Collective when there is a limit (the ranks
+        agree on the longest estimate). Returns this rank's uncorrected estimate (for observe_step)."""
         if max_step_s <= 0:
-            return flops
-        seconds = torch.tensor([flops / self.flops_per_second()], dtype=torch.float64, device=self.device)
+            return 0.0
+        mine = self.step_seconds(experts, latent_shape, text_tokens, passes)
+        seconds = torch.tensor([mine], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=self.world_group)
         estimate = float(seconds)
         if estimate <= max_step_s:
-            return flops
+            return mine / self._slowdown
         t, h, w = latent_shape[-3:]
         first = experts[0]
         tokens = first.family.step_sequence(first.module, latent_shape, text_tokens)["tokens"]
         sp_ranks = first.sp.ulysses_degree * first.sp.ring_degree
+        per_rank = f", {-(-tokens // sp_ranks)} per rank" if sp_ranks > 1 else ""
+        batch = f", batch {latent_shape[0]}" if latent_shape[0] > 1 else ""
         raise ValueError(
-            f"one step on this latent ({t}x{h}x{w}, {tokens} tokens{f', {-(-tokens // sp_ranks)} per rank' if sp_ranks > 1 else ''}"
-            f"{f', batch {latent_shape[0]}' if latent_shape[0] > 1 else ''}) is estimated to take about "
+            f"one step on this latent ({t}x{h}x{w}, {tokens} tokens{per_rank}{batch}) is estimated to take about "
             f"{_duration(estimate)} on these ranks, above the USP Group node's max_step_s of {max_step_s:g} s: use a "
             "smaller video (attention grows with the square of the tokens), more GPUs, or raise max_step_s (0: no "
             "limit) if you mean to wait that long")
@@ -290,19 +298,32 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def measure_matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.1) -> float:
-    """Floating-point operations per second of square matmuls in `dtype` on `device`, measured for about `seconds`
-    (after one warm-up)."""
-    n = 2048 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    torch.mm(a, b)
+def _rate_of(run: Callable[[], object], flops: float, device: torch.device, seconds: float) -> float:
+    """flops / the time of one run(), timed over about `seconds` after one warm-up."""
+    run()
     runs, started = 0, time.perf_counter()
     while True:
-        torch.mm(a, b)
+        run()
         runs += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started
         if elapsed >= seconds and runs >= 3:
-            return 2 * n ** 3 * runs / elapsed
+            return flops * runs / elapsed
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.1) -> float:
+    """Floating-point operations per second of square matmuls in `dtype` on `device`."""
+    n = 2048 if device.type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return _rate_of(lambda: torch.mm(a, b), 2.0 * n ** 3, device, seconds)
+
+
+def measure_attention_rate(device: torch.device, dtype: torch.dtype, head_dim: int, seconds: float = 0.1) -> float:
+    """Floating-point operations per second of torch's attention kernel (scaled_dot_product_attention) at this
+    head width, on 2048 tokens (8192 on a GPU): the kernel a long step spends most of its time in."""
+    tokens = 8192 if device.type == "cuda" else 2048
+    heads = max(1, 256 // max(head_dim, 1))
+    q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device).to(dtype) for _ in range(3))
+    return _rate_of(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                    4.0 * tokens * tokens * head_dim * heads, device, seconds)

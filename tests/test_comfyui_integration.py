@@ -176,6 +176,8 @@ def test_cancel_over_http_then_next_prompt_runs(server, tiny_models, tmp_path):
     assert proc.returncode == 1 and "interrupted" in output, output
     steps = [int(l.split()[2].split("/")[0]) for l in output.splitlines() if l.startswith("node 7:")]
     assert max(steps) < 20, f"ran on to step {max(steps)} after the interrupt"
+    # ComfyUI's progress hook raised its interrupt (and cleared its flag): the state box still says so
+    assert _status_text(url).startswith("interrupted:"), _status_text(url)
     result = queue(url, tmp_path, *tiny_overrides(tiny_models, seed=3))
     assert result.returncode == 0, result.stdout + result.stderr
 
