@@ -601,18 +601,20 @@ def test_cancel_inside_a_long_step_returns_within_10_s_and_keeps_the_group(serve
 
 
 def test_a_rank_killed_with_a_cancel_pending_is_named(server, tiny_models, tmp_path):
-    """Cancel while a block runs (the tiny Wan's 2 blocks at 20480 tokens: seconds each), then SIGKILL rank 1 before
-    the group answers: the error names the dead rank, not a reset connection; the next prompt runs."""
+    """As in the issue: a step whose first block takes minutes (8192x8192x1, the limit off), Cancel, and rank 1
+    killed before the group answers it: the error names the dead rank, not `Connection reset by peer` (rank 0,
+    stopped by torchrun with the cancel frame unread, resets its socket). tests/test_group.py has the same case
+    without ComfyUI, where the reset reaches the client every time."""
     import signal
 
     url, work = server
     lines = []
-    proc = _popen_queue(url, tmp_path, *tiny_overrides(tiny_models, steps=3, width=1024, height=1024, length=17,
-                                                       seed=11), "--set", "7.cfg=1.0")
+    proc = _popen_queue(url, tmp_path, *tiny_overrides(tiny_models, steps=2, width=8192, height=8192, length=1,
+                                                       seed=11), "--set", "1.max_step_s=0")
     try:
         _wait_for_state(url, "sampling", proc, lines)
         pids = _rank_pids(work)
-        time.sleep(1)
+        time.sleep(2)
         _interrupt(url)
         time.sleep(0.3)
         os.kill(pids[1], signal.SIGKILL)
@@ -622,5 +624,3 @@ def test_a_rank_killed_with_a_cancel_pending_is_named(server, tiny_models, tmp_p
     output = "".join(lines) + rest
     assert "rank 1 of 2 died (killed by SIGKILL)" in output, output
     assert "Connection reset" not in output and "Errno" not in output, output
-    result = queue(url, tmp_path / "next", *tiny_overrides(tiny_models, steps=2, seed=12))
-    assert result.returncode == 0, result.stdout + result.stderr

@@ -242,3 +242,56 @@ def test_an_error_on_one_rank_only_replaces_rank_0s_answer(faults_allowed):
         group.request({"type": "ping", "fault": {"rank": 1, "kind": "value_error"}})
     reply, _ = group.request({"type": "ping"})
     assert reply["type"] == "ok" and reply["world_size"] == 2
+
+
+def test_a_rank_killed_with_a_cancel_pending_is_named(tiny_models, faults_allowed):
+    """A step whose first block takes minutes (1x1024x1024 latent frames on the tiny Wan, no time limit): Cancel,
+    then rank 1 killed before the group answers. torchrun stops rank 0 inside its block with the cancel frame
+    unread, so rank 0's socket resets: the client must say which rank died, not `[Errno 104] Connection reset`."""
+    import os
+    import signal
+    import threading
+
+    group = GroupConfig(ranks=2)
+    g = get_group(group)
+    started = []
+
+    def should_cancel():
+        if started and time.monotonic() - started[0] > 2:
+            if len(started) == 1:
+                started.append("killed")
+                pid = int((g.run_dir / "rank1.pid").read_text())
+                threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+            return True
+        return False
+
+    with pytest.raises(GroupError) as info:
+        api.sample(g, api.SampleRequest(experts=[tiny_models["dit"]], positive=text(), negative=None,
+                                        latent=torch.zeros(1, 16, 1, 1024, 1024), seed=0, steps=2, cfg=1.0, shift=5.0,
+                                        sampler="euler"),
+                   should_cancel=should_cancel, on_start=lambda: started.append(time.monotonic()))
+    assert "rank 1 of 2 died (killed by SIGKILL)" in str(info.value), str(info.value)
+    assert group_gone(g)
+
+
+def test_a_group_that_does_not_answer_a_cancel_is_stopped(tiny_models, faults_allowed):
+    """A block that outlasts the grace time (1x1024x1024 on the tiny Wan: minutes): Cancel ends the request within
+    the grace time plus a few seconds (Interrupted, group_stopped, saying the next request starts a new group), no
+    process is left, and the next request runs on a new group."""
+    from usp_video.distributed.client import CANCEL_GRACE_S
+
+    group = GroupConfig(ranks=2)
+    g = get_group(group)
+    started = []
+    with pytest.raises(Interrupted) as info:
+        api.sample(g, api.SampleRequest(experts=[tiny_models["dit"]], positive=text(), negative=None,
+                                        latent=torch.zeros(1, 16, 1, 1024, 1024), seed=0, steps=2, cfg=1.0, shift=5.0,
+                                        sampler="euler"),
+                   should_cancel=lambda: bool(started) and time.monotonic() - started[0] > 1,
+                   on_start=lambda: started.append(time.monotonic()))
+    took = time.monotonic() - started[0] - 1
+    assert info.value.group_stopped and "the next prompt starts a new group" in str(info.value)
+    assert took < CANCEL_GRACE_S + 10, f"{took:.1f} s from the Cancel"
+    assert group_gone(g)
+    latent, _ = run_sample(group, tiny_models["dit"], steps=1)
+    assert latent.isfinite().all() and get_group(group) is not g
