@@ -244,6 +244,7 @@ def test_an_error_on_one_rank_only_replaces_rank_0s_answer(faults_allowed):
     assert reply["type"] == "ok" and reply["world_size"] == 2
 
 
+@pytest.mark.timeout(180)
 def test_a_rank_killed_with_a_cancel_pending_is_named(tiny_models, faults_allowed):
     """A step whose first block takes minutes (1x1024x1024 latent frames on the tiny Wan, no time limit): Cancel,
     then rank 1 killed before the group answers. torchrun stops rank 0 inside its block with the cancel frame
@@ -274,6 +275,7 @@ def test_a_rank_killed_with_a_cancel_pending_is_named(tiny_models, faults_allowe
     assert group_gone(g)
 
 
+@pytest.mark.timeout(180)
 def test_a_group_that_does_not_answer_a_cancel_is_stopped(tiny_models, faults_allowed):
     """A block that outlasts the grace time (1x1024x1024 on the tiny Wan: minutes): Cancel ends the request within
     the grace time plus a few seconds (Interrupted, group_stopped, saying the next request starts a new group), no
