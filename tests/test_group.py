@@ -299,3 +299,20 @@ def test_a_group_that_does_not_answer_a_cancel_is_stopped(tiny_models, faults_al
     assert group_gone(g)
     latent, _ = run_sample(group, tiny_models["dit"], steps=1)
     assert latent.isfinite().all() and get_group(group) is not g
+
+
+@pytest.mark.timeout(240)
+def test_a_cancel_inside_a_step_leaves_sharded_weights_usable(tiny_models, faults_allowed):
+    """FSDP-sharded weights (shard_weights on): a Cancel that stops the ranks between two blocks (mid_step) leaves
+    the model as it was; the next sample gives the same latent as before the Cancel."""
+    group = GroupConfig(ranks=2, shard_weights="on")
+    before, _ = run_sample(group, tiny_models["dit"], steps=2)
+    started = []
+    with pytest.raises(Interrupted) as info:
+        api.sample(get_group(group), api.SampleRequest(
+            experts=[tiny_models["dit"]], positive=text(), negative=None, latent=zeros_latent(frames=5, height=64, width=64),
+            seed=0, steps=3, cfg=1.0, shift=5.0, sampler="euler"),
+            should_cancel=lambda: bool(started), on_start=lambda: started.append(True))
+    assert info.value.mid_step and not info.value.group_stopped, str(info.value)
+    after, _ = run_sample(group, tiny_models["dit"], steps=2)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
