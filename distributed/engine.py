@@ -219,6 +219,10 @@ class Engine:
         if on_start is not None:
             on_start()
         started = time.monotonic()
+        # the per-block agreement needs every rank to run the same blocks: a step cache under cfg-parallel decides per
+        # half which blocks to skip, so there a Cancel is seen after the step (or ends in the client's grace time)
+        if denoiser.cache is not None and self.cfg_degree == 2:
+            on_block = None
         with _stop_between_blocks(experts, on_block, lambda: denoiser.step):
             x = get_sampler(req.sampler)(denoiser, x, sigmas, StepCallback(denoiser, len(sigmas) - 1, on_step))
         self.preflight.observe_step(estimate, (time.monotonic() - started) / (len(sigmas) - 1))

@@ -316,3 +316,20 @@ def test_a_cancel_inside_a_step_leaves_sharded_weights_usable(tiny_models, fault
     assert info.value.mid_step and not info.value.group_stopped, str(info.value)
     after, _ = run_sample(group, tiny_models["dit"], steps=2)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.timeout(240)
+def test_cfg_parallel_halves_agree_between_blocks(tiny_models, faults_allowed):
+    """cfg-parallel: each half runs its own pass, the same blocks, so the per-block agreement holds (a Cancel stops both
+    inside the step); with a step cache the halves may skip different blocks, so there the ranks look for a Cancel
+    only after a step: a cached run with a high threshold (blocks skipped on either half) still completes."""
+    group = GroupConfig(ranks=2, cfg_parallel=2, ulysses=1, ring=1, timeout=20)
+    latent, info = api.sample(group, api.SampleRequest(
+        experts=[tiny_models["dit"]], positive=text(), negative=text(seed=1), latent=zeros_latent(), seed=1, steps=6,
+        cfg=4.0, shift=5.0, sampler="euler", cache={"method": "fbcache", "threshold": 0.5}))
+    assert latent.isfinite().all() and info["cache"]["skipped_steps"], info
+    started = []
+    with pytest.raises(Interrupted) as info:
+        run_sample(group, tiny_models["dit"], steps=3, latent=zeros_latent(frames=5, height=64, width=64),
+                   should_cancel=lambda: bool(started), on_start=lambda: started.append(True))
+    assert info.value.mid_step and not info.value.group_stopped, str(info.value)
