@@ -6,8 +6,8 @@ at a time and parses it; the Worker broadcasts the request's raw parts to every 
 control group, the other ranks parse them, all ranks run it, and rank 0 replies. While sampling,
 rank 0 sends a "started" frame once the models are loaded and a progress frame per step, and looks
 for a cancel frame before every DiT block and after every step; the stop decision is broadcast on
-the control group (one int: a few tens of microseconds on loopback, against the tens to hundreds of
-milliseconds of a real model's block) so that every rank stops before the same block, or after the
+the control group (one int: 0.12 ms measured between 2 gloo ranks on a loaded 2-core machine, against
+the tens to hundreds of milliseconds of a real model's block) so that every rank stops before the same block, or after the
 same step, and no collective of the model is left half-entered on some ranks. Only rank 0 reads the
 socket; a flag the other ranks polled without a collective would not tell them where to stop (they can
 be a block apart, or a whole pass with cfg-parallel halves), and stopping at different blocks would
