@@ -194,10 +194,9 @@ class UspGroup:
                 on_start: Callable[[], None] | None = None,
                 timeout: float | None = None,
                 cancel_grace_s: float = CANCEL_GRACE_S) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Send one request and wait for its reply, forwarding progress, the start of sampling (on_start) and
-        cancel. A Cancel (should_cancel, or an exception raised by on_progress) that the group has not answered
-        within cancel_grace_s stops the group: Interrupted(group_stopped=True); a group that fails meanwhile
-        (a rank died) is reported as such (GroupError), Cancel or not."""
+        """Send one request and wait for its reply, forwarding progress, the start of sampling (on_start) and cancel.
+        A Cancel (should_cancel, or an exception raised by a hook) not answered within cancel_grace_s stops the group
+        (_stop_after_cancel); a group that fails meanwhile (a rank died) is reported as such, Cancel or not."""
         with self._lock:
             if not self.alive():
                 raise GroupError("the group is not running")
@@ -212,16 +211,9 @@ class UspGroup:
                 if self._exited() or postmortem.read_reports(self.run_dir):
                     raise self._failure()
                 if cancel_sent_at is None and (pending is not None or self._call(should_cancel)):
-                    try:
-                        protocol.send_frame(self.sock, {"type": "cancel"})
-                    except OSError:  # rank 0 is gone: say why (a rank died), not "connection reset"
-                        raise self._failure() from None
-                    cancel_sent_at = time.monotonic()
+                    cancel_sent_at = self._send_cancel()
                 if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > cancel_grace_s:
-                    self._stop_after_cancel()
-                    if pending is not None:  # ComfyUI's own interrupt, raised by its progress hook
-                        raise pending
-                    raise Interrupted(0, group_stopped=True, grace_s=cancel_grace_s)
+                    self._stop_after_cancel(pending, cancel_grace_s)
                 if deadline is not None and time.monotonic() > deadline:
                     self._teardown()
                     raise GroupError(f"no reply to {header['type']!r} within {timeout:.0f} s; the group was stopped")
@@ -257,9 +249,19 @@ class UspGroup:
                     raise RequestError(f"{reply['message']} (rank {reply['rank']}, {reply['error_type']})")
                 raise GroupError(f"unexpected reply {kind!r} from rank 0")
 
-    def _stop_after_cancel(self) -> None:
+    def _send_cancel(self) -> float:
+        """Send the cancel frame; returns when. A connection that fails here means rank 0 is gone: say why (a rank
+        died, GroupError), not "connection reset"."""
+        try:
+            protocol.send_frame(self.sock, {"type": "cancel"})
+        except OSError:
+            raise self._failure() from None
+        return time.monotonic()
+
+    def _stop_after_cancel(self, pending: BaseException | None, grace_s: float) -> None:
         """The group did not stop within the grace time of a Cancel: stop it now (SIGKILL: a rank inside a long
-        block would not see a SIGTERM either), unless it failed meanwhile (then say why: GroupError)."""
+        block would not see a SIGTERM either) and raise `pending` (ComfyUI's own interrupt, raised by its progress
+        hook), else Interrupted(group_stopped); unless the group failed meanwhile (then say why: GroupError)."""
         if self._exited() or postmortem.read_reports(self.run_dir) or self._a_rank_is_gone():
             raise self._failure()
         log = logging.getLogger("usp_video")
@@ -269,6 +271,9 @@ class UspGroup:
             self.close(timeout=2.0)
         else:
             self._teardown(graceful=False)
+        if pending is not None:
+            raise pending
+        raise Interrupted(0, group_stopped=True, grace_s=grace_s)
 
     def _a_rank_is_gone(self) -> bool:
         """Has a rank of this group ended (killed, say) while torchrun has not yet noticed?"""
