@@ -131,18 +131,22 @@ def encode(group: GroupConfig | UspGroup, family: str, files: dict[str, str | Pa
 def sample(group: GroupConfig | UspGroup, request: SampleRequest, *, text_dim: int | None = None,
            on_progress: Callable[[dict], None] | None = None,
            should_cancel: Callable[[], bool] | None = None,
+           on_start: Callable[[], None] | None = None,
            family: models.ModelFamily | None = None) -> tuple[torch.Tensor, dict]:
     """Sample a raw-space latent on the group. Raises client.Interrupted when cancelled.
 
     on_progress gets {"step", "total", "elapsed"} after every step, plus "x0" (the first frame of
     the current denoised estimate, [1, C, 1, h, w], normalised space) when request.preview is set.
     `family`: the model's, where the caller found it already (check_model); else it is read from the
-    first expert's file, once."""
+    first expert's file, once. on_start() runs once the group has loaded the models and begins the first step.
+    A Cancel (should_cancel) stops the ranks before the next DiT block; one the group does not answer within
+    client.CANCEL_GRACE_S stops the group (Interrupted, group_stopped)."""
     request.check_experts()
     if family is None:
         family, _ = check_dit_file(request.experts[0], request.family)
     check_sample_inputs(request, family, text_dim)
-    info, out = _group(group).request(*request.to_frame(), on_progress=on_progress, should_cancel=should_cancel)
+    info, out = _group(group).request(*request.to_frame(), on_progress=on_progress, should_cancel=should_cancel,
+                                      on_start=on_start)
     return out["latent"], info
 
 

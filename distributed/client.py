@@ -13,6 +13,7 @@ nothing of the group is left running.
 
 from __future__ import annotations
 
+import logging
 import select
 import shutil
 import socket
@@ -38,11 +39,28 @@ class RequestError(ValueError):
 
 
 class Interrupted(Exception):
-    """A request was cancelled; every rank stopped after the same step."""
+    """A request was cancelled: every rank stopped after the same step, or before the same block of a step
+    (mid_step); or, when the group did not stop within the grace time, it was torn down (group_stopped: the next
+    request starts a new group, which loads its models again)."""
 
-    def __init__(self, step: int):
-        super().__init__(f"cancelled after step {step}")
-        self.step = step
+    def __init__(self, step: int, mid_step: bool = False, group_stopped: bool = False, grace_s: float = 0.0):
+        if group_stopped:
+            message = (f"cancelled: the group did not stop within {grace_s:g} s of the Cancel (a block, a load or a "
+                       "decode that long), so it was stopped; the next prompt starts a new group, which loads its "
+                       "models again")
+        elif mid_step:
+            message = f"cancelled during step {step + 1} (after {step} steps)"
+        else:
+            message = f"cancelled after step {step}"
+        super().__init__(message)
+        self.step, self.mid_step, self.group_stopped = step, mid_step, group_stopped
+
+
+# How long the group has, from a Cancel, to stop by itself before the client stops it. The ranks look for a Cancel
+# before every DiT block: a real model's block takes well under this (tens of milliseconds to a few seconds), so
+# the grace time is reached only by a block of an absurd size (the step-time pre-flight refuses most of those), a
+# model load, a VAE decode, or a hung rank.
+CANCEL_GRACE_S = 5.0
 
 
 class UspGroup:
@@ -173,8 +191,12 @@ class UspGroup:
     def request(self, header: dict, tensors: dict[str, torch.Tensor] | None = None, *,
                 on_progress: Callable[[dict], None] | None = None,
                 should_cancel: Callable[[], bool] | None = None,
-                timeout: float | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Send one request and wait for its reply, forwarding progress and cancel."""
+                on_start: Callable[[], None] | None = None,
+                timeout: float | None = None,
+                cancel_grace_s: float = CANCEL_GRACE_S) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Send one request and wait for its reply, forwarding progress, the start of sampling (on_start) and cancel.
+        A Cancel (should_cancel, or an exception raised by a hook) not answered within cancel_grace_s stops the group
+        (_stop_after_cancel); a group that fails meanwhile (a rank died) is reported as such, Cancel or not."""
         with self._lock:
             if not self.alive():
                 raise GroupError("the group is not running")
@@ -182,15 +204,16 @@ class UspGroup:
                 protocol.send_frame(self.sock, header, tensors)
             except OSError:
                 raise self._failure() from None
-            cancel_sent = False
+            cancel_sent_at: float | None = None
             pending: BaseException | None = None  # raised by a hook; re-raised once the group is idle again
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 if self._exited() or postmortem.read_reports(self.run_dir):
                     raise self._failure()
-                if not cancel_sent and (pending is not None or self._call(should_cancel)):
-                    protocol.send_frame(self.sock, {"type": "cancel"})
-                    cancel_sent = True
+                if cancel_sent_at is None and (pending is not None or self._call(should_cancel)):
+                    cancel_sent_at = self._send_cancel()
+                if cancel_sent_at is not None and time.monotonic() - cancel_sent_at > cancel_grace_s:
+                    self._stop_after_cancel(pending, cancel_grace_s)
                 if deadline is not None and time.monotonic() > deadline:
                     self._teardown()
                     raise GroupError(f"no reply to {header['type']!r} within {timeout:.0f} s; the group was stopped")
@@ -198,9 +221,16 @@ class UspGroup:
                     continue
                 try:
                     reply, out = protocol.recv_frame(self.sock)
-                except protocol.ProtocolError:
+                except (protocol.ProtocolError, OSError):  # a reset connection: rank 0 died
                     raise self._failure() from None
                 kind = reply["type"]
+                if kind == "started":
+                    if on_start is not None and pending is None:
+                        try:
+                            on_start()
+                        except BaseException as exc:
+                            pending = exc
+                    continue
                 if kind == "progress":
                     reply.update(out)  # an optional x0 preview tensor
                     if on_progress is not None and pending is None:
@@ -214,10 +244,40 @@ class UspGroup:
                 if kind == "ok":
                     return reply, out
                 if kind == "interrupted":
-                    raise Interrupted(reply["step"])
+                    raise Interrupted(reply["step"], reply.get("mid_step", False))
                 if kind == "error":
                     raise RequestError(f"{reply['message']} (rank {reply['rank']}, {reply['error_type']})")
                 raise GroupError(f"unexpected reply {kind!r} from rank 0")
+
+    def _send_cancel(self) -> float:
+        """Send the cancel frame; returns when. A connection that fails here means rank 0 is gone: say why (a rank
+        died, GroupError), not "connection reset"."""
+        try:
+            protocol.send_frame(self.sock, {"type": "cancel"})
+        except OSError:
+            raise self._failure() from None
+        return time.monotonic()
+
+    def _stop_after_cancel(self, pending: BaseException | None, grace_s: float) -> None:
+        """The group did not stop within the grace time of a Cancel: stop it now (SIGKILL: a rank inside a long
+        block would not see a SIGTERM either) and raise `pending` (ComfyUI's own interrupt, raised by its progress
+        hook), else Interrupted(group_stopped); unless the group failed meanwhile (then say why: GroupError)."""
+        if self._exited() or postmortem.read_reports(self.run_dir) or self._a_rank_is_gone():
+            raise self._failure()
+        log = logging.getLogger("usp_video")
+        log.warning("usp-video: the group did not stop within the grace time of a Cancel; stopping it (the next "
+                    "request starts a new group)")
+        if self.attached:
+            self.close(timeout=2.0)
+        else:
+            self._teardown(graceful=False)
+        if pending is not None:
+            raise pending
+        raise Interrupted(0, group_stopped=True, grace_s=grace_s)
+
+    def _a_rank_is_gone(self) -> bool:
+        """Has a rank of this group ended (killed, say) while torchrun has not yet noticed?"""
+        return not self.attached and any(not launcher.rank_alive(self.run_dir, r) for r in range(self.config.ranks))
 
     @staticmethod
     def _call(should_cancel: Callable[[], bool] | None) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -77,6 +77,9 @@ class GroupConfig:
     dit_offload: bool = False
     compile: str = "off"  # torch.compile of each DiT block: off, on (inductor), aot_eager (parallel/compile.py)
     fp8_compute: bool = False  # fp8 layers multiply in fp8 (torch._scaled_mm) on GPUs of capability >= 8.9 (formats/fp8.py)
+    # the step-time pre-flight's limit (seconds, 0: none), sent with each sample request (SampleRequest.max_step_s):
+    # not part of what defines the group (a new limit reuses the running group)
+    max_step_s: float = field(default=300.0, compare=False)
 
     def __post_init__(self):
         from .parallel.kernels import PACKAGES
@@ -123,6 +126,8 @@ class GroupConfig:
                             ">= 8.9 (Ada, Hopper, Blackwell), not on CPU: use fp8_compute 'off' here")
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             problems.append(f"timeout must be > 0 seconds, got {self.timeout}")
+        if not (isinstance(self.max_step_s, (int, float)) and self.max_step_s >= 0):
+            problems.append(f"max_step_s must be >= 0 seconds (0: no limit), got {self.max_step_s!r}")
         if not isinstance(self.threads_per_rank, int) or self.threads_per_rank < 0:
             problems.append(f"threads_per_rank must be an integer >= 0, got {self.threads_per_rank!r}")
         if not isinstance(self.vae_split, bool):

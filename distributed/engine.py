@@ -16,7 +16,9 @@ A sample is check -> experts -> pre-flight -> denoise, and returns a SampleResul
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -169,7 +171,8 @@ class Engine:
 
     @torch.no_grad()
     def sample(self, req: SampleRequest, on_step: Callable[[int, int, torch.Tensor, int | None], bool] | None = None,
-               on_start: Callable[[], None] | None = None) -> SampleResult:
+               on_start: Callable[[], None] | None = None,
+               on_block: Callable[[], bool] | None = None) -> SampleResult:
         """Run the sampler; returns the raw-space latent (float32, CPU) with the run's report.
 
         With several experts, each step runs on the expert its sigma belongs to (req.boundaries); all
@@ -178,6 +181,11 @@ class Engine:
         the step cache skipped so far (None without one), and returns True to stop; it must return the
         same value on every rank (the worker makes it collective). on_start() runs once the models are
         loaded and the inputs checked, just before the first step (step times are counted from there).
+        on_block() runs before every DiT block on every rank and returns True to stop inside the step
+        (SamplingInterrupted with mid_step set); like on_step it must return the same value on every rank, and
+        every rank runs the same blocks in the same order, so that all of them stop before the same block and
+        no collective is left half-entered. Before the first step, the step-time pre-flight
+        (Preflight.check_step_time) refuses a step estimated to take longer than req.max_step_s.
         """
         req.check_experts()
         # each file's family read once; the inputs that the header tells checked before a model is freed or loaded
@@ -206,13 +214,35 @@ class Engine:
         if sigmas is None:  # start_at_step is past the last step: nothing to do (as in ComfyUI)
             return SampleResult(req.latent.float().clone(), experts[0].sp, None, warnings, dict(self.load_counts))
         denoiser, x = self._denoiser(req, experts, sigmas, first, options)
+        estimate = self.preflight.check_step_time(experts, tuple(req.latent.shape), self._text_tokens(req, experts),
+                                               self._passes(req, experts), req.max_step_s)
         if on_start is not None:
             on_start()
-        x = get_sampler(req.sampler)(denoiser, x, sigmas, StepCallback(denoiser, len(sigmas) - 1, on_step))
+        started = time.monotonic()
+        # the per-block agreement needs every rank to run the same blocks: a step cache under cfg-parallel decides per
+        # half which blocks to skip, so there a Cancel is seen after the step (or ends in the client's grace time)
+        if denoiser.cache is not None and self.cfg_degree == 2:
+            on_block = None
+        with _stop_between_blocks(experts, on_block, lambda: denoiser.step):
+            x = get_sampler(req.sampler)(denoiser, x, sigmas, StepCallback(denoiser, len(sigmas) - 1, on_step))
+        self.preflight.observe_step(estimate, (time.monotonic() - started) / (len(sigmas) - 1))
         # ComfyUI's LATENT holds a partly denoised x as x / (1 - sigma): the next sampler's noise
         # scaling, (1 - sigma) * latent, gives x back (a no-op when the run ends at sigma 0).
         x = x / (1.0 - sigmas[-1])
         return SampleResult(family.process_out(x), experts[0].sp, denoiser.cache, warnings, dict(self.load_counts))
+
+    @staticmethod
+    def _two_passes(req: SampleRequest, experts: list[LoadedDiT]) -> bool:
+        """Does a step run the model twice (a negative, and cfg != 1 for some expert)?"""
+        return req.negative is not None and any(req.cfg_for(i) != 1.0 for i in range(len(experts)))
+
+    def _text_tokens(self, req: SampleRequest, experts: list[LoadedDiT]) -> int:
+        both = [req.positive, req.negative] if self._two_passes(req, experts) else [req.positive]
+        return max(c["tokens"].shape[1] for c in both)
+
+    def _passes(self, req: SampleRequest, experts: list[LoadedDiT]) -> int:
+        """The model passes a rank runs per step: 2 with CFG, unless the cfg-parallel halves take one each."""
+        return 2 if self._two_passes(req, experts) and self.cfg_degree == 1 else 1
 
     def _denoiser(self, req: SampleRequest, experts: list[LoadedDiT], sigmas: torch.Tensor, first: int,
                   options: dict) -> tuple[Denoiser, torch.Tensor]:
@@ -224,10 +254,9 @@ class Engine:
                                 offset=schedule - req.steps + req.start_step)
         # the activations of a step as the denoiser runs it: both passes in one batch when their
         # conditionings have the same shapes (and no cfg-parallel), else one pass at a time
-        two_passes = req.negative is not None and any(req.cfg_for(i) != 1.0 for i in range(len(experts)))
-        text_tokens = max(c["tokens"].shape[1] for c in ([req.positive, req.negative] if two_passes else [req.positive]))
+        two_passes = self._two_passes(req, experts)
         batched = two_passes and self.cfg_degree == 1 and batchable(req.positive, req.negative)
-        self.preflight.check_activations(experts, shape, text_tokens, passes=2 if batched else 1)
+        self.preflight.check_activations(experts, shape, self._text_tokens(req, experts), passes=2 if batched else 1)
         noise = make_noise(shape, req.seed) if req.add_noise else torch.zeros(req.latent.shape)
         # ComfyUI leaves an all-zero (empty) latent as it is rather than normalising it
         latent = req.latent.float()
@@ -244,3 +273,30 @@ class Engine:
         return Denoiser(experts, req.expert_at, [req.cfg_for(i) for i in range(len(experts))], positive, negative,
                         options=options, device=self.device, dtype=self.dtype, batch=batch, running=experts[first],
                         switch=self.residency.run_expert, cache=cache, inpaint=inpaint), x
+
+
+@contextmanager
+def _stop_between_blocks(experts: list[LoadedDiT], on_block: Callable[[], bool] | None, step: Callable[[], int]):
+    """While the sampler runs: on_block() before every block of every expert (a forward pre-hook, put in front of
+    FSDP's own, so that a stopped block has gathered no weights); True raises SamplingInterrupted(step() - 1,
+    mid_step=True): the steps done so far are step(). The hooks are removed on the way out."""
+    if on_block is None:
+        yield
+        return
+
+    def check(module, args):
+        if on_block():
+            raise SamplingInterrupted(step() - 1, mid_step=True)
+
+    handles = [block.register_forward_pre_hook(check, prepend=True)
+               for dit in experts for block in dit.family.blocks(dit.module)]
+    try:
+        yield
+    except SamplingInterrupted as stop:
+        if stop.mid_step:  # a forward left in the middle: FSDP's root may hold gathered weights
+            for dit in experts:
+                fsdp.reshard_after_interrupt(dit.module)
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -51,3 +51,14 @@ def gathered_block_bytes(blocks) -> int:
     for block in blocks:
         largest = max(largest, sum(p.numel() * p.element_size() for p in block.parameters()))
     return 2 * largest
+
+
+
+def step_flops(tokens: int, hidden: int, ffn: int, blocks: int, batch: int, sp_ranks: int) -> tuple[float, float]:
+    """(attention, linear): floating-point operations one rank runs for one forward of `blocks` DiT blocks on `tokens`
+    tokens split over sp_ranks ranks (the step-time pre-flight's count; a multiply-add is 2). attention: the
+    self-attention's scores and weighted sum, 4 x tokens^2 x hidden for the whole sequence; linear: its projections
+    q, k, v, out plus the cross-attention's q and out (6 x hidden^2 a token) and the FFN (2 x hidden x ffn a token).
+    Text tokens and the embeddings are left out: small beside these."""
+    scale = blocks * batch / sp_ranks
+    return 4.0 * tokens * tokens * hidden * scale, 2.0 * tokens * (6 * hidden * hidden + 2 * hidden * ffn) * scale

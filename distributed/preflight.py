@@ -1,4 +1,5 @@
-"""The memory pre-flights: will a DiT load, or a sampling step, fit in each rank's free memory?
+"""The pre-flights: will a DiT load, or a sampling step, fit in each rank's free memory? Will a step end in
+reasonable time?
 
 Each check runs before anything is allocated and, when the answer is no, raises a ValueError that says
 what to change. The checks are collective: the ranks agree on the largest need and the smallest free
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +60,8 @@ class Preflight:
         self.shard_weights, self.dit_offload, self.probe = shard_weights, dit_offload, probe
         self.sharded: dict[str, bool] = {}  # role ("dit", a text input) -> were its weights sharded
         self._shard_decisions: dict[tuple, bool] = {}
+        self._rates: dict[tuple, float] = {}  # kernel -> floating-point operations per second (_rate)
+        self._slowdown = 1.0  # the last long step's actual time / its estimate (observe_step)
 
     @property
     def world_group(self):
@@ -221,3 +225,105 @@ class Preflight:
         raise ValueError(f"a step on this latent needs about {need / 2**30:.2f} GiB of activations on each rank, "
                          f"but {'a rank' if self.world_size > 1 else 'the device'} has {free / 2**30:.2f} GiB free "
                          f"with the model loaded: use " + "; or ".join(fixes))
+
+    # -- a step's time ----------------------------------------------------------------------------
+
+    def step_seconds(self, experts: list[LoadedDiT], latent_shape: tuple[int, ...], text_tokens: int,
+                     passes: int) -> float:
+        """This rank's estimate of one step, for the slowest of the experts: the floating-point operations of its
+        blocks (memory.step_flops: attention, and the linear layers) at the speeds this rank measured for each
+        (an attention kernel at the model's head width, a matmul), times the ratio of the last long step's
+        actual time to its estimate (observe_step), which counts what the kernels leave out (communication,
+        the other layers, other programs on the device)."""
+        most = 0.0
+        for dit in experts:
+            seq = dit.family.step_sequence(dit.module, latent_shape, text_tokens)
+            info = dit.family.describe_dit(dit.module)
+            sp = dit.sp
+            attention, linear = memory.step_flops(seq["tokens"], seq["hidden"], seq["ffn"],
+                                                  len(dit.family.blocks(dit.module)), latent_shape[0] * passes,
+                                                  sp.ulysses_degree * sp.ring_degree)
+            seconds = (attention / self._rate(("attention", seq["hidden"] // max(info["heads"], 1)))
+                       + linear / self._rate(("matmul",)))
+            most = max(most, seconds)
+        return most * self._slowdown
+
+    def _rate(self, kernel: tuple) -> float:
+        """Floating-point operations per second of a kernel on this rank, measured once (~0.1 s)."""
+        if kernel not in self._rates:
+            self._rates[kernel] = (measure_attention_rate(self.device, self.dtype, kernel[1]) if kernel[0] == "attention"
+                                   else measure_matmul_rate(self.device, self.dtype))
+        return self._rates[kernel]
+
+    def observe_step(self, estimate: float, seconds: float) -> None:
+        """A sample ran: its steps took `seconds` each where step_seconds said `estimate` (before the correction).
+        Only steps of a second or more count: shorter ones measure per-call overheads, not what decides a long
+        step."""
+        if estimate > 0 and seconds >= 1.0:
+            self._slowdown = min(max(seconds / estimate, 0.25), 50.0)
+
+    def check_step_time(self, experts: list[LoadedDiT], latent_shape: tuple[int, ...], text_tokens: int,
+                        passes: int, max_step_s: float) -> float:
+        """The step-time pre-flight: a ValueError naming the size and the estimate, before the first step, when one
+        step is estimated (step_seconds, the slowest rank's) to take longer than max_step_s (0: no limit); a step
+        that long could not be cancelled in reasonable time either. Collective when there is a limit (the ranks
+        agree on the longest estimate). Returns this rank's uncorrected estimate (for observe_step)."""
+        if max_step_s <= 0:
+            return 0.0
+        mine = self.step_seconds(experts, latent_shape, text_tokens, passes)
+        seconds = torch.tensor([mine], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=self.world_group)
+        estimate = float(seconds)
+        if estimate <= max_step_s:
+            return mine / self._slowdown
+        t, h, w = latent_shape[-3:]
+        first = experts[0]
+        tokens = first.family.step_sequence(first.module, latent_shape, text_tokens)["tokens"]
+        sp_ranks = first.sp.ulysses_degree * first.sp.ring_degree
+        per_rank = f", {-(-tokens // sp_ranks)} per rank" if sp_ranks > 1 else ""
+        batch = f", batch {latent_shape[0]}" if latent_shape[0] > 1 else ""
+        raise ValueError(
+            f"one step on this latent ({t}x{h}x{w}, {tokens} tokens{per_rank}{batch}) is estimated to take about "
+            f"{_duration(estimate)} on these ranks, above the USP Group node's max_step_s of {max_step_s:g} s: use a "
+            "smaller video (attention grows with the square of the tokens), more GPUs, or raise max_step_s (0: no "
+            "limit) if you mean to wait that long")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _rate_of(run: Callable[[], object], flops: float, device: torch.device, seconds: float) -> float:
+    """flops / the time of one run(), timed over about `seconds` after one warm-up."""
+    run()
+    runs, started = 0, time.perf_counter()
+    while True:
+        run()
+        runs += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds and runs >= 3:
+            return flops * runs / elapsed
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.1) -> float:
+    """Floating-point operations per second of square matmuls in `dtype` on `device`."""
+    n = 2048 if device.type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return _rate_of(lambda: torch.mm(a, b), 2.0 * n ** 3, device, seconds)
+
+
+def measure_attention_rate(device: torch.device, dtype: torch.dtype, head_dim: int, seconds: float = 0.1) -> float:
+    """Floating-point operations per second of torch's attention kernel (scaled_dot_product_attention) at this
+    head width, on 2048 tokens (8192 on a GPU): the kernel a long step spends most of its time in."""
+    tokens = 8192 if device.type == "cuda" else 2048
+    heads = max(1, 256 // max(head_dim, 1))
+    q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device).to(dtype) for _ in range(3))
+    return _rate_of(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                    4.0 * tokens * tokens * head_dim * heads, device, seconds)

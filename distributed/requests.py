@@ -76,6 +76,8 @@ class SampleRequest(WireRequest):
     cache: a step cache for this run (sampling/step_cache.py CacheSettings), {} for none.
     loras: per expert (in the order of `experts`), its LoRAs as [[LoRA file, strength], ...], applied on every
     rank (formats/lora.py); [] for none.
+    max_step_s: refuse (ValueError, before the first step) a step that the pre-flight estimates to take longer
+    (preflight.Preflight.check_step_time); 0 for no limit.
     noise_mask: a LATENT's noise_mask (1 where the sampler samples, 0 where the latent stays: a start image), as
     ComfyUI's KSampler applies it (KSamplerX0Inpaint), for families that take one (ModelFamily.takes_noise_mask)."""
 
@@ -103,6 +105,9 @@ class SampleRequest(WireRequest):
     loras: list = header(default_factory=list, encode=_lora_paths)  # per expert: [[LoRA file, strength], ...]
     # a LATENT's noise_mask [1|B, 1|C, T, H, W] (validation.check_noise_mask)
     noise_mask: torch.Tensor | None = tensor(optional=True)
+    # the longest a step may take by the step-time pre-flight's estimate, in seconds (the USP Group node's
+    # max_step_s); 0: no limit
+    max_step_s: float = 0.0
     # test-only fault injection (honoured only by groups started to allow it)
     fault: dict | None = header(default=None, checked=False)
 

@@ -7,7 +7,7 @@ from ..distributed.parallel.compile import COMPILE
 from ..distributed.parallel.usp_attention import BACKENDS
 from ..distributed.registry import free_group, get_group
 from . import services, socket_types
-from .v3 import CATEGORY, io, schema
+from .v3 import CATEGORY, advanced, io, schema
 
 DEGREES = ["auto", "1", "2", "3", "4", "5", "6", "8"]
 
@@ -72,6 +72,11 @@ TIP_FP8 = (
     "instead of casting the weights up: faster on GPUs of compute capability >= 8.9 (RTX 40xx/50xx, L40, H100, "
     "B200), slightly less exact. Refused elsewhere.")
 
+TIP_MAX_STEP = (
+    "Refuse a sampling step estimated (from its tokens, the model and the ranks' measured speed) to take longer than "
+    "this many seconds, before it starts: a step that long (a huge width x height, say) could not be cancelled in "
+    "reasonable time either. 0: no limit. Changing it keeps the running group.")
+
 
 def _combo(name: str, options, tooltip: str, default=None):
     return io.Combo.Input(name, options=list(options), default=default, tooltip=tooltip)
@@ -104,6 +109,7 @@ class UspGroupNode(io.ComfyNode):
                 _combo("dit_offload", ["off", "on"], TIP_DIT_OFFLOAD),
                 _combo("compile", COMPILE, TIP_COMPILE),
                 _combo("fp8_compute", ["off", "on"], TIP_FP8),
+                advanced(io.Int.Input, "max_step_s", optional=True, default=300, min=0, max=86400, tooltip=TIP_MAX_STEP),
             ],
             outputs=[socket_types.Group.Output("group", tooltip="For every USP node of the graph."),
                      io.String.Output("info", tooltip="The group's ranks and degrees.")],
@@ -112,9 +118,9 @@ class UspGroupNode(io.ComfyNode):
     @classmethod
     def execute(cls, device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",
                 shard_weights="auto", vae_split="on", placement="offload", dit_offload="off", compile="off",
-                fp8_compute="off"):
+                fp8_compute="off", max_step_s=300):
         config = make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel,
-                             shard_weights, vae_split, placement, dit_offload, compile, fp8_compute)
+                             shard_weights, vae_split, placement, dit_offload, compile, fp8_compute, max_step_s)
         if config.device == "cuda":
             services.free_comfy_models()
         services.note_group(get_group(config), config)
@@ -123,7 +129,7 @@ class UspGroupNode(io.ComfyNode):
 
 def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",
                 shard_weights="auto", vae_split="on", placement="offload", dit_offload="off", compile="off",
-                fp8_compute="off") -> GroupConfig:
+                fp8_compute="off", max_step_s=300) -> GroupConfig:
     if device == "auto":
         device = "cuda" if _cuda_count() else "cpu"
     gpu_list = parse_gpus(gpus, _cuda_count()) if device == "cuda" else ()
@@ -134,7 +140,7 @@ def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeou
                        ring=parse_degree(ring), dtype=dtype, attention=attention, timeout=float(timeout_s),
                        cfg_parallel=2 if parse_bool(cfg_parallel) else 1, shard_weights=shard_weights,
                        vae_split=parse_bool(vae_split), placement=placement, dit_offload=parse_bool(dit_offload),
-                       compile=compile, fp8_compute=parse_bool(fp8_compute))
+                       compile=compile, fp8_compute=parse_bool(fp8_compute), max_step_s=float(max_step_s))
 
 
 class UspFreeGroup(io.ComfyNode):

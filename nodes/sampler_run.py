@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..distributed import api, models
-from ..distributed.client import Interrupted
+from ..distributed.client import GroupError, Interrupted
 from . import services
 from .common import LATENT_TAG
 from .model_socket import ModelSocket, show_group
@@ -86,17 +86,32 @@ def run_sampler(model: ModelSocket, latent_image: dict, node_id, *, positive: di
     sample_request = api.SampleRequest(positive=positive, negative=negative, latent=latent_image["samples"],
                                        preview=progress.wants_preview, family=model_info["family"],
                                        keep=[p for p in model.get("keep", []) if p not in request["experts"]],
-                                       **request)
+                                       max_step_s=float(getattr(model["group"], "max_step_s", 0.0)), **request)
+    cancelled = []  # ComfyUI clears its interrupt flag when its progress hook raises: remember that it was set
+
+    def should_cancel() -> bool:
+        if services.interrupt_requested():
+            cancelled.append(True)
+        return bool(cancelled)
+
+    def on_start() -> None:  # the models are loaded; the first step runs
+        show_group(model["group"])
+        services.publish_status(state="sampling (the first step is running)")
+
+    services.publish_status(state="loading")  # until the group starts the first step (on_start)
     try:
         samples, info = api.sample(model["group"], sample_request, text_dim=model_info.get("text_dim"),
-                                   on_progress=_progress_reporter(model, progress),
-                                   should_cancel=services.interrupt_requested)
-    except Interrupted:
-        services.publish_status(state="interrupted")
-        services.throw_if_interrupted()
+                                   on_progress=_progress_reporter(model, progress), should_cancel=should_cancel,
+                                   on_start=on_start)
+    except Interrupted as stop:
+        log.info("usp-video: %s", stop)
+        services.publish_status(state="interrupted (the group was stopped; the next prompt starts a new one)"
+                                if stop.group_stopped else "interrupted")
+        services.raise_interrupted()
         raise
-    except BaseException:  # ComfyUI's Cancel arrives as its own exception, raised by the progress hook
-        services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
+    except BaseException as exc:  # ComfyUI's Cancel arrives as its own exception, raised by the progress hook
+        interrupted = services.is_comfy_interrupt(exc) or (bool(cancelled) and not isinstance(exc, GroupError))
+        services.publish_status(state="interrupted" if interrupted else "failed")
         raise
     _report(info, chains, progress.value, started, request.get("cfg"))
     out = latent_image.copy()  # never mutate a cached input

@@ -127,6 +127,18 @@ def interrupt_requested() -> bool:
     return bool(IN_COMFYUI and _mm.processing_interrupted())
 
 
+def is_comfy_interrupt(exc: BaseException) -> bool:
+    """Is exc ComfyUI's own Cancel (raised by its progress hook, which clears the interrupt flag as it raises)?"""
+    return IN_COMFYUI and isinstance(exc, _mm.InterruptProcessingException)
+
+
+def raise_interrupted() -> None:
+    """End the node as cancelled: ComfyUI's interrupt exception (the page then shows 'interrupted', not an error),
+    whether or not ComfyUI's flag is still set."""
+    if IN_COMFYUI:
+        raise _mm.InterruptProcessingException()
+
+
 def throw_if_interrupted() -> None:
     """Raise ComfyUI's own interrupt exception (the page then shows 'interrupted', not an error)."""
     if IN_COMFYUI:

@@ -5,6 +5,7 @@ from the LATENT's tag (decode), never from the node: one set of VAE nodes serves
 from __future__ import annotations
 
 from ..distributed import api
+from ..distributed.client import Interrupted
 from . import services, socket_types
 from .common import LATENT_TAG, TIP_GROUP
 from .model_socket import show_group
@@ -24,8 +25,9 @@ def _with_progress(vae: dict, node_id, verb: str, call):
 
     try:
         result = call(on_progress)
-    except BaseException:
-        services.publish_status(state="interrupted" if services.interrupt_requested() else "failed")
+    except BaseException as exc:  # ComfyUI's Cancel comes as its own exception, its flag cleared by then
+        interrupted = services.is_comfy_interrupt(exc) or services.interrupt_requested() or isinstance(exc, Interrupted)
+        services.publish_status(state="interrupted" if interrupted else "failed")
         raise
     services.publish_status(state="ready")
     if progress.value == 0:  # a call that reported nothing still ends the bar

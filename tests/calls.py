@@ -28,7 +28,7 @@ def request(dit, *, positive, negative, latent, seed, steps, cfg, shift, sampler
                          options={} if guidance is None else {"guidance": guidance}, preview=preview, fault=fault)
 
 
-def sample(group, dit, *, text_dim=None, on_progress=None, should_cancel=None, **fields):
+def sample(group, dit, *, text_dim=None, on_progress=None, should_cancel=None, on_start=None, **fields):
     """api.sample with the request's fields as keywords; returns (latent, reply)."""
     return api.sample(group, request(dit, **fields), text_dim=text_dim, on_progress=on_progress,
-                      should_cancel=should_cancel)
+                      should_cancel=should_cancel, on_start=on_start)

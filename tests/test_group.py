@@ -242,3 +242,94 @@ def test_an_error_on_one_rank_only_replaces_rank_0s_answer(faults_allowed):
         group.request({"type": "ping", "fault": {"rank": 1, "kind": "value_error"}})
     reply, _ = group.request({"type": "ping"})
     assert reply["type"] == "ok" and reply["world_size"] == 2
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_killed_with_a_cancel_pending_is_named(tiny_models, faults_allowed, rank):
+    """A step whose first block takes minutes (1x1024x1024 latent frames on the tiny Wan, no time limit): Cancel,
+    then a rank killed before the group answers. Rank 0 dies (killed, or stopped by torchrun after rank 1 was)
+    inside its block with the cancel frame unread, so its socket resets: the client must say which rank died, not
+    `[Errno 104] Connection reset by peer`. (Killing rank 0 itself makes the reset come first every time.)"""
+    import os
+    import signal
+    import threading
+
+    group = GroupConfig(ranks=2)
+    g = get_group(group)
+    started = []
+
+    def should_cancel():
+        if started and time.monotonic() - started[0] > 2:
+            if len(started) == 1:
+                started.append("killed")
+                pid = int((g.run_dir / f"rank{rank}.pid").read_text())
+                threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+            return True
+        return False
+
+    with pytest.raises(GroupError) as info:
+        api.sample(g, api.SampleRequest(experts=[tiny_models["dit"]], positive=text(), negative=None,
+                                        latent=torch.zeros(1, 16, 1, 1024, 1024), seed=0, steps=2, cfg=1.0, shift=5.0,
+                                        sampler="euler"),
+                   should_cancel=should_cancel, on_start=lambda: started.append(time.monotonic()))
+    assert f"rank {rank} of 2 died (killed by SIGKILL)" in str(info.value), str(info.value)
+    assert group_gone(g)
+
+
+@pytest.mark.timeout(180)
+def test_a_group_that_does_not_answer_a_cancel_is_stopped(tiny_models, faults_allowed):
+    """A block that outlasts the grace time (1x1024x1024 on the tiny Wan: minutes): Cancel ends the request within
+    the grace time plus a few seconds (Interrupted, group_stopped, saying the next request starts a new group), no
+    process is left, and the next request runs on a new group."""
+    from usp_video.distributed.client import CANCEL_GRACE_S
+
+    group = GroupConfig(ranks=2)
+    g = get_group(group)
+    started = []
+    with pytest.raises(Interrupted) as info:
+        api.sample(g, api.SampleRequest(experts=[tiny_models["dit"]], positive=text(), negative=None,
+                                        latent=torch.zeros(1, 16, 1, 1024, 1024), seed=0, steps=2, cfg=1.0, shift=5.0,
+                                        sampler="euler"),
+                   should_cancel=lambda: bool(started) and time.monotonic() - started[0] > 1,
+                   on_start=lambda: started.append(time.monotonic()))
+    took = time.monotonic() - started[0] - 1
+    assert info.value.group_stopped and "the next prompt starts a new group" in str(info.value)
+    assert took < CANCEL_GRACE_S + 10, f"{took:.1f} s from the Cancel"
+    assert group_gone(g)
+    latent, _ = run_sample(group, tiny_models["dit"], steps=1)
+    assert latent.isfinite().all() and get_group(group) is not g
+
+
+@pytest.mark.timeout(240)
+def test_a_cancel_inside_a_step_leaves_sharded_weights_usable(tiny_models, faults_allowed):
+    """FSDP-sharded weights (shard_weights on): a Cancel that stops the ranks between two blocks (mid_step) leaves
+    the model as it was; the next sample gives the same latent as before the Cancel."""
+    group = GroupConfig(ranks=2, shard_weights="on")
+    before, _ = run_sample(group, tiny_models["dit"], steps=2)
+    started = []
+    with pytest.raises(Interrupted) as info:
+        api.sample(get_group(group), api.SampleRequest(
+            experts=[tiny_models["dit"]], positive=text(), negative=None, latent=zeros_latent(frames=5, height=64, width=64),
+            seed=0, steps=3, cfg=1.0, shift=5.0, sampler="euler"),
+            should_cancel=lambda: bool(started), on_start=lambda: started.append(True))
+    assert info.value.mid_step and not info.value.group_stopped, str(info.value)
+    after, _ = run_sample(group, tiny_models["dit"], steps=2)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.timeout(240)
+def test_cfg_parallel_halves_agree_between_blocks(tiny_models, faults_allowed):
+    """cfg-parallel: each half runs its own pass, the same blocks, so the per-block agreement holds (a Cancel stops both
+    inside the step); with a step cache the halves may skip different blocks, so there the ranks look for a Cancel
+    only after a step: a cached run with a high threshold (blocks skipped on either half) still completes."""
+    group = GroupConfig(ranks=2, cfg_parallel=2, ulysses=1, ring=1, timeout=20)
+    latent, info = api.sample(group, api.SampleRequest(
+        experts=[tiny_models["dit"]], positive=text(), negative=text(seed=1), latent=zeros_latent(), seed=1, steps=6,
+        cfg=4.0, shift=5.0, sampler="euler", cache={"method": "fbcache", "threshold": 0.5}))
+    assert latent.isfinite().all() and info["cache"]["skipped_steps"], info
+    started = []
+    with pytest.raises(Interrupted) as info:
+        run_sample(group, tiny_models["dit"], steps=3, latent=zeros_latent(frames=5, height=64, width=64),
+                   should_cancel=lambda: bool(started), on_start=lambda: started.append(True))
+    assert info.value.mid_step and not info.value.group_stopped, str(info.value)

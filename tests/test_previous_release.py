@@ -358,7 +358,9 @@ def ui_problems(ui: dict, info: dict) -> list[str]:
             problems.append(f"{where}: not registered")
             continue
         slots, values = widget_slots(info[node["type"]]), node.get("widgets_values") or []
-        if len(values) != len(slots):
+        # the page keeps a widget's default where a saved list ends early: fine for optional inputs added at the end
+        optional = set(info[node["type"]]["input"].get("optional", {}))
+        if len(values) > len(slots) or any(name not in optional for name, _ in slots[len(values):]):
             problems.append(f"{where}: {len(values)} widget values for the widgets {[n for n, _ in slots]}")
         problems += [f"{where}: {problem}" for (name, spec), value in zip(slots, values)
                      if spec is not None and (problem := value_problem(name, spec, value))]

@@ -200,7 +200,7 @@ def test_a_sample_request_round_trips_and_its_header_keeps_its_wire_order():
     header, tensors = protocol.decode_frame(protocol.encode_frame(*request.to_frame()))
     assert list(header) == ["type", "experts", "boundaries", "seed", "steps", "cfg", "shift", "sampler", "denoise",
                             "options", "preview", "family", "keep", "start_step", "end_step", "add_noise",
-                            "leftover_noise", "cache", "loras", "fault"]
+                            "leftover_noise", "cache", "loras", "max_step_s", "fault"]
     assert sorted(tensors) == ["latent", "negative.tokens", "noise_mask", "positive.tokens"]
     back = SampleRequest.from_frame(header, tensors)
     assert_same_request(back, request)  # every field, so that a field the wire drops cannot pass

@@ -41,7 +41,7 @@ NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风�
 # id: (class_type, title, widget values in widget order, {input: (src_id, slot)}, outputs [(name, type)], pos)
 WAN_T2V = {
     1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600, "off", "auto", "on", "offload", "off",
-                                 "off", "off"], {},
+                                 "off", "off", 300], {},
         [("group", "USP_GROUP"), ("info", "STRING")], (40, 60)),
     2: ("UspLoadDiffusionModel", None, ["wan2.1_t2v_1.3B_fp16.safetensors", "none"], {"group": (1, 0)},
         [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
@@ -64,7 +64,7 @@ WAN_T2V = {
 
 HUNYUAN_T2V = {
     1: ("UspGroup", "USP Group", ["auto", "all", 2, "auto", "auto", "auto", "auto", 600, "off", "auto", "on", "offload", "off",
-                                 "off", "off"], {},
+                                 "off", "off", 300], {},
         [("group", "USP_GROUP"), ("info", "STRING")], (40, 60)),
     2: ("UspLoadDiffusionModel", None, ["hunyuan_video_t2v_720p_bf16.safetensors", "none"], {"group": (1, 0)},
         [("model", "USP_MODEL"), ("info", "STRING")], (440, 60)),
@@ -252,7 +252,7 @@ SIZES = {"UspGroup": (360, 540), "UspLoadDiffusionModel": (560, 120), "UspLoadTe
 # Widget names in order, for converting to API format (ours are checked against the nodes' schemas in a test).
 WIDGETS = {
     "UspGroup": ["device", "gpus", "cpu_ranks", "ulysses", "ring", "attention", "dtype", "timeout_s", "cfg_parallel",
-                 "shard_weights", "vae_split", "placement", "dit_offload", "compile", "fp8_compute"],
+                 "shard_weights", "vae_split", "placement", "dit_offload", "compile", "fp8_compute", "max_step_s"],
     "UspLoadDiffusionModel": ["model_name", "low_noise_model_name"],
     "UspLoadTextEncoder": ["text_encoder_name", "clip_name", "tokenizer_folder"], "UspTextEncode": ["text"],
     "EmptyHunyuanLatentVideo": ["width", "height", "length", "batch_size"],

@@ -85,3 +85,13 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def reshard_after_interrupt(model: torch.nn.Module) -> None:
+    """Free the gathered weights that a forward stopped in its middle (a Cancel between blocks) left behind: the
+    root's post-forward, which reshards it, never ran. The next forward gathers them again as usual."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

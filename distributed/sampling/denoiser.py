@@ -22,9 +22,11 @@ Cond = dict[str, torch.Tensor]
 
 
 class SamplingInterrupted(Exception):
-    def __init__(self, step: int):
-        super().__init__(f"interrupted at step {step}")
-        self.step = step
+    """A Cancel agreed by every rank: after step `step` (0-based), or, mid_step, before a block of the step after it."""
+
+    def __init__(self, step: int, mid_step: bool = False):
+        super().__init__(f"interrupted {'during the step after' if mid_step else 'at'} step {step}")
+        self.step, self.mid_step = step, mid_step
 
 
 def make_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
