@@ -2,13 +2,16 @@
 
 ComfyUI's nodes and the CLI ask for a group by its GroupConfig (get_group): the current group is
 reused across prompts while its config is unchanged and it is alive, relaunched after a failure,
-and replaced when the config changes; every group still running is stopped when the process exits.
-The groups themselves are client.UspGroup.
+and replaced when the config changes; every group still running is stopped when the process exits (at exit, and,
+inside ComfyUI, on a SIGTERM too: stop_groups_on_sigterm). The groups themselves are client.UspGroup.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
+import signal
+import threading
 
 from .client import UspGroup
 from .config import GroupConfig
@@ -67,3 +70,27 @@ def free_group() -> bool:
 
 
 __all__ = ["GroupRegistry", "GROUPS", "get_group", "free_group"]
+
+
+def stop_groups_on_sigterm() -> bool:
+    """Stop this process's groups (their ranks, their run folders) when it gets a SIGTERM, then end it as the
+    SIGTERM would have (the handler found before, else the default action). Python runs no atexit hook on a SIGTERM,
+    so a `kill` of ComfyUI would leave the run folders behind. Only from the main thread (where Python allows a
+    handler); returns whether it was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        try:
+            GROUPS.stop_all()
+        finally:
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                signal.signal(signum, signal.SIG_DFL if previous in (None, signal.SIG_DFL) else previous)
+                os.kill(os.getpid(), signum)
+
+    if getattr(previous, "__name__", "") != on_sigterm.__name__:  # once, however often the pack is loaded
+        signal.signal(signal.SIGTERM, on_sigterm)
+    return True

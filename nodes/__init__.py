@@ -29,4 +29,7 @@ class UspVideoExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> UspVideoExtension:
+    from ..distributed.registry import stop_groups_on_sigterm
+
+    stop_groups_on_sigterm()  # a `kill` of ComfyUI stops the groups and removes their run folders too
     return UspVideoExtension()

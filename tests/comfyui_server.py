@@ -30,9 +30,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def comfyui_server(comfy_dir: str, models_root: Path, work: Path, extra_args: tuple[str, ...] = ()):
+def comfyui_server(comfy_dir: str, models_root: Path, work: Path, extra_args: tuple[str, ...] = (),
+                   stop_with_sigterm: bool = False):
     """Yields the server URL. The pack is linked into a private custom_nodes folder under a
-    folder name that is not a module name, as users install it. extra_args: more of main.py's flags."""
+    folder name that is not a module name, as users install it. extra_args: more of main.py's flags.
+    At the end the server gets Ctrl-C's SIGINT (its process group, as a terminal sends it), or with
+    stop_with_sigterm a SIGTERM to its own process only (what `kill PID` or a service manager sends)."""
     custom_nodes = work / "custom_nodes"
     custom_nodes.mkdir(parents=True, exist_ok=True)
     link = custom_nodes / "ComfyUI-usp-video"
@@ -69,7 +72,10 @@ def comfyui_server(comfy_dir: str, models_root: Path, work: Path, extra_args: tu
         yield url
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: ComfyUI exits, its atexit stops our group
+            if stop_with_sigterm:
+                os.kill(proc.pid, signal.SIGTERM)  # the pack's handler stops the group, then ComfyUI ends
+            else:
+                os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: ComfyUI exits, its atexit stops our group
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:

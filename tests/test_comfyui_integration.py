@@ -62,6 +62,21 @@ def server(tiny_models, tmp_path_factory):
     assert processes_matching(str(group_dir(work))) == [], "a group outlived ComfyUI"
 
 
+def test_a_sigterm_to_comfyui_stops_the_group_and_removes_its_run_folder(tiny_models, tmp_path):
+    """`kill PID` (SIGTERM) of a ComfyUI that runs a group: the pack's handler stops the ranks and removes the run
+    folder before ComfyUI ends, as at a normal exit (Python runs no atexit hook on a SIGTERM by itself)."""
+    work = tmp_path / "sigterm"
+    with comfyui_server(COMFYUI_DIR, Path(tiny_models["dit"]).parents[1], work, stop_with_sigterm=True) as url:
+        result = queue(url, tmp_path / "out", *tiny_overrides(tiny_models, steps=1, width=32, height=32, length=5))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert list(group_dir(work).glob("usp-video-group-*")), "no group ran"
+    deadline = time.monotonic() + 20
+    while processes_matching(str(group_dir(work))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_matching(str(group_dir(work))) == [], "a group outlived ComfyUI"
+    assert list(group_dir(work).glob("usp-video-group-*")) == [], "a run folder outlived ComfyUI"
+
+
 def test_pack_loads_under_a_folder_name(server):
     url, work = server
     info = json.loads(urllib.request.urlopen(url + "/object_info").read())

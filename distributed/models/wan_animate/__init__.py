@@ -25,6 +25,7 @@ from ...formats import streamed
 from ..family import Defaults, ModelFamily
 from ..wan21 import NEGATIVE_PROMPT, Wan21, plan_variant
 from ..wan21 import dit as wan
+from ..wan21 import concat
 from . import dit
 
 
@@ -94,6 +95,9 @@ class WanAnimate(Wan21):
                 raise ValueError(f"{name}.{key} must be a finite float tensor [batch, {channels}, frames, height, "
                                  f"width] (as WanAnimateToVideo makes it), got {tuple(value.shape)} {value.dtype}")
 
+    def comfy_image_to_video(self, model) -> bool:
+        return False  # ComfyUI's WAN22_Animate model_base leaves image_to_video off
+
     def model_conditioning(self, model, cond, latent_shape, name):
         """ComfyUI's WAN22_Animate.extra_conds and concat_cond: the reference/video latents and mask beside the
         noise (zeros without them, as ComfyUI), the pose latent in the model's space, the face pixels as they are."""
@@ -106,7 +110,8 @@ class WanAnimate(Wan21):
             raise ValueError(f"{name}: Wan 2.2 Animate needs the reference image's CLIP vision features: "
                              "CLIPVisionEncode (clip_vision_h.safetensors) into WanAnimateToVideo's clip_vision_output")
         if "concat_latent_image" in cond:
-            out["concat"] = self._start_video(cond["concat_latent_image"], cond.get("concat_mask"), latent_shape, name)
+            out["concat"] = concat.concat_cond(self, model, cond["concat_latent_image"], cond.get("concat_mask"),
+                                               latent_shape, name)
         else:
             if "concat_mask" in cond:
                 raise ValueError(f"{name}.concat_mask comes without its concat_latent_image")
