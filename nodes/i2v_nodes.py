@@ -35,6 +35,14 @@ def wan_conditioning_inputs(vae_tooltip: str) -> list:
             *video_size_inputs(832, 480, 81, 16, "81 at 16 fps is 5 s")]
 
 
+def empty_latent(family, width: int, height: int, length: int, batch_size: int, extra_frames: int = 0):
+    """The empty latent of a video of this size (checked: _check_size), extra_frames latent frames longer."""
+    _check_size(family, width, height, length)
+    down = family.spatial_compression
+    return torch.zeros(batch_size, family.latent_channels, (length - 1) // 4 + 1 + extra_frames, height // down,
+                       width // down)
+
+
 def _check_size(family, width: int, height: int, length: int) -> None:
     """The family's pixel multiple for width and height, and 1 + 4k frames."""
     step = family.pixel_multiple
@@ -72,10 +80,7 @@ class UspWanImageToVideo(io.ComfyNode):
     def execute(cls, positive, negative, vae, width, height, length, batch_size, start_image=None,
                 clip_vision_output=None):
         family = get(cls.FAMILY)
-        _check_size(family, width, height, length)
-        frames = (length - 1) // 4 + 1
-        down = family.spatial_compression
-        latent = torch.zeros(batch_size, family.latent_channels, frames, height // down, width // down)
+        latent = empty_latent(family, width, height, length, batch_size)
         values = {}
         if start_image is not None:
             values.update(api.encode_start_image(vae["group"], vae["path"], start_image, width, height, length,
@@ -130,17 +135,13 @@ class UspWanFunControlToVideo(io.ComfyNode):
     def execute(cls, positive, negative, vae, width, height, length, batch_size, clip_vision_output=None,
                 start_image=None, control_video=None):
         family = get(cls.FAMILY)
-        _check_size(family, width, height, length)
-        frames = (length - 1) // 4 + 1
-        down = family.spatial_compression
-        latent = torch.zeros(batch_size, family.latent_channels, frames, height // down, width // down)
+        latent = empty_latent(family, width, height, length, batch_size)
         # as WanFunControlToVideo: the latent format's empty value where nothing is encoded, control then start
-        concat = family.process_out(torch.zeros(1, family.latent_channels, frames, height // down,
-                                                width // down)).repeat(1, 2, 1, 1, 1)
+        concat = family.process_out(torch.zeros_like(latent[:1])).repeat(1, 2, 1, 1, 1)
         for offset, video, what in ((family.latent_channels, start_image, "start image"), (0, control_video, "control video")):
             if video is not None:
                 encoded = encode_frames(vae, resized_frames(video, width, height, length), family, what)
-                kept = min(encoded.shape[2], frames)
+                kept = min(encoded.shape[2], latent.shape[2])
                 concat[:, offset:offset + family.latent_channels, :kept] = encoded[:, :, :kept]
         values = {"concat_latent_image": concat}
         if clip_vision_output is not None:
@@ -177,9 +178,7 @@ class UspWan22ImageToVideoLatent(io.ComfyNode):
 
 def wan22_latent(family, vae, width, height, length, batch_size, start_image=None) -> dict:
     """Wan22ImageToVideoLatent's LATENT: empty, or with the start image's frames kept under a noise_mask."""
-    _check_size(family, width, height, length)
-    down = family.spatial_compression
-    latent = torch.zeros(1, family.latent_channels, (length - 1) // 4 + 1, height // down, width // down)
+    latent = empty_latent(family, width, height, length, 1)
     if start_image is None:
         return {"samples": latent.repeat(batch_size, 1, 1, 1, 1), LATENT_TAG: family.name}
     frames = resized_frames(start_image, width, height, length)

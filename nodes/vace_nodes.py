@@ -12,7 +12,7 @@ from ..distributed.models import get
 from ..distributed.models.video import comfy_upscale, resized_frames
 from . import services, socket_types
 from .common import LATENT_TAG
-from .i2v_nodes import _check_size, encode_frames, wan_conditioning_inputs
+from .i2v_nodes import _check_size, empty_latent, encode_frames, wan_conditioning_inputs
 from .v3 import CATEGORY, io, schema
 
 VACE_KEYS = ("vace_frames", "vace_mask", "vace_strength")
@@ -92,8 +92,7 @@ class UspWanVaceToVideo(io.ComfyNode):
             latent_mask = torch.cat([torch.zeros_like(latent_mask[:, :, :reference.shape[2]]), latent_mask], dim=2)
             trim = reference.shape[2]
         values = {"vace_frames": frames, "vace_mask": latent_mask, "vace_strength": float(strength)}
-        down = family.spatial_compression
-        latent = torch.zeros(batch_size, family.latent_channels, frames.shape[2], height // down, width // down)
+        latent = empty_latent(family, width, height, length, batch_size, extra_frames=trim)
         services.publish_status(state="ready")
         return io.NodeOutput(appended(positive, values), appended(negative, values),
                              {"samples": latent, LATENT_TAG: family.name}, trim)
