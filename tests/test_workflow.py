@@ -40,6 +40,27 @@ def test_shipped_files_are_current(name):
     assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == make_workflows.to_ui(graph)
 
 
+def test_every_template_card_has_a_title_and_description_drawn_on_its_picture():
+    """The template browser titles a custom pack's card with its file name (workflows/cards.py says why), so
+    the card's picture carries a title and a one-line description: one per shipped workflow, each fitting the
+    picture, and every NAME.jpg drawn from its card as it is now (a changed text not redrawn fails)."""
+    from PIL import Image, ImageChops, ImageStat
+
+    from usp_video.workflows.cards import BAND, CARDS
+
+    assert sorted(CARDS) == sorted(make_workflows.WORKFLOWS), "one card per shipped workflow, no other"
+    titles = {node_id: cls.GET_SCHEMA().display_name for node_id, cls in NODE_CLASSES.items()}
+    for name, card in CARDS.items():
+        assert all(card) and len(set(card)) == 2, (name, card)
+        drawn = make_workflows.card_picture(make_workflows.WORKFLOWS[name], card, titles, make_workflows.SIZES,
+                                            (340, 120))
+        with Image.open(WORKFLOWS / f"{name}.jpg") as shipped:
+            assert shipped.size == drawn.size, name
+            band = (0, 0, drawn.width, BAND)
+            difference = ImageStat.Stat(ImageChops.difference(shipped.convert("RGB").crop(band), drawn.crop(band)))
+            assert max(difference.mean) < 3, f"{name}.jpg is not drawn from its card: run make_workflows"
+
+
 @pytest.mark.parametrize("class_type", sorted(c for c in make_workflows.WIDGETS if c in NODE_CLASSES))
 def test_ui_widget_order_matches_node_inputs(class_type):
     assert make_workflows.WIDGETS[class_type] == widget_names(NODE_CLASSES[class_type])

@@ -2,19 +2,9 @@
 
     wan21_t2v_usp.json                   UI format (drag into the ComfyUI page / template browser)
     api/wan21_t2v_usp_api.json           API format (POST /prompt, `usp-video queue`)
-    wan21_t2v_lora_usp.json              Wan 2.1 14B with a step-distillation LoRA: 4 steps at cfg 1
-    wan21_i2v_usp.json                   Wan 2.1 I2V 14B from a start image (native CLIP vision, USP image to video)
-    wan22_i2v_usp.json                   Wan 2.2 I2V A14B from a start image (no CLIP vision)
-    wan22_ti2v_5b_i2v_usp.json           Wan 2.2 TI2V-5B from a start image (its noise-masked latent)
-    hunyuan_video_t2v_usp.json           the same for HunyuanVideo
-    api/hunyuan_video_t2v_usp_api.json
-    wan22_t2v_usp.json                   Wan 2.2 A14B, one sampler switching expert at the boundary
-    wan22_t2v_usp_two_samplers.json      Wan 2.2 A14B, ComfyUI's two-sampler layout (USP Sampler Advanced)
-    wan22_ti2v_5b_usp.json               Wan 2.2 TI2V-5B (its own empty latent and the Wan 2.2 VAE)
-    wan21_fun_control_usp.json           Wan 2.1 Fun Control 1.3B: a control video and a start image
-    wan21_vace_r2v_usp.json              Wan 2.1 VACE 14B from a reference image (WanVaceToVideo, TrimVideoLatent)
-    wan21_vace_control_usp.json          Wan 2.1 VACE 14B following a control video (LoadVideo into WanVaceToVideo)
-    (and their api/ files, and NAME.jpg: the template browser's picture of each, the graph drawn)
+    NAME.jpg                             the template browser's card picture: title, description, graph
+
+for every workflow of WORKFLOWS; what each one is: its card in cards.py (CARDS).
 
 The API files live in api/: ComfyUI lists every .json directly in workflows/ in its template browser,
 where an API-format file cannot open.
@@ -28,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .cards import CARDS, card_picture
 from .control_workflows import CONTROL_SIZES, CONTROL_SOCKETS, CONTROL_WIDGETS, control_workflows
 from .vace_workflows import NATIVE_OPTIONAL, VACE_SIZES, VACE_SOCKETS, VACE_WIDGETS, vace_workflows
 
@@ -317,50 +308,17 @@ def to_ui(graph: dict) -> dict:
             "config": {}, "extra": {}, "version": 0.4}
 
 
-def thumbnail(graph: dict, titles: dict[str, str], size: tuple[int, int] = (640, 360)):
-    """The template browser's card picture (NAME.jpg beside NAME.json): the graph drawn as its boxes and
-    links, at the positions and sizes of the UI file, each box named as in the page."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    boxes = {node_id: (*pos, pos[0] + SIZES.get(class_type, (340, 120))[0], pos[1] + SIZES.get(class_type, (340, 120))[1])
-             for node_id, (class_type, _, _, _, _, pos) in graph.items()}
-    left, top = min(b[0] for b in boxes.values()) - 20, min(b[1] for b in boxes.values()) - 20
-    right, bottom = max(b[2] for b in boxes.values()) + 20, max(b[3] for b in boxes.values()) + 20
-    scale = min(size[0] / (right - left), size[1] / (bottom - top))
-    offset = ((size[0] - (right - left) * scale) / 2, (size[1] - (bottom - top) * scale) / 2)
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return offset[0] + (x - left) * scale, offset[1] + (y - top) * scale
-
-    image = Image.new("RGB", size, (32, 32, 32))
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=max(9, round(15 * scale * 1.6)))
-    for node_id, (_, _, _, links, _, _) in graph.items():
-        for slot_index, (src, slot) in enumerate(links.values()):
-            x0, y0 = at(boxes[src][2], boxes[src][1] + 40 + 20 * slot)
-            x1, y1 = at(boxes[node_id][0], boxes[node_id][1] + 40 + 20 * slot_index)
-            draw.line([(x0, y0), ((x0 + x1) / 2, y0), ((x0 + x1) / 2, y1), (x1, y1)], fill=(150, 170, 110), width=2)
-    for node_id, (class_type, title, _, _, _, _) in graph.items():
-        x0, y0 = at(*boxes[node_id][:2])
-        x1, y1 = at(*boxes[node_id][2:])
-        ours = class_type.startswith("Usp")
-        draw.rounded_rectangle([x0, y0, x1, y1], radius=6, fill=(53, 53, 53), outline=(90, 140, 200) if ours else (80, 80, 80), width=2)
-        draw.rounded_rectangle([x0, y0, x1, y0 + 26 * scale * 1.6], radius=6, fill=(40, 60, 90) if ours else (45, 45, 45))
-        name = title or titles.get(class_type, class_type)
-        while len(name) > 4 and draw.textlength(name, font=font) > x1 - x0 - 10:
-            name = name[:-2].rstrip() + "…"
-        draw.text((x0 + 6, y0 + 4 * scale), name, fill=(225, 225, 225), font=font)
-    return image
-
-
 def main() -> None:
     from usp_video.nodes import NODE_CLASSES
 
+    missing = sorted(set(WORKFLOWS) - set(CARDS))
+    if missing:
+        raise SystemExit(f"no template card (title, description) in workflows/cards.py CARDS for: {missing}")
     titles = {node_id: cls.GET_SCHEMA().display_name for node_id, cls in NODE_CLASSES.items()}
     for name, graph in WORKFLOWS.items():
         (HERE / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2, ensure_ascii=False) + "\n")
         (API_DIR / f"{name}_api.json").write_text(json.dumps(to_api(graph), indent=2, ensure_ascii=False) + "\n")
-        thumbnail(graph, titles).save(HERE / f"{name}.jpg", quality=88)
+        card_picture(graph, CARDS[name], titles, SIZES, (340, 120)).save(HERE / f"{name}.jpg", quality=88)
 
 
 if __name__ == "__main__":
