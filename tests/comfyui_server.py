@@ -44,7 +44,7 @@ def comfyui_server(comfy_dir: str, models_root: Path, work: Path, extra_args: tu
     (work / "output").mkdir(exist_ok=True)
     config = work / "extra_model_paths.yaml"
     config.write_text(f"usp_video_test:\n    base_path: {models_root}\n    diffusion_models: diffusion_models\n"
-                      f"    text_encoders: text_encoders\n    vae: vae\n    loras: loras\n    custom_nodes: {custom_nodes}\n")
+                      f"    text_encoders: text_encoders\n    vae: vae\n    loras: loras\n    clip_vision: clip_vision\n    custom_nodes: {custom_nodes}\n")
     port = free_port()
     python = comfyui_python()
     # The server's temporary files, the run folders of the groups it starts among them, go under work/:

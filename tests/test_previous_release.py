@@ -48,11 +48,13 @@ RELEASE_COMMIT = "98ff83b"  # the release whose workflows and latents these are
 TOLERANCE = 1e-5
 WRITE_LATENTS = os.environ.get("USP_VIDEO_WRITE_PREVIOUS_LATENTS") == "1"
 
-# The API workflows the tiny sets cannot run, and why (each still gets the static checks).
-NOT_RUNNABLE = {
-    "wan21_i2v_usp": "ComfyUI's own CLIPVisionLoader builds CLIP ViT-H (clip_vision_h) at its fixed full size "
-                     "(632M parameters): no tiny file can stand in for it",
+# The previous release's API workflows that its tiny sets could not run, so that it stored no latents for them (each
+# still gets the static checks, and its shipped form runs in test_workflow_runs_on_the_tiny_set).
+NO_STORED_LATENTS = {
+    "wan21_i2v_usp": "ComfyUI's own CLIPVisionLoader builds CLIP ViT-H (clip_vision_h) at its fixed full size; the "
+                     "tests' ComfyUI now loads a tiny one with comfyui_test_nodes' TinyCLIPVisionLoader",
 }
+TINY_CLIP_VISION = "clip_vision/tiny_clip_vision_h.safetensors"  # tests/tiny_clip_vision.py writes it
 
 # -- the tiny substitution ---------------------------------------------------------------------------------------
 
@@ -69,6 +71,7 @@ def tiny_model_files() -> dict[str, str]:
     from usp_video.distributed.models.wan21.tiny import FILES as WAN21
     from usp_video.distributed.models.wan22_5b.tiny import FILES as WAN22_5B
     from usp_video.distributed.models.wan22_a14b.tiny import FILES as WAN22
+    from usp_video.distributed.models.wan_animate.tiny import FILES as ANIMATE
     from usp_video.distributed.models.wan_vace.tiny import FILES as VACE
 
     return {
@@ -93,6 +96,8 @@ def tiny_model_files() -> dict[str, str]:
         "llava_llama3_fp8_scaled.safetensors": HUNYUAN_FILES["llama"],
         "clip_l.safetensors": HUNYUAN_FILES["clip"],
         "hunyuan_video_vae_bf16.safetensors": HUNYUAN_FILES["vae"],
+        "wan2.2_animate_14B_bf16.safetensors": ANIMATE["dit"],
+        "clip_vision_h.safetensors": TINY_CLIP_VISION,
     }
 
 
@@ -100,11 +105,15 @@ def tiny_substitute(prompt: dict, models_root: Path, steps: int = TINY_STEPS, fi
     """A copy of an API prompt that the tiny sets run on CPU: every input whose value is a real model file name
     (tiny_model_files) gets the tiny file of its role; by input name, width/height/length get TINY_SIZE, steps
     `steps` (an advanced sampler's start_at_step/end_at_step scaled with it, "to the end" kept), the group's
-    device "cpu", and an empty tokenizer_folder the tiny HunyuanVideo tokenizers. Anything else is kept. files: other
-    tiny files by real name, for this prompt (a model whose tiny set has its own text encoder)."""
+    device "cpu", and an empty tokenizer_folder the tiny HunyuanVideo tokenizers; ComfyUI's CLIPVisionLoader becomes
+    the tests' TinyCLIPVisionLoader (comfyui_test_nodes: ComfyUI's own CLIP vision model built at the tiny file's
+    size). Anything else is kept. files: other tiny files by real name, for this prompt (a model whose tiny set has
+    its own text encoder)."""
     files = {**tiny_model_files(), **(files or {})}
     prompt = json.loads(json.dumps(prompt))
     for node in prompt.values():
+        if node["class_type"] == "CLIPVisionLoader":
+            node["class_type"] = "UspTestTinyCLIPVisionLoader"
         inputs = node["inputs"]
         old_steps = inputs.get("steps")
         for name, value in inputs.items():
@@ -238,6 +247,7 @@ def server(tiny_models, tmp_path_factory):
     from usp_video.distributed.models import FAMILIES
     from usp_video.distributed.models.hunyuan_video.tiny import make_tiny_hunyuan_models
     from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models as make_tiny_wan22
+    from tiny_clip_vision import make_tiny_clip_vision
 
     if not COMFYUI_DIR:
         pytest.fail("USP_VIDEO_REQUIRE_COMFYUI=1 requires these tests to run, but COMFYUI_DIR is not set")
@@ -249,8 +259,12 @@ def server(tiny_models, tmp_path_factory):
     (work / "input").mkdir()
     write_start_image(work / "input" / START_IMAGE)
     FAMILIES["wan2.1-vace"].make_tiny(models_root)
+    FAMILIES["wan2.2-animate"].make_tiny(models_root)
+    make_tiny_clip_vision(models_root / TINY_CLIP_VISION)
     for name in {CONTROL_VIDEO} | video_inputs():
         write_control_video(work / "input" / name)
+    (work / "custom_nodes").mkdir()
+    (work / "custom_nodes" / "usp_video_test_nodes").symlink_to(Path(__file__).parent / "comfyui_test_nodes")
     with comfyui_server(COMFYUI_DIR, models_root, work, ("--input-directory", str(work / "input"))) as url:
         with urllib.request.urlopen(url + "/object_info") as response:
             info = json.load(response)
@@ -420,7 +434,7 @@ def test_previous_api_workflow_fits_the_nodes(server, name):
     assert problems == [], f"{name}:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("name", [n for n in api_workflows() if n not in NOT_RUNNABLE])
+@pytest.mark.parametrize("name", [n for n in api_workflows() if n not in NO_STORED_LATENTS])
 def test_previous_api_workflow_gives_the_previous_latents(server, name, tmp_path):
     """The saved API file, tiny files and sizes substituted, runs over HTTP and each sampler's latent matches
     what the previous release made from it."""
@@ -446,7 +460,7 @@ RAN: dict[str, dict] = {}  # this session's latents of each previous-release wor
 SHIPPED_API = Path(__file__).resolve().parents[1] / "workflows" / "api"
 
 
-@pytest.mark.parametrize("name", [n for n in api_workflows() if n not in NOT_RUNNABLE])
+@pytest.mark.parametrize("name", [n for n in api_workflows() if n not in NO_STORED_LATENTS])
 def test_generic_workflow_gives_the_latents_of_the_per_family_one(server, name, tmp_path):
     """The shipped workflow of the same name, rebuilt on the generic nodes (USP Load Diffusion Model, USP Sampler,
     USP Sampler Advanced, USP LoRA...), gives the final latent of the previous release's per-family workflow:
@@ -480,13 +494,6 @@ def video_inputs() -> set[str]:
             for node in json.loads(path.read_text()).values() if node["class_type"] == "LoadVideo"}
 
 
-# New shipped workflows the tiny sets cannot run, and why (the browser and workflow tests still check them).
-NEW_NOT_RUNNABLE = {
-    "wan22_animate_usp": "ComfyUI's own CLIPVisionLoader builds CLIP ViT-H (clip_vision_h) at its fixed full size, and "
-                         "Wan 2.2 Animate needs its features (as wan21_i2v_usp): no tiny file can stand in for it",
-}
-
-
 def new_tiny_files() -> dict[str, dict[str, str]]:
     """Per new workflow, tiny files other than tiny_model_files' (the VACE DiT reads a 4096-wide text)."""
     from usp_video.distributed.models.wan_vace.tiny import FILES as VACE
@@ -495,10 +502,18 @@ def new_tiny_files() -> dict[str, dict[str, str]]:
     return {"wan21_vace_r2v_usp": vace, "wan21_vace_control_usp": vace}
 
 
-@pytest.mark.parametrize("name", [n for n in shipped_since() if n not in NEW_NOT_RUNNABLE])
-def test_workflow_new_since_the_previous_release_runs_on_the_tiny_set(server, name, tmp_path):
-    """Each shipped workflow that is new since the previous release runs in ComfyUI on the tiny sets (its models'
-    tiny files, the start image and the control video in the input folder) and writes its video."""
+# Shipped workflows the tiny sets cannot run, and why (the browser and workflow tests still check them).
+NOT_RUNNABLE = {
+    "wan22_animate_usp": "its native VAELoader (into WanAnimateToVideo) builds ComfyUI 0.3.64's Wan 2.1 VAE at its "
+                         "fixed full width (96), which no tiny VAE file fits",
+}
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_since() + sorted(NO_STORED_LATENTS) if n not in NOT_RUNNABLE])
+def test_workflow_runs_on_the_tiny_set(server, name, tmp_path):
+    """Each shipped workflow that no latent test runs (new since the previous release, or one that release could
+    not run) runs in ComfyUI on the tiny sets (its models' tiny files, the start image and the control video in
+    the input folder, the tiny CLIP vision) and writes its video."""
     url, _, models_root, _ = server
     from usp_video.distributed.comfy_queue import run_workflow
 
@@ -509,13 +524,13 @@ def test_workflow_new_since_the_previous_release_runs_on_the_tiny_set(server, na
     assert [f for f in files if f.suffix in (".webp", ".mp4", ".webm")], files
 
 
-def test_the_new_workflows_the_tiny_sets_cannot_run_are_known():
-    assert set(NEW_NOT_RUNNABLE) <= set(shipped_since())
+def test_the_workflows_the_tiny_sets_cannot_run_are_known():
+    assert set(NOT_RUNNABLE) <= set(shipped_since())
 
 
 def test_every_runnable_workflow_has_stored_latents():
     """No latent file is missing or left over; a workflow the tiny sets cannot run is a known one."""
-    assert set(NOT_RUNNABLE) <= set(api_workflows())
+    assert set(NO_STORED_LATENTS) <= set(api_workflows())
     stored = sorted(p.name.removesuffix(".safetensors") for p in LATENTS_DIR.glob("*.safetensors"))
-    assert stored == [n for n in api_workflows() if n not in NOT_RUNNABLE]
+    assert stored == [n for n in api_workflows() if n not in NO_STORED_LATENTS]
     assert stored_latent("wan22_t2v_usp_two_samplers").equal(stored_latent("wan22_t2v_usp_two_samplers", "11"))
