@@ -626,3 +626,61 @@ def test_a_rank_killed_with_a_cancel_pending_is_named(server, tiny_models, tmp_p
     output = "".join(lines) + rest
     assert "rank 1 of 2 died (killed by SIGKILL)" in output, output
     assert "Connection reset" not in output and "Errno" not in output, output
+
+
+def _native_matches_ksampler(url, work, tmp_path, tag: str, unet: str, text: dict, latent: dict, shift: float,
+                             cfg: float) -> None:
+    """UNETLoader `unet` -> ModelSamplingSD3 (shift) into native KSampler (euler, simple, 3 steps), and USP Sampler
+    in its place (the one-node swap plus a USP Group): the same latent (fp32, <= 1e-6). text: nodes "3"-"5" (a text
+    encoder loader and the two UspTextEncode), latent: node "6"."""
+    group = {"class_type": "UspGroup", "inputs": {**json.loads(WORKFLOW.read_text())["1"]["inputs"], "device": "cpu",
+                                                  "cpu_ranks": 2}}
+    sampler = {"model": ["21", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "seed": 7,
+               "steps": 3, "cfg": cfg, "sampler_name": "euler", "denoise": 1.0}
+    prompt = {"1": group, **text, **latent, **_chain("20", unet, [], shift),
+              "30": {"class_type": "KSampler", "inputs": {**sampler, "scheduler": "simple"}},
+              "40": {"class_type": "UspSampler", "inputs": {**sampler, "shift": 0.0, "group": ["1", 0]}},
+              "31": {"class_type": "SaveLatent", "inputs": {"samples": ["30", 0], "filename_prefix": f"{tag}/ksampler"}},
+              "41": {"class_type": "SaveLatent", "inputs": {"samples": ["40", 0], "filename_prefix": f"{tag}/usp"}}}
+    result = _run_prompt(url, tmp_path, prompt, tag)
+    assert result.returncode == 0, result.stdout + result.stderr
+    native, ours = _saved_latent(work, f"{tag}/ksampler"), _saved_latent(work, f"{tag}/usp")
+    assert ours.shape == native.shape, (ours.shape, native.shape)
+    error = float((ours.double() - native.double()).norm() / native.double().norm())
+    assert error <= 1e-6, f"{tag}: relative error {error:.2e} against native KSampler"
+
+
+def test_native_ti2v_5b_chain_matches_native_ksampler(server, tiny_models, tmp_path):
+    """The tiny TI2V-5B that ComfyUI's own UNETLoader detects (WAN22_T2V: 48 channels, Wan 2.2's latent format),
+    cfg 2: USP Sampler on its MODEL gives native KSampler's latent."""
+    from usp_video.distributed.models.wan22_5b.tiny import make_tiny_models
+
+    url, work = server
+    files = make_tiny_models(Path(tiny_models["dit"]).parents[1])
+    text = {"3": {"class_type": "UspLoadTextEncoder", "inputs": {"group": ["1", 0], "text_encoder_name":
+                                                                   files["text_encoder_native"].name, "clip_name": "none",
+                                                                 "tokenizer_folder": ""}},
+            "4": {"class_type": "UspTextEncode", "inputs": {"text_encoder": ["3", 0], "text": "a red fox"}},
+            "5": {"class_type": "UspTextEncode", "inputs": {"text_encoder": ["3", 0], "text": "blurry"}}}
+    latent = {"8": {"class_type": "UspVaeLoader", "inputs": {"group": ["1", 0], "vae_name": files["vae"].name}},
+              "6": {"class_type": "UspWan22ImageToVideoLatent", "inputs": {"vae": ["8", 0], "width": 64, "height": 64,
+                                                                           "length": 5, "batch_size": 1}}}
+    _native_matches_ksampler(url, work, tmp_path, "native5b", files["dit_native"].name, text, latent, 5.0, 2.0)
+
+
+def test_native_hunyuan_video_chain_matches_native_ksampler(server, tiny_models, tmp_path):
+    """The tiny HunyuanVideo that ComfyUI's own UNETLoader detects (128-wide heads, a 768-wide pooled CLIP vector),
+    conditioned by the tiny Llama and a 768-wide CLIP-L, embedded guidance 6 (both sides' default): USP Sampler on
+    its MODEL gives native KSampler's latent."""
+    from usp_video.distributed.models.hunyuan_video.tiny import make_tiny_hunyuan_models
+
+    url, work = server
+    files = make_tiny_hunyuan_models(Path(tiny_models["dit"]).parents[1])
+    text = {"3": {"class_type": "UspLoadTextEncoder", "inputs": {
+                "group": ["1", 0], "text_encoder_name": files["llama"].name, "clip_name": files["clip_native"].name,
+                "tokenizer_folder": str(files["tokenizers"])}},
+            "4": {"class_type": "UspTextEncode", "inputs": {"text_encoder": ["3", 0], "text": "a red fox"}},
+            "5": {"class_type": "UspTextEncode", "inputs": {"text_encoder": ["3", 0], "text": "blurry"}}}
+    latent = {"6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 48, "length": 5,
+                                                                        "batch_size": 1}}}
+    _native_matches_ksampler(url, work, tmp_path, "native_hunyuan", files["dit_native"].name, text, latent, 7.0, 1.0)

@@ -1,7 +1,8 @@
 """The tiny HunyuanVideo set, in the real on-disk formats (for the demo and the tests).
 
 `make_tiny_hunyuan_models(root)` writes, in ComfyUI's models/ layout, the DiT (original key names),
-the Llama and CLIP-L text encoders (ComfyUI's names), tokenizers in the real file formats, and the VAE.
+the Llama and CLIP-L text encoders (ComfyUI's names), tokenizers in the real file formats, and the VAE; beside
+them a DiT that ComfyUI's own UNETLoader loads (tiny_native_hunyuan_video) with the CLIP-L it needs.
 Each file carries its config in the safetensors metadata because tiny shapes match no released variant.
 """
 
@@ -25,8 +26,15 @@ TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num
                   num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=1024)
 TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                  max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=16)
+# A HunyuanVideo DiT that ComfyUI's own UNETLoader detects: its detection takes 128-wide heads, a 768-wide pooled
+# CLIP vector and RoPE axes 16/56/56 (comfy/model_detection.py), with a CLIP-L 768 wide to condition it.
+TINY_NATIVE_CONFIG = dict(TINY_HUNYUAN_CONFIG, num_attention_heads=2, attention_head_dim=128, num_layers=1,
+                          num_single_layers=1, mlp_ratio=4.0, pooled_projection_dim=768, rope_axes_dim=[16, 56, 56])
+TINY_NATIVE_CLIP = dict(TINY_CLIP, hidden_size=768, num_hidden_layers=1, num_attention_heads=12, projection_dim=768)
 HUNYUAN_FILES = {
     "dit": "diffusion_models/tiny_hunyuan_video_t2v.safetensors",
+    "dit_native": "diffusion_models/tiny_native_hunyuan_video.safetensors",
+    "clip_native": "text_encoders/tiny_native_clip_l_768.safetensors",
     "llama": "text_encoders/tiny_llava_llama3.safetensors",
     "clip": "text_encoders/tiny_clip_l.safetensors",
     "tokenizers": "text_encoders/tiny_hunyuan_tokenizers",
@@ -39,7 +47,7 @@ TINY_HUNYUAN_VAE = dict(block_out_channels=[8, 8, 16, 16], norm_num_groups=4, la
 TINY_HUNYUAN_VAE_TILES = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_min_num_frames=8,
                               tile_sample_stride_height=24, tile_sample_stride_width=24,
                               tile_sample_stride_num_frames=4)
-_HUNYUAN_VERSION = "3"
+_HUNYUAN_VERSION = "4"
 
 
 def make_tiny_hunyuan_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
@@ -59,7 +67,7 @@ def make_tiny_hunyuan_models(root: str | Path, seed: int = 0, dtype: torch.dtype
     save_tiny_lora(shapes, paths["lora"], "diffusion_pipe", ("double_blocks.", "single_blocks."), seed=200,
                    aliases=lora_aliases)
 
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from transformers import LlamaConfig, LlamaModel
 
     hunyuan_text.write_tiny_tokenizers(paths["tokenizers"], _CORPUS)
     llama_tok, clip_tok = hunyuan_text.load_tokenizers(paths["tokenizers"])
@@ -69,20 +77,31 @@ def make_tiny_hunyuan_models(root: str | Path, seed: int = 0, dtype: torch.dtype
           {hunyuan_text.LLAMA_CONFIG_KEY: json.dumps(llama_config)})
     clip_config = dict(TINY_CLIP, vocab_size=len(clip_tok), bos_token_id=clip_tok.bos_token_id,
                        eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id)
-    clip = CLIPTextModel(CLIPTextConfig(**clip_config))
-    _save({"text_model." + k.removeprefix("text_model."): v.to(dtype) for k, v in clip.state_dict().items()
-           if not k.endswith("position_ids")}, paths["clip"],
-          {hunyuan_text.CLIP_CONFIG_KEY: json.dumps(clip_config)})
+    _save_clip(clip_config, paths["clip"], dtype)
     from diffusers import AutoencoderKLHunyuanVideo
 
     vae = AutoencoderKLHunyuanVideo(**TINY_HUNYUAN_VAE)
     _save({k: v.to(dtype) for k, v in vae.state_dict().items()}, paths["vae"],
           {hunyuan_vae.CONFIG_METADATA_KEY: json.dumps(TINY_HUNYUAN_VAE)})
+    torch.manual_seed(seed + 71)  # after the others: their weights stay what they were
+    native = HunyuanVideoTransformer3DModel(**TINY_NATIVE_CONFIG)
+    _save({k: v.to(dtype) for k, v in hunyuan.hunyuan_to_original_keys(native.state_dict()).items()},
+          paths["dit_native"], {hunyuan.CONFIG_METADATA_KEY: json.dumps(TINY_NATIVE_CONFIG)})
+    _save_clip(dict(clip_config, **TINY_NATIVE_CLIP), paths["clip_native"], dtype)
     assert TINY_LLAMA["hidden_size"] == TINY_HUNYUAN_CONFIG["text_embed_dim"]
     assert TINY_CLIP["hidden_size"] == TINY_HUNYUAN_CONFIG["pooled_projection_dim"]
     stamp.write_text(_HUNYUAN_VERSION)
     return paths
 
+
+
+def _save_clip(config: dict, path: Path, dtype: torch.dtype) -> None:
+    """A random CLIP text model of config in ComfyUI's clip_l layout (text_model.*), its config in the metadata."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    clip = CLIPTextModel(CLIPTextConfig(**config))
+    _save({"text_model." + k.removeprefix("text_model."): v.to(dtype) for k, v in clip.state_dict().items()
+           if not k.endswith("position_ids")}, path, {hunyuan_text.CLIP_CONFIG_KEY: json.dumps(config)})
 
 
 # -- the tiny debug config (tests/parity_targets.py) ------------------------------------------------------

@@ -3,6 +3,8 @@ shares with Wan 2.1:
 
     diffusion_models/tiny_wan2.2_ti2v_5B.safetensors   the DiT, 48 input channels, original key names
     vae/tiny_wan2.2_vae.safetensors                    the Wan 2.2 VAE (z 48, 16x16 space), original names
+    diffusion_models/tiny_native_wan2.2_ti2v_5B.safetensors   a 5B that ComfyUI's own UNETLoader detects (Wan 2.1's
+        tiny_native_wan21 with 48 channels; conditioned by text_encoders/tiny_native_umt5_4096)
 """
 
 from __future__ import annotations
@@ -15,23 +17,27 @@ import torch
 from ...formats.checkpoint import save_safetensors
 from ..wan21 import dit as wan
 from ..wan21 import tiny as wan21_tiny
-from ..wan21.tiny import TINY_WAN_CONFIG, make_tiny_models as make_wan21_tiny, wan_to_original_keys
+from ..wan21.tiny import (TINY_NATIVE_CONFIG as TINY_NATIVE_WAN21, TINY_WAN_CONFIG, make_tiny_models as make_wan21_tiny,
+                          wan_to_original_keys)
 from . import vae as wan22_vae, vae_keys
 
 TINY_DIT_CONFIG = dict(TINY_WAN_CONFIG, in_channels=48, out_channels=48)
+TINY_NATIVE_CONFIG = dict(TINY_NATIVE_WAN21, in_channels=48, out_channels=48)
 TINY_VAE_CONFIG = dict(base_dim=8, decoder_base_dim=16, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
                        patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16)
 FILES = {"dit": "diffusion_models/tiny_wan2.2_ti2v_5B.safetensors", "vae": "vae/tiny_wan2.2_vae.safetensors",
-         "fun_control": "diffusion_models/tiny_wan2.2_fun_control_5B.safetensors"}
+         "fun_control": "diffusion_models/tiny_wan2.2_fun_control_5B.safetensors",
+         "dit_native": "diffusion_models/tiny_native_wan2.2_ti2v_5B.safetensors"}
 # Wan 2.2 Fun Control 5B, shrunk: control video, mask and start video (48 + 4 + 48) beside the noise, and the
 # reference image's convolution of a 48-channel latent (wan21/dit.py build_wan)
 TINY_FUN_CONTROL_CONFIG = dict(TINY_DIT_CONFIG, in_channels=148, **{wan.REFERENCE_KEY: 48})
-_VERSION = "2"
+_VERSION = "3"
 
 
 def make_tiny_models(root: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Path]:
-    """Write the set under root (skipped where already written): {"dit", "vae", "fun_control", "text_encoder"}."""
+    """Write the set under root (skipped where already written): {"dit", "vae", "fun_control", "dit_native",
+    "text_encoder", "text_encoder_native"}."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     root = Path(root)
@@ -50,8 +56,12 @@ def make_tiny_models(root: str | Path, dtype: torch.dtype = torch.float32) -> di
         fun = wan.build_wan(TINY_FUN_CONTROL_CONFIG)
         save_safetensors({k: v.to(dtype) for k, v in wan_to_original_keys(fun.state_dict()).items()},
                          paths["fun_control"], {wan.CONFIG_METADATA_KEY: json.dumps(TINY_FUN_CONTROL_CONFIG)})
+        torch.manual_seed(54)
+        native = WanTransformer3DModel(**TINY_NATIVE_CONFIG)
+        save_safetensors({k: v.to(dtype) for k, v in wan_to_original_keys(native.state_dict()).items()},
+                         paths["dit_native"], {wan.CONFIG_METADATA_KEY: json.dumps(TINY_NATIVE_CONFIG)})
         stamp.write_text(_VERSION)
-    return {**paths, "text_encoder": shared["text_encoder"]}
+    return {**paths, "text_encoder": shared["text_encoder"], "text_encoder_native": shared["text_encoder_native"]}
 
 
 # -- the tiny debug config (tests/parity_targets.py): Wan 2.1's inputs with the 5B's 48 latent channels ------
