@@ -201,6 +201,49 @@ def test_one_process_equals_comfyui(tiny_animate):
         assert result[what] <= 1e-5, f"{what}: relative error {result[what]:.2e} against ComfyUI"
 
 
+@pytest.fixture(scope="module")
+def node_comparison(tiny_animate):
+    from test_comfyui_native import run_reference
+
+    return run_reference("animate_node", tiny_animate)
+
+
+ANIMATE_NODE_CASES = ["nothing", "reference_only", "pose_face", "replacement", "offset", "offset_past_the_videos",
+                      "continue_motion", "continue_one_frame_one_mask", "two_reference_frames"]
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set: no ComfyUI checkout to compare with")
+@pytest.mark.parametrize("case", ANIMATE_NODE_CASES)
+def test_node_equals_comfyuis_wan_animate_to_video(node_comparison, case):
+    """The pack's USP Wan Animate To Video (our split VAE encode) == ComfyUI 0.3.64's WanAnimateToVideo (its WanVAE
+    built at the tiny width) on the same inputs: both conditionings' every value (VAE latents within 1e-5; masks,
+    face pixels, text, CLIP vision equal), the LATENT and trim_latent / trim_image / video_frame_offset; with and
+    without pose, face, background video and character mask, offsets into the videos (and past them), continued
+    motion (5 frames and 1, a one-frame mask), a batch of 2, a reference of 5 frames (comfyui_reference/animate_node.py)."""
+    assert sorted(node_comparison) == sorted(ANIMATE_NODE_CASES)
+    result = node_comparison[case]
+    assert result["counts"][0] == result["counts"][1], result["counts"]
+    for ours, native in result["keys"]:
+        assert ours == native
+    assert result["exact"] and result["latent_equal"]
+    assert result["latent_rel"] <= 1e-5, f"{case}: relative error {result['latent_rel']:.2e} against ComfyUI"
+    expected = {  # what the cases are there for: the inputs reach the conditioning
+        "nothing": (["clip_vision_output", "concat_latent_image", "concat_mask"], [1, 0, 5]),
+        "replacement": (["clip_vision_output", "concat_latent_image", "concat_mask", "face_video_pixels",
+                         "pose_video_latent"], [1, 0, 9]),
+        "offset_past_the_videos": (["clip_vision_output", "concat_latent_image", "concat_mask"], [1, 0, 16]),
+        "continue_motion": (None, [1, 5, 13]),
+        "continue_one_frame_one_mask": (None, [1, 1, 21]),
+        "two_reference_frames": (None, [2, 0, 9]),
+    }.get(case)
+    if expected:
+        keys, counts = expected
+        assert keys is None or result["keys"][0][1] == keys
+        assert result["counts"][1] == counts, result["counts"]
+    if case in ("replacement", "offset", "continue_motion"):
+        assert 0.0 < result["mask_mean"] < 1.0  # the character mask is placed
+
+
 def test_cli_demo(tmp_path, tiny_animate):
     """`usp-video demo --model wan2.2-animate`: the tiny set on 2 CPU ranks, with synthetic reference, pose and face
     inputs made in code (WanAnimate.demo_conditioning)."""
