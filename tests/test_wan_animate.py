@@ -1,6 +1,7 @@
 """Wan 2.2 Animate (models/wan_animate): N ranks == one process, one process == diffusers' stock
 WanAnimateTransformer3DModel, its files and its conditioning's errors. (One process == ComfyUI's own
-AnimateWanModel through WanAnimateToVideo + KSampler: test_comfyui_native.py, comfyui_reference/animate.py.)
+AnimateWanModel through WanAnimateToVideo + KSampler: comfyui_reference/animate.py; the pack's USP Wan Animate To
+Video == WanAnimateToVideo: comfyui_reference/animate_node.py.)
 
 The parity cases run parity_targets.family_case (the harness of test_parity.py) in one spawn per world size: every
 factorization of 2, 3 and 4 ranks that the tiny DiT's 12 heads allow, on a latent of 5 frames x 7 tokens (35
@@ -219,13 +220,14 @@ def test_node_equals_comfyuis_wan_animate_to_video(node_comparison, case):
     built at the tiny width) on the same inputs: both conditionings' every value (VAE latents within 1e-5; masks,
     face pixels, text, CLIP vision equal), the LATENT and trim_latent / trim_image / video_frame_offset; with and
     without pose, face, background video and character mask, offsets into the videos (and past them), continued
-    motion (5 frames and 1, a one-frame mask), a batch of 2, a reference of 5 frames (comfyui_reference/animate_node.py)."""
+    motion (5 frames and 1, a one-frame mask), a batch of 2, a reference of 5 frames; the node's inputs unchanged
+    (comfyui_reference/animate_node.py)."""
     assert sorted(node_comparison) == sorted(ANIMATE_NODE_CASES)
     result = node_comparison[case]
     assert result["counts"][0] == result["counts"][1], result["counts"]
     for ours, native in result["keys"]:
         assert ours == native
-    assert result["exact"] and result["latent_equal"]
+    assert result["exact"] and result["latent_equal"] and result["inputs_unchanged"]
     assert result["latent_rel"] <= 1e-5, f"{case}: relative error {result['latent_rel']:.2e} against ComfyUI"
     expected = {  # what the cases are there for: the inputs reach the conditioning
         "nothing": (["clip_vision_output", "concat_latent_image", "concat_mask"], [1, 0, 5]),
