@@ -246,6 +246,39 @@ def test_node_equals_comfyuis_wan_animate_to_video(node_comparison, case):
         assert 0.0 < result["mask_mean"] < 1.0  # the character mask is placed
 
 
+def test_node_on_our_encode_and_its_refusals(tiny_animate, monkeypatch):
+    """USP Wan Animate To Video outside ComfyUI (its standin schema), our VAE encode in this process: a pose and a face
+    video, continued motion; the LATENT and counts as WanAnimateToVideo's. Refused with what to do: a Wan 2.2 VAE
+    (48 channels: load wan_2.1_vae), a size that is no multiple of 16 or a length that is not 1 + 4k."""
+    from comfyui_reference.common import run_node
+    from parity_targets import make_engine
+    from usp_video.distributed import api
+
+    engine = make_engine()
+    monkeypatch.setattr(api, "encode_video", lambda group, vae, frames, on_progress=None: (
+        engine.encode_video(vae, frames), "wan2.1"))
+    g = torch.Generator().manual_seed(3)
+    text = [[torch.randn(1, 7, 32, generator=g), {}]]
+    inputs = dict(positive=text, negative=text, vae={"group": None, "path": tiny_animate["vae"]}, width=32, height=16,
+                  length=9, batch_size=1, continue_motion_max_frames=5, video_frame_offset=6,
+                  reference_image=torch.rand(1, 20, 30, 3, generator=g), pose_video=torch.rand(12, 16, 32, 3, generator=g),
+                  face_video=torch.rand(12, 24, 24, 3, generator=g), continue_motion=torch.rand(5, 16, 32, 3, generator=g))
+    positive, negative, latent, trim_latent, trim_image, offset = run_node("UspWanAnimateToVideo", **inputs)
+    assert latent["samples"].shape == (1, 16, 4, 2, 4) and (trim_latent, trim_image, offset) == (1, 5, 10)
+    made = positive[0][1]
+    assert made["concat_latent_image"].shape == (1, 16, 4, 2, 4) and made["concat_mask"].shape == (1, 4, 4, 2, 4)
+    assert made["pose_video_latent"].shape == (1, 16, 3, 2, 4)  # 11 frames from frame 1, 9 used
+    assert made["face_video_pixels"].shape == (1, 3, 9, 512, 512) and (negative[0][1]["face_video_pixels"] == -1).all()
+    assert text == [[text[0][0], {}]]  # the input conditioning unchanged
+    monkeypatch.setattr(api, "encode_video", lambda group, vae, frames, on_progress=None: (
+        torch.zeros(1, 48, 1, 1, 2), "wan2.2-ti2v-5b"))
+    with pytest.raises(ValueError, match="wan_2.1_vae.safetensors"):
+        run_node("UspWanAnimateToVideo", **inputs)
+    for bad in (dict(width=40), dict(length=8)):
+        with pytest.raises(ValueError, match="multiples of 16 and length 1 \\+ 4k"):
+            run_node("UspWanAnimateToVideo", **dict(inputs, **bad))
+
+
 def test_cli_demo(tmp_path, tiny_animate):
     """`usp-video demo --model wan2.2-animate`: the tiny set on 2 CPU ranks, with synthetic reference, pose and face
     inputs made in code (WanAnimate.demo_conditioning)."""
