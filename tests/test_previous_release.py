@@ -495,18 +495,18 @@ def video_inputs() -> set[str]:
 
 
 def new_tiny_files() -> dict[str, dict[str, str]]:
-    """Per new workflow, tiny files other than tiny_model_files' (the VACE DiT reads a 4096-wide text)."""
+    """Per new workflow, tiny files other than tiny_model_files' (the VACE DiT reads a 4096-wide text; so does the
+    Animate DiT whose motion encoder takes the 512x512 faces WanAnimateToVideo makes: the ComfyUI-size one)."""
+    from usp_video.distributed.models.wan_animate.tiny import FILES as ANIMATE
     from usp_video.distributed.models.wan_vace.tiny import FILES as VACE
 
     vace = {"umt5_xxl_fp16.safetensors": VACE["text_encoder"]}
-    return {"wan21_vace_r2v_usp": vace, "wan21_vace_control_usp": vace}
+    return {"wan21_vace_r2v_usp": vace, "wan21_vace_control_usp": vace,
+            "wan22_animate_usp": dict(vace, **{"wan2.2_animate_14B_bf16.safetensors": ANIMATE["dit_comfy"]})}
 
 
 # Shipped workflows the tiny sets cannot run, and why (the browser and workflow tests still check them).
-NOT_RUNNABLE = {
-    "wan22_animate_usp": "its native VAELoader (into WanAnimateToVideo) builds ComfyUI 0.3.64's Wan 2.1 VAE at its "
-                         "fixed full width (96), which no tiny VAE file fits",
-}
+NOT_RUNNABLE: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [n for n in shipped_since() + sorted(NO_STORED_LATENTS) if n not in NOT_RUNNABLE])

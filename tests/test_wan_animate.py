@@ -1,6 +1,7 @@
 """Wan 2.2 Animate (models/wan_animate): N ranks == one process, one process == diffusers' stock
 WanAnimateTransformer3DModel, its files and its conditioning's errors. (One process == ComfyUI's own
-AnimateWanModel through WanAnimateToVideo + KSampler: test_comfyui_native.py, comfyui_reference/animate.py.)
+AnimateWanModel through WanAnimateToVideo + KSampler: comfyui_reference/animate.py; the pack's USP Wan Animate To
+Video == WanAnimateToVideo: comfyui_reference/animate_node.py.)
 
 The parity cases run parity_targets.family_case (the harness of test_parity.py) in one spawn per world size: every
 factorization of 2, 3 and 4 ranks that the tiny DiT's 12 heads allow, on a latent of 5 frames x 7 tokens (35
@@ -199,6 +200,83 @@ def test_one_process_equals_comfyui(tiny_animate):
     assert result["native_family"] == FAMILY.name
     for what in ("ksampler_engine", "ksampler_generic_nodes", "trimmed", "no_pose_no_face_engine"):
         assert result[what] <= 1e-5, f"{what}: relative error {result[what]:.2e} against ComfyUI"
+
+
+@pytest.fixture(scope="module")
+def node_comparison(tiny_animate):
+    from test_comfyui_native import run_reference
+
+    return run_reference("animate_node", tiny_animate)
+
+
+ANIMATE_NODE_CASES = ["nothing", "reference_only", "pose_face", "replacement", "offset", "offset_past_the_videos",
+                      "continue_motion", "continue_one_frame_one_mask", "two_reference_frames"]
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set: no ComfyUI checkout to compare with")
+@pytest.mark.parametrize("case", ANIMATE_NODE_CASES)
+def test_node_equals_comfyuis_wan_animate_to_video(node_comparison, case):
+    """The pack's USP Wan Animate To Video (our split VAE encode) == ComfyUI 0.3.64's WanAnimateToVideo (its WanVAE
+    built at the tiny width) on the same inputs: both conditionings' every value (VAE latents within 1e-5; masks,
+    face pixels, text, CLIP vision equal), the LATENT and trim_latent / trim_image / video_frame_offset; with and
+    without pose, face, background video and character mask, offsets into the videos (and past them), continued
+    motion (5 frames and 1, a one-frame mask), a batch of 2, a reference of 5 frames; the node's inputs unchanged
+    (comfyui_reference/animate_node.py)."""
+    assert sorted(node_comparison) == sorted(ANIMATE_NODE_CASES)
+    result = node_comparison[case]
+    assert result["counts"][0] == result["counts"][1], result["counts"]
+    for ours, native in result["keys"]:
+        assert ours == native
+    assert result["exact"] and result["latent_equal"] and result["inputs_unchanged"]
+    assert result["latent_rel"] <= 1e-5, f"{case}: relative error {result['latent_rel']:.2e} against ComfyUI"
+    expected = {  # what the cases are there for: the inputs reach the conditioning
+        "nothing": (["clip_vision_output", "concat_latent_image", "concat_mask"], [1, 0, 5]),
+        "replacement": (["clip_vision_output", "concat_latent_image", "concat_mask", "face_video_pixels",
+                         "pose_video_latent"], [1, 0, 9]),
+        "offset_past_the_videos": (["clip_vision_output", "concat_latent_image", "concat_mask"], [1, 0, 16]),
+        "continue_motion": (None, [1, 5, 13]),
+        "continue_one_frame_one_mask": (None, [1, 1, 21]),
+        "two_reference_frames": (None, [2, 0, 9]),
+    }.get(case)
+    if expected:
+        keys, counts = expected
+        assert keys is None or result["keys"][0][1] == keys
+        assert result["counts"][1] == counts, result["counts"]
+    if case in ("replacement", "offset", "continue_motion"):
+        assert 0.0 < result["mask_mean"] < 1.0  # the character mask is placed
+
+
+def test_node_on_our_encode_and_its_refusals(tiny_animate, monkeypatch):
+    """USP Wan Animate To Video outside ComfyUI (its standin schema), our VAE encode in this process: a pose and a face
+    video, continued motion; the LATENT and counts as WanAnimateToVideo's. Refused with what to do: a Wan 2.2 VAE
+    (48 channels: load wan_2.1_vae), a size that is no multiple of 16 or a length that is not 1 + 4k."""
+    from comfyui_reference.common import run_node
+    from parity_targets import make_engine
+    from usp_video.distributed import api
+
+    engine = make_engine()
+    monkeypatch.setattr(api, "encode_video", lambda group, vae, frames, on_progress=None: (
+        engine.encode_video(vae, frames), "wan2.1"))
+    g = torch.Generator().manual_seed(3)
+    text = [[torch.randn(1, 7, 32, generator=g), {}]]
+    inputs = dict(positive=text, negative=text, vae={"group": None, "path": tiny_animate["vae"]}, width=32, height=16,
+                  length=9, batch_size=1, continue_motion_max_frames=5, video_frame_offset=6,
+                  reference_image=torch.rand(1, 20, 30, 3, generator=g), pose_video=torch.rand(12, 16, 32, 3, generator=g),
+                  face_video=torch.rand(12, 24, 24, 3, generator=g), continue_motion=torch.rand(5, 16, 32, 3, generator=g))
+    positive, negative, latent, trim_latent, trim_image, offset = run_node("UspWanAnimateToVideo", **inputs)
+    assert latent["samples"].shape == (1, 16, 4, 2, 4) and (trim_latent, trim_image, offset) == (1, 5, 10)
+    made = positive[0][1]
+    assert made["concat_latent_image"].shape == (1, 16, 4, 2, 4) and made["concat_mask"].shape == (1, 4, 4, 2, 4)
+    assert made["pose_video_latent"].shape == (1, 16, 3, 2, 4)  # 11 frames from frame 1, 9 used
+    assert made["face_video_pixels"].shape == (1, 3, 9, 512, 512) and (negative[0][1]["face_video_pixels"] == -1).all()
+    assert text == [[text[0][0], {}]]  # the input conditioning unchanged
+    monkeypatch.setattr(api, "encode_video", lambda group, vae, frames, on_progress=None: (
+        torch.zeros(1, 48, 1, 1, 2), "wan2.2-ti2v-5b"))
+    with pytest.raises(ValueError, match="wan_2.1_vae.safetensors"):
+        run_node("UspWanAnimateToVideo", **inputs)
+    for bad in (dict(width=40), dict(length=8)):
+        with pytest.raises(ValueError, match="multiples of 16 and length 1 \\+ 4k"):
+            run_node("UspWanAnimateToVideo", **dict(inputs, **bad))
 
 
 def test_cli_demo(tmp_path, tiny_animate):

@@ -5,10 +5,11 @@
                               (both encoded by the group's split VAE encode). CLIP vision is optional for Fun Control,
                               as in native WanFunControlToVideo: connect CLIP Vision Encode of the start image to its
                               clip_vision_output as in the I2V workflow.
-    wan22_animate_usp         Wan 2.2 Animate: a reference image driven by pose and face videos, ComfyUI's
-                              WanAnimateToVideo (native VAE, CLIP vision) into the USP sampler (Animate's 20 steps,
-                              cfg 1, shift 5); TrimVideoLatent drops the reference frame (trim_latent 1 for one
-                              reference image; trim_image is 0 without continue_motion), the USP VAE decodes the rest.
+    wan22_animate_usp         Wan 2.2 Animate: a reference image driven by pose and face videos through the pack's
+                              USP Wan Animate To Video (native WanAnimateToVideo with the reference and the videos
+                              encoded by USP Load VAE's split encode; CLIP vision of the reference) into the USP
+                              sampler (Animate's 20 steps, cfg 1, shift 5); TrimVideoLatent drops the reference frame
+                              (its trim_latent; trim_image is 0 without continue_motion), the USP VAE decodes the rest.
 """
 
 from __future__ import annotations
@@ -52,34 +53,35 @@ def control_workflows(wan_t2v: dict, wan_i2v: dict) -> dict[str, dict]:
              [], (1900, 240)),
         12: ("LoadImage", "Reference image", ["example.png", "image"], {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")],
              (40, 660)),
-        15: ("WanAnimateToVideo", None, [832, 480, 77, 1, 5, 0],
-             {"positive": (4, 0), "negative": (5, 0), "vae": (16, 0), "clip_vision_output": (14, 0),
+        15: ("UspWanAnimateToVideo", None, [832, 480, 77, 1, 5, 0],
+             {"positive": (4, 0), "negative": (5, 0), "vae": (8, 0), "clip_vision_output": (14, 0),
               "reference_image": (12, 0), "face_video": (20, 0), "pose_video": (18, 0)},
              [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT"),
               ("trim_latent", "INT"), ("trim_image", "INT"), ("video_frame_offset", "INT")], (1040, 560)),
-        16: ("VAELoader", None, ["wan_2.1_vae.safetensors"], {}, [("VAE", "VAE")], (440, 700)),
         17: ("LoadVideo", "Pose video", ["pose.mp4", "image"], {}, [("VIDEO", "VIDEO")], (40, 1040)),
         18: ("GetVideoComponents", None, [], {"video": (17, 0)},
              [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], (440, 1040)),
         19: ("LoadVideo", "Face video", ["face.mp4", "image"], {}, [("VIDEO", "VIDEO")], (40, 1420)),
         20: ("GetVideoComponents", None, [], {"video": (19, 0)},
              [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], (440, 1420)),
-        22: ("TrimVideoLatent", None, [1], {"samples": (7, 0)}, [("LATENT", "LATENT")], (1460, 560)),
+        22: ("TrimVideoLatent", None, [0], {"samples": (7, 0), "trim_amount": (15, 3)}, [("LATENT", "LATENT")],
+             (1460, 560)),
     })
     return {"wan21_fun_control_usp": fun, "wan22_animate_usp": animate}
 
 
 # Their nodes' sockets, sizes and widgets (the native nodes shared with the VACE workflows are defined there:
-# LoadVideo, GetVideoComponents, TrimVideoLatent, VAELoader)
+# LoadVideo, GetVideoComponents, TrimVideoLatent)
 CONTROL_SOCKETS = {
     "UspWanFunControlToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
                                 ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("start_image", "IMAGE"),
                                 ("control_video", "IMAGE")],
-    "WanAnimateToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
-                          ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("reference_image", "IMAGE"),
-                          ("face_video", "IMAGE"), ("pose_video", "IMAGE")],  # (its later, optional ones open)
+    "UspWanAnimateToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
+                             ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("reference_image", "IMAGE"),
+                             ("face_video", "IMAGE"), ("pose_video", "IMAGE"), ("background_video", "IMAGE"),
+                             ("character_mask", "MASK"), ("continue_motion", "IMAGE")],
 }
-CONTROL_SIZES = {"UspWanFunControlToVideo": (380, 270), "WanAnimateToVideo": (380, 420)}
+CONTROL_SIZES = {"UspWanFunControlToVideo": (380, 270), "UspWanAnimateToVideo": (380, 420)}
 CONTROL_WIDGETS = {"UspWanFunControlToVideo": ["width", "height", "length", "batch_size"],
-                   "WanAnimateToVideo": ["width", "height", "length", "batch_size", "continue_motion_max_frames",
-                                         "video_frame_offset"]}
+                   "UspWanAnimateToVideo": ["width", "height", "length", "batch_size", "continue_motion_max_frames",
+                                            "video_frame_offset"]}

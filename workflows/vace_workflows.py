@@ -54,10 +54,10 @@ VACE_SOCKETS = {
                           ("control_video", "IMAGE"), ("control_masks", "MASK"), ("reference_image", "IMAGE")],
     "TrimVideoLatent": [("samples", "LATENT"), ("trim_amount", "INT")], "GetVideoComponents": [("video", "VIDEO")],
 }
-VACE_SIZES = {"UspWanVaceToVideo": (380, 300), "TrimVideoLatent": (300, 90), "VAELoader": (400, 90),
-              "LoadVideo": (340, 340), "GetVideoComponents": (300, 110)}
+VACE_SIZES = {"UspWanVaceToVideo": (380, 300), "TrimVideoLatent": (300, 90), "LoadVideo": (340, 340),
+              "GetVideoComponents": (300, 110)}
 VACE_WIDGETS = {"UspWanVaceToVideo": ["width", "height", "length", "batch_size", "strength"],
-                "TrimVideoLatent": ["trim_amount"], "VAELoader": ["vae_name"], "LoadVideo": ["file", "upload"],
+                "TrimVideoLatent": ["trim_amount"], "LoadVideo": ["file", "upload"],
                 "GetVideoComponents": []}
 # ComfyUI's own nodes' optional inputs that a shipped workflow may leave open (tests/test_workflow.py)
 NATIVE_OPTIONAL: dict[str, set[str]] = {}

@@ -15,10 +15,10 @@ def decode_video(vae, latent: torch.Tensor) -> torch.Tensor:
     return frames.flatten(0, 1).cpu()
 
 
-def comfy_upscale(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """A [B, C, T, H, W] (or [B, C, H, W]) tensor at width x height as ComfyUI's common_upscale(..., "bilinear",
-    "center") makes it: the aspect ratio matched by a centred crop, then bilinear interpolation per frame
-    (nothing changes at the same size)."""
+def comfy_upscale(x: torch.Tensor, width: int, height: int, mode: str = "bilinear") -> torch.Tensor:
+    """A [B, C, T, H, W] (or [B, C, H, W]) tensor at width x height as ComfyUI's common_upscale(..., mode,
+    "center") makes it: the aspect ratio matched by a centred crop, then interpolation per frame (torch's modes:
+    "bilinear", "area", "nearest-exact"; nothing changes at the same size)."""
     if tuple(x.shape[-2:]) == (height, width):
         return x
     shape = tuple(x.shape)
@@ -28,7 +28,7 @@ def comfy_upscale(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
     left = round((old_width - old_width * (new_aspect / old_aspect)) / 2) if old_aspect > new_aspect else 0
     top = round((old_height - old_height * (old_aspect / new_aspect)) / 2) if old_aspect < new_aspect else 0
     frames = frames.narrow(-2, top, old_height - 2 * top).narrow(-1, left, old_width - 2 * left)
-    out = torch.nn.functional.interpolate(frames, size=(height, width), mode="bilinear")
+    out = torch.nn.functional.interpolate(frames, size=(height, width), mode=mode)
     if x.dim() == 4:
         return out
     return out.reshape(shape[0], shape[2], shape[1], height, width).movedim(1, 2)
@@ -62,10 +62,10 @@ def encode_video(vae, frames: torch.Tensor) -> torch.Tensor:
     return vae.encode(video).latent_dist.mode().float().cpu()
 
 
-def resized_frames(image: torch.Tensor, width: int, height: int, length: int) -> torch.Tensor:
+def resized_frames(image: torch.Tensor, width: int, height: int, length: int, mode: str = "bilinear") -> torch.Tensor:
     """The first `length` IMAGE frames [n, H, W, C] at width x height, as ComfyUI's Wan image-to-video nodes resize
-    a start image (common_upscale, bilinear, centred crop)."""
-    return comfy_upscale(image[:length].movedim(-1, 1), width, height).movedim(1, -1)
+    a start image (common_upscale, bilinear, centred crop; WanAnimateToVideo's "area")."""
+    return comfy_upscale(image[:length].movedim(-1, 1), width, height, mode).movedim(1, -1)
 
 
 def start_video(start_image: torch.Tensor, width: int, height: int, length: int) -> torch.Tensor:

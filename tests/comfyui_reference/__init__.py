@@ -17,6 +17,7 @@ the test process. The modules:
     lora        LoraLoaderModelOnly chains on detectable tiny DiTs, against our engine and LoRA nodes
     i2v         WanImageToVideo + KSampler(Advanced) on detectable image-to-video DiTs
     animate     WanAnimateToVideo + KSampler on the tiny ComfyUI-layout Wan 2.2 Animate DiT, TrimVideoLatent
+    animate_node  the pack's USP Wan Animate To Video == WanAnimateToVideo (its outputs, nine input cases)
     vace        WanVaceToVideo (stacked, a reference image) + KSampler + TrimVideoLatent on the tiny VACE DiT
     common      what they share: starting ComfyUI on the CPU, the relative error, ComfyUI's Wan model of a tiny file
 """
