@@ -272,10 +272,9 @@ def test_vace_start_image_is_wanvacetovideos_control(vace_comparison):
 
 
 def test_shipped_vace_workflows_fit_comfyuis_own_nodes(vace_comparison):
-    """The shipped VACE workflows' native nodes (WanVaceToVideo, TrimVideoLatent, LoadVideo, GetVideoComponents,
-    VAELoader, LoadImage) as ComfyUI 0.3.64 defines them: every input linked or set is one of theirs, every output
-    type in their order (a link from trim_latent is slot 3). Running them in ComfyUI needs a full-size Wan VAE for
-    the native VAELoader (ComfyUI builds its VAE at full width), which the tiny set does not have."""
+    """The shipped VACE workflows' native nodes (TrimVideoLatent, LoadVideo, GetVideoComponents, LoadImage) as
+    ComfyUI 0.3.64 defines them: every input linked or set is one of theirs, every output type in their order.
+    (The workflows run on the tiny set in test_previous_release.)"""
     from usp_video.workflows import make_workflows
     from usp_video.workflows.vace_workflows import vace_workflows
 
