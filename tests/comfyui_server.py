@@ -31,16 +31,19 @@ def free_port() -> int:
 
 @contextmanager
 def comfyui_server(comfy_dir: str, models_root: Path, work: Path, extra_args: tuple[str, ...] = (),
-                   stop_with_sigterm: bool = False):
+                   stop_with_sigterm: bool = False, test_nodes: bool = False):
     """Yields the server URL. The pack is linked into a private custom_nodes folder under a
     folder name that is not a module name, as users install it. extra_args: more of main.py's flags.
     At the end the server gets Ctrl-C's SIGINT (its process group, as a terminal sends it), or with
-    stop_with_sigterm a SIGTERM to its own process only (what `kill PID` or a service manager sends)."""
+    stop_with_sigterm a SIGTERM to its own process only (what `kill PID` or a service manager sends). test_nodes:
+    tests/comfyui_test_nodes beside the pack (the tiny CLIP vision loader)."""
     custom_nodes = work / "custom_nodes"
     custom_nodes.mkdir(parents=True, exist_ok=True)
     link = custom_nodes / "ComfyUI-usp-video"
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
+    if test_nodes and not (custom_nodes / "usp_video_test_nodes").exists():
+        (custom_nodes / "usp_video_test_nodes").symlink_to(Path(__file__).parent / "comfyui_test_nodes")
     (work / "output").mkdir(exist_ok=True)
     config = work / "extra_model_paths.yaml"
     config.write_text(f"usp_video_test:\n    base_path: {models_root}\n    diffusion_models: diffusion_models\n"

@@ -47,13 +47,15 @@ def server(tiny_models, tmp_path_factory):
     from usp_video.distributed.models.hunyuan_video.tiny import make_tiny_hunyuan_models
     from usp_video.distributed.models import FAMILIES
     from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models as make_tiny_wan22
+    from tiny_clip_vision import TINY_CLIP_VISION, make_tiny_clip_vision
 
     work = tmp_path_factory.mktemp("comfyui")
     models_root = Path(tiny_models["dit"]).parents[1]
     make_tiny_hunyuan_models(models_root)  # beside the Wan set, in the same models/ layout
     make_tiny_wan22(models_root)
     FAMILIES["wan2.2-ti2v-5b"].make_tiny(models_root)
-    with comfyui_server(COMFYUI_DIR, models_root, work) as url:
+    make_tiny_clip_vision(models_root / TINY_CLIP_VISION)
+    with comfyui_server(COMFYUI_DIR, models_root, work, test_nodes=True) as url:
         yield url, work
     assert "IMPORT FAILED" not in "\n".join(l for l in log_text(work).splitlines() if "usp-video" in l)
     # ComfyUI has exited: no rank of the groups it started may be left (other groups on the machine,
@@ -629,13 +631,15 @@ def test_a_rank_killed_with_a_cancel_pending_is_named(server, tiny_models, tmp_p
 
 
 def _native_matches_ksampler(url, work, tmp_path, tag: str, unet: str, text: dict, latent: dict, shift: float,
-                             cfg: float) -> None:
+                             cfg: float, inputs: tuple = ("4", "5", "6")) -> None:
     """UNETLoader `unet` -> ModelSamplingSD3 (shift) into native KSampler (euler, simple, 3 steps), and USP Sampler
-    in its place (the one-node swap plus a USP Group): the same latent (fp32, <= 1e-6). text: nodes "3"-"5" (a text
-    encoder loader and the two UspTextEncode), latent: node "6"."""
+    in its place (the one-node swap plus a USP Group): the same latent (fp32, <= 1e-6). text and latent: the nodes
+    that make the sampler's inputs, the nodes whose first outputs are the positive, negative and latent (or
+    "id:slot")."""
     group = {"class_type": "UspGroup", "inputs": {**json.loads(WORKFLOW.read_text())["1"]["inputs"], "device": "cpu",
                                                   "cpu_ranks": 2}}
-    sampler = {"model": ["21", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0], "seed": 7,
+    links = [[ref.split(":")[0], int(ref.split(":")[1]) if ":" in ref else 0] for ref in inputs]
+    sampler = {"model": ["21", 0], **dict(zip(("positive", "negative", "latent_image"), links)), "seed": 7,
                "steps": 3, "cfg": cfg, "sampler_name": "euler", "denoise": 1.0}
     prompt = {"1": group, **text, **latent, **_chain("20", unet, [], shift),
               "30": {"class_type": "KSampler", "inputs": {**sampler, "scheduler": "simple"}},
@@ -684,3 +688,30 @@ def test_native_hunyuan_video_chain_matches_native_ksampler(server, tiny_models,
     latent = {"6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 48, "length": 5,
                                                                         "batch_size": 1}}}
     _native_matches_ksampler(url, work, tmp_path, "native_hunyuan", files["dit_native"].name, text, latent, 7.0, 1.0)
+
+
+def test_native_wan21_i2v_chain_matches_native_ksampler(server, tiny_models, tmp_path):
+    """The tiny Wan 2.1 I2V that ComfyUI's own UNETLoader detects (WAN21_I2V), conditioned by USP Wan Image To Video
+    (a start image, the tiny CLIP vision's features through native CLIPVisionEncode), cfg 2: USP Sampler on its
+    MODEL gives native KSampler's latent."""
+    from tiny_clip_vision import TINY_CLIP_VISION
+    from usp_video.distributed.models.wan21.tiny import make_tiny_models
+
+    url, work = server
+    files = make_tiny_models(Path(tiny_models["dit"]).parents[1])
+    text = {"3": {"class_type": "UspLoadTextEncoder", "inputs": {
+                "group": ["1", 0], "text_encoder_name": files["text_encoder_native"].name, "clip_name": "none",
+                "tokenizer_folder": ""}},
+            "10": {"class_type": "UspTextEncode", "inputs": {"text_encoder": ["3", 0], "text": "a red fox"}},
+            "11": {"class_type": "UspTextEncode", "inputs": {"text_encoder": ["3", 0], "text": "blurry"}}}
+    latent = {"8": {"class_type": "UspVaeLoader", "inputs": {"group": ["1", 0], "vae_name": files["vae"].name}},
+              "12": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1,
+                                                            "color": 0x3080C0}},
+              "13": {"class_type": "UspTestTinyCLIPVisionLoader", "inputs": {"clip_name": Path(TINY_CLIP_VISION).name}},
+              "14": {"class_type": "CLIPVisionEncode", "inputs": {"clip_vision": ["13", 0], "image": ["12", 0],
+                                                                  "crop": "none"}},
+              "15": {"class_type": "UspWanImageToVideo", "inputs": {
+                  "positive": ["10", 0], "negative": ["11", 0], "vae": ["8", 0], "width": 64, "height": 48,
+                  "length": 5, "batch_size": 1, "start_image": ["12", 0], "clip_vision_output": ["14", 0]}}}
+    _native_matches_ksampler(url, work, tmp_path, "native_i2v", files["dit_native_i2v"].name, text, latent, 5.0, 2.0,
+                             ("15:0", "15:1", "15:2"))

@@ -33,6 +33,7 @@ import pytest
 
 from comfyui_server import comfyui_server, group_dir, log_text
 from conftest import rel_error
+from tiny_clip_vision import TINY_CLIP_VISION, make_tiny_clip_vision
 from group_helpers import processes_matching
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -54,7 +55,6 @@ NO_STORED_LATENTS = {
     "wan21_i2v_usp": "ComfyUI's own CLIPVisionLoader builds CLIP ViT-H (clip_vision_h) at its fixed full size; the "
                      "tests' ComfyUI now loads a tiny one with comfyui_test_nodes' TinyCLIPVisionLoader",
 }
-TINY_CLIP_VISION = "clip_vision/tiny_clip_vision_h.safetensors"  # tests/tiny_clip_vision.py writes it
 
 # -- the tiny substitution ---------------------------------------------------------------------------------------
 
@@ -247,7 +247,6 @@ def server(tiny_models, tmp_path_factory):
     from usp_video.distributed.models import FAMILIES
     from usp_video.distributed.models.hunyuan_video.tiny import make_tiny_hunyuan_models
     from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models as make_tiny_wan22
-    from tiny_clip_vision import make_tiny_clip_vision
 
     if not COMFYUI_DIR:
         pytest.fail("USP_VIDEO_REQUIRE_COMFYUI=1 requires these tests to run, but COMFYUI_DIR is not set")
@@ -263,9 +262,8 @@ def server(tiny_models, tmp_path_factory):
     make_tiny_clip_vision(models_root / TINY_CLIP_VISION)
     for name in {CONTROL_VIDEO} | video_inputs():
         write_control_video(work / "input" / name)
-    (work / "custom_nodes").mkdir()
-    (work / "custom_nodes" / "usp_video_test_nodes").symlink_to(Path(__file__).parent / "comfyui_test_nodes")
-    with comfyui_server(COMFYUI_DIR, models_root, work, ("--input-directory", str(work / "input"))) as url:
+    with comfyui_server(COMFYUI_DIR, models_root, work, ("--input-directory", str(work / "input")),
+                        test_nodes=True) as url:
         with urllib.request.urlopen(url + "/object_info") as response:
             info = json.load(response)
         yield url, work, models_root, info

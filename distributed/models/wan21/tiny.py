@@ -11,6 +11,8 @@
         detection fixes 128-wide heads, freq_dim 256 and text_dim 4096), with text_encoders/tiny_native_umt5_4096
         (a UMT5 of width 4096 to condition it) and loras/tiny_native_lora_a (kohya names): the native MODEL chain
         UNETLoader -> LoraLoaderModelOnly -> ModelSamplingSD3 -> USP Sampler, without real weights
+    diffusion_models/tiny_native_wan21_i2v.safetensors  the same for Wan 2.1 I2V (WAN21_I2V: 36 channels, the image
+        embedder of CLIP ViT-H's 1280-wide features)
     loras/tiny_wan_lora_{kohya,peft,distill}.safetensors   LoRAs for it in three layouts (models/tiny.py)
 Each file carries its config in the safetensors metadata because tiny shapes match no released variant.
 """
@@ -47,14 +49,16 @@ FILES = {
     "dit_i2v": "diffusion_models/tiny_wan2.1_i2v.safetensors",
     "dit_fun_control": "diffusion_models/tiny_wan2.1_fun_control.safetensors",
     "dit_native": "diffusion_models/tiny_native_wan21.safetensors",
+    "dit_native_i2v": "diffusion_models/tiny_native_wan21_i2v.safetensors",
     "text_encoder_native": "text_encoders/tiny_native_umt5_4096.safetensors",
     "lora_native": "loras/tiny_native_lora_a.safetensors",
     **{f"lora_{layout}": f"loras/tiny_wan_lora_{layout}.safetensors" for layout in ("kohya", "peft", "distill")},
 }
-_VERSION = "6"
+_VERSION = "7"
 # The ComfyUI-detectable tiny DiT and its UMT5 (see the module docstring)
 TINY_NATIVE_CONFIG = dict(wan.WAN_VARIANTS["wan2.1-t2v-1.3b"], num_attention_heads=2, attention_head_dim=128, ffn_dim=64,
                           num_layers=2, text_dim=4096, freq_dim=256)
+TINY_NATIVE_I2V_CONFIG = dict(TINY_NATIVE_CONFIG, in_channels=36, image_dim=1280, added_kv_proj_dim=256)
 TINY_NATIVE_UMT5 = dict(d_model=4096, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 
 
@@ -191,6 +195,10 @@ def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch
     state = {k: v.to(dtype) for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
     state["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
     _save(state, paths["text_encoder_native"], {})
+    torch.manual_seed(seed + 47)
+    native_i2v = WanTransformer3DModel(**TINY_NATIVE_I2V_CONFIG)
+    _save({k: v.to(dtype) for k, v in wan_to_original_keys(native_i2v.state_dict()).items()}, paths["dit_native_i2v"],
+          {wan.CONFIG_METADATA_KEY: json.dumps(TINY_NATIVE_I2V_CONFIG)})
     stamp.write_text(_VERSION)
     assert TINY_UMT5["d_model"] == TINY_WAN_CONFIG["text_dim"]
     return paths
