@@ -42,13 +42,15 @@ class Series:
 SERIES = (
     Series("xDiT HunyuanVideo, H100", "hunyuan", "1280x720x129", "H100 SXM", "nvlink", 50, "video",
            {1: 1904.08, 2: 925.04, 4: 514.08, 8: 337.58},
-           "xDiT (xdit-project/xDiT) docs/performance/hunyuanvideo.md, Ulysses", out_of_sample=(8,)),
+           "xDiT (xdit-project/xDiT) docs/performance/hunyuanvideo.md, '1280x720 Resolution (129 frames, 50 steps) - "
+           "Ulysses Latency'; H100 runs with the official HunyuanVideo repository", out_of_sample=(8,)),
     Series("xDiT HunyuanVideo (diffusers implementation), L20", "hunyuan", "1280x720x129", "L20 (PCIe)", "pcie", 50,
            "video", {1: 6043.88, 2: 3271.44, 4: 2080.05},
-           "xDiT docs/performance/hunyuanvideo.md, L20 table, Ulysses", out_of_sample=(2, 4),
+           "the same xDiT table, L20 row; runs with the diffusers implementation and flash-attn 2.7.2", out_of_sample=(2, 4),
            note="L20 servers: PCIe without NVLink; peer-to-peer assumed off (through host memory)"),
     Series("LightX2V Wan 2.1 I2V 14B 480p, H100", "wan-14b", "832x480x81", "H100 SXM", "nvlink", 40, "step",
-           {1: 5.18, 8: 0.75}, "LightX2V (ModelTC/LightX2V) README, parallel inference with CFG", cfg=5.0,
+           {1: 5.18, 8: 0.75}, "LightX2V (ModelTC/LightX2V), as quoted in issue #33 (per step, 40 steps, with CFG); "
+           "not found in the copies of LightX2V's benchmark pages searched here (they list H200 per-video times)", cfg=5.0,
            cfg_parallel=True, out_of_sample=(8,),
            note="I2V costed as the T2V 14B architecture (its image cross-attention adds about 1%); 8 GPUs assumed "
                 "CFG-parallel 2 x Ulysses 4"),
