@@ -32,7 +32,8 @@ is one Wan-1.3B-size step at 480p with each attention backend, ours vs stock dif
    same GPU, when COMFYUI_DIR names a ComfyUI checkout (else a line says it is skipped).
 8. Ranks sharing this device (ranks.py): 2 and 4 ranks on the one card, their collectives through gloo (NCCL
    refuses two ranks on one GPU), Ulysses, ring, both, and FSDP2, with sdpa and sageattention (where it imports):
-   each N-rank bf16 output against the one-process bf16 output, within the one-process bf16-vs-fp32 difference.
+   each N-rank bf16 output against the one-process bf16 output, within the one-process bf16-vs-fp32 difference;
+   and the split Wan VAE decode (fp32) on 2 and 4 ranks against the whole decode.
 The whole run stays under --budget-s (default 290 s, one call of at most 5 minutes: sections 6 and 7
 take what the others leave). Every section runs in try/except: an error is recorded and the run goes on.
 The report is written after every section (--out, default benchmarks/results/gpu_check_latest.json);
