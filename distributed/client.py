@@ -70,8 +70,8 @@ class UspGroup:
 
     attached = False  # started by someone else (attach): not supervised here
     card_probe = staticmethod(cards.probe_cards)  # what a GPU group's cards are (tests hand in fake ones)
-    cards: list = []  # the group's GPUs as start() probed them (cards.Card), none for CPU ranks
-    warnings: list = []  # start()'s warnings about them (a mixed set)
+    cards: tuple = ()  # the group's GPUs as start() probed them (cards.Card), none for CPU ranks
+    warnings: tuple = ()  # start()'s warnings about them (a mixed set)
 
     def __init__(self, config: GroupConfig, start_timeout: float = 300.0):
         self.config = config
