@@ -44,6 +44,9 @@ SERIES = (
            {1: 1904.08, 2: 925.04, 4: 514.08, 8: 337.58},
            "xDiT (xdit-project/xDiT) docs/performance/hunyuanvideo.md, '1280x720 Resolution (129 frames, 50 steps) - "
            "Ulysses Latency'; H100 runs with the official HunyuanVideo repository", out_of_sample=(8,)),
+    Series("xDiT HunyuanVideo, H20", "hunyuan", "1280x720x129", "H20", "nvlink", 50, "video",
+           {1: 6639.17, 2: 3400.55, 4: 1762.86, 8: 940.97}, "the same xDiT table, H20 row (official HunyuanVideo code)",
+           note="not one of the issue's points: the same table's slower card, for comparison"),
     Series("xDiT HunyuanVideo (diffusers implementation), L20", "hunyuan", "1280x720x129", "L20 (PCIe)", "pcie", 50,
            "video", {1: 6043.88, 2: 3271.44, 4: 2080.05},
            "the same xDiT table, L20 row; runs with the diffusers implementation and flash-attn 2.7.2", out_of_sample=(2, 4),
