@@ -25,9 +25,11 @@ from typing import Callable
 
 import torch
 
-from . import launcher, postmortem, protocol
+from . import cards, launcher, postmortem, protocol
 from .config import GroupConfig
 from .launcher import GroupProcess
+
+log = logging.getLogger("usp_video")
 
 
 class GroupError(RuntimeError):
@@ -67,6 +69,9 @@ class UspGroup:
     """One running sidecar group. Not thread-safe: one request at a time."""
 
     attached = False  # started by someone else (attach): not supervised here
+    card_probe = staticmethod(cards.probe_cards)  # what a GPU group's cards are (tests hand in fake ones)
+    cards: tuple = ()  # the group's GPUs as start() probed them (cards.Card), none for CPU ranks
+    warnings: tuple = ()  # start()'s warnings about them (a mixed set)
 
     def __init__(self, config: GroupConfig, start_timeout: float = 300.0):
         self.config = config
@@ -81,8 +86,18 @@ class UspGroup:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> "UspGroup":
+        """Check the machine (cards.check_machine: native Windows refused; the cards probed, a mixed set warned
+        about), then launch the ranks and connect."""
+        self.cards, self.warnings = [], []
+        cards.check_platform()
+        if self.config.device == "cuda":
+            indices = self.config.gpus or tuple(range(torch.cuda.device_count()))
+            self.cards, self.warnings = cards.check_machine(indices, self.card_probe)
+            for warning in self.warnings:
+                log.warning("usp-video: %s", warning)
         self.run_dir = Path(tempfile.mkdtemp(prefix="usp-video-group-"))
-        self.proc = GroupProcess.launch(self.config, self.run_dir, self.secret)
+        link = cards.link_of(self.cards) if self.cards else None
+        self.proc = GroupProcess.launch(self.config, self.run_dir, self.secret, link=link)
         try:
             self._connect()
         except BaseException:
@@ -264,7 +279,6 @@ class UspGroup:
         hook), else Interrupted(group_stopped); unless the group failed meanwhile (then say why: GroupError)."""
         if self._exited() or postmortem.read_reports(self.run_dir) or self._a_rank_is_gone():
             raise self._failure()
-        log = logging.getLogger("usp_video")
         log.warning("usp-video: the group did not stop within the grace time of a Cancel; stopping it (the next "
                     "request starts a new group)")
         if self.attached:

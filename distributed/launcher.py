@@ -38,16 +38,51 @@ def torchrun_command(config: GroupConfig, run_dir: Path) -> list[str]:
             f"--run-dir={run_dir}", f"--config-json={config.to_json()}"]
 
 
-def group_environment(config: GroupConfig, run_dir: Path, secret: str) -> dict[str, str]:
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def allocator_conf_without_async(value: str) -> str:
+    """PYTORCH_CUDA_ALLOC_CONF without the cudaMallocAsync backend, its other settings kept (in their order).
+
+    ComfyUI sets `backend:cudaMallocAsync` on CUDA builds (its cuda_malloc.py); ranks that inherit it have hit
+    NCCL out-of-memory errors at the second step (raylight PR #99): the ranks use torch's own caching allocator."""
+    kept = [part for part in value.split(",") if part.strip()
+            and part.replace(" ", "").lower() != "backend:cudamallocasync"]
+    return ",".join(kept)
+
+
+def visible_gpus(gpus: tuple[int, ...], visible: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for the ranks: the group's `gpus` are indices among the GPUs this process sees, so
+    under CUDA_VISIBLE_DEVICES=2,3 the group's GPU 0 is physical GPU 2 (a list of UUIDs maps the same way)."""
+    seen = [part.strip() for part in visible.split(",")] if visible is not None and visible.strip() else None
+    if seen is None:
+        return ",".join(map(str, gpus))
+    beyond = [i for i in gpus if i >= len(seen)]
+    if beyond:
+        raise ValueError(f"gpus lists {beyond}, but CUDA_VISIBLE_DEVICES={visible} shows this process "
+                         f"{len(seen)} GPU(s): use indices 0..{len(seen) - 1}")
+    return ",".join(seen[i] for i in gpus)
+
+
+def group_environment(config: GroupConfig, run_dir: Path, secret: str, link: str | None = None) -> dict[str, str]:
     """This process's environment plus what the ranks need: the secret (never on a command line),
-    loopback-only sockets, the GPUs and threads of the config, and the file store."""
+    loopback-only sockets (the user's NCCL_* and GLOO_* settings kept), the GPUs and threads of the config, the
+    file store, and torch's own CUDA allocator (ComfyUI's cudaMallocAsync backend dropped)."""
     env = dict(os.environ)
     env["USP_VIDEO_SECRET"] = secret
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env.setdefault("NCCL_SOCKET_IFNAME", "lo")
     env["PYTHONUNBUFFERED"] = "1"
+    if ALLOC_CONF in env:
+        conf = allocator_conf_without_async(env[ALLOC_CONF])
+        if conf:
+            env[ALLOC_CONF] = conf
+        else:
+            del env[ALLOC_CONF]
     if config.device == "cuda" and config.gpus:  # none listed: the GPUs this process sees
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, config.gpus))
+        env["CUDA_VISIBLE_DEVICES"] = visible_gpus(config.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if link is not None:  # what the cards' peer-to-peer says, unless the user said (planner.auto_degrees)
+        env.setdefault("USP_VIDEO_LINK", link)
     if config.threads_per_rank:
         env["OMP_NUM_THREADS"] = str(config.threads_per_rank)
     # Rendezvous through files in the private run directory, not torchrun's TCP store (which
@@ -76,10 +111,11 @@ class GroupProcess:
         self.popen, self.run_dir = popen, run_dir
 
     @classmethod
-    def launch(cls, config: GroupConfig, run_dir: Path, secret: str) -> "GroupProcess":
+    def launch(cls, config: GroupConfig, run_dir: Path, secret: str, link: str | None = None) -> "GroupProcess":
         log.info("usp-video: starting group (%s), log %s", config.describe(), log_path(run_dir))
         with open(log_path(run_dir), "wb") as log_file:
-            popen = subprocess.Popen(torchrun_command(config, run_dir), env=group_environment(config, run_dir, secret),
+            popen = subprocess.Popen(torchrun_command(config, run_dir),
+                                     env=group_environment(config, run_dir, secret, link),
                                      stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         return cls(popen, run_dir)

@@ -6,7 +6,9 @@ A small cost model, stated so that it can be checked:
       times in PUBLISHED, the families' reference_times (Wan 2.1 14B 720p: 1838 s, HunyuanVideo
       720p: 1904 s, both on H100-class GPUs: about 360 TFLOP/s), shared equally by the ranks;
   Ulysses: 4 all-to-alls per attention layer, each rank sending (u-1)/u of its (S/N x hidden)
-      shard, at the link's aggregate bandwidth; not overlapped with compute;
+      shard, at the link's aggregate bandwidth; not overlapped with compute; on PCIe without
+      peer-to-peer (LINKS["pcie"]) every byte goes through host memory, whose bandwidth the N
+      GPUs share (each collective costs N times one rank's bytes);
   Ring: r-1 K/V passes per attention layer of (S/r x hidden/u) each, at the per-peer bandwidth,
       overlapped with the attention of the previous chunk (a step costs the larger of the two),
       plus the log-sum-exp merge of each block (four fp32 passes over the output in device memory)
@@ -45,12 +47,21 @@ class Link:
     aggregate: float  # bytes/s a GPU can send to all peers at once (all-to-all)
     per_peer: float   # bytes/s to one neighbour (ring)
     note: str
+    # without peer-to-peer every byte is staged through host memory: the GPUs share that path, so when all ranks
+    # send at once (every all-to-all, every ring pass) each gets 1/N of it
+    through_host: bool = False
+
+    def seconds(self, bytes_per_rank: float, senders: int, bandwidth: float) -> float:
+        """The time of a collective in which `senders` ranks each send bytes_per_rank at once."""
+        return bytes_per_rank * (senders if self.through_host else 1) / bandwidth
 
 
 LINKS = {
     "nvlink": Link(450e9, 450e9, "NVLink 4 + NVSwitch (H100/H800 SXM): ~450 GB/s per GPU"),
     "xgmi": Link(7 * 48e9, 48e9, "AMD MI300X Infinity Fabric: 48 GB/s per peer link, 7 links"),
-    "pcie": Link(12e9, 12e9, "PCIe 4.0 consumer cards without NVLink/P2P: ~12 GB/s through the host"),
+    "pcie-p2p": Link(25e9, 25e9, "PCIe 4.0 x16 with peer-to-peer (workstation/data-centre cards): ~25 GB/s per GPU"),
+    "pcie": Link(12e9, 12e9, "PCIe without peer-to-peer (consumer cards, L20/L40 servers with P2P off): ~12 GB/s "
+                             "through host memory, shared by the GPUs", through_host=True),
 }
 
 
@@ -152,13 +163,13 @@ def plan_one(model: ModelSpec, gpus: int, tokens: int, ulysses: int, ring: int, 
     compute = forwards * forward_flops / sp / flops
     local = seq / sp * model.hidden * BYTES  # one rank's share of a (tokens x hidden) tensor
     ulysses_bytes = 4 * (ulysses - 1) / ulysses * local * model.attention_layers * forwards
-    ulysses_s = (ulysses_bytes / link.aggregate + 4 * PASS_LATENCY * model.attention_layers * forwards
-                 if ulysses > 1 else 0.0)
+    ulysses_s = (link.seconds(ulysses_bytes, gpus, link.aggregate) + 4 * PASS_LATENCY * model.attention_layers
+                 * forwards if ulysses > 1 else 0.0)
     ring_bytes = 2 * (ring - 1) * (seq / ring) * (model.hidden / ulysses) * BYTES * model.attention_layers * forwards
     ring_s = 0.0
     if ring > 1:
         # each of the r-1 passes overlaps with the attention over the chunk in hand
-        per_pass_comm = 2 * (seq / ring) * (model.hidden / ulysses) * BYTES / link.per_peer
+        per_pass_comm = link.seconds(2 * (seq / ring) * (model.hidden / ulysses) * BYTES, gpus, link.per_peer)
         per_pass_attn = attn_flops_layer / sp / ring / flops
         merge = 4 * (seq / sp) * model.hidden * 4 / MEMORY_BW
         ring_s = ((ring - 1) * (max(0.0, per_pass_comm - per_pass_attn) + merge + PASS_LATENCY)

@@ -121,10 +121,10 @@ class UspGroupNode(io.ComfyNode):
                 fp8_compute="off", max_step_s=300):
         config = make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel,
                              shard_weights, vae_split, placement, dit_offload, compile, fp8_compute, max_step_s)
-        if config.device == "cuda":
-            services.free_comfy_models()
-        services.note_group(get_group(config), config)
-        return io.NodeOutput(config, f"USP group: {config.describe()}")
+        services.free_comfy_models(services.group_devices(config))  # before the group loads anything
+        group = get_group(config)
+        services.note_group(group, config)
+        return io.NodeOutput(config, "\n".join([f"USP group: {config.describe()}", *services.card_lines(group)]))
 
 
 def make_config(device, gpus, cpu_ranks, ulysses, ring, attention, dtype, timeout_s, cfg_parallel="off",

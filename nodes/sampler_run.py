@@ -98,6 +98,8 @@ def run_sampler(model: ModelSocket, latent_image: dict, node_id, *, positive: di
         show_group(model["group"])
         services.publish_status(state="sampling (the first step is running)")
 
+    # ComfyUI's own models (its text encoders, VAEs, a native MODEL it sampled) leave the group's devices first
+    services.free_comfy_models(services.group_devices(model["group"]))
     services.publish_status(state="loading")  # until the group starts the first step (on_start)
     try:
         samples, info = api.sample(model["group"], sample_request, text_dim=model_info.get("text_dim"),

@@ -145,11 +145,51 @@ def throw_if_interrupted() -> None:
         _mm.throw_exception_if_processing_interrupted()
 
 
-def free_comfy_models() -> None:
-    """Unload ComfyUI's own models, so that a group on the same GPU finds the memory free."""
+def _model_name(loaded) -> str:
+    """A ComfyUI LoadedModel's model class (WAN21, UMT5XXlModel...): what its patcher wraps."""
+    patcher = loaded.model
+    inner = getattr(patcher, "model", patcher)
+    return type(inner).__name__
+
+
+def comfy_models_on(devices: list[str]) -> dict[str, list[str]]:
+    """What ComfyUI's model management holds loaded (its current_loaded_models) on each of these devices."""
+    held = {device: [] for device in devices}
     if IN_COMFYUI:
-        _mm.unload_all_models()
-        _mm.soft_empty_cache()
+        for loaded in list(_mm.current_loaded_models):
+            device = str(loaded.device)
+            if device in held and not loaded.is_dead():
+                held[device].append(_model_name(loaded))
+    return held
+
+
+def group_devices(config) -> list[str]:
+    """The devices (as this process names them) a group's ranks use: its GPUs (config.gpus, else every one this
+    process sees), or the CPU."""
+    if config.device != "cuda":
+        return ["cpu"]
+    import torch
+
+    return [f"cuda:{i}" for i in (config.gpus or range(torch.cuda.device_count()))]
+
+
+def free_comfy_models(devices: list[str]) -> dict[str, list[str]]:
+    """Before the group loads or runs: unload ComfyUI's own models from the devices the group uses (ComfyUI's
+    free_memory for each, asking for more than any card has: every model there goes; its models on other devices
+    stay) and empty its cache (soft_empty_cache). Returns {device: the models unloaded}, and shows on the USP
+    Group node what ComfyUI still holds on those devices."""
+    if not IN_COMFYUI:
+        return {}
+    import torch
+
+    unloaded = {}
+    for device in devices:
+        gone = _mm.free_memory(1e30, torch.device(device))
+        unloaded[device] = [_model_name(m) for m in gone or []]
+    _mm.soft_empty_cache()
+    publish_status(comfy_unloaded={d: names for d, names in unloaded.items() if names} or None,
+                   comfy_models=comfy_models_on(devices))
+    return unloaded
 
 
 # -- the group's state, shown on the USP Group node in the page (web/js/usp_status.js) ---------------
@@ -163,8 +203,9 @@ _shown_run_dir: list[str | None] = [None]  # the group whose state is shown (kep
 def publish_status(**fields) -> dict:
     """Update the group's state (None removes a field) and send it to the page; returns it.
 
-    Fields: group (its configuration), state ("ready", "sampling step 3/20", ...), model, degrees,
-    weights, free (bytes per rank), last_run."""
+    Fields: group (its configuration), state ("ready", "sampling step 3/20", ...), cards (a line per GPU),
+    comfy_models ({device: ComfyUI's models loaded there}), comfy_unloaded ({device: the models unloaded before
+    the run}), model, degrees, weights, free (bytes per rank), last_run."""
     for key, value in fields.items():
         if value is None:
             _status.pop(key, None)
@@ -199,7 +240,14 @@ def note_group(group, config) -> None:
     if run_dir != _shown_run_dir[0]:
         clear_status()
         _shown_run_dir[0] = run_dir
-        publish_status(group=config.describe(), state="ready")
+        publish_status(group=config.describe(), state="ready", cards=card_lines(group) or None)
+
+
+def card_lines(group) -> list[str]:
+    """The group's GPUs (cards.Card) as the state box and the group's info show them, and its start's warnings."""
+    from ..distributed.cards import card_lines as lines
+
+    return lines(getattr(group, "cards", [])) + [f"warning: {w}" for w in getattr(group, "warnings", [])]
 
 
 def status_text(status: dict) -> str:
@@ -213,6 +261,14 @@ def status_text(status: dict) -> str:
         lines.append(status["degrees"])
     if "weights" in status:
         lines.append(f"weights per rank: {status['weights']}")
+    for line in status.get("cards", []):
+        lines.append(line)
+    if "comfy_models" in status:
+        lines.append("ComfyUI's models there: " + "; ".join(
+            f"{device} {', '.join(names) or 'none'}" for device, names in status["comfy_models"].items()))
+    if "comfy_unloaded" in status:
+        lines.append("unloaded from them before the run: " + "; ".join(
+            f"{device} {', '.join(names)}" for device, names in status["comfy_unloaded"].items()))
     if "free" in status:
         lines.append("free memory: " + ", ".join(f"rank {rank} {free / 2**30:.1f} GiB"
                                                  for rank, free in enumerate(status["free"])))

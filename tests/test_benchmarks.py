@@ -72,7 +72,12 @@ def assert_gpu_check_smoke_run(stdout: str, report: dict) -> None:
     assert fp8_rows and all(r["fp8_compute_layers"] > 0 and r["rel_err_vs_fp8 weights, cast"] < 1e-2 for r in fp8_rows)
     # 7. ComfyUI's WanModel beside ours where its requirements import, else skipped with the reason (above)
     assert "ours_forward_s" in report["comfyui"] or "skipped" in report["comfyui"], report["comfyui"]
-    for table in ("ring err", "ours (sdpa)", "fp8 weights (", "GiB/rank", "measured peak", "kernels and compile",
+    # 8. ranks sharing the device through gloo: 2 ranks (Ulysses 2, FSDP2) give the one-process output, and their
+    # split VAE decode the whole decode
+    assert [(r["ranks"], r["ulysses"], r["ring"], r["fsdp"]) for r in report["ranks"]] == [(2, 2, 1, True)]
+    assert all("error" not in r and r["within"] and r["rel_err_vs_one_rank"] < 1e-5 and r["vae_split_rel_err"] < 1e-5
+               for r in report["ranks"]), report["ranks"]
+    for table in ("ranks sharing one device", "ring err", "ours (sdpa)", "fp8 weights (", "GiB/rank", "measured peak", "kernels and compile",
                   "ComfyUI's WanModel"):
         assert table in stdout, table
 

@@ -443,6 +443,29 @@ def test_native_wan21_chain_runs_on_the_group_and_matches_native_ksampler(server
     assert "UNETLoader still holds the whole model in ComfyUI's own memory" in log_text(work)
 
 
+def test_comfyuis_own_model_leaves_the_groups_device_before_the_groups_run(server, tiny_models, tmp_path):
+    """Native UNETLoader -> ModelSamplingSD3 -> KSampler loads the tiny Wan DiT into ComfyUI's model management (its
+    current_loaded_models, on the device 'cpu' under --cpu), then USP Sampler samples on from KSampler's latent on a
+    CPU group: before the group's run ComfyUI's model is unloaded from the group's device (free_memory) and the
+    state box, read back over HTTP, lists what ComfyUI still holds there (its loaded-model list: nothing)."""
+    url, work = server
+    names = make_native_chain_models(Path(tiny_models["dit"]).parents[1])
+    sampler = {"positive": ["4", 0], "negative": ["5", 0], "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler"}
+    prompt = {**_group_and_text(names), **_chain("20", names["wan21"], [], 5.0),
+              "30": {"class_type": "KSampler", "inputs": {"model": ["21", 0], "latent_image": ["6", 0], **sampler,
+                                                          "scheduler": "simple", "denoise": 1.0}},
+              "40": {"class_type": "UspSampler", "inputs": {"model": ["21", 0], "latent_image": ["30", 0], **sampler,
+                                                            "shift": 0.0, "denoise": 0.5, "group": ["1", 0]}},
+              "41": {"class_type": "SaveLatent", "inputs": {"samples": ["40", 0], "filename_prefix": "shared/usp"}}}
+    result = _run_prompt(url, tmp_path, prompt, "shared")
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = json.loads(urllib.request.urlopen(url + "/api/usp_video/status").read())
+    assert status.get("comfy_unloaded") == {"cpu": ["WAN21"]}, status  # KSampler's model, unloaded for the run
+    assert status["comfy_models"] == {"cpu": []}, status  # ComfyUI's loaded-model list on the group's device
+    assert "ComfyUI's models there: cpu none" in status["text"] and "unloaded from them before the run: cpu WAN21" \
+        in status["text"]
+
+
 def test_native_wan22_chains_match_two_native_ksampler_advanced(server, tiny_models, tmp_path):
     """Wan 2.2 A14B: a native chain per expert (high: two LoRAs 1.0 and 0.6; low: one) into two native
     KSamplerAdvanced (euler, split at step 2 with the leftover noise); the same graph with only the two samplers

@@ -261,7 +261,8 @@ def _as_pattern(quote: str) -> str:
 
 def _cases():
     """(the README's quote, a call giving the code's message) for the rows a CPU machine can provoke."""
-    from usp_video.distributed import postmortem
+    from usp_video.distributed import cards, postmortem
+    from usp_video.distributed.launcher import visible_gpus
     from usp_video.distributed.parallel.mesh import resolve_degrees
     from usp_video.nodes.group_node import parse_gpus
 
@@ -276,6 +277,13 @@ def _cases():
         ("gpus lists [4], but this machine has 4 GPU(s): 0, 1, 2, 3", lambda: parse_gpus("4", 4)),
         ("rank R of N failed: ...", lambda: postmortem._rank_failed([report], 2, 600.0, log)),
         ("A collective waited longer than timeout_s=600 s", lambda: postmortem._rank_failed([report], 2, 600.0, log)),
+        ("usp-video groups do not run on native Windows: the ranks' GPU collectives need NCCL, ...",
+         lambda: cards.check_platform("Windows")),
+        ("the group's GPUs differ (...): every step waits for the slowest card, GPU N (NAME ...",
+         lambda: cards.mixed_warning([cards.Card(0, "NVIDIA GeForce RTX 5090", 32 << 30, (12, 0), 170, 2407000),
+                                      cards.Card(1, "NVIDIA GeForce RTX 4090", 24 << 30, (8, 9), 128, 2520000)])),
+        ("gpus lists [2], but CUDA_VISIBLE_DEVICES=3,5 shows this process 2 GPU(s): use indices 0..1",
+         lambda: visible_gpus((0, 2), "3,5")),
         ("rank R of N died (killed by SIGKILL); the group was stopped.",
          lambda: postmortem._rank_died(2, [1], "rank       : 1 (local_rank: 1)\n  exitcode   : -9 (pid: 1)\n", log)),
     ]
@@ -288,7 +296,7 @@ def test_troubleshooting_quotes_the_real_messages():
     for quote, call in _cases():
         assert f"`{quote}`" in table, f"the troubleshooting table no longer quotes {quote!r}"
         try:
-            message = call()
+            message = call()  # a warning is returned, an error raised
         except ValueError as exc:
             message = str(exc)
         assert re.search(_as_pattern(quote), message, re.S), f"README quotes {quote!r}; the code says {message!r}"

@@ -1,7 +1,9 @@
 """`usp-video plan`: only valid factorizations, for every model and 1-8 GPUs."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +152,42 @@ def test_every_family_is_offered_with_its_own_tokens():
     ok = subprocess.run([sys.executable, "-m", "usp_video.distributed.cli", "plan", "--model", "wan2.2-5b",
                          "--gpus", "2", "--size", "1280x704x121"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "27280 tokens" in ok.stdout, ok.stderr
+
+
+def test_the_issues_out_of_sample_points_calibrated_on_one_gpu_each(tmp_path):
+    """Each published series (distributed/published.py) is calibrated on its own 1-GPU figure alone; the issue's (#33)
+    out-of-sample points are predicted, not fitted. Within 10%: xDiT HunyuanVideo on L20 at 2 and 4 GPUs (PCIe without
+    peer-to-peer: the host's bandwidth shared by the GPUs; with a per-GPU PCIe link the 4-GPU point is -24%).
+    Missed, and printed as missed: the H100 8-GPU points (HunyuanVideo -29%, LightX2V Wan I2V -10.3%): the model
+    has no term for what makes 8 NVLink GPUs 70-86% efficient in those publications. benchmarks/planner_check.py
+    prints the table and writes its JSON."""
+    from usp_video.distributed import published
+
+    within, missed = set(), set()
+    for series in published.SERIES:
+        flops, rows = published.predict(series)
+        assert rows[0].gpus == 1 and rows[0].error == pytest.approx(0, abs=1e-9)
+        for row in rows:
+            if row.gpus in series.out_of_sample:
+                (within if abs(row.error) <= 0.10 else missed).add((series.gpu, series.model, row.gpus))
+    assert within == {("L20 (PCIe)", "hunyuan", 2), ("L20 (PCIe)", "hunyuan", 4)}
+    assert missed == {("H100 SXM", "hunyuan", 8), ("H100 SXM", "wan-14b", 8)}
+    text = published.table()
+    assert text.count("out of sample: within 10%") == 2 and text.count("out of sample: MISSED (outside 10%)") == 2
+    assert "published  6043.88  predicted  6043.88" in text  # the 1-GPU figure is the calibration
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "planner_check.py"),
+                             "--out", str(tmp_path / "planner.json")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "planner.json").read_text())
+    l20 = report["xDiT HunyuanVideo (diffusers implementation), L20"]["rows"]
+    assert [r["published"] for r in l20] == [6043.88, 3271.44, 2080.05] and abs(l20[2]["error"]) <= 0.10
+
+
+def test_pcie_without_peer_to_peer_shares_the_hosts_bandwidth():
+    """Through host memory, an all-to-all of N ranks costs N times one rank's bytes; NVLink and PCIe P2P do not."""
+    model = planner.MODELS["hunyuan"]
+    tokens = model.video_tokens(1280, 720, 129)
+    through = [planner.plan_one(model, n, tokens, n, 1, 1, planner.LINKS["pcie"]).ulysses_seconds for n in (2, 4)]
+    p2p = [planner.plan_one(model, n, tokens, n, 1, 1, planner.LINKS["pcie-p2p"]).ulysses_seconds for n in (2, 4)]
+    assert through[1] / through[0] == pytest.approx(1.5, rel=0.01)  # (3/4 x 4) / (1/2 x 2): the bytes of all ranks
+    assert p2p[1] / p2p[0] == pytest.approx(0.75, rel=0.02)  # (3/4 x 1/4) / (1/2 x 1/2): one rank's bytes

@@ -30,6 +30,10 @@ is one Wan-1.3B-size step at 480p with each attention backend, ours vs stock dif
    skipped, with a line, when the time left (--budget-s, the whole run) is too short.
 7. Our world-size-1 forward against ComfyUI's own WanModel (comfy.ldm.wan) with the same weights on the
    same GPU, when COMFYUI_DIR names a ComfyUI checkout (else a line says it is skipped).
+8. Ranks sharing this device (ranks.py): 2 and 4 ranks on the one card, their collectives through gloo (NCCL
+   refuses two ranks on one GPU), Ulysses, ring, both, and FSDP2, with sdpa and sageattention (where it imports):
+   each N-rank bf16 output against the one-process bf16 output, within the one-process bf16-vs-fp32 difference;
+   and the split Wan VAE decode (fp32) on 2 and 4 ranks against the whole decode.
 The whole run stays under --budget-s (default 290 s, one call of at most 5 minutes: sections 6 and 7
 take what the others leave). Every section runs in try/except: an error is recorded and the run goes on.
 The report is written after every section (--out, default benchmarks/results/gpu_check_latest.json);
@@ -45,14 +49,15 @@ from types import ModuleType
 
 import torch
 
-from . import comfyui, fit, fp8, kernel_timing, kernels, memory, step
+from . import comfyui, fit, fp8, kernel_timing, kernels, memory, ranks, step
 from .common import Context
 
 # In run order: (report key, section, whether its result is a list of rows: a list section that raises keeps the
 # rows it already put in the report, or [], a dict section gets {"error": ...}).
 SECTIONS: tuple[tuple[str, ModuleType, bool], ...] = (
     ("kernels", kernels, True), ("step", step, True), ("fp8", fp8, False), ("fit", fit, True),
-    ("memory", memory, False), ("kernel_timing", kernel_timing, True), ("comfyui", comfyui, False))
+    ("memory", memory, False), ("ranks", ranks, True), ("kernel_timing", kernel_timing, True),
+    ("comfyui", comfyui, False))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
