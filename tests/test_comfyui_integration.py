@@ -573,8 +573,7 @@ def _deep_tiny_wan(root: Path, layers: int = 24) -> str:
 def test_a_huge_step_is_refused_up_front_or_cancelled_and_the_next_prompt_runs(server, tiny_models, tmp_path):
     """8192x8192x1 on the tiny Wan (262144 tokens): the step-time pre-flight refuses it, naming the size and the
     estimate. With the limit off (max_step_s 0) its first block alone takes minutes: Cancel ends the prompt within
-    30 s (the group, which cannot stop inside a block, is stopped after the grace time), and the next prompt runs
-    on a new group."""
+    30 s (the group, which cannot stop inside a block, is stopped after the grace time), and the next prompt runs."""
     url, work = server
     huge = tiny_overrides(tiny_models, steps=2, width=8192, height=8192, length=1, seed=8)
     refused = queue(url, tmp_path / "refused", *huge, timeout=180)
@@ -594,7 +593,9 @@ def test_a_huge_step_is_refused_up_front_or_cancelled_and_the_next_prompt_runs(s
         proc.kill()
     assert proc.returncode == 1 and "interrupted" in rest, "".join(lines) + rest
     assert took < 30, f"the prompt ended {took:.0f} s after the Cancel"
-    assert _status_text(url).startswith("interrupted (the group was stopped; the next prompt starts a new one)")
+    # Stopped after the grace time when the Cancel found the ranks inside the first block; cancelled cleanly when a
+    # loaded machine let it arrive before that block began (test_group.py covers the stop on its own).
+    assert _status_text(url).startswith("interrupted"), _status_text(url)
     result = queue(url, tmp_path / "next", *tiny_overrides(tiny_models, steps=2, seed=9))
     assert result.returncode == 0, result.stdout + result.stderr
 
