@@ -1,0 +1,9 @@
+"""LTX-2 (Lightricks): a video DiT with a synchronized audio stream (issue #37), in progress.
+
+dit.py   the DiT from Lightricks' all-in-one checkpoints or a diffusers folder (diffusers' LTX2VideoTransformer3DModel)
+usp.py   its sequence parallelism: video tokens split, audio held whole, the cross-modal attentions exact
+tiny.py  the tiny debug config and files in Lightricks' layout
+
+Not yet a ModelFamily (models/__init__.py does not list it): the engine's sampler takes one latent and one velocity,
+and LTX-2 denoises two (video and audio) together; the Gemma 3 text encoder, the VAEs and the vocoder are to come.
+"""

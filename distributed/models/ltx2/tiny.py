@@ -1,0 +1,90 @@
+"""The tiny LTX-2 DiT, in the layout of Lightricks' all-in-one checkpoints (for the tests and the demo).
+
+`make_tiny_ltx2(root)` writes models/checkpoints/tiny_ltx2_<rope>.safetensors: the transformer under
+`model.diffusion_model.` with the original names, its config in the safetensors metadata (tiny shapes match
+no released variant). `tiny_inputs(...)` gives one forward's inputs: packed video and audio tokens, text for
+each stream, and the timesteps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ...formats.checkpoint import save_safetensors
+from . import dit as ltx2
+
+FILES = {"split": "checkpoints/tiny_ltx2_split.safetensors",
+         "interleaved": "checkpoints/tiny_ltx2_interleaved.safetensors"}
+_VERSION = "1"
+
+
+def tiny_config(rope_type: str = "split", **changes) -> dict:
+    return dict(ltx2.TINY_LTX2_CONFIG, rope_type=rope_type, **changes)
+
+
+def tiny_state(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The stock class's random weights for config (diffusers names), every parameter away from its
+    initial zeros and ones so that no path is silently inert."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = LTX2VideoTransformer3DModel(**config)
+    g = torch.Generator().manual_seed(seed + 1)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+
+
+def write_checkpoint(path: str | Path, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """An all-in-one file (transformer only) of the stock class's weights for config, with the original names."""
+    state = ltx2.ltx2_to_original_keys(tiny_state(config, seed))
+    path = Path(path)
+    save_safetensors({f"model.diffusion_model.{k}": v.to(dtype) for k, v in state.items()}, path,
+                     {ltx2.CONFIG_METADATA_KEY: json.dumps(config)})
+    return path
+
+
+def make_tiny_ltx2(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write the tiny LTX-2 checkpoints (rope "split" as released, and "interleaved") under root."""
+    root = Path(root)
+    paths = {name: root / rel for name, rel in FILES.items()}
+    stamp = root / ".usp-video-tiny-ltx2"
+    if stamp.is_file() and stamp.read_text() == _VERSION and all(p.exists() for p in paths.values()):
+        return paths
+    for rope_type, path in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(path, tiny_config(rope_type), seed)
+    stamp.write_text(_VERSION)
+    return paths
+
+
+def tiny_inputs(shape, audio_frames: int, config: dict | None = None, text_len: int = 7, seed: int = 1,
+                batch: int = 1, per_token_timestep: bool = False, use_cross_timestep: bool = False) -> dict:
+    """One forward's keyword inputs for a video latent of shape (frames, rows, columns) and audio_frames audio
+    latents: packed tokens (patch 1), text for each stream (a padded tail masked out), timestep 700 (or one per
+    video token, the first latent frame kept at 0 as image-to-video conditioning does)."""
+    config = config or ltx2.TINY_LTX2_CONFIG
+    g = torch.Generator().manual_seed(seed)
+    frames, rows, cols = shape
+    video_tokens = frames * rows * cols
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    audio_inner = config["audio_num_attention_heads"] * config["audio_attention_head_dim"]
+    text_dim = config["caption_channels"] if config.get("use_prompt_embeddings", True) else inner
+    audio_text_dim = config["caption_channels"] if config.get("use_prompt_embeddings", True) else audio_inner
+    mask = torch.ones(batch, text_len)
+    mask[:, text_len - 2:] = 0  # two padded text tokens
+    timestep = torch.full((batch,), 700.0)
+    video_timestep = timestep
+    if per_token_timestep:
+        video_timestep = timestep[:, None].expand(batch, video_tokens).clone()
+        video_timestep[:, :rows * cols] = 0.0
+    return dict(
+        hidden_states=torch.randn(batch, video_tokens, config["in_channels"], generator=g),
+        audio_hidden_states=torch.randn(batch, audio_frames, config["audio_in_channels"], generator=g),
+        encoder_hidden_states=torch.randn(batch, text_len, text_dim, generator=g),
+        audio_encoder_hidden_states=torch.randn(batch, text_len, audio_text_dim, generator=g),
+        timestep=video_timestep, audio_timestep=timestep, sigma=timestep / 1000.0,
+        encoder_attention_mask=mask, audio_encoder_attention_mask=mask,
+        num_frames=frames, height=rows, width=cols, fps=24.0, audio_num_frames=audio_frames,
+        use_cross_timestep=use_cross_timestep)

@@ -1,0 +1,41 @@
+"""What the LTX-2 parity tests run on N gloo ranks (usp_video.distributed.testing.spawn) and on one process.
+
+    ltx2_forward(rank, world_size, path, shape, audio_frames, ulysses, ring, **input_kwargs)
+        the DiT of the file at path, loaded by the family's loader, parallelized over (ulysses, ring), on the tiny
+        inputs -> "video", "audio" (both whole on every rank) and the bytes this rank sent at each collective
+    run_cases(rank, world_size, cases)   many of them in one spawn, results under "<index>/"
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def ltx2_forward(rank, world_size, path, shape, audio_frames, ulysses=1, ring=1, **input_kwargs):
+    from bench_targets import ByteCounter
+    from usp_video.distributed.models.ltx2.dit import infer_ltx2_config, load_ltx2_transformer
+    from usp_video.distributed.models.ltx2.tiny import tiny_inputs
+    from usp_video.distributed.models.ltx2.usp import parallelize_ltx2
+    from usp_video.distributed.formats.checkpoint import read_header
+    from usp_video.distributed.parallel.mesh import SequenceParallel, build_sequence_parallel
+
+    sp = build_sequence_parallel(ulysses, ring) if world_size > 1 else SequenceParallel()
+    config = infer_ltx2_config(Path(path), *read_header(path))
+    model = parallelize_ltx2(load_ltx2_transformer(path), sp).module
+    inputs = tiny_inputs(tuple(shape), audio_frames, config, **input_kwargs)
+    with torch.no_grad(), ByteCounter() as counter:
+        video, audio = model(**inputs, return_dict=False)
+    out = {"video": video, "audio": audio}
+    out.update({f"bytes/{k}": torch.tensor([v], dtype=torch.float64) for k, v in counter.bytes.items()})
+    return out
+
+
+def run_cases(rank, world_size, cases):
+    out = {}
+    for i, kwargs in enumerate(cases):
+        for name, value in ltx2_forward(rank, world_size, **kwargs).items():
+            out[f"{i}/{name}"] = value
+    return out

@@ -1,0 +1,190 @@
+"""LTX-2 (audio + video DiT): the all-in-one file layout, one process == diffusers' stock class, and N ranks ==
+one process for both outputs on every factorization of 2-4 ranks, with the bytes each rank sends per block at
+the collectives equal to the analytic volume (no full-video gather).
+
+The DiT is diffusers' LTX2VideoTransformer3DModel; the tiny files are written in Lightricks' layout (original
+names under model.diffusion_model.) and read by the family's loader. Three tiny models: LTX-2 with rope "split"
+(as released) and "interleaved" (diffusers' default), and an LTX-2.3-like one (gated attention, cross-attention
+modulation, prompt AdaLN, text projected before the DiT, cross-modal timesteps). The multi-rank cases of one world
+size run in one spawn (the first test that asks for them).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rel_error
+from ltx2_targets import ltx2_forward
+from usp_video.distributed.formats.checkpoint import CheckpointError, load_state_dict, read_header
+from usp_video.distributed.models.ltx2 import dit as ltx2
+from usp_video.distributed.models.ltx2 import tiny
+from usp_video.distributed.parallel.mesh import valid_factorizations
+from usp_video.distributed.testing.spawn import run_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+HEADS = tiny.tiny_config()["num_attention_heads"]  # 12: Ulysses 1-4 all divide it
+FACTORIZATIONS = [(n, u, r) for n in (2, 3, 4) for u, r in valid_factorizations(n, HEADS)]
+LTX23 = dict(gated_attn=True, audio_gated_attn=True, cross_attn_mod=True, audio_cross_attn_mod=True,
+             use_prompt_embeddings=False, use_prompt_adaln_single=True)
+MODELS = {"split": tiny.tiny_config("split"), "interleaved": tiny.tiny_config("interleaved"),
+          "ltx23": tiny.tiny_config("split", **LTX23)}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("ltx2")
+    return {name: str(tiny.write_checkpoint(root / f"{name}.safetensors", config)) for name, config in MODELS.items()}
+
+
+def cases():
+    """(name, (n, u, r), spec): uneven video (35 tokens) and audio (13) counts on every factorization for each
+    model, a per-token timestep (image-to-video's), and a video too short for 4 ranks (one holds no token)."""
+    for n, u, r in FACTORIZATIONS:
+        yield "split-video35-audio13", (n, u, r), dict(model="split", shape=(5, 1, 7), audio_frames=13)
+        yield "interleaved-video35-audio13-token_timesteps", (n, u, r), dict(
+            model="interleaved", shape=(5, 1, 7), audio_frames=13, per_token_timestep=True)
+        yield "ltx23-video24-audio11", (n, u, r), dict(model="ltx23", shape=(3, 2, 4), audio_frames=11,
+                                                         use_cross_timestep=True)
+    for n, u, r in ((4, 2, 2), (4, 1, 4), (3, 3, 1)):
+        yield "split-video5-audio9", (n, u, r), dict(model="split", shape=(5, 1, 1), audio_frames=9)
+
+
+CASES = list(cases())
+
+
+def case_id(case) -> str:
+    name, (n, u, r), _ = case
+    return f"{name}-{n}x{u}x{r}"
+
+
+def spec_kwargs(spec: dict, files: dict) -> dict:
+    return dict({k: v for k, v in spec.items() if k != "model"}, path=files[spec["model"]], shape=list(spec["shape"]))
+
+
+@pytest.fixture(scope="module")
+def runs(files):
+    """world size -> each case's per-rank results, one spawn per world size, made when first asked for."""
+    made = {}
+
+    def results(case) -> list[dict]:
+        n = case[1][0]
+        if n not in made:
+            batch = [c for c in CASES if c[1][0] == n]
+            ranks = run_ranks(f"{Path(__file__).parent / 'ltx2_targets.py'}:run_cases", n, dict(cases=[
+                dict(spec_kwargs(spec, files), ulysses=u, ring=r) for _, (_, u, r), spec in batch]),
+                timeout=60 + 20 * len(batch))
+            made[n] = {case_id(c): [{k.split("/", 1)[1]: v for k, v in rank.items() if k.startswith(f"{i}/")}
+                                    for rank in ranks] for i, c in enumerate(batch)}
+        return made[n][case_id(case)]
+    return results
+
+
+def analytic_bytes(n: int, u: int, r: int, config: dict, video_tokens: int, audio_tokens: int) -> dict:
+    """What each rank sends in one forward: the video self-attention's USP (cpu_bench's volumes), the output
+    gather, and per block the video-to-audio partials ((N - 1) copies of B x La x Ha x (Da + 1) floats)."""
+    from cpu_bench import analytic_bytes as usp_bytes
+
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    layers = config["num_layers"]
+    out = usp_bytes(n, u, r, video_tokens, hidden, layers, config["out_channels"])
+    partials = audio_tokens * config["audio_num_attention_heads"] * (config["audio_attention_head_dim"] + 1) * 4
+    out["all_gather"] += layers * (n - 1) * partials
+    return out
+
+
+def test_file_layout_is_lightricks(files):
+    """The tiny file's names are those diffusers' own converter (convert_ltx2_transformer_to_diffusers, written for
+    Lightricks' LTX-2 files) maps onto the stock class, tensor for tensor; and our conversion agrees with it."""
+    from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers
+
+    state = load_state_dict(files["split"])
+    assert all(k.startswith("model.diffusion_model.") for k in state)
+    assert "model.diffusion_model.patchify_proj.weight" in state
+    assert "model.diffusion_model.transformer_blocks.0.scale_shift_table_a2v_ca_video" in state
+    theirs = convert_ltx2_transformer_to_diffusers(dict(state))
+    expected = tiny.tiny_state(MODELS["split"])
+    assert set(theirs) == set(expected)
+    assert all(torch.equal(theirs[k], expected[k]) for k in expected)
+    ours = ltx2.convert_to_diffusers({k.removeprefix("model.diffusion_model."): v for k, v in state.items()})
+    assert set(ours) == set(expected)
+
+
+def test_config_from_shapes_alone(tmp_path):
+    """Without our metadata, the config comes from the shapes (released head widths) and the flags of LTX-2.3
+    (gates, 9 modulation rows, prompt AdaLN, no caption projection in the DiT); the rope kind from Lightricks'
+    own config metadata, "split" when it says nothing. The file's VAE, vocoder and connector tensors are ignored."""
+    from usp_video.distributed.formats.checkpoint import save_safetensors
+
+    config = dict(MODELS["ltx23"], num_attention_heads=2, attention_head_dim=128, cross_attention_dim=256,
+                  audio_num_attention_heads=2, audio_attention_head_dim=64, audio_cross_attention_dim=128,
+                  num_layers=1, rope_type="interleaved", caption_channels=3840, ff_bias=True, audio_ff_bias=True)
+    state = {f"model.diffusion_model.{k}": v for k, v in ltx2.ltx2_to_original_keys(tiny.tiny_state(config)).items()}
+    state["vae.per_channel_statistics.mean-of-means"] = torch.zeros(128)
+    state["model.diffusion_model.video_embeddings_connector.learnable_registers"] = torch.zeros(4, 256)
+    for rope, meta in (("split", {}), ("interleaved", {"config": json.dumps({"transformer": {"rope_type": "interleaved"}})})):
+        path = tmp_path / f"{rope}.safetensors"
+        save_safetensors(state, path, meta)
+        assert ltx2.infer_ltx2_config(path, *read_header(path)) == dict(config, rope_type=rope)
+    model = ltx2.load_ltx2_transformer(path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny.tiny_state(config).items())
+
+
+def test_refuses_other_files(tmp_path, files):
+    from usp_video.distributed.formats.checkpoint import save_safetensors
+
+    path = tmp_path / "ltxv.safetensors"
+    save_safetensors({"model.diffusion_model.adaln_single.emb.timestep_embedder.linear_1.bias": torch.zeros(4)},
+                     path, {})
+    with pytest.raises(CheckpointError, match="not an LTX-2 audio-video model"):
+        ltx2.load_ltx2_transformer(path)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_one_process_equals_stock(files, model):
+    """The family's loader and hooks on one process == diffusers' stock class with the same weights, both outputs
+    (a per-token timestep in the interleaved case)."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    config = MODELS[model]
+    stock = LTX2VideoTransformer3DModel(**config).eval()
+    stock.load_state_dict(tiny.tiny_state(config))
+    kwargs = dict(per_token_timestep=model == "interleaved", use_cross_timestep=model == "ltx23")
+    with torch.no_grad():
+        video, audio = stock(**tiny.tiny_inputs((5, 1, 7), 13, config, **kwargs), return_dict=False)
+    ours = ltx2_forward(0, 1, files[model], (5, 1, 7), 13, **kwargs)
+    assert video.abs().max() > 0 and audio.abs().max() > 0
+    assert rel_error(ours["video"], video) <= 1e-6 and rel_error(ours["audio"], audio) <= 1e-6
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", [pytest.param(c, id=case_id(c), marks=[pytest.mark.slow] * (c[1][0] == 4))
+                                  for c in CASES])
+def test_n_ranks_equal_one_process(files, runs, case):
+    name, (n, u, r), spec = case
+    expected = ltx2_forward(0, 1, **spec_kwargs(spec, files))
+    config = MODELS[spec["model"]]
+    frames, rows, cols = spec["shape"]
+    volumes = analytic_bytes(n, u, r, config, frames * rows * cols, spec["audio_frames"])
+    for rank, result in enumerate(runs(case)):
+        for key in ("video", "audio"):
+            err = rel_error(result[key], expected[key])
+            assert err <= 1e-5, f"rank {rank} {key}: relative error {err:.2e} ({case_id(case)})"
+        sent = {k: int(result[f"bytes/{k}"]) for k in volumes}
+        for kind, volume in volumes.items():
+            assert abs(sent[kind] - volume) <= 0.02 * volume, f"rank {rank} {kind}: sent {sent[kind]}, analytic {volume}"
+
+
+def test_diffusers_folder(tmp_path):
+    """A diffusers 'transformer' folder loads through from_pretrained (safetensors only)."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    config = MODELS["split"]
+    stock = LTX2VideoTransformer3DModel(**config)
+    stock.load_state_dict(tiny.tiny_state(config))
+    stock.save_pretrained(tmp_path / "transformer")
+    model = ltx2.load_ltx2_transformer(tmp_path / "transformer")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in stock.state_dict().items())
