@@ -14,8 +14,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
-def ltx2_forward(rank, world_size, path, shape, audio_frames, ulysses=1, ring=1, **input_kwargs):
+def byte_counter():
+    """benchmarks' ByteCounter (all-to-all, ring sends, all-gather), counting the all-reduces too: a ring
+    all-reduce sends 2 (n - 1) / n of its tensor."""
+    import torch.distributed as dist
     from bench_targets import ByteCounter
+
+    class Counter(ByteCounter):
+        def __enter__(self):
+            super().__enter__()
+            self.bytes["all_reduce"] = 0
+            counter = self
+
+            def all_reduce(tensor, *args, group=None, **kwargs):
+                n = dist.get_world_size(group)
+                counter.bytes["all_reduce"] += 2 * (n - 1) * tensor.numel() * tensor.element_size() // n
+                return counter._saved["all_reduce"](tensor, *args, group=group, **kwargs)
+
+            self._saved["all_reduce"] = dist.all_reduce
+            dist.all_reduce = all_reduce
+            return self
+    return Counter()
+
+
+def ltx2_forward(rank, world_size, path, shape, audio_frames, ulysses=1, ring=1, **input_kwargs):
     from usp_video.distributed.models.ltx2.dit import infer_ltx2_config, load_ltx2_transformer
     from usp_video.distributed.models.ltx2.tiny import tiny_inputs
     from usp_video.distributed.models.ltx2.usp import parallelize_ltx2
@@ -26,7 +48,7 @@ def ltx2_forward(rank, world_size, path, shape, audio_frames, ulysses=1, ring=1,
     config = infer_ltx2_config(Path(path), *read_header(path))
     model = parallelize_ltx2(load_ltx2_transformer(path), sp).module
     inputs = tiny_inputs(tuple(shape), audio_frames, config, **input_kwargs)
-    with torch.no_grad(), ByteCounter() as counter:
+    with torch.no_grad(), byte_counter() as counter:
         video, audio = model(**inputs, return_dict=False)
     out = {"video": video, "audio": audio}
     out.update({f"bytes/{k}": torch.tensor([v], dtype=torch.float64) for k, v in counter.bytes.items()})

@@ -85,14 +85,15 @@ def runs(files):
 
 def analytic_bytes(n: int, u: int, r: int, config: dict, video_tokens: int, audio_tokens: int) -> dict:
     """What each rank sends in one forward: the video self-attention's USP (cpu_bench's volumes), the output
-    gather, and per block the video-to-audio partials ((N - 1) copies of B x La x Ha x (Da + 1) floats)."""
+    gather, and per block the video-to-audio merge: ring all-reduces of the log-sum-exps' maximum (B x La x Ha
+    floats) and of the rescaled partials (B x La x Ha x (Da + 1)). Nothing of the size of the video's K/V."""
     from cpu_bench import analytic_bytes as usp_bytes
 
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     layers = config["num_layers"]
     out = usp_bytes(n, u, r, video_tokens, hidden, layers, config["out_channels"])
-    partials = audio_tokens * config["audio_num_attention_heads"] * (config["audio_attention_head_dim"] + 1) * 4
-    out["all_gather"] += layers * (n - 1) * partials
+    heads = audio_tokens * config["audio_num_attention_heads"] * 4
+    out["all_reduce"] = layers * sum(2 * (n - 1) * size // n for size in (heads, heads * (config["audio_attention_head_dim"] + 1)))
     return out
 
 

@@ -10,9 +10,9 @@ compute, and it needs no collective of its own. Per block:
   audio self-attention   local (the audio is whole);
   audio-to-video         local: the queries are this rank's video tokens, the keys/values the whole audio;
   video-to-audio         the audio queries attend to this rank's video keys only, giving a partial result and
-                         its log-sum-exp; one all-gather of those partials (B x La x Ha x (Da + 1) floats from each
-                         rank) and the same log-sum-exp merge on every rank give the exact attention. The video
-                         keys and values never leave their rank.
+                         its log-sum-exp; an all-reduce of the log-sum-exps' maximum (B x La x Ha floats) and one
+                         of the rescaled partials (B x La x Ha x (Da + 1)) give the exact attention on every rank.
+                         The video keys and values never leave their rank.
 
 Before the blocks, a forward pre-hook shards the video tokens, their coordinates (the RoPE of every attention is
 made from them, per token) and a per-token timestep; after proj_out the video output is all-gathered and
@@ -98,36 +98,32 @@ class VideoToAudioAttention:
             raise ValueError("a video-to-audio attention mask is not supported with sequence parallelism")
         q, k, v = _project(attn, hidden_states, encoder_hidden_states, query_rotary_emb, key_rotary_emb)
         mine = self.state.valid_on(self.sp.rank)
-        out = merge_partials(q, k[:, :mine], v[:, :mine], self.sp, self.state, self.backend)
+        out = merge_partials(q, k[:, :mine], v[:, :mine], self.sp, self.backend)
         return _finish(attn, hidden_states, out.to(q.dtype))
 
 
-def merge_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: SequenceParallel, state: _ShardState,
-                   backend: str) -> torch.Tensor:
+def merge_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp: SequenceParallel, backend: str) -> torch.Tensor:
     """Attention of the queries q (B, Lq, H, D), the same on every rank, over the keys/values k, v (B, Lk, H, D)
-    of all SP ranks together, each rank holding its own: every rank computes its partial attention and
-    log-sum-exp, all-gathers them ((B, Lq, H, D + 1) floats per rank) and merges them in rank order."""
+    of all SP ranks together, each rank holding its own (Lk may be 0). Each rank computes its partial attention
+    and log-sum-exp; an all-reduce (max) of the log-sum-exps, then one (sum) of the partials weighted by
+    exp(lse - max) beside the weights, (B, Lq, H, D + 1) floats, give softmax over all keys exactly: what each
+    rank sends does not grow with the ranks (an all-gather of the partials would send N - 1 copies)."""
     if sp.degree == 1:
-        out, _ = attention_with_lse(q, k, v, backend)
-        return out
+        return attention_with_lse(q, k, v, backend)[0]
     import torch.distributed as dist
-    from yunchang.ring.utils import update_out_and_lse
 
     if k.shape[1] > 0:
-        out, lse = attention_with_lse(q, k, v, backend)  # (B, Lq, H, D), (B, H, Lq)
-        packed = torch.cat([out.float(), lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
-    else:
-        packed = q.new_zeros((*q.shape[:-1], q.shape[-1] + 1), dtype=torch.float32)
-    parts = [torch.empty_like(packed) for _ in range(sp.degree)]
-    dist.all_gather(parts, packed.contiguous(), group=sp.group)
-    out = lse = None
-    for rank, part in enumerate(parts):
-        if state.valid_on(rank) > 0:  # a rank with no video tokens (short videos on many ranks) adds nothing
-            block_out, block_lse = part[..., :-1], part[..., -1].transpose(1, 2)
-            out, lse = update_out_and_lse(out, lse, block_out, block_lse)
-    return out
-
-
+        out, lse = attention_with_lse(q, k, v, backend)  # (B, Lq, H, D), (B, H, Lq) float32
+        out, lse = out.float(), lse.transpose(1, 2).unsqueeze(-1)  # lse: (B, Lq, H, 1)
+    else:  # a rank with no video tokens (a short video on many ranks): weight 0
+        out = q.new_zeros(q.shape, dtype=torch.float32)
+        lse = torch.full((*q.shape[:-1], 1), -torch.inf, dtype=torch.float32, device=q.device)
+    top = lse.clone()
+    dist.all_reduce(top, dist.ReduceOp.MAX, group=sp.group)
+    weight = torch.exp(lse - top)
+    packed = torch.cat([out * weight, weight], dim=-1)
+    dist.all_reduce(packed, group=sp.group)
+    return packed[..., :-1] / packed[..., -1:]
 
 
 def _bound(model, args, kwargs) -> dict:
