@@ -37,7 +37,7 @@ def byte_counter():
     return Counter()
 
 
-def ltx2_forward(rank, world_size, path, shape, audio_frames, ulysses=1, ring=1, **input_kwargs):
+def ltx2_forward(rank, world_size, path, shape, audio_frames, ulysses=1, ring=1, shard_weights=False, **input_kwargs):
     from usp_video.distributed.models.ltx2.dit import infer_ltx2_config, load_ltx2_transformer
     from usp_video.distributed.models.ltx2.tiny import tiny_inputs
     from usp_video.distributed.models.ltx2.usp import parallelize_ltx2
@@ -46,11 +46,20 @@ def ltx2_forward(rank, world_size, path, shape, audio_frames, ulysses=1, ring=1,
 
     sp = build_sequence_parallel(ulysses, ring) if world_size > 1 else SequenceParallel()
     config = infer_ltx2_config(Path(path), *read_header(path))
-    model = parallelize_ltx2(load_ltx2_transformer(path), sp).module
+    shard = None
+    if shard_weights:  # FSDP2 over the ranks, each block then the rest, each rank reading only its shards
+        from usp_video.distributed.parallel.fsdp import shard_model
+
+        def shard(model):
+            return shard_model(model, model.transformer_blocks, torch.device("cpu"))
+    model = parallelize_ltx2(load_ltx2_transformer(path, shard=shard), sp).module
     inputs = tiny_inputs(tuple(shape), audio_frames, config, **input_kwargs)
     with torch.no_grad(), byte_counter() as counter:
         video, audio = model(**inputs, return_dict=False)
-    out = {"video": video, "audio": audio}
+    from torch.distributed.tensor import DTensor
+
+    sharded = sum(isinstance(p, DTensor) for p in model.parameters())
+    out = {"video": video, "audio": audio, "sharded_parameters": torch.tensor([sharded])}
     out.update({f"bytes/{k}": torch.tensor([v], dtype=torch.float64) for k, v in counter.bytes.items()})
     return out
 

@@ -42,7 +42,8 @@ def files(tmp_path_factory) -> dict[str, str]:
 
 def cases():
     """(name, (n, u, r), spec): uneven video (35 tokens) and audio (13) counts on every factorization for each
-    model, a per-token timestep (image-to-video's), and a video too short for 4 ranks (one holds no token)."""
+    model, a per-token timestep (image-to-video's), a video too short for 4 ranks (one holds no token), and
+    FSDP-sharded weights."""
     for n, u, r in FACTORIZATIONS:
         yield "split-video35-audio13", (n, u, r), dict(model="split", shape=(5, 1, 7), audio_frames=13)
         yield "interleaved-video35-audio13-token_timesteps", (n, u, r), dict(
@@ -51,6 +52,9 @@ def cases():
                                                          use_cross_timestep=True)
     for n, u, r in ((4, 2, 2), (4, 1, 4), (3, 3, 1)):
         yield "split-video5-audio9", (n, u, r), dict(model="split", shape=(5, 1, 1), audio_frames=9)
+    for n, u, r in ((2, 1, 2), (3, 3, 1)):  # the weights FSDP-sharded too, each rank reading its shards
+        yield "ltx23-sharded_weights", (n, u, r), dict(model="ltx23", shape=(5, 1, 7), audio_frames=13,
+                                                        shard_weights=True)
 
 
 CASES = list(cases())
@@ -166,7 +170,7 @@ def test_one_process_equals_stock(files, model):
                                   for c in CASES])
 def test_n_ranks_equal_one_process(files, runs, case):
     name, (n, u, r), spec = case
-    expected = ltx2_forward(0, 1, **spec_kwargs(spec, files))
+    expected = ltx2_forward(0, 1, **dict(spec_kwargs(spec, files), shard_weights=False))
     config = MODELS[spec["model"]]
     frames, rows, cols = spec["shape"]
     volumes = analytic_bytes(n, u, r, config, frames * rows * cols, spec["audio_frames"])
@@ -174,6 +178,8 @@ def test_n_ranks_equal_one_process(files, runs, case):
         for key in ("video", "audio"):
             err = rel_error(result[key], expected[key])
             assert err <= 1e-5, f"rank {rank} {key}: relative error {err:.2e} ({case_id(case)})"
+        parameters = int(result["sharded_parameters"])
+        assert (parameters > 0) == spec.get("shard_weights", False), f"rank {rank}: {parameters} sharded parameters"
         sent = {k: int(result[f"bytes/{k}"]) for k in volumes}
         for kind, volume in volumes.items():
             assert abs(sent[kind] - volume) <= 0.02 * volume, f"rank {rank} {kind}: sent {sent[kind]}, analytic {volume}"
