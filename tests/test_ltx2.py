@@ -195,3 +195,37 @@ def test_diffusers_folder(tmp_path):
     stock.save_pretrained(tmp_path / "transformer")
     model = ltx2.load_ltx2_transformer(tmp_path / "transformer")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in stock.state_dict().items())
+
+
+def test_vaes_from_the_all_in_one_file(tmp_path):
+    """The video and audio VAEs of an all-in-one file (beside the DiT): diffusers' own converters map the tiny
+    file's names onto the stock classes tensor for tensor; our loaders give the stock weights, and decode (and
+    encode) as the stock classes do; the DiT loads from the same file, leaving the VAEs unread."""
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
+    from diffusers.loaders.single_file_utils import (convert_ltx2_audio_vae_to_diffusers,
+                                                     convert_ltx2_vae_to_diffusers)
+    from usp_video.distributed.models.ltx2 import vae
+
+    path = tiny.write_checkpoint(tmp_path / "all_in_one.safetensors", MODELS["split"], vaes=True)
+    state = load_state_dict(path)
+    video, audio = tiny.vae_states()
+    for prefix, convert, expected in (("vae.", convert_ltx2_vae_to_diffusers, video),
+                                      ("audio_vae.", convert_ltx2_audio_vae_to_diffusers, audio)):
+        theirs = convert({k: v for k, v in state.items() if k.startswith(prefix)})
+        assert set(theirs) == set(expected) and all(torch.equal(theirs[k], expected[k]) for k in expected)
+    g = torch.Generator().manual_seed(3)
+    for load, cls, config, expected, sample in (
+            (vae.load_video_vae, AutoencoderKLLTX2Video, vae.TINY_VIDEO_VAE, video, torch.rand(1, 3, 9, 64, 64, generator=g)),
+            (vae.load_audio_vae, AutoencoderKLLTX2Audio, vae.TINY_AUDIO_VAE, audio, torch.randn(1, 2, 17, 16, generator=g))):
+        ours = load(path)
+        stock = cls(**config).eval()
+        stock.load_state_dict(expected)
+        assert all(torch.equal(ours.state_dict()[k], v) for k, v in expected.items())
+        with torch.no_grad():
+            latent = stock.encode(sample).latent_dist.mode()
+            assert rel_error(ours.encode(sample).latent_dist.mode(), latent) <= 1e-6
+            assert rel_error(ours.decode(latent).sample, stock.decode(latent).sample) <= 1e-6
+    dit = ltx2.load_ltx2_transformer(path)
+    assert all(torch.equal(dit.state_dict()[k], v) for k, v in tiny.tiny_state(MODELS["split"]).items())
+    with pytest.raises(CheckpointError, match="holds no audio_vae"):
+        vae.load_audio_vae(tiny.write_checkpoint(tmp_path / "dit_only.safetensors", MODELS["split"]))

@@ -1,8 +1,8 @@
 """The tiny LTX-2 DiT, in the layout of Lightricks' all-in-one checkpoints (for the tests and the demo).
 
 `make_tiny_ltx2(root)` writes models/checkpoints/tiny_ltx2_<rope>.safetensors: the transformer under
-`model.diffusion_model.` with the original names, its config in the safetensors metadata (tiny shapes match
-no released variant). `tiny_inputs(...)` gives one forward's inputs: packed video and audio tokens, text for
+`model.diffusion_model.` and the video and audio VAEs under `vae.` / `audio_vae.`, with the original names, their
+configs in the safetensors metadata (tiny shapes match no released variant). `tiny_inputs(...)` gives one forward's inputs: packed video and audio tokens, text for
 each stream, and the timesteps.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ...formats.checkpoint import save_safetensors
-from . import dit as ltx2
+from . import dit as ltx2, vae as ltx2_vae
 
 FILES = {"split": "checkpoints/tiny_ltx2_split.safetensors",
          "interleaved": "checkpoints/tiny_ltx2_interleaved.safetensors"}
@@ -36,12 +36,35 @@ def tiny_state(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
 
 
-def write_checkpoint(path: str | Path, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """An all-in-one file (transformer only) of the stock class's weights for config, with the original names."""
-    state = ltx2.ltx2_to_original_keys(tiny_state(config, seed))
+def vae_states(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tiny video and audio VAEs' weights (diffusers names), statistics away from 0 and 1."""
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
+
+    states = []
+    for i, (cls, config) in enumerate(((AutoencoderKLLTX2Video, ltx2_vae.TINY_VIDEO_VAE),
+                                       (AutoencoderKLLTX2Audio, ltx2_vae.TINY_AUDIO_VAE))):
+        torch.manual_seed(seed + 10 + i)
+        state = cls(**config).state_dict()
+        g = torch.Generator().manual_seed(seed + 20 + i)
+        state["latents_mean"] = 0.1 * torch.randn(state["latents_mean"].shape, generator=g)
+        state["latents_std"] = 1.0 + 0.1 * torch.rand(state["latents_std"].shape, generator=g)
+        states.append(state)
+    return states[0], states[1]
+
+
+def write_checkpoint(path: str | Path, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     vaes: bool = False) -> Path:
+    """An all-in-one file of the stock classes' weights, with the original names: the transformer for config,
+    and with vaes the tiny video and audio VAEs."""
+    state = {f"model.diffusion_model.{k}": v for k, v in ltx2.ltx2_to_original_keys(tiny_state(config, seed)).items()}
+    metadata = {ltx2.CONFIG_METADATA_KEY: json.dumps(config)}
+    if vaes:
+        video, audio = vae_states(seed)
+        state.update(ltx2_vae.video_vae_to_original(video))
+        state.update(ltx2_vae.audio_vae_to_original(audio))
+        metadata.update(ltx2_vae.vae_metadata())
     path = Path(path)
-    save_safetensors({f"model.diffusion_model.{k}": v.to(dtype) for k, v in state.items()}, path,
-                     {ltx2.CONFIG_METADATA_KEY: json.dumps(config)})
+    save_safetensors({k: v.to(dtype) for k, v in state.items()}, path, metadata)
     return path
 
 
@@ -54,7 +77,7 @@ def make_tiny_ltx2(root: str | Path, seed: int = 0) -> dict[str, Path]:
         return paths
     for rope_type, path in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_checkpoint(path, tiny_config(rope_type), seed)
+        write_checkpoint(path, tiny_config(rope_type), seed, vaes=True)
     stamp.write_text(_VERSION)
     return paths
 
