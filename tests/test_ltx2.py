@@ -229,3 +229,32 @@ def test_vaes_from_the_all_in_one_file(tmp_path):
     assert all(torch.equal(dit.state_dict()[k], v) for k, v in tiny.tiny_state(MODELS["split"]).items())
     with pytest.raises(CheckpointError, match="holds no audio_vae"):
         vae.load_audio_vae(tiny.write_checkpoint(tmp_path / "dit_only.safetensors", MODELS["split"]))
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp8_e4m3fn", "fp8_scaled"])
+def test_fp8_file(files, tmp_path, scaled):
+    """An fp8 file (ltx-2-19b-dev-fp8's layout; ComfyUI's scaled fp8 too): the blocks' Linear weights stay fp8 in
+    memory and the forward equals the same weights dequantized at load."""
+    from usp_video.distributed.formats.checkpoint import save_safetensors
+
+    _, metadata = read_header(files["split"])
+    state = {}
+    for key, value in load_state_dict(files["split"]).items():
+        if value.dim() == 2 and key.endswith(".weight"):  # the Linear weights (not the modulation tables)
+            scale = value.abs().max() / 448.0 if scaled else torch.tensor(1.0)
+            state[key] = (value / scale).to(torch.float8_e4m3fn)
+            if scaled:
+                state[key.removesuffix("weight") + "scale_weight"] = scale.reshape(1).float()
+        else:
+            state[key] = value
+    if scaled:
+        state["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    path = tmp_path / "fp8.safetensors"
+    save_safetensors(state, path, metadata)
+    kept, plain = ltx2.load_ltx2_transformer(path), ltx2.load_ltx2_transformer(path, keep_fp8=False)
+    assert kept.transformer_blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    assert plain.transformer_blocks[0].attn1.to_q.weight.dtype == torch.float32
+    inputs = tiny.tiny_inputs((5, 1, 7), 13, MODELS["split"])
+    with torch.no_grad():
+        for a, b in zip(kept(**inputs, return_dict=False), plain(**inputs, return_dict=False)):
+            assert rel_error(a, b) <= 1e-5

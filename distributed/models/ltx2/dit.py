@@ -135,11 +135,16 @@ def _lightricks_config(metadata: dict) -> dict:
     return config.get("transformer", {}) if isinstance(config, dict) else {}
 
 
+# the repeated blocks, whose Linear layers keep an fp8 file's fp8 weights (ltx-2-19b-dev-fp8)
+FP8_WITHIN = ("transformer_blocks.",)
+
+
 def load_ltx2_transformer(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                          shard=None):
+                          shard=None, keep_fp8: bool = True):
     """An LTX-2 DiT from an all-in-one single file (the transformer's tensors only, read tensor by tensor into
     a model built on the meta device; with shard(model), each rank reads only its shards) or a diffusers
-    folder (the pipeline's 'transformer' subfolder)."""
+    folder (the pipeline's 'transformer' subfolder). The blocks' Linear weights of an fp8 file stay in fp8
+    (formats/fp8.py) unless keep_fp8 is False."""
     from diffusers import LTX2VideoTransformer3DModel
 
     path = Path(path)
@@ -149,7 +154,8 @@ def load_ltx2_transformer(path: str | Path, dtype: torch.dtype = torch.float32, 
     shapes, metadata = read_header(path)
     config = infer_ltx2_config(path, shapes, metadata)
     return streamed.load(lambda: LTX2VideoTransformer3DModel(**config), path, convert_to_diffusers, dtype, device,
-                         "the LTX-2 architecture", shard=shard, comfy_dit=True)
+                         "the LTX-2 architecture", keep_within=FP8_WITHIN if keep_fp8 else (), shard=shard,
+                         comfy_dit=True)
 
 
 def describe_shape(config: dict) -> str:
