@@ -169,7 +169,7 @@ def test_one_process_equals_stock(files, model):
 @pytest.mark.parametrize("case", [pytest.param(c, id=case_id(c), marks=[pytest.mark.slow] * (c[1][0] == 4))
                                   for c in CASES])
 def test_n_ranks_equal_one_process(files, runs, case):
-    name, (n, u, r), spec = case
+    _, (n, u, r), spec = case
     expected = ltx2_forward(0, 1, **dict(spec_kwargs(spec, files), shard_weights=False))
     config = MODELS[spec["model"]]
     frames, rows, cols = spec["shape"]

@@ -156,12 +156,3 @@ def load_ltx2_transformer(path: str | Path, dtype: torch.dtype = torch.float32, 
     return streamed.load(lambda: LTX2VideoTransformer3DModel(**config), path, convert_to_diffusers, dtype, device,
                          "the LTX-2 architecture", keep_within=FP8_WITHIN if keep_fp8 else (), shard=shard,
                          comfy_dit=True)
-
-
-def describe_shape(config: dict) -> str:
-    """One line about a config: what the loader info shows."""
-    return (f"LTX-2 DiT: {config['num_layers']} blocks, video {config['num_attention_heads']} x "
-            f"{config['attention_head_dim']}, audio {config['audio_num_attention_heads']} x "
-            f"{config['audio_attention_head_dim']}, rope {config.get('rope_type', 'interleaved')}")
-
-

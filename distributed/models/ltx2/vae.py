@@ -45,7 +45,7 @@ def _video_to_diffusers(key: str) -> str:
     key = re.sub(r"(?<=^encoder\.)down_blocks\.(\d+)", down, key)
     key = re.sub(r"(?<=^decoder\.)up_blocks\.(\d+)", up, key)
     key = key.replace("res_blocks", "resnets")
-    return dict((old, new) for new, old in _STATISTICS).get(key, key)
+    return {old: new for new, old in _STATISTICS}.get(key, key)
 
 
 def _video_to_original(key: str) -> str:
@@ -69,7 +69,7 @@ def convert_video_vae(state: dict) -> dict:
 
 def convert_audio_vae(state: dict) -> dict:
     """The `audio_vae.` tensors (prefix removed) -> AutoencoderKLLTX2Audio names."""
-    renames = dict((old, new) for new, old in _STATISTICS)
+    renames = {old: new for new, old in _STATISTICS}
     return {renames.get(k, k): v for k, v in state.items()
             if k.startswith(("encoder.", "decoder.", "per_channel_statistics.")) and k not in UNUSED_STATISTICS}
 
