@@ -258,3 +258,34 @@ def test_fp8_file(files, tmp_path, scaled):
     with torch.no_grad():
         for a, b in zip(kept(**inputs, return_dict=False), plain(**inputs, return_dict=False)):
             assert rel_error(a, b) <= 1e-5
+
+
+def test_vocoder_from_the_all_in_one_file(tmp_path):
+    """The vocoder (ComfyUI's / Lightricks' names, read into diffusers' LTX2Vocoder): the stock weights and the
+    stock waveform; its config from the file's own config metadata (Lightricks' names) where ours is absent; a
+    vocoder with bandwidth extension (LTX-2.3) refused by name."""
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from usp_video.distributed.formats.checkpoint import save_safetensors
+    from usp_video.distributed.models.ltx2 import vocoder
+
+    path = tiny.write_checkpoint(tmp_path / "all_in_one.safetensors", MODELS["split"], vaes=True)
+    state = load_state_dict(path)
+    assert "vocoder.conv_pre.weight" in state and "vocoder.resblocks.0.convs1.0.weight" in state
+    stock = LTX2Vocoder(**vocoder.TINY_VOCODER).eval()
+    stock.load_state_dict(tiny.vocoder_state())
+    mel = torch.randn(1, 2, 11, 16, generator=torch.Generator().manual_seed(4))  # (B, channels, frames, mel bins)
+    with torch.no_grad():
+        expected = stock(mel)
+        assert rel_error(vocoder.load_vocoder(path)(mel), expected) <= 1e-6
+    theirs = {"upsample_initial_channel": 16, "upsample_rates": [2, 2], "upsample_kernel_sizes": [4, 4],
+              "resblock_kernel_sizes": [3, 5], "resblock_dilation_sizes": [[1, 3], [1, 3]], "resblock": "1",
+              "stereo": True}
+    lightricks = tmp_path / "lightricks.safetensors"
+    save_safetensors(state, lightricks, {"config": json.dumps({"vocoder": theirs})})
+    assert vocoder.vocoder_config(lightricks, *read_header(lightricks)) == dict(vocoder.TINY_VOCODER)
+    with torch.no_grad():
+        assert rel_error(vocoder.load_vocoder(lightricks)(mel), expected) <= 1e-6
+    state["vocoder.bwe_generator.conv_pre.weight"] = torch.zeros(1)
+    save_safetensors(state, lightricks, {})
+    with pytest.raises(CheckpointError, match="bandwidth extension"):
+        vocoder.load_vocoder(lightricks)

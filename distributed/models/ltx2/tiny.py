@@ -1,9 +1,9 @@
 """The tiny LTX-2 DiT, in the layout of Lightricks' all-in-one checkpoints (for the tests and the demo).
 
 `make_tiny_ltx2(root)` writes models/checkpoints/tiny_ltx2_<rope>.safetensors: the transformer under
-`model.diffusion_model.` and the video and audio VAEs under `vae.` / `audio_vae.`, with the original names, their
-configs in the safetensors metadata (tiny shapes match no released variant). `tiny_inputs(...)` gives one forward's inputs: packed video and audio tokens, text for
-each stream, and the timesteps.
+`model.diffusion_model.`, the video and audio VAEs under `vae.` / `audio_vae.` and the vocoder under `vocoder.`,
+with the original names, their configs in the safetensors metadata (tiny shapes match no released variant).
+`tiny_inputs(...)` gives one forward's inputs: packed video and audio tokens, text for each stream, the timesteps.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ...formats.checkpoint import save_safetensors
-from . import dit as ltx2, vae as ltx2_vae
+from . import dit as ltx2, vae as ltx2_vae, vocoder as ltx2_vocoder
 
 FILES = {"split": "checkpoints/tiny_ltx2_split.safetensors",
          "interleaved": "checkpoints/tiny_ltx2_interleaved.safetensors"}
@@ -36,6 +36,13 @@ def tiny_state(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
 
 
+def vocoder_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    torch.manual_seed(seed + 30)
+    return LTX2Vocoder(**ltx2_vocoder.TINY_VOCODER).state_dict()
+
+
 def vae_states(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The tiny video and audio VAEs' weights (diffusers names), statistics away from 0 and 1."""
     from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
@@ -55,14 +62,16 @@ def vae_states(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.
 def write_checkpoint(path: str | Path, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
                      vaes: bool = False) -> Path:
     """An all-in-one file of the stock classes' weights, with the original names: the transformer for config,
-    and with vaes the tiny video and audio VAEs."""
+    and with vaes the tiny video and audio VAEs and the vocoder."""
     state = {f"model.diffusion_model.{k}": v for k, v in ltx2.ltx2_to_original_keys(tiny_state(config, seed)).items()}
     metadata = {ltx2.CONFIG_METADATA_KEY: json.dumps(config)}
     if vaes:
         video, audio = vae_states(seed)
         state.update(ltx2_vae.video_vae_to_original(video))
         state.update(ltx2_vae.audio_vae_to_original(audio))
+        state.update(ltx2_vocoder.vocoder_to_original(vocoder_state(seed)))
         metadata.update(ltx2_vae.vae_metadata())
+        metadata[ltx2_vocoder.CONFIG_KEY] = json.dumps(ltx2_vocoder.TINY_VOCODER)
     path = Path(path)
     save_safetensors({k: v.to(dtype) for k, v in state.items()}, path, metadata)
     return path
