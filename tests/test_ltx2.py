@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 HEADS = tiny.tiny_config()["num_attention_heads"]  # 12: Ulysses 1-4 all divide it
 FACTORIZATIONS = [(n, u, r) for n in (2, 3, 4) for u, r in valid_factorizations(n, HEADS)]
 LTX23 = dict(gated_attn=True, audio_gated_attn=True, cross_attn_mod=True, audio_cross_attn_mod=True,
-             use_prompt_embeddings=False, use_prompt_adaln_single=True)
+             use_prompt_embeddings=False, use_prompt_adaln_single=True, perturbed_attn=True)
 MODELS = {"split": tiny.tiny_config("split"), "interleaved": tiny.tiny_config("interleaved"),
           "ltx23": tiny.tiny_config("split", **LTX23)}
 
@@ -42,8 +42,8 @@ def files(tmp_path_factory) -> dict[str, str]:
 
 def cases():
     """(name, (n, u, r), spec): uneven video (35 tokens) and audio (13) counts on every factorization for each
-    model, a per-token timestep (image-to-video's), a video too short for 4 ranks (one holds no token), and
-    FSDP-sharded weights."""
+    model, a per-token timestep (image-to-video's), a video too short for 4 ranks (one holds no token),
+    spatio-temporal guidance (batch 2, one entry perturbed; all perturbed), and FSDP-sharded weights."""
     for n, u, r in FACTORIZATIONS:
         yield "split-video35-audio13", (n, u, r), dict(model="split", shape=(5, 1, 7), audio_frames=13)
         yield "interleaved-video35-audio13-token_timesteps", (n, u, r), dict(
@@ -52,6 +52,10 @@ def cases():
                                                          use_cross_timestep=True)
     for n, u, r in ((4, 2, 2), (4, 1, 4), (3, 3, 1)):
         yield "split-video5-audio9", (n, u, r), dict(model="split", shape=(5, 1, 1), audio_frames=9)
+    for n, u, r in ((2, 2, 1), (3, 1, 3)):  # spatio-temporal guidance: one entry perturbed, then all of them
+        yield "ltx23-stg-batch2", (n, u, r), dict(model="ltx23", shape=(5, 1, 7), audio_frames=13, batch=2,
+                                                  stg_mask=[0.0, 1.0])
+        yield "ltx23-stg-all", (n, u, r), dict(model="ltx23", shape=(5, 1, 7), audio_frames=13, stg_mask=[0.0])
     for n, u, r in ((2, 1, 2), (3, 3, 1)):  # the weights FSDP-sharded too, each rank reading its shards
         yield "ltx23-sharded_weights", (n, u, r), dict(model="ltx23", shape=(5, 1, 7), audio_frames=13,
                                                         shard_weights=True)
@@ -87,16 +91,22 @@ def runs(files):
     return results
 
 
-def analytic_bytes(n: int, u: int, r: int, config: dict, video_tokens: int, audio_tokens: int) -> dict:
-    """What each rank sends in one forward: the video self-attention's USP (cpu_bench's volumes), the output
-    gather, and per block the video-to-audio merge: ring all-reduces of the log-sum-exps' maximum (B x La x Ha
-    floats) and of the rescaled partials (B x La x Ha x (Da + 1)). Nothing of the size of the video's K/V."""
+def analytic_bytes(n: int, u: int, r: int, config: dict, spec: dict) -> dict:
+    """What each rank sends in one forward: the video self-attention's USP (cpu_bench's volumes; none in a block
+    whose every batch entry spatio-temporal guidance perturbs), the output gather, and per block the video-to-audio
+    merge: ring all-reduces of the log-sum-exps' maximum (B x La x Ha floats) and of the rescaled partials with
+    their weights (B x La x Ha x (Da + 1)). Nothing of the size of the video's K/V."""
     from cpu_bench import analytic_bytes as usp_bytes
 
+    frames, rows, cols = spec["shape"]
+    video = frames * rows * cols
+    batch = spec.get("batch", 1)
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     layers = config["num_layers"]
-    out = usp_bytes(n, u, r, video_tokens, hidden, layers, config["out_channels"])
-    heads = audio_tokens * config["audio_num_attention_heads"] * 4
+    attention_layers = layers - (spec.get("stg_mask") is not None and not any(spec["stg_mask"]))
+    out = usp_bytes(n, u, r, video, hidden, attention_layers, config["out_channels"], batch=batch)
+    out["all_gather"] = usp_bytes(n, u, r, video, hidden, layers, config["out_channels"], batch=batch)["all_gather"]
+    heads = batch * spec["audio_frames"] * config["audio_num_attention_heads"] * 4
     out["all_reduce"] = layers * sum(2 * (n - 1) * size // n for size in (heads, heads * (config["audio_attention_head_dim"] + 1)))
     return out
 
@@ -151,13 +161,16 @@ def test_refuses_other_files(tmp_path, files):
 @pytest.mark.parametrize("model", list(MODELS))
 def test_one_process_equals_stock(files, model):
     """The family's loader and hooks on one process == diffusers' stock class with the same weights, both outputs
-    (a per-token timestep in the interleaved case)."""
+    (a per-token timestep in the interleaved case; cross-modal timesteps and spatio-temporal guidance on one of
+    two batch entries in the LTX-2.3-like one)."""
     from diffusers import LTX2VideoTransformer3DModel
 
     config = MODELS[model]
     stock = LTX2VideoTransformer3DModel(**config).eval()
     stock.load_state_dict(tiny.tiny_state(config))
-    kwargs = dict(per_token_timestep=model == "interleaved", use_cross_timestep=model == "ltx23")
+    kwargs = dict(per_token_timestep=model == "interleaved")
+    if model == "ltx23":
+        kwargs.update(use_cross_timestep=True, batch=2, stg_mask=[0.0, 1.0])
     with torch.no_grad():
         video, audio = stock(**tiny.tiny_inputs((5, 1, 7), 13, config, **kwargs), return_dict=False)
     ours = ltx2_forward(0, 1, files[model], (5, 1, 7), 13, **kwargs)
@@ -171,9 +184,7 @@ def test_one_process_equals_stock(files, model):
 def test_n_ranks_equal_one_process(files, runs, case):
     _, (n, u, r), spec = case
     expected = ltx2_forward(0, 1, **dict(spec_kwargs(spec, files), shard_weights=False))
-    config = MODELS[spec["model"]]
-    frames, rows, cols = spec["shape"]
-    volumes = analytic_bytes(n, u, r, config, frames * rows * cols, spec["audio_frames"])
+    volumes = analytic_bytes(n, u, r, MODELS[spec["model"]], spec)
     for rank, result in enumerate(runs(case)):
         for key in ("video", "audio"):
             err = rel_error(result[key], expected[key])

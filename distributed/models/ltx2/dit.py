@@ -25,11 +25,12 @@ CONFIG_METADATA_KEY = "usp_video.ltx2_config"
 
 # The released LTX-2 19B (diffusers 0.42's defaults; Lightricks' files use rope "split", diffusers' default is
 # "interleaved"). Heads are not in a file's shapes: 128-wide video heads and 64-wide audio heads, as released.
+# perturbed_attn (no weights of its own) lets the forward take spatio-temporal guidance's perturbation mask.
 LTX2_VARIANTS = {
     "ltx-2-19b": dict(in_channels=128, out_channels=128, num_attention_heads=32, attention_head_dim=128,
                       cross_attention_dim=4096, audio_in_channels=128, audio_out_channels=128,
                       audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048,
-                      num_layers=48, caption_channels=3840, rope_type="split"),
+                      num_layers=48, caption_channels=3840, rope_type="split", perturbed_attn=True),
 }
 VIDEO_HEAD_DIM, AUDIO_HEAD_DIM = 128, 64
 

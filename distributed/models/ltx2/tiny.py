@@ -92,7 +92,8 @@ def make_tiny_ltx2(root: str | Path, seed: int = 0) -> dict[str, Path]:
 
 
 def tiny_inputs(shape, audio_frames: int, config: dict | None = None, text_len: int = 7, seed: int = 1,
-                batch: int = 1, per_token_timestep: bool = False, use_cross_timestep: bool = False) -> dict:
+                batch: int = 1, per_token_timestep: bool = False, use_cross_timestep: bool = False,
+                stg_mask: list[float] | None = None) -> dict:
     """One forward's keyword inputs for a video latent of shape (frames, rows, columns) and audio_frames audio
     latents: packed tokens (patch 1), text for each stream (a padded tail masked out), timestep 700 (or one per
     video token, the first latent frame kept at 0 as image-to-video conditioning does)."""
@@ -119,4 +120,5 @@ def tiny_inputs(shape, audio_frames: int, config: dict | None = None, text_len: 
         timestep=video_timestep, audio_timestep=timestep, sigma=timestep / 1000.0,
         encoder_attention_mask=mask, audio_encoder_attention_mask=mask,
         num_frames=frames, height=rows, width=cols, fps=24.0, audio_num_frames=audio_frames,
-        use_cross_timestep=use_cross_timestep)
+        use_cross_timestep=use_cross_timestep,
+        **({} if stg_mask is None else dict(spatio_temporal_guidance_blocks=[0], perturbation_mask=torch.tensor(stg_mask))))
