@@ -300,3 +300,14 @@ def test_vocoder_from_the_all_in_one_file(tmp_path):
     save_safetensors(state, lightricks, {})
     with pytest.raises(CheckpointError, match="bandwidth extension"):
         vocoder.load_vocoder(lightricks)
+
+
+def test_refuses_a_video_self_attention_mask(files):
+    """IC-LoRA's video self-attention mask is refused by name (the USP attention takes no mask)."""
+    from usp_video.distributed.models.ltx2.usp import parallelize_ltx2
+    from usp_video.distributed.parallel.mesh import SequenceParallel
+
+    model = parallelize_ltx2(ltx2.load_ltx2_transformer(files["split"]), SequenceParallel()).module
+    inputs = tiny.tiny_inputs((5, 1, 7), 13, MODELS["split"])
+    with pytest.raises(ValueError, match="video_self_attention_mask"), torch.no_grad():
+        model(**inputs, video_self_attention_mask=torch.ones(1, 35, 35))

@@ -71,8 +71,6 @@ class UspVideoSelfAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
                  key_rotary_emb=None, perturbation_mask=None, all_perturbed=None):
-        if attention_mask is not None:
-            raise ValueError("a video self-attention mask (IC-LoRA) is not supported with sequence parallelism")
         if all_perturbed is None:
             all_perturbed = bool(torch.all(perturbation_mask == 0)) if perturbation_mask is not None else False
         if all_perturbed:  # spatio-temporal guidance: the values stand for the attention
@@ -94,8 +92,6 @@ class VideoToAudioAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
                  key_rotary_emb=None, perturbation_mask=None, all_perturbed=None):
-        if attention_mask is not None:
-            raise ValueError("a video-to-audio attention mask is not supported with sequence parallelism")
         q, k, v = _project(attn, hidden_states, encoder_hidden_states, query_rotary_emb, key_rotary_emb)
         mine = self.state.valid_on(self.sp.rank)
         out = merge_partials(q, k[:, :mine], v[:, :mine], self.sp, self.backend)
@@ -149,8 +145,9 @@ def parallelize_ltx2(model, sp: SequenceParallel, backend: str = "sdpa") -> Sequ
         values = _bound(module, args, kwargs)
         hidden = values["hidden_states"]  # (B, S, C) video tokens
         batch, video_len = hidden.shape[:2]
-        if values.get("video_self_attention_mask") is not None and sp.degree > 1:
-            raise ValueError("video_self_attention_mask (IC-LoRA) is not supported with sequence parallelism")
+        if values.get("video_self_attention_mask") is not None:  # the stock forward passes no other mask
+            raise ValueError("video_self_attention_mask (IC-LoRA's reference tokens) is not supported by usp-video's "
+                             "LTX-2 yet; run without IC-LoRA conditioning")
         if values.get("video_coords") is None:  # as the stock forward makes them
             values["video_coords"] = module.rope.prepare_video_coords(
                 batch, values["num_frames"], values["height"], values["width"], hidden.device,
