@@ -134,9 +134,10 @@ def config_from_metadata(metadata: dict[str, str], key: str) -> dict | None:
     return json.loads(metadata[key]) if key in metadata else None
 
 
-def from_folder(model_class, path: str | Path, dtype: torch.dtype, device, what: str):
+def from_folder(model_class, path: str | Path, dtype: torch.dtype, device, what: str, shard=None):
     """A diffusers or transformers model from a local folder: its config.json and safetensors weights,
-    never a hub, never a pickle (use_safetensors: a folder with only .bin files is refused)."""
+    never a hub, never a pickle (use_safetensors: a folder with only .bin files is refused); with shard, sharded
+    by shard(model) once loaded."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is a folder without config.json; expected {what}")
@@ -144,7 +145,10 @@ def from_folder(model_class, path: str | Path, dtype: torch.dtype, device, what:
         model = model_class.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     except (OSError, EnvironmentError) as exc:
         raise CheckpointError(f"{path}: could not load {what} ({exc}); only .safetensors weights are loaded") from exc
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if shard is not None:
+        shard(model)
+    return model
 
 
 def assign_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str,
