@@ -41,9 +41,10 @@ def make_tiny_siglip(path: Path, hidden_size: int, seed: int = 41) -> Path:
     torch.manual_seed(seed)
     model = SiglipVisionModel(SiglipVisionConfig(hidden_size=hidden_size, hidden_act="gelu_pytorch_tanh",
                                                  **TINY_SIGLIP_CONFIG))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if "position_ids" not in k and not k.startswith("vision_model.head.")}
+    state = {"vision_model." + k.removeprefix("vision_model."): v.contiguous() for k, v in model.state_dict().items()
+             if "position_ids" not in k and not k.removeprefix("vision_model.").startswith("head.")}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"num_attention_heads": str(TINY_SIGLIP_CONFIG["num_attention_heads"]),
-                                          "model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh"})
+                                          "model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh",
+                                          "image_size": str(TINY_SIGLIP_CONFIG["image_size"])})
     return path

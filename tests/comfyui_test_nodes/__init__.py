@@ -21,7 +21,8 @@ PREFIX = "vision_model."
 
 
 def config_from_file(sd: dict, metadata: dict) -> dict:
-    """The CLIP / SigLIP vision config of a transformers-layout state dict; heads and model type from metadata."""
+    """The CLIP / SigLIP vision config of a transformers-layout state dict; heads, model type, activation and image
+    size (SigLIP's 384 is not a multiple of its 14-pixel patches) from the metadata."""
     patch = sd[PREFIX + "embeddings.patch_embedding.weight"]
     positions = sd[PREFIX + "embeddings.position_embedding.weight"].shape[0]
     model_type = metadata.get("model_type", "clip_vision_model")
@@ -29,7 +30,7 @@ def config_from_file(sd: dict, metadata: dict) -> dict:
     config = {
         "model_type": model_type, "hidden_act": metadata.get("hidden_act", "gelu"), "layer_norm_eps": 1e-6 if
         model_type == "siglip_vision_model" else 1e-5, "num_channels": 3,
-        "hidden_size": patch.shape[0], "patch_size": patch.shape[-1], "image_size": grid * patch.shape[-1],
+        "hidden_size": patch.shape[0], "patch_size": patch.shape[-1], "image_size": int(metadata.get("image_size", grid * patch.shape[-1])),
         "intermediate_size": sd[PREFIX + "encoder.layers.0.mlp.fc1.weight"].shape[0],
         "num_hidden_layers": sum(1 for k in sd if k.startswith(PREFIX + "encoder.layers.") and k.endswith(".layer_norm1.weight")),
         "num_attention_heads": int(metadata["num_attention_heads"]),
