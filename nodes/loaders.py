@@ -63,7 +63,8 @@ def text_encoder_socket(group, files: list[str], tokenizer_folder: str = "") -> 
     tokenizers ComfyUI ships."""
     by_parts = {}
     for family in models.FAMILIES.values():  # families sharing a text encoder (the Wan ones) give one entry
-        by_parts.setdefault(tuple(part.input for part in family.text_parts), family)
+        if family.text_parts:  # (a family whose text is encoded by ComfyUI's own nodes only takes no part here)
+            by_parts.setdefault(tuple(part.input for part in family.text_parts), family)
     fitting = [f for f in by_parts.values() if len([p for p in f.text_parts if not p.tokenizers]) == len(files)]
     if not fitting:
         counts = sorted({len([p for p in f.text_parts if not p.tokenizers]) for f in by_parts.values()})

@@ -1,0 +1,154 @@
+"""HunyuanVideo 1.5 (8.3B; 480p / 720p, text to video and image to video, cfg- and step-distilled): diffusers'
+HunyuanVideo15Transformer3DModel with USP for its joint attention (dit.py), loaded from Comfy-Org's repackaged
+single files (keys.py) or diffusers folders; the tiny set (tiny.py). FAMILY is what the rest of the pack sees.
+
+Its conditioning, one side's, in ComfyUI's names (what its nodes put on CONDITIONING):
+    tokens                  [B, L, 3584]  Qwen2.5-VL's hidden states (the prompt's tokens, template cropped)
+    conditioning_byt5small  [B, G, 1472]  ByT5 glyph tokens (quoted text in the prompt), optional
+    clip_vision_output      [B, 729, 1152] SigLIP's last hidden state (image to video), optional
+    concat_latent_image     [B, 32, T, H, W] the start image's raw latent on its frames, zeros after (optional)
+    concat_mask             [B, 1, T, H, W]  1 on the frames the start latent holds (optional)
+Without the last three the model runs as text to video (zeros in the 33 extra channels, SigLIP tokens masked
+out, as the reference pipeline runs it). Not covered: the mean-flow 1080p super-resolution stage (refused with a
+message) and the 720p *_distilled_sparse checkpoints (SSTA sparse attention: no diffusers reference).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...formats import streamed
+from ...formats.checkpoint import CheckpointError
+from ..family import Defaults, ModelFamily, PlanVariant
+from . import dit
+
+# ComfyUI's latent_formats.HunyuanVideo15 (the VAE's scaling_factor): the DiT works on latent * 1.03682
+LATENT_SCALE = 1.03682
+CONDITIONING = ("tokens", "conditioning_byt5small", "clip_vision_output", "concat_latent_image", "concat_mask")
+
+
+def _plan_variant(label: str) -> PlanVariant:
+    config = dit.HV15_CONFIG
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    return PlanVariant(label, heads=config["num_attention_heads"], hidden=hidden, attention_layers=config["num_layers"],
+                       params=8.3e9, ffn=int(config["mlp_ratio"] * hidden),
+                       patch=(config["patch_size_t"], config["patch_size"], config["patch_size"]),
+                       text_tokens=256, joint_text=True)
+
+
+class HunyuanVideo15(ModelFamily):
+    name, label, short_name = "hunyuan-video-1.5", "HunyuanVideo 1.5", "hunyuan1.5"
+    order = 19  # before HunyuanVideo: that family's key test also matches 1.5 files, whose check then refuses them
+    dit_class, vae_class = "HunyuanVideo15Transformer3DModel", "AutoencoderKLHunyuanVideo15"
+    latent_format = "HunyuanVideo15"
+    latent_channels = 32
+    spatial_compression = 16
+    comfy_model_configs = ("HunyuanVideo15",)
+    # the 480p models' published settings (tencent/HunyuanVideo-1.5: flow shift 5, cfg 6, 50 steps; 720p: shift 9
+    # for T2V, 7 for I2V; the cfg-distilled ones cfg 1; the step-distilled I2V 8-12 steps at cfg 1)
+    defaults = Defaults(sampler="euler", shift=5.0, cfg=6.0, steps=50)
+    text_parts = ()
+    cond_keys = CONDITIONING
+    text_encoder_hint = "HunyuanVideo 1.5 uses the Qwen2.5-VL 7B text encoder with ByT5 (glyphs)"
+    start_image_node = "HunyuanVideo15ImageToVideo"
+    plan_variants = {"hunyuan1.5": _plan_variant("HunyuanVideo 1.5 (480p/720p)")}
+
+    def is_dit(self, keys: set[str]) -> bool:
+        return dit.is_hv15_keys(keys)
+
+    def is_vae(self, keys: set[str]) -> bool:
+        return False  # its VAE is not read here yet (load_vae says so)
+
+    def describe(self, shapes: dict) -> str | None:
+        return "looks like a HunyuanVideo 1.5 DiT" if dit.is_hv15_keys(set(shapes)) else None
+
+    def dit_config(self, path: Path, shapes: dict, metadata: dict) -> dict:
+        return dit.infer_config(path, shapes, metadata)
+
+    def check_dit_folder(self, path: Path) -> None:
+        import json
+
+        dit.check_folder_config(path, json.loads((path / "config.json").read_text()))
+
+    def load_dit(self, path, dtype, device, shard=None):
+        return dit.load(path, dtype, device, shard=shard)
+
+    def dit_load_bytes(self, path, dtype, shares):
+        if Path(path).is_dir():
+            return super().dit_load_bytes(path, dtype, shares)
+        return streamed.load_peak_bytes(path, dtype, shares, keep_within=dit.FP8_WITHIN_FILE)
+
+    def parallelize(self, model, sp, backend):
+        return dit.parallelize(model, sp, backend)
+
+    def blocks(self, model):
+        return [*model.context_embedder.token_refiner.refiner_blocks, *model.transformer_blocks]
+
+    def describe_dit(self, model) -> dict:
+        config = model.config
+        return {"heads": config.num_attention_heads, "layers": config.num_layers,
+                "hidden": config.num_attention_heads * config.attention_head_dim, "text_dim": config.text_embed_dim}
+
+    def step_sequence(self, model, latent_shape, text_tokens):
+        config = model.config
+        t, h, w = latent_shape[-3:]
+        video = -(-t // config.patch_size_t) * -(-h // config.patch_size) * -(-w // config.patch_size)
+        hidden = config.num_attention_heads * config.attention_head_dim
+        # the text joins the video in every block: Qwen's tokens, ByT5's (up to 256) and SigLIP's 729
+        return {"tokens": video + text_tokens + 256 + 729, "hidden": hidden, "ffn": int(config.mlp_ratio * hidden)}
+
+    def process_in(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent * LATENT_SCALE
+
+    def process_out(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent / LATENT_SCALE
+
+    def velocity(self, model, x, t, cond, options):
+        config, batch, frames = model.config, x.shape[0], x.shape[2:]
+        extra = config.in_channels - x.shape[1] - 1  # the start latent's channels, then one mask channel
+        start = cond.get("concat_latent_image")
+        start = x.new_zeros(batch, extra, *frames) if start is None else self.process_in(start.to(x.dtype))
+        mask = cond.get("concat_mask")
+        mask = x.new_zeros(batch, 1, *frames) if mask is None else mask.to(x.dtype)
+        tokens = cond["tokens"]
+        glyph = cond.get("conditioning_byt5small")
+        glyph_mask = x.new_ones(batch, 0 if glyph is None else glyph.shape[1])
+        if glyph is None:  # no quoted text: one masked zero token, as the reference pipeline's empty glyph input
+            glyph, glyph_mask = x.new_zeros(batch, 1, config.text_embed_2_dim), x.new_zeros(batch, 1)
+        vision = cond.get("clip_vision_output")
+        if vision is None:  # text to video: all-zero SigLIP tokens, which the model masks out
+            vision = x.new_zeros(batch, 1, config.image_embed_dim)
+        return model(torch.cat([x, start, mask], dim=1), t, tokens, x.new_ones(batch, tokens.shape[1]), None,
+                     glyph, glyph_mask, vision, return_dict=False)[0]
+
+    def check_conditioning(self, cond: dict, name: str) -> None:
+        tokens = cond["tokens"]
+        for key, rank in (("conditioning_byt5small", 3), ("clip_vision_output", 3), ("concat_latent_image", 5),
+                          ("concat_mask", 5)):
+            value = cond.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.dim() != rank or not value.is_floating_point():
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name}_{key} must be a float tensor of {rank} dimensions, got {shape}")
+            if value.shape[0] not in (1, tokens.shape[0]):
+                raise ValueError(f"{name}_{key} has batch {value.shape[0]} for conditioning of batch {tokens.shape[0]}")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name}_{key} contains NaN or infinite values")
+
+    def make_text_encoder(self, parts: dict):
+        raise ValueError("the HunyuanVideo 1.5 text encoders (Qwen2.5-VL 7B, ByT5) are not loaded here yet: encode "
+                         "with ComfyUI's CLIPLoader (type hunyuan_video_15) and CLIPTextEncode")
+
+    def load_vae(self, path, dtype, device):
+        raise CheckpointError("the HunyuanVideo 1.5 VAE is not loaded here yet: decode with ComfyUI's VAE Decode")
+
+    def make_tiny(self, root):
+        from .tiny import make_tiny_models
+
+        return make_tiny_models(root)
+
+
+FAMILY = HunyuanVideo15()

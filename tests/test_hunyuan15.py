@@ -1,0 +1,108 @@
+"""HunyuanVideo 1.5: the one-process DiT against diffusers' stock HunyuanVideo15Transformer3DModel (text to video and
+image to video, Comfy-Org's fused q/k/v layout and tencent's split one), detection against HunyuanVideo 1.0, and
+the family's cases of the shared parity harness (hv15_cases, run by tests/test_parity.py)."""
+
+import pytest
+import torch
+
+from conftest import rel_error
+from parity_targets import make_engine, model_forward
+from usp_video.distributed.models import FAMILIES, check_dit_file
+from usp_video.distributed.formats.checkpoint import CheckpointError, load_state_dict, read_header, save_safetensors
+from usp_video.distributed.parallel.mesh import valid_factorizations
+
+FAMILY = "hunyuan-video-1.5"
+HEADS = 12               # the tiny DiT's (the released model's 16 are checked by the planner's degrees)
+UNEVEN = (5, 1, 7)       # patch 1x1x1: 35 video tokens, divides none of 2, 3, 4
+EVEN = (3, 2, 4)         # 24 tokens
+
+
+def hv15_cases():
+    """test_parity.py's cases of this family: (name, (ranks, ulysses, ring), family_case's kwargs). On every
+    factorization of 2-4 ranks: the image-to-video forward on uneven tokens, a text-to-video run with CFG (a
+    positive of 12 Qwen tokens and a negative of 7: two passes) and an image-to-video run (start latent, mask,
+    SigLIP tokens, on both sides)."""
+    for n in (2, 3, 4):
+        for u, r in valid_factorizations(n, HEADS):
+            yield "forward-t2v-i2v", (n, u, r), dict(shape=UNEVEN, forward_inputs={"image": True}, samples=[
+                {"cfg": 6.0, "steps": 3}, {"cfg": 1.0, "steps": 2, "image": True}])
+    yield "forward-even", (4, 2, 2), dict(shape=EVEN, forward_inputs={})
+    # the weights sharded (FSDP over the blocks, each rank reading its shards of the file)
+    yield "sharded", (2, 1, 2), dict(shape=UNEVEN, shard_weights="on", samples=[{"cfg": 6.0, "steps": 2, "image": True}])
+
+
+def stock_model(path: str, split_qkv: bool = False):
+    """diffusers' own class with the file's weights put in by name (keys.to_diffusers), no hooks of ours."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from usp_video.distributed.models.hunyuan_video15 import keys, tiny
+
+    model = HunyuanVideo15Transformer3DModel(**tiny.TINY_CONFIG)
+    model.load_state_dict(keys.to_diffusers(load_state_dict(path)), strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
+def test_one_process_equals_stock_diffusers(tiny_hv15, image):
+    """The engine's DiT (streamed load, our hooks, world size 1) == diffusers' stock forward on padded Qwen and
+    ByT5 tokens, with zero SigLIP tokens (text to video: masked out) or real ones and a start latent."""
+    ours = model_forward(make_engine().dit(tiny_hv15["dit"], FAMILY), FAMILY, UNEVEN, image=image)
+    stock = model_forward(stock_model(tiny_hv15["dit"]), FAMILY, UNEVEN, image=image)
+    assert torch.isfinite(stock).all() and stock.abs().max() > 0
+    assert rel_error(ours, stock) <= 1e-5
+
+
+def test_tencents_split_qkv_layout_loads_the_same(tiny_hv15, tmp_path):
+    """tencent's release keeps q, k and v apart (img_attn_q, ...): the same weights in that layout, same output."""
+    shapes, metadata = read_header(tiny_hv15["dit"])
+    state = load_state_dict(tiny_hv15["dit"])
+    split = {}
+    for key, value in state.items():
+        if "_attn_qkv." in key and key.startswith("double_blocks."):
+            for part, name in zip(value.chunk(3), "qkv"):
+                split[key.replace("_attn_qkv.", f"_attn_{name}.")] = part
+        else:
+            split[key] = value
+    path = tmp_path / "hv15_split.safetensors"
+    save_safetensors(split, path, metadata)
+    engine = make_engine()
+    a = model_forward(engine.dit(str(path), FAMILY), FAMILY, EVEN)
+    b = model_forward(engine.dit(tiny_hv15["dit"], FAMILY), FAMILY, EVEN)
+    assert rel_error(a, b) <= 1e-6
+
+
+def test_detection_tells_1_5_from_1_0(tiny_hv15, tiny_hunyuan, tmp_path):
+    """A 1.5 file is HunyuanVideo 1.5's (ComfyUI: vision_in and cond_type_embedding), a 1.0 file stays
+    HunyuanVideo's; a mean-flow file (time_r_in, the 1080p SR stage) is refused with what to use."""
+    assert check_dit_file(tiny_hv15["dit"])[0].name == FAMILY
+    assert check_dit_file(tiny_hunyuan["dit"])[0].name == "hunyuan-video"
+    shapes, metadata = read_header(tiny_hv15["dit"])
+    state = load_state_dict(tiny_hv15["dit"])
+    hidden = state["time_in.mlp.0.weight"].shape[0]
+    state["time_r_in.mlp.0.weight"] = torch.zeros(hidden, 256)
+    path = tmp_path / "hv15_meanflow.safetensors"
+    save_safetensors(state, path, metadata)
+    with pytest.raises(CheckpointError, match="mean-flow .* not supported yet: use the 480p / 720p"):
+        check_dit_file(path)
+    with pytest.raises(CheckpointError, match="variant with 65 input channels"):
+        check_dit_file(tiny_hv15["dit"], "hunyuan-video")
+
+
+def test_the_start_image_conditioning_is_the_pipelines_channels(tiny_hv15):
+    """velocity() builds the 65-channel input as the reference pipeline does: latent | start latent (process_in'd)
+    | mask, and gives the model the Qwen tokens unmasked, the ByT5 and SigLIP tokens."""
+    family = FAMILIES[FAMILY]
+    model = make_engine().dit(tiny_hv15["dit"], FAMILY)
+    seen = {}
+    handle = model.x_embedder.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    try:
+        from usp_video.distributed.models.hunyuan_video15.tiny import tiny_request
+
+        cond = tiny_request(family, ["dit"], UNEVEN, image=True)["positive"]
+        x = torch.randn(1, 32, *UNEVEN)
+        with torch.no_grad():
+            family.velocity(model, x, torch.tensor([500.0]), cond, {})
+    finally:
+        handle.remove()
+    expected = torch.cat([x, cond["concat_latent_image"] * 1.03682, cond["concat_mask"]], dim=1)
+    torch.testing.assert_close(seen["x"], expected)
