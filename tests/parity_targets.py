@@ -388,8 +388,10 @@ def encode_frames(shape, seed=7) -> torch.Tensor:
     return torch.rand(*shape, 3, generator=torch.Generator().manual_seed(seed))
 
 
-def split_encode_rank(rank, world_size, vae, shape):
+def split_encode_rank(rank, world_size, vae, shape, tiling=None):
     engine = make_engine(rank, world_size, vae_split=True)
+    if tiling:  # a VAE that encodes in tiles (HunyuanVideo 1.5's): tiles small enough that a tiny video makes many
+        engine.vae(vae).enable_tiling(**tiling)
     progress = []
     latent = engine.encode_video(vae, encode_frames(shape), lambda done, total: progress.append((done, total)))
     return {"latent": latent, "progress": torch.tensor(progress)} if latent is not None else {}

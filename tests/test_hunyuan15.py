@@ -106,3 +106,78 @@ def test_the_start_image_conditioning_is_the_pipelines_channels(tiny_hv15):
         handle.remove()
     expected = torch.cat([x, cond["concat_latent_image"] * 1.03682, cond["concat_mask"]], dim=1)
     torch.testing.assert_close(seen["x"], expected)
+
+
+# -- the VAE ------------------------------------------------------------------------------------------------
+
+# tiles of 32 pixels (2 latent rows / columns) overlapping by half: a tiny latent makes many, blended
+VAE_TILES = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_latent_min_height=2,
+                 tile_latent_min_width=2, tile_overlap_factor=0.5)
+LATENT = (2, 3, 5)          # decodes to 5 frames of 48 x 80, in 3 x 5 = 15 tiles (a latent row and column apart)
+VIDEO = (5, 48, 64)         # encodes in 3 x 4 = 12 tiles
+
+
+def stock_vae(path: str):
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    from usp_video.distributed.models.hunyuan_video15 import tiny, vae
+
+    model = AutoencoderKLHunyuanVideo15(**tiny.TINY_VAE)
+    model.load_state_dict(vae.to_diffusers(load_state_dict(path)), strict=True)
+    return model.eval()
+
+
+def test_one_process_vae_equals_stock_diffusers(tiny_hv15):
+    """Our VAE from the original-layout file == diffusers' stock class given the same weights by name: decode
+    (untiled: one tile) and encode (the latent distribution's mean, as ComfyUI's VAEEncode)."""
+    from parity_targets import encode_frames
+
+    engine = make_engine()
+    latent = torch.randn(1, 32, *LATENT, generator=torch.Generator().manual_seed(5))
+    stock = stock_vae(tiny_hv15["vae"])
+    with torch.no_grad():
+        expected = ((stock.decode(latent).sample.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).flatten(0, 1)
+        frames = encode_frames(VIDEO)
+        expected_latent = stock.encode(frames.permute(3, 0, 1, 2).unsqueeze(0) * 2 - 1).latent_dist.mode()
+    assert rel_error(engine.decode(tiny_hv15["vae"], latent), expected) <= 1e-5
+    assert rel_error(engine.encode_video(tiny_hv15["vae"], frames), expected_latent) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def vae_runs(tests_dir, tiny_hv15):
+    """The split decode on 2 and 3 ranks and the split encode on 2, each in one spawn (parity_targets.vae_case)."""
+    from usp_video.distributed.testing.spawn import run_ranks
+
+    decode = dict(kind="decode", vae_path=tiny_hv15["vae"], shape=list(LATENT), tiling=VAE_TILES, channels=32)
+    encode = dict(kind="encode", vae=tiny_hv15["vae"], shape=list(VIDEO), tiling=VAE_TILES)
+    runs = {n: run_ranks(f"{tests_dir}/parity_targets.py:run_cases", n, dict(target="vae_case", cases=cases),
+                         timeout=240) for n, cases in ((2, [decode, encode]), (3, [decode]))}
+
+    def result(n: int, i: int) -> list[dict]:
+        return [{k.split("/", 1)[1]: v for k, v in ranked.items() if k.startswith(f"{i}/")} for ranked in runs[n]]
+    return result
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_split_vae_decode_matches_one_process(tiny_hv15, vae_runs, world_size):
+    """The tiles of diffusers' tiled decode shared out among the ranks, rank 0 blending them == the one-process
+    tiled decode; progress counted per tile."""
+    from parity_targets import vae_split_rank
+
+    expected = vae_split_rank(0, 1, tiny_hv15["vae"], LATENT, tiling=VAE_TILES, channels=32)
+    results = vae_runs(world_size, 0)
+    assert all(not r for r in results[1:])  # only rank 0 returns the frames
+    calls = int(expected["progress"][-1][1])
+    assert calls == 15 and results[0]["progress"].tolist() == [[k, calls] for k in range(1, calls + 1)]
+    assert float((results[0]["frames"] - expected["frames"]).abs().max()) <= 1e-5
+
+
+def test_split_vae_encode_matches_one_process(tiny_hv15, vae_runs):
+    from parity_targets import split_encode_rank
+
+    expected = split_encode_rank(0, 1, tiny_hv15["vae"], VIDEO, tiling=VAE_TILES)
+    results = vae_runs(2, 1)
+    assert all(not r for r in results[1:])
+    assert expected["latent"].shape == (1, 32, 2, 3, 4) and expected["latent"].abs().max() > 0.1
+    assert rel_error(results[0]["latent"], expected["latent"]) <= 1e-5
+    assert results[0]["progress"].tolist() == expected["progress"].tolist()

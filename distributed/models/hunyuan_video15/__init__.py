@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from ...formats import streamed
-from ...formats.checkpoint import CheckpointError
+from ...parallel.vae_split import VaeSplit
 from ..family import Defaults, ModelFamily, PlanVariant
-from . import dit
+from . import dit, vae
 
 # ComfyUI's latent_formats.HunyuanVideo15 (the VAE's scaling_factor): the DiT works on latent * 1.03682
 LATENT_SCALE = 1.03682
@@ -45,6 +45,7 @@ class HunyuanVideo15(ModelFamily):
     latent_format = "HunyuanVideo15"
     latent_channels = 32
     spatial_compression = 16
+    vae_encodes = True
     comfy_model_configs = ("HunyuanVideo15",)
     # the 480p models' published settings (tencent/HunyuanVideo-1.5: flow shift 5, cfg 6, 50 steps; 720p: shift 9
     # for T2V, 7 for I2V; the cfg-distilled ones cfg 1; the step-distilled I2V 8-12 steps at cfg 1)
@@ -59,7 +60,7 @@ class HunyuanVideo15(ModelFamily):
         return dit.is_hv15_keys(keys)
 
     def is_vae(self, keys: set[str]) -> bool:
-        return False  # its VAE is not read here yet (load_vae says so)
+        return vae.is_vae_keys({k.removeprefix("vae.") for k in keys})
 
     def describe(self, shapes: dict) -> str | None:
         return "looks like a HunyuanVideo 1.5 DiT" if dit.is_hv15_keys(set(shapes)) else None
@@ -143,7 +144,19 @@ class HunyuanVideo15(ModelFamily):
                          "with ComfyUI's CLIPLoader (type hunyuan_video_15) and CLIPTextEncode")
 
     def load_vae(self, path, dtype, device):
-        raise CheckpointError("the HunyuanVideo 1.5 VAE is not loaded here yet: decode with ComfyUI's VAE Decode")
+        return vae.load(path, dtype, device)
+
+    def decode(self, loaded_vae, latent: torch.Tensor, split: VaeSplit | None):
+        return vae.decode(loaded_vae, latent, split)
+
+    def encode(self, loaded_vae, frames: torch.Tensor, split: VaeSplit | None):
+        return vae.encode(loaded_vae, frames, split)
+
+    def decoder_calls(self, loaded_vae, latent: torch.Tensor) -> int:
+        return vae.tile_count(loaded_vae, tuple(latent.shape), sample=False)
+
+    def encoder_calls(self, loaded_vae, frames: torch.Tensor) -> int:
+        return vae.tile_count(loaded_vae, tuple(frames.shape[:-1]), sample=True)
 
     def make_tiny(self, root):
         from .tiny import make_tiny_models

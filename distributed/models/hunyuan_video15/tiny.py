@@ -1,5 +1,6 @@
 """The tiny HunyuanVideo 1.5 set, in Comfy-Org's on-disk layout (original key names, q/k/v fused):
 
+    vae/tiny_hunyuanvideo15_vae.safetensors             the VAE (tencent's names, as Comfy-Org's file), 8..64 wide
     diffusion_models/tiny_hunyuanvideo1.5.safetensors   the DiT: 12 heads x 8 (so every Ulysses degree 1-4
                                                          divides them, as the other tiny DiTs), 2 blocks, 65 / 32
                                                          channels, Qwen 32 wide, ByT5 24 wide, SigLIP 16 wide;
@@ -18,12 +19,14 @@ from pathlib import Path
 import torch
 
 from ...formats.checkpoint import save_safetensors
-from . import dit, keys
+from . import dit, keys, vae
 
 TINY_CONFIG = dict(dit.HV15_CONFIG, num_attention_heads=12, attention_head_dim=8, num_layers=2, num_refiner_layers=1,
                    mlp_ratio=2.0, text_embed_dim=32, text_embed_2_dim=24, image_embed_dim=16, rope_axes_dim=(2, 2, 4))
-FILES = {"dit": "diffusion_models/tiny_hunyuanvideo1.5.safetensors"}
-_VERSION = "1"
+FILES = {"dit": "diffusion_models/tiny_hunyuanvideo1.5.safetensors", "vae": "vae/tiny_hunyuanvideo15_vae.safetensors"}
+# the VAE's channels shrunk (its encoder's last stage must hold 2 x 32 latent channels), one block per stage
+TINY_VAE = dict(block_out_channels=(8, 16, 32, 64, 64), layers_per_block=1)
+_VERSION = "2"
 TEXT_DIM, BYT5_DIM, IMAGE_DIM = TINY_CONFIG["text_embed_dim"], TINY_CONFIG["text_embed_2_dim"], TINY_CONFIG["image_embed_dim"]
 LATENT_CHANNELS = TINY_CONFIG["out_channels"]
 
@@ -43,6 +46,11 @@ def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch
         model.cond_type_embed.weight.normal_(0, 0.5)
     state = {k: v.to(dtype) for k, v in keys.to_original(model.state_dict()).items()}
     save_safetensors(state, paths["dit"], {dit.CONFIG_METADATA_KEY: json.dumps(TINY_CONFIG)})
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    model = AutoencoderKLHunyuanVideo15(**TINY_VAE)
+    save_safetensors({k: v.to(dtype) for k, v in vae.to_original(model.state_dict()).items()}, paths["vae"],
+                     {vae.CONFIG_METADATA_KEY: json.dumps(TINY_VAE)})
     stamp.write_text(_VERSION)
     return paths
 
