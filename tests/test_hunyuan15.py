@@ -181,3 +181,66 @@ def test_split_vae_encode_matches_one_process(tiny_hv15, vae_runs):
     assert expected["latent"].shape == (1, 32, 2, 3, 4) and expected["latent"].abs().max() > 0.1
     assert rel_error(results[0]["latent"], expected["latent"]) <= 1e-5
     assert results[0]["progress"].tolist() == expected["progress"].tolist()
+
+
+# -- ComfyUI's conditioning, as the USP sampler reads it ---------------------------------------------------
+
+def test_comfyui_conditioning_reaches_the_model_as_its_nodes_make_it(tiny_hv15):
+    """A CONDITIONING as ComfyUI's HunyuanVideo 1.5 text encoder and HunyuanVideo15ImageToVideo make it (Qwen tokens
+    with their attention_mask, conditioning_byt5small, clip_vision_output, concat_latent_image, concat_mask) is read
+    by the sampler node's reader into the family's conditioning (SigLIP: the last hidden state), passes the checks,
+    and a run on it equals the run on the tensors given directly; a Wan-only key is refused by name."""
+    from types import SimpleNamespace
+
+    from usp_video.nodes.conditioning import family_conditioning
+    from parity_targets import request
+    from usp_video.distributed.validation import check_conditioning
+
+    family = FAMILIES[FAMILY]
+    req = request(FAMILY, [tiny_hv15["dit"]], UNEVEN, cfg=1.0, steps=2, image=True)
+    direct = req.positive
+    tokens = torch.cat([direct["tokens"], torch.zeros(1, 3, direct["tokens"].shape[-1])], dim=1)  # padded, masked
+    mask = torch.cat([torch.ones(1, direct["tokens"].shape[1]), torch.zeros(1, 3)], dim=1)
+    extra = {"attention_mask": mask, "conditioning_byt5small": direct["conditioning_byt5small"],
+             "clip_vision_output": SimpleNamespace(last_hidden_state=direct["siglip"],
+                                                   penultimate_hidden_states=torch.zeros(1)),
+             "concat_latent_image": direct["concat_latent_image"], "concat_mask": direct["concat_mask"]}
+    cond, options = family_conditioning([[tokens, extra]], "positive", family)
+    assert set(cond) == set(direct) and options == {}
+    for key in direct:
+        assert torch.equal(cond[key], direct[key]), key
+    check_conditioning(cond, "positive", family)
+    engine = make_engine()
+    expected = engine.sample(req).latent
+    req.positive = cond
+    assert torch.equal(engine.sample(req).latent, expected)
+    with pytest.raises(ValueError, match="vace_frames .from WanVaceToVideo"):
+        family_conditioning([[tokens, dict(extra, vace_frames=[torch.zeros(1)])]], "positive", family)
+
+
+def test_a_step_distilled_image_to_video_run_is_an_euler_loop_over_stock_diffusers(tiny_hv15):
+    """The step-distilled I2V setting (cfg 1: one pass, 8 steps, shift 5) through the engine == diffusers' stock
+    HunyuanVideo15Transformer3DModel driven by the same sigmas and the same noise, as the reference pipeline feeds
+    it: [x | start latent * 1.03682 | mask], all-ones Qwen mask, the ByT5 and SigLIP tokens, euler written out."""
+    from parity_targets import request
+    from usp_video.distributed.sampling.schedules import sampling_sigmas
+
+    req = request(FAMILY, [tiny_hv15["dit"]], UNEVEN, cfg=1.0, steps=8, image=True)
+    ours = make_engine().sample(req).latent
+    cond = req.positive
+    stock = stock_model(tiny_hv15["dit"])
+    noise = torch.randn(req.latent.shape, generator=torch.Generator().manual_seed(req.seed))  # prepare_noise
+    sigmas = sampling_sigmas(req.steps, req.shift)
+    start = cond["concat_latent_image"] * 1.03682
+    glyph = cond["conditioning_byt5small"]
+    x = sigmas[0] * noise  # an empty latent: the flow's noise scaling of zeros
+    for i in range(req.steps):
+        sigma = sigmas[i]
+        with torch.no_grad():
+            v = stock(torch.cat([x, start, cond["concat_mask"]], dim=1), (1000 * sigma).reshape(1), cond["tokens"],
+                      torch.ones(1, cond["tokens"].shape[1]), None, glyph, torch.ones(1, glyph.shape[1]),
+                      cond["siglip"], return_dict=False)[0]
+        x = x + v * (sigmas[i + 1] - sigma)  # euler: x + (x - denoised) / sigma * dt, denoised = x - sigma v
+    expected = x / 1.03682  # process_latent_out
+    assert torch.isfinite(expected).all() and expected.abs().max() > 0.1
+    assert rel_error(ours, expected) <= 1e-5

@@ -5,7 +5,8 @@ single files (keys.py) or diffusers folders; the tiny set (tiny.py). FAMILY is w
 Its conditioning, one side's, in ComfyUI's names (what its nodes put on CONDITIONING):
     tokens                  [B, L, 3584]  Qwen2.5-VL's hidden states (the prompt's tokens, template cropped)
     conditioning_byt5small  [B, G, 1472]  ByT5 glyph tokens (quoted text in the prompt), optional
-    clip_vision_output      [B, 729, 1152] SigLIP's last hidden state (image to video), optional
+    siglip                  [B, 729, 1152] SigLIP's last hidden state (image to video; ComfyUI's clip_vision_output,
+                                           read by nodes/conditioning.py), optional
     concat_latent_image     [B, 32, T, H, W] the start image's raw latent on its frames, zeros after (optional)
     concat_mask             [B, 1, T, H, W]  1 on the frames the start latent holds (optional)
 Without the last three the model runs as text to video (zeros in the 33 extra channels, SigLIP tokens masked
@@ -26,7 +27,7 @@ from . import dit, vae
 
 # ComfyUI's latent_formats.HunyuanVideo15 (the VAE's scaling_factor): the DiT works on latent * 1.03682
 LATENT_SCALE = 1.03682
-CONDITIONING = ("tokens", "conditioning_byt5small", "clip_vision_output", "concat_latent_image", "concat_mask")
+CONDITIONING = ("tokens", "conditioning_byt5small", "siglip", "concat_latent_image", "concat_mask")
 
 
 def _plan_variant(label: str) -> PlanVariant:
@@ -118,7 +119,7 @@ class HunyuanVideo15(ModelFamily):
         glyph_mask = x.new_ones(batch, 0 if glyph is None else glyph.shape[1])
         if glyph is None:  # no quoted text: one masked zero token, as the reference pipeline's empty glyph input
             glyph, glyph_mask = x.new_zeros(batch, 1, config.text_embed_2_dim), x.new_zeros(batch, 1)
-        vision = cond.get("clip_vision_output")
+        vision = cond.get("siglip")
         if vision is None:  # text to video: all-zero SigLIP tokens, which the model masks out
             vision = x.new_zeros(batch, 1, config.image_embed_dim)
         return model(torch.cat([x, start, mask], dim=1), t, tokens, x.new_ones(batch, tokens.shape[1]), None,
@@ -126,7 +127,7 @@ class HunyuanVideo15(ModelFamily):
 
     def check_conditioning(self, cond: dict, name: str) -> None:
         tokens = cond["tokens"]
-        for key, rank in (("conditioning_byt5small", 3), ("clip_vision_output", 3), ("concat_latent_image", 5),
+        for key, rank in (("conditioning_byt5small", 3), ("siglip", 3), ("concat_latent_image", 5),
                           ("concat_mask", 5)):
             value = cond.get(key)
             if value is None:

@@ -93,7 +93,7 @@ def tiny_request(family, experts: list[str], shape: tuple[int, int, int], cfg: f
             concat_mask = torch.zeros(1, 1, *shape)
             concat_mask[:, :, :1] = 1.0
             cond.update(concat_latent_image=start, concat_mask=concat_mask,
-                        clip_vision_output=torch.randn(1, 9, IMAGE_DIM, generator=g))
+                        siglip=torch.randn(1, 9, IMAGE_DIM, generator=g))
         return cond
 
     positive = side(text_lens[0])
