@@ -244,3 +244,40 @@ def test_a_step_distilled_image_to_video_run_is_an_euler_loop_over_stock_diffuse
     expected = x / 1.03682  # process_latent_out
     assert torch.isfinite(expected).all() and expected.abs().max() > 0.1
     assert rel_error(ours, expected) <= 1e-5
+
+
+# -- the sharded load's peak ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def load_model(tmp_path_factory):
+    """A HunyuanVideo 1.5 DiT large enough that a rank's share stands out of the allocator's noise (8 blocks
+    288 wide, about 110 MB at fp32), written as Comfy-Org's files are (original names, bf16)."""
+    import json
+
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from usp_video.distributed.models.hunyuan_video15 import dit, keys, tiny
+
+    config = dict(tiny.TINY_CONFIG, attention_head_dim=24, num_layers=8, mlp_ratio=4.0, rope_axes_dim=(4, 8, 12))
+    torch.manual_seed(0)
+    model = HunyuanVideo15Transformer3DModel(**config)
+    full = sum(p.numel() * 4 for p in model.parameters())
+    path = tmp_path_factory.mktemp("hv15_load") / "hv15_load.safetensors"
+    save_safetensors({k: v.to(torch.bfloat16) for k, v in keys.to_original(model.state_dict()).items()}, path,
+                     {dit.CONFIG_METADATA_KEY: json.dumps(config)})
+    return path, full
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_sharded_load_peak_per_rank_is_its_share(tests_dir, load_model, world_size):
+    """Each rank's peak resident memory while loading the DiT sharded (the engine's streamed load: its shards only,
+    read from the file) stays within 1/N + 0.15 of the fp32 model, and it holds about 1/N of it."""
+    from usp_video.distributed.testing.spawn import run_ranks
+
+    path, full = load_model
+    ranks = run_ranks(f"{tests_dir.parent}/benchmarks/memory_bench.py:load_rank", world_size,
+                      dict(path=str(path), how="streamed", kind="hunyuan-video-1.5"), timeout=300)
+    for rank, result in enumerate(ranks):
+        peak, held = float(result["peak_kb"]) * 1024 / full, float(result["bytes"]) / full
+        assert held <= 1 / world_size + 0.05, f"rank {rank} holds {held:.2f} of the model"
+        assert peak <= 1 / world_size + 0.15, f"rank {rank}: load peak {peak:.2f} of the model"
