@@ -281,3 +281,90 @@ def test_the_sharded_load_peak_per_rank_is_its_share(tests_dir, load_model, worl
         peak, held = float(result["peak_kb"]) * 1024 / full, float(result["bytes"]) / full
         assert held <= 1 / world_size + 0.05, f"rank {rank} holds {held:.2f} of the model"
         assert peak <= 1 / world_size + 0.15, f"rank {rank}: load peak {peak:.2f} of the model"
+
+
+# -- the text encoders ------------------------------------------------------------------------------------
+
+def text_files(models: dict) -> dict:
+    return {k: models[k] for k in ("qwen", "byt5", "qwen_tokenizer")}
+
+
+@pytest.mark.parametrize("prompt", ['a cat holds a sign that says "hello world" on the beach',
+                                    "a red car drives through a city street at night"], ids=["glyphs", "no_glyphs"])
+def test_text_encoding_equals_the_reference_pipelines(tiny_hv15, prompt):
+    """Our encode (ComfyUI's files: Qwen under model., ByT5 in T5 names) == diffusers' HunyuanVideo15Pipeline's own
+    prompt encoders (_get_mllm_prompt_embeds, _get_byt5_prompt_embeds: chat template, hidden_states[-3], the
+    template's head cropped, padding to the pipeline's lengths) on stock transformers classes given the same
+    weights, its real tokens compared; no quoted text: no ByT5 tokens (the pipeline's are all masked)."""
+    from diffusers import HunyuanVideo15Pipeline
+    from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel)
+
+    from usp_video.distributed.models.hunyuan_video15 import text, tiny
+    from usp_video.distributed.requests import EncodeRequest
+
+    ours = make_engine().encode(EncodeRequest(family=FAMILY, files=text_files(tiny_hv15), prompt=prompt))
+    tokenizer = text.load_tokenizer(tiny_hv15["qwen_tokenizer"])
+    qwen_state, meta = load_state_dict(tiny_hv15["qwen"]), read_header(tiny_hv15["qwen"])[1]
+    import json
+
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**json.loads(meta[text.QWEN_CONFIG_KEY]))).eval()
+    qwen.load_state_dict({k.removeprefix("model."): v for k, v in qwen_state.items()})
+    crop = len(tokenizer(text.TEMPLATE.split("{}")[0], add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        embeds, mask = HunyuanVideo15Pipeline._get_mllm_prompt_embeds(qwen, tokenizer, prompt, torch.device("cpu"),
+                                                                       system_message=text.SYSTEM, crop_start=crop)
+    expected = embeds[mask.bool()].unsqueeze(0)
+    assert ours["tokens"].shape == expected.shape
+    assert rel_error(ours["tokens"], expected) <= 1e-5
+    byt5 = T5EncoderModel(T5Config(**tiny.TINY_BYT5)).eval()
+    byt5.load_state_dict(load_state_dict(tiny_hv15["byt5"]), strict=False)  # embed_tokens: tied to shared
+    with torch.no_grad():
+        glyphs, glyph_mask = HunyuanVideo15Pipeline._get_byt5_prompt_embeds(ByT5Tokenizer(), byt5, prompt,
+                                                                            torch.device("cpu"))
+    if glyph_mask.any():
+        expected = glyphs[glyph_mask.bool()].unsqueeze(0)
+        assert rel_error(ours["conditioning_byt5small"], expected) <= 1e-5
+    else:
+        assert "conditioning_byt5small" not in ours
+
+
+def test_the_text_encoder_loader_tells_qwen_byt5_from_llama_clip(tiny_hv15, tiny_hunyuan, monkeypatch):
+    """Two text encoder files fit HunyuanVideo (Llama + CLIP-L) and HunyuanVideo 1.5 (Qwen + ByT5) by count: the
+    files' tensors say which; a mix is refused naming what each family takes."""
+    from pathlib import Path
+
+    from usp_video.nodes.loaders import text_encoder_socket
+
+    monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_hv15["qwen"]).parents[1]))
+    folder = tiny_hv15["qwen_tokenizer"]
+    socket = text_encoder_socket("g", [Path(tiny_hv15["qwen"]).name, Path(tiny_hv15["byt5"]).name], folder)
+    assert socket["family"] == FAMILY and socket["files"]["qwen_tokenizer"] == folder
+    monkeypatch.setenv("USP_VIDEO_MODELS_DIR", str(Path(tiny_hunyuan["llama"]).parents[1]))
+    socket = text_encoder_socket("g", [Path(tiny_hunyuan["llama"]).name, Path(tiny_hunyuan["clip"]).name],
+                                 tiny_hunyuan["tokenizers"])
+    assert socket["family"] == "hunyuan-video"
+    with pytest.raises(ValueError, match="are not those of HunyuanVideo 1.5 or HunyuanVideo: HunyuanVideo 1.5 takes "
+                                         "qwen_2.5_vl_7b.*HunyuanVideo takes llava_llama3"):
+        text_encoder_socket("g", [tiny_hunyuan["llama"], tiny_hv15["byt5"]], tiny_hunyuan["tokenizers"])
+
+
+def test_the_sharded_qwen_encodes_as_one_process(tests_dir, tiny_hv15):
+    """Qwen2.5-VL sharded over 2 ranks (FSDP over its layers, each rank reading its rows of the file): the same
+    conditioning as one process, each rank holding and reading about half of it."""
+    import os
+
+    from usp_video.distributed.parallel.fsdp import parameter_bytes
+    from usp_video.distributed.requests import EncodeRequest
+    from usp_video.distributed.testing.spawn import run_ranks
+
+    prompt = 'a sign that says "open" on a shop door'
+    engine = make_engine()
+    expected = engine.encode(EncodeRequest(family=FAMILY, files=text_files(tiny_hv15), prompt=prompt))
+    full = parameter_bytes(engine.text.text_part("qwen"))
+    results = run_ranks(f"{tests_dir}/parity_targets.py:sharded_text_rank", 2,
+                        dict(family=FAMILY, files=text_files(tiny_hv15), prompt=prompt, part="qwen"), timeout=240)
+    for rank, result in enumerate(results):
+        for key, value in expected.items():
+            assert rel_error(result[f"cond:{key}"], value) <= 1e-5, f"rank {rank} {key}"
+        assert int(result["bytes"]) <= full * (1 / 2 + 0.05), f"rank {rank} holds {int(result['bytes'])} of {full}"
+        assert int(result["read"]) <= os.path.getsize(tiny_hv15["qwen"]) * (1 / 2 + 0.05)

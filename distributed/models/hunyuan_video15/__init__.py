@@ -22,8 +22,8 @@ import torch
 
 from ...formats import streamed
 from ...parallel.vae_split import VaeSplit
-from ..family import Defaults, ModelFamily, PlanVariant
-from . import dit, vae
+from ..family import Defaults, ModelFamily, PlanVariant, TextPart
+from . import dit, text, vae
 
 # ComfyUI's latent_formats.HunyuanVideo15 (the VAE's scaling_factor): the DiT works on latent * 1.03682
 LATENT_SCALE = 1.03682
@@ -51,7 +51,16 @@ class HunyuanVideo15(ModelFamily):
     # the 480p models' published settings (tencent/HunyuanVideo-1.5: flow shift 5, cfg 6, 50 steps; 720p: shift 9
     # for T2V, 7 for I2V; the cfg-distilled ones cfg 1; the step-distilled I2V 8-12 steps at cfg 1)
     defaults = Defaults(sampler="euler", shift=5.0, cfg=6.0, steps=50)
-    text_parts = ()
+    text_parts = (
+        TextPart("qwen", "qwen_2.5_vl_7b(_fp8_scaled) .safetensors file or Qwen2.5-VL text model folder",
+                 load=lambda path, dtype, device, shard: text.load_qwen(path, dtype, device, shard=shard),
+                 shard_units=lambda qwen: qwen.layers),
+        TextPart("byt5", "byt5_small_glyphxl_fp16 .safetensors file or ByT5 (T5EncoderModel) folder",
+                 load=lambda path, dtype, device, shard: text.load_byt5(path, dtype, device)),
+        TextPart("qwen_tokenizer", "folder with the Qwen2.5 tokenizer (qwen/, a diffusers HunyuanVideo 1.5 folder, or "
+                 "a ComfyUI checkout)", load=lambda path, dtype, device, shard: text.load_tokenizer(path),
+                 tokenizers=True),
+    )
     cond_keys = CONDITIONING
     text_encoder_hint = "HunyuanVideo 1.5 uses the Qwen2.5-VL 7B text encoder with ByT5 (glyphs)"
     start_image_node = "HunyuanVideo15ImageToVideo"
@@ -140,9 +149,11 @@ class HunyuanVideo15(ModelFamily):
             if not torch.isfinite(value).all():
                 raise ValueError(f"{name}_{key} contains NaN or infinite values")
 
+    def takes_text_files(self, headers: list[dict]) -> bool:
+        return text.is_qwen_keys(set(headers[0])) and text.is_byt5_keys(set(headers[1]))
+
     def make_text_encoder(self, parts: dict):
-        raise ValueError("the HunyuanVideo 1.5 text encoders (Qwen2.5-VL 7B, ByT5) are not loaded here yet: encode "
-                         "with ComfyUI's CLIPLoader (type hunyuan_video_15) and CLIPTextEncode")
+        return text.HunyuanVideo15TextEncoder(parts["qwen"], parts["byt5"], parts["qwen_tokenizer"])
 
     def load_vae(self, path, dtype, device):
         return vae.load(path, dtype, device)

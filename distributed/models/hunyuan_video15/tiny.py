@@ -19,14 +19,20 @@ from pathlib import Path
 import torch
 
 from ...formats.checkpoint import save_safetensors
-from . import dit, keys, vae
+from . import dit, keys, text, vae
 
 TINY_CONFIG = dict(dit.HV15_CONFIG, num_attention_heads=12, attention_head_dim=8, num_layers=2, num_refiner_layers=1,
                    mlp_ratio=2.0, text_embed_dim=32, text_embed_2_dim=24, image_embed_dim=16, rope_axes_dim=(2, 2, 4))
-FILES = {"dit": "diffusion_models/tiny_hunyuanvideo1.5.safetensors", "vae": "vae/tiny_hunyuanvideo15_vae.safetensors"}
+FILES = {"dit": "diffusion_models/tiny_hunyuanvideo1.5.safetensors", "vae": "vae/tiny_hunyuanvideo15_vae.safetensors",
+         "qwen": "text_encoders/tiny_qwen_2.5_vl.safetensors", "byt5": "text_encoders/tiny_byt5_small_glyphxl.safetensors",
+         "qwen_tokenizer": "text_encoders/tiny_hunyuanvideo15_tokenizer"}
+TINY_QWEN = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=2048,
+                 rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+TINY_BYT5 = dict(text.BYT5_SMALL, d_model=24, d_ff=48, d_kv=8, num_heads=3, num_layers=2, vocab_size=384)
 # the VAE's channels shrunk (its encoder's last stage must hold 2 x 32 latent channels), one block per stage
 TINY_VAE = dict(block_out_channels=(8, 16, 32, 64, 64), layers_per_block=1)
-_VERSION = "2"
+_VERSION = "3"
 TEXT_DIM, BYT5_DIM, IMAGE_DIM = TINY_CONFIG["text_embed_dim"], TINY_CONFIG["text_embed_2_dim"], TINY_CONFIG["image_embed_dim"]
 LATENT_CHANNELS = TINY_CONFIG["out_channels"]
 
@@ -51,8 +57,27 @@ def make_tiny_models(root: str | Path, seed: int = 0, dtype: torch.dtype = torch
     model = AutoencoderKLHunyuanVideo15(**TINY_VAE)
     save_safetensors({k: v.to(dtype) for k, v in vae.to_original(model.state_dict()).items()}, paths["vae"],
                      {vae.CONFIG_METADATA_KEY: json.dumps(TINY_VAE)})
+    _write_text_encoders(paths, dtype)
     stamp.write_text(_VERSION)
     return paths
+
+
+def _write_text_encoders(paths: dict[str, Path], dtype: torch.dtype) -> None:
+    """The tiny Qwen2.5-VL text model (ComfyUI's names: the language model under model.), ByT5 (T5 names) and the
+    Qwen tokenizer (tiny BPE with Qwen's special tokens)."""
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    from ..tiny import CORPUS
+
+    text.write_tiny_tokenizer(paths["qwen_tokenizer"], CORPUS)
+    qwen_config = dict(TINY_QWEN, vocab_size=len(text.load_tokenizer(paths["qwen_tokenizer"])))
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**qwen_config))
+    save_safetensors({f"model.{k}": v.to(dtype) for k, v in qwen.state_dict().items()}, paths["qwen"],
+                     {text.QWEN_CONFIG_KEY: json.dumps(qwen_config)})
+    byt5 = T5EncoderModel(T5Config(**TINY_BYT5))
+    save_safetensors({k: v.to(dtype) for k, v in byt5.state_dict().items() if k != "encoder.embed_tokens.weight"},
+                     paths["byt5"], {text.BYT5_CONFIG_KEY: json.dumps(TINY_BYT5)})
+    assert qwen_config["hidden_size"] == TEXT_DIM and TINY_BYT5["d_model"] == BYT5_DIM
 
 
 def tiny_inputs(shape: tuple[int, int, int], text_len: int = 7, pad: int = 5, glyph_len: int = 3,
