@@ -368,3 +368,19 @@ def test_the_sharded_qwen_encodes_as_one_process(tests_dir, tiny_hv15):
             assert rel_error(result[f"cond:{key}"], value) <= 1e-5, f"rank {rank} {key}"
         assert int(result["bytes"]) <= full * (1 / 2 + 0.05), f"rank {rank} holds {int(result['bytes'])} of {full}"
         assert int(result["read"]) <= os.path.getsize(tiny_hv15["qwen"]) * (1 / 2 + 0.05)
+
+
+def test_the_start_image_is_the_pipelines_condition_latent(tiny_hv15):
+    """start_image_conditioning (USP HunyuanVideo 1.5 Image To Video's) == the reference pipeline's
+    prepare_cond_latents_and_mask: the image's latent on the first latent frame, zeros after, a mask of 1 there."""
+    from parity_targets import encode_frames
+
+    family, engine = FAMILIES[FAMILY], make_engine()
+    image = encode_frames((1, 40, 56))  # resized (centred crop) to 64 x 48
+    cond = family.start_image_conditioning(lambda f: (engine.encode_video(tiny_hv15["vae"], f), family), image, 64, 48, 9)
+    from usp_video.distributed.models.video import resized_frames
+
+    first = engine.encode_video(tiny_hv15["vae"], resized_frames(image, 64, 48, 9))
+    assert cond["concat_latent_image"].shape == (1, 32, 3, 3, 4) and cond["concat_mask"].shape == (1, 1, 3, 3, 4)
+    assert torch.equal(cond["concat_latent_image"][:, :, :1], first) and not cond["concat_latent_image"][:, :, 1:].any()
+    assert cond["concat_mask"][:, :, 0].eq(1).all() and not cond["concat_mask"][:, :, 1:].any()

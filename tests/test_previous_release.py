@@ -66,6 +66,7 @@ def tiny_model_files() -> dict[str, str]:
     """The real model file names the workflows use -> the tiny file of the same role, relative to the models root
     (ComfyUI's layout: diffusion_models/, text_encoders/, vae/, loras/). Add a line here for a new real name."""
     from usp_video.distributed.models.hunyuan_video.tiny import HUNYUAN_FILES
+    from usp_video.distributed.models.hunyuan_video15.tiny import FILES as HV15
     from usp_video.distributed.models.wan21.tiny import FILES as WAN21
     from usp_video.distributed.models.wan22_5b.tiny import FILES as WAN22_5B
     from usp_video.distributed.models.wan22_a14b.tiny import FILES as WAN22
@@ -93,6 +94,12 @@ def tiny_model_files() -> dict[str, str]:
         "llava_llama3_fp8_scaled.safetensors": HUNYUAN_FILES["llama"],
         "clip_l.safetensors": HUNYUAN_FILES["clip"],
         "hunyuan_video_vae_bf16.safetensors": HUNYUAN_FILES["vae"],
+        "hunyuanvideo1.5_480p_t2v_fp16.safetensors": HV15["dit"],
+        "hunyuanvideo1.5_480p_i2v_fp16.safetensors": HV15["dit"],
+        "hunyuanvideo1.5_480p_i2v_step_distilled_fp16.safetensors": HV15["dit"],
+        "qwen_2.5_vl_7b_fp8_scaled.safetensors": HV15["qwen"],
+        "byt5_small_glyphxl_fp16.safetensors": HV15["byt5"],
+        "hunyuanvideo15_vae_fp16.safetensors": HV15["vae"],
     }
 
 
@@ -123,7 +130,8 @@ def tiny_substitute(prompt: dict, models_root: Path, steps: int = TINY_STEPS, fi
             elif name == "tokenizer_folder" and not value:
                 from usp_video.distributed.models.hunyuan_video.tiny import HUNYUAN_FILES
 
-                inputs[name] = str(models_root / HUNYUAN_FILES["tokenizers"])
+                # the tiny tokenizers of the family whose text encoder the prompt loads (HunyuanVideo's by default)
+                inputs[name] = str(models_root / files.get("tokenizer_folder", HUNYUAN_FILES["tokenizers"]))
     return prompt
 
 
@@ -249,6 +257,7 @@ def server(tiny_models, tmp_path_factory):
     (work / "input").mkdir()
     write_start_image(work / "input" / START_IMAGE)
     FAMILIES["wan2.1-vace"].make_tiny(models_root)
+    FAMILIES["hunyuan-video-1.5"].make_tiny(models_root)
     for name in {CONTROL_VIDEO} | video_inputs():
         write_control_video(work / "input" / name)
     with comfyui_server(COMFYUI_DIR, models_root, work, ("--input-directory", str(work / "input"))) as url:
@@ -484,6 +493,9 @@ def video_inputs() -> set[str]:
 NEW_NOT_RUNNABLE = {
     "wan22_animate_usp": "ComfyUI's own CLIPVisionLoader builds CLIP ViT-H (clip_vision_h) at its fixed full size, and "
                          "Wan 2.2 Animate needs its features (as wan21_i2v_usp): no tiny file can stand in for it",
+    **dict.fromkeys(["hunyuan_video15_i2v_usp", "hunyuan_video15_i2v_step_distilled_usp"],
+                    "ComfyUI's own CLIPVisionLoader builds SigLIP (sigclip_vision_patch14_384) at its fixed full size "
+                    "(400M parameters): no tiny file can stand in for it"),
 }
 
 
@@ -491,8 +503,11 @@ def new_tiny_files() -> dict[str, dict[str, str]]:
     """Per new workflow, tiny files other than tiny_model_files' (the VACE DiT reads a 4096-wide text)."""
     from usp_video.distributed.models.wan_vace.tiny import FILES as VACE
 
+    from usp_video.distributed.models.hunyuan_video15.tiny import FILES as HV15
+
     vace = {"umt5_xxl_fp16.safetensors": VACE["text_encoder"]}
-    return {"wan21_vace_r2v_usp": vace, "wan21_vace_control_usp": vace}
+    return {"wan21_vace_r2v_usp": vace, "wan21_vace_control_usp": vace,
+            "hunyuan_video15_t2v_usp": {"tokenizer_folder": HV15["qwen_tokenizer"]}}
 
 
 @pytest.mark.parametrize("name", [n for n in shipped_since() if n not in NEW_NOT_RUNNABLE])

@@ -14,6 +14,7 @@
     wan21_fun_control_usp.json           Wan 2.1 Fun Control 1.3B: a control video and a start image
     wan21_vace_r2v_usp.json              Wan 2.1 VACE 14B from a reference image (WanVaceToVideo, TrimVideoLatent)
     wan21_vace_control_usp.json          Wan 2.1 VACE 14B following a control video (LoadVideo into WanVaceToVideo)
+    hunyuan_video15_{t2v,i2v,i2v_step_distilled}_usp.json   HunyuanVideo 1.5 480p (hv15_workflows.py)
     (and their api/ files, and NAME.jpg: the template browser's picture of each, the graph drawn)
 
 The API files live in api/: ComfyUI lists every .json directly in workflows/ in its template browser,
@@ -29,6 +30,7 @@ import json
 from pathlib import Path
 
 from .control_workflows import CONTROL_SIZES, CONTROL_SOCKETS, CONTROL_WIDGETS, control_workflows
+from .hv15_workflows import SIZES as HV15_SIZES, SOCKETS as HV15_SOCKETS, WIDGETS as HV15_WIDGETS, hv15_workflows
 from .vace_workflows import NATIVE_OPTIONAL, VACE_SIZES, VACE_SOCKETS, VACE_WIDGETS, vace_workflows
 
 HERE = Path(__file__).parent
@@ -221,7 +223,7 @@ VACE_WORKFLOWS = vace_workflows(WAN_T2V)
 WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan21_i2v_usp": WAN_I2V,
              "wan22_i2v_usp": WAN22_I2V, "wan22_ti2v_5b_i2v_usp": WAN22_5B_I2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
              "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS, **control_workflows(WAN_T2V, WAN_I2V),
-             **VACE_WORKFLOWS}
+             **VACE_WORKFLOWS, **hv15_workflows(WAN_T2V)}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
 _SAMPLER_SOCKETS = [("model", "USP_MODEL,MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -236,7 +238,7 @@ SOCKETS = {
     "UspWan22ImageToVideoLatent": [("vae", "USP_VAE"), ("start_image", "IMAGE")],
     "UspWanImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
                            ("start_image", "IMAGE"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
-    "SaveAnimatedWEBP": [("images", "IMAGE")], **VACE_SOCKETS, **CONTROL_SOCKETS,
+    "SaveAnimatedWEBP": [("images", "IMAGE")], **VACE_SOCKETS, **CONTROL_SOCKETS, **HV15_SOCKETS,
 }
 
 # Node sizes: wide enough that no label or value is cut short with the default model names (checked in
@@ -247,7 +249,7 @@ SIZES = {"UspGroup": (360, 540), "UspLoadDiffusionModel": (560, 120), "UspLoadTe
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
          "LoadImage": (340, 340), "CLIPVisionLoader": (420, 90),
          "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250), "UspWan22ImageToVideoLatent": (380, 200),
-         **VACE_SIZES, **CONTROL_SIZES}
+         **VACE_SIZES, **CONTROL_SIZES, **HV15_SIZES}
 
 # Widget names in order, for converting to API format (ours are checked against the nodes' schemas in a test).
 WIDGETS = {
@@ -266,7 +268,7 @@ WIDGETS = {
     "UspWanImageToVideo": ["width", "height", "length", "batch_size"],
     "UspWan22ImageToVideoLatent": ["width", "height", "length", "batch_size"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"], **VACE_WIDGETS,
-    **CONTROL_WIDGETS,
+    **CONTROL_WIDGETS, **HV15_WIDGETS,
 }
 
 

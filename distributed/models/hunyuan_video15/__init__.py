@@ -170,6 +170,23 @@ class HunyuanVideo15(ModelFamily):
     def encoder_calls(self, loaded_vae, frames: torch.Tensor) -> int:
         return vae.tile_count(loaded_vae, tuple(frames.shape[:-1]), sample=True)
 
+    def start_image_conditioning(self, encode_video, image, width, height, length):
+        """HunyuanVideo15ImageToVideo's (as the reference pipeline's prepare_cond_latents_and_mask): the start
+        image resized to the video (centred crop) and encoded by this family's VAE, on the first latent frame(s)
+        of a zero latent, and a mask of 1 there ({"concat_latent_image", "concat_mask"})."""
+        from ..video import resized_frames
+
+        frames = resized_frames(image, width, height, length)
+        latent, vae_family = encode_video(frames[:1 + (frames.shape[0] - 1) // 4 * 4, ..., :3])
+        if latent.shape[1] != self.latent_channels:
+            raise ValueError(f"vae: {vae_family.label} latents have {latent.shape[1]} channels; HunyuanVideo 1.5 image "
+                             "to video uses its own VAE (32 channels): load hunyuanvideo15_vae_fp16.safetensors")
+        concat = latent.new_zeros(1, self.latent_channels, (length - 1) // 4 + 1, *latent.shape[-2:])
+        concat[:, :, :latent.shape[2]] = latent
+        mask = latent.new_zeros(1, 1, *concat.shape[2:])
+        mask[:, :, :latent.shape[2]] = 1.0
+        return {"concat_latent_image": concat, "concat_mask": mask}
+
     def make_tiny(self, root):
         from .tiny import make_tiny_models
 
