@@ -187,6 +187,11 @@ class HunyuanVideo15(ModelFamily):
         mask[:, :, :latent.shape[2]] = 1.0
         return {"concat_latent_image": concat, "concat_mask": mask}
 
+    def check_start_image_model(self, config: dict, name: str) -> None:
+        raise ValueError(f"{name}: HunyuanVideo 1.5 image to video also needs the start image's SigLIP features, which "
+                         "the command line does not make yet: run it in ComfyUI (CLIPVisionEncode with "
+                         "sigclip_vision_patch14_384, then USP HunyuanVideo 1.5 Image To Video)")
+
     def make_tiny(self, root):
         from .tiny import make_tiny_models
 
