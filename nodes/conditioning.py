@@ -63,6 +63,13 @@ def _penultimate(value, name: str):
     return hidden
 
 
+def _last_hidden(value, name: str):
+    hidden = getattr(value, "last_hidden_state", None)
+    if hidden is None:
+        raise ValueError(f"{name}: its clip_vision_output has no last_hidden_state (not a CLIPVisionEncode output?)")
+    return hidden
+
+
 def _stacked(value, name: str):
     """WanVaceToVideo's list of tensors (one [B, C, T, H, W] per node; several nodes append) -> [B, K, C, T, H, W]."""
     import torch
@@ -104,10 +111,12 @@ def _index(value, name: str):
 
 
 # A family's conditioning tensor whose ComfyUI conditioning key differs from its own name, or whose value is
-# read from ComfyUI's object (CLIPVisionEncode's output -> its penultimate hidden states; WanVaceToVideo's lists
+# read from ComfyUI's object (CLIPVisionEncode's output -> its penultimate hidden states for Wan's CLIP-H, its last
+# hidden state for HunyuanVideo 1.5's SigLIP; WanVaceToVideo's lists
 # -> stacked tensors; reference_latents -> the last one; concat_mask_index -> a tensor), and how. Other tensors
 # keep their name and value end to end (concat_latent_image, ...).
 FROM_COMFY = {"clip_vision": ("clip_vision_output", _penultimate),
+              "siglip": ("clip_vision_output", _last_hidden),
               "vace_frames": ("vace_frames", lambda value, name: _stacked(value, f"{name}.vace_frames")),
               "vace_mask": ("vace_mask", lambda value, name: _stacked(value, f"{name}.vace_mask")),
               "vace_strength": ("vace_strength", _strengths),

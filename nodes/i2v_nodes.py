@@ -79,17 +79,25 @@ class UspWanImageToVideo(io.ComfyNode):
     @classmethod
     def execute(cls, positive, negative, vae, width, height, length, batch_size, start_image=None,
                 clip_vision_output=None):
-        family = get(cls.FAMILY)
-        latent = empty_latent(family, width, height, length, batch_size)
-        values = {}
-        if start_image is not None:
-            values.update(api.encode_start_image(vae["group"], vae["path"], start_image, width, height, length,
-                                                 family=family.name))
-        if clip_vision_output is not None:
-            values["clip_vision_output"] = clip_vision_output
-        services.publish_status(state="ready")
-        return io.NodeOutput(with_values(positive, values), with_values(negative, values),
-                             {"samples": latent, LATENT_TAG: family.name})
+        return io.NodeOutput(*image_to_video(cls.FAMILY, positive, negative, vae, width, height, length, batch_size,
+                                             start_image, clip_vision_output))
+
+
+def image_to_video(family_name: str, positive, negative, vae, width, height, length, batch_size, start_image=None,
+                   clip_vision_output=None) -> tuple:
+    """(positive, negative, LATENT) of an image-to-video node of the family, as ComfyUI's: the empty latent, and the
+    start image's conditioning (the family's, its frames encoded by the group's split VAE) and the CLIP vision output
+    set on both conditionings."""
+    family = get(family_name)
+    latent = empty_latent(family, width, height, length, batch_size)
+    values = {}
+    if start_image is not None:
+        values.update(api.encode_start_image(vae["group"], vae["path"], start_image, width, height, length,
+                                             family=family.name))
+    if clip_vision_output is not None:
+        values["clip_vision_output"] = clip_vision_output
+    services.publish_status(state="ready")
+    return with_values(positive, values), with_values(negative, values), {"samples": latent, LATENT_TAG: family.name}
 
 
 def encode_frames(vae, frames: torch.Tensor, family, what: str) -> torch.Tensor:

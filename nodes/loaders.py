@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from ..distributed import api, models
+from ..distributed.formats.checkpoint import read_header
 from . import services, socket_types
 from .common import TIP_GROUP, TIP_TEXT
 from .model_socket import ModelSocket, load_model
@@ -63,8 +64,18 @@ def text_encoder_socket(group, files: list[str], tokenizer_folder: str = "") -> 
     tokenizers ComfyUI ships."""
     by_parts = {}
     for family in models.FAMILIES.values():  # families sharing a text encoder (the Wan ones) give one entry
-        by_parts.setdefault(tuple(part.input for part in family.text_parts), family)
-    fitting = [f for f in by_parts.values() if len([p for p in f.text_parts if not p.tokenizers]) == len(files)]
+        if family.text_parts:  # (a family whose text is encoded by ComfyUI's own nodes only takes no part here)
+            by_parts.setdefault(tuple(part.input for part in family.text_parts), family)
+    counted = [f for f in by_parts.values() if len([p for p in f.text_parts if not p.tokenizers]) == len(files)]
+    # families taking as many files tell theirs apart by the files' tensors (their headers, read here)
+    headers = [read_header(services.model_path("text_encoders", name))[0] for name in files] if len(counted) > 1 else []
+    fitting = [f for f in counted if len(counted) == 1 or f.takes_text_files(headers)]
+    if not fitting and counted:
+        found = "; ".join(models.describe_keys(h) for h in headers)
+        takes = "; ".join(f"{f.label} takes " + ", ".join(p.help.split(" .safetensors")[0] for p in f.text_parts
+                                                          if not p.tokenizers) for f in counted)
+        raise ValueError(f"the text encoder files {', '.join(files)} ({found}) are not those of "
+                         f"{' or '.join(f.label for f in counted)}: {takes}")
     if not fitting:
         counts = sorted({len([p for p in f.text_parts if not p.tokenizers]) for f in by_parts.values()})
         raise ValueError(f"{len(files)} text encoder file(s) given; the families take {' or '.join(map(str, counts))}")

@@ -51,6 +51,14 @@ def tiny_hunyuan(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_hv15(tmp_path_factory) -> dict:
+    """The tiny HunyuanVideo 1.5 set in Comfy-Org's layout, made once per test session."""
+    from usp_video.distributed.models import FAMILIES
+
+    return {k: str(v) for k, v in FAMILIES["hunyuan-video-1.5"].make_tiny(tmp_path_factory.mktemp("hv15")).items()}
+
+
+@pytest.fixture(scope="session")
 def tiny_wan22(tmp_path_factory) -> dict:
     """The tiny Wan 2.2 A14B set (two experts, the shared VAE and UMT5), made once per test session."""
     from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models
@@ -95,7 +103,8 @@ def tiny_vace(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def family_models(tiny_models, tiny_hunyuan, experts, tiny_5b, wan22_i2v, two_experts, tiny_vace, tiny_wan22) -> dict:
+def family_models(tiny_models, tiny_hunyuan, experts, tiny_5b, wan22_i2v, two_experts, tiny_vace, tiny_wan22,
+                  tiny_hv15) -> dict:
     """{family name: {role: path}}: the files the parity harness (test_parity.py) names by role."""
     return {"wan2.1": {"dit": tiny_models["dit"], "dit2": two_experts[1], "dit_i2v": tiny_models["dit_i2v"],
                        "dit_fun_control": tiny_models["dit_fun_control"]},
@@ -104,7 +113,7 @@ def family_models(tiny_models, tiny_hunyuan, experts, tiny_5b, wan22_i2v, two_ex
                             "i2v_low_noise": wan22_i2v[1], "fun_control_high_noise": tiny_wan22["fun_control_high_noise"],
                             "fun_control_low_noise": tiny_wan22["fun_control_low_noise"]},
             "wan2.2-ti2v-5b": {"dit": tiny_5b["dit"], "fun_control": tiny_5b["fun_control"]},
-            "wan2.1-vace": {"dit": tiny_vace["dit"]}}
+            "wan2.1-vace": {"dit": tiny_vace["dit"]}, "hunyuan-video-1.5": {"dit": tiny_hv15["dit"]}}
 
 
 from hardening import HARDENING  # noqa: E402  (counted by test_bad_input, test_faults, test_security)

@@ -388,8 +388,10 @@ def encode_frames(shape, seed=7) -> torch.Tensor:
     return torch.rand(*shape, 3, generator=torch.Generator().manual_seed(seed))
 
 
-def split_encode_rank(rank, world_size, vae, shape):
+def split_encode_rank(rank, world_size, vae, shape, tiling=None):
     engine = make_engine(rank, world_size, vae_split=True)
+    if tiling:  # a VAE that encodes in tiles (HunyuanVideo 1.5's): tiles small enough that a tiny video makes many
+        engine.vae(vae).enable_tiling(**tiling)
     progress = []
     latent = engine.encode_video(vae, encode_frames(shape), lambda done, total: progress.append((done, total)))
     return {"latent": latent, "progress": torch.tensor(progress)} if latent is not None else {}
@@ -456,3 +458,18 @@ def lora_rank(rank, world_size, ulysses, ring, dit_path, family, loras, shard_we
     out = {"latent": engine.sample(lora_request(dit_path, family, loras)).latent}
     assert engine.sharded["dit"] == (shard_weights == "on")
     return out
+
+
+def sharded_text_rank(rank, world_size, family, files, prompt, part):
+    """A family's text encoding with sharded weights (every rank takes part): the conditioning, and the bytes of
+    the sharded part (`part`, a text part's input) this rank holds and read of its file."""
+    from usp_video.distributed.formats.tensor_file import TensorFile
+    from usp_video.distributed.parallel.fsdp import parameter_bytes
+    from usp_video.distributed.requests import EncodeRequest
+
+    engine = make_engine(rank, world_size, shard_weights="on")
+    req = EncodeRequest(family=family, files=files, prompt=prompt)
+    assert engine.encode_on_all_ranks(req)
+    cond = engine.encode(req)
+    return {**{f"cond:{k}": v for k, v in cond.items()}, "bytes": torch.tensor([parameter_bytes(engine.text.text_part(part))]),
+            "read": torch.tensor([TensorFile.read_from[str(Path(files[part]))]])}

@@ -62,7 +62,7 @@ CASES = {
     "truncated safetensors": (lambda m, f: api.load_dit(GROUP, f["truncated"]), "may be truncated"),
     "pickle checkpoint": (lambda m, f: api.load_dit(GROUP, f["pickle"]), "pickle checkpoints (.pth) are not loaded"),
     "missing file": (lambda m, f: api.load_dit(GROUP, f["missing"]), "model file not found"),
-    "VAE as the DiT": (lambda m, f: api.load_dit(GROUP, m["vae"]), "none of Wan 2.1, Wan 2.1 VACE, Wan 2.2 Animate, Wan 2.2 TI2V-5B or HunyuanVideo diffusion models (looks like a VAE)"),
+    "VAE as the DiT": (lambda m, f: api.load_dit(GROUP, m["vae"]), "none of Wan 2.1, Wan 2.1 VACE, Wan 2.2 Animate, Wan 2.2 TI2V-5B, HunyuanVideo 1.5 or HunyuanVideo diffusion models (looks like a VAE)"),
     "DiT as the text encoder": (lambda m, f: calls.encode_text(GROUP, m["dit"], "a cat"), "is not a UMT5 text encoder"),
     "text encoder as the VAE": (lambda m, f: api.decode(GROUP, m["text_encoder"], torch.zeros(1, 16, 1, 2, 2)),
                                 "is not a Wan 2.1 VAE"),

@@ -65,7 +65,7 @@ def test_wrong_model_file_is_named(tiny_models):
     args[args.index("--dit") + 1] = tiny_models["text_encoder"]
     result = usp_video(*args, timeout=120)
     assert result.returncode == 2
-    assert ("tiny_umt5.safetensors is none of Wan 2.1, Wan 2.1 VACE, Wan 2.2 Animate, Wan 2.2 TI2V-5B or HunyuanVideo diffusion models "
+    assert ("tiny_umt5.safetensors is none of Wan 2.1, Wan 2.1 VACE, Wan 2.2 Animate, Wan 2.2 TI2V-5B, HunyuanVideo 1.5 or HunyuanVideo diffusion models "
             "(looks like a T5/UMT5 text encoder)") in result.stderr
 
 

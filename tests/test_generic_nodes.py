@@ -33,7 +33,8 @@ def test_one_visible_node_set_for_every_family():
         "UspGroup", "UspFreeGroup", "UspStepCache", "UspLoadDiffusionModel", "UspLoadTextEncoder", "UspTextEncode",
         "UspSampler", "UspSamplerAdvanced", "UspLoraLoader", "UspVaeLoader", "UspVaeDecode", "UspVaeEncode",
         "UspWanImageToVideo", "UspWanFunControlToVideo", "UspWanVaceToVideo", "UspWanAnimateToVideo",
-        "UspWan22ImageToVideoLatent"])  # the last five: Wan's own conditioning, as ComfyUI's
+        "UspWan22ImageToVideoLatent", "UspHunyuanVideo15ImageToVideo"])  # the last six: the families' own
+    # conditioning (Wan's, HunyuanVideo 1.5's), as ComfyUI's
     deprecated = {i for i, cls in NODE_CLASSES.items() if cls.GET_SCHEMA().is_deprecated}
     assert PREVIOUS_RELEASE_IDS <= set(NODE_CLASSES), sorted(PREVIOUS_RELEASE_IDS - set(NODE_CLASSES))
     assert deprecated <= PREVIOUS_RELEASE_IDS

@@ -112,7 +112,7 @@ def test_request_error_keeps_the_group(tiny_models, faults_allowed):
     pid = get_group(group).proc.pid
     with pytest.raises(RequestError, match="unknown request type"):
         get_group(group).request({"type": "frobnicate"})
-    with pytest.raises(ValueError, match="none of Wan 2.1, Wan 2.1 VACE, Wan 2.2 Animate, Wan 2.2 TI2V-5B or HunyuanVideo diffusion models"):
+    with pytest.raises(ValueError, match="none of Wan 2.1, Wan 2.1 VACE, Wan 2.2 Animate, Wan 2.2 TI2V-5B, HunyuanVideo 1.5 or HunyuanVideo diffusion models"):
         api.load_dit(group, tiny_models["vae"])
     latent, _ = run_sample(group, tiny_models["dit"], steps=1)
     assert get_group(group).proc.pid == pid and latent.isfinite().all()

@@ -99,9 +99,10 @@ def ti2v_cases():
 
 
 from test_wan_vace import vace_cases  # noqa: E402  (Wan 2.1 VACE's cases live with its other tests)
+from test_hunyuan15 import hv15_cases  # noqa: E402  (HunyuanVideo 1.5's, likewise)
 
 CASES_OF = {"wan2.1": wan21_cases, "hunyuan-video": hunyuan_cases, "wan2.2-a14b": wan22_cases,
-            "wan2.2-ti2v-5b": ti2v_cases, "wan2.1-vace": vace_cases,
+            "wan2.2-ti2v-5b": ti2v_cases, "wan2.1-vace": vace_cases, "hunyuan-video-1.5": hv15_cases,
             "wan2.2-animate": lambda: ()}  # Wan 2.2 Animate's cases: tests/test_wan_animate.py (its own inputs)
 assert set(CASES_OF) == set(FAMILIES), "every family claims its parity cases here"
 CASES = [(family, name, degrees, dict(spec, family=family, experts=spec.get("experts", ["dit"])))
@@ -116,7 +117,7 @@ def case_id(case) -> str:
 # The smoke subset (conftest.py): one 2-rank case of each family, Ulysses and Ring, forward and sample.
 SMOKE = {"wan2.1-forward-35tok-2x2x1", "wan2.1-sample-2x1x2", "hunyuan-video-forward-video35-text7-2x1x2",
          "wan2.2-a14b-switch-2x2x1", "wan2.2-ti2v-5b-forward-sample-start_image-2x1x2",
-         "wan2.1-vace-forward-sample-2x1x2"}
+         "wan2.1-vace-forward-sample-2x1x2", "hunyuan-video-1.5-forward-t2v-i2v-2x1x2"}
 
 
 def marks(case) -> list:

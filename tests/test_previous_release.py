@@ -33,7 +33,7 @@ import pytest
 
 from comfyui_server import comfyui_server, group_dir, log_text
 from conftest import rel_error
-from tiny_clip_vision import TINY_CLIP_VISION, make_tiny_clip_vision
+from tiny_clip_vision import TINY_CLIP_VISION, TINY_SIGLIP, make_tiny_clip_vision, make_tiny_siglip
 from group_helpers import processes_matching
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -68,6 +68,7 @@ def tiny_model_files() -> dict[str, str]:
     """The real model file names the workflows use -> the tiny file of the same role, relative to the models root
     (ComfyUI's layout: diffusion_models/, text_encoders/, vae/, loras/). Add a line here for a new real name."""
     from usp_video.distributed.models.hunyuan_video.tiny import HUNYUAN_FILES
+    from usp_video.distributed.models.hunyuan_video15.tiny import FILES as HV15
     from usp_video.distributed.models.wan21.tiny import FILES as WAN21
     from usp_video.distributed.models.wan22_5b.tiny import FILES as WAN22_5B
     from usp_video.distributed.models.wan22_a14b.tiny import FILES as WAN22
@@ -98,6 +99,13 @@ def tiny_model_files() -> dict[str, str]:
         "hunyuan_video_vae_bf16.safetensors": HUNYUAN_FILES["vae"],
         "wan2.2_animate_14B_bf16.safetensors": ANIMATE["dit"],
         "clip_vision_h.safetensors": TINY_CLIP_VISION,
+        "hunyuanvideo1.5_480p_t2v_fp16.safetensors": HV15["dit"],
+        "hunyuanvideo1.5_480p_i2v_fp16.safetensors": HV15["dit"],
+        "hunyuanvideo1.5_480p_i2v_step_distilled_fp16.safetensors": HV15["dit"],
+        "qwen_2.5_vl_7b_fp8_scaled.safetensors": HV15["qwen"],
+        "byt5_small_glyphxl_fp16.safetensors": HV15["byt5"],
+        "hunyuanvideo15_vae_fp16.safetensors": HV15["vae"],
+        "sigclip_vision_patch14_384.safetensors": TINY_SIGLIP,
     }
 
 
@@ -132,7 +140,8 @@ def tiny_substitute(prompt: dict, models_root: Path, steps: int = TINY_STEPS, fi
             elif name == "tokenizer_folder" and not value:
                 from usp_video.distributed.models.hunyuan_video.tiny import HUNYUAN_FILES
 
-                inputs[name] = str(models_root / HUNYUAN_FILES["tokenizers"])
+                # the tiny tokenizers of the family whose text encoder the prompt loads (HunyuanVideo's by default)
+                inputs[name] = str(models_root / files.get("tokenizer_folder", HUNYUAN_FILES["tokenizers"]))
     return prompt
 
 
@@ -246,6 +255,7 @@ def server(tiny_models, tmp_path_factory):
     """One ComfyUI for the whole file: the pack, every tiny set in one models root, the start image."""
     from usp_video.distributed.models import FAMILIES
     from usp_video.distributed.models.hunyuan_video.tiny import make_tiny_hunyuan_models
+    from usp_video.distributed.models.hunyuan_video15.tiny import IMAGE_DIM as HV15_IMAGE_DIM
     from usp_video.distributed.models.wan22_a14b.tiny import make_tiny_models as make_tiny_wan22
 
     if not COMFYUI_DIR:
@@ -260,6 +270,8 @@ def server(tiny_models, tmp_path_factory):
     FAMILIES["wan2.1-vace"].make_tiny(models_root)
     FAMILIES["wan2.2-animate"].make_tiny(models_root)
     make_tiny_clip_vision(models_root / TINY_CLIP_VISION)
+    FAMILIES["hunyuan-video-1.5"].make_tiny(models_root)
+    make_tiny_siglip(models_root / TINY_SIGLIP, HV15_IMAGE_DIM)
     for name in {CONTROL_VIDEO} | video_inputs():
         write_control_video(work / "input" / name)
     with comfyui_server(COMFYUI_DIR, models_root, work, ("--input-directory", str(work / "input")),
@@ -494,13 +506,17 @@ def video_inputs() -> set[str]:
 
 def new_tiny_files() -> dict[str, dict[str, str]]:
     """Per new workflow, tiny files other than tiny_model_files' (the VACE DiT reads a 4096-wide text; so does the
-    Animate DiT whose motion encoder takes the 512x512 faces WanAnimateToVideo makes: the ComfyUI-size one)."""
+    Animate DiT whose motion encoder takes the 512x512 faces WanAnimateToVideo makes: the ComfyUI-size one; the
+    HunyuanVideo 1.5 workflows' empty tokenizer_folder is the tiny Qwen tokenizer)."""
+    from usp_video.distributed.models.hunyuan_video15.tiny import FILES as HV15
     from usp_video.distributed.models.wan_animate.tiny import FILES as ANIMATE
     from usp_video.distributed.models.wan_vace.tiny import FILES as VACE
 
     vace = {"umt5_xxl_fp16.safetensors": VACE["text_encoder"]}
+    hv15 = {"tokenizer_folder": HV15["qwen_tokenizer"]}
     return {"wan21_vace_r2v_usp": vace, "wan21_vace_control_usp": vace,
-            "wan22_animate_usp": dict(vace, **{"wan2.2_animate_14B_bf16.safetensors": ANIMATE["dit_comfy"]})}
+            "wan22_animate_usp": dict(vace, **{"wan2.2_animate_14B_bf16.safetensors": ANIMATE["dit_comfy"]}),
+            **{f"hunyuan_video15_{kind}_usp": hv15 for kind in ("t2v", "i2v", "i2v_step_distilled")}}
 
 
 # Shipped workflows the tiny sets cannot run, and why (the browser and workflow tests still check them).

@@ -24,6 +24,10 @@ CARDS: dict[str, tuple[str, str]] = {
     "wan22_ti2v_5b_i2v_usp": ("Wan 2.2 TI2V-5B image to video", "the 5B from a start image (noise-masked latent)"),
     "wan22_animate_usp": ("Wan 2.2 Animate", "a character image moved by a pose and a face video"),
     "hunyuan_video_t2v_usp": ("HunyuanVideo text to video", "13B, joint video and text attention"),
+    "hunyuan_video15_t2v_usp": ("HunyuanVideo 1.5 text to video", "8.3B at 480p, Qwen2.5-VL + ByT5 text"),
+    "hunyuan_video15_i2v_usp": ("HunyuanVideo 1.5 image to video", "480p I2V from a start image, SigLIP features"),
+    "hunyuan_video15_i2v_step_distilled_usp": ("HunyuanVideo 1.5 I2V, 8 steps",
+                                               "the step-distilled 480p I2V at cfg 1"),
 }
 
 BAND = 64  # the picture's title band, in pixels of a 640 x 360 picture

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .cards import CARDS, card_picture
 from .control_workflows import CONTROL_SIZES, CONTROL_SOCKETS, CONTROL_WIDGETS, control_workflows
+from .hv15_workflows import SIZES as HV15_SIZES, SOCKETS as HV15_SOCKETS, WIDGETS as HV15_WIDGETS, hv15_workflows
 from .vace_workflows import NATIVE_OPTIONAL, VACE_SIZES, VACE_SOCKETS, VACE_WIDGETS, vace_workflows
 
 HERE = Path(__file__).parent
@@ -212,7 +213,7 @@ VACE_WORKFLOWS = vace_workflows(WAN_T2V)
 WORKFLOWS = {"wan21_t2v_usp": WAN_T2V, "wan21_t2v_lora_usp": WAN_T2V_LORA, "wan21_i2v_usp": WAN_I2V,
              "wan22_i2v_usp": WAN22_I2V, "wan22_ti2v_5b_i2v_usp": WAN22_5B_I2V, "wan22_ti2v_5b_usp": WAN22_5B, "hunyuan_video_t2v_usp": HUNYUAN_T2V, "wan22_t2v_usp": WAN22_T2V,
              "wan22_t2v_usp_two_samplers": WAN22_TWO_SAMPLERS, **control_workflows(WAN_T2V, WAN_I2V),
-             **VACE_WORKFLOWS}
+             **VACE_WORKFLOWS, **hv15_workflows(WAN_T2V)}
 
 # Socket inputs in slot order, for the UI format (widget inputs are not listed there).
 _SAMPLER_SOCKETS = [("model", "USP_MODEL,MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -227,7 +228,7 @@ SOCKETS = {
     "UspWan22ImageToVideoLatent": [("vae", "USP_VAE"), ("start_image", "IMAGE")],
     "UspWanImageToVideo": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "USP_VAE"),
                            ("start_image", "IMAGE"), ("clip_vision_output", "CLIP_VISION_OUTPUT")],
-    "SaveAnimatedWEBP": [("images", "IMAGE")], **VACE_SOCKETS, **CONTROL_SOCKETS,
+    "SaveAnimatedWEBP": [("images", "IMAGE")], **VACE_SOCKETS, **CONTROL_SOCKETS, **HV15_SOCKETS,
 }
 
 # Node sizes: wide enough that no label or value is cut short with the default model names (checked in
@@ -238,7 +239,7 @@ SIZES = {"UspGroup": (360, 540), "UspLoadDiffusionModel": (560, 120), "UspLoadTe
          "SaveAnimatedWEBP": (400, 460), "EmptyHunyuanLatentVideo": (340, 170), "UspVaeDecode": (300, 80),
          "LoadImage": (340, 340), "CLIPVisionLoader": (420, 90),
          "CLIPVisionEncode": (380, 90), "UspWanImageToVideo": (380, 250), "UspWan22ImageToVideoLatent": (380, 200),
-         **VACE_SIZES, **CONTROL_SIZES}
+         **VACE_SIZES, **CONTROL_SIZES, **HV15_SIZES}
 
 # Widget names in order, for converting to API format (ours are checked against the nodes' schemas in a test).
 WIDGETS = {
@@ -257,7 +258,7 @@ WIDGETS = {
     "UspWanImageToVideo": ["width", "height", "length", "batch_size"],
     "UspWan22ImageToVideoLatent": ["width", "height", "length", "batch_size"],
     "SaveAnimatedWEBP": ["filename_prefix", "fps", "lossless", "quality", "method"], **VACE_WIDGETS,
-    **CONTROL_WIDGETS,
+    **CONTROL_WIDGETS, **HV15_WIDGETS,
 }
 
 

@@ -254,6 +254,13 @@ class ModelFamily:
 
     # -- text -------------------------------------------------------------------------------------
 
+    def takes_text_files(self, headers: list[dict]) -> bool:
+        """Are these text encoder files this family's? headers: each file's {tensor name: (shape, dtype)}, in the
+        order of its text parts that are not tokenizers (the count already matches). Families whose text encoders
+        come in the same number of files (HunyuanVideo's Llama + CLIP-L, HunyuanVideo 1.5's Qwen + ByT5) tell them
+        apart here; this default takes any."""
+        return True
+
     def make_text_encoder(self, parts: dict[str, object]):
         """The encoder made of the loaded text parts ({input: loaded}); its encode(prompt) returns the
         conditioning tensors: {"tokens": [1, L, D], ...the family's others}."""

@@ -143,15 +143,27 @@ def decode_tiles(vae, decode: Callable, latent: torch.Tensor, split: VaeSplit,
                  decoded_shape: Callable[[torch.Tensor], torch.Size]) -> torch.Tensor | None:
     """decode(vae, latent), a tiled decode that calls vae.decoder once per tile, with its tiles shared
     out among the ranks; rank 0 blends them and returns the frames (None on the other ranks)."""
+    def tiled(v, x):
+        param = next(v.decoder.parameters())
+        return v.decode(x.to(device=param.device, dtype=param.dtype))
+
+    return run_tiles(vae, "decoder", tiled, decode, latent, split, decoded_shape)
+
+
+def run_tiles(vae, module: str, tiled: Callable, run: Callable, x: torch.Tensor, split: VaeSplit,
+              tile_shape: Callable[[torch.Tensor], torch.Size]) -> torch.Tensor | None:
+    """run(vae, x), whose tiled(vae, x) calls getattr(vae, module) once per tile (a tiled decode, or a tiled
+    encode with module "encoder"), with the tiles shared out among the ranks (TileDecoder); tile_shape(tile):
+    what the module makes of a tile. Rank 0 blends them and returns run's result (None on the other ranks)."""
     if split.ranks == 1:
-        return decode(vae, latent)
-    decoder = vae.decoder
-    tiles = TileDecoder(decoder, split.rank, split.ranks, decoded_shape)
+        return run(vae, x)
+    decoder = getattr(vae, module)
+    tiles = TileDecoder(decoder, split.rank, split.ranks, tile_shape)
     decoder.forward = tiles
     try:
         param = next(decoder.parameters())
         with torch.no_grad():
-            vae.decode(latent.to(device=param.device, dtype=param.dtype))  # this rank's tiles (blended on meta)
+            tiled(vae, x)  # this rank's tiles (blended on meta)
         if split.rank != 0:
             for k in sorted(tiles.mine):
                 dist.send(tiles.mine.pop(k).contiguous(), dst=split.peer(0), group=split.group)
@@ -164,7 +176,7 @@ def decode_tiles(vae, decode: Callable, latent: torch.Tensor, split: VaeSplit,
                 received.append(torch.empty(shape, dtype=dtype, device=param.device))
                 dist.recv(received[-1], src=split.peer(k % split.ranks), group=split.group)
         tiles.replay, tiles.calls = received, 0
-        return decode(vae, latent)
+        return run(vae, x)
     finally:
         del decoder.forward  # back to the class's forward
 

@@ -168,6 +168,9 @@ class HunyuanVideo(ModelFamily):
         if not torch.isfinite(pooled).all():
             raise ValueError(f"{name}_pooled contains NaN or infinite values")
 
+    def takes_text_files(self, headers: list[dict]) -> bool:
+        return "text_model.embeddings.token_embedding.weight" in headers[1]  # CLIP-L beside the Llama
+
     def make_text_encoder(self, parts: dict):
         return _Encoder(text.HunyuanTextEncoder(parts["llama"], parts["clip"], *parts["tokenizers"]))
 
