@@ -104,7 +104,7 @@ def test_the_start_image_conditioning_is_the_pipelines_channels(tiny_hv15):
             family.velocity(model, x, torch.tensor([500.0]), cond, {})
     finally:
         handle.remove()
-    expected = torch.cat([x, cond["concat_latent_image"] * 1.03682, cond["concat_mask"]], dim=1)
+    expected = torch.cat([x, cond["concat_latent_image"] * 1.03682, 1 - cond["concat_mask"]], dim=1)
     torch.testing.assert_close(seen["x"], expected)
 
 
@@ -237,7 +237,7 @@ def test_a_step_distilled_image_to_video_run_is_an_euler_loop_over_stock_diffuse
     for i in range(req.steps):
         sigma = sigmas[i]
         with torch.no_grad():
-            v = stock(torch.cat([x, start, cond["concat_mask"]], dim=1), (1000 * sigma).reshape(1), cond["tokens"],
+            v = stock(torch.cat([x, start, 1 - cond["concat_mask"]], dim=1), (1000 * sigma).reshape(1), cond["tokens"],
                       torch.ones(1, cond["tokens"].shape[1]), None, glyph, torch.ones(1, glyph.shape[1]),
                       cond["siglip"], return_dict=False)[0]
         x = x + v * (sigmas[i + 1] - sigma)  # euler: x + (x - denoised) / sigma * dt, denoised = x - sigma v
@@ -372,7 +372,8 @@ def test_the_sharded_qwen_encodes_as_one_process(tests_dir, tiny_hv15):
 
 def test_the_start_image_is_the_pipelines_condition_latent(tiny_hv15):
     """start_image_conditioning (USP HunyuanVideo 1.5 Image To Video's) == the reference pipeline's
-    prepare_cond_latents_and_mask: the image's latent on the first latent frame, zeros after, a mask of 1 there."""
+    prepare_cond_latents_and_mask: the image's latent on the first latent frame, zeros after; the mask ComfyUI's
+    HunyuanVideo15ImageToVideo makes, 0 there and 1 after (the model takes 1 - mask, the pipeline's mask)."""
     from parity_targets import encode_frames
 
     family, engine = FAMILIES[FAMILY], make_engine()
@@ -383,4 +384,4 @@ def test_the_start_image_is_the_pipelines_condition_latent(tiny_hv15):
     first = engine.encode_video(tiny_hv15["vae"], resized_frames(image, 64, 48, 9))
     assert cond["concat_latent_image"].shape == (1, 32, 3, 3, 4) and cond["concat_mask"].shape == (1, 1, 3, 3, 4)
     assert torch.equal(cond["concat_latent_image"][:, :, :1], first) and not cond["concat_latent_image"][:, :, 1:].any()
-    assert cond["concat_mask"][:, :, 0].eq(1).all() and not cond["concat_mask"][:, :, 1:].any()
+    assert not cond["concat_mask"][:, :, 0].any() and cond["concat_mask"][:, :, 1:].eq(1).all()

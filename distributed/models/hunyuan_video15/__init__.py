@@ -8,7 +8,9 @@ Its conditioning, one side's, in ComfyUI's names (what its nodes put on CONDITIO
     siglip                  [B, 729, 1152] SigLIP's last hidden state (image to video; ComfyUI's clip_vision_output,
                                            read by nodes/conditioning.py), optional
     concat_latent_image     [B, 32, T, H, W] the start image's raw latent on its frames, zeros after (optional)
-    concat_mask             [B, 1, T, H, W]  1 on the frames the start latent holds (optional)
+    concat_mask             [B, 1, T, H, W]  0 on the frames the start latent holds, 1 after (optional; as
+                                           HunyuanVideo15ImageToVideo makes it: the model takes 1 - mask, as
+                                           ComfyUI's model_base.HunyuanVideo15.concat_cond does)
 Without the last three the model runs as text to video (zeros in the 33 extra channels, SigLIP tokens masked
 out, as the reference pipeline runs it). Not covered: the mean-flow 1080p super-resolution stage (refused with a
 message) and the 720p *_distilled_sparse checkpoints (SSTA sparse attention: no diffusers reference).
@@ -122,7 +124,7 @@ class HunyuanVideo15(ModelFamily):
         start = cond.get("concat_latent_image")
         start = x.new_zeros(batch, extra, *frames) if start is None else self.process_in(start.to(x.dtype))
         mask = cond.get("concat_mask")
-        mask = x.new_zeros(batch, 1, *frames) if mask is None else mask.to(x.dtype)
+        mask = x.new_zeros(batch, 1, *frames) if mask is None else 1.0 - mask.to(x.dtype)  # ComfyUI's concat_cond
         tokens = cond["tokens"]
         glyph = cond.get("conditioning_byt5small")
         glyph_mask = x.new_ones(batch, 0 if glyph is None else glyph.shape[1])
@@ -173,7 +175,7 @@ class HunyuanVideo15(ModelFamily):
     def start_image_conditioning(self, encode_video, image, width, height, length):
         """HunyuanVideo15ImageToVideo's (as the reference pipeline's prepare_cond_latents_and_mask): the start
         image resized to the video (centred crop) and encoded by this family's VAE, on the first latent frame(s)
-        of a zero latent, and a mask of 1 there ({"concat_latent_image", "concat_mask"})."""
+        of a zero latent, and ComfyUI's mask of 0 there, 1 after ({"concat_latent_image", "concat_mask"})."""
         from ..video import resized_frames
 
         frames = resized_frames(image, width, height, length)
@@ -183,8 +185,8 @@ class HunyuanVideo15(ModelFamily):
                              "to video uses its own VAE (32 channels): load hunyuanvideo15_vae_fp16.safetensors")
         concat = latent.new_zeros(1, self.latent_channels, (length - 1) // 4 + 1, *latent.shape[-2:])
         concat[:, :, :latent.shape[2]] = latent
-        mask = latent.new_zeros(1, 1, *concat.shape[2:])
-        mask[:, :, :latent.shape[2]] = 1.0
+        mask = latent.new_ones(1, 1, *concat.shape[2:])
+        mask[:, :, :latent.shape[2]] = 0.0
         return {"concat_latent_image": concat, "concat_mask": mask}
 
     def check_start_image_model(self, config: dict, name: str) -> None:

@@ -115,8 +115,8 @@ def tiny_request(family, experts: list[str], shape: tuple[int, int, int], cfg: f
         if image:
             start = torch.zeros(1, LATENT_CHANNELS, *shape)
             start[:, :, :1] = torch.randn(1, LATENT_CHANNELS, 1, *shape[1:], generator=g)
-            concat_mask = torch.zeros(1, 1, *shape)
-            concat_mask[:, :, :1] = 1.0
+            concat_mask = torch.ones(1, 1, *shape)  # ComfyUI's: 0 on the start frame
+            concat_mask[:, :, :1] = 0.0
             cond.update(concat_latent_image=start, concat_mask=concat_mask,
                         siglip=torch.randn(1, 9, IMAGE_DIM, generator=g))
         return cond
