@@ -165,7 +165,9 @@ def comfy_models_on(devices: list[str]) -> dict[str, list[str]]:
 
 def group_devices(config) -> list[str]:
     """The devices (as this process names them) a group's ranks use: its GPUs (config.gpus, else every one this
-    process sees), or the CPU."""
+    process sees), or the CPU; none without a group config (the tests' samplers with api.sample in-process)."""
+    if config is None:
+        return []
     if config.device != "cuda":
         return ["cpu"]
     import torch
