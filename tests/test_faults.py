@@ -1,4 +1,4 @@
-"""Fault injection, each fault repeated (USP_VIDEO_FAULT_REPEATS, 20 by default): every one ends
+"""Fault injection, each fault repeated (USP_VIDEO_FAULT_REPEATS, 12 by default): every one ends
 in an error or a clean shutdown within its deadline, leaves no process and no shared-memory file
 behind, and the next request gets a working group."""
 
@@ -19,7 +19,7 @@ from usp_video.distributed.config import GroupConfig
 from usp_video.distributed.registry import free_group, get_group
 import calls
 
-REPEATS = int(os.environ.get("USP_VIDEO_FAULT_REPEATS", "20"))
+REPEATS = int(os.environ.get("USP_VIDEO_FAULT_REPEATS", "12"))
 DEADLINE_S = 10.0  # from the fault to the error in the client
 LATENT = torch.zeros(1, 16, 6, 32, 32)  # 1536 tokens: a step lasts long enough to strike mid-run
 
