@@ -4,8 +4,7 @@ native EmptyHunyuanVideo15Latent (32 channels, 16x space), which ComfyUI before 
 
 from __future__ import annotations
 
-from . import socket_types
-from .i2v_nodes import image_to_video, video_size_inputs
+from .i2v_nodes import conditioning_inputs, image_to_video
 from .v3 import CATEGORY, io, schema
 
 
@@ -23,10 +22,8 @@ class UspHunyuanVideo15ImageToVideo(io.ComfyNode):
                          "start image: text to video (EmptyHunyuanVideo15Latent's latent)."),
             search_aliases=["HunyuanVideo15ImageToVideo", "EmptyHunyuanVideo15Latent", "hunyuan 1.5", "i2v"],
             inputs=[
-                io.Conditioning.Input("positive", tooltip="The prompt's conditioning (USP Text Encode, or native)."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
-                socket_types.Vae.Input("vae", tooltip="USP Load VAE with hunyuanvideo15_vae_fp16.safetensors."),
-                *video_size_inputs(848, 480, 121, 16, "121 at 24 fps is 5 s"),
+                *conditioning_inputs("USP Load VAE with hunyuanvideo15_vae_fp16.safetensors.", 848, 480, 121, 16,
+                                     "121 at 24 fps is 5 s"),
                 io.Image.Input("start_image", optional=True,
                                tooltip="The first frame; resized to the video after a centred crop."),
                 io.ClipVisionOutput.Input("clip_vision_output", optional=True, tooltip=(

@@ -27,12 +27,18 @@ def video_size_inputs(width: int, height: int, length: int, step: int, example: 
             io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Videos per run.")]
 
 
-def wan_conditioning_inputs(vae_tooltip: str, length: int = 81) -> list:
-    """The inputs every Wan conditioning node starts with, as ComfyUI's: positive, negative, the VAE, the size."""
+def conditioning_inputs(vae_tooltip: str, width: int, height: int, length: int, step: int, length_hint: str) -> list:
+    """The inputs every image-to-video conditioning node starts with, as ComfyUI's: positive, negative, the VAE, the
+    size (its defaults and step the model's)."""
     return [io.Conditioning.Input("positive", tooltip="The prompt's conditioning (USP Text Encode, or native)."),
             io.Conditioning.Input("negative", tooltip="The negative prompt's conditioning."),
             socket_types.Vae.Input("vae", tooltip=vae_tooltip),
-            *video_size_inputs(832, 480, length, 16, "81 at 16 fps is 5 s")]
+            *video_size_inputs(width, height, length, step, length_hint)]
+
+
+def wan_conditioning_inputs(vae_tooltip: str, length: int = 81) -> list:
+    """conditioning_inputs at Wan's sizes (832 x 480, 81 frames, steps of 16)."""
+    return conditioning_inputs(vae_tooltip, 832, 480, length, 16, "81 at 16 fps is 5 s")
 
 
 def empty_latent(family, width: int, height: int, length: int, batch_size: int, extra_frames: int = 0):
