@@ -519,11 +519,7 @@ def new_tiny_files() -> dict[str, dict[str, str]]:
             **{f"hunyuan_video15_{kind}_usp": hv15 for kind in ("t2v", "i2v", "i2v_step_distilled")}}
 
 
-# Shipped workflows the tiny sets cannot run, and why (the browser and workflow tests still check them).
-NOT_RUNNABLE: dict[str, str] = {}
-
-
-@pytest.mark.parametrize("name", [n for n in shipped_since() + sorted(NO_STORED_LATENTS) if n not in NOT_RUNNABLE])
+@pytest.mark.parametrize("name", shipped_since() + sorted(NO_STORED_LATENTS))
 def test_workflow_runs_on_the_tiny_set(server, name, tmp_path):
     """Each shipped workflow that no latent test runs (new since the previous release, or one that release could
     not run) runs in ComfyUI on the tiny sets (its models' tiny files, the start image and the control video in
@@ -538,12 +534,8 @@ def test_workflow_runs_on_the_tiny_set(server, name, tmp_path):
     assert [f for f in files if f.suffix in (".webp", ".mp4", ".webm")], files
 
 
-def test_the_workflows_the_tiny_sets_cannot_run_are_known():
-    assert set(NOT_RUNNABLE) <= set(shipped_since())
-
-
 def test_every_runnable_workflow_has_stored_latents():
-    """No latent file is missing or left over; a workflow the tiny sets cannot run is a known one."""
+    """No latent file is missing or left over; a previous workflow without stored latents is a known one."""
     assert set(NO_STORED_LATENTS) <= set(api_workflows())
     stored = sorted(p.name.removesuffix(".safetensors") for p in LATENTS_DIR.glob("*.safetensors"))
     assert stored == [n for n in api_workflows() if n not in NO_STORED_LATENTS]
