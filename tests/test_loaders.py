@@ -46,6 +46,23 @@ def test_comfyui_prefix_and_diffusers_folder_load_the_same_model(tiny_models, tm
         assert rel_error(out, expected) < 1e-6, path
 
 
+def test_a_diffusers_folder_is_sharded_by_the_shard_step_once_loaded(tiny_models, tmp_path):
+    """A folder load hands the loaded model to the shard step (formats/checkpoint.from_folder's shard), as a single
+    file's streamed load shards per rank: the Wan DiT and the UMT5 encoder's folders."""
+    wan.load_wan_transformer(tiny_models["dit"]).save_pretrained(tmp_path / "transformer")
+    handed = []
+    model = wan.load_wan_transformer(tmp_path / "transformer", shard=handed.append)
+    assert handed == [model]
+    encoder = umt5.load_umt5(tiny_models["text_encoder"])
+    encoder.model.save_pretrained(tmp_path / "text_encoder")
+    (tmp_path / "tokenizer").mkdir()
+    spiece = load_file(tiny_models["text_encoder"])["spiece_model"].numpy().tobytes()
+    (tmp_path / "tokenizer" / "spiece.model").write_bytes(spiece)
+    handed.clear()
+    loaded = umt5.load_umt5(tmp_path / "text_encoder", shard=handed.append)
+    assert handed == [loaded.model]
+
+
 def test_fp8_storage_loads(tiny_models, tmp_path):
     state = load_file(tiny_models["dit"])
     fp8 = {k: (v.to(torch.float8_e4m3fn) if v.dim() >= 2 else v) for k, v in state.items()}

@@ -100,10 +100,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.dev
     path = Path(path)
     if path.is_dir():
         model = from_folder(HunyuanVideo15Transformer3DModel, path, dtype, device,
-                            "a diffusers HunyuanVideo15Transformer3DModel folder (the 'transformer' subfolder)")
+                            "a diffusers HunyuanVideo15Transformer3DModel folder (the 'transformer' subfolder)", shard)
         check_folder_config(path, dict(model.config))
-        if shard is not None:
-            shard(model)
         return model
     shapes, metadata = read_header(path)
     config = infer_config(path, shapes, metadata)

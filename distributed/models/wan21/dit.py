@@ -142,11 +142,9 @@ def load_wan_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
 
     path = Path(path)
     if path.is_dir():
-        model = from_folder(WanTransformer3DModel, path, dtype, device,
-                            "a diffusers WanTransformer3DModel folder (the 'transformer' subfolder of a Wan pipeline)")
-        if shard is not None:
-            shard(model)
-        return model
+        return from_folder(WanTransformer3DModel, path, dtype, device,
+                           "a diffusers WanTransformer3DModel folder (the 'transformer' subfolder of a Wan pipeline)",
+                           shard)
 
     shapes, metadata = read_header(path)
     config = infer_wan_config(path, shapes, metadata)

@@ -78,9 +78,7 @@ def load_umt5(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
         if spiece is None or not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: expected a diffusers 'text_encoder' folder (config.json) with "
                                   "a sibling 'tokenizer' folder holding spiece.model")
-        model = from_folder(UMT5EncoderModel, path, dtype, device, "a transformers UMT5EncoderModel folder")
-        if shard is not None:
-            shard(model)
+        model = from_folder(UMT5EncoderModel, path, dtype, device, "a transformers UMT5EncoderModel folder", shard)
         return Umt5TextEncoder(model, spiece.read_bytes())
 
     shapes, _ = read_header(path)

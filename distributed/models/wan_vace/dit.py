@@ -92,12 +92,9 @@ def load_vace_transformer(path: str | Path, dtype: torch.dtype = torch.float32, 
 
     path = Path(path)
     if path.is_dir():
-        model = from_folder(vace_class(), path, dtype, device,
-                            "a diffusers WanVACETransformer3DModel folder (the 'transformer' subfolder of a Wan VACE "
-                            "pipeline)")
-        if shard is not None:
-            shard(model)
-        return model
+        return from_folder(vace_class(), path, dtype, device,
+                           "a diffusers WanVACETransformer3DModel folder (the 'transformer' subfolder of a Wan VACE "
+                           "pipeline)", shard)
     shapes, metadata = read_header(path)
     config = infer_vace_config(path, shapes, metadata)
     model = streamed.load(lambda: vace_class()(**config), path, convert_wan_transformer_to_diffusers,
